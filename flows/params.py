@@ -1,0 +1,50 @@
+"""Flow parameters: one pydantic model with bounds, shown as a form in the Prefect UI."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from tasks.model import ModelConfig
+from tasks.train import PRESETS, TrainConfig
+
+PresetName = Literal["default", "seed", "smoke"]
+MODEL_FIELDS = tuple(ModelConfig.model_fields)
+
+
+class TrainingParams(BaseModel):
+    """A preset, optional overrides of single settings, the gate and where things go."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    preset: PresetName = Field("default", description="training recipe: default (fast), seed (reference), smoke")
+    epochs: int | None = Field(None, ge=1, le=200, description="override the preset's epochs")
+    batch_size: int | None = Field(None, ge=1, le=8192, description="override the preset's batch size")
+    learning_rate: float | None = Field(None, gt=0.0, le=1.0, description="Adam rate (peak rate for one_cycle)")
+    schedule: Literal["constant", "one_cycle"] | None = Field(None, description="learning-rate schedule")
+    early_stopping_patience: int | None = Field(None, ge=0, le=100, description="epochs without val_loss gain; 0 off")
+    validation_size: int | None = Field(None, ge=0, le=30000, description="images held out of training for validation")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seed for weights, shuffling and the split")
+    train_limit: int | None = Field(None, ge=100, le=60000, description="train on only N images (quick runs)")
+    filters_1: int | None = Field(None, ge=1, le=512, description="filters in the first Conv2D")
+    filters_2: int | None = Field(None, ge=1, le=512, description="filters in the second Conv2D")
+    kernel_size: int | None = Field(None, ge=1, le=7, description="Conv2D kernel size")
+    dense_units: int | None = Field(None, ge=1, le=4096, description="hidden Dense units")
+    dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout rate")
+    l2: float | None = Field(None, ge=0.0, le=1.0, description="L2 penalty on the hidden Dense kernel")
+    threshold: float = Field(0.99, ge=0.0, le=1.0, description="gate: minimum test accuracy")
+    model_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="served model name")
+    output_dir: str | None = Field(None, description="plots, reports, SavedModel (default MNIST_OUTPUT_DIR)")
+    data_dir: str | None = Field(None, description="MNIST IDX files (default MNIST_DATA_DIR)")
+
+    def train_config(self) -> TrainConfig:
+        """The preset with every given override applied, validated as a whole."""
+        base = PRESETS[self.preset]
+        overrides = {name: value for name, value in self.model_dump().items()
+                     if value is not None and name in TrainConfig.model_fields}
+        model_overrides = {name: value for name, value in self.model_dump().items()
+                           if value is not None and name in MODEL_FIELDS}
+        merged = base.model_dump() | overrides
+        merged["model"] = base.model.model_dump() | model_overrides
+        return TrainConfig.model_validate(merged)

@@ -1,0 +1,17 @@
+"""Infrastructure settings from the environment (never flow parameters)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class PipelineSettings(BaseSettings):
+    """``MNIST_DATA_DIR``, ``MNIST_OUTPUT_DIR``, ``MNIST_CACHE_DIR``."""
+
+    model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
+
+    data_dir: Path | None = None  # unset: Keras downloads MNIST (needs internet)
+    output_dir: Path = Path("outputs")
+    cache_dir: Path = Path.home() / ".cache" / "mnist-pipeline"

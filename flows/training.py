@@ -1,0 +1,51 @@
+"""The training flow: prepare → train → evaluate → gate → report → export. Wiring only."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from pathlib import Path
+
+from prefect import flow
+from prefect.runtime import flow_run
+from prefect.states import Failed, State
+
+from flows.params import TrainingParams
+from flows.settings import PipelineSettings
+from tasks.data import prepare_data
+from tasks.evaluate import accuracy_gate, evaluate, gate
+from tasks.export import export
+from tasks.report import report
+from tasks.train import code_version, library_versions, train
+
+
+def new_run_dir(output_dir: Path) -> Path:
+    """``<output>/runs/<UTC time>-<flow run name>``: one folder per run, never overwritten."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = output_dir / "runs" / f"{stamp}-{flow_run.name or 'local'}"
+    run_dir.mkdir(parents=True, exist_ok=False)
+    return run_dir
+
+
+@flow(name="mnist-training", log_prints=True, validate_parameters=True)
+def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
+    settings = PipelineSettings()
+    config = params.train_config()
+    output_dir = Path(params.output_dir) if params.output_dir else settings.output_dir
+    data_dir = params.data_dir or (str(settings.data_dir) if settings.data_dir else None)
+    run_dir = new_run_dir(output_dir)
+
+    data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
+                        config.train_limit)
+    trained = train(data["prepared_path"], config, str(run_dir))
+    metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir))
+    verdict = gate([accuracy_gate(metrics, params.threshold)])
+    lineage = {"flow_run_id": str(flow_run.id), "data_fingerprint": data["data_fingerprint"],
+               "code_version": code_version(), "library_versions": library_versions(),
+               "preset": params.preset, "config": config.model_dump()}
+    outputs = report(str(run_dir), data["prepared_path"], metrics,
+                     verdict["summary"], lineage)
+    if not verdict["passed"]:
+        return Failed(message=verdict["summary"])  # nothing is exported
+    exported = export(trained["model_path"], data["prepared_path"], str(output_dir), params.model_name)
+    return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir),
+            "saved_model": exported["path"], "version": exported["version"], "outputs": outputs}

@@ -1,0 +1,1 @@
+"""The served model: store layout and registry, sync, gRPC server and client."""

@@ -1,0 +1,115 @@
+"""Evaluation stage: test-set metrics and the accuracy gate."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+import numpy as np
+
+from tasks.data import NUM_CLASSES
+
+
+class GateFailed(Exception):
+    """The candidate model did not meet the gate; nothing may be exported or published."""
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:
+    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(matrix, (y_true, y_pred), 1)
+    return matrix
+
+
+def metrics_from_probabilities(probabilities: np.ndarray, y_true: np.ndarray) -> dict:
+    """Loss, accuracy, per-class accuracy, confusion matrix and misclassified indices."""
+    y_pred = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(y_true, y_pred)
+    per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
+    picked = probabilities[np.arange(len(y_true)), y_true]
+    loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
+    return {
+        "test_loss": loss,
+        "test_accuracy": float((y_pred == y_true).mean()),
+        "per_class_accuracy": [float(v) for v in per_class],
+        "confusion_matrix": matrix.tolist(),
+        "misclassified": np.flatnonzero(y_pred != y_true).tolist(),
+        "predictions": y_pred.tolist(),
+        "num_examples": int(len(y_true)),
+    }
+
+
+def evaluate_model(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray) -> dict:
+    probabilities = model.predict(x_test, batch_size=1024, verbose=0)
+    return metrics_from_probabilities(probabilities, y_test)
+
+
+@dataclass(frozen=True)
+class GateCheck:
+    """One comparison of the gate: ``value`` must be >= ``limit``."""
+
+    name: str
+    value: float
+    limit: float
+
+    @property
+    def passed(self) -> bool:
+        return self.value >= self.limit
+
+    def describe(self) -> str:
+        verdict = "passed" if self.passed else "failed"
+        relation = ">=" if self.passed else "<"
+        return f"{self.name} {verdict}: {self.value:.4f} {relation} {self.limit:.4f}"
+
+
+def accuracy_gate(metrics: dict, threshold: float) -> GateCheck:
+    return GateCheck("accuracy gate (test_accuracy >= threshold)", metrics["test_accuracy"], threshold)
+
+
+def enforce_gate(checks: list[GateCheck]) -> str:
+    """Raise GateFailed naming every failed check; return the summary otherwise."""
+    failed = [check.describe() for check in checks if not check.passed]
+    if failed:
+        raise GateFailed("; ".join(failed))
+    return "; ".join(check.describe() for check in checks)
+
+
+# --- Prefect tasks ------------------------------------------------------------
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from prefect import get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
+
+
+@task(name="evaluate", timeout_seconds=900)
+def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
+    """Test-set metrics, saved as JSON; the test set is used here and nowhere in training."""
+    from tasks.data import load_test_set
+
+    x_test, y_test = load_test_set(Path(prepared_path))
+    metrics = evaluate_model(keras.models.load_model(model_path), x_test, y_test)
+    Path(run_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2))
+    get_run_logger().info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
+    return metrics
+
+
+@task(name="gate")
+def gate(checks: list[GateCheck]) -> dict[str, object]:
+    """Judge the candidate; the verdict goes to the log and a markdown artifact.
+
+    A rejection is an expected outcome, so it comes back as a verdict (the flow
+    then ends Failed with its one-line reason) rather than as a traceback.
+    """
+    logger = get_run_logger()
+    try:
+        summary, passed = enforce_gate(checks), True
+    except GateFailed as rejection:
+        summary, passed = f"rejected: {rejection}", False
+    (logger.info if passed else logger.error)("gate %s", summary)
+    table = "\n".join(f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'pass' if c.passed else 'FAIL'} |"
+                      for c in checks)
+    create_markdown_artifact(
+        f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary}\n\n"
+        f"| check | value | limit | verdict |\n|---|---|---|---|\n{table}\n",
+        key="mnist-gate", description="Gate verdict")
+    return {"passed": passed, "summary": summary}

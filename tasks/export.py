@@ -1,0 +1,94 @@
+"""Export stage: a TF Serving SavedModel in ``<base>/<model_name>/<version>/``."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tasks.model import INPUT_NAME
+
+SIGNATURE_NAME = "serving_default"
+OUTPUT_NAME = "probabilities"
+ROUND_TRIP_TOLERANCE = 1e-5
+
+
+class ExportError(RuntimeError):
+    """The exported SavedModel does not reproduce the Keras model."""
+
+
+def existing_versions(model_dir: Path) -> list[int]:
+    """Integer version directories under ``model_dir`` (TF Serving's layout)."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in model_dir.iterdir() if entry.is_dir() and entry.name.isdigit())
+
+
+def next_local_version(model_dir: Path) -> int:
+    return max(existing_versions(model_dir), default=0) + 1
+
+
+def export_saved_model(model: keras.Model, destination: Path) -> Path:
+    """Write the ``serving_default`` signature: float32 ``image`` [N,28,28,1] -> ``probabilities`` [N,10].
+
+    ``keras.export.ExportArchive`` is what ``model.export(format="tf_saved_model")``
+    runs; using it directly lets us name the output tensor instead of ``output_0``.
+    The SavedModel is written beside its destination and renamed into place, so
+    TF Serving, which loads a version directory as soon as it appears, never sees
+    a partial one.
+    """
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint(
+        name=SIGNATURE_NAME,
+        fn=lambda image: {OUTPUT_NAME: model(image, training=False)},
+        input_signature=[tf.TensorSpec(shape=(None, 28, 28, 1), dtype=tf.float32, name=INPUT_NAME)],
+    )
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    staging = destination.parent / f".{destination.name}.{os.getpid()}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    archive.write_out(str(staging), verbose=False)
+    staging.rename(destination)
+    return destination
+
+
+def saved_model_predict(saved_model_dir: Path, images: np.ndarray) -> np.ndarray:
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    signature = loaded.signatures[SIGNATURE_NAME]
+    return signature(**{INPUT_NAME: tf.constant(images, dtype=tf.float32)})[OUTPUT_NAME].numpy()
+
+
+def verify_round_trip(model: keras.Model, saved_model_dir: Path, images: np.ndarray) -> float:
+    """Reload the export and compare with Keras; return the max abs difference."""
+    expected = model.predict(images, verbose=0)
+    actual = saved_model_predict(saved_model_dir, images)
+    difference = float(np.max(np.abs(expected - actual)))
+    if actual.shape != expected.shape or difference > ROUND_TRIP_TOLERANCE:
+        raise ExportError(
+            f"{saved_model_dir}: SavedModel differs from the Keras model by {difference:.2e} "
+            f"(shape {actual.shape} vs {expected.shape}, tolerance {ROUND_TRIP_TOLERANCE})"
+        )
+    return difference
+
+
+# --- Prefect task -------------------------------------------------------------
+from prefect import get_run_logger, task  # noqa: E402
+
+
+@task(name="export", timeout_seconds=600)
+def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) -> dict[str, object]:
+    """Export the next version under ``base_dir/model_name`` and verify it on 100 test images."""
+    from tasks.data import load_test_set
+
+    model = keras.models.load_model(model_path)
+    model_dir = Path(base_dir) / model_name
+    version = next_local_version(model_dir)
+    destination = export_saved_model(model, model_dir / str(version))
+    x_test, _ = load_test_set(Path(prepared_path))
+    difference = verify_round_trip(model, destination, x_test[:100])
+    get_run_logger().info("exported %s (round trip max difference %.1e)", destination, difference)
+    return {"path": str(destination), "version": version}

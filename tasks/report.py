@@ -1,0 +1,136 @@
+"""Report stage: PNG plots (matplotlib Agg) and the markdown report text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # never open a window, even where a display exists
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_figure(figure: plt.Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(figure)
+    return path
+
+
+def plot_training_curves(history: dict[str, list[float]], path: Path) -> Path:
+    """The reference's two-panel figure: accuracy and loss per epoch, train and validation."""
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    epochs = np.arange(1, len(history["loss"]) + 1)
+    for axis, metric in zip(axes, ("accuracy", "loss")):
+        axis.plot(epochs, history[metric], marker="o", label="train")
+        if f"val_{metric}" in history:
+            axis.plot(epochs, history[f"val_{metric}"], marker="o", label="validation")
+        axis.set_title(f"model {metric}")
+        axis.set_xlabel("epoch")
+        axis.set_ylabel(metric)
+        axis.legend()
+        axis.grid(alpha=0.3)
+    return save_figure(figure, path)
+
+
+def plot_confusion_matrix(matrix: list[list[int]], path: Path) -> Path:
+    counts = np.asarray(matrix)
+    figure, axis = plt.subplots(figsize=(6.5, 5.5))
+    image = axis.imshow(np.log1p(counts), cmap="Blues")
+    for (row, col), count in np.ndenumerate(counts):
+        colour = "white" if count > counts.max() / 2 else "black"
+        axis.text(col, row, str(count), ha="center", va="center", fontsize=7, color=colour)
+    axis.set_xticks(range(10))
+    axis.set_yticks(range(10))
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title("confusion matrix (test set)")
+    figure.colorbar(image, ax=axis, label="log(1 + count)")
+    return save_figure(figure, path)
+
+
+def plot_misclassified(images: np.ndarray, true_labels: np.ndarray, predicted: np.ndarray,
+                       indices: list[int], path: Path, limit: int = 36) -> Path:
+    """A grid of misclassified test digits, titled with true and predicted labels."""
+    shown = indices[:limit]
+    columns = 9
+    rows = max(1, int(np.ceil(len(shown) / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.2, rows * 1.4), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, index in zip(axes.flat, shown):
+        axis.imshow(images[index].squeeze(), cmap="gray_r")
+        axis.set_title(f"#{index}\ntrue {true_labels[index]} pred {predicted[index]}", fontsize=7)
+    figure.suptitle(f"misclassified test digits ({len(indices)} in all, first {len(shown)} shown)")
+    return save_figure(figure, path)
+
+
+def metrics_table(metrics: dict) -> list[dict[str, object]]:
+    """Rows for a Prefect table artifact: overall metrics, then one row per digit."""
+    rows: list[dict[str, object]] = [
+        {"metric": "test_accuracy", "value": round(metrics["test_accuracy"], 5)},
+        {"metric": "test_loss", "value": round(metrics["test_loss"], 5)},
+        {"metric": "misclassified", "value": len(metrics["misclassified"])},
+    ]
+    rows += [{"metric": f"accuracy digit {digit}", "value": round(value, 5)}
+             for digit, value in enumerate(metrics["per_class_accuracy"])]
+    return rows
+
+
+def markdown_report(metrics: dict, gate_summary: str, history: dict[str, list[float]],
+                    plots: dict[str, Path], lineage: dict[str, object]) -> str:
+    per_class = " | ".join(f"{value:.4f}" for value in metrics["per_class_accuracy"])
+    lines = [
+        "# MNIST training run",
+        "",
+        f"**Gate:** {gate_summary}",
+        "",
+        "| test accuracy | test loss | misclassified | epochs run |",
+        "|---|---|---|---|",
+        f"| {metrics['test_accuracy']:.4f} | {metrics['test_loss']:.4f} | "
+        f"{len(metrics['misclassified'])} / {metrics['num_examples']} | {len(history['loss'])} |",
+        "",
+        "Per-class accuracy (digits 0-9):",
+        "",
+        "| " + " | ".join(str(d) for d in range(10)) + " |",
+        "|" + "---|" * 10,
+        f"| {per_class} |",
+        "",
+        "## Lineage",
+        "",
+    ]
+    lines += [f"- **{key}**: `{value}`" for key, value in lineage.items()]
+    lines += ["", "## Plots", ""]
+    lines += [f"- {name}: `{path}`" for name, path in plots.items()]
+    return "\n".join(lines) + "\n"
+
+
+# --- Prefect task -------------------------------------------------------------
+import json  # noqa: E402
+
+from prefect import task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+
+
+@task(name="report", timeout_seconds=300)
+def report(run_dir: str, prepared_path: str, metrics: dict, gate_summary: str,
+           lineage: dict[str, object]) -> dict[str, str]:
+    """Write the PNG plots and report.md; publish them as Prefect artifacts."""
+    from tasks.data import load_test_set
+
+    run = Path(run_dir)
+    history = json.loads((run / "history.json").read_text())
+    x_test, y_test = load_test_set(Path(prepared_path))
+    plots = {
+        "training curves": plot_training_curves(history, run / "training_curves.png"),
+        "confusion matrix": plot_confusion_matrix(metrics["confusion_matrix"], run / "confusion_matrix.png"),
+        "misclassified digits": plot_misclassified(x_test, y_test, np.asarray(metrics["predictions"]),
+                                                   metrics["misclassified"], run / "misclassified.png"),
+    }
+    text = markdown_report(metrics, gate_summary, history, plots, lineage)
+    (run / "report.md").write_text(text)
+    create_table_artifact(metrics_table(metrics), key="mnist-metrics", description="Test-set metrics")
+    create_markdown_artifact(text, key="mnist-report", description="Training run report")
+    return {name: str(path) for name, path in plots.items()} | {"report": str(run / "report.md")}

@@ -1,0 +1,51 @@
+"""The reference CNN, its configuration and the flow parameters' bounds."""
+
+from __future__ import annotations
+
+import typing
+
+import pytest
+from pydantic import ValidationError
+
+from flows.params import PresetName, TrainingParams
+from tasks.model import ModelConfig, build_model
+from tasks.train import PRESETS
+
+
+def test_reference_cnn_has_225034_parameters_and_1600_features() -> None:
+    model = build_model(ModelConfig())
+    assert model.count_params() == 225_034
+    flatten = next(layer for layer in model.layers if layer.name.startswith("flatten"))
+    assert flatten.output.shape[1:] == (1600,)  # 5x5x64 with 'valid' padding, not 6x6x64
+    assert [layer.__class__.__name__ for layer in model.layers] == [
+        "InputLayer", "Conv2D", "MaxPooling2D", "Conv2D", "MaxPooling2D", "Flatten", "Dense", "Dropout", "Dense"]
+
+
+def test_model_knobs_change_the_architecture() -> None:
+    model = build_model(ModelConfig(filters_1=8, filters_2=16, dense_units=32, dropout=0.25, l2=1e-4))
+    assert model.count_params() == (8 * 10) + (16 * (8 * 9 + 1)) + (400 * 32 + 32) + (32 * 10 + 10)
+
+
+def test_seed_preset_is_the_reference_recipe() -> None:
+    seed = PRESETS["seed"]
+    assert (seed.epochs, seed.batch_size, seed.learning_rate) == (12, 128, 1e-3)
+    assert seed.schedule == "constant" and seed.early_stopping_patience == 0
+    assert seed.model == ModelConfig()
+
+
+def test_every_preset_is_selectable() -> None:
+    assert set(typing.get_args(PresetName)) == set(PRESETS)
+
+
+def test_overrides_apply_on_top_of_the_preset() -> None:
+    config = TrainingParams(preset="seed", epochs=2, dropout=0.3, early_stopping_patience=2).train_config()
+    assert (config.epochs, config.batch_size, config.model.dropout) == (2, 128, 0.3)
+    assert config.early_stopping_patience == 2
+
+
+@pytest.mark.parametrize("field, value", [("epochs", 0), ("threshold", 1.5), ("batch_size", 0),
+                                          ("preset", "turbo"), ("learning_rate", -1.0)])
+def test_invalid_parameters_are_refused_naming_the_field(field: str, value: object) -> None:
+    with pytest.raises(ValidationError) as error:
+        TrainingParams(**{field: value})
+    assert [item["loc"] for item in error.value.errors()] == [(field,)]

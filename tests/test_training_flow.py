@@ -1,0 +1,109 @@
+"""The gate, the export round trip and the training flow on a real Prefect API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from flows.params import TrainingParams
+from tasks.data import load_test_set
+from tasks.evaluate import GateCheck, GateFailed, accuracy_gate, enforce_gate, metrics_from_probabilities
+from tasks.export import ExportError, export_saved_model, saved_model_predict, verify_round_trip
+from tasks.model import ModelConfig, build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gate_passes_at_and_above_the_threshold() -> None:
+    assert "passed" in enforce_gate([accuracy_gate({"test_accuracy": 0.99}, 0.99)])
+
+
+def test_gate_refusal_names_the_metric_value_and_threshold() -> None:
+    with pytest.raises(GateFailed, match=r"accuracy gate .* failed: 0\.9871 < 0\.9990"):
+        enforce_gate([accuracy_gate({"test_accuracy": 0.9871}, 0.999), GateCheck("other", 1.0, 0.5)])
+
+
+def test_metrics_count_per_class_and_misclassified() -> None:
+    probabilities = np.eye(10)[[0, 1, 2, 2]] * 0.9 + 0.01
+    metrics = metrics_from_probabilities(probabilities, np.array([0, 1, 2, 3]))
+    assert metrics["test_accuracy"] == 0.75 and metrics["misclassified"] == [3]
+    assert metrics["per_class_accuracy"][3] == 0.0 and metrics["per_class_accuracy"][2] == 1.0
+    assert metrics["confusion_matrix"][3][2] == 1
+
+
+def test_export_round_trip_matches_keras(smoke_model, prepared_path: Path, tmp_path: Path) -> None:
+    x_test, y_test = load_test_set(prepared_path)
+    exported = export_saved_model(smoke_model, tmp_path / "mnist" / "1")
+    assert (exported / "saved_model.pb").is_file() and not list(tmp_path.glob("mnist/.*partial"))
+    assert verify_round_trip(smoke_model, exported, x_test[:100]) <= 1e-5
+    signature = tf.saved_model.load(str(exported)).signatures["serving_default"]
+    spec = signature.structured_input_signature[1]["image"]
+    assert spec.dtype == tf.float32 and spec.shape.as_list() == [None, 28, 28, 1]
+    probabilities = saved_model_predict(exported, x_test[:256])
+    assert probabilities.shape == (256, 10) and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert (probabilities.argmax(axis=1) == y_test[:256]).mean() > 0.9
+
+
+def test_round_trip_check_catches_a_different_model(smoke_model, prepared_path: Path, tmp_path: Path) -> None:
+    x_test, _ = load_test_set(prepared_path)
+    exported = export_saved_model(build_model(ModelConfig()), tmp_path / "1")
+    with pytest.raises(ExportError, match="differs from the Keras model"):
+        verify_round_trip(smoke_model, exported, x_test[:100])
+
+
+def test_flow_below_threshold_fails_and_exports_nothing(prefect_api, pipeline_env: Path) -> None:
+    from flows.training import training_flow
+
+    state = training_flow(TrainingParams(preset="smoke", threshold=0.999), return_state=True)
+    assert state.is_failed()
+    assert "accuracy gate" in state.message and "0.9990" in state.message
+    assert not (pipeline_env / "mnist").exists()
+    run_dir = next((pipeline_env / "runs").iterdir())
+    assert (run_dir / "report.md").is_file() and "rejected" in (run_dir / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_default_flow_on_full_mnist_passes_the_gate(prefect_api, pipeline_env: Path) -> None:
+    from flows.training import training_flow
+
+    state = training_flow(TrainingParams(), return_state=True)
+    assert state.is_completed(), state.message
+    result = state.result()
+    assert result["test_accuracy"] >= 0.99
+    saved_model = Path(result["saved_model"])
+    assert saved_model == pipeline_env / "mnist" / "1" and (saved_model / "saved_model.pb").is_file()
+    run_dir = Path(result["run_dir"])
+    for name in ("training_curves.png", "confusion_matrix.png", "misclassified.png", "report.md"):
+        assert (run_dir / name).stat().st_size > 1000, name
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert len(evaluation["per_class_accuracy"]) == 10 and evaluation["test_accuracy"] == result["test_accuracy"]
+    assert len(json.loads((run_dir / "history.json").read_text())["val_loss"]) == 3
+
+
+def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, cwd=REPO, timeout=600)
+
+
+def test_cli_refuses_bad_values_before_any_work(tmp_path: Path) -> None:
+    result = run_cli("train", "--epochs", "0", "--output", str(tmp_path / "out"), env={})
+    assert result.returncode == 2
+    assert "--epochs: Input should be greater than or equal to 1" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_cli_gate_failure_is_one_line_and_non_zero(pipeline_env: Path, mnist_dir: Path, cache_dir: Path) -> None:
+    result = run_cli("train", "--threshold", "0.9999", "--epochs", "1", "--output", str(pipeline_env),
+                     env={"MNIST_DATA_DIR": str(mnist_dir), "MNIST_CACHE_DIR": str(cache_dir)})
+    assert result.returncode == 1, result.stderr[-2000:]
+    [message] = [line for line in result.stderr.splitlines() if line.startswith("mnist train: ")]
+    assert "accuracy gate" in message and "0.9999" in message
+    assert "Traceback" not in result.stderr + result.stdout
+    assert not (pipeline_env / "mnist").exists()
