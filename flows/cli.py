@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable, get_args
 
 from pydantic import ValidationError
@@ -37,6 +38,10 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type, skip: tuple[st
         if name in skip:
             continue
         default = "" if field.default is None else f" (default: {field.default})"
+        if field.annotation is bool:
+            parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
+                                default=None, help=f"{field.description}{default}")
+            continue
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, type=scalar_type(field.annotation),
                             default=None, help=f"{field.description}{default}")
 
@@ -52,6 +57,39 @@ def given_flags(args: argparse.Namespace, model: type) -> dict[str, Any]:
             if getattr(args, name, None) is not None}
 
 
+def pipeline_settings():
+    from flows.settings import PipelineSettings
+
+    return PipelineSettings()
+
+
+def run_training(params) -> dict[str, Any]:
+    """Run the training flow with a reachable store; raise CliError on a failed run."""
+    from flows.training import training_flow
+    from serving.local_s3 import store_environment
+
+    if params.publish:
+        with store_environment(pipeline_settings().state_dir):
+            state = training_flow(params, return_state=True)
+    else:
+        state = training_flow(params, return_state=True)
+    if not state.is_completed():
+        raise CliError(f"training run {state.name}: {state.message}")
+    return state.result()
+
+
+def print_training_result(result: dict[str, Any]) -> None:
+    print("gate:")
+    for check in result["gate"]:
+        print(f"  {check}")
+    print(f"test accuracy: {result['test_accuracy']:.4f}")
+    print(f"run outputs:   {result['run_dir']}")
+    print(f"saved model:   {result['saved_model']}")
+    if result["published"]:
+        published = result["published"]
+        print(f"published:     {published['uri']} (version {published['version']}, label {published['label']})")
+
+
 def command_train(args: argparse.Namespace) -> int:
     from flows.params import TrainingParams
 
@@ -63,19 +101,150 @@ def command_train(args: argparse.Namespace) -> int:
         params.train_config()  # refuse a bad combination before any work starts
     except ValidationError as error:
         raise CliError(validation_message(error), exit_code=2) from None
-
-    from flows.training import training_flow
-
-    state = training_flow(params, return_state=True)
-    if not state.is_completed():
-        raise CliError(f"training run {state.name}: {state.message}")
-    result = state.result()
-    print(f"test accuracy: {result['test_accuracy']:.4f}")
-    print(f"run outputs:   {result['run_dir']}")
-    print(f"saved model:   {result['saved_model']} (version {result['version']})")
+    result = run_training(params)
+    print_training_result(result)
     if args.json:
         print(json.dumps(result, indent=2))
     return 0
+
+
+def command_storage(args: argparse.Namespace) -> int:
+    from serving.local_s3 import read_state, start_local_store, stop_local_store
+
+    state_dir = pipeline_settings().state_dir
+    if args.action == "up":
+        store = start_local_store(state_dir)
+        print(f"S3 store running at {store.endpoint} (pid {store.pid}, data in {store.data_dir})")
+        print("use it from a shell with:")
+        for name, value in store.environment().items():
+            print(f"  export {name}={value}")
+    elif args.action == "down":
+        print("stopped" if stop_local_store(state_dir) else "no embedded S3 store was running")
+    else:
+        store = read_state(state_dir)
+        if store is None:
+            print("no embedded S3 store running (mnist storage up starts one)")
+            return 3
+        print(f"running at {store.endpoint} (pid {store.pid}, data in {store.data_dir})")
+    return 0
+
+
+def registry_store():
+    from serving.registry import ModelStore, StoreSettings
+
+    try:
+        return ModelStore(StoreSettings())
+    except ValidationError as error:
+        raise CliError(validation_message(error), exit_code=2) from None
+
+
+def print_json(payload: Any) -> None:
+    print(json.dumps(payload, indent=2, sort_keys=True, default=str))
+
+
+def registry_rows(store) -> list[dict[str, Any]]:
+    labels_by_version: dict[int, list[str]] = {}
+    for label, version in store.labels().items():
+        labels_by_version.setdefault(version, []).append(label)
+    rows = []
+    for version in store.complete_versions():
+        manifest = store.manifest(version)
+        rows.append({"version": version, "test_accuracy": manifest.get("metrics", {}).get("test_accuracy"),
+                     "labels": sorted(labels_by_version.get(version, [])),
+                     "published_at": manifest.get("published_at"), "uri": manifest.get("uri")})
+    return rows
+
+
+def registry_action(args: argparse.Namespace, store) -> int:
+    """One registry subcommand against a reachable store."""
+    from serving.registry import VerificationFailed
+
+    action = args.action
+    if action == "list":
+        rows = registry_rows(store)
+        if args.json:
+            print_json(rows)
+        elif not rows:
+            print(f"no published versions in {store.uri()}")
+        for row in [] if args.json else rows:
+            accuracy = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
+            print(f"{row['version']:>5}  {accuracy}  {row['published_at']}  {','.join(row['labels'])}")
+    elif action == "show":
+        print_json(store.manifest(args.version))
+    elif action == "verify":
+        try:
+            manifest = store.verify(args.version)
+        except VerificationFailed as error:
+            raise CliError(str(error)) from None
+        print(f"version {args.version}: {len(manifest['files'])} files match the manifest")
+    elif action == "push":
+        from tasks.publish import publish_model
+
+        published = publish_model(store, Path(args.path), {"test_accuracy": None, "test_loss": None,
+                                                           "per_class_accuracy": None},
+                                  {"source": str(args.path), "pushed_by": "mnist registry push"}, args.label)
+        print(f"published {published['uri']} (version {published['version']}, label {published['label']})")
+    elif action == "label":
+        previous = store.set_label(args.name, args.version, {"actor": "mnist registry label"})
+        print(f"{args.name}: {previous if previous is not None else '-'} -> {args.version}")
+    elif action == "rollback":
+        previous, current = store.rollback(args.label, {"actor": "mnist registry rollback"})
+        print(f"{args.label}: {previous} -> {current}")
+    elif action == "history":
+        events = store.history()
+        if args.json:
+            print_json(events)
+        for event in [] if args.json else events:
+            details = {k: v for k, v in event.items() if k not in {"time", "event", "metrics"}}
+            accuracy = (event.get("metrics") or {}).get("test_accuracy")
+            shown = " ".join(f"{k}={v}" for k, v in details.items() if v is not None)
+            print(f"{event['time']}  {event['event']:<9} {shown}" + (f" test_accuracy={accuracy:.4f}" if accuracy else ""))
+    elif action == "gc":
+        removed = store.gc(args.keep, args.grace_seconds)
+        print(f"removed versions {removed['removed_versions'] or 'none'}, "
+              f"leftovers {removed['removed_leftovers'] or 'none'}")
+    return 0
+
+
+def command_registry(args: argparse.Namespace) -> int:
+    from serving.local_s3 import store_environment
+    from serving.registry import StoreError
+
+    import botocore.exceptions
+
+    try:
+        with store_environment(pipeline_settings().state_dir):
+            return registry_action(args, registry_store())
+    except (StoreError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
+        raise CliError(str(error)) from None
+
+
+def add_registry_parser(commands: argparse._SubParsersAction) -> None:
+    registry = commands.add_parser("registry", help="list, inspect, label, roll back and clean the model store",
+                                   description="The S3 model store (MNIST_S3_ENDPOINT, or the embedded one).")
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="complete versions with accuracy, labels and time")
+    listing.add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="a version's manifest (JSON)")
+    show.add_argument("version", type=int)
+    show.add_argument("--json", action="store_true", help="accepted for symmetry: show always prints JSON")
+    verify = actions.add_parser("verify", help="re-check every file of a version; exit 1 on a mismatch")
+    verify.add_argument("version", type=int)
+    push = actions.add_parser("push", help="publish an existing SavedModel directory")
+    push.add_argument("path")
+    push.add_argument("--label", default="stable", help="label for the new version (default: stable)")
+    label = actions.add_parser("label", help="point a label (stable, canary, ...) at a version")
+    label.add_argument("name")
+    label.add_argument("version", type=int)
+    rollback = actions.add_parser("rollback", help="point stable back at the previous good version")
+    rollback.add_argument("--label", default="stable")
+    history = actions.add_parser("history", help="every publish, rejection, label move and rollback")
+    history.add_argument("--json", action="store_true")
+    gc = actions.add_parser("gc", help="remove old versions and leftovers of interrupted publishes")
+    gc.add_argument("--keep", type=int, required=True, help="complete versions to keep (labelled ones always stay)")
+    gc.add_argument("--grace-seconds", type=float, default=None,
+                    help="an unfinished publish younger than this is left alone (default: MNIST_GC_GRACE_SECONDS, 3600)")
+    registry.set_defaults(handler=command_registry)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -92,6 +261,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="where plots, reports and the SavedModel go (default: MNIST_OUTPUT_DIR or ./outputs)")
     train.add_argument("--json", action="store_true", help="also print the flow result as JSON")
     train.set_defaults(handler=command_train)
+
+    storage = commands.add_parser("storage", help="start, stop or show the embedded S3 store (SeaweedFS)")
+    storage.add_argument("action", choices=("up", "down", "status"))
+    storage.set_defaults(handler=command_storage)
+    add_registry_parser(commands)
     return parser
 
 

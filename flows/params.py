@@ -6,8 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tasks.model import ModelConfig
-from tasks.train import PRESETS, TrainConfig
+from tasks.recipes import PRESETS, ModelConfig, TrainConfig
 
 PresetName = Literal["default", "seed", "smoke"]
 MODEL_FIELDS = tuple(ModelConfig.model_fields)
@@ -34,7 +33,12 @@ class TrainingParams(BaseModel):
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout rate")
     l2: float | None = Field(None, ge=0.0, le=1.0, description="L2 penalty on the hidden Dense kernel")
     threshold: float = Field(0.99, ge=0.0, le=1.0, description="gate: minimum test accuracy")
-    model_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$", description="served model name")
+    accuracy_margin: float = Field(0.001, ge=0.0, le=1.0,
+                                   description="gate: largest allowed test-accuracy drop against stable")
+    class_margin: float = Field(0.01, ge=0.0, le=1.0,
+                                description="gate: largest allowed drop of any digit's accuracy against stable")
+    publish: bool = Field(True, description="publish a passing model to the S3 model store")
+    publish_label: Literal["stable", "canary"] = Field("stable", description="label a new version gets")
     output_dir: str | None = Field(None, description="plots, reports, SavedModel (default MNIST_OUTPUT_DIR)")
     data_dir: str | None = Field(None, description="MNIST IDX files (default MNIST_DATA_DIR)")
 

@@ -8,10 +8,11 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class PipelineSettings(BaseSettings):
-    """``MNIST_DATA_DIR``, ``MNIST_OUTPUT_DIR``, ``MNIST_CACHE_DIR``."""
+    """``MNIST_DATA_DIR``, ``MNIST_OUTPUT_DIR``, ``MNIST_CACHE_DIR``, ``MNIST_STATE_DIR``."""
 
     model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
 
     data_dir: Path | None = None  # unset: Keras downloads MNIST (needs internet)
     output_dir: Path = Path("outputs")
     cache_dir: Path = Path.home() / ".cache" / "mnist-pipeline"
+    state_dir: Path = Path(".state")  # embedded S3 store's data, credentials and pid

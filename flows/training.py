@@ -11,9 +11,11 @@ from prefect.states import Failed, State
 
 from flows.params import TrainingParams
 from flows.settings import PipelineSettings
+from serving.registry import StoreSettings
 from tasks.data import prepare_data
-from tasks.evaluate import accuracy_gate, evaluate, gate
+from tasks.evaluate import accuracy_gate, champion_checks, evaluate, evaluate_stable, gate
 from tasks.export import export
+from tasks.publish import publish, record_rejection
 from tasks.report import report
 from tasks.train import code_version, library_versions, train
 
@@ -38,14 +40,21 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
                         config.train_limit)
     trained = train(data["prepared_path"], config, str(run_dir))
     metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir))
-    verdict = gate([accuracy_gate(metrics, params.threshold)])
+    stable = evaluate_stable(data["prepared_path"]) if params.publish else None
+    verdict = gate([accuracy_gate(metrics, params.threshold),
+                    *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin)])
     lineage = {"flow_run_id": str(flow_run.id), "data_fingerprint": data["data_fingerprint"],
                "code_version": code_version(), "library_versions": library_versions(),
                "preset": params.preset, "config": config.model_dump()}
     outputs = report(str(run_dir), data["prepared_path"], metrics,
                      verdict["summary"], lineage)
     if not verdict["passed"]:
-        return Failed(message=verdict["summary"])  # nothing is exported
-    exported = export(trained["model_path"], data["prepared_path"], str(output_dir), params.model_name)
-    return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir),
-            "saved_model": exported["path"], "version": exported["version"], "outputs": outputs}
+        if params.publish:
+            record_rejection(verdict["summary"], metrics, lineage)
+        return Failed(message=verdict["summary"])  # nothing is exported or published
+    exported = export(trained["model_path"], data["prepared_path"], str(output_dir), StoreSettings().model_name)
+    published = (publish(exported["path"], metrics, lineage, params.publish_label)
+                 if params.publish else None)
+    return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir), "gate": verdict["checks"],
+            "saved_model": exported["path"], "version": exported["version"], "published": published,
+            "outputs": outputs}

@@ -65,6 +65,20 @@ def accuracy_gate(metrics: dict, threshold: float) -> GateCheck:
     return GateCheck("accuracy gate (test_accuracy >= threshold)", metrics["test_accuracy"], threshold)
 
 
+def champion_checks(candidate: dict, champion: dict | None, accuracy_margin: float,
+                    class_margin: float) -> list[GateCheck]:
+    """Challenger vs the ``stable`` champion on the same test set: overall accuracy
+    may drop by at most ``accuracy_margin``, each digit's by at most ``class_margin``."""
+    if champion is None:
+        return []
+    checks = [GateCheck(f"not worse than stable v{champion['version']} (accuracy - {accuracy_margin:g})",
+                        candidate["test_accuracy"], champion["test_accuracy"] - accuracy_margin)]
+    checks += [GateCheck(f"digit {digit} vs stable (class accuracy - {class_margin:g})", mine, theirs - class_margin)
+               for digit, (mine, theirs) in enumerate(zip(candidate["per_class_accuracy"],
+                                                           champion["per_class_accuracy"]))]
+    return checks
+
+
 def enforce_gate(checks: list[GateCheck]) -> str:
     """Raise GateFailed naming every failed check; return the summary otherwise."""
     failed = [check.describe() for check in checks if not check.passed]
@@ -78,7 +92,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from prefect import get_run_logger, task  # noqa: E402
-from prefect.artifacts import create_markdown_artifact  # noqa: E402
+from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 
 @task(name="evaluate", timeout_seconds=900)
@@ -91,6 +105,30 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     Path(run_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2))
     get_run_logger().info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
     return metrics
+
+
+@task(name="evaluate-stable", retries=2, retry_delay_seconds=5, timeout_seconds=600)
+def evaluate_stable(prepared_path: str) -> dict | None:
+    """Re-evaluate the current ``stable`` version on this run's test set, so the
+    comparison is like for like; None when nothing is stable yet."""
+    import tempfile
+
+    from serving.registry import ModelStore, StoreSettings
+    from tasks.data import load_test_set
+    from tasks.export import saved_model_predict
+
+    store = ModelStore(StoreSettings())
+    store.ensure_bucket()
+    version = store.labels().get("stable")
+    if version is None:
+        get_run_logger().info("no stable version yet: the absolute gate alone decides")
+        return None
+    x_test, y_test = load_test_set(Path(prepared_path))
+    with tempfile.TemporaryDirectory() as scratch:
+        store.download(version, Path(scratch))
+        metrics = metrics_from_probabilities(saved_model_predict(Path(scratch), x_test), y_test)
+    get_run_logger().info("stable v%d scores %.4f on this test set", version, metrics["test_accuracy"])
+    return {"version": version, **{k: metrics[k] for k in ("test_accuracy", "per_class_accuracy")}}
 
 
 @task(name="gate")
@@ -108,8 +146,11 @@ def gate(checks: list[GateCheck]) -> dict[str, object]:
     (logger.info if passed else logger.error)("gate %s", summary)
     table = "\n".join(f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'pass' if c.passed else 'FAIL'} |"
                       for c in checks)
+    create_table_artifact([{"check": c.name, "value": round(c.value, 5), "limit": round(c.limit, 5),
+                            "verdict": "pass" if c.passed else "FAIL"} for c in checks],
+                          key="mnist-gate-checks", description="Gate checks, including the comparison with stable")
     create_markdown_artifact(
         f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary}\n\n"
         f"| check | value | limit | verdict |\n|---|---|---|---|\n{table}\n",
         key="mnist-gate", description="Gate verdict")
-    return {"passed": passed, "summary": summary}
+    return {"passed": passed, "summary": summary, "checks": [c.describe() for c in checks]}

@@ -3,20 +3,10 @@
 from __future__ import annotations
 
 import keras
-from pydantic import BaseModel, Field
+
+from tasks.recipes import ModelConfig
 
 INPUT_NAME = "image"
-
-
-class ModelConfig(BaseModel):
-    """Architecture settings; the defaults are the reference CNN."""
-
-    filters_1: int = Field(32, ge=1, le=512, description="filters in the first Conv2D")
-    filters_2: int = Field(64, ge=1, le=512, description="filters in the second Conv2D")
-    kernel_size: int = Field(3, ge=1, le=7, description="square Conv2D kernel size")
-    dense_units: int = Field(128, ge=1, le=4096, description="units of the hidden Dense layer")
-    dropout: float = Field(0.5, ge=0.0, lt=1.0, description="dropout before the output layer")
-    l2: float = Field(0.0, ge=0.0, le=1.0, description="L2 penalty on the hidden Dense kernel")
 
 
 def build_model(config: ModelConfig, num_classes: int = 10) -> keras.Model:

@@ -1,4 +1,4 @@
-"""Training stage: recipes (presets), the one-cycle schedule, and Keras fit."""
+"""Training stage: the one-cycle schedule and a seeded Keras fit."""
 
 from __future__ import annotations
 
@@ -6,43 +6,14 @@ import json
 import math
 import platform
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import keras
 import numpy as np
-from pydantic import BaseModel, Field
 
 from tasks.data import NUM_CLASSES, PreparedData
-from tasks.model import ModelConfig, build_model
-
-Schedule = Literal["constant", "one_cycle"]
-
-
-class TrainConfig(BaseModel):
-    """How to fit the model. Presets fill these; flags override single fields."""
-
-    epochs: int = Field(ge=1, le=200)
-    batch_size: int = Field(ge=1, le=8192)
-    learning_rate: float = Field(gt=0.0, le=1.0, description="Adam rate (peak rate for one_cycle)")
-    schedule: Schedule = "constant"
-    early_stopping_patience: int = Field(0, ge=0, le=100, description="0 disables early stopping")
-    validation_size: int = Field(5000, ge=0, le=30000)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    steps_per_execution: int = Field(1, ge=1, le=1000)
-    train_limit: int | None = Field(None, ge=100, le=60000, description="use only N training images")
-    model: ModelConfig = ModelConfig()
-
-
-# The reference recipe, kept for comparison: 12 epochs, batch 128, Adam 1e-3.
-# The default reaches the gate in a fraction of the time (see docs/benchmarks.md).
-PRESETS: dict[str, TrainConfig] = {
-    "seed": TrainConfig(epochs=12, batch_size=128, learning_rate=1e-3),
-    "default": TrainConfig(epochs=3, batch_size=128, learning_rate=5e-3, schedule="one_cycle",
-                           steps_per_execution=32),
-    # A few seconds, far below the gate: for smoke tests and trying the chain.
-    "smoke": TrainConfig(epochs=1, batch_size=256, learning_rate=3e-3, train_limit=2000,
-                         validation_size=1000, steps_per_execution=8),
-}
+from tasks.model import build_model
+from tasks.recipes import TrainConfig
 
 
 @keras.saving.register_keras_serializable(package="mnist")

@@ -8,8 +8,8 @@ import pytest
 from pydantic import ValidationError
 
 from flows.params import PresetName, TrainingParams
-from tasks.model import ModelConfig, build_model
-from tasks.train import PRESETS
+from tasks.model import build_model
+from tasks.recipes import PRESETS, ModelConfig
 
 
 def test_reference_cnn_has_225034_parameters_and_1600_features() -> None:

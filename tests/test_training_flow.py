@@ -16,7 +16,8 @@ from flows.params import TrainingParams
 from tasks.data import load_test_set
 from tasks.evaluate import GateCheck, GateFailed, accuracy_gate, enforce_gate, metrics_from_probabilities
 from tasks.export import ExportError, export_saved_model, saved_model_predict, verify_round_trip
-from tasks.model import ModelConfig, build_model
+from tasks.model import build_model
+from tasks.recipes import ModelConfig
 
 REPO = Path(__file__).resolve().parents[1]
 

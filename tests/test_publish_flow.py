@@ -1,0 +1,80 @@
+"""The training flow with the model store: champion/challenger gate, labels, no leaked secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect.client.orchestration import get_client
+from prefect.logging.handlers import APILogHandler
+from prefect.client.schemas.filters import (
+    ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, LogFilter, LogFilterFlowRunId, TaskRunFilter,
+)
+from prefect.client.schemas.sorting import ArtifactSort
+
+from flows.params import TrainingParams
+from serving.registry import ModelStore
+from tasks.evaluate import champion_checks
+from tests.conftest import S3_SECRET_KEY
+
+SMOKE = {"preset": "smoke", "threshold": 0.5}
+
+
+def test_champion_checks_allow_margins_and_catch_a_class_drop() -> None:
+    champion = {"version": 3, "test_accuracy": 0.992, "per_class_accuracy": [0.99] * 10}
+    close = {"test_accuracy": 0.9915, "per_class_accuracy": [0.985] * 10}
+    assert all(check.passed for check in champion_checks(close, champion, 0.001, 0.01))
+    dropped = {"test_accuracy": 0.992, "per_class_accuracy": [0.99] * 9 + [0.97]}
+    failed = [c.name for c in champion_checks(dropped, champion, 0.001, 0.01) if not c.passed]
+    assert failed == ["digit 9 vs stable (class accuracy - 0.01)"]
+    assert champion_checks(close, None, 0.001, 0.01) == []
+
+
+def flow_run_texts(flow_run_id) -> list[str]:
+    APILogHandler().flush()  # logs reach the API in the background
+    with get_client(sync_client=True) as client:
+        run = client.read_flow_run(flow_run_id)
+        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
+                                limit=200, offset=0)
+        # every argument explicit: this server refuses the nulls the client sends for omitted ones
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])),
+            flow_run_filter=FlowRunFilter(), task_run_filter=TaskRunFilter(), sort=ArtifactSort.CREATED_DESC,
+            limit=200, offset=0)
+    return ([str(run.parameters)] + [log.message for log in logs]
+            + [str(artifact.data) + str(artifact.description) for artifact in artifacts])
+
+
+def test_flow_publishes_then_labels_canary_without_leaking_credentials(prefect_api, pipeline_env: Path,
+                                                                        store: ModelStore) -> None:
+    from flows.training import training_flow
+
+    first = training_flow(TrainingParams(**SMOKE), return_state=True)
+    assert first.is_completed(), first.message
+    assert first.result()["published"] == {"version": 1, "uri": store.uri(1), "label": "stable"}
+    second = training_flow(TrainingParams(**SMOKE, publish_label="canary"), return_state=True)
+    assert second.is_completed(), second.message
+    assert any("not worse than stable v1" in check for check in second.result()["gate"])
+    assert store.labels() == {"stable": 1, "canary": 2}
+    manifest = store.verify(2)
+    assert manifest["flow_run_id"] == str(second.state_details.flow_run_id)
+    assert len(manifest["data_fingerprint"]) == 64 and manifest["library_versions"]["tensorflow"]
+    texts = flow_run_texts(first.state_details.flow_run_id) + flow_run_texts(second.state_details.flow_run_id)
+    assert any("published" in text for text in texts)
+    assert not [text for text in texts if S3_SECRET_KEY in text]
+    assert S3_SECRET_KEY not in str(store.history()) + str(manifest)
+
+
+def test_worse_challenger_is_rejected_and_recorded(prefect_api, pipeline_env: Path, store: ModelStore,
+                                                  saved_model_dir: Path) -> None:
+    from flows.training import training_flow
+    from tasks.publish import publish_model
+
+    stable_metrics = {"test_accuracy": 0.97, "test_loss": 0.1, "per_class_accuracy": [0.97] * 10}
+    publish_model(store, saved_model_dir, stable_metrics, {"flow_run_id": "seeded"}, "stable")
+    state = training_flow(TrainingParams(**SMOKE), return_state=True)
+    assert state.is_failed()
+    assert "not worse than stable v1" in state.message and "failed" in state.message
+    assert store.complete_versions() == [1] and store.labels() == {"stable": 1}
+    rejected = [event for event in store.history() if event["event"] == "rejected"]
+    assert len(rejected) == 1 and rejected[0]["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert not (pipeline_env / "mnist").exists()
