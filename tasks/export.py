@@ -32,7 +32,26 @@ def next_local_version(model_dir: Path) -> int:
     return max(existing_versions(model_dir), default=0) + 1
 
 
-def export_saved_model(model: keras.Model, destination: Path) -> Path:
+def write_warmup_requests(saved_model_dir: Path, images: np.ndarray, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> Path:
+    """``assets.extra/tf_serving_warmup_requests``: PredictionLogs of real test images,
+    which TF Serving replays with --enable_model_warmup (and the local server always)."""
+    from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+    from serving.tensors import to_tensor_proto
+
+    path = saved_model_dir / "assets.extra" / "tf_serving_warmup_requests"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tf.io.TFRecordWriter(str(path)) as writer:
+        for size in batch_sizes:
+            request = predict_pb2.PredictRequest()
+            request.model_spec.signature_name = SIGNATURE_NAME
+            request.inputs[INPUT_NAME].CopyFrom(to_tensor_proto(images[:size]))
+            log = prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request))
+            writer.write(log.SerializeToString())
+    return path
+
+
+def export_saved_model(model: keras.Model, destination: Path, warmup_images: np.ndarray | None = None) -> Path:
     """Write the ``serving_default`` signature: float32 ``image`` [N,28,28,1] -> ``probabilities`` [N,10].
 
     ``keras.export.ExportArchive`` is what ``model.export(format="tf_saved_model")``
@@ -52,6 +71,8 @@ def export_saved_model(model: keras.Model, destination: Path) -> Path:
     staging = destination.parent / f".{destination.name}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     archive.write_out(str(staging), verbose=False)
+    if warmup_images is not None:
+        write_warmup_requests(staging, warmup_images)
     staging.rename(destination)
     return destination
 
@@ -87,8 +108,8 @@ def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) 
     model = keras.models.load_model(model_path)
     model_dir = Path(base_dir) / model_name
     version = next_local_version(model_dir)
-    destination = export_saved_model(model, model_dir / str(version))
     x_test, _ = load_test_set(Path(prepared_path))
+    destination = export_saved_model(model, model_dir / str(version), warmup_images=x_test[:32])
     difference = verify_round_trip(model, destination, x_test[:100])
     get_run_logger().info("exported %s (round trip max difference %.1e)", destination, difference)
     return {"path": str(destination), "version": version}

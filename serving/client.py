@@ -1,0 +1,147 @@
+"""A gRPC client for TF Serving's PredictionService, importable by other services.
+
+Input and output tensor names come from GetModelMetadata, never hard-coded;
+every call has a deadline; only UNAVAILABLE is retried, with backoff.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, TypeVar
+
+import grpc
+import numpy as np
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
+)
+
+from serving.tensors import from_tensor_proto, to_tensor_proto
+
+T = TypeVar("T")
+DEFAULT_SIGNATURE = "serving_default"
+
+
+class ServingError(RuntimeError):
+    """A failed call, described in one line (server down, unknown model, bad input...)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and what to call: address, model and optional version or label."""
+
+    address: str
+    model_name: str = "mnist"
+    version: int | None = None
+    label: str | None = None
+    timeout: float = 10.0
+    retries: int = 3
+    tls: bool = False
+    ca_cert: Path | None = None
+    signature: str = DEFAULT_SIGNATURE
+
+    def fill_spec(self, spec: Any) -> None:
+        spec.name = self.model_name
+        spec.signature_name = self.signature
+        if self.version is not None:
+            spec.version.value = self.version
+        elif self.label:
+            spec.version_label = self.label
+
+
+def open_channel(target: Target) -> grpc.Channel:
+    limits = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    if not target.tls:
+        return grpc.insecure_channel(target.address, options=limits)
+    root = target.ca_cert.read_bytes() if target.ca_cert else None
+    return grpc.secure_channel(target.address, grpc.ssl_channel_credentials(root_certificates=root), options=limits)
+
+
+def call_with_retries(call: Callable[..., T], request: Any, target: Target) -> T:
+    delay = 0.2
+    for attempt in range(target.retries + 1):
+        try:
+            return call(request, timeout=target.timeout)
+        except grpc.RpcError as error:
+            if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == target.retries:
+                raise ServingError(describe(error, target)) from None
+            time.sleep(delay)
+            delay *= 2
+    raise AssertionError("unreachable")
+
+
+def describe(error: grpc.RpcError, target: Target) -> str:
+    code = error.code()
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return f"server at {target.address} is unavailable ({error.details()})"
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return f"server at {target.address} did not answer within {target.timeout:g}s"
+    return f"{code.name}: {error.details()}"
+
+
+def signature_io(channel: grpc.Channel, target: Target) -> tuple[str, str, int]:
+    """(input name, output name, version) read from GetModelMetadata."""
+    request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+    target.fill_spec(request.model_spec)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    response = call_with_retries(stub.GetModelMetadata, request, target)
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    if target.signature not in signatures.signature_def:
+        raise ServingError(f"model {target.model_name!r} has no signature {target.signature!r}")
+    signature = signatures.signature_def[target.signature]
+    if len(signature.inputs) != 1 or len(signature.outputs) != 1:
+        raise ServingError(f"signature {target.signature!r} must have one input and one output")
+    return next(iter(signature.inputs)), next(iter(signature.outputs)), response.model_spec.version.value
+
+
+def predict_probabilities(images: np.ndarray, target: Target, channel: grpc.Channel | None = None
+                          ) -> tuple[np.ndarray, int]:
+    """Class probabilities [N,10] for images [N,28,28,1] in [0,1], and the version that answered."""
+    own = channel is None
+    channel = channel or open_channel(target)
+    try:
+        input_name, output_name, _ = signature_io(channel, target)
+        request = predict_pb2.PredictRequest()
+        target.fill_spec(request.model_spec)
+        request.inputs[input_name].CopyFrom(to_tensor_proto(images))
+        request.output_filter.append(output_name)
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        response = call_with_retries(stub.Predict, request, target)
+        return from_tensor_proto(response.outputs[output_name]), response.model_spec.version.value
+    finally:
+        if own:
+            channel.close()
+
+
+def predict(images: np.ndarray, *, address: str, model_name: str = "mnist", version: int | None = None,
+            label: str | None = None, timeout: float = 10.0, tls: bool = False,
+            ca_cert: Path | None = None, names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Digits for images [N,28,28,1] (float32, 0-1): one dict per image with
+    ``input``, ``digit``, ``confidence``, ``top3`` and the ``version`` that answered."""
+    target = Target(address, model_name, version, label, timeout, tls=tls, ca_cert=ca_cert)
+    probabilities, served = predict_probabilities(np.asarray(images, dtype=np.float32), target)
+    names = names or [str(index) for index in range(len(probabilities))]
+    results = []
+    for name, row in zip(names, probabilities):
+        order = np.argsort(row)[::-1][:3]
+        results.append({"input": name, "digit": int(order[0]), "confidence": float(row[order[0]]),
+                        "top3": [{"digit": int(d), "probability": float(row[d])} for d in order],
+                        "version": served})
+    return results
+
+
+def model_status(target: Target) -> list[tuple[int, str]]:
+    """(version, state name) for the versions the server reports."""
+    request = get_model_status_pb2.GetModelStatusRequest()
+    request.model_spec.name = target.model_name
+    if target.version is not None:
+        request.model_spec.version.value = target.version
+    elif target.label:
+        request.model_spec.version_label = target.label
+    with open_channel(target) as channel:
+        stub = model_service_pb2_grpc.ModelServiceStub(channel)
+        response = call_with_retries(stub.GetModelStatus, request, target)
+    return [(status.version, get_model_status_pb2.ModelVersionStatus.State.Name(status.state))
+            for status in response.model_version_status]
