@@ -23,7 +23,7 @@ $(BIN)/.installed: pyproject.toml
 install: $(BIN)/.installed
 
 run: install
-	$(BIN)/mnist train
+	$(BIN)/mnist run
 
 test: install
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -91,6 +91,14 @@ def print_training_result(result: dict[str, Any]) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
+    result = run_training(training_params(args))
+    print_training_result(result)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
+
+
+def training_params(args: argparse.Namespace):
     from flows.params import TrainingParams
 
     values = given_flags(args, TrainingParams)
@@ -101,10 +109,26 @@ def command_train(args: argparse.Namespace) -> int:
         params.train_config()  # refuse a bad combination before any work starts
     except ValidationError as error:
         raise CliError(validation_message(error), exit_code=2) from None
-    result = run_training(params)
+    return params
+
+
+def command_run(args: argparse.Namespace) -> int:
+    """The main job: train, gate, publish, sync, serve, live-check, query; stop all."""
+    from flows.chain import ChainError, run_chain
+    from serving.client import ServingError
+
+    params = training_params(args)
+    if not params.publish:
+        raise CliError("mnist run serves what it publishes: drop --no-publish (or use mnist train)", exit_code=2)
+    try:
+        result, answers = run_chain(params, pipeline_settings().state_dir, args.queries)
+    except (ChainError, ServingError) as error:
+        raise CliError(str(error)) from None
     print_training_result(result)
-    if args.json:
-        print(json.dumps(result, indent=2))
+    print(f"gRPC predictions from the served 'stable' model (MNIST test digits {args.queries}):")
+    print_predictions(answers, as_json=False)
+    correct = sum(answer["digit"] == answer["label"] for answer in answers)
+    print(f"{correct}/{len(answers)} correct")
     return 0
 
 
@@ -453,12 +477,20 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="run the training flow once",
-                                description="Run the training flow: data, train, evaluate, gate, report, export.")
-    add_model_flags(train, TrainingParams, skip=("output_dir",))
-    train.add_argument("--output", metavar="DIR", default=None,
-                       help="where plots, reports and the SavedModel go (default: MNIST_OUTPUT_DIR or ./outputs)")
+                                description="Run the training flow: data, train, evaluate, gate, report, export, "
+                                            "publish.")
+    run = commands.add_parser("run", help="the whole chain: train, publish, sync, serve, query over gRPC",
+                              description="Train and publish with a local server and sync sidecar running, "
+                                          "query the served model over gRPC, then stop everything started.")
+    for parser_ in (train, run):
+        add_model_flags(parser_, TrainingParams, skip=("output_dir",))
+        parser_.add_argument("--output", metavar="DIR", default=None,
+                             help="where plots, reports and the SavedModel go (default: MNIST_OUTPUT_DIR or ./outputs)")
     train.add_argument("--json", action="store_true", help="also print the flow result as JSON")
     train.set_defaults(handler=command_train)
+    run.add_argument("--queries", default="0:10", metavar="START:STOP",
+                     help="MNIST test digits to query at the end (default 0:10)")
+    run.set_defaults(handler=command_run)
 
     storage = commands.add_parser("storage", help="start, stop or show the embedded S3 store (SeaweedFS)")
     storage.add_argument("action", choices=("up", "down", "status"))

@@ -15,7 +15,7 @@ from serving.registry import StoreSettings
 from tasks.data import prepare_data
 from tasks.evaluate import accuracy_gate, champion_checks, evaluate, evaluate_stable, gate
 from tasks.export import export
-from tasks.publish import publish, record_rejection
+from tasks.publish import live_check, publish, record_rejection
 from tasks.report import report
 from tasks.train import code_version, library_versions, train
 
@@ -55,6 +55,11 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     exported = export(trained["model_path"], data["prepared_path"], str(output_dir), StoreSettings().model_name)
     published = (publish(exported["path"], metrics, lineage, params.publish_label)
                  if params.publish else None)
+    if published and settings.serving_address:
+        check = live_check(published, exported["path"], data["prepared_path"], settings.serving_address,
+                           settings.live_check_timeout, lineage["flow_run_id"])
+        if not check["passed"]:
+            return Failed(message=check["summary"])
     return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir), "gate": verdict["checks"],
             "saved_model": exported["path"], "version": exported["version"], "published": published,
             "outputs": outputs}

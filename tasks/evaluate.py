@@ -107,7 +107,7 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     return metrics
 
 
-@task(name="evaluate-stable", retries=2, retry_delay_seconds=5, timeout_seconds=600)
+@task(name="evaluate-stable", timeout_seconds=600)
 def evaluate_stable(prepared_path: str) -> dict | None:
     """Re-evaluate the current ``stable`` version on this run's test set, so the
     comparison is like for like; None when nothing is stable yet."""

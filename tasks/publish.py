@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,83 @@ def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, An
                                         "metrics": {key: metrics[key] for key in METRIC_KEYS}})
 
 
-@task(name="rollback", retries=2, retry_delay_seconds=5)
+@task(name="rollback")
 def rollback_label(label: str, flow_run_id: str | None) -> dict[str, int]:
     previous, current = ModelStore(StoreSettings()).rollback(label, {"flow_run_id": flow_run_id})
     get_run_logger().info("%s moved back from version %d to version %d", label, previous, current)
     return {"from": previous, "to": current}
+
+
+# --- live check after publish ---------------------------------------------------
+GOLDEN_SIZE = 64
+GOLDEN_TOLERANCE = 1e-4
+
+
+def wait_until_available(target, version: int, timeout: float) -> bool:
+    """Poll GetModelStatus until ``version`` is AVAILABLE or ``timeout`` passes."""
+    from serving.client import ServingError, model_status
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if (version, "AVAILABLE") in model_status(target):
+                return True
+        except ServingError:
+            pass  # not loaded yet (NOT_FOUND) or the server is restarting: keep waiting
+        time.sleep(0.5)
+    return False
+
+
+def compare_golden(served, offline) -> str | None:
+    """None when the served answers match the offline ones, else the reason."""
+    disagree = int((served.argmax(axis=1) != offline.argmax(axis=1)).sum())
+    difference = float(abs(served - offline).max())
+    if disagree or difference > GOLDEN_TOLERANCE:
+        return (f"served predictions differ from offline ones on the golden set: {disagree} digits disagree, "
+                f"max probability difference {difference:.2e} (tolerance {GOLDEN_TOLERANCE})")
+    return None
+
+
+def live_check_version(address: str, model_name: str, version: int, saved_model: Path, golden, timeout: float
+                       ) -> str | None:
+    """Wait for ``version`` to be served, then compare its answers with the SavedModel's; None if all is well."""
+    from serving.client import ServingError, Target, predict_probabilities
+    from tasks.export import saved_model_predict
+
+    target = Target(address, model_name, version=version)
+    if not wait_until_available(target, version, timeout):
+        return f"version {version} did not become AVAILABLE at {address} within {timeout:g}s"
+    try:
+        served, _ = predict_probabilities(golden, target)
+    except ServingError as error:
+        return f"golden-set request to {address} failed: {error}"
+    return compare_golden(served, saved_model_predict(saved_model, golden))
+
+
+def undo_publish(store: ModelStore, label: str, flow_run_id: str | None, reason: str) -> None:
+    """Move ``stable`` back (or drop the ``canary`` label) after a failed live check."""
+    event = {"flow_run_id": flow_run_id, "reason": reason}
+    if label == "stable":
+        store.rollback("stable", event)
+    else:
+        store.set_label(label, None, event)
+
+
+@task(name="live-check", timeout_seconds=900)
+def live_check(published: dict[str, Any], saved_model: str, prepared_path: str, address: str,
+               timeout: float, flow_run_id: str | None) -> dict[str, Any]:
+    """Golden set over gRPC against offline predictions; undo the label on failure."""
+    from tasks.data import load_test_set
+
+    store = ModelStore(StoreSettings())
+    x_test, _ = load_test_set(Path(prepared_path))
+    reason = live_check_version(address, store.settings.model_name, published["version"], Path(saved_model),
+                                x_test[:GOLDEN_SIZE], timeout)
+    logger = get_run_logger()
+    if reason is None:
+        logger.info("live check passed: version %d answers %d golden digits as offline", published["version"],
+                    GOLDEN_SIZE)
+        return {"passed": True, "summary": f"live check passed at {address}"}
+    logger.error("live check failed: %s; moving %s back", reason, published["label"])
+    undo_publish(store, published["label"], flow_run_id, reason)
+    return {"passed": False, "summary": f"live check failed, {published['label']} moved back: {reason}"}

@@ -62,7 +62,7 @@ def test_round_trip_check_catches_a_different_model(smoke_model, prepared_path: 
 def test_flow_below_threshold_fails_and_exports_nothing(prefect_api, pipeline_env: Path) -> None:
     from flows.training import training_flow
 
-    state = training_flow(TrainingParams(preset="smoke", threshold=0.999), return_state=True)
+    state = training_flow(TrainingParams(preset="smoke", threshold=0.999, publish=False), return_state=True)
     assert state.is_failed()
     assert "accuracy gate" in state.message and "0.9990" in state.message
     assert not (pipeline_env / "mnist").exists()
@@ -74,7 +74,7 @@ def test_flow_below_threshold_fails_and_exports_nothing(prefect_api, pipeline_en
 def test_default_flow_on_full_mnist_passes_the_gate(prefect_api, pipeline_env: Path) -> None:
     from flows.training import training_flow
 
-    state = training_flow(TrainingParams(), return_state=True)
+    state = training_flow(TrainingParams(publish=False), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
     assert result["test_accuracy"] >= 0.99
@@ -100,11 +100,15 @@ def test_cli_refuses_bad_values_before_any_work(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
 
 
-def test_cli_gate_failure_is_one_line_and_non_zero(pipeline_env: Path, mnist_dir: Path, cache_dir: Path) -> None:
+def test_cli_gate_failure_is_one_line_and_non_zero(pipeline_env: Path, mnist_dir: Path, cache_dir: Path,
+                                                   tmp_path: Path) -> None:
+    """The acceptance command, with the embedded S3 store it starts and stops itself."""
     result = run_cli("train", "--threshold", "0.9999", "--epochs", "1", "--output", str(pipeline_env),
-                     env={"MNIST_DATA_DIR": str(mnist_dir), "MNIST_CACHE_DIR": str(cache_dir)})
+                     env={"MNIST_DATA_DIR": str(mnist_dir), "MNIST_CACHE_DIR": str(cache_dir),
+                          "MNIST_STATE_DIR": str(tmp_path / "state"), "MNIST_S3_ENDPOINT": ""})
     assert result.returncode == 1, result.stderr[-2000:]
     [message] = [line for line in result.stderr.splitlines() if line.startswith("mnist train: ")]
     assert "accuracy gate" in message and "0.9999" in message
     assert "Traceback" not in result.stderr + result.stdout
     assert not (pipeline_env / "mnist").exists()
+    assert not (tmp_path / "state" / "seaweedfs" / "store.json").exists(), "the embedded store was left running"

@@ -1,0 +1,284 @@
+"""The gRPC server and client over real loopback gRPC: round trip, status codes, switching, TLS."""
+
+from __future__ import annotations
+
+import datetime
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+from serving.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
+from serving.local_s3 import free_port
+from serving.server import ModelManager, ModelServer, ServerOptions, single_model_config
+from serving.tensors import to_tensor_proto
+from tasks.data import load_test_set
+from tasks.export import saved_model_predict
+from tests.conftest import REPO
+
+
+@pytest.fixture(scope="module")
+def test_images(prepared_path: Path) -> tuple[np.ndarray, np.ndarray]:
+    return load_test_set(prepared_path)
+
+
+@pytest.fixture()
+def model_base(saved_model_dir: Path, tmp_path: Path) -> Path:
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    return base
+
+
+def start_server(base: Path, poll: float = 0.2, ssl_config: Path | None = None) -> tuple[ModelServer, str]:
+    port = free_port()
+    server = ModelServer(ModelManager(single_model_config("mnist", base)),
+                         ServerOptions(port=port, poll_seconds=poll, ssl_config_file=ssl_config)).start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture()
+def server(model_base: Path):
+    server, address = start_server(model_base)
+    yield address
+    server.stop(grace=1)
+
+
+def test_predict_round_trip_matches_the_saved_model(server: str, saved_model_dir: Path, test_images) -> None:
+    images, labels = test_images
+    results = predict(images[:32], address=server)
+    offline = saved_model_predict(saved_model_dir, images[:32])
+    assert [r["digit"] for r in results] == offline.argmax(axis=1).tolist()
+    assert all(r["version"] == 1 and len(r["top3"]) == 3 for r in results)
+    assert abs(results[0]["confidence"] - float(offline[0].max())) < 1e-5
+    assert np.mean([r["digit"] for r in results] == labels[:32]) > 0.85
+
+
+def test_metadata_names_the_tensors_and_status_reports_available(server: str) -> None:
+    target = Target(server)
+    with grpc.insecure_channel(server) as channel:
+        assert signature_io(channel, target) == ("image", "probabilities", 1)
+    assert model_status(target) == [(1, "AVAILABLE")]
+
+
+def raw_predict(address: str, inputs: dict[str, object], name: str = "mnist", version: int | None = None,
+                label: str | None = None) -> grpc.RpcError | None:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = name
+    if version is not None:
+        request.model_spec.version.value = version
+    if label:
+        request.model_spec.version_label = label
+    for key, proto in inputs.items():
+        request.inputs[key].CopyFrom(proto)
+    with grpc.insecure_channel(address) as channel:
+        try:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+        except grpc.RpcError as error:
+            return error
+    return None
+
+
+def bad_dtype() -> object:
+    proto = to_tensor_proto(np.zeros((1, 28, 28, 1)))
+    proto.dtype = 2  # DT_DOUBLE
+    return proto
+
+
+def short_content() -> object:
+    proto = to_tensor_proto(np.zeros((2, 28, 28, 1)))
+    proto.tensor_content = proto.tensor_content[:100]
+    return proto
+
+
+GOOD = to_tensor_proto(np.zeros((1, 28, 28, 1)))
+BAD_REQUESTS = [
+    ("unknown model", {"image": GOOD}, {"name": "fashion"}, grpc.StatusCode.NOT_FOUND, "fashion"),
+    ("unknown version", {"image": GOOD}, {"version": 9}, grpc.StatusCode.NOT_FOUND, "version 9"),
+    ("unknown label", {"image": GOOD}, {"label": "canary"}, grpc.StatusCode.NOT_FOUND, "canary"),
+    ("missing input", {}, {}, grpc.StatusCode.INVALID_ARGUMENT, "missing ['image']"),
+    ("wrong input key", {"pixels": GOOD}, {}, grpc.StatusCode.INVALID_ARGUMENT, "unknown ['pixels']"),
+    ("wrong dtype", {"image": bad_dtype()}, {}, grpc.StatusCode.INVALID_ARGUMENT, "DT_DOUBLE"),
+    ("wrong shape", {"image": to_tensor_proto(np.zeros((1, 28, 28)))}, {}, grpc.StatusCode.INVALID_ARGUMENT,
+     "shape [1, 28, 28]"),
+    ("empty batch", {"image": to_tensor_proto(np.zeros((0, 28, 28, 1)))}, {}, grpc.StatusCode.INVALID_ARGUMENT,
+     "N >= 1"),
+    ("NaN", {"image": to_tensor_proto(np.full((1, 28, 28, 1), np.nan))}, {}, grpc.StatusCode.INVALID_ARGUMENT,
+     "NaN"),
+    ("infinity", {"image": to_tensor_proto(np.full((1, 28, 28, 1), np.inf))}, {}, grpc.StatusCode.INVALID_ARGUMENT,
+     "infinity"),
+    ("truncated content", {"image": short_content()}, {}, grpc.StatusCode.INVALID_ARGUMENT, "tensor_content"),
+]
+
+
+def test_each_bad_request_gets_its_status_and_the_server_stays_up(server: str, test_images) -> None:
+    for name, inputs, spec, code, text in BAD_REQUESTS:
+        error = raw_predict(server, inputs, **spec)
+        assert error is not None, name
+        assert error.code() == code, (name, error.code(), error.details())
+        assert text in error.details(), (name, error.details())
+    assert raw_predict(server, {"image": to_tensor_proto(test_images[0][:1024])}) is None
+
+
+def test_version_switch_under_steady_load_fails_no_request(model_base: Path, saved_model_dir: Path,
+                                                         test_images) -> None:
+    server, address = start_server(model_base, poll=0.2)
+    seen: dict[int, int] = {}
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def load() -> None:
+        target = Target(address, retries=0, timeout=10)
+        with grpc.insecure_channel(address) as channel:
+            deadline = time.monotonic() + 60
+            while not stop.is_set() and time.monotonic() < deadline:
+                try:
+                    _, version = predict_probabilities(test_images[0][:8], target, channel)
+                    seen[version] = seen.get(version, 0) + 1
+                except ServingError as error:
+                    failures.append(str(error))
+
+    clients = [threading.Thread(target=load) for _ in range(3)]
+    try:
+        for client in clients:
+            client.start()
+        time.sleep(1.0)
+        staging = model_base / ".incoming"
+        shutil.copytree(saved_model_dir, staging)
+        staging.rename(model_base / "2")  # the sync's atomic rename
+        deadline = time.monotonic() + 60
+        while seen.get(2, 0) < 20 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        shutil.rmtree(model_base / "1")
+        time.sleep(1.0)
+    finally:
+        stop.set()
+        for client in clients:
+            client.join()
+        server.stop(grace=1)
+    assert failures == []
+    assert seen.get(1, 0) > 10 and seen.get(2, 0) >= 20
+    assert sorted(server.manager.models["mnist"].versions) == [2]
+
+
+def self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A server certificate for 127.0.0.1 and an SSLConfig file in TF Serving's format."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    import ipaddress
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    ca_file = tmp_path / "ca.pem"
+    ca_file.write_text(cert_pem)
+    config = tmp_path / "ssl.config"
+    config.write_text(f"server_key: {key_pem!r}\nserver_cert: {cert_pem!r}\n".replace("'", '"'))
+    return config, ca_file
+
+
+def test_tls_on_and_off(model_base: Path, tmp_path: Path, test_images) -> None:
+    ssl_config, ca_file = self_signed(tmp_path)
+    server, address = start_server(model_base, ssl_config=ssl_config)
+    try:
+        secure = predict(test_images[0][:4], address=address, tls=True, ca_cert=ca_file)
+        assert len(secure) == 4 and secure[0]["version"] == 1
+        with pytest.raises(ServingError, match="unavailable"):
+            predict(test_images[0][:1], address=address, timeout=3)  # plaintext to a TLS port
+    finally:
+        server.stop(grace=1)
+    plain, plain_address = start_server(model_base)
+    try:
+        assert len(predict(test_images[0][:4], address=plain_address)) == 4
+    finally:
+        plain.stop(grace=1)
+
+
+def mnist_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    import os
+
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_cli_against_a_stopped_server_exits_non_zero(mnist_dir: Path) -> None:
+    result = mnist_cli("predict", "--server", f"127.0.0.1:{free_port()}", "--mnist-test", "0:3", "--timeout", "2",
+                       env={"MNIST_DATA_DIR": str(mnist_dir)})
+    assert result.returncode == 1
+    assert "mnist predict: server at 127.0.0.1:" in result.stderr and "unavailable" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_bad_files_get_one_clear_line(server: str, tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    cases = {str(tmp_path / "missing.png"): "no such file", str(empty): "empty file",
+             str(text): "not a readable image"}
+    from PIL import Image
+
+    truncated = tmp_path / "cut.png"
+    Image.new("L", (64, 64), 255).save(truncated)
+    truncated.write_bytes(truncated.read_bytes()[:60])
+    cases[str(truncated)] = "not a readable image"
+    for path, expected in cases.items():
+        result = mnist_cli("predict", "--server", server, path)
+        assert result.returncode == 1 and expected in result.stderr, (path, result.stderr[-500:])
+        assert "Traceback" not in result.stderr
+    unknown = mnist_cli("predict", "--server", server, "--model-name", "fashion", str(truncated.with_name("x.npy")))
+    assert unknown.returncode == 1
+
+
+def test_cli_reads_photos_and_arrays_as_mnist_digits(server: str, tmp_path: Path, test_images) -> None:
+    import json
+
+    from PIL import Image
+
+    images, labels = test_images
+    paths = []
+    for index in range(5):  # dark ink on white paper, large, RGB, off-centre
+        paper = np.full((300, 240), 255, dtype=np.uint8)
+        digit = Image.fromarray((255 - images[index, :, :, 0] * 255).astype(np.uint8)).resize((150, 150))
+        paper[100:250, 20:170] = np.asarray(digit)
+        path = tmp_path / f"digit{index}.jpg"
+        Image.fromarray(paper).convert("RGB").save(path, quality=95)
+        paths.append(str(path))
+    np.save(tmp_path / "batch.npy", (images[5:8, :, :, 0] * 255).astype(np.uint8))
+    result = mnist_cli("predict", "--server", server, "--json", *paths, str(tmp_path / "batch.npy"))
+    assert result.returncode == 0, result.stderr[-1000:]
+    answers = json.loads(result.stdout)
+    assert [a["input"] for a in answers][-3:] == [f"{tmp_path / 'batch.npy'}[{i}]" for i in range(3)]
+    assert all({"input", "digit", "confidence", "top3"} <= set(a) for a in answers)
+    correct = sum(a["digit"] == int(label) for a, label in zip(answers, labels[:8]))
+    assert correct >= 6, answers
+
+
+def test_prepared_digit_fits_20x20_and_is_centred_by_mass() -> None:
+    from serving.images import prepare_digit
+
+    canvas = np.ones((120, 80), dtype=np.float32)
+    canvas[10:70, 5:25] = 0.0  # a dark bar on white, far from the centre
+    digit = prepare_digit(canvas)[:, :, 0]
+    rows, cols = np.nonzero(digit > 0.05)
+    assert rows.max() - rows.min() + 1 <= 20 and cols.max() - cols.min() + 1 <= 20
+    centre = np.array([(np.indices(digit.shape)[axis] * digit).sum() / digit.sum() for axis in (0, 1)])
+    assert np.all(np.abs(centre - 14) <= 1.0)
