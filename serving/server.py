@@ -31,6 +31,7 @@ from tensorflow_serving.apis import (
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.tensors import TensorError, from_tensor_proto, to_tensor_proto
+from serving.tf_serving_protos import message_class
 
 log = logging.getLogger("mnist.serve")
 DEFAULT_SIGNATURE = "serving_default"
@@ -297,24 +298,8 @@ def request_errors(context: grpc.ServicerContext) -> Iterator[None]:
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
 
 
-# TF Serving's SSLConfig (ssl_config.proto) is not in the tensorflow-serving-api
-# wheel; this is the same message, so --ssl-config-file files stay interchangeable.
-def ssl_config_class() -> type:
-    from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-
-    proto = descriptor_pb2.FileDescriptorProto(name="mnist_ssl_config.proto", package="tensorflow.serving",
-                                               syntax="proto3")
-    message = proto.message_type.add(name="SSLConfig")
-    for number, (name, kind) in enumerate([("server_key", 9), ("server_cert", 9), ("custom_ca", 9),
-                                           ("client_verify", 8)], start=1):
-        message.field.add(name=name, number=number, type=kind, label=1)
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("tensorflow.serving.SSLConfig"))
-
-
 def server_credentials(ssl_config_file: Path) -> grpc.ServerCredentials:
-    config = text_format.Parse(ssl_config_file.read_text(), ssl_config_class()())
+    config = text_format.Parse(ssl_config_file.read_text(), message_class("SSLConfig")())
     if not config.server_key or not config.server_cert:
         raise ValueError(f"{ssl_config_file}: server_key and server_cert are required")
     return grpc.ssl_server_credentials(

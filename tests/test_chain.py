@@ -1,0 +1,93 @@
+"""The chain end to end: live check after publish, export-only serving, and make run's chain."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.params import TrainingParams
+from serving.client import predict
+from serving.local_s3 import free_port, stop_process
+from serving.registry import ModelStore
+from serving.server import ModelManager, ModelServer, ServerOptions, single_model_config
+from tasks.data import load_test_set
+from tasks.publish import compare_golden
+from tests.conftest import REPO
+
+# Champion margins wide open: these tests are about what happens after the gate.
+AFTER_GATE = {"preset": "smoke", "threshold": 0.5, "accuracy_margin": 1.0, "class_margin": 1.0}
+
+
+def test_golden_comparison_catches_disagreement() -> None:
+    offline = np.eye(10)[[1, 2, 3]]
+    assert compare_golden(offline + 1e-6, offline) is None
+    assert "1 digits disagree" in compare_golden(np.eye(10)[[1, 2, 4]], offline)
+
+
+def test_failed_live_check_moves_stable_back_and_fails_the_run(prefect_api, pipeline_env: Path, store: ModelStore,
+                                                               saved_model_dir: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from flows.training import training_flow
+    from tasks.publish import publish_model
+
+    metrics = {"test_accuracy": 0.97, "test_loss": 0.1, "per_class_accuracy": [0.97] * 10}
+    publish_model(store, saved_model_dir, metrics, {"flow_run_id": "seeded"}, "stable")
+    port = free_port()  # a server that never gets the new version: no sync feeds it
+    server = ModelServer(ModelManager(single_model_config("mnist", tmp_path / "empty")),
+                         ServerOptions(port=port)).start()
+    monkeypatch.setenv("MNIST_SERVING_ADDRESS", f"127.0.0.1:{port}")
+    monkeypatch.setenv("MNIST_LIVE_CHECK_TIMEOUT", "3")
+    try:
+        state = training_flow(TrainingParams(**AFTER_GATE), return_state=True)
+    finally:
+        server.stop(grace=1)
+    assert state.is_failed()
+    assert "live check failed" in state.message and "did not become AVAILABLE" in state.message
+    assert store.labels() == {"stable": 1} and store.complete_versions() == [1, 2]
+    rollback = [e for e in store.history() if e["event"] == "rollback"][-1]
+    assert (rollback["previous"], rollback["version"]) == (2, 1) and "AVAILABLE" in rollback["reason"]
+
+
+def test_export_without_publish_is_servable(mnist_dir: Path, cache_dir: Path, tmp_path: Path,
+                                            prepared_path: Path) -> None:
+    env = {**os.environ, "MNIST_DATA_DIR": str(mnist_dir), "MNIST_CACHE_DIR": str(cache_dir),
+           "MNIST_STATE_DIR": str(tmp_path / "state"), "MNIST_S3_ENDPOINT": "http://127.0.0.1:9"}
+    out = tmp_path / "out"
+    trained = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--preset", "smoke", "--threshold", "0.5",
+                              "--no-publish", "--output", str(out)], capture_output=True, text=True, env=env,
+                             cwd=REPO, timeout=600)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (out / "mnist" / "1" / "saved_model.pb").is_file() and "published" not in trained.stdout
+    assert not (tmp_path / "state").exists()  # S3 untouched: not even the embedded store started
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+                               "--model-base-path", str(out / "mnist")], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env, start_new_session=True)
+    try:
+        assert re.search(r"listening on .*'mnist': \[1\]", server.stdout.readline())
+        images, labels = load_test_set(prepared_path)
+        answers = predict(images[:50], address=f"127.0.0.1:{port}")
+        assert np.mean([a["digit"] for a in answers] == labels[:50]) > 0.5
+    finally:
+        stop_process(server.pid)
+        server.wait(timeout=10)
+        server.stdout.close()
+
+
+def test_run_chain_publishes_serves_and_answers_over_grpc(prefect_api, pipeline_env: Path, store: ModelStore,
+                                                         tmp_path: Path) -> None:
+    from flows.chain import run_chain
+
+    result, answers = run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries="0:5")
+    assert result["published"]["version"] == 1 and store.labels() == {"stable": 1}
+    assert [a["label"] for a in answers] == [7, 2, 1, 0, 4]
+    assert all(a["version"] == 1 for a in answers)
+    assert (tmp_path / "state" / "serving" / "mnist" / "1" / "saved_model.pb").is_file()
+    leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)
+    assert leftover.stdout == "", "the chain left its server or sync running"

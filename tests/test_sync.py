@@ -1,0 +1,122 @@
+"""The S3 -> model directory sync against a real SeaweedFS: read-only access, atomicity, config."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import botocore.exceptions
+import pytest
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.local_s3 import start_weed
+from serving.registry import MANIFEST, ModelStore, StoreSettings
+from serving.sync import local_versions, sync_once
+from tests.conftest import REPO
+
+LINEAGE = {"flow_run_id": "sync-test"}
+
+
+def read_config(path: Path) -> model_server_config_pb2.ModelServerConfig:
+    return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
+
+
+def test_sync_mirrors_wanted_versions_and_writes_labels(store: ModelStore, saved_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    for _ in range(3):
+        store.publish(saved_model_dir, LINEAGE)
+    store.set_label("stable", 1)
+    base = tmp_path / "models" / "mnist"
+    result = sync_once(store, base)
+    assert result.downloaded == [1, 3] and local_versions(base) == [1, 3]
+    assert (base / "3" / MANIFEST).is_file() and (base / "3" / "saved_model.pb").is_file()
+    config = read_config(tmp_path / "models" / "models.config").model_config_list.config[0]
+    assert config.name == "mnist" and config.base_path == str(base.resolve())
+    assert list(config.model_version_policy.specific.versions) == [1, 3]
+    assert dict(config.version_labels) == {"stable": 1}
+    store.set_label("stable", 3)
+    again = sync_once(store, base)
+    assert again.downloaded == [] and again.removed == [1] and local_versions(base) == [3]
+    assert dict(read_config(tmp_path / "models" / "models.config").model_config_list.config[0].version_labels) == \
+        {"stable": 3}
+
+
+def test_sync_skips_a_version_that_does_not_verify(store: ModelStore, saved_model_dir: Path, tmp_path: Path) -> None:
+    from serving.registry import VerificationFailed
+
+    store.publish(saved_model_dir, LINEAGE)
+    store.client.put_object(Bucket=store.bucket, Key=store.key(1, "saved_model.pb"), Body=b"tampered")
+    base = tmp_path / "mnist"
+    with pytest.raises(VerificationFailed, match="saved_model.pb"):
+        sync_once(store, base)
+    assert local_versions(base) == [] and not list(base.glob(".sync-*"))
+
+
+def test_sync_works_with_read_only_credentials(saved_model_dir: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    identities = {"identities": [
+        {"name": "publisher", "credentials": [{"accessKey": "publisher", "secretKey": "publisher-secret"}],
+         "actions": ["Admin", "Read", "List", "Write", "Tagging"]},
+        {"name": "sidecar", "credentials": [{"accessKey": "sidecar", "secretKey": "sidecar-secret"}],
+         "actions": ["Read", "List"]}]}
+    s3_config = tmp_path / "s3.json"
+    s3_config.write_text(json.dumps(identities))
+    weed = start_weed(tmp_path / "weed", "publisher", "publisher-secret", s3_config=s3_config)
+    try:
+        monkeypatch.setenv("MNIST_S3_ENDPOINT", weed.endpoint)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "publisher")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "publisher-secret")
+        publisher = ModelStore(StoreSettings())
+        publisher.publish(saved_model_dir, LINEAGE)
+        publisher.set_label("stable", 1)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "sidecar")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sidecar-secret")
+        reader = ModelStore(StoreSettings())
+        result = sync_once(reader, tmp_path / "models" / "mnist")
+        assert result.downloaded == [1] and result.labels == {"stable": 1}
+        with pytest.raises(botocore.exceptions.ClientError) as refused:
+            reader.client.put_object(Bucket=reader.bucket, Key="models/mnist/evil", Body=b"x")
+        assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
+    finally:
+        weed.stop()
+
+
+# A sync that reports each download, so the test can SIGKILL it in the middle of one version.
+SLOW_SYNC = """
+import sys, time
+from pathlib import Path
+from serving.registry import ModelStore, StoreSettings
+from serving.sync import sync_once
+store = ModelStore(StoreSettings())
+real_get = store.client.get_object
+def reporting_get(**kwargs):
+    result = real_get(**kwargs)
+    print("get", kwargs["Key"], flush=True)
+    time.sleep(0.3)
+    return result
+store.client.get_object = reporting_get
+sync_once(store, Path(sys.argv[1]))
+"""
+
+
+def test_sync_killed_mid_download_never_exposes_a_partial_version(store: ModelStore, saved_model_dir: Path,
+                                                                 store_env: dict[str, str], tmp_path: Path) -> None:
+    store.publish(saved_model_dir, LINEAGE)
+    base = tmp_path / "models" / "mnist"
+    process = subprocess.Popen([sys.executable, "-c", SLOW_SYNC, str(base)], cwd=REPO, stdout=subprocess.PIPE,
+                               text=True, env={**os.environ, **store_env})
+    seen = []
+    while len([line for line in seen if "/1/" in line]) < 2:  # two files of version 1 downloaded
+        seen.append(process.stdout.readline())
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=30)
+    process.stdout.close()
+    assert local_versions(base) == [] and list(base.glob(".sync-*")), "partial data stays hidden in staging"
+    result = sync_once(store, base)
+    assert result.downloaded == [1] and not list(base.glob(".sync-*"))
+    assert json.loads((base / "1" / MANIFEST).read_text())["version"] == 1
