@@ -12,7 +12,9 @@ endif
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install run test bench clean
+PREFECT_LOCAL_API := http://127.0.0.1:4200/api
+
+.PHONY: install run test bench prefect deploy worker clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -30,6 +32,17 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# The Prefect UI at http://127.0.0.1:4200, on SQLite in ~/.prefect.
+prefect: install
+	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
+
+# Work pool, deployments (prefect.yaml) and automations, on PREFECT_API_URL or the local server.
+deploy: install
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/mnist deploy
+
+worker: install
+	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/mnist worker
 
 clean:
 	rm -rf $(VENV) outputs .state build *.egg-info

@@ -427,6 +427,32 @@ def print_predictions(results: list[dict[str, Any]], as_json: bool) -> None:
               f"[v{result['version']}]")
 
 
+def command_deploy(args: argparse.Namespace) -> int:
+    from flows.deploy import deploy
+
+    project = Path(__file__).resolve().parents[1]
+    try:
+        result = deploy(project, project / "prefect.yaml", os.environ.get("MNIST_NOTIFY_BLOCK"))
+    except Exception as error:  # noqa: BLE001  the API's own message is the useful one
+        raise CliError(f"deploy failed: {error}") from None
+    print(f"work pools created: {result['created_work_pools'] or 'none (already there)'}")
+    print(f"automations: {', '.join(result['automations'])}")
+    return 0
+
+
+def command_worker(args: argparse.Namespace) -> int:
+    """A process worker with the model store reachable (the embedded one when none is set)."""
+    import subprocess
+
+    from serving.local_s3 import store_environment
+
+    with store_environment(pipeline_settings().state_dir):
+        try:
+            return subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool]).returncode
+        except KeyboardInterrupt:
+            return 0
+
+
 def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     serve = commands.add_parser("serve", help="serve SavedModels over TF Serving's gRPC API",
                                 description="A TF-Serving-compatible gRPC server (PredictionService, ModelService).")
@@ -497,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     storage.set_defaults(handler=command_storage)
     add_registry_parser(commands)
     add_serving_parsers(commands)
+    deploy = commands.add_parser("deploy", help="create the work pool, deployments and automations from prefect.yaml",
+                                 description="Apply prefect.yaml to the server PREFECT_API_URL names.")
+    deploy.set_defaults(handler=command_deploy)
+    worker = commands.add_parser("worker", help="start a Prefect process worker with the model store reachable")
+    worker.add_argument("--pool", default="mnist-process")
+    worker.set_defaults(handler=command_worker)
     return parser
 
 

@@ -16,7 +16,7 @@ from tasks.data import prepare_data
 from tasks.evaluate import accuracy_gate, champion_checks, evaluate, evaluate_stable, gate
 from tasks.export import export
 from tasks.publish import live_check, publish, record_rejection
-from tasks.report import report
+from tasks.report import report, verdict_line
 from tasks.train import code_version, library_versions, train
 
 
@@ -46,20 +46,22 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     lineage = {"flow_run_id": str(flow_run.id), "data_fingerprint": data["data_fingerprint"],
                "code_version": code_version(), "library_versions": library_versions(),
                "preset": params.preset, "config": config.model_dump()}
-    outputs = report(str(run_dir), data["prepared_path"], metrics,
-                     verdict["summary"], lineage)
+    outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage}
     if not verdict["passed"]:
         if params.publish:
             record_rejection(verdict["summary"], metrics, lineage)
+        report(str(run_dir), data["prepared_path"], metrics, outcome)
         return Failed(message=verdict["summary"])  # nothing is exported or published
+
     exported = export(trained["model_path"], data["prepared_path"], str(output_dir), StoreSettings().model_name)
-    published = (publish(exported["path"], metrics, lineage, params.publish_label)
-                 if params.publish else None)
-    if published and settings.serving_address:
-        check = live_check(published, exported["path"], data["prepared_path"], settings.serving_address,
-                           settings.live_check_timeout, lineage["flow_run_id"])
-        if not check["passed"]:
-            return Failed(message=check["summary"])
+    published = publish(exported["path"], metrics, lineage, params.publish_label) if params.publish else None
+    check = (live_check(published, exported["path"], data["prepared_path"], settings.serving_address,
+                        settings.live_check_timeout, lineage["flow_run_id"])
+             if published and settings.serving_address else None)
+    outcome |= {"published": published, "live_check": check, "verdict": verdict_line(published, check)}
+    outputs = report(str(run_dir), data["prepared_path"], metrics, outcome)
+    if check and not check["passed"]:
+        return Failed(message=check["summary"])
     return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir), "gate": verdict["checks"],
             "saved_model": exported["path"], "version": exported["version"], "published": published,
             "outputs": outputs}

@@ -164,6 +164,13 @@ class ModelStore:
         base = f"s3://{self.bucket}/{self.root}"
         return base if version is None else f"{base}/{version}"
 
+    def http_url(self, version: int) -> str:
+        """A browser link to the version's manifest (path-style on custom endpoints)."""
+        key = self.key(version, MANIFEST)
+        if self.settings.s3_endpoint:
+            return f"{self.settings.s3_endpoint.rstrip('/')}/{self.bucket}/{key}"
+        return f"https://{self.bucket}.s3.amazonaws.com/{key}"
+
     def key(self, *parts: object) -> str:
         return "/".join([self.root, *(str(p) for p in parts)])
 

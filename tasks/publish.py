@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
+from prefect.events import emit_event
 from prefect.artifacts import create_link_artifact
 
 from serving.registry import ModelStore, StoreSettings
@@ -26,7 +27,15 @@ def publish_model(store: ModelStore, saved_model: Path, metrics: dict[str, Any],
              "metrics": manifest["metrics"]}
     store.record({"event": "published", **event})
     store.set_label(label, manifest["version"], {"flow_run_id": lineage.get("flow_run_id")})
-    return {"version": manifest["version"], "uri": manifest["uri"], "label": label}
+    return {"version": manifest["version"], "uri": manifest["uri"], "label": label,
+            "link": store.http_url(manifest["version"])}
+
+
+def model_resource(store: ModelStore, version: int | None = None) -> dict[str, str]:
+    """The Prefect event resource naming a model (and version) in a store."""
+    resource = {"prefect.resource.id": f"mnist.model.{store.settings.model_name}",
+                "prefect.resource.name": store.uri()}
+    return resource | ({"mnist.version": str(version)} if version is not None else {})
 
 
 @task(name="publish", timeout_seconds=900)
@@ -34,17 +43,21 @@ def publish(saved_model: str, metrics: dict[str, Any], lineage: dict[str, Any], 
     store = ModelStore(StoreSettings())
     published = publish_model(store, Path(saved_model), metrics, lineage, label)
     get_run_logger().info("published %s as version %d, labelled %s", published["uri"], published["version"], label)
-    create_link_artifact(key="mnist-published-version", link=published["uri"],
+    create_link_artifact(key="mnist-published-version", link=published["link"],
                          link_text=f"{published['uri']} ({label})", description="Published model version")
+    emit_event("mnist.model.published", resource=model_resource(store, published["version"]),
+               payload={**published, "metrics": {k: metrics[k] for k in METRIC_KEYS}})
     return published
 
 
 @task(name="record-rejection")
 def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, Any]) -> None:
     """Rejections go into the registry history too: it answers what was tried, not only what shipped."""
-    ModelStore(StoreSettings()).record({"event": "rejected", "reason": reason,
-                                        "flow_run_id": lineage.get("flow_run_id"),
-                                        "metrics": {key: metrics[key] for key in METRIC_KEYS}})
+    store = ModelStore(StoreSettings())
+    summary = {key: metrics[key] for key in METRIC_KEYS}
+    store.record({"event": "rejected", "reason": reason, "flow_run_id": lineage.get("flow_run_id"),
+                  "metrics": summary})
+    emit_event("mnist.model.rejected", resource=model_resource(store), payload={"reason": reason, "metrics": summary})
 
 
 @task(name="rollback")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from pathlib import Path
 
 import matplotlib
@@ -79,13 +80,30 @@ def metrics_table(metrics: dict) -> list[dict[str, object]]:
     return rows
 
 
-def markdown_report(metrics: dict, gate_summary: str, history: dict[str, list[float]],
-                    plots: dict[str, Path], lineage: dict[str, object]) -> str:
+def verdict_line(published: dict | None, live_check: dict | None) -> str:
+    """One line for a run that passed the gate: what happened after it."""
+    if live_check and not live_check["passed"]:
+        return live_check["summary"]
+    if published:
+        return f"passed the gate; published version {published['version']} as {published['label']}"
+    return "passed the gate; exported, not published"
+
+
+def embedded_png(path: Path) -> str:
+    """A data URI, so the plots show on the Prefect run page without a file server."""
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+
+
+def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]], plots: dict[str, Path]) -> str:
+    """The run's report: verdict, metrics, comparison with stable, publication, lineage, plots."""
+    gate = outcome["gate"]
+    published = outcome.get("published")
+    live = outcome.get("live_check")
     per_class = " | ".join(f"{value:.4f}" for value in metrics["per_class_accuracy"])
     lines = [
         "# MNIST training run",
         "",
-        f"**Gate:** {gate_summary}",
+        f"**Verdict:** {outcome['verdict']}",
         "",
         "| test accuracy | test loss | misclassified | epochs run |",
         "|---|---|---|---|",
@@ -98,12 +116,28 @@ def markdown_report(metrics: dict, gate_summary: str, history: dict[str, list[fl
         "|" + "---|" * 10,
         f"| {per_class} |",
         "",
-        "## Lineage",
+        "## Gate",
         "",
+        f"{'Passed' if gate['passed'] else 'Rejected'}. Compared with stable: "
+        + (f"version {outcome['stable']['version']} ({outcome['stable']['test_accuracy']:.4f} on this test set)."
+           if outcome.get("stable") else "no stable version yet; the absolute gate alone decided."),
+        "",
+        "| check: value vs limit |",
+        "|---|",
+        *[f"| {check} |" for check in gate["checks"]],
+        "",
+        "## Publication",
+        "",
+        (f"Published **version {published['version']}** as `{published['label']}`: [{published['uri']}]"
+         f"({published['link']})" if published else "Not published."),
     ]
-    lines += [f"- **{key}**: `{value}`" for key, value in lineage.items()]
+    if live:
+        lines += ["", f"Live check: {live['summary']}"]
+    lines += ["", "## Lineage", ""]
+    lines += [f"- **{key}**: `{value}`" for key, value in outcome["lineage"].items()]
     lines += ["", "## Plots", ""]
-    lines += [f"- {name}: `{path}`" for name, path in plots.items()]
+    for name, path in plots.items():
+        lines += [f"### {name}", "", f"![{name}]({embedded_png(path)})", "", f"`{path}`", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -115,9 +149,11 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 
 
 @task(name="report", timeout_seconds=300)
-def report(run_dir: str, prepared_path: str, metrics: dict, gate_summary: str,
-           lineage: dict[str, object]) -> dict[str, str]:
-    """Write the PNG plots and report.md; publish them as Prefect artifacts."""
+def report(run_dir: str, prepared_path: str, metrics: dict, outcome: dict) -> dict[str, str]:
+    """Write the PNG plots and report.md; publish them as Prefect artifacts.
+
+    ``outcome`` holds the verdict line, the gate, the stable comparison, the
+    publication and live check (when they happened) and the lineage."""
     from tasks.data import load_test_set
 
     run = Path(run_dir)
@@ -129,7 +165,7 @@ def report(run_dir: str, prepared_path: str, metrics: dict, gate_summary: str,
         "misclassified digits": plot_misclassified(x_test, y_test, np.asarray(metrics["predictions"]),
                                                    metrics["misclassified"], run / "misclassified.png"),
     }
-    text = markdown_report(metrics, gate_summary, history, plots, lineage)
+    text = markdown_report(metrics, outcome, history, plots)
     (run / "report.md").write_text(text)
     create_table_artifact(metrics_table(metrics), key="mnist-metrics", description="Test-set metrics")
     create_markdown_artifact(text, key="mnist-report", description="Training run report")

@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.params import TrainingParams
-from serving.registry import ModelStore
+from serving.registry import MANIFEST, ModelStore
 from tasks.evaluate import champion_checks
 from tests.conftest import S3_SECRET_KEY
 
@@ -50,7 +50,9 @@ def test_flow_publishes_then_labels_canary_without_leaking_credentials(prefect_a
 
     first = training_flow(TrainingParams(**SMOKE), return_state=True)
     assert first.is_completed(), first.message
-    assert first.result()["published"] == {"version": 1, "uri": store.uri(1), "label": "stable"}
+    assert first.result()["published"] == {"version": 1, "uri": store.uri(1), "label": "stable",
+                                           "link": store.http_url(1)}
+    assert store.http_url(1).startswith(store.settings.s3_endpoint) and store.http_url(1).endswith(MANIFEST)
     second = training_flow(TrainingParams(**SMOKE, publish_label="canary"), return_state=True)
     assert second.is_completed(), second.message
     assert any("not worse than stable v1" in check for check in second.result()["gate"])

@@ -1,0 +1,137 @@
+"""Apply prefect.yaml to a Prefect server: work pool, deployments, automations.
+
+``prefect deploy`` does the deploying. Around it this module makes sure the
+work pools exist, that a redeploy keeps schedules and deployments a person
+paused as they are (they are written back into the config as paused before
+deploying, so no scheduled run slips in), and that the automations exist.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import tempfile
+from datetime import timedelta
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from prefect.automations import Automation
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.actions import WorkPoolCreate
+from prefect.events.actions import DoNothing, SendNotification
+from prefect.events.schemas.automations import EventTrigger, Posture
+from prefect.exceptions import ObjectNotFound
+from prefect.flows import load_flow_from_entrypoint
+
+TRAINING_FLOW = "mnist-training"
+FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
+
+
+@cache
+def flow_name(entrypoint: str, project_dir: Path) -> str:
+    """The flow name behind an entrypoint, e.g. flows/training.py:training_flow -> mnist-training."""
+    path, _, function = entrypoint.partition(":")
+    return load_flow_from_entrypoint(f"{project_dir / path}:{function}").name
+
+
+def ensure_work_pools(config: dict[str, Any]) -> list[str]:
+    """Create every process work pool prefect.yaml names, if missing."""
+    created = []
+    with get_client(sync_client=True) as client:
+        for name in sorted({d["work_pool"]["name"] for d in config["deployments"]}):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+                created.append(name)
+    return created
+
+
+def keep_paused(config: dict[str, Any], project_dir: Path) -> dict[str, Any]:
+    """The config with what is paused on the server marked paused, so a redeploy
+    neither re-activates a paused schedule nor unpauses a paused deployment."""
+    patched = copy.deepcopy(config)
+    with get_client(sync_client=True) as client:
+        for deployment in patched["deployments"]:
+            full_name = f"{flow_name(deployment['entrypoint'], project_dir)}/{deployment['name']}"
+            try:
+                existing = client.read_deployment_by_name(full_name)
+            except ObjectNotFound:
+                continue
+            if existing.paused:
+                deployment["paused"] = True
+            paused_slugs = {s.slug for s in existing.schedules if s.slug and not s.active}
+            for schedule in deployment.get("schedules") or []:
+                if schedule.get("slug") in paused_slugs:
+                    schedule["active"] = False
+    return patched
+
+
+def run_prefect_deploy(config: dict[str, Any], project_dir: Path) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=project_dir, prefix=".deploy-", delete=False) as handle:
+        yaml.safe_dump(config, handle, sort_keys=False)
+    try:
+        subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                        "--prefect-file", handle.name], cwd=project_dir, check=True)
+    finally:
+        os.unlink(handle.name)
+
+
+def notification_action(block: str | None):
+    """SendNotification through the block named ``type-slug/name`` (MNIST_NOTIFY_BLOCK), else
+    DoNothing: the automation still fires and shows in the UI's event feed."""
+    if not block:
+        return DoNothing()
+    block_type, _, name = block.partition("/")
+    with get_client(sync_client=True) as client:
+        document = client.read_block_document_by_name(name=name, block_type_slug=block_type)
+    return SendNotification(block_document_id=document.id, subject="MNIST pipeline: {{ event.event }}",
+                            body="{{ event.resource.name }}: {{ event.event }} at {{ event.occurred }}")
+
+
+def automations(training_deployment_id: str, notify_block: str | None) -> list[Automation]:
+    action = notification_action(notify_block)
+    return [
+        Automation(
+            name="mnist: training run failed",
+            description="A run of the training flow failed, crashed or timed out (a gate rejection included).",
+            trigger=EventTrigger(expect=FAILED_EVENTS, posture=Posture.Reactive, threshold=1,
+                                 match_related={"prefect.resource.role": "flow",
+                                                "prefect.resource.name": TRAINING_FLOW}),
+            actions=[action]),
+        Automation(
+            name="mnist: weekly retrain missed",
+            description="The scheduled training deployment has not completed a run in 8 days.",
+            trigger=EventTrigger(expect={"prefect.flow-run.Completed"}, posture=Posture.Proactive, threshold=1,
+                                 within=timedelta(days=8),
+                                 match_related={"prefect.resource.role": "deployment",
+                                                "prefect.resource.id": f"prefect.deployment.{training_deployment_id}"}),
+            actions=[action]),
+    ]
+
+
+def ensure_automations(config: dict[str, Any], project_dir: Path, notify_block: str | None) -> list[str]:
+    """Create the automations, replacing earlier ones of the same name (redeploys stay idempotent)."""
+    scheduled = next(d for d in config["deployments"] if d.get("schedules"))
+    with get_client(sync_client=True) as client:
+        deployment = client.read_deployment_by_name(
+            f"{flow_name(scheduled['entrypoint'], project_dir)}/{scheduled['name']}")
+        for existing in client.read_automations():
+            if existing.name.startswith("mnist: "):
+                client.delete_automation(existing.id)
+    created = []
+    for automation in automations(str(deployment.id), notify_block):
+        automation.create()
+        created.append(automation.name)
+    return created
+
+
+def deploy(project_dir: Path, prefect_file: Path, notify_block: str | None = None) -> dict[str, list[str]]:
+    config = yaml.safe_load(prefect_file.read_text())
+    pools = ensure_work_pools(config)
+    run_prefect_deploy(keep_paused(config, project_dir), project_dir)
+    return {"created_work_pools": pools, "automations": ensure_automations(config, project_dir, notify_block)}
