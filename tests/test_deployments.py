@@ -1,0 +1,189 @@
+"""prefect.yaml on a real Prefect server: schedule, concurrency, redeploys, worker runs, the UI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from serving.local_s3 import free_port, stop_process
+from serving.registry import ModelStore
+from tests.conftest import REPO
+
+TRAINING = "mnist-training/weekly-retrain"
+FAST_PARAMS = {"params": {"preset": "smoke", "threshold": 0.5, "accuracy_margin": 1.0, "class_margin": 1.0}}
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """``prefect server start`` on a free port and its own SQLite home; stopped by its pid."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = free_port()
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
+    with (home / "server.log").open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                    "--port", str(port)], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    api = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        stop_process(process.pid)
+        pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+    yield {"api": api, "ui": f"http://127.0.0.1:{port}", "home": home}
+    stop_process(process.pid)
+    process.wait(timeout=30)
+
+
+def client_env(server: dict[str, Any], **extra: str) -> dict[str, str]:
+    return {**os.environ, "PREFECT_API_URL": server["api"], "PREFECT_HOME": str(server["home"]),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **extra}
+
+
+def mnist_deploy(server: dict[str, Any]) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=REPO, env=client_env(server),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return result
+
+
+def api(server: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
+    response = httpx.request(method, f"{server['api']}{path}", timeout=30, **kwargs)
+    response.raise_for_status()
+    return response.json() if response.content else None
+
+
+def deployment(server: dict[str, Any], name: str = TRAINING) -> dict[str, Any]:
+    return api(server, "GET", f"/deployments/name/{name}")
+
+
+def scheduled_runs(server: dict[str, Any], deployment_id: str) -> list[dict[str, Any]]:
+    return api(server, "POST", "/flow_runs/filter", json={
+        "deployments": {"id": {"any_": [deployment_id]}},
+        "flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}, "limit": 200})
+
+
+@pytest.fixture(scope="module")
+def deployed(prefect_server: dict[str, Any]) -> dict[str, Any]:
+    mnist_deploy(prefect_server)
+    return prefect_server
+
+
+def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: dict[str, Any]) -> None:
+    training = deployment(deployed)
+    [schedule] = training["schedules"]
+    assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "Europe/Berlin"
+    assert schedule["active"] is True and schedule["slug"] == "weekly-monday-0300"
+    assert training["global_concurrency_limit"]["limit"] == 1
+    assert training["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    assert training["work_pool_name"] == "mnist-process" and "scheduled" in training["tags"]
+    assert deployment(deployed, "mnist-rollback/rollback")["schedules"] == []
+    assert api(deployed, "GET", "/work_pools/mnist-process")["type"] == "process"
+    names = {a["name"] for a in api(deployed, "POST", "/automations/filter", json={})}
+    assert {"mnist: training run failed", "mnist: weekly retrain missed"} <= names
+
+
+def wait_for_scheduled(server: dict[str, Any], deployment_id: str) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        runs = scheduled_runs(server, deployment_id)
+        if runs:
+            time.sleep(3)  # let the scheduler finish its round
+            return scheduled_runs(server, deployment_id)
+        time.sleep(1)
+    pytest.fail("the scheduler created no scheduled runs")
+
+
+def test_redeploy_neither_duplicates_runs_nor_resumes_a_paused_schedule(deployed: dict[str, Any]) -> None:
+    training = deployment(deployed)
+    before = wait_for_scheduled(deployed, training["id"])
+    mnist_deploy(deployed)
+    time.sleep(5)  # two scheduler rounds
+    after = scheduled_runs(deployed, training["id"])
+    starts = Counter(run["expected_start_time"] for run in after)
+    assert starts and max(starts.values()) == 1, "a start time got two scheduled runs"
+    assert set(starts) == {run["expected_start_time"] for run in before}
+    assert deployment(deployed)["schedules"][0]["id"] == training["schedules"][0]["id"]
+
+    schedule_id = training["schedules"][0]["id"]
+    api(deployed, "PATCH", f"/deployments/{training['id']}/schedules/{schedule_id}", json={"active": False})
+    mnist_deploy(deployed)
+    assert deployment(deployed)["schedules"][0]["active"] is False
+    time.sleep(5)
+    assert scheduled_runs(deployed, training["id"]) == []
+    api(deployed, "PATCH", f"/deployments/{training['id']}/schedules/{schedule_id}", json={"active": True})
+
+
+@pytest.fixture(scope="module")
+def worker_runs(deployed: dict[str, Any], s3_server, mnist_dir: Path, cache_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Two runs triggered at once through the deployment, executed by a real process worker."""
+    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+
+    work = tmp_path_factory.mktemp("worker")
+    store_env = {"MNIST_S3_ENDPOINT": s3_server.endpoint, "MNIST_S3_BUCKET": "deployment-runs",
+                 "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_REGION": "us-east-1"}
+    env = client_env(deployed, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
+                     MNIST_OUTPUT_DIR=str(work / "outputs"), MNIST_STATE_DIR=str(work / "state"), **store_env)
+    with (work / "worker.log").open("w") as log:
+        worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker"], cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        training = deployment(deployed)
+        runs = [api(deployed, "POST", f"/deployments/{training['id']}/create_flow_run", json={"parameters": FAST_PARAMS})
+                for _ in range(2)]
+        deadline = time.monotonic() + 480
+        while time.monotonic() < deadline:
+            runs = [api(deployed, "GET", f"/flow_runs/{run['id']}") for run in runs]
+            if all(run["state_type"] in TERMINAL for run in runs):
+                break
+            time.sleep(2)
+    finally:
+        stop_process(worker.pid)
+        worker.wait(timeout=30)
+    return {"runs": runs, "store_env": store_env, "log": work / "worker.log"}
+
+
+def test_runs_through_the_worker_complete_and_publish(worker_runs: dict[str, Any],
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = worker_runs["runs"]
+    assert [run["state_type"] for run in runs] == ["COMPLETED", "COMPLETED"], worker_runs["log"].read_text()[-3000:]
+    for name, value in worker_runs["store_env"].items():
+        monkeypatch.setenv(name, value)
+    from serving.registry import StoreSettings
+
+    store = ModelStore(StoreSettings())
+    assert store.complete_versions() == [1, 2]
+    published_by = {store.manifest(v)["flow_run_id"] for v in (1, 2)}
+    assert published_by == {run["id"] for run in runs}
+
+
+def test_two_triggered_runs_never_overlap(worker_runs: dict[str, Any]) -> None:
+    first, second = sorted(worker_runs["runs"], key=lambda run: run["start_time"])
+    assert first["end_time"] <= second["start_time"], (first["end_time"], second["start_time"])
+
+
+@pytest.mark.browser
+def test_run_page_shows_the_report_and_plots(worker_runs: dict[str, Any], deployed: dict[str, Any]) -> None:
+    from tests.ui_screenshot import screenshot_report
+
+    run = worker_runs["runs"][-1]
+    shot = REPO / "outputs" / "screenshots" / "flow-run-report.png"
+    seen = screenshot_report(deployed["ui"], run["id"], shot)
+    assert shot.stat().st_size > 20_000
+    assert "MNIST training run" in seen["text"] and "Publication" in seen["text"]
+    assert seen["plots_loaded"] == 3, seen
