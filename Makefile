@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
-.PHONY: install run test bench prefect deploy worker clean
+.PHONY: install run test chromium bench prefect deploy worker clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,12 @@ install: $(BIN)/.installed
 run: install
 	$(BIN)/mnist run
 
-test: install
+test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The browser test drives Debian's chromium (Playwright cannot download its own offline).
+chromium:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
 
 bench: install
 	$(BIN)/python bench/run.py

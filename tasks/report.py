@@ -133,11 +133,11 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
     ]
     if live:
         lines += ["", f"Live check: {live['summary']}"]
-    lines += ["", "## Lineage", ""]
-    lines += [f"- **{key}**: `{value}`" for key, value in outcome["lineage"].items()]
     lines += ["", "## Plots", ""]
     for name, path in plots.items():
         lines += [f"### {name}", "", f"![{name}]({embedded_png(path)})", "", f"`{path}`", ""]
+    lines += ["## Lineage", ""]
+    lines += [f"- **{key}**: `{value}`" for key, value in outcome["lineage"].items()]
     return "\n".join(lines) + "\n"
 
 

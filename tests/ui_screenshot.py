@@ -1,0 +1,46 @@
+"""Open a flow run in the Prefect UI with headless Chromium and screenshot its report.
+
+Debian's chromium, driven by Playwright with ``executable_path``: Playwright's
+own browser download cannot work offline. Used by the browser test.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+CHROMIUM = "/usr/bin/chromium"
+# Without the background-networking flags Chromium keeps dialling Google's
+# hosts, which a closed network refuses.
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def screenshot_report(ui: str, flow_run_id: str, path: Path, timeout_ms: int = 60_000) -> dict[str, Any]:
+    """Open the run, go to its Artifacts tab, open the report artifact, and save a full-page
+    screenshot. Returns the page text and how many plot images actually loaded."""
+    from playwright.sync_api import sync_playwright
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(timeout_ms)
+            page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("mnist-report", exact=True).last.click()
+            page.get_by_text("MNIST training run").first.wait_for()
+            page.wait_for_function("() => [...document.images].filter(i => i.src.startsWith('data:image/png'))"
+                                   ".every(i => i.complete && i.naturalWidth > 0)")
+            # The UI scrolls inside an inner element, so a full-page shot would stop at the
+            # viewport: grow the viewport to the content instead.
+            height = page.evaluate("() => Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
+            page.set_viewport_size({"width": 1400, "height": min(int(height) + 100, 8000)})
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(path), full_page=True)
+            plots_loaded = page.evaluate("() => [...document.images].filter(i => i.src.startsWith('data:image/png')"
+                                         " && i.naturalWidth > 0).length")
+            return {"text": page.inner_text("body"), "plots_loaded": plots_loaded, "url": page.url}
+        finally:
+            browser.close()
