@@ -26,6 +26,8 @@ class TrainingParams(BaseModel):
     validation_size: int | None = Field(None, ge=0, le=30000, description="images held out of training for validation")
     seed: int | None = Field(None, ge=0, le=2**31 - 1, description="seed for weights, shuffling and the split")
     train_limit: int | None = Field(None, ge=100, le=60000, description="train on only N images (quick runs)")
+    precision: Literal["auto", "float32", "mixed_bfloat16"] | None = Field(
+        None, description="training arithmetic: auto (bfloat16 where the CPU has it), float32, mixed_bfloat16")
     filters_1: int | None = Field(None, ge=1, le=512, description="filters in the first Conv2D")
     filters_2: int | None = Field(None, ge=1, le=512, description="filters in the second Conv2D")
     kernel_size: int | None = Field(None, ge=1, le=7, description="Conv2D kernel size")

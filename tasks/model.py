@@ -9,19 +9,20 @@ from tasks.recipes import ModelConfig
 INPUT_NAME = "image"
 
 
-def build_model(config: ModelConfig, num_classes: int = 10) -> keras.Model:
+def build_model(config: ModelConfig, num_classes: int = 10, dtype: str = "float32") -> keras.Model:
     """Conv-Pool-Conv-Pool-Dense-Dropout-Softmax, as in the reference recipe.
 
     The input layer is named so the exported signature's input is ``image``.
+    ``dtype`` is a Keras dtype policy; the softmax always runs in float32.
     """
     regularizer = keras.regularizers.L2(config.l2) if config.l2 > 0 else None
     inputs = keras.Input(shape=(28, 28, 1), name=INPUT_NAME)
-    x = keras.layers.Conv2D(config.filters_1, config.kernel_size, activation="relu")(inputs)
-    x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.Conv2D(config.filters_2, config.kernel_size, activation="relu")(x)
-    x = keras.layers.MaxPooling2D(2)(x)
-    x = keras.layers.Flatten()(x)
-    x = keras.layers.Dense(config.dense_units, activation="relu", kernel_regularizer=regularizer)(x)
-    x = keras.layers.Dropout(config.dropout)(x)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(x)
+    x = keras.layers.Conv2D(config.filters_1, config.kernel_size, activation="relu", dtype=dtype)(inputs)
+    x = keras.layers.MaxPooling2D(2, dtype=dtype)(x)
+    x = keras.layers.Conv2D(config.filters_2, config.kernel_size, activation="relu", dtype=dtype)(x)
+    x = keras.layers.MaxPooling2D(2, dtype=dtype)(x)
+    x = keras.layers.Flatten(dtype=dtype)(x)
+    x = keras.layers.Dense(config.dense_units, activation="relu", kernel_regularizer=regularizer, dtype=dtype)(x)
+    x = keras.layers.Dropout(config.dropout, dtype=dtype)(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")

@@ -49,3 +49,26 @@ def test_invalid_parameters_are_refused_naming_the_field(field: str, value: obje
     with pytest.raises(ValidationError) as error:
         TrainingParams(**{field: value})
     assert [item["loc"] for item in error.value.errors()] == [(field,)]
+
+
+def test_bfloat16_training_hands_back_an_exact_float32_model(prepared_path) -> None:
+    import numpy as np
+
+    from tasks.data import load_prepared
+    from tasks.train import train_model
+
+    data = load_prepared(prepared_path)
+    config = PRESETS["smoke"].model_copy(update={"precision": "mixed_bfloat16"})
+    small = type(data)(data.x_train[:2000], data.y_train[:2000], data.x_val[:500], data.y_val[:500],
+                       data.x_test[:500], data.y_test[:500])
+    model, history = train_model(small, config)
+    assert {layer.dtype_policy.name for layer in model.layers[1:]} == {"float32"}
+    assert history["loss"][-1] < history["loss"][0] or len(history["loss"]) == 1
+    assert np.isfinite(model.predict(small.x_test, verbose=0)).all()
+    assert (model.predict(small.x_test, verbose=0).argmax(axis=1) == small.y_test).mean() > 0.5
+
+
+def test_default_preset_keeps_the_reference_architecture() -> None:
+    default = PRESETS["default"]
+    assert build_model(default.model).count_params() == 225_034
+    assert default.precision == "auto" and default.schedule == "one_cycle"

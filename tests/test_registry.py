@@ -162,24 +162,6 @@ def test_registry_cli_lists_shows_labels_and_rolls_back(store: ModelStore, saved
     assert bad.returncode == 1 and "not a SavedModel directory" in bad.stderr
 
 
-# A publisher that reports every upload, so the test can SIGKILL it between any two.
-SLOW_PUBLISHER = """
-import sys, time
-from pathlib import Path
-from serving.registry import ModelStore, StoreSettings
-store = ModelStore(StoreSettings())
-real_put = store.client.put_object
-def reporting_put(**kwargs):
-    result = real_put(**kwargs)
-    print("put", kwargs["Key"], flush=True)
-    time.sleep(0.2)
-    return result
-store.client.put_object = reporting_put
-store.publish(Path(sys.argv[1]), {"flow_run_id": "killed"})
-print("done", flush=True)
-"""
-
-
 def assert_only_complete_versions(store: ModelStore) -> None:
     for version in store.complete_versions():
         store.verify(version)
@@ -189,7 +171,8 @@ def test_publish_killed_at_any_point_never_shows_a_partial_version(store: ModelS
                                                                    store_env: dict[str, str]) -> None:
     uploads = 1 + len([p for p in saved_model_dir.rglob("*") if p.is_file()]) + 1  # claim, files, manifest
     for kill_after in range(uploads):
-        process = subprocess.Popen([sys.executable, "-c", SLOW_PUBLISHER, str(saved_model_dir)], cwd=REPO,
+        process = subprocess.Popen([sys.executable, "-m", "tests.slowed_store", "publish", str(saved_model_dir)],
+                                   cwd=REPO,
                                    stdout=subprocess.PIPE, text=True, env={**os.environ, **store_env})
         for _ in range(kill_after + 1):
             process.stdout.readline()

@@ -86,29 +86,12 @@ def test_sync_works_with_read_only_credentials(saved_model_dir: Path, tmp_path: 
         weed.stop()
 
 
-# A sync that reports each download, so the test can SIGKILL it in the middle of one version.
-SLOW_SYNC = """
-import sys, time
-from pathlib import Path
-from serving.registry import ModelStore, StoreSettings
-from serving.sync import sync_once
-store = ModelStore(StoreSettings())
-real_get = store.client.get_object
-def reporting_get(**kwargs):
-    result = real_get(**kwargs)
-    print("get", kwargs["Key"], flush=True)
-    time.sleep(0.3)
-    return result
-store.client.get_object = reporting_get
-sync_once(store, Path(sys.argv[1]))
-"""
-
-
 def test_sync_killed_mid_download_never_exposes_a_partial_version(store: ModelStore, saved_model_dir: Path,
                                                                  store_env: dict[str, str], tmp_path: Path) -> None:
     store.publish(saved_model_dir, LINEAGE)
     base = tmp_path / "models" / "mnist"
-    process = subprocess.Popen([sys.executable, "-c", SLOW_SYNC, str(base)], cwd=REPO, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "tests.slowed_store", "sync", str(base)], cwd=REPO,
+                               stdout=subprocess.PIPE,
                                text=True, env={**os.environ, **store_env})
     seen = []
     while len([line for line in seen if "/1/" in line]) < 2:  # two files of version 1 downloaded

@@ -1,0 +1,42 @@
+"""`make bench`: training, flow overhead and serving benchmarks, one after the other.
+
+Each prints its table and writes JSON (with the machine and library versions)
+to bench/results/. Run one with --only training|flow|serving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from bench import flow_overhead, serving, training  # noqa: E402
+from bench.common import libraries, machine  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--only", choices=("training", "flow", "serving"))
+    parser.add_argument("--default-seeds", type=int, default=10)
+    parser.add_argument("--seed-seeds", type=int, default=3)
+    args = parser.parse_args()
+    print(f"machine: {machine()}")
+    print(f"libraries: {libraries()}")
+    if args.only in (None, "serving"):
+        print("\n== serving ==")
+        serving.main()
+    if args.only in (None, "flow"):
+        print("\n== flow overhead ==")
+        flow_overhead.main()
+    if args.only in (None, "training"):
+        print(f"\n== training: default x{args.default_seeds} vs seed x{args.seed_seeds} ==")
+        training.main(args.default_seeds, args.seed_seeds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,149 @@
+"""Serving: gRPC Predict latency and throughput against the same SavedModel called in-process.
+
+The server runs as its own process (`mnist serve`), as it would in production;
+the client uses the tensorflow-serving-api stubs with tensor_content requests.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.common import save, table
+
+BATCHES = (1, 32, 256)
+CLIENTS = (1, 4)
+
+
+def make_model(directory: Path) -> Path:
+    """A reference-architecture SavedModel (quickly trained: speed does not depend on the weights)."""
+    import keras
+
+    from tasks.export import export_saved_model
+    from tasks.model import build_model
+    from tasks.recipes import ModelConfig
+
+    keras.utils.set_random_seed(0)
+    return export_saved_model(build_model(ModelConfig()), directory / "mnist" / "1",
+                              warmup_images=np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32))
+
+
+def start_server(model_dir: Path, port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+                                "--model-base-path", str(model_dir)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+    if "listening" not in process.stdout.readline():
+        raise RuntimeError("mnist serve did not start")
+    return process
+
+
+def request_for(images: np.ndarray):
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving.tensors import to_tensor_proto
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.inputs["image"].CopyFrom(to_tensor_proto(images))
+    return request
+
+
+def latency_ms(address: str, calls: int) -> list[float]:
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    request = request_for(np.random.default_rng(1).random((1, 28, 28, 1), dtype=np.float32))
+    with grpc.insecure_channel(address) as channel:
+        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+        for _ in range(50):
+            stub.Predict(request, timeout=10)
+        samples = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            stub.Predict(request, timeout=10)
+            samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> float:
+    """Images per second with ``clients`` threads, each with its own channel, for ``seconds``."""
+    import grpc
+    from tensorflow_serving.apis import prediction_service_pb2_grpc
+
+    request = request_for(np.random.default_rng(2).random((batch, 28, 28, 1), dtype=np.float32))
+    counts = [0] * clients
+    start = threading.Barrier(clients + 1)
+
+    def client(index: int) -> None:
+        with grpc.insecure_channel(address) as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            stub.Predict(request, timeout=30)
+            start.wait()
+            deadline = time.perf_counter() + seconds
+            while time.perf_counter() < deadline:
+                stub.Predict(request, timeout=30)
+                counts[index] += batch
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    began = time.perf_counter()
+    for thread in threads:
+        thread.join()
+    return sum(counts) / (time.perf_counter() - began)
+
+
+def in_process_throughput(model_dir: Path, batch: int, seconds: float) -> float:
+    import tensorflow as tf
+
+    signature = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    images = tf.constant(np.random.default_rng(2).random((batch, 28, 28, 1), dtype=np.float32))
+    signature(image=images)
+    done, deadline = 0, time.perf_counter() + seconds
+    began = time.perf_counter()
+    while time.perf_counter() < deadline:
+        signature(image=images)["probabilities"].numpy()
+        done += batch
+    return done / (time.perf_counter() - began)
+
+
+def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
+    from serving.local_s3 import free_port, stop_process
+
+    with tempfile.TemporaryDirectory() as scratch:
+        saved = make_model(Path(scratch))
+        port = free_port()
+        server = start_server(saved.parent, port)
+        address = f"127.0.0.1:{port}"
+        try:
+            samples = latency_ms(address, latency_calls)
+            grpc_rates = {(b, c): grpc_throughput(address, b, c, seconds) for b in BATCHES for c in CLIENTS}
+        finally:
+            stop_process(server.pid)
+            server.wait(timeout=10)
+            server.stdout.close()
+        local_rates = {b: in_process_throughput(saved, b, seconds) for b in BATCHES}
+    quantiles = statistics.quantiles(samples, n=100)
+    latency = {"p50_ms": statistics.median(samples), "p99_ms": quantiles[98], "calls": len(samples)}
+    print(f"single-image Predict over gRPC: p50 {latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms "
+          f"({len(samples)} calls)")
+    rows = [[b, c, grpc_rates[(b, c)], local_rates[b], grpc_rates[(b, c)] / local_rates[b]]
+            for b in BATCHES for c in CLIENTS]
+    print(table(["batch", "clients", "gRPC images/s", "in-process images/s", "ratio"], rows))
+    throughput = [{"batch": b, "clients": c, "grpc_images_per_s": grpc_rates[(b, c)],
+                   "in_process_images_per_s": local_rates[b]} for b in BATCHES for c in CLIENTS]
+    path = save("serving", {"latency": latency, "throughput": throughput, "seconds_per_point": seconds})
+    print(f"written {path}")
+    return {"latency": latency, "throughput": throughput}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""A publish or a sync whose S3 calls of one kind are reported and slowed, run as
+a child process so a test can SIGKILL it between any two calls:
+
+    python -m tests.slowed_store publish SAVED_MODEL_DIR
+    python -m tests.slowed_store sync MODEL_BASE_PATH
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from serving.registry import ModelStore, StoreSettings
+from serving.sync import sync_once
+
+
+def report_and_slow(store: ModelStore, method: str, delay: float) -> None:
+    real = getattr(store.client, method)
+
+    def reporting(**kwargs):
+        result = real(**kwargs)
+        print(method, kwargs["Key"], flush=True)
+        time.sleep(delay)
+        return result
+
+    setattr(store.client, method, reporting)
+
+
+if __name__ == "__main__":
+    action, path = sys.argv[1], Path(sys.argv[2])
+    store = ModelStore(StoreSettings())
+    if action == "publish":
+        report_and_slow(store, "put_object", 0.2)
+        store.publish(path, {"flow_run_id": "killed"})
+    else:
+        report_and_slow(store, "get_object", 0.3)
+        sync_once(store, path)
+    print("done", flush=True)
