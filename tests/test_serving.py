@@ -282,3 +282,41 @@ def test_prepared_digit_fits_20x20_and_is_centred_by_mass() -> None:
     assert rows.max() - rows.min() + 1 <= 20 and cols.max() - cols.min() + 1 <= 20
     centre = np.array([(np.indices(digit.shape)[axis] * digit).sum() / digit.sum() for axis in (0, 1)])
     assert np.all(np.abs(centre - 14) <= 1.0)
+
+
+def test_version_policies_pick_the_right_versions() -> None:
+    from tensorflow_serving.config import model_server_config_pb2
+
+    from serving.server import versions_to_serve
+
+    config = model_server_config_pb2.ModelConfig()
+    assert versions_to_serve(config, [1, 2, 3]) == {3}  # no policy: latest 1, as TF Serving
+    config.model_version_policy.latest.num_versions = 2
+    assert versions_to_serve(config, [1, 2, 3]) == {2, 3}
+    config.model_version_policy.all.SetInParent()
+    assert versions_to_serve(config, [1, 2, 3]) == {1, 2, 3}
+    config.model_version_policy.specific.versions.extend([1, 7])
+    assert versions_to_serve(config, [1, 2, 3]) == {1}
+
+
+def test_reload_config_serves_labels(model_base: Path, saved_model_dir: Path, test_images) -> None:
+    from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
+
+    shutil.copytree(saved_model_dir, model_base / "2")
+    server, address = start_server(model_base)
+    try:
+        assert sorted(server.manager.models["mnist"].versions) == [2]
+        request = model_management_pb2.ReloadConfigRequest()
+        request.config.CopyFrom(single_model_config("mnist", model_base))
+        model = request.config.model_config_list.config[0]
+        model.model_version_policy.specific.versions.extend([1, 2])
+        model.version_labels["stable"] = 1
+        model.version_labels["canary"] = 2
+        with grpc.insecure_channel(address) as channel:
+            response = model_service_pb2_grpc.ModelServiceStub(channel).HandleReloadConfigRequest(request, timeout=60)
+        assert response.status.error_code == 0
+        assert predict(test_images[0][:2], address=address, label="stable")[0]["version"] == 1
+        assert predict(test_images[0][:2], address=address, label="canary")[0]["version"] == 2
+        assert model_status(Target(address, label="stable")) == [(1, "AVAILABLE")]
+    finally:
+        server.stop(grace=1)
