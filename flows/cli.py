@@ -199,8 +199,13 @@ def registry_action(args: argparse.Namespace, store) -> int:
         try:
             manifest = store.verify(args.version)
         except VerificationFailed as error:
+            if args.json:
+                print_json({"version": args.version, "verified": False, "problem": str(error)})
             raise CliError(str(error)) from None
-        print(f"version {args.version}: {len(manifest['files'])} files match the manifest")
+        if args.json:
+            print_json({"version": args.version, "verified": True, "files": sorted(manifest["files"])})
+        else:
+            print(f"version {args.version}: {len(manifest['files'])} files match the manifest")
     elif action == "push":
         from tasks.publish import publish_model
 
@@ -254,6 +259,7 @@ def add_registry_parser(commands: argparse._SubParsersAction) -> None:
     show.add_argument("--json", action="store_true", help="accepted for symmetry: show always prints JSON")
     verify = actions.add_parser("verify", help="re-check every file of a version; exit 1 on a mismatch")
     verify.add_argument("version", type=int)
+    verify.add_argument("--json", action="store_true")
     push = actions.add_parser("push", help="publish an existing SavedModel directory")
     push.add_argument("path")
     push.add_argument("--label", default="stable", help="label for the new version (default: stable)")

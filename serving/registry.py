@@ -150,7 +150,9 @@ class ModelStore:
             "s3", endpoint_url=settings.s3_endpoint,
             config=botocore.config.Config(
                 retries={"total_max_attempts": 1},  # retries are ours: see call()
-                connect_timeout=5, read_timeout=30, s3={"addressing_style": "path"},
+                connect_timeout=5, read_timeout=30,
+                # path-style for custom endpoints (MinIO, SeaweedFS); AWS itself picks its own
+                s3={"addressing_style": "path" if settings.s3_endpoint else "auto"},
                 request_checksum_calculation="when_required", response_checksum_validation="when_required"))
         self.bucket = settings.s3_bucket
         self.root = "/".join(part for part in (settings.s3_prefix.strip("/"), settings.model_name) if part)

@@ -82,6 +82,8 @@ def test_changed_object_fails_verify_naming_the_file(store: ModelStore, saved_mo
     result = mnist_cli("registry", "verify", str(version), env=store_env)
     assert result.returncode == 1 and "variables/variables.index" in result.stderr
     assert "Traceback" not in result.stderr
+    as_json = mnist_cli("registry", "verify", str(version), "--json", env=store_env)
+    assert as_json.returncode == 1 and json.loads(as_json.stdout)["verified"] is False
 
 
 def test_wrong_credentials_fail_fast_and_write_nothing(store: ModelStore, saved_model_dir: Path,

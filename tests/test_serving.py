@@ -320,3 +320,23 @@ def test_reload_config_serves_labels(model_base: Path, saved_model_dir: Path, te
         assert model_status(Target(address, label="stable")) == [(1, "AVAILABLE")]
     finally:
         server.stop(grace=1)
+
+
+def test_show_model_prints_the_served_version_and_its_lineage(store, store_env, saved_model_dir: Path,
+                                                              tmp_path: Path) -> None:
+    from serving.sync import sync_once
+    from tasks.publish import publish_model
+
+    metrics = {"test_accuracy": 0.9911, "test_loss": 0.03, "per_class_accuracy": [0.99] * 10}
+    publish_model(store, saved_model_dir, metrics, {"flow_run_id": "run-abc", "data_fingerprint": "f" * 64},
+                  "stable")
+    base = tmp_path / "served" / "mnist"
+    sync_once(store, base)
+    server, address = start_server(base)
+    try:
+        result = mnist_cli("predict", "--server", address, "--show-model", env=store_env)
+    finally:
+        server.stop(grace=1)
+    assert result.returncode == 0, result.stderr[-1000:]
+    for expected in ("serving version 1", "stable", "run-abc", "0.9911", "f" * 64):
+        assert expected in result.stdout, (expected, result.stdout)

@@ -52,6 +52,20 @@ def test_export_round_trip_matches_keras(smoke_model, prepared_path: Path, tmp_p
     assert (probabilities.argmax(axis=1) == y_test[:256]).mean() > 0.9
 
 
+def test_export_writes_tf_serving_warmup_requests(smoke_model, prepared_path: Path, tmp_path: Path) -> None:
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    from serving.tensors import from_tensor_proto
+
+    x_test, _ = load_test_set(prepared_path)
+    exported = export_saved_model(smoke_model, tmp_path / "mnist" / "1", warmup_images=x_test[:32])
+    records = [prediction_log_pb2.PredictionLog.FromString(r.numpy()) for r in
+               tf.data.TFRecordDataset(str(exported / "assets.extra" / "tf_serving_warmup_requests"))]
+    batches = [from_tensor_proto(r.predict_log.request.inputs["image"]) for r in records]
+    assert [b.shape[0] for b in batches] == [1, 8, 32] and np.array_equal(batches[-1], x_test[:32])
+    assert all(r.predict_log.request.model_spec.signature_name == "serving_default" for r in records)
+
+
 def test_round_trip_check_catches_a_different_model(smoke_model, prepared_path: Path, tmp_path: Path) -> None:
     x_test, _ = load_test_set(prepared_path)
     exported = export_saved_model(build_model(ModelConfig()), tmp_path / "1")
