@@ -453,9 +453,12 @@ def command_worker(args: argparse.Namespace) -> int:
     from serving.local_s3 import store_environment
 
     with store_environment(pipeline_settings().state_dir):
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool])
         try:
-            return subprocess.run([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool]).returncode
-        except KeyboardInterrupt:
+            return worker.wait()
+        except (KeyboardInterrupt, SystemExit):
+            worker.terminate()  # let the worker finish its shutdown, then the store stops
+            worker.wait(timeout=60)
             return 0
 
 
@@ -538,7 +541,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def exit_on_sigterm(signum: int, frame: Any) -> None:
+    """SIGTERM ends the command like Ctrl-C does, so cleanup (stopping an embedded
+    store, a server, a worker) runs instead of being skipped."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
+    signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import botocore.exceptions
@@ -103,3 +104,20 @@ def test_sync_killed_mid_download_never_exposes_a_partial_version(store: ModelSt
     result = sync_once(store, base)
     assert result.downloaded == [1] and not list(base.glob(".sync-*"))
     assert json.loads((base / "1" / MANIFEST).read_text())["version"] == 1
+
+
+def test_sigterm_stops_the_embedded_store_a_command_started(tmp_path: Path) -> None:
+    from serving.local_s3 import process_alive, read_state
+
+    env = {**os.environ, "MNIST_STATE_DIR": str(tmp_path / "state"), "MNIST_S3_ENDPOINT": ""}
+    sync = subprocess.Popen([sys.executable, "-m", "flows.cli", "sync", "--model-base-path", str(tmp_path / "m"),
+                             "--watch", "--interval", "1"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while read_state(tmp_path / "state") is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    store = read_state(tmp_path / "state")
+    assert store is not None, "the sync did not start an embedded store"
+    sync.send_signal(signal.SIGTERM)
+    assert sync.wait(timeout=30) != 0
+    assert not process_alive(store.pid) and read_state(tmp_path / "state") is None
