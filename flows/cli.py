@@ -6,8 +6,9 @@ import argparse
 import json
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, get_args
+from typing import Any, Callable, Iterator, get_args
 
 from pydantic import ValidationError
 
@@ -235,17 +236,25 @@ def registry_action(args: argparse.Namespace, store) -> int:
     return 0
 
 
-def command_registry(args: argparse.Namespace) -> int:
+@contextmanager
+def reachable_store() -> Iterator[Any]:
+    """The model store (from the environment, or the embedded one), with its
+    errors turned into one-line CLI errors."""
+    import botocore.exceptions
+
     from serving.local_s3 import store_environment
     from serving.registry import StoreError
 
-    import botocore.exceptions
-
     try:
         with store_environment(pipeline_settings().state_dir):
-            return registry_action(args, registry_store())
+            yield registry_store()
     except (StoreError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
         raise CliError(str(error)) from None
+
+
+def command_registry(args: argparse.Namespace) -> int:
+    with reachable_store() as store:
+        return registry_action(args, store)
 
 
 def add_registry_parser(commands: argparse._SubParsersAction) -> None:
@@ -313,24 +322,16 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_sync(args: argparse.Namespace) -> int:
-    import botocore.exceptions
-
-    from serving.local_s3 import store_environment
-    from serving.registry import StoreError
     from serving.sync import sync_once, watch
 
     base = Path(args.model_base_path)
     config_file = Path(args.model_config_file) if args.model_config_file else None
-    try:
-        with store_environment(pipeline_settings().state_dir):
-            store = registry_store()
-            if args.watch:
-                watch(store, base, args.interval, config_file, args.config_base_path,
-                      report=lambda line: print(line, flush=True))
-                return 0
-            result = sync_once(store, base, config_file, args.config_base_path)
-    except (StoreError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
-        raise CliError(str(error)) from None
+    with reachable_store() as store:
+        if args.watch:
+            watch(store, base, args.interval, config_file, args.config_base_path,
+                  report=lambda line: print(line, flush=True))
+            return 0
+        result = sync_once(store, base, config_file, args.config_base_path)
     print(f"downloaded {result.downloaded or 'nothing'}, removed {result.removed or 'nothing'}, "
           f"serving {result.kept}, labels {result.labels}")
     return 0
@@ -374,10 +375,7 @@ def show_model(target) -> int:
         raise CliError(f"model {target.model_name!r} has no AVAILABLE version at {target.address}")
     version = max(available)
     print(f"model {target.model_name} at {target.address}: serving version {version} (states {statuses})")
-    from serving.local_s3 import store_environment
-
-    with store_environment(pipeline_settings().state_dir):
-        store = registry_store()
+    with reachable_store() as store:
         manifest = store.manifest(version)
         labels = [label for label, v in store.labels().items() if v == version]
     metrics = manifest.get("metrics", {})

@@ -275,10 +275,13 @@ class ModelStore:
                 versions.setdefault(int(head), []).append(item)
         return versions
 
+    def has_manifest(self, version: int, items: list[dict[str, Any]]) -> bool:
+        return any(item["Key"] == self.key(version, MANIFEST) for item in items)
+
     def complete_versions(self) -> list[int]:
         """Versions whose manifest exists: the published ones (readers ignore the rest)."""
         return sorted(version for version, items in self.stored_version_dirs().items()
-                      if any(item["Key"] == self.key(version, MANIFEST) for item in items))
+                      if self.has_manifest(version, items))
 
     def manifest(self, version: int) -> dict[str, Any]:
         manifest = self.get_json(self.key(version, MANIFEST))
@@ -308,16 +311,21 @@ class ModelStore:
             raise StoreError(f"version {version} already has a manifest ({self.where})")
         return manifest
 
+    def fetch_verified(self, version: int, relative: str, expected: dict[str, Any]) -> bytes:
+        """One file's bytes, checked against its manifest entry (size and SHA-256)."""
+        raw = self.get_bytes(self.key(version, relative))
+        if raw is None:
+            raise VerificationFailed(f"version {version}: {relative} is missing")
+        digest = hashlib.sha256(raw).hexdigest()
+        if len(raw) != expected["size"] or digest != expected["sha256"]:
+            raise VerificationFailed(f"version {version}: {relative} does not match the manifest "
+                                     f"(size {len(raw)} vs {expected['size']}, sha256 {digest[:12]}…)")
+        return raw
+
     def verify_files(self, version: int, files: dict[str, dict[str, Any]]) -> None:
-        """Download every file and compare size and SHA-256; raise naming the first mismatch."""
+        """Download every file and compare it with the manifest; raise naming the first mismatch."""
         for relative, expected in files.items():
-            raw = self.get_bytes(self.key(version, relative))
-            if raw is None:
-                raise VerificationFailed(f"version {version}: {relative} is missing")
-            if len(raw) != expected["size"] or hashlib.sha256(raw).hexdigest() != expected["sha256"]:
-                raise VerificationFailed(
-                    f"version {version}: {relative} does not match the manifest "
-                    f"(size {len(raw)} vs {expected['size']}, sha256 {hashlib.sha256(raw).hexdigest()[:12]}…)")
+            self.fetch_verified(version, relative, expected)
 
     def verify(self, version: int) -> dict[str, Any]:
         manifest = self.manifest(version)
@@ -328,12 +336,9 @@ class ModelStore:
         """Download a complete version, checking every file against its manifest."""
         manifest = self.manifest(version)
         for relative, expected in manifest["files"].items():
-            raw = self.get_bytes(self.key(version, relative))
-            if raw is None or hashlib.sha256(raw).hexdigest() != expected["sha256"]:
-                raise VerificationFailed(f"version {version}: {relative} does not match the manifest")
             target = destination / relative
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(raw)
+            target.write_bytes(self.fetch_verified(version, relative, expected))
         manifest_path = destination / MANIFEST
         manifest_path.parent.mkdir(parents=True, exist_ok=True)
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -408,7 +413,7 @@ class ModelStore:
         grace = self.settings.gc_grace_seconds if grace_seconds is None else grace_seconds
         now = datetime.now(timezone.utc)
         return {v: items for v, items in self.stored_version_dirs().items()
-                if not any(i["Key"] == self.key(v, MANIFEST) for i in items)
+                if not self.has_manifest(v, items)
                 and all((now - i["LastModified"]).total_seconds() >= grace for i in items)}
 
     def delete_version(self, items: list[dict[str, Any]]) -> None:
@@ -422,7 +427,7 @@ class ModelStore:
         if keep < 1:
             raise StoreError("gc --keep must be at least 1")
         stored = self.stored_version_dirs()
-        complete = [v for v, items in stored.items() if any(i["Key"] == self.key(v, MANIFEST) for i in items)]
+        complete = [v for v, items in stored.items() if self.has_manifest(v, items)]
         protected = set(self.labels().values()) | set(sorted(complete)[-keep:])
         old = sorted(v for v in complete if v not in protected)
         leftovers = self.leftovers(grace_seconds)

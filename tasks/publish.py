@@ -15,9 +15,14 @@ from serving.registry import ModelStore, StoreSettings
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 
 
+def metric_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a manifest, an event or the history keeps (not the confusion matrix)."""
+    return {key: metrics[key] for key in METRIC_KEYS}
+
+
 def manifest_metadata(metrics: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
     """What a version's manifest says about where it came from (never credentials)."""
-    return {"metrics": {key: metrics[key] for key in METRIC_KEYS}, **lineage}
+    return {"metrics": metric_summary(metrics), **lineage}
 
 
 def publish_model(store: ModelStore, saved_model: Path, metrics: dict[str, Any], lineage: dict[str, Any],
@@ -46,7 +51,7 @@ def publish(saved_model: str, metrics: dict[str, Any], lineage: dict[str, Any], 
     create_link_artifact(key="mnist-published-version", link=published["link"],
                          link_text=f"{published['uri']} ({label})", description="Published model version")
     emit_event("mnist.model.published", resource=model_resource(store, published["version"]),
-               payload={**published, "metrics": {k: metrics[k] for k in METRIC_KEYS}})
+               payload={**published, "metrics": metric_summary(metrics)})
     return published
 
 
@@ -54,7 +59,7 @@ def publish(saved_model: str, metrics: dict[str, Any], lineage: dict[str, Any], 
 def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, Any]) -> None:
     """Rejections go into the registry history too: it answers what was tried, not only what shipped."""
     store = ModelStore(StoreSettings())
-    summary = {key: metrics[key] for key in METRIC_KEYS}
+    summary = metric_summary(metrics)
     store.record({"event": "rejected", "reason": reason, "flow_run_id": lineage.get("flow_run_id"),
                   "metrics": summary})
     emit_event("mnist.model.rejected", resource=model_resource(store), payload={"reason": reason, "metrics": summary})

@@ -17,7 +17,7 @@ from serving.local_s3 import start_weed
 from serving.registry import (
     MANIFEST, ModelStore, StoreAccessDenied, StoreError, StoreSettings, VerificationFailed, VersionNotFound,
 )
-from tests.conftest import REPO, S3_SECRET_KEY
+from tests.conftest import REPO, S3_SECRET_KEY, run_mnist
 
 LINEAGE = {"flow_run_id": "run-1", "data_fingerprint": "abc"}
 METRICS = {"metrics": {"test_accuracy": 0.99}}
@@ -25,11 +25,6 @@ METRICS = {"metrics": {"test_accuracy": 0.99}}
 
 def publish(store: ModelStore, directory: Path, **extra: object) -> int:
     return store.publish(directory, {**METRICS, **LINEAGE, **extra})["version"]
-
-
-def mnist_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=REPO, timeout=300)
 
 
 def test_publish_writes_tf_serving_layout_with_a_manifest_last(store: ModelStore, saved_model_dir: Path) -> None:
@@ -79,10 +74,10 @@ def test_changed_object_fails_verify_naming_the_file(store: ModelStore, saved_mo
     store.client.put_object(Bucket=store.bucket, Key=variables, Body=b"tampered")
     with pytest.raises(VerificationFailed, match="variables/variables.index does not match"):
         store.verify(version)
-    result = mnist_cli("registry", "verify", str(version), env=store_env)
+    result = run_mnist("registry", "verify", str(version), env=store_env)
     assert result.returncode == 1 and "variables/variables.index" in result.stderr
     assert "Traceback" not in result.stderr
-    as_json = mnist_cli("registry", "verify", str(version), "--json", env=store_env)
+    as_json = run_mnist("registry", "verify", str(version), "--json", env=store_env)
     assert as_json.returncode == 1 and json.loads(as_json.stdout)["verified"] is False
 
 
@@ -99,7 +94,7 @@ def test_wrong_credentials_fail_fast_and_write_nothing(store: ModelStore, saved_
     assert store_env["MNIST_S3_ENDPOINT"] in str(denied.value) and store.bucket in str(denied.value)
     assert "wrong-secret" not in str(denied.value)
     assert sorted(item["Key"] for item in store.list_keys(store.key(""))) == before
-    result = mnist_cli("registry", "list", env={**store_env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"})
+    result = run_mnist("registry", "list", env={**store_env, "AWS_SECRET_ACCESS_KEY": "wrong-secret"})
     assert result.returncode == 1 and "access denied" in result.stderr and "Traceback" not in result.stderr
 
 
@@ -149,18 +144,18 @@ def test_labels_history_and_rollback(store: ModelStore, saved_model_dir: Path) -
 
 def test_registry_cli_lists_shows_labels_and_rolls_back(store: ModelStore, saved_model_dir: Path,
                                                        store_env: dict[str, str]) -> None:
-    push = mnist_cli("registry", "push", str(saved_model_dir), env=store_env)
+    push = run_mnist("registry", "push", str(saved_model_dir), env=store_env)
     assert push.returncode == 0, push.stderr
-    assert mnist_cli("registry", "push", str(saved_model_dir), env=store_env).returncode == 0
-    listing = json.loads(mnist_cli("registry", "list", "--json", env=store_env).stdout)
+    assert run_mnist("registry", "push", str(saved_model_dir), env=store_env).returncode == 0
+    listing = json.loads(run_mnist("registry", "list", "--json", env=store_env).stdout)
     assert [(row["version"], row["labels"]) for row in listing] == [(1, []), (2, ["stable"])]
-    assert json.loads(mnist_cli("registry", "show", "2", env=store_env).stdout)["version"] == 2
-    assert mnist_cli("registry", "rollback", env=store_env).stdout.strip() == "stable: 2 -> 1"
-    history = json.loads(mnist_cli("registry", "history", "--json", env=store_env).stdout)
+    assert json.loads(run_mnist("registry", "show", "2", env=store_env).stdout)["version"] == 2
+    assert run_mnist("registry", "rollback", env=store_env).stdout.strip() == "stable: 2 -> 1"
+    history = json.loads(run_mnist("registry", "history", "--json", env=store_env).stdout)
     assert history[-1]["event"] == "rollback"
-    missing = mnist_cli("registry", "show", "7", env=store_env)
+    missing = run_mnist("registry", "show", "7", env=store_env)
     assert missing.returncode == 1 and "version 7" in missing.stderr
-    bad = mnist_cli("registry", "push", str(REPO), env=store_env)
+    bad = run_mnist("registry", "push", str(REPO), env=store_env)
     assert bad.returncode == 1 and "not a SavedModel directory" in bad.stderr
 
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import datetime
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,7 +19,7 @@ from serving.server import ModelManager, ModelServer, ServerOptions, single_mode
 from serving.tensors import to_tensor_proto
 from tasks.data import load_test_set
 from tasks.export import saved_model_predict
-from tests.conftest import REPO
+from tests.conftest import run_mnist
 
 
 @pytest.fixture(scope="module")
@@ -212,15 +210,8 @@ def test_tls_on_and_off(model_base: Path, tmp_path: Path, test_images) -> None:
         plain.stop(grace=1)
 
 
-def mnist_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    import os
-
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
-                          env={**os.environ, **(env or {})}, timeout=300)
-
-
 def test_cli_against_a_stopped_server_exits_non_zero(mnist_dir: Path) -> None:
-    result = mnist_cli("predict", "--server", f"127.0.0.1:{free_port()}", "--mnist-test", "0:3", "--timeout", "2",
+    result = run_mnist("predict", "--server", f"127.0.0.1:{free_port()}", "--mnist-test", "0:3", "--timeout", "2",
                        env={"MNIST_DATA_DIR": str(mnist_dir)})
     assert result.returncode == 1
     assert "mnist predict: server at 127.0.0.1:" in result.stderr and "unavailable" in result.stderr
@@ -241,10 +232,10 @@ def test_cli_bad_files_get_one_clear_line(server: str, tmp_path: Path) -> None:
     truncated.write_bytes(truncated.read_bytes()[:60])
     cases[str(truncated)] = "not a readable image"
     for path, expected in cases.items():
-        result = mnist_cli("predict", "--server", server, path)
+        result = run_mnist("predict", "--server", server, path)
         assert result.returncode == 1 and expected in result.stderr, (path, result.stderr[-500:])
         assert "Traceback" not in result.stderr
-    unknown = mnist_cli("predict", "--server", server, "--model-name", "fashion", str(truncated.with_name("x.npy")))
+    unknown = run_mnist("predict", "--server", server, "--model-name", "fashion", str(truncated.with_name("x.npy")))
     assert unknown.returncode == 1
 
 
@@ -263,7 +254,7 @@ def test_cli_reads_photos_and_arrays_as_mnist_digits(server: str, tmp_path: Path
         Image.fromarray(paper).convert("RGB").save(path, quality=95)
         paths.append(str(path))
     np.save(tmp_path / "batch.npy", (images[5:8, :, :, 0] * 255).astype(np.uint8))
-    result = mnist_cli("predict", "--server", server, "--json", *paths, str(tmp_path / "batch.npy"))
+    result = run_mnist("predict", "--server", server, "--json", *paths, str(tmp_path / "batch.npy"))
     assert result.returncode == 0, result.stderr[-1000:]
     answers = json.loads(result.stdout)
     assert [a["input"] for a in answers][-3:] == [f"{tmp_path / 'batch.npy'}[{i}]" for i in range(3)]
@@ -334,7 +325,7 @@ def test_show_model_prints_the_served_version_and_its_lineage(store, store_env, 
     sync_once(store, base)
     server, address = start_server(base)
     try:
-        result = mnist_cli("predict", "--server", address, "--show-model", env=store_env)
+        result = run_mnist("predict", "--server", address, "--show-model", env=store_env)
     finally:
         server.stop(grace=1)
     assert result.returncode == 0, result.stderr[-1000:]

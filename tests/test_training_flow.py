@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +15,7 @@ from tasks.evaluate import GateCheck, GateFailed, accuracy_gate, enforce_gate, m
 from tasks.export import ExportError, export_saved_model, saved_model_predict, verify_round_trip
 from tasks.model import build_model
 from tasks.recipes import ModelConfig
+from tests.conftest import run_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -102,13 +100,8 @@ def test_default_flow_on_full_mnist_passes_the_gate(prefect_api, pipeline_env: P
     assert len(json.loads((run_dir / "history.json").read_text())["val_loss"]) == 3
 
 
-def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
-                          env={**os.environ, **env}, cwd=REPO, timeout=600)
-
-
 def test_cli_refuses_bad_values_before_any_work(tmp_path: Path) -> None:
-    result = run_cli("train", "--epochs", "0", "--output", str(tmp_path / "out"), env={})
+    result = run_mnist("train", "--epochs", "0", "--output", str(tmp_path / "out"), env={})
     assert result.returncode == 2
     assert "--epochs: Input should be greater than or equal to 1" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
@@ -117,7 +110,7 @@ def test_cli_refuses_bad_values_before_any_work(tmp_path: Path) -> None:
 def test_cli_gate_failure_is_one_line_and_non_zero(pipeline_env: Path, mnist_dir: Path, cache_dir: Path,
                                                    tmp_path: Path) -> None:
     """The acceptance command, with the embedded S3 store it starts and stops itself."""
-    result = run_cli("train", "--threshold", "0.9999", "--epochs", "1", "--output", str(pipeline_env),
+    result = run_mnist("train", "--threshold", "0.9999", "--epochs", "1", "--output", str(pipeline_env),
                      env={"MNIST_DATA_DIR": str(mnist_dir), "MNIST_CACHE_DIR": str(cache_dir),
                           "MNIST_STATE_DIR": str(tmp_path / "state"), "MNIST_S3_ENDPOINT": ""})
     assert result.returncode == 1, result.stderr[-2000:]
