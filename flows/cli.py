@@ -304,7 +304,7 @@ def command_serve(args: argparse.Namespace) -> int:
     else:
         raise CliError("give --model-base-path (with --model-name) or --model-config-file", exit_code=2)
     options = ServerOptions(port=args.port, host=args.host, poll_seconds=args.file_system_poll_wait_seconds,
-                            max_message_bytes=args.max_message_bytes,
+                            max_message_bytes=args.max_message_bytes, rest_api_port=args.rest_api_port,
                             ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None)
     try:
         server = ModelServer(ModelManager(config), options,
@@ -312,7 +312,8 @@ def command_serve(args: argparse.Namespace) -> int:
     except (ValueError, RuntimeError, OSError) as error:
         raise CliError(f"cannot start the server: {error}") from None
     served = {name: sorted(model.versions) for name, model in server.manager.models.items()}
-    print(f"mnist serve: listening on {args.host}:{server.port}, serving {served}", flush=True)
+    rest = f", REST on {args.host}:{server.rest.port}" if server.rest else ""
+    print(f"mnist serve: listening on {args.host}:{server.port}{rest}, serving {served}", flush=True)
     stop = threading.Event()
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
@@ -465,6 +466,8 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
                                 description="A TF-Serving-compatible gRPC server (PredictionService, ModelService).")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default 8500)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--rest-api-port", type=int, default=0,
+                       help="TF Serving's REST API (/v1/models/NAME[:predict]) on this port; 0 = off (default)")
     serve.add_argument("--model-base-path", help="the model's directory of numbered versions")
     serve.add_argument("--model-name", default="mnist", help="model name (default mnist)")
     serve.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig); re-read on change")

@@ -5,8 +5,9 @@ and ``ModelService`` (GetModelStatus, HandleReloadConfigRequest) on the stubs
 from tensorflow-serving-api, reads TF Serving's layout and ``models.config``
 (version policy latest / all / specific, version labels), polls for new
 versions, loads a new version before it unloads an old one, and replays
-``assets.extra/tf_serving_warmup_requests`` on load. Production runs the real
-``tensorflow/serving`` image on the same files.
+``assets.extra/tf_serving_warmup_requests`` on load. With ``rest_api_port`` it
+also answers TF Serving's REST API (``serving/rest.py``). Production runs the
+real ``tensorflow/serving`` image on the same files.
 """
 
 from __future__ import annotations
@@ -219,41 +220,68 @@ def validate_inputs(signature: meta_graph_pb2.SignatureDef, request: predict_pb2
     return arrays
 
 
+def predict(manager: ModelManager, request: predict_pb2.PredictRequest) -> predict_pb2.PredictResponse:
+    """Predict, shared by the gRPC and REST front ends; raises RequestError."""
+    name, loaded = manager.resolve(request.model_spec)
+    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    signature, _ = loaded.signature(signature_name)
+    outputs = run_signature(loaded, signature_name, validate_inputs(signature, request))
+    unknown = set(request.output_filter) - set(outputs)
+    if unknown:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter names unknown outputs {sorted(unknown)}")
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name, response.model_spec.signature_name = name, signature_name
+    response.model_spec.version.value = loaded.version
+    for key, value in outputs.items():
+        if not request.output_filter or key in request.output_filter:
+            response.outputs[key].CopyFrom(to_tensor_proto(value))
+    return response
+
+
+def model_metadata(manager: ModelManager, request: get_model_metadata_pb2.GetModelMetadataRequest
+                   ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    if list(request.metadata_field) != ["signature_def"]:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"metadata_field must be ['signature_def'], got {list(request.metadata_field)}")
+    name, loaded = manager.resolve(request.model_spec)
+    signature_map = get_model_metadata_pb2.SignatureDefMap()
+    for key, signature in loaded.signature_defs.items():
+        signature_map.signature_def[key].CopyFrom(signature)
+    response = get_model_metadata_pb2.GetModelMetadataResponse()
+    response.model_spec.name = name
+    response.model_spec.version.value = loaded.version
+    response.metadata["signature_def"].Pack(signature_map)
+    return response
+
+
+def model_status(manager: ModelManager, request: get_model_status_pb2.GetModelStatusRequest
+                 ) -> get_model_status_pb2.GetModelStatusResponse:
+    spec = request.model_spec
+    model = manager.models.get(spec.name)
+    if model is None:
+        raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {spec.name!r} is not served")
+    versions = sorted(model.versions)
+    if spec.HasField("version") or spec.version_label:
+        versions = [manager.resolve(spec)[1].version]
+    response = get_model_status_pb2.GetModelStatusResponse()
+    for version in versions:
+        status = response.model_version_status.add()
+        status.version = version
+        status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
+    return response
+
+
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def __init__(self, manager: ModelManager):
         self.manager = manager
 
     def Predict(self, request, context):
         with request_errors(context):
-            name, loaded = self.manager.resolve(request.model_spec)
-            signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
-            signature, _ = loaded.signature(signature_name)
-            outputs = run_signature(loaded, signature_name, validate_inputs(signature, request))
-            unknown = set(request.output_filter) - set(outputs)
-            if unknown:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"output_filter names unknown outputs {sorted(unknown)}")
-            response = predict_pb2.PredictResponse()
-            response.model_spec.name, response.model_spec.signature_name = name, signature_name
-            response.model_spec.version.value = loaded.version
-            for key, value in outputs.items():
-                if not request.output_filter or key in request.output_filter:
-                    response.outputs[key].CopyFrom(to_tensor_proto(value))
-            return response
+            return predict(self.manager, request)
 
     def GetModelMetadata(self, request, context):
         with request_errors(context):
-            if list(request.metadata_field) != ["signature_def"]:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                                   f"metadata_field must be ['signature_def'], got {list(request.metadata_field)}")
-            name, loaded = self.manager.resolve(request.model_spec)
-            signature_map = get_model_metadata_pb2.SignatureDefMap()
-            for key, signature in loaded.signature_defs.items():
-                signature_map.signature_def[key].CopyFrom(signature)
-            response = get_model_metadata_pb2.GetModelMetadataResponse()
-            response.model_spec.name = name
-            response.model_spec.version.value = loaded.version
-            response.metadata["signature_def"].Pack(signature_map)
-            return response
+            return model_metadata(self.manager, request)
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
@@ -262,19 +290,7 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
 
     def GetModelStatus(self, request, context):
         with request_errors(context):
-            spec = request.model_spec
-            model = self.manager.models.get(spec.name)
-            if model is None:
-                raise RequestError(grpc.StatusCode.NOT_FOUND, f"model {spec.name!r} is not served")
-            versions = sorted(model.versions)
-            if spec.HasField("version") or spec.version_label:
-                versions = [self.manager.resolve(spec)[1].version]
-            response = get_model_status_pb2.GetModelStatusResponse()
-            for version in versions:
-                status = response.model_version_status.add()
-                status.version = version
-                status.state = get_model_status_pb2.ModelVersionStatus.AVAILABLE
-            return response
+            return model_status(self.manager, request)
 
     def HandleReloadConfigRequest(self, request, context):
         response = model_management_pb2.ReloadConfigResponse()
@@ -315,6 +331,7 @@ class ServerOptions:
     max_message_bytes: int = 64 * 1024 * 1024  # a batch of 1024 images is 3.2 MB
     ssl_config_file: Path | None = None
     workers: int = 8
+    rest_api_port: int = 0  # 0: no REST API, as in TF Serving
 
 
 class ModelServer:
@@ -335,6 +352,12 @@ class ModelServer:
             self.port = self.grpc.add_insecure_port(address)
         self.stopping = threading.Event()
         self.poller = threading.Thread(target=self.poll_forever, name="model-poller", daemon=True)
+        self.rest = None
+        if options.rest_api_port:
+            from serving.rest import RestServer  # here: rest.py builds on this module
+
+            # JSON spends several bytes per float, so the body limit is a multiple of gRPC's
+            self.rest = RestServer(manager, options.host, options.rest_api_port, 8 * options.max_message_bytes)
 
     def reload_config_if_changed(self) -> None:
         """Re-read models.config when it changes (the sync rewrites it for new labels)."""
@@ -359,8 +382,12 @@ class ModelServer:
     def start(self) -> "ModelServer":
         self.grpc.start()
         self.poller.start()
+        if self.rest:
+            self.rest.start()
         return self
 
     def stop(self, grace: float = 5.0) -> None:
         self.stopping.set()
+        if self.rest:
+            self.rest.stop()
         self.grpc.stop(grace).wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import json
 import shutil
 import threading
 import time
@@ -240,8 +241,6 @@ def test_cli_bad_files_get_one_clear_line(server: str, tmp_path: Path) -> None:
 
 
 def test_cli_reads_photos_and_arrays_as_mnist_digits(server: str, tmp_path: Path, test_images) -> None:
-    import json
-
     from PIL import Image
 
     images, labels = test_images
@@ -331,3 +330,32 @@ def test_show_model_prints_the_served_version_and_its_lineage(store, store_env, 
     assert result.returncode == 0, result.stderr[-1000:]
     for expected in ("serving version 1", "stable", "run-abc", "0.9911", "f" * 64):
         assert expected in result.stdout, (expected, result.stdout)
+
+
+def test_rest_api_answers_like_tf_serving(model_base: Path, saved_model_dir: Path, test_images) -> None:
+    import httpx
+
+    grpc_port, rest_port = free_port(), free_port()
+    server = ModelServer(ModelManager(single_model_config("mnist", model_base)),
+                         ServerOptions(port=grpc_port, rest_api_port=rest_port)).start()
+    base = f"http://127.0.0.1:{rest_port}/v1/models/mnist"
+    images = test_images[0][:4]
+    try:
+        status = httpx.get(base, timeout=10).json()
+        assert status["model_version_status"][0]["version"] == "1"
+        assert status["model_version_status"][0]["state"] == "AVAILABLE"
+        metadata = httpx.get(f"{base}/metadata", timeout=10).json()
+        assert "serving_default" in json.dumps(metadata)
+        rows = httpx.post(f"{base}:predict", json={"instances": images.tolist()}, timeout=30).json()
+        offline = saved_model_predict(saved_model_dir, images)
+        assert np.allclose(rows["predictions"], offline, atol=1e-5)
+        columns = httpx.post(f"{base}/versions/1:predict", json={"inputs": {"image": images.tolist()}}, timeout=30)
+        assert columns.status_code == 200 and np.allclose(columns.json()["outputs"], offline, atol=1e-5)
+        wrong_shape = httpx.post(f"{base}:predict", json={"instances": [[1.0, 2.0]]}, timeout=10)
+        assert wrong_shape.status_code == 400 and "shape" in wrong_shape.json()["error"]
+        assert httpx.post(f"{base}:predict", content=b"{not json", timeout=10).status_code == 400
+        assert httpx.get("http://127.0.0.1:%d/v1/models/fashion" % rest_port, timeout=10).status_code == 404
+        assert httpx.post(f"{base}/labels/canary:predict", json={"instances": images.tolist()},
+                          timeout=10).status_code == 404
+    finally:
+        server.stop(grace=1)
