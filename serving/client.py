@@ -41,9 +41,10 @@ class Target:
     ca_cert: Path | None = None
     signature: str = DEFAULT_SIGNATURE
 
-    def fill_spec(self, spec: Any) -> None:
+    def fill_spec(self, spec: Any, with_signature: bool = True) -> None:
         spec.name = self.model_name
-        spec.signature_name = self.signature
+        if with_signature:
+            spec.signature_name = self.signature
         if self.version is not None:
             spec.version.value = self.version
         elif self.label:
@@ -135,11 +136,7 @@ def predict(images: np.ndarray, *, address: str, model_name: str = "mnist", vers
 def model_status(target: Target) -> list[tuple[int, str]]:
     """(version, state name) for the versions the server reports."""
     request = get_model_status_pb2.GetModelStatusRequest()
-    request.model_spec.name = target.model_name
-    if target.version is not None:
-        request.model_spec.version.value = target.version
-    elif target.label:
-        request.model_spec.version_label = target.label
+    target.fill_spec(request.model_spec, with_signature=False)
     with open_channel(target) as channel:
         stub = model_service_pb2_grpc.ModelServiceStub(channel)
         response = call_with_retries(stub.GetModelStatus, request, target)

@@ -105,6 +105,13 @@ def scan_saved_model(directory: Path) -> list[LocalFile]:
     return sorted((f for f in files if f.relative != MANIFEST), key=lambda f: upload_order(f.relative))
 
 
+def local_versions(model_dir: Path) -> list[int]:
+    """Integer version directories under ``model_dir``: TF Serving's layout on disk."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in model_dir.iterdir() if entry.is_dir() and entry.name.isdigit())
+
+
 def utc_now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -186,10 +193,10 @@ class ModelStore:
             except Exception as error:  # classified below; anything else propagates
                 if is_denied(error):
                     raise StoreAccessDenied(f"access denied by S3 ({self.where}): {error}") from None
-                if not is_transient(error) or time.monotonic() + delay > deadline:
-                    if is_transient(error):
-                        raise StoreError(f"S3 unreachable ({self.where}): {error}") from None
+                if not is_transient(error):
                     raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(f"S3 unreachable ({self.where}): {error}") from None
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 
@@ -297,16 +304,16 @@ class ModelStore:
         write the manifest, which makes the version visible.
         """
         files = scan_saved_model(directory)
+        entries = {f.relative: {"sha256": f.sha256, "size": f.size} for f in files}
         self.ensure_bucket()
-        for items in self.leftovers().values():  # tidy what an interrupted publish left
+        for items in self.leftovers(self.stored_version_dirs()).values():  # what an interrupted publish left
             self.delete_version(items)
         version = self.claim_version({"source": str(directory), "flow_run_id": metadata.get("flow_run_id")})
         for item in files:
             self.put_checked(self.key(version, item.relative), item.path.read_bytes(), item.sha256)
-        self.verify_files(version, {f.relative: {"sha256": f.sha256, "size": f.size} for f in files})
+        self.verify_files(version, entries)
         manifest = {**metadata, "model_name": self.settings.model_name, "version": version,
-                    "uri": self.uri(version), "published_at": utc_now(),
-                    "files": {f.relative: {"sha256": f.sha256, "size": f.size} for f in files}}
+                    "uri": self.uri(version), "published_at": utc_now(), "files": entries}
         if not self.put_new(self.key(version, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True).encode()):
             raise StoreError(f"version {version} already has a manifest ({self.where})")
         return manifest
@@ -407,12 +414,13 @@ class ModelStore:
         return current, target
 
     # --- garbage collection -----------------------------------------------
-    def leftovers(self, grace_seconds: float | None = None) -> dict[int, list[dict[str, Any]]]:
-        """Version directories without a manifest whose newest object is older than the grace
-        period: an interrupted publish (a running one keeps writing, so it stays younger)."""
+    def leftovers(self, stored: dict[int, list[dict[str, Any]]], grace_seconds: float | None = None
+                  ) -> dict[int, list[dict[str, Any]]]:
+        """Of the ``stored`` version directories, those without a manifest whose newest object is
+        older than the grace period: an interrupted publish (a running one keeps writing)."""
         grace = self.settings.gc_grace_seconds if grace_seconds is None else grace_seconds
         now = datetime.now(timezone.utc)
-        return {v: items for v, items in self.stored_version_dirs().items()
+        return {v: items for v, items in stored.items()
                 if not self.has_manifest(v, items)
                 and all((now - i["LastModified"]).total_seconds() >= grace for i in items)}
 
@@ -430,7 +438,7 @@ class ModelStore:
         complete = [v for v, items in stored.items() if self.has_manifest(v, items)]
         protected = set(self.labels().values()) | set(sorted(complete)[-keep:])
         old = sorted(v for v in complete if v not in protected)
-        leftovers = self.leftovers(grace_seconds)
+        leftovers = self.leftovers(stored, grace_seconds)
         for version in old:
             self.delete_version(stored[version])
         for items in leftovers.values():

@@ -31,6 +31,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.registry import local_versions
 from serving.tensors import TensorError, from_tensor_proto, to_tensor_proto
 from serving.tf_serving_protos import message_class
 
@@ -103,11 +104,9 @@ def load_version(path: Path, version: int) -> LoadedVersion:
     return loaded
 
 
-def version_dirs(base_path: Path) -> list[int]:
-    if not base_path.is_dir():
-        return []
-    return sorted(int(p.name) for p in base_path.iterdir()
-                  if p.is_dir() and p.name.isdigit() and (p / "saved_model.pb").is_file())
+def servable_versions(base_path: Path) -> list[int]:
+    """Version directories that hold a SavedModel."""
+    return [v for v in local_versions(base_path) if (base_path / str(v) / "saved_model.pb").is_file()]
 
 
 def versions_to_serve(config: model_server_config_pb2.ModelConfig, available: list[int]) -> set[int]:
@@ -157,7 +156,7 @@ class ModelManager:
         """Load what the policy wants and is not loaded, then drop what it no longer wants.
         Loading first means a request always finds a servable version during a switch."""
         for name, model in list(self.models.items()):
-            wanted = versions_to_serve(model.config, version_dirs(Path(model.config.base_path)))
+            wanted = versions_to_serve(model.config, servable_versions(Path(model.config.base_path)))
             for version in sorted(wanted - set(model.versions)):
                 try:
                     loaded = load_version(Path(model.config.base_path) / str(version), version)

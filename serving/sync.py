@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.registry import ModelStore
+from serving.registry import ModelStore, local_versions
 
 STAGING_PREFIX = ".sync-"
 
@@ -30,12 +30,6 @@ class SyncResult:
     removed: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)
-
-
-def local_versions(model_base_path: Path) -> list[int]:
-    if not model_base_path.is_dir():
-        return []
-    return sorted(int(p.name) for p in model_base_path.iterdir() if p.is_dir() and p.name.isdigit())
 
 
 def wanted_versions(complete: list[int], labels: dict[str, int]) -> set[int]:
@@ -111,13 +105,11 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
 
 
 def watch(store: ModelStore, model_base_path: Path, interval: float, config_file: Path | None = None,
-          config_base_path: str | None = None, iterations: int | None = None,
-          report=print) -> None:
+          config_base_path: str | None = None, report=print) -> None:
     """Sync every ``interval`` seconds; transient store errors are reported and retried next round."""
     from serving.registry import StoreAccessDenied, StoreError
 
-    count = 0
-    while iterations is None or count < iterations:
+    while True:
         try:
             result = sync_once(store, model_base_path, config_file, config_base_path)
             if result.downloaded or result.removed:
@@ -126,6 +118,4 @@ def watch(store: ModelStore, model_base_path: Path, interval: float, config_file
             raise
         except StoreError as error:
             report(f"sync failed, retrying in {interval:g}s: {error}")
-        count += 1
-        if iterations is None or count < iterations:
-            time.sleep(interval)
+        time.sleep(interval)

@@ -10,6 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from serving.registry import local_versions
 from tasks.model import INPUT_NAME
 
 SIGNATURE_NAME = "serving_default"
@@ -21,15 +22,8 @@ class ExportError(RuntimeError):
     """The exported SavedModel does not reproduce the Keras model."""
 
 
-def existing_versions(model_dir: Path) -> list[int]:
-    """Integer version directories under ``model_dir`` (TF Serving's layout)."""
-    if not model_dir.is_dir():
-        return []
-    return sorted(int(entry.name) for entry in model_dir.iterdir() if entry.is_dir() and entry.name.isdigit())
-
-
 def next_local_version(model_dir: Path) -> int:
-    return max(existing_versions(model_dir), default=0) + 1
+    return max(local_versions(model_dir), default=0) + 1
 
 
 def write_warmup_requests(saved_model_dir: Path, images: np.ndarray, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> Path:

@@ -111,7 +111,8 @@ def train_model(data: PreparedData, config: TrainConfig,
     """Seeded Keras fit on the training split, validating on the held-out split.
     Returns a float32 model whatever the training arithmetic was."""
     keras.utils.set_random_seed(config.seed)
-    model = build_model(config.model, NUM_CLASSES, dtype=training_dtype(config))
+    dtype = training_dtype(config)
+    model = build_model(config.model, NUM_CLASSES, dtype=dtype)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate_for(config, len(data.y_train))),
         loss="categorical_crossentropy",
@@ -130,7 +131,7 @@ def train_model(data: PreparedData, config: TrainConfig,
         verbose=0,
     )
     history_lists = {name: [float(v) for v in values] for name, values in history.history.items()}
-    return (model if training_dtype(config) == "float32" else float32_copy(model, config)), history_lists
+    return (model if dtype == "float32" else float32_copy(model, config)), history_lists
 
 
 def write_json(path: Path, payload: Any) -> Path:

@@ -22,6 +22,18 @@ def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 60
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def start_model_server(base: Path, **options):
+    """The local gRPC server, in process, on a free loopback port, serving ``base`` as
+    model ``mnist`` (polling every 0.2 s unless told); returns it and its address."""
+    from serving.local_s3 import free_port
+    from serving.server import ModelManager, ModelServer, ServerOptions, single_model_config
+
+    port = free_port()
+    server = ModelServer(ModelManager(single_model_config("mnist", base)),
+                         ServerOptions(port=port, **{"poll_seconds": 0.2, **options})).start()
+    return server, f"127.0.0.1:{port}"
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     """The real MNIST IDX files: MNIST_DATA_DIR, else ../shared/datasets/mnist."""

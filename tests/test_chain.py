@@ -15,10 +15,9 @@ from flows.params import TrainingParams
 from serving.client import predict
 from serving.local_s3 import free_port, stop_process
 from serving.registry import ModelStore
-from serving.server import ModelManager, ModelServer, ServerOptions, single_model_config
 from tasks.data import load_test_set
 from tasks.publish import compare_golden
-from tests.conftest import REPO
+from tests.conftest import REPO, start_model_server
 
 # Champion margins wide open: these tests are about what happens after the gate.
 AFTER_GATE = {"preset": "smoke", "threshold": 0.5, "accuracy_margin": 1.0, "class_margin": 1.0}
@@ -38,10 +37,8 @@ def test_failed_live_check_moves_stable_back_and_fails_the_run(prefect_api, pipe
 
     metrics = {"test_accuracy": 0.97, "test_loss": 0.1, "per_class_accuracy": [0.97] * 10}
     publish_model(store, saved_model_dir, metrics, {"flow_run_id": "seeded"}, "stable")
-    port = free_port()  # a server that never gets the new version: no sync feeds it
-    server = ModelServer(ModelManager(single_model_config("mnist", tmp_path / "empty")),
-                         ServerOptions(port=port)).start()
-    monkeypatch.setenv("MNIST_SERVING_ADDRESS", f"127.0.0.1:{port}")
+    server, address = start_model_server(tmp_path / "empty")  # never fed a new version: no sync
+    monkeypatch.setenv("MNIST_SERVING_ADDRESS", address)
     monkeypatch.setenv("MNIST_LIVE_CHECK_TIMEOUT", "3")
     try:
         state = training_flow(TrainingParams(**AFTER_GATE), return_state=True)

@@ -16,11 +16,11 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
 from serving.local_s3 import free_port
-from serving.server import ModelManager, ModelServer, ServerOptions, single_model_config
+from serving.server import single_model_config
 from serving.tensors import to_tensor_proto
 from tasks.data import load_test_set
 from tasks.export import saved_model_predict
-from tests.conftest import run_mnist
+from tests.conftest import run_mnist, start_model_server
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +35,9 @@ def model_base(saved_model_dir: Path, tmp_path: Path) -> Path:
     return base
 
 
-def start_server(base: Path, poll: float = 0.2, ssl_config: Path | None = None) -> tuple[ModelServer, str]:
-    port = free_port()
-    server = ModelServer(ModelManager(single_model_config("mnist", base)),
-                         ServerOptions(port=port, poll_seconds=poll, ssl_config_file=ssl_config)).start()
-    return server, f"127.0.0.1:{port}"
-
-
 @pytest.fixture()
 def server(model_base: Path):
-    server, address = start_server(model_base)
+    server, address = start_model_server(model_base)
     yield address
     server.stop(grace=1)
 
@@ -127,7 +120,7 @@ def test_each_bad_request_gets_its_status_and_the_server_stays_up(server: str, t
 
 def test_version_switch_under_steady_load_fails_no_request(model_base: Path, saved_model_dir: Path,
                                                          test_images) -> None:
-    server, address = start_server(model_base, poll=0.2)
+    server, address = start_model_server(model_base)
     seen: dict[int, int] = {}
     failures: list[str] = []
     stop = threading.Event()
@@ -196,7 +189,7 @@ def self_signed(tmp_path: Path) -> tuple[Path, Path]:
 
 def test_tls_on_and_off(model_base: Path, tmp_path: Path, test_images) -> None:
     ssl_config, ca_file = self_signed(tmp_path)
-    server, address = start_server(model_base, ssl_config=ssl_config)
+    server, address = start_model_server(model_base, ssl_config_file=ssl_config)
     try:
         secure = predict(test_images[0][:4], address=address, tls=True, ca_cert=ca_file)
         assert len(secure) == 4 and secure[0]["version"] == 1
@@ -204,7 +197,7 @@ def test_tls_on_and_off(model_base: Path, tmp_path: Path, test_images) -> None:
             predict(test_images[0][:1], address=address, timeout=3)  # plaintext to a TLS port
     finally:
         server.stop(grace=1)
-    plain, plain_address = start_server(model_base)
+    plain, plain_address = start_model_server(model_base)
     try:
         assert len(predict(test_images[0][:4], address=plain_address)) == 4
     finally:
@@ -293,7 +286,7 @@ def test_reload_config_serves_labels(model_base: Path, saved_model_dir: Path, te
     from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 
     shutil.copytree(saved_model_dir, model_base / "2")
-    server, address = start_server(model_base)
+    server, address = start_model_server(model_base)
     try:
         assert sorted(server.manager.models["mnist"].versions) == [2]
         request = model_management_pb2.ReloadConfigRequest()
@@ -322,7 +315,7 @@ def test_show_model_prints_the_served_version_and_its_lineage(store, store_env, 
                   "stable")
     base = tmp_path / "served" / "mnist"
     sync_once(store, base)
-    server, address = start_server(base)
+    server, address = start_model_server(base)
     try:
         result = run_mnist("predict", "--server", address, "--show-model", env=store_env)
     finally:
@@ -335,9 +328,8 @@ def test_show_model_prints_the_served_version_and_its_lineage(store, store_env, 
 def test_rest_api_answers_like_tf_serving(model_base: Path, saved_model_dir: Path, test_images) -> None:
     import httpx
 
-    grpc_port, rest_port = free_port(), free_port()
-    server = ModelServer(ModelManager(single_model_config("mnist", model_base)),
-                         ServerOptions(port=grpc_port, rest_api_port=rest_port)).start()
+    rest_port = free_port()
+    server, _ = start_model_server(model_base, rest_api_port=rest_port)
     base = f"http://127.0.0.1:{rest_port}/v1/models/mnist"
     images = test_images[0][:4]
     try:
