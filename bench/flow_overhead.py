@@ -29,7 +29,7 @@ def task_durations(flow_run_id) -> dict[str, float]:
 def main() -> dict:
     from flows.params import TrainingParams
     from flows.training import training_flow
-    from serving.local_s3 import start_weed
+    from storage.embedded import start_weed
 
     with tempfile.TemporaryDirectory() as scratch:
         weed = start_weed(Path(scratch) / "s3", "bench", "bench-secret-key")

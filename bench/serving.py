@@ -116,7 +116,7 @@ def in_process_throughput(model_dir: Path, batch: int, seconds: float) -> float:
 
 
 def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
-    from serving.local_s3 import free_port, stop_process
+    from storage.embedded import free_port, stop_process
 
     with tempfile.TemporaryDirectory() as scratch:
         saved = make_model(Path(scratch))

@@ -10,7 +10,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from serving.local_s3 import free_port, patched_environ, stop_process, store_environment
+from storage.embedded import free_port, patched_environ, stop_process, store_environment
 from serving.sync import sync_once
 
 
@@ -43,7 +43,7 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict
     """Train and publish with a live server and sync sidecar, then query ``stable`` over gRPC."""
     from flows.cli import mnist_test_inputs, run_training
     from serving.client import predict
-    from serving.registry import ModelStore, StoreSettings
+    from storage.models import ModelStore, StoreSettings
 
     serving_root = (state_dir / "serving").resolve()
     with ExitStack() as stack:

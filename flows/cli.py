@@ -67,7 +67,7 @@ def pipeline_settings():
 def run_training(params) -> dict[str, Any]:
     """Run the training flow with a reachable store; raise CliError on a failed run."""
     from flows.training import training_flow
-    from serving.local_s3 import store_environment
+    from storage.embedded import store_environment
 
     if params.publish:
         with store_environment(pipeline_settings().state_dir):
@@ -134,7 +134,7 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 def command_storage(args: argparse.Namespace) -> int:
-    from serving.local_s3 import read_state, start_local_store, stop_local_store
+    from storage.embedded import read_state, start_local_store, stop_local_store
 
     state_dir = pipeline_settings().state_dir
     if args.action == "up":
@@ -155,7 +155,7 @@ def command_storage(args: argparse.Namespace) -> int:
 
 
 def registry_store():
-    from serving.registry import ModelStore, StoreSettings
+    from storage.models import ModelStore, StoreSettings
 
     try:
         return ModelStore(StoreSettings())
@@ -182,7 +182,7 @@ def registry_rows(store) -> list[dict[str, Any]]:
 
 def registry_action(args: argparse.Namespace, store) -> int:
     """One registry subcommand against a reachable store."""
-    from serving.registry import VerificationFailed
+    from storage.models import VerificationFailed
 
     action = args.action
     if action == "list":
@@ -242,8 +242,8 @@ def reachable_store() -> Iterator[Any]:
     errors turned into one-line CLI errors."""
     import botocore.exceptions
 
-    from serving.local_s3 import store_environment
-    from serving.registry import StoreError
+    from storage.embedded import store_environment
+    from storage.models import StoreError
 
     try:
         with store_environment(pipeline_settings().state_dir):
@@ -449,7 +449,7 @@ def command_worker(args: argparse.Namespace) -> int:
     """A process worker with the model store reachable (the embedded one when none is set)."""
     import subprocess
 
-    from serving.local_s3 import store_environment
+    from storage.embedded import store_environment
 
     with store_environment(pipeline_settings().state_dir):
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool])

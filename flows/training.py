@@ -11,7 +11,7 @@ from prefect.states import Failed, State
 
 from flows.params import TrainingParams
 from flows.settings import PipelineSettings
-from serving.registry import StoreSettings
+from storage.models import StoreSettings
 from tasks.data import prepare_data
 from tasks.evaluate import accuracy_gate, champion_checks, evaluate, evaluate_stable, gate
 from tasks.export import export

@@ -31,7 +31,7 @@ from tensorflow_serving.apis import (
 )
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.registry import local_versions
+from storage.models import local_versions
 from serving.tensors import TensorError, from_tensor_proto, to_tensor_proto
 from serving.tf_serving_protos import message_class
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.registry import ModelStore, local_versions
+from storage.models import ModelStore, local_versions
 
 STAGING_PREFIX = ".sync-"
 
@@ -107,7 +107,7 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
 def watch(store: ModelStore, model_base_path: Path, interval: float, config_file: Path | None = None,
           config_base_path: str | None = None, report=print) -> None:
     """Sync every ``interval`` seconds; transient store errors are reported and retried next round."""
-    from serving.registry import StoreAccessDenied, StoreError
+    from storage.models import StoreAccessDenied, StoreError
 
     while True:
         try:

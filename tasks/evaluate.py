@@ -113,7 +113,7 @@ def evaluate_stable(prepared_path: str) -> dict | None:
     comparison is like for like; None when nothing is stable yet."""
     import tempfile
 
-    from serving.registry import ModelStore, StoreSettings
+    from storage.models import ModelStore, StoreSettings
     from tasks.data import load_test_set
     from tasks.export import saved_model_predict
 

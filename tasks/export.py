@@ -10,7 +10,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from serving.registry import local_versions
+from storage.models import local_versions
 from tasks.model import INPUT_NAME
 
 SIGNATURE_NAME = "serving_default"

@@ -10,7 +10,7 @@ from prefect import get_run_logger, task
 from prefect.events import emit_event
 from prefect.artifacts import create_link_artifact
 
-from serving.registry import ModelStore, StoreSettings
+from storage.models import ModelStore, StoreSettings
 
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 

@@ -25,7 +25,7 @@ def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 60
 def start_model_server(base: Path, **options):
     """The local gRPC server, in process, on a free loopback port, serving ``base`` as
     model ``mnist`` (polling every 0.2 s unless told); returns it and its address."""
-    from serving.local_s3 import free_port
+    from storage.embedded import free_port
     from serving.server import ModelManager, ModelServer, ServerOptions, single_model_config
 
     port = free_port()
@@ -93,7 +93,7 @@ S3_SECRET_KEY = "test-secret-Zq81x"  # distinctive, so a leak is easy to grep fo
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory):
     """One SeaweedFS for the session, on free loopback ports, stopped by its pid."""
-    from serving.local_s3 import start_weed
+    from storage.embedded import start_weed
 
     weed = start_weed(tmp_path_factory.mktemp("seaweedfs"), S3_ACCESS_KEY, S3_SECRET_KEY)
     yield weed
@@ -116,7 +116,7 @@ def store_env(s3_server, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtur
 
 @pytest.fixture()
 def store(store_env):
-    from serving.registry import ModelStore, StoreSettings
+    from storage.models import ModelStore, StoreSettings
 
     return ModelStore(StoreSettings())
 

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from serving.registry import ModelStore, StoreSettings
+from storage.models import ModelStore, StoreSettings
 from serving.sync import sync_once
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from flows.params import TrainingParams
 from serving.client import predict
-from serving.local_s3 import free_port, stop_process
-from serving.registry import ModelStore
+from storage.embedded import free_port, stop_process
+from storage.models import ModelStore
 from tasks.data import load_test_set
 from tasks.publish import compare_golden
 from tests.conftest import REPO, start_model_server

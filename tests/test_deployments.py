@@ -13,8 +13,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serving.local_s3 import free_port, stop_process
-from serving.registry import ModelStore
+from storage.embedded import free_port, stop_process
+from storage.models import ModelStore
 from tests.conftest import REPO
 
 TRAINING = "mnist-training/weekly-retrain"
@@ -164,7 +164,7 @@ def test_runs_through_the_worker_complete_and_publish(worker_runs: dict[str, Any
     assert [run["state_type"] for run in runs] == ["COMPLETED", "COMPLETED"], worker_runs["log"].read_text()[-3000:]
     for name, value in worker_runs["store_env"].items():
         monkeypatch.setenv(name, value)
-    from serving.registry import StoreSettings
+    from storage.models import StoreSettings
 
     store = ModelStore(StoreSettings())
     assert store.complete_versions() == [1, 2]

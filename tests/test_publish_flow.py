@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.params import TrainingParams
-from serving.registry import MANIFEST, ModelStore
+from storage.models import MANIFEST, ModelStore
 from tasks.evaluate import champion_checks
 from tests.conftest import S3_SECRET_KEY
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from serving.local_s3 import start_weed
-from serving.registry import (
+from storage.embedded import start_weed
+from storage.models import (
     MANIFEST, ModelStore, StoreAccessDenied, StoreError, StoreSettings, VerificationFailed, VersionNotFound,
 )
 from tests.conftest import REPO, S3_SECRET_KEY, run_mnist
@@ -41,7 +41,7 @@ def test_publish_writes_tf_serving_layout_with_a_manifest_last(store: ModelStore
 
 
 def test_upload_order_puts_variables_first_and_the_graph_last(saved_model_dir: Path) -> None:
-    from serving.registry import scan_saved_model
+    from storage.models import scan_saved_model
 
     order = [f.relative for f in scan_saved_model(saved_model_dir)]
     assert order[0].startswith("variables/") and order[-1] == "saved_model.pb"

@@ -15,7 +15,7 @@ import pytest
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from serving.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
-from serving.local_s3 import free_port
+from storage.embedded import free_port
 from serving.server import single_model_config
 from serving.tensors import to_tensor_proto
 from tasks.data import load_test_set

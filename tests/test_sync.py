@@ -15,8 +15,8 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.local_s3 import start_weed
-from serving.registry import MANIFEST, ModelStore, StoreSettings
+from storage.embedded import start_weed
+from storage.models import MANIFEST, ModelStore, StoreSettings
 from serving.sync import local_versions, sync_once
 from tests.conftest import REPO
 
@@ -48,7 +48,7 @@ def test_sync_mirrors_wanted_versions_and_writes_labels(store: ModelStore, saved
 
 
 def test_sync_skips_a_version_that_does_not_verify(store: ModelStore, saved_model_dir: Path, tmp_path: Path) -> None:
-    from serving.registry import VerificationFailed
+    from storage.models import VerificationFailed
 
     store.publish(saved_model_dir, LINEAGE)
     store.client.put_object(Bucket=store.bucket, Key=store.key(1, "saved_model.pb"), Body=b"tampered")
@@ -107,7 +107,7 @@ def test_sync_killed_mid_download_never_exposes_a_partial_version(store: ModelSt
 
 
 def test_sigterm_stops_the_embedded_store_a_command_started(tmp_path: Path) -> None:
-    from serving.local_s3 import process_alive, read_state
+    from storage.embedded import process_alive, read_state
 
     env = {**os.environ, "MNIST_STATE_DIR": str(tmp_path / "state"), "MNIST_S3_ENDPOINT": ""}
     sync = subprocess.Popen([sys.executable, "-m", "flows.cli", "sync", "--model-base-path", str(tmp_path / "m"),

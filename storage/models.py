@@ -1,0 +1,232 @@
+"""The model registry on S3: TF Serving's layout plus a manifest per version.
+
+Layout (``../shared/DESIGN.md`` §4)::
+
+    <prefix>/<model>/<version>/saved_model.pb, variables/..., assets.extra/manifest.json
+    <prefix>/<model>/_registry/claims/<version>     one per allocated number, never deleted
+    <prefix>/<model>/_registry/labels.json          {"stable": 3, "canary": 4}
+    <prefix>/<model>/_registry/history/<time>-<id>.json   one object per event
+
+A version is published only when its manifest exists and every file matches it;
+the manifest is written last. Version numbers are claimed with a conditional
+write (``If-None-Match: *``), so racing publishers never share one, and claims
+outlive garbage collection, so a number is never reused.
+
+The S3 protocol itself (retries, conditional writes, manifest last) is
+``storage.s3``'s; this module holds the model registry's rules on top of it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from storage.s3 import (
+    LocalFile, ObjectStore, S3Settings, StoreAccessDenied, StoreError, VerificationFailed, file_sha256, utc_now,
+)
+
+__all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccessDenied", "VerificationFailed",
+           "VersionNotFound", "local_versions", "scan_saved_model"]
+
+MANIFEST = "assets.extra/manifest.json"
+LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+
+
+class StoreSettings(S3Settings):
+    """The model registry's settings: the bucket's, plus which model and how long a
+    publish may take before its leftovers are collected."""
+
+    model_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    gc_grace_seconds: float = Field(3600.0, ge=0, description="an unfinished publish older than this is a leftover")
+
+
+class VersionNotFound(StoreError):
+    """No complete version with that number."""
+
+
+def upload_order(relative: str) -> tuple[int, str]:
+    """Variables first, saved_model.pb after everything it refers to (the manifest goes separately)."""
+    if relative.startswith("variables/"):
+        return (0, relative)
+    if relative == "saved_model.pb":
+        return (2, relative)
+    return (1, relative)
+
+
+def scan_saved_model(directory: Path) -> list[LocalFile]:
+    """Every file of a SavedModel directory (but an old manifest), in upload order."""
+    if not (directory / "saved_model.pb").is_file():
+        raise StoreError(f"{directory}: not a SavedModel directory (no saved_model.pb)")
+    files = [LocalFile(path.relative_to(directory).as_posix(), path, file_sha256(path), path.stat().st_size)
+             for path in directory.rglob("*") if path.is_file()]
+    return sorted((f for f in files if f.relative != MANIFEST), key=lambda f: upload_order(f.relative))
+
+
+def local_versions(model_dir: Path) -> list[int]:
+    """Integer version directories under ``model_dir``: TF Serving's layout on disk."""
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(entry.name) for entry in model_dir.iterdir() if entry.is_dir() and entry.name.isdigit())
+
+
+class ModelStore(ObjectStore):
+    """One model's versions, labels and history in an S3 bucket."""
+
+    def __init__(self, settings: StoreSettings, client: Any = None):
+        super().__init__(settings, "/".join(part for part in (settings.s3_prefix.strip("/"), settings.model_name)
+                                            if part), client)
+
+    def uri(self, version: int | None = None) -> str:
+        return super().uri() if version is None else super().uri(version)
+
+    def http_url(self, version: int) -> str:
+        """A browser link to the version's manifest (path-style on custom endpoints)."""
+        key = self.key(version, MANIFEST)
+        if self.settings.s3_endpoint:
+            return f"{self.settings.s3_endpoint.rstrip('/')}/{self.bucket}/{key}"
+        return f"https://{self.bucket}.s3.amazonaws.com/{key}"
+
+    # --- versions ---------------------------------------------------------
+    def stored_version_dirs(self) -> dict[int, list[dict[str, Any]]]:
+        """Objects under each integer version directory, complete or not."""
+        versions: dict[int, list[dict[str, Any]]] = {}
+        prefix = self.key("")
+        for item in self.list_keys(prefix):
+            head = item["Key"][len(prefix):].split("/", 1)[0]
+            if head.isdigit():
+                versions.setdefault(int(head), []).append(item)
+        return versions
+
+    def has_manifest(self, version: int, items: list[dict[str, Any]]) -> bool:
+        return any(item["Key"] == self.key(version, MANIFEST) for item in items)
+
+    def complete_versions(self) -> list[int]:
+        """Versions whose manifest exists: the published ones (readers ignore the rest)."""
+        return sorted(version for version, items in self.stored_version_dirs().items()
+                      if self.has_manifest(version, items))
+
+    def manifest(self, version: int) -> dict[str, Any]:
+        manifest = self.get_json(self.key(version, MANIFEST))
+        if manifest is None:
+            raise VersionNotFound(f"version {version} of {self.uri()} is not published")
+        return manifest
+
+    def publish(self, directory: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Upload a SavedModel as the next version; returns its manifest.
+
+        Order: claim the number, upload variables, assets and saved_model.pb
+        with server-checked SHA-256s, read every object back and compare, then
+        write the manifest, which makes the version visible.
+        """
+        files = scan_saved_model(directory)
+        self.ensure_bucket()
+        for items in self.leftovers(self.stored_version_dirs()).values():  # what an interrupted publish left
+            self.delete_version(items)
+        version = self.claim_number({"source": str(directory), "flow_run_id": metadata.get("flow_run_id")})
+        entries = self.upload_verified(self.key(version), files)
+        manifest = {**metadata, "model_name": self.settings.model_name, "version": version,
+                    "uri": self.uri(version), "published_at": utc_now(), "files": entries}
+        self.write_manifest(self.key(version, MANIFEST), manifest)
+        return manifest
+
+    def fetch_file(self, version: int, relative: str, expected: dict[str, Any]) -> bytes:
+        """One file of a version, checked against its manifest entry (size and SHA-256)."""
+        return self.fetch_verified(self.key(version, relative), expected, f"version {version}: {relative}")
+
+    def verify(self, version: int) -> dict[str, Any]:
+        """Download every file and compare it with the manifest; raise naming the first mismatch."""
+        manifest = self.manifest(version)
+        for relative, expected in manifest["files"].items():
+            self.fetch_file(version, relative, expected)
+        return manifest
+
+    def download(self, version: int, destination: Path) -> dict[str, Any]:
+        """Download a complete version, checking every file against its manifest."""
+        manifest = self.manifest(version)
+        for relative, expected in manifest["files"].items():
+            target = destination / relative
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(self.fetch_file(version, relative, expected))
+        manifest_path = destination / MANIFEST
+        manifest_path.parent.mkdir(parents=True, exist_ok=True)
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        return manifest
+
+    # --- labels and history ------------------------------------------------
+    def labels(self) -> dict[str, int]:
+        return self.get_json(self.key("_registry", "labels.json")) or {}
+
+    def set_label(self, label: str, version: int | None, event: dict[str, Any] | None = None) -> int | None:
+        """Point ``label`` at ``version`` (None removes it), with a compare-and-swap on
+        labels.json so concurrent movers never lose an update; returns the previous target."""
+        if not LABEL_PATTERN.match(label):
+            raise StoreError(f"invalid label {label!r}: use lower-case letters, digits, '-' or '_'")
+        if version is not None and version not in self.complete_versions():
+            raise VersionNotFound(f"version {version} of {self.uri()} is not published")
+
+        def move(labels: dict[str, int] | None) -> dict[str, int]:
+            others = {k: v for k, v in (labels or {}).items() if k != label}
+            return others if version is None else {**others, label: version}
+
+        before, _ = self.update_json(self.key("_registry", "labels.json"), move)
+        previous = (before or {}).get(label)
+        self.record({"event": "label", "label": label, "version": version, "previous": previous,
+                     **(event or {})})
+        return previous
+
+    def rollback(self, label: str = "stable", event: dict[str, Any] | None = None) -> tuple[int, int]:
+        """Point ``label`` at the version it pointed to before the current one
+        (or, without such a record, the newest complete version below it)."""
+        current = self.labels().get(label)
+        if current is None:
+            raise StoreError(f"nothing to roll back: no {label!r} label in {self.uri()}")
+        complete = set(self.complete_versions())
+        earlier_targets = [e["version"] for e in self.history()
+                           if e.get("event") == "label" and e.get("label") == label and e.get("version") is not None]
+        candidates = [v for v in reversed(earlier_targets) if v != current and v in complete and v < current]
+        candidates += sorted((v for v in complete if v < current), reverse=True)
+        if not candidates:
+            raise StoreError(f"nothing to roll back to: no published version of {self.uri()} before {current}")
+        target = candidates[0]
+        self.set_label(label, target, {"reason": "rollback", **(event or {})})
+        self.record({"event": "rollback", "label": label, "version": target, "previous": current, **(event or {})})
+        return current, target
+
+    # --- garbage collection -----------------------------------------------
+    def leftovers(self, stored: dict[int, list[dict[str, Any]]], grace_seconds: float | None = None
+                  ) -> dict[int, list[dict[str, Any]]]:
+        """Of the ``stored`` version directories, those without a manifest whose newest object is
+        older than the grace period: an interrupted publish (a running one keeps writing)."""
+        grace = self.settings.gc_grace_seconds if grace_seconds is None else grace_seconds
+        now = datetime.now(timezone.utc)
+        return {v: items for v, items in stored.items()
+                if not self.has_manifest(v, items)
+                and all((now - i["LastModified"]).total_seconds() >= grace for i in items)}
+
+    def delete_version(self, items: list[dict[str, Any]]) -> None:
+        """Manifest first: from that moment no reader takes the version for complete."""
+        self.delete_keys([item["Key"] for item in sorted(items, key=lambda i: not i["Key"].endswith(MANIFEST))])
+
+    def gc(self, keep: int, grace_seconds: float | None = None) -> dict[str, list[int]]:
+        """Delete complete versions beyond the newest ``keep`` and leftovers of
+        interrupted publishes. Never a labelled version, nor the newest complete one."""
+        if keep < 1:
+            raise StoreError("gc --keep must be at least 1")
+        stored = self.stored_version_dirs()
+        complete = [v for v, items in stored.items() if self.has_manifest(v, items)]
+        protected = set(self.labels().values()) | set(sorted(complete)[-keep:])
+        old = sorted(v for v in complete if v not in protected)
+        leftovers = self.leftovers(stored, grace_seconds)
+        for version in old:
+            self.delete_version(stored[version])
+        for items in leftovers.values():
+            self.delete_version(items)
+        removed = {"removed_versions": old, "removed_leftovers": sorted(leftovers)}
+        if old or leftovers:
+            self.record({"event": "gc", **removed})
+        return removed

@@ -1,0 +1,301 @@
+"""S3 primitives that every registry in the bucket stands on.
+
+One ``ObjectStore`` is a bucket plus a root prefix. It knows nothing about
+models or datasets; it gives them what S3 lacks and they need:
+
+- retries of transient faults with backoff, denial failing at once (``call``);
+- conditional create (``put_new``, ``If-None-Match: *``) and compare-and-swap of a
+  JSON document (``update_json``, ``If-Match`` on the ETag);
+- never-reused numbers claimed by conditional writes (``claim_number``);
+  every registry keeps ``<root>/_registry/claims/<n>`` and ``<root>/_registry/history/``;
+- uploads the server checks on receipt, read back and compared, with the
+  manifest written last so a reader sees all of an item or nothing
+  (``upload_verified``, ``write_manifest``);
+- append-only event history, one object per event (``record``, ``history``).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
+                   "RequestTimeTooSkewed"}
+DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
+                "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "Forbidden"}
+T = TypeVar("T")
+
+
+class S3Settings(BaseSettings):
+    """Where the bucket is. Credentials come the standard boto3 way
+    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE / AWS_REGION), never from here."""
+
+    model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
+
+    s3_endpoint: str | None = None  # unset: AWS S3 itself (or the embedded store, from the CLI)
+    s3_bucket: str = Field("mnist-models", min_length=3, max_length=63)
+    s3_prefix: str = "models"
+    retry_seconds: float = Field(60.0, ge=0, le=3600, description="give up on transient errors after this")
+
+
+class StoreError(RuntimeError):
+    """The store refused or failed an operation; the message names endpoint and bucket."""
+
+
+class StoreAccessDenied(StoreError):
+    """Wrong credentials or missing permission: never retried."""
+
+
+class VerificationFailed(StoreError):
+    """A stored file does not match the manifest."""
+
+
+@dataclass(frozen=True)
+class LocalFile:
+    relative: str
+    path: Path
+    sha256: str
+    size: int
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def error_code(error: botocore.exceptions.ClientError) -> tuple[str, int]:
+    return (error.response.get("Error", {}).get("Code", ""),
+            int(error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)))
+
+
+def is_transient(error: Exception) -> bool:
+    if isinstance(error, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectionClosedError,
+                          botocore.exceptions.ReadTimeoutError, botocore.exceptions.ConnectTimeoutError)):
+        return True
+    if isinstance(error, botocore.exceptions.ClientError):
+        code, status = error_code(error)
+        return status >= 500 or code in TRANSIENT_CODES
+    return False
+
+
+def is_denied(error: Exception) -> bool:
+    if isinstance(error, botocore.exceptions.ClientError):
+        code, status = error_code(error)
+        return code in DENIED_CODES or status == 403
+    return isinstance(error, botocore.exceptions.NoCredentialsError)
+
+
+def is_precondition_failed(error: Exception) -> bool:
+    return isinstance(error, botocore.exceptions.ClientError) and error_code(error)[1] == 412
+
+
+def is_missing(error: Exception) -> bool:
+    return isinstance(error, botocore.exceptions.ClientError) and (
+        error_code(error)[1] == 404 or error_code(error)[0] in {"NoSuchKey", "NotFound", "NoSuchBucket"})
+
+
+def s3_client(settings: S3Settings) -> Any:
+    # A fresh session per store: boto3's default one caches the credentials it first found.
+    return boto3.session.Session().client(
+        "s3", endpoint_url=settings.s3_endpoint,
+        config=botocore.config.Config(
+            retries={"total_max_attempts": 1},  # retries are ours: see ObjectStore.call()
+            connect_timeout=5, read_timeout=30,
+            # path-style for custom endpoints (MinIO, SeaweedFS); AWS itself picks its own
+            s3={"addressing_style": "path" if settings.s3_endpoint else "auto"},
+            request_checksum_calculation="when_required", response_checksum_validation="when_required"))
+
+
+class ObjectStore:
+    """A bucket and a root prefix, with the crash-safe primitives the registries share."""
+
+    def __init__(self, settings: S3Settings, root: str, client: Any = None):
+        self.settings = settings
+        self.client = client or s3_client(settings)
+        self.bucket = settings.s3_bucket
+        self.root = root.strip("/")
+
+    # --- addressing -------------------------------------------------------
+    @property
+    def where(self) -> str:
+        return f"endpoint {self.settings.s3_endpoint or 'AWS S3'}, bucket {self.bucket}"
+
+    def key(self, *parts: object) -> str:
+        return "/".join([self.root, *(str(p) for p in parts)])
+
+    def uri(self, *parts: object) -> str:
+        return f"s3://{self.bucket}/{self.key(*parts)}" if parts else f"s3://{self.bucket}/{self.root}"
+
+    # --- calls --------------------------------------------------------------
+    def call(self, operation: Callable[..., T], **kwargs: Any) -> T:
+        """Run one S3 call: retry transient faults with backoff, fail fast on denial."""
+        deadline = time.monotonic() + self.settings.retry_seconds
+        delay = 0.2
+        while True:
+            try:
+                return operation(**kwargs)
+            except Exception as error:  # classified below; anything else propagates
+                if is_denied(error):
+                    raise StoreAccessDenied(f"access denied by S3 ({self.where}): {error}") from None
+                if not is_transient(error):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise StoreError(f"S3 unreachable ({self.where}): {error}") from None
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def ensure_bucket(self) -> None:
+        try:
+            self.call(self.client.head_bucket, Bucket=self.bucket)
+        except botocore.exceptions.ClientError as error:
+            if not is_missing(error):
+                raise StoreError(f"cannot use bucket ({self.where}): {error}") from None
+            region = self.client.meta.region_name
+            extra = ({"CreateBucketConfiguration": {"LocationConstraint": region}}
+                     if region and region != "us-east-1" else {})
+            try:
+                self.call(self.client.create_bucket, Bucket=self.bucket, **extra)
+            except botocore.exceptions.ClientError as create_error:
+                if error_code(create_error)[0] not in {"BucketAlreadyOwnedByYou", "BucketAlreadyExists"}:
+                    raise StoreError(f"cannot create bucket ({self.where}): {create_error}") from None
+
+    def get_bytes(self, key: str) -> bytes | None:
+        try:
+            return self.call(self.client.get_object, Bucket=self.bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as error:
+            if is_missing(error):
+                return None
+            raise
+
+    def get_json(self, key: str) -> Any:
+        raw = self.get_bytes(key)
+        return None if raw is None else json.loads(raw)
+
+    def list_keys(self, prefix: str) -> Iterator[dict[str, Any]]:
+        token: dict[str, str] = {}
+        while True:
+            try:
+                page = self.call(self.client.list_objects_v2, Bucket=self.bucket, Prefix=prefix, **token)
+            except botocore.exceptions.ClientError as error:
+                if error_code(error)[0] == "NoSuchBucket":
+                    return  # a store nobody has written to yet is empty
+                raise
+            yield from page.get("Contents", [])
+            if not page.get("IsTruncated"):
+                return
+            token = {"ContinuationToken": page["NextContinuationToken"]}
+
+    def delete_keys(self, keys: list[str]) -> None:
+        for key in keys:
+            self.call(self.client.delete_object, Bucket=self.bucket, Key=key)
+
+    # --- conditional writes -----------------------------------------------
+    def put_new(self, key: str, body: bytes) -> bool:
+        """Create ``key`` only if absent; False if it already exists. Safe to retry:
+        a retried write that finds its own earlier bytes counts as written."""
+        try:
+            self.call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+            return True
+        except botocore.exceptions.ClientError as error:
+            if is_precondition_failed(error):
+                return self.get_bytes(key) == body
+            raise
+
+    def put_checked(self, key: str, body: bytes, sha256_hex: str) -> None:
+        """Upload with a SHA-256 the server checks on receipt (BadDigest otherwise)."""
+        checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+        self.call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body, ChecksumSHA256=checksum)
+
+    def update_json(self, key: str, change: Callable[[Any], Any]) -> tuple[Any, Any]:
+        """Compare-and-swap a JSON document: ``change(current or None)`` gives the new one,
+        retried on a concurrent write so no update is lost. Returns (before, after)."""
+        while True:
+            try:
+                current = self.call(self.client.get_object, Bucket=self.bucket, Key=key)
+                before, condition = json.loads(current["Body"].read()), {"IfMatch": current["ETag"]}
+            except botocore.exceptions.ClientError as error:
+                if not is_missing(error):
+                    raise
+                before, condition = None, {"IfNoneMatch": "*"}
+            after = change(before)
+            try:
+                self.call(self.client.put_object, Bucket=self.bucket, Key=key,
+                          Body=json.dumps(after, sort_keys=True).encode(), **condition)
+                return before, after
+            except botocore.exceptions.ClientError as error:
+                if not is_precondition_failed(error):
+                    raise  # else someone else wrote meanwhile: re-read and retry
+
+    def claimed_numbers(self) -> list[int]:
+        prefix = self.key("_registry", "claims", "")
+        return sorted(int(item["Key"][len(prefix):]) for item in self.list_keys(prefix)
+                      if item["Key"][len(prefix):].isdigit())
+
+    def claim_number(self, details: dict[str, Any]) -> int:
+        """Allocate the next number (a version) with a conditional write of
+        ``_registry/claims/<n>``: racing writers get distinct ones, and claims are
+        never deleted, so no number is ever reused."""
+        token = uuid.uuid4().hex
+        while True:
+            number = max(self.claimed_numbers(), default=0) + 1
+            body = json.dumps({"number": number, "token": token, "claimed_at": utc_now(), **details}).encode()
+            if self.put_new(self.key("_registry", "claims", number), body):
+                return number
+
+    # --- items written manifest last --------------------------------------
+    def fetch_verified(self, key: str, expected: dict[str, Any], name: str) -> bytes:
+        """One object's bytes, checked against its manifest entry (size and SHA-256)."""
+        raw = self.get_bytes(key)
+        if raw is None:
+            raise VerificationFailed(f"{name} is missing")
+        digest = hashlib.sha256(raw).hexdigest()
+        if len(raw) != expected["size"] or digest != expected["sha256"]:
+            raise VerificationFailed(f"{name} does not match the manifest "
+                                     f"(size {len(raw)} vs {expected['size']}, sha256 {digest[:12]}…)")
+        return raw
+
+    def upload_verified(self, prefix: str, files: list[LocalFile]) -> dict[str, dict[str, Any]]:
+        """Upload ``files`` in order under ``prefix`` with server-checked SHA-256s, read each
+        back and compare; returns the manifest's ``files`` entries."""
+        entries = {f.relative: {"sha256": f.sha256, "size": f.size} for f in files}
+        for item in files:
+            self.put_checked(f"{prefix}/{item.relative}", item.path.read_bytes(), item.sha256)
+        for relative, expected in entries.items():
+            self.fetch_verified(f"{prefix}/{relative}", expected, relative)
+        return entries
+
+    def write_manifest(self, key: str, manifest: dict[str, Any]) -> None:
+        """The last write of an item: from this moment readers see it, complete."""
+        if not self.put_new(key, json.dumps(manifest, indent=2, sort_keys=True).encode()):
+            raise StoreError(f"{key} already has a manifest ({self.where})")
+
+    # --- history ------------------------------------------------------------
+    def record(self, event: dict[str, Any]) -> None:
+        """Append an event to ``_registry/history/``: one new object each, so writers never collide."""
+        entry = {"time": utc_now(), **event}
+        name = f"{entry['time'].replace(':', '')}-{uuid.uuid4().hex[:8]}.json"
+        self.put_new(self.key("_registry", "history", name), json.dumps(entry, sort_keys=True).encode())
+
+    def history(self) -> list[dict[str, Any]]:
+        prefix = self.key("_registry", "history", "")
+        return [self.get_json(item["Key"]) for item in sorted(self.list_keys(prefix), key=lambda i: i["Key"])]
