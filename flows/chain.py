@@ -54,10 +54,12 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict
         sync_once(store, model_dir)  # the server starts on what is already published
         address = f"127.0.0.1:{free_port()}"
         stack.enter_context(background_cli(
-            ["serve", "--port", address.split(":")[1], "--model-config-file", str(serving_root / "models.config")],
+            ["serve", "--port", address.split(":")[1], "--model-config-file", str(serving_root / "models.config"),
+             "--allow-version-labels-for-unavailable-models"],  # restart on a config with labels, as in production
             serving_root / "serve.log", ready_text="listening on"))
         stack.enter_context(background_cli(
-            ["sync", "--model-base-path", str(model_dir), "--watch", "--interval", "1"], serving_root / "sync.log"))
+            ["sync", "--model-base-path", str(model_dir), "--watch", "--interval", "1", "--server", address],
+            serving_root / "sync.log"))
         stack.enter_context(patched_environ({"MNIST_SERVING_ADDRESS": address}))
         result = run_training(params)
         names, images, labels = mnist_test_inputs(queries)

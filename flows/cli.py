@@ -291,7 +291,10 @@ def command_serve(args: argparse.Namespace) -> int:
     import signal
     import threading
 
-    from serving.server import ModelManager, ModelServer, ServerOptions, read_model_config_file, single_model_config
+    from serving.inference import PredictOptions
+    from serving.manager import ModelManager
+    from serving.model_config import ConfigRefused, read_model_config_file, single_model_config
+    from serving.server import ModelServer, ServerOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.model_config_file:
@@ -305,10 +308,14 @@ def command_serve(args: argparse.Namespace) -> int:
         raise CliError("give --model-base-path (with --model-name) or --model-config-file", exit_code=2)
     options = ServerOptions(port=args.port, host=args.host, poll_seconds=args.file_system_poll_wait_seconds,
                             max_message_bytes=args.max_message_bytes, rest_api_port=args.rest_api_port,
-                            ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None)
+                            ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None,
+                            predict=PredictOptions(args.enable_serialization_as_tensor_content,
+                                                   args.reject_non_finite_inputs))
     try:
-        server = ModelServer(ModelManager(config), options,
-                             Path(args.model_config_file) if args.model_config_file else None).start()
+        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models)
+        server = ModelServer(manager, options, Path(args.model_config_file) if args.model_config_file else None).start()
+    except ConfigRefused as refusal:
+        raise CliError(f"config refused: {refusal}", exit_code=2) from None
     except (ValueError, RuntimeError, OSError) as error:
         raise CliError(f"cannot start the server: {error}") from None
     served = {name: sorted(model.versions) for name, model in server.manager.models.items()}
@@ -323,18 +330,24 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_sync(args: argparse.Namespace) -> int:
-    from serving.sync import sync_once, watch
+    from serving.client import Target
+    from serving.sync import SyncError, sync_once, watch
 
     base = Path(args.model_base_path)
     config_file = Path(args.model_config_file) if args.model_config_file else None
     with reachable_store() as store:
+        server = Target(args.server, store.settings.model_name) if args.server else None
         if args.watch:
-            watch(store, base, args.interval, config_file, args.config_base_path,
+            watch(store, base, args.interval, config_file, args.config_base_path, server, args.load_timeout,
                   report=lambda line: print(line, flush=True))
             return 0
-        result = sync_once(store, base, config_file, args.config_base_path)
+        try:
+            result = sync_once(store, base, config_file, args.config_base_path, server, args.load_timeout)
+        except SyncError as error:
+            raise CliError(str(error)) from None
+    pending = " (a label waits for its version to load: run again to move it)" if result.labels_pending else ""
     print(f"downloaded {result.downloaded or 'nothing'}, removed {result.removed or 'nothing'}, "
-          f"serving {result.kept}, labels {result.labels}")
+          f"serving {result.kept}, labels {result.labels}{pending}")
     return 0
 
 
@@ -476,6 +489,13 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--ssl-config-file", help="TF Serving SSLConfig text proto: server_key, server_cert, custom_ca")
     serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
                        help="largest request or response (default 64 MiB; a batch of 1024 images is 3.2 MB)")
+    serve.add_argument("--allow-version-labels-for-unavailable-models", action="store_true",
+                       help="accept a new label on a version still loading (a label in use still moves only to "
+                            "an AVAILABLE version), as TF Serving's flag of the same name")
+    serve.add_argument("--enable-serialization-as-tensor-content", action="store_true",
+                       help="answer Predict in packed tensor_content instead of float_val, as TF Serving's flag")
+    serve.add_argument("--reject-non-finite-inputs", action="store_true",
+                       help="refuse inputs holding NaN or infinity (TF Serving runs them through; off by default)")
     serve.set_defaults(handler=command_serve)
 
     sync = commands.add_parser("sync", help="mirror published versions from S3 into a model directory",
@@ -485,6 +505,10 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     sync.add_argument("--config-base-path", help="base_path to write into models.config (the path TF Serving sees)")
     sync.add_argument("--watch", action="store_true", help="keep syncing every --interval seconds")
     sync.add_argument("--interval", type=float, default=10.0, help="seconds between syncs with --watch (default 10)")
+    sync.add_argument("--server", help="HOST:PORT of the model server: a label moves to a new version once the "
+                                       "server reports it AVAILABLE (else on the next round)")
+    sync.add_argument("--load-timeout", type=float, default=300.0,
+                      help="seconds to wait for the server to load a new version (default 300)")
     sync.set_defaults(handler=command_sync)
 
     predict = commands.add_parser("predict", help="classify digits through a gRPC server",

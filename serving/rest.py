@@ -1,15 +1,18 @@
 """TF Serving's REST API on the same models as the gRPC server.
 
-    GET  /v1/models/NAME[/versions/N | /labels/L]             model status
-    GET  /v1/models/NAME[/versions/N | /labels/L]/metadata    signature defs
-    POST /v1/models/NAME[/versions/N | /labels/L]:predict     {"instances": [...]} or {"inputs": ...}
+    GET  /v1/models/NAME[/versions/N | /labels/L]                     model status
+    GET  /v1/models/NAME[/versions/N | /labels/L]/metadata            signature defs
+    POST /v1/models/NAME[/versions/N | /labels/L]:predict             {"instances": [...]} or {"inputs": ...}
+    POST /v1/models/NAME[/versions/N | /labels/L]:classify|:regress   {"examples": [...], "context": {...}}
 
-Same handlers as gRPC (``serving.server.predict`` and friends); NOT_FOUND is 404,
-INVALID_ARGUMENT is 400, with ``{"error": "..."}`` as TF Serving answers.
+Routing, request parsing and bodies follow ``model_servers/http_rest_api_handler.cc``,
+``http_rest_api_util.cc`` and ``util/json_tensor.cc``; status codes follow
+``http_server.cc``'s ``ToHTTPStatusCode``. Errors are ``{"error": "..."}``.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -19,14 +22,30 @@ from typing import Any
 import grpc
 import numpy as np
 from google.protobuf import json_format
-from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
+from tensorflow.core.example import example_pb2, feature_pb2
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import (
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, predict_pb2, regression_pb2,
+)
 
-from serving.server import ModelManager, RequestError, model_metadata, model_status, predict
-from serving.tensors import from_tensor_proto, to_tensor_proto
+from serving.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
+from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
+from serving.tensors import TYPED_FIELDS, from_tensor_proto, to_tensor_proto
 
-ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-                   r"(?P<action>/metadata|:predict)?$")
-HTTP_STATUS = {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400}
+PREDICTION_ROUTE = re.compile(r"(?i)^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+                              r":(?P<method>classify|regress|predict)$")
+STATUS_ROUTE = re.compile(r"(?i)^/v1/models(?:/(?P<name>[^/:]+))?(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+                          r"(?:/(?P<metadata>metadata))?$")
+HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.INVALID_ARGUMENT: 400,
+               grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.NOT_FOUND: 404,
+               grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.PERMISSION_DENIED: 403,
+               grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.FAILED_PRECONDITION: 400,
+               grpc.StatusCode.ABORTED: 409, grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
+               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.UNAUTHENTICATED: 401}
+
+
+def invalid(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def fill_spec(spec: Any, match: re.Match) -> None:
@@ -37,51 +56,205 @@ def fill_spec(spec: Any, match: re.Match) -> None:
         spec.version_label = match["label"]
 
 
-def predict_request(body: dict[str, Any], match: re.Match) -> tuple[predict_pb2.PredictRequest, bool]:
+def parse_body(body: bytes) -> dict[str, Any]:
+    try:
+        document = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise invalid(f"JSON Parse error: {error}") from None
+    if not isinstance(document, dict):
+        raise invalid(f"JSON Value: {body[:200].decode(errors='replace')} Is not object")
+    signature_name = document.get("signature_name", "")
+    if not isinstance(signature_name, str):
+        raise invalid(f"JSON Value: {json.dumps(signature_name)} not formatted correctly. "
+                      "'signature_name' key must be a string value.")
+    return document
+
+
+def as_array(value: Any, dtype: int, name: str) -> np.ndarray:
+    """A JSON value as the dtype the signature declares (strings stay bytes)."""
+    try:
+        if dtype == types_pb2.DT_STRING:
+            return np.array(value, dtype=object)
+        numpy_type = TYPED_FIELDS[dtype][0] if dtype in TYPED_FIELDS else np.float32
+        return np.asarray(value, dtype=numpy_type)
+    except (ValueError, TypeError) as error:
+        raise invalid(f"input '{name}' is not a dense {types_pb2.DataType.Name(dtype)} tensor: {error}") from None
+
+
+def signature_inputs(manager: ModelManager, request: predict_pb2.PredictRequest) -> dict[str, int]:
+    """Input name -> dtype of the signature asked for (``GetInfoMap``)."""
+    _, loaded = manager.resolve(request.model_spec)
+    signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
+    if signature_name not in loaded.signature_defs:
+        raise invalid(f'Serving signature name: "{signature_name}" not found in signature def')
+    return {name: info.dtype for name, info in loaded.signature_defs[signature_name].inputs.items()}
+
+
+def rows_to_columns(instances: list[Any], inputs: dict[str, int]) -> dict[str, list[Any]]:
+    """``instances``: one value per row for a single input, or one object per row naming every input."""
+    if not all(isinstance(row, dict) for row in instances):
+        if len(inputs) > 1 or any(isinstance(row, dict) for row in instances):
+            raise invalid("instances must be objects naming every input when the signature has several")
+        return {next(iter(inputs)): instances}
+    columns = {}
+    for name in inputs:
+        missing = [index for index, row in enumerate(instances) if name not in row]
+        if missing:
+            raise invalid(f"JSON object: does not have named input: {name} (instance {missing[0]})")
+        columns[name] = [row[name] for row in instances]
+    return columns
+
+
+def predict_request(document: dict[str, Any], match: re.Match, manager: ModelManager
+                    ) -> tuple[predict_pb2.PredictRequest, bool]:
     """A PredictRequest from TF Serving's row ("instances") or columnar ("inputs") JSON."""
     request = predict_pb2.PredictRequest()
     fill_spec(request.model_spec, match)
-    request.model_spec.signature_name = body.get("signature_name", "")
-    if ("instances" in body) == ("inputs" in body):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, 'the body needs exactly one of "instances" or "inputs"')
-    rows = "instances" in body
-    data = body["instances"] if rows else body["inputs"]
-    if rows and data and isinstance(data[0], dict):
-        data = {key: [instance[key] for instance in data] for key in data[0]}
-    named = data if isinstance(data, dict) else {"image": data}
-    for key, value in named.items():
-        try:
-            request.inputs[key].CopyFrom(to_tensor_proto(np.asarray(value, dtype=np.float32)))
-        except (ValueError, TypeError) as error:
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"input {key!r} is not a float tensor: {error}")
+    request.model_spec.signature_name = document.get("signature_name", "")
+    if ("instances" in document) == ("inputs" in document):
+        raise invalid("Missing 'inputs' or 'instances' key" if "inputs" not in document else
+                      "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
+    inputs = signature_inputs(manager, request)
+    rows = "instances" in document
+    if rows:
+        instances = document["instances"]
+        if not isinstance(instances, list):
+            raise invalid("Expecting 'instances' to be an list/array")
+        if not instances:
+            raise invalid("No values in 'instances' array")
+        columns = rows_to_columns(instances, inputs)
+    elif isinstance(document["inputs"], dict):
+        missing = [name for name in inputs if name not in document["inputs"]]
+        if missing:
+            raise invalid(f"Missing named input: {missing[0]} in 'inputs' object.")
+        columns = {name: document["inputs"][name] for name in inputs}  # extra keys ignored, as TF Serving
+    else:
+        if len(inputs) > 1:
+            raise invalid("inputs is a plain value/list, but expecting an object as multiple input tensors "
+                          "required as per tensorinfo_map")
+        columns = {next(iter(inputs)): document["inputs"]}
+    for name, value in columns.items():
+        request.inputs[name].CopyFrom(to_tensor_proto(as_array(value, inputs[name], name)))
     return request, rows
 
 
+def json_value(array: np.ndarray) -> Any:
+    if array.dtype == object:
+        return [json_value(item) for item in array] if array.ndim else (
+            array.item().decode(errors="replace") if isinstance(array.item(), bytes) else array.item())
+    return array.tolist()
+
+
 def predict_json(response: predict_pb2.PredictResponse, rows: bool) -> dict[str, Any]:
-    outputs = {key: from_tensor_proto(proto).tolist() for key, proto in response.outputs.items()}
-    single = next(iter(outputs.values())) if len(outputs) == 1 else outputs
-    return {"predictions": single} if rows else {"outputs": single}
+    """Row format: one entry per instance (an object when there are several outputs);
+    columnar: the output itself, or an object of outputs."""
+    outputs = {key: from_tensor_proto(proto) for key, proto in response.outputs.items()}
+    if not rows:
+        values = {key: json_value(array) for key, array in outputs.items()}
+        return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
+    if len(outputs) == 1:
+        return {"predictions": json_value(next(iter(outputs.values())))}
+    batch = min(len(array) for array in outputs.values())
+    return {"predictions": [{key: json_value(array[index]) for key, array in outputs.items()}
+                            for index in range(batch)]}
 
 
-def handle(manager: ModelManager, method: str, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
-    match = ROUTE.match(path)
-    if not match or (method == "POST") != (match["action"] == ":predict"):
-        return 404, {"error": f"no such endpoint: {method} {path}"}
-    try:
-        if match["action"] == ":predict":
-            try:
-                parsed = json.loads(body or b"{}")
-            except json.JSONDecodeError as error:
-                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"body is not JSON: {error}") from None
-            request, rows = predict_request(parsed, match)
-            return 200, predict_json(predict(manager, request), rows)
-        if match["action"] == "/metadata":
+def feature(value: Any, name: str) -> feature_pb2.Feature:
+    values = value if isinstance(value, list) else [value]
+    if all(isinstance(v, bool) for v in values) or not values:
+        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(v) for v in values]))
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=values))
+    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return feature_pb2.Feature(float_list=feature_pb2.FloatList(value=values))
+    if all(isinstance(v, str) for v in values):
+        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[v.encode() for v in values]))
+    if all(isinstance(v, dict) and set(v) == {"b64"} for v in values):
+        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[base64.b64decode(v["b64"]) for v in values]))
+    raise invalid(f"Unexpected element type in feature: {name}")
+
+
+def example_from_json(value: Any) -> example_pb2.Example:
+    if not isinstance(value, dict):
+        raise invalid(f"Example must be JSON object but got JSON {type(value).__name__}")
+    example = example_pb2.Example()
+    for name, item in value.items():
+        example.features.feature[name].CopyFrom(feature(item, name))
+    return example
+
+
+def example_request(document: dict[str, Any], match: re.Match, request: Any) -> Any:
+    """A Classification- or RegressionRequest from ``{"examples": [...], "context": {...}}``."""
+    fill_spec(request.model_spec, match)
+    request.model_spec.signature_name = document.get("signature_name", "")
+    examples = document.get("examples")
+    if examples is None:
+        raise invalid(f"When method is {match['method'].lower()}, key 'examples' is expected and was not found")
+    if not isinstance(examples, list):
+        raise invalid("Expecting 'examples' value to be an list/array")
+    if not examples:
+        raise invalid("'examples' value is an empty array")
+    if "context" in document:
+        target = request.input.example_list_with_context
+        target.context.CopyFrom(example_from_json(document["context"]))
+    else:
+        target = request.input.example_list
+    for item in examples:
+        target.examples.add().CopyFrom(example_from_json(item))
+    return request
+
+
+def classify_json(response: classification_pb2.ClassificationResponse) -> dict[str, Any]:
+    return {"results": [[[entry.label, entry.score] for entry in classifications.classes]
+                        for classifications in response.result.classifications]}
+
+
+def regress_json(response: regression_pb2.RegressionResponse) -> dict[str, Any]:
+    return {"results": [regression.value for regression in response.result.regressions]}
+
+
+def to_dict(message: Any, preserve_names: bool) -> dict[str, Any]:
+    return json_format.MessageToDict(message, always_print_fields_with_no_presence=True,
+                                     preserving_proto_field_name=preserve_names)
+
+
+def metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) -> dict[str, Any]:
+    """``ToJsonString``: model_spec and the unpacked SignatureDefMap, proto field names, defaults printed."""
+    signatures = get_model_metadata_pb2.SignatureDefMap()
+    response.metadata["signature_def"].Unpack(signatures)
+    return {"model_spec": to_dict(response.model_spec, True),
+            "metadata": {"signature_def": to_dict(signatures, True)}}
+
+
+def dispatch(manager: ModelManager, method: str, path: str, body: bytes, options: PredictOptions
+             ) -> dict[str, Any]:
+    if method == "POST" and (match := PREDICTION_ROUTE.match(path)):
+        document = parse_body(body)
+        action = match["method"].lower()
+        if action == "predict":
+            request, rows = predict_request(document, match, manager)
+            return predict_json(predict(manager, request, options), rows)
+        if action == "classify":
+            request = example_request(document, match, classification_pb2.ClassificationRequest())
+            return classify_json(classify(manager, request))
+        return regress_json(regress(manager, example_request(document, match, regression_pb2.RegressionRequest())))
+    if method == "GET" and (match := STATUS_ROUTE.match(path)):
+        if not match["name"]:
+            raise invalid("Missing model name in request.")
+        if match["metadata"]:
             request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
             fill_spec(request.model_spec, match)
-            return 200, json_format.MessageToDict(model_metadata(manager, request), preserving_proto_field_name=True)
+            return metadata_json(model_metadata(manager, request))
         request = get_model_status_pb2.GetModelStatusRequest()
         fill_spec(request.model_spec, match)
-        return 200, json_format.MessageToDict(model_status(manager, request), preserving_proto_field_name=True)
+        return to_dict(model_status(manager, request), False)
+    raise invalid(f"Malformed request: {method} {path}")
+
+
+def handle(manager: ModelManager, method: str, path: str, body: bytes,
+           options: PredictOptions = PredictOptions()) -> tuple[int, dict[str, Any]]:
+    try:
+        return 200, dispatch(manager, method, path.split("?", 1)[0], body, options)
     except RequestError as error:
         return HTTP_STATUS.get(error.code, 500), {"error": str(error)}
 
@@ -89,7 +262,8 @@ def handle(manager: ModelManager, method: str, path: str, body: bytes) -> tuple[
 class RestServer:
     """A threaded HTTP server beside the gRPC one, on ``--rest-api-port``."""
 
-    def __init__(self, manager: ModelManager, host: str, port: int, max_body_bytes: int):
+    def __init__(self, manager: ModelManager, host: str, port: int, max_body_bytes: int,
+                 options: PredictOptions = PredictOptions()):
         class Handler(BaseHTTPRequestHandler):
             def reply(self, status: int, payload: dict[str, Any]) -> None:
                 data = json.dumps(payload).encode()
@@ -99,15 +273,18 @@ class RestServer:
                 self.end_headers()
                 self.wfile.write(data)
 
-            def do_GET(self) -> None:  # noqa: N802  (http.server's naming)
-                self.reply(*handle(manager, "GET", self.path, b""))
-
-            def do_POST(self) -> None:  # noqa: N802
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > max_body_bytes:
-                    self.reply(413, {"error": f"body of {length} bytes exceeds {max_body_bytes}"})
+            def answer(self) -> None:
+                try:
+                    length = int(self.headers.get("Content-Length") or 0)
+                except ValueError:
+                    length = -1
+                if length < 0 or length > max_body_bytes:
+                    self.reply(400 if length < 0 else 413,
+                               {"error": f"Content-Length must be 0-{max_body_bytes} bytes"})
                     return
-                self.reply(*handle(manager, "POST", self.path, self.rfile.read(length)))
+                self.reply(*handle(manager, self.command, self.path, self.rfile.read(length), options))
+
+            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = answer  # noqa: N815
 
             def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  quiet access log
                 return

@@ -19,6 +19,8 @@ from pathlib import Path
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.client import ServingError, Target, model_status
+from serving.model_config import read_model_config_file
 from storage.models import ModelStore, local_versions
 
 STAGING_PREFIX = ".sync-"
@@ -30,6 +32,11 @@ class SyncResult:
     removed: list[int] = field(default_factory=list)
     kept: list[int] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)
+    labels_pending: bool = False  # a label waits for its version to load (moved on a later round)
+
+
+class SyncError(RuntimeError):
+    """The server did not load a synced version in time."""
 
 
 def wanted_versions(complete: list[int], labels: dict[str, int]) -> set[int]:
@@ -78,44 +85,102 @@ def remove_stale_staging(model_base_path: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def served_config(config_file: Path) -> tuple[set[int], dict[str, int]]:
+    """The versions and labels of the config written last (what the server was told), or nothing."""
+    try:
+        config = read_model_config_file(config_file)
+    except ValueError:
+        return set(), {}
+    models = config.model_config_list.config
+    if not models:
+        return set(), {}
+    return set(models[0].model_version_policy.specific.versions), dict(models[0].version_labels)
+
+
+def next_config(wanted: set[int], labels: dict[str, int], listed_before: set[int], labelled_before: dict[str, int],
+                present: set[int]) -> tuple[set[int], dict[str, int], bool]:
+    """The versions and labels to write now, and whether a label move still waits.
+
+    TF Serving refuses a label on a version that is not AVAILABLE (server_core.cc
+    ``UpdateModelVersionLabelMap``), so a label moves only to a version an earlier config
+    already listed; until then it stays where it was, and that version stays too."""
+    ready = {label: version for label, version in labels.items() if version in listed_before}
+    waiting = {label: labelled_before[label] for label in labels
+               if label not in ready and labelled_before.get(label) in present}
+    return wanted | set(waiting.values()), {**ready, **waiting}, len(ready) < len(labels)
+
+
 def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None = None,
-              config_base_path: str | None = None) -> SyncResult:
-    """Mirror the wanted versions and write ``models.config``; return what changed."""
+              config_base_path: str | None = None, server: Target | None = None,
+              load_timeout: float = 300.0) -> SyncResult:
+    """Mirror the wanted versions and write ``models.config``; return what changed.
+
+    A label moves in two steps, as real TF Serving needs: first a config that lists the
+    new version with the labels where they were, then, once the version is AVAILABLE
+    (asked of ``server`` with GetModelStatus; without one, on the next round), the move."""
     model_base_path.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_base_path)
+    config_file = config_file or model_base_path.parent / "models.config"
+    base_path = config_base_path or str(model_base_path.resolve())
     complete = store.complete_versions()
-    labels = store.labels()
+    labels = {k: v for k, v in store.labels().items() if v in complete}
     wanted = wanted_versions(complete, labels)
     present = set(local_versions(model_base_path))
-    result = SyncResult(labels={k: v for k, v in labels.items() if v in wanted})
+    result = SyncResult()
     for version in sorted(wanted - present):
         download_version(store, version, model_base_path)
         result.downloaded.append(version)
-    serving = sorted(wanted)
-    # Write the config before removing anything, so TF Serving stops serving a
-    # version (by policy) before its files go away.
-    write_atomically(config_file or model_base_path.parent / "models.config",
-                     model_config_text(store.settings.model_name, config_base_path or str(model_base_path.resolve()),
-                                       serving, result.labels))
-    for version in sorted(present - wanted):
+    present |= set(result.downloaded)
+    listed_before, labelled_before = served_config(config_file)
+    versions, written_labels, waiting = next_config(wanted, labels, listed_before, labelled_before, present)
+    write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
+    if waiting and server is not None:
+        wait_until_available(server, sorted(wanted), load_timeout)
+        versions, written_labels, waiting = next_config(wanted, labels, versions, written_labels, present)
+        write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
+    # The config goes first, so TF Serving stops serving a version (by policy) before its files go away.
+    for version in sorted(present - versions):
         shutil.rmtree(model_base_path / str(version))
         result.removed.append(version)
-    result.kept = serving
+    result.kept, result.labels, result.labels_pending = sorted(versions), written_labels, waiting
     return result
 
 
+def write_config(config_file: Path, model_name: str, base_path: str, versions: set[int],
+                 labels: dict[str, int]) -> None:
+    write_atomically(config_file, model_config_text(model_name, base_path, sorted(versions), labels))
+
+
+def wait_until_available(server: Target, versions: list[int], timeout: float) -> None:
+    """Until GetModelStatus reports every one of ``versions`` AVAILABLE; SyncError after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = dict(model_status(server))
+        except ServingError:
+            states = {}  # not known yet, or the server restarts: keep asking
+        if all(states.get(version) == "AVAILABLE" for version in versions):
+            return
+        if time.monotonic() > deadline:
+            raise SyncError(f"versions {versions} not AVAILABLE at {server.address} within {timeout:g}s "
+                            f"(states {states}); labels stay where they were")
+        time.sleep(0.5)
+
+
 def watch(store: ModelStore, model_base_path: Path, interval: float, config_file: Path | None = None,
-          config_base_path: str | None = None, report=print) -> None:
-    """Sync every ``interval`` seconds; transient store errors are reported and retried next round."""
+          config_base_path: str | None = None, server: Target | None = None, load_timeout: float = 300.0,
+          report=print) -> None:
+    """Sync every ``interval`` seconds; transient store errors and slow loads are reported and retried."""
     from storage.models import StoreAccessDenied, StoreError
 
     while True:
         try:
-            result = sync_once(store, model_base_path, config_file, config_base_path)
+            result = sync_once(store, model_base_path, config_file, config_base_path, server, load_timeout)
             if result.downloaded or result.removed:
-                report(f"synced: downloaded {result.downloaded}, removed {result.removed}, serving {result.kept}")
+                report(f"synced: downloaded {result.downloaded}, removed {result.removed}, serving {result.kept}, "
+                       f"labels {result.labels}")
         except StoreAccessDenied:
             raise
-        except StoreError as error:
-            report(f"sync failed, retrying in {interval:g}s: {error}")
+        except (StoreError, SyncError) as error:
+            report(f"sync incomplete, retrying in {interval:g}s: {error}")
         time.sleep(interval)

@@ -26,10 +26,12 @@ def start_model_server(base: Path, **options):
     """The local gRPC server, in process, on a free loopback port, serving ``base`` as
     model ``mnist`` (polling every 0.2 s unless told); returns it and its address."""
     from storage.embedded import free_port
-    from serving.server import ModelManager, ModelServer, ServerOptions, single_model_config
+    from serving.manager import ModelManager
+    from serving.model_config import single_model_config
+    from serving.server import ModelServer, ServerOptions
 
     port = free_port()
-    server = ModelServer(ModelManager(single_model_config("mnist", base)),
+    server = ModelServer(ModelManager(single_model_config("mnist", base.resolve())),
                          ServerOptions(port=port, **{"poll_seconds": 0.2, **options})).start()
     return server, f"127.0.0.1:{port}"
 

@@ -39,7 +39,12 @@ def test_sync_mirrors_wanted_versions_and_writes_labels(store: ModelStore, saved
     config = read_config(tmp_path / "models" / "models.config").model_config_list.config[0]
     assert config.name == "mnist" and config.base_path == str(base.resolve())
     assert list(config.model_version_policy.specific.versions) == [1, 3]
-    assert dict(config.version_labels) == {"stable": 1}
+    # TF Serving labels only versions it has loaded: the label comes once an earlier config listed it
+    assert dict(config.version_labels) == {} and result.labels_pending
+    labelled = sync_once(store, base)
+    assert labelled.downloaded == [] and labelled.labels == {"stable": 1} and not labelled.labels_pending
+    assert dict(read_config(tmp_path / "models" / "models.config").model_config_list.config[0].version_labels) == \
+        {"stable": 1}
     store.set_label("stable", 3)
     again = sync_once(store, base)
     assert again.downloaded == [] and again.removed == [1] and local_versions(base) == [3]
@@ -79,7 +84,8 @@ def test_sync_works_with_read_only_credentials(saved_model_dir: Path, tmp_path: 
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sidecar-secret")
         reader = ModelStore(StoreSettings())
         result = sync_once(reader, tmp_path / "models" / "mnist")
-        assert result.downloaded == [1] and result.labels == {"stable": 1}
+        assert result.downloaded == [1] and result.labels_pending
+        assert sync_once(reader, tmp_path / "models" / "mnist").labels == {"stable": 1}
         with pytest.raises(botocore.exceptions.ClientError) as refused:
             reader.client.put_object(Bucket=reader.bucket, Key="models/mnist/evil", Body=b"x")
         assert refused.value.response["ResponseMetadata"]["HTTPStatusCode"] == 403
@@ -121,3 +127,50 @@ def test_sigterm_stops_the_embedded_store_a_command_started(tmp_path: Path) -> N
     sync.send_signal(signal.SIGTERM)
     assert sync.wait(timeout=30) != 0
     assert not process_alive(store.pid) and read_state(tmp_path / "state") is None
+
+
+def wait_until(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "not reached in time"
+        time.sleep(0.1)
+
+
+def test_sync_moves_a_label_only_once_the_server_has_the_version(store: ModelStore, saved_model_dir: Path,
+                                                                tmp_path: Path) -> None:
+    """Against `mnist serve` refusing labels on versions not AVAILABLE, as TF Serving does by default
+    (server_core.cc UpdateModelVersionLabelMap): the sync lists the new version first, waits for
+    GetModelStatus to report it AVAILABLE, then moves the label; no config is ever refused and
+    `stable` answers throughout."""
+    import numpy as np
+
+    from serving.client import Target, predict_probabilities
+    from serving.manager import ModelManager
+    from serving.model_config import read_model_config_file
+    from serving.server import ModelServer, ServerOptions
+    from storage.embedded import free_port
+
+    base = tmp_path / "models" / "mnist"
+    config_file = tmp_path / "models" / "models.config"
+    store.publish(saved_model_dir, LINEAGE)
+    store.set_label("stable", 1)
+    sync_once(store, base)  # first pass, before the server runs: version 1, no label yet
+    port = free_port()
+    server = ModelServer(ModelManager(read_model_config_file(config_file)),
+                         ServerOptions(port=port, poll_seconds=0.2), config_file).start()
+    target = Target(f"127.0.0.1:{port}", "mnist")
+    try:
+        first = sync_once(store, base, server=target, load_timeout=60)
+        assert first.labels == {"stable": 1}
+        wait_until(lambda: server.manager.labels == {"mnist": {"stable": 1}})
+        store.publish(saved_model_dir, LINEAGE)
+        store.set_label("stable", 2)
+        second = sync_once(store, base, server=target, load_timeout=60)
+        assert second.downloaded == [2] and second.labels == {"stable": 2} and second.removed == [1]
+        wait_until(lambda: server.manager.labels == {"mnist": {"stable": 2}})
+        assert server.config_refusals == 0
+        _, version = predict_probabilities(np.zeros((1, 28, 28, 1), np.float32),
+                                           Target(target.address, label="stable"))
+        assert version == 2
+    finally:
+        server.stop(grace=1)

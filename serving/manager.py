@@ -1,0 +1,222 @@
+"""The served models, their versions and labels, kept in step with the disk and the config,
+with TF Serving's rules (``model_servers/server_core.cc``, ``core/servable_state_monitor.h``).
+
+- Every version the server has known keeps a state (``LOADING``, ``AVAILABLE``, ``END``)
+  and a status: a version that failed to load is ``END`` with the error, and is not
+  tried again until its ``saved_model.pb`` changes; an unloaded one is ``END`` with OK.
+- A config is validated whole before anything changes; a refused one leaves models,
+  versions and labels as they were. A label may point only at an ``AVAILABLE`` version
+  unless ``allow_version_labels_for_unavailable_models``, which still refuses to move a
+  label that already points elsewhere (``UpdateModelVersionLabelMap``).
+- A new version is loaded before an old one is unloaded, so a switch fails no request,
+  and an old one stays while no wanted version could be loaded (availability preserving).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from serving.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
+from serving.tensors import from_tensor_proto
+from storage.models import local_versions
+
+log = logging.getLogger("mnist.serve")
+DEFAULT_SIGNATURE = "serving_default"
+WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
+MAX_WARMUP_RECORDS = 1000  # TF Serving's own limit
+State = get_model_status_pb2.ModelVersionStatus.State
+
+
+class RequestError(Exception):
+    """A request problem with the gRPC status code it maps to."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class LoadedVersion:
+    version: int
+    path: Path
+    module: object
+    signature_defs: dict[str, meta_graph_pb2.SignatureDef]
+
+    def function(self, name: str):
+        return self.module.signatures[name]
+
+
+@dataclass
+class VersionStatus:
+    state: int
+    error_code: grpc.StatusCode = grpc.StatusCode.OK
+    error_message: str = ""
+
+
+@dataclass
+class ServedModel:
+    config: model_server_config_pb2.ModelConfig
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+
+
+def read_signature_defs(path: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """Every SignatureDef of the SavedModel, as TF Serving's GetModelMetadata lists them."""
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
+    return dict(saved_model.meta_graphs[0].signature_def.items())
+
+
+def warm_up(loaded: LoadedVersion) -> int:
+    """Replay the version's warmup PredictionLogs, as TF Serving's --enable_model_warmup does."""
+    warmup = loaded.path / WARMUP_FILE
+    if not warmup.is_file():
+        return 0
+    replayed = 0
+    for record in tf.data.TFRecordDataset(str(warmup)).take(MAX_WARMUP_RECORDS):
+        request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
+        function = loaded.function(request.model_spec.signature_name or DEFAULT_SIGNATURE)
+        function(**{name: tf.constant(from_tensor_proto(proto)) for name, proto in request.inputs.items()})
+        replayed += 1
+    return replayed
+
+
+def load_version(path: Path, version: int) -> LoadedVersion:
+    loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path))
+    replayed = warm_up(loaded)
+    log.info("loaded version %d from %s (%d warmup requests)", version, path, replayed)
+    return loaded
+
+
+def servable_versions(base_path: Path) -> list[int]:
+    """Version directories that hold a SavedModel."""
+    return [v for v in local_versions(base_path) if (base_path / str(v) / "saved_model.pb").is_file()]
+
+
+def saved_model_stamp(path: Path) -> float:
+    try:
+        return (path / "saved_model.pb").stat().st_mtime
+    except OSError:
+        return -1.0
+
+
+class ModelManager:
+    """The served models and their versions, kept in step with the disk."""
+
+    def __init__(self, config: model_server_config_pb2.ModelServerConfig,
+                 allow_version_labels_for_unavailable_models: bool = False):
+        self.lock = threading.RLock()
+        self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
+        self.models: dict[str, ServedModel] = {}
+        self.labels: dict[str, dict[str, int]] = {}
+        self.states: dict[str, dict[int, VersionStatus]] = {}
+        self.failed_loads: dict[tuple[str, int], float] = {}  # broken version -> its saved_model.pb mtime
+        self.apply_config(config)
+
+    # --- config -------------------------------------------------------------
+    def checked_labels(self, config: model_server_config_pb2.ModelServerConfig) -> dict[str, dict[str, int]]:
+        """The label map ``config`` asks for, or ConfigRefused as TF Serving's UpdateModelVersionLabelMap."""
+        labels: dict[str, dict[str, int]] = {}
+        for model in config.model_config_list.config:
+            states = self.states.get(model.name, {})
+            for label, version in model.version_labels.items():
+                existing = self.labels.get(model.name, {}).get(label)
+                allowed = self.allow_unavailable_labels and (existing is None or existing == version)
+                available = version in states and states[version].state == State.AVAILABLE
+                if not (allowed or available):
+                    raise ConfigRefused(grpc.StatusCode.FAILED_PRECONDITION,
+                                        f"Request to assign label to version {version} of model {model.name}, "
+                                        "which is not currently available for inference")
+                labels.setdefault(model.name, {})[label] = version
+        return labels
+
+    def apply_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
+        """Validate the whole config, then switch to it and load what it asks for."""
+        validate_model_config_list(config)
+        with self.lock:
+            labels = self.checked_labels(config)
+            current = self.models
+            self.models = {c.name: ServedModel(c, current[c.name].versions if c.name in current else {})
+                           for c in config.model_config_list.config}
+            self.labels = labels
+            for name in set(current) - set(self.models):
+                for version in current[name].versions:
+                    self.set_state(name, version, VersionStatus(State.END))
+                log.info("unloaded model %s (no longer in the config)", name)
+        self.poll()
+
+    # --- versions -------------------------------------------------------------
+    def set_state(self, name: str, version: int, status: VersionStatus) -> None:
+        self.states.setdefault(name, {})[version] = status
+
+    def load(self, name: str, model: ServedModel, version: int) -> None:
+        path = Path(model.config.base_path) / str(version)
+        stamp = saved_model_stamp(path)
+        if self.failed_loads.get((name, version)) == stamp:
+            return  # the same files failed before: wait until they change
+        self.set_state(name, version, VersionStatus(State.LOADING))
+        try:
+            loaded = load_version(path, version)
+        except Exception as error:  # noqa: BLE001  a broken version must not take the server down
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            log.error("could not load %s version %d (not retried until its files change): %s", name, version,
+                      message)
+            self.failed_loads[(name, version)] = stamp
+            self.set_state(name, version, VersionStatus(State.END, grpc.StatusCode.UNKNOWN, message))
+            return
+        self.failed_loads.pop((name, version), None)
+        with self.lock:
+            model.versions = {**model.versions, version: loaded}
+            self.set_state(name, version, VersionStatus(State.AVAILABLE))
+
+    def poll(self) -> None:
+        """Load what the policy wants and is not loaded, then drop what it no longer wants.
+        Loading first means a request always finds a servable version during a switch."""
+        for name, model in list(self.models.items()):
+            wanted = versions_to_serve(model.config, servable_versions(Path(model.config.base_path)))
+            for version in sorted(wanted - set(model.versions)):
+                self.load(name, model, version)
+            stale = set(model.versions) - wanted
+            if stale and not wanted & set(model.versions):
+                continue  # availability preserving, as TF Serving: keep the old until a new one serves
+            if stale:
+                with self.lock:
+                    model.versions = {v: loaded for v, loaded in model.versions.items() if v not in stale}
+                    for version in stale:
+                        self.set_state(name, version, VersionStatus(State.END))
+                log.info("unloaded %s versions %s", name, sorted(stale))
+
+    # --- requests -------------------------------------------------------------
+    def resolve(self, spec) -> tuple[str, LoadedVersion]:
+        """The loaded version a ModelSpec asks for, with TF Serving's codes and messages
+        (``ServableRequestFromModelSpec``, ``GetModelVersionForLabel``, the manager's NOT_FOUND)."""
+        if not spec.name:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "ModelSpec has no name specified.")
+        with self.lock:
+            model = self.models.get(spec.name)
+            choice = spec.WhichOneof("version_choice")
+            if choice == "version_label":
+                version = self.labels.get(spec.name, {}).get(spec.version_label)
+                if version is None:
+                    raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                       f"Unrecognized servable version label: {spec.version_label}")
+            elif choice == "version":
+                version = spec.version.value
+            else:
+                version = max(model.versions) if model and model.versions else None
+            request = (f"Specific({spec.name}, {version})" if choice else f"Latest({spec.name})")
+            if model is None or version not in model.versions:
+                raise RequestError(grpc.StatusCode.NOT_FOUND, f"Servable not found for request: {request}")
+            return spec.name, model.versions[version]
+
+    def version_states(self, name: str) -> dict[int, VersionStatus]:
+        with self.lock:
+            return dict(self.states.get(name, {}))

@@ -1,0 +1,36 @@
+"""A SavedModel with predict, classify and regress signatures, built as TF Serving's
+testdata ``saved_model_half_plus_two.py`` builds its own: y = 0.5 * x + 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def export_half_plus_two(directory: Path) -> Path:
+    import tensorflow as tf
+
+    v1 = tf.compat.v1
+    with tf.Graph().as_default(), v1.Session() as session:
+        serialized = v1.placeholder(tf.string, [None], name="tf_example")
+        parsed = v1.io.parse_example(serialized, {"x": tf.io.FixedLenFeature([1], tf.float32)})
+        a, b = tf.Variable(0.5, name="a"), tf.Variable(2.0, name="b")
+        y_examples = tf.identity(a * parsed["x"] + b, name="y_examples")
+        x = v1.placeholder(tf.float32, [None], name="x")
+        y = tf.identity(a * x + b, name="y")
+        info = v1.saved_model.utils.build_tensor_info
+        build = v1.saved_model.signature_def_utils.build_signature_def
+        constants = v1.saved_model.signature_constants
+        signatures = {
+            "serving_default": build({"x": info(x)}, {"y": info(y)}, constants.PREDICT_METHOD_NAME),
+            "classify_x_to_y": build({constants.CLASSIFY_INPUTS: info(serialized)},
+                                     {constants.CLASSIFY_OUTPUT_SCORES: info(y_examples)},
+                                     constants.CLASSIFY_METHOD_NAME),
+            "regress_x_to_y": build({constants.REGRESS_INPUTS: info(serialized)},
+                                    {constants.REGRESS_OUTPUTS: info(y_examples)}, constants.REGRESS_METHOD_NAME),
+        }
+        session.run(v1.global_variables_initializer())
+        builder = v1.saved_model.Builder(str(directory))
+        builder.add_meta_graph_and_variables(session, [v1.saved_model.tag_constants.SERVING],
+                                             signature_def_map=signatures)
+        builder.save()
+    return directory
