@@ -149,7 +149,6 @@ class ModelServer:
         try:
             self.manager.apply_config(read_model_config_file(self.config_file))
             self.config_refused = False
-        self.config_refusals = 0  # how many times a config file was refused (retries included)
         except ValueError as error:  # ConfigRefused too: serving goes on as before
             if changed or not self.config_refused:
                 log.error("config %s refused, serving as before and retrying: %s", self.config_file, error)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import grpc
 import httpx
@@ -40,13 +42,29 @@ def hp2_server(half_plus_two: Path, tmp_path: Path):
     server.stop(grace=1)
 
 
-@pytest.fixture()
-def mnist_server(saved_model_dir: Path, tmp_path: Path):
+@contextmanager
+def served_copy(saved_model_dir: Path, tmp_path: Path, **options) -> Iterator[tuple[object, str, Path]]:
+    """The MNIST SavedModel as version 1 of a fresh model directory, served with ``options``."""
     base = tmp_path / "models" / "mnist"
     shutil.copytree(saved_model_dir, base / "1")
-    server, address = start_model_server(base)
-    yield server, address, base
-    server.stop(grace=1)
+    server, address = start_model_server(base, **options)
+    try:
+        yield server, address, base
+    finally:
+        server.stop(grace=1)
+
+
+@pytest.fixture()
+def mnist_server(saved_model_dir: Path, tmp_path: Path):
+    with served_copy(saved_model_dir, tmp_path) as served:
+        yield served
+
+
+def image_request(images: np.ndarray) -> predict_pb2.PredictRequest:
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.inputs["image"].CopyFrom(to_tensor_proto(images))
+    return request
 
 
 def stub(address: str) -> prediction_service_pb2_grpc.PredictionServiceStub:
@@ -75,9 +93,8 @@ def hp2_predict(values: list[float], **spec) -> predict_pb2.PredictRequest:
 # --- 1. Predict outputs (predict_util.cc PostProcessPredictionResult; mnist_client.py) -----------
 def test_predict_answers_in_float_val_as_tf_serving(mnist_server, test_digits) -> None:
     _, address, _ = mnist_server
-    request = predict_pb2.PredictRequest()
-    request.model_spec.name = "mnist"
-    request.inputs["image"].CopyFrom(tf.make_tensor_proto(test_digits[:3]))
+    request = image_request(test_digits[:3])
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(test_digits[:3]))  # as mnist_client.py sends it
     response = stub(address).Predict(request, timeout=30)
     output = response.outputs["probabilities"]
     assert not output.tensor_content and len(output.float_val) == 30  # AsProtoField, what mnist_client.py reads
@@ -90,20 +107,12 @@ def test_predict_answers_in_float_val_as_tf_serving(mnist_server, test_digits) -
 def test_tensor_content_only_with_the_flag(saved_model_dir: Path, tmp_path: Path, test_digits) -> None:
     from serving.inference import PredictOptions
 
-    base = tmp_path / "m"
-    shutil.copytree(saved_model_dir, base / "1")
-    server, address = start_model_server(base, predict=PredictOptions(tensor_content=True))
-    try:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = "mnist"
-        request.inputs["image"].CopyFrom(to_tensor_proto(test_digits[:2]))
-        output = stub(address).Predict(request, timeout=30).outputs["probabilities"]
+    with served_copy(saved_model_dir, tmp_path, predict=PredictOptions(tensor_content=True)) as (_, address, _):
+        output = stub(address).Predict(image_request(test_digits[:2]), timeout=30).outputs["probabilities"]
         assert output.tensor_content and not output.float_val
         assert tf.make_ndarray(output).shape == (2, 10)
         probabilities, _ = predict_probabilities(test_digits[:2], Target(address))  # our client: tensor_content
         assert np.allclose(probabilities, tf.make_ndarray(output))
-    finally:
-        server.stop(grace=1)
 
 
 def test_output_filter_and_input_checks_as_predict_util(hp2_server) -> None:
@@ -129,17 +138,9 @@ def test_output_filter_and_input_checks_as_predict_util(hp2_server) -> None:
 def test_non_finite_inputs_refused_only_when_asked(saved_model_dir: Path, tmp_path: Path) -> None:
     from serving.inference import PredictOptions
 
-    base = tmp_path / "m"
-    shutil.copytree(saved_model_dir, base / "1")
-    server, address = start_model_server(base, predict=PredictOptions(reject_non_finite=True))
-    try:
-        request = predict_pb2.PredictRequest()
-        request.model_spec.name = "mnist"
-        request.inputs["image"].CopyFrom(to_tensor_proto(np.full((1, 28, 28, 1), np.nan, dtype=np.float32)))
-        error = rpc_error(stub(address).Predict, request)
+    with served_copy(saved_model_dir, tmp_path, predict=PredictOptions(reject_non_finite=True)) as (_, address, _):
+        error = rpc_error(stub(address).Predict, image_request(np.full((1, 28, 28, 1), np.nan, dtype=np.float32)))
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in error.details()
-    finally:
-        server.stop(grace=1)
 
 
 # --- 2. Error codes (predict_impl.cc, server_core.cc ServableRequestFromModelSpec) ----------------
