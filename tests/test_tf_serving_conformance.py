@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
+    classification_pb2, get_model_metadata_pb2, inference_pb2, get_model_status_pb2, model_management_pb2, model_service_pb2_grpc,
     predict_pb2, prediction_service_pb2_grpc, regression_pb2,
 )
 
@@ -175,7 +175,7 @@ def example_request(kind, signature: str, x: float, name: str = "mnist"):
     return request
 
 
-def test_classify_and_regress_on_grpc_and_rest(hp2_server) -> None:
+def test_classify_and_regress_on_grpc_and_rest(hp2_server, caplog: pytest.LogCaptureFixture) -> None:
     _, address, rest = hp2_server
     classified = stub(address).Classify(example_request(classification_pb2.ClassificationRequest,
                                                         "classify_x_to_y", 2.0), timeout=30)
@@ -195,6 +195,9 @@ def test_classify_and_regress_on_grpc_and_rest(hp2_server) -> None:
     unknown = rpc_error(stub(address).Regress, example_request(regression_pb2.RegressionRequest, "regress_x_to_y",
                                                                2.0, name="fashion"))
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
+    multi = rpc_error(stub(address).MultiInference, inference_pb2.MultiInferenceRequest())
+    assert multi.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert not [r for r in caplog.records if r.exc_info], "no traceback in the server log for any request"
 
 
 def test_predict_rest_row_and_columnar_as_tf_serving(hp2_server) -> None:
