@@ -80,10 +80,21 @@ def run_training(params) -> dict[str, Any]:
 
 
 def print_training_result(result: dict[str, Any]) -> None:
+    if "skipped" in result:
+        print(f"skipped: nothing changed since version {result['skipped']} (same data, code and recipe); "
+              "--force retrains")
+        return
     print("gate:")
     for check in result["gate"]:
         print(f"  {check}")
     print(f"test accuracy: {result['test_accuracy']:.4f}")
+    if result.get("slices"):
+        stable = result.get("stable") or {}
+        print(f"{'slice':<24} {'candidate':>9} {'stable' + (' v' + str(stable['version']) if stable else ''):>10}")
+        rows = [("MNIST test", result["test_accuracy"], stable.get("test_accuracy"))]
+        rows += [(name, value, result["stable_slices"].get(name)) for name, value in sorted(result["slices"].items())]
+        for name, mine, theirs in rows:
+            print(f"{name:<24} {mine:>9.4f} {'-' if theirs is None else f'{theirs:.4f}':>10}")
     print(f"run outputs:   {result['run_dir']}")
     print(f"saved model:   {result['saved_model']}")
     if result["published"]:
@@ -237,9 +248,9 @@ def registry_action(args: argparse.Namespace, store) -> int:
 
 
 @contextmanager
-def reachable_store() -> Iterator[Any]:
-    """The model store (from the environment, or the embedded one), with its
-    errors turned into one-line CLI errors."""
+def reachable_store(factory: Callable[[], Any] | None = None) -> Iterator[Any]:
+    """A store on the bucket (from the environment, or the embedded one; the model
+    store unless ``factory`` says otherwise), with its errors as one-line CLI errors."""
     import botocore.exceptions
 
     from storage.embedded import store_environment
@@ -247,7 +258,7 @@ def reachable_store() -> Iterator[Any]:
 
     try:
         with store_environment(pipeline_settings().state_dir):
-            yield registry_store()
+            yield (factory or registry_store)()
     except (StoreError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as error:
         raise CliError(str(error)) from None
 
@@ -556,6 +567,9 @@ def build_parser() -> argparse.ArgumentParser:
     storage.add_argument("action", choices=("up", "down", "status"))
     storage.set_defaults(handler=command_storage)
     add_registry_parser(commands)
+    from flows.cli_data import add_data_parser  # its own module: it builds on this one
+
+    add_data_parser(commands)
     add_serving_parsers(commands)
     deploy = commands.add_parser("deploy", help="create the work pool, deployments and automations from prefect.yaml",
                                  description="Apply prefect.yaml to the server PREFECT_API_URL names.")
@@ -588,4 +602,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run the importable module's main, not this __main__ copy: command modules such as
+    # flows.cli_data import flows.cli, and its CliError must be the one main() catches.
+    from flows.cli import main as importable_main
+
+    sys.exit(importable_main())

@@ -39,6 +39,15 @@ class TrainingParams(BaseModel):
                                    description="gate: largest allowed test-accuracy drop against stable")
     class_margin: float = Field(0.01, ge=0.0, le=1.0,
                                 description="gate: largest allowed drop of any digit's accuracy against stable")
+    slice_threshold: float = Field(0.97, ge=0.0, le=1.0,
+                                   description="gate: minimum accuracy on each new source's test slice")
+    slice_margin: float = Field(0.02, ge=0.0, le=1.0,
+                                description="gate: largest allowed drop on a source's slice against stable")
+    min_slice_size: int = Field(100, ge=1, le=100000,
+                                description="gate: test examples a slice needs to be gated (smaller: reported)")
+    dataset_version: int | None = Field(None, ge=1, description="dataset version to train on (default: latest)")
+    new_data_weight: int = Field(4, ge=1, le=50, description="times each new training example is repeated")
+    force: bool = Field(False, description="retrain even when data, code and recipe match stable's")
     publish: bool = Field(True, description="publish a passing model to the S3 model store")
     publish_label: Literal["stable", "canary"] = Field("stable", description="label a new version gets")
     output_dir: str | None = Field(None, description="plots, reports, SavedModel (default MNIST_OUTPUT_DIR)")

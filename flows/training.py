@@ -7,15 +7,15 @@ from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import flow_run
-from prefect.states import Failed, State
+from prefect.states import Completed, Failed, State
 
 from flows.params import TrainingParams
 from flows.settings import PipelineSettings
 from storage.models import StoreSettings
 from tasks.data import prepare_data
-from tasks.evaluate import accuracy_gate, champion_checks, evaluate, evaluate_stable, gate
+from tasks.evaluate import accuracy_gate, champion_checks, evaluate, evaluate_stable, gate, slice_checks
 from tasks.export import export
-from tasks.publish import live_check, publish, record_rejection
+from tasks.publish import check_for_changes, live_check, publish, record_rejection
 from tasks.report import report, verdict_line
 from tasks.train import code_version, library_versions, train
 
@@ -37,16 +37,24 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     run_dir = new_run_dir(output_dir)
 
     data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
-                        config.train_limit)
+                        config.train_limit, params.dataset_version, params.new_data_weight)
+    lineage = {"flow_run_id": str(flow_run.id), "data_fingerprint": data["data_fingerprint"],
+               "dataset": data["dataset"], "code_version": code_version(), "library_versions": library_versions(),
+               "preset": params.preset, "config": config.model_dump(), "new_data_weight": params.new_data_weight}
+    if params.publish and not params.force:
+        same_as = check_for_changes(lineage)
+        if same_as is not None:
+            return Completed(message=f"skipped: nothing changed since version {same_as}",
+                             data={"skipped": same_as, "run_dir": str(run_dir)})
     trained = train(data["prepared_path"], config, str(run_dir))
     metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir))
     stable = evaluate_stable(data["prepared_path"]) if params.publish else None
+    sliced, slice_notes = slice_checks(metrics, stable, params.slice_threshold, params.slice_margin,
+                                       params.min_slice_size)
     verdict = gate([accuracy_gate(metrics, params.threshold),
-                    *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin)])
-    lineage = {"flow_run_id": str(flow_run.id), "data_fingerprint": data["data_fingerprint"],
-               "code_version": code_version(), "library_versions": library_versions(),
-               "preset": params.preset, "config": config.model_dump()}
-    outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage}
+                    *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced])
+    outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage,
+               "slice_notes": slice_notes}
     if not verdict["passed"]:
         if params.publish:
             record_rejection(verdict["summary"], metrics, lineage)
@@ -63,5 +71,8 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     if check and not check["passed"]:
         return Failed(message=check["summary"])
     return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir), "gate": verdict["checks"],
+            "slices": {source: scores["accuracy"] for source, scores in metrics["slices"].items()},
+            "stable_slices": {source: scores["accuracy"] for source, scores in ((stable or {}).get("slices") or {}).items()},
+            "stable": stable and {"version": stable["version"], "test_accuracy": stable["test_accuracy"]},
             "saved_model": exported["path"], "version": exported["version"], "published": published,
             "outputs": outputs}

@@ -78,6 +78,14 @@ def read_npy(path: Path) -> np.ndarray:
         array = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
         raise InputError(f"{path}: not a readable .npy file ({error})") from None
+    return as_digit_batch(array, str(path))
+
+
+def as_digit_batch(array: np.ndarray, source: str) -> np.ndarray:
+    """Digits already 28x28 (MNIST's format) as float32 [N,28,28,1] in [0,1]: uint8 0-255 or float 0-1."""
+    shape = list(array.shape)
+    if not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{source}: dtype {array.dtype} is not numeric")
     if array.dtype == np.uint8 or (np.issubdtype(array.dtype, np.number) and array.size and array.max() > 1.0):
         array = array.astype(np.float32) / 255.0
     array = np.asarray(array, dtype=np.float32)
@@ -88,9 +96,9 @@ def read_npy(path: Path) -> np.ndarray:
     if array.ndim == 3 and array.shape[1:] == (28, 28):
         array = array[..., np.newaxis]
     if array.ndim != 4 or array.shape[1:] != (28, 28, 1) or array.shape[0] == 0:
-        raise InputError(f"{path}: shape {list(np.load(path).shape)} is not [28,28], [N,28,28], [N,28,28,1] or [N,784]")
+        raise InputError(f"{source}: shape {shape} is not [28,28], [N,28,28], [N,28,28,1] or [N,784]")
     if not np.isfinite(array).all():
-        raise InputError(f"{path}: contains NaN or infinity")
+        raise InputError(f"{source}: contains NaN or infinity")
     return array
 
 

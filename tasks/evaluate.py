@@ -79,6 +79,33 @@ def champion_checks(candidate: dict, champion: dict | None, accuracy_margin: flo
     return checks
 
 
+def slice_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+    """A new source's test slice: size, accuracy, per-class accuracy and confusion matrix."""
+    predicted = probabilities.argmax(axis=1)
+    matrix = confusion_matrix(labels, predicted)
+    return {"num_examples": int(len(labels)), "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
+            "per_class_accuracy": [float(v) for v in matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)],
+            "confusion_matrix": matrix.tolist()}
+
+
+def slice_checks(candidate: dict, champion: dict | None, threshold: float, margin: float,
+                 min_size: int) -> tuple[list[GateCheck], list[str]]:
+    """Each new source's test slice with at least ``min_size`` examples must reach ``threshold``
+    and lose at most ``margin`` against ``stable`` on the same images; smaller slices are
+    reported, not gated. Returns the checks and the notes on slices too small to judge."""
+    checks, notes = [], []
+    for source, scores in sorted(candidate.get("slices", {}).items()):
+        if scores["num_examples"] < min_size:
+            notes.append(f"slice {source}: {scores['num_examples']} test examples < {min_size}, reported, not gated")
+            continue
+        checks.append(GateCheck(f"slice {source} accuracy >= slice threshold", scores["accuracy"], threshold))
+        theirs = (champion or {}).get("slices", {}).get(source)
+        if theirs is not None:
+            checks.append(GateCheck(f"slice {source} not worse than stable v{champion['version']} (- {margin:g})",
+                                    scores["accuracy"], theirs["accuracy"] - margin))
+    return checks, notes
+
+
 def enforce_gate(checks: list[GateCheck]) -> str:
     """Raise GateFailed naming every failed check; return the summary otherwise."""
     failed = [check.describe() for check in checks if not check.passed]
@@ -100,10 +127,18 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     """Test-set metrics, saved as JSON; the test set is used here and nowhere in training."""
     from tasks.data import load_test_set
 
+    from tasks.data import load_slices
+
     x_test, y_test = load_test_set(Path(prepared_path))
-    metrics = evaluate_model(keras.models.load_model(model_path), x_test, y_test)
+    model = keras.models.load_model(model_path)
+    metrics = evaluate_model(model, x_test, y_test)
+    metrics["slices"] = {source: slice_accuracy(model.predict(images, batch_size=1024, verbose=0), labels)
+                         for source, (images, labels) in load_slices(Path(prepared_path)).items()}
     Path(run_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2))
-    get_run_logger().info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
+    logger = get_run_logger()
+    logger.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
+    for source, scores in metrics["slices"].items():
+        logger.info("slice %s: accuracy %.4f on %d test examples", source, scores["accuracy"], scores["num_examples"])
     return metrics
 
 
@@ -114,7 +149,7 @@ def evaluate_stable(prepared_path: str) -> dict | None:
     import tempfile
 
     from storage.models import ModelStore, StoreSettings
-    from tasks.data import load_test_set
+    from tasks.data import load_slices, load_test_set
     from tasks.export import saved_model_predict
 
     store = ModelStore(StoreSettings())
@@ -124,11 +159,14 @@ def evaluate_stable(prepared_path: str) -> dict | None:
         get_run_logger().info("no stable version yet: the absolute gate alone decides")
         return None
     x_test, y_test = load_test_set(Path(prepared_path))
+    slices = load_slices(Path(prepared_path))
     with tempfile.TemporaryDirectory() as scratch:
         store.download(version, Path(scratch))
         metrics = metrics_from_probabilities(saved_model_predict(Path(scratch), x_test), y_test)
+        metrics["slices"] = {source: slice_accuracy(saved_model_predict(Path(scratch), images), labels)
+                             for source, (images, labels) in slices.items()}
     get_run_logger().info("stable v%d scores %.4f on this test set", version, metrics["test_accuracy"])
-    return {"version": version, **{k: metrics[k] for k in ("test_accuracy", "per_class_accuracy")}}
+    return {"version": version, **{k: metrics[k] for k in ("test_accuracy", "per_class_accuracy", "slices")}}
 
 
 @task(name="gate")

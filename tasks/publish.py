@@ -8,7 +8,7 @@ from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.events import emit_event
-from prefect.artifacts import create_link_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
 from storage.models import ModelStore, StoreSettings
 
@@ -41,6 +41,32 @@ def model_resource(store: ModelStore, version: int | None = None) -> dict[str, s
     resource = {"prefect.resource.id": f"mnist.model.{store.settings.model_name}",
                 "prefect.resource.name": store.uri()}
     return resource | ({"mnist.version": str(version)} if version is not None else {})
+
+
+# What a retrain must differ in from stable's lineage to be worth its cost.
+CHANGE_KEYS = ("data_fingerprint", "code_version", "config")
+
+
+def unchanged_since(store: ModelStore, lineage: dict[str, Any]) -> int | None:
+    """The ``stable`` version when its data, code and recipe are exactly ``lineage``'s, else None."""
+    version = store.labels().get("stable")
+    if version is None:
+        return None
+    manifest = store.manifest(version)
+    return version if all(manifest.get(key) == lineage.get(key) for key in CHANGE_KEYS) else None
+
+
+@task(name="check-for-changes")
+def check_for_changes(lineage: dict[str, Any]) -> int | None:
+    """None when something changed since ``stable`` was trained; else its version (the run skips)."""
+    store = ModelStore(StoreSettings())
+    store.ensure_bucket()
+    version = unchanged_since(store, lineage)
+    if version is not None:
+        message = f"skipped: nothing changed since version {version} (same data, code and recipe; force=true retrains)"
+        get_run_logger().info(message)
+        create_markdown_artifact(f"# Skipped\n\n{message}\n", key="mnist-report", description="Training run report")
+    return version
 
 
 @task(name="publish", timeout_seconds=900)

@@ -89,6 +89,26 @@ def verdict_line(published: dict | None, live_check: dict | None) -> str:
     return "passed the gate; exported, not published"
 
 
+def slice_lines(metrics: dict, stable: dict | None) -> list[str]:
+    """The table of slices, candidate against stable on the same images, and each slice's confusion matrix."""
+    slices = metrics.get("slices") or {}
+    if not slices:
+        return []
+    theirs = (stable or {}).get("slices") or {}
+    shown = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    lines = ["## Slices", "", "| slice | test examples | candidate | stable |", "|---|---|---|---|",
+             f"| MNIST test | {metrics['num_examples']} | {metrics['test_accuracy']:.4f} | "
+             f"{shown((stable or {}).get('test_accuracy'))} |"]
+    lines += [f"| {name} | {scores['num_examples']} | {scores['accuracy']:.4f} | "
+              f"{shown((theirs.get(name) or {}).get('accuracy'))} |" for name, scores in sorted(slices.items())]
+    for name, scores in sorted(slices.items()):
+        lines += ["", f"Confusion matrix of slice {name} (rows true, columns predicted):", "",
+                  "| | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|"]
+        lines += [f"| **{digit}** | " + " | ".join(str(v) for v in row) + " |"
+                  for digit, row in enumerate(scores["confusion_matrix"])]
+    return lines + [""]
+
+
 def embedded_png(path: Path) -> str:
     """A data URI, so the plots show on the Prefect run page without a file server."""
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -125,7 +145,9 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
         "| check: value vs limit |",
         "|---|",
         *[f"| {check} |" for check in gate["checks"]],
+        *[f"\n{note}" for note in outcome.get("slice_notes", [])],
         "",
+        *slice_lines(metrics, outcome.get("stable")),
         "## Publication",
         "",
         (f"Published **version {published['version']}** as `{published['label']}`: [{published['uri']}]"

@@ -3,6 +3,7 @@ a child process so a test can SIGKILL it between any two calls:
 
     python -m tests.slowed_store publish SAVED_MODEL_DIR
     python -m tests.slowed_store sync MODEL_BASE_PATH
+    python -m tests.slowed_store ingest SOURCE
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from storage.models import ModelStore, StoreSettings
 from serving.sync import sync_once
 
 
-def report_and_slow(store: ModelStore, method: str, delay: float) -> None:
+def report_and_slow(store, method: str, delay: float) -> None:
     real = getattr(store.client, method)
 
     def reporting(**kwargs):
@@ -30,7 +31,16 @@ def report_and_slow(store: ModelStore, method: str, delay: float) -> None:
 if __name__ == "__main__":
     action, path = sys.argv[1], Path(sys.argv[2])
     store = ModelStore(StoreSettings())
-    if action == "publish":
+    if action == "ingest":
+        import numpy as np
+
+        from storage.datasets import DatasetSettings, DatasetStore
+        from tasks.ingest import Reference, ingest
+
+        datasets = DatasetStore(DatasetSettings())
+        report_and_slow(datasets, "put_object", 0.2)
+        ingest(datasets, path, "killed", Reference(np.full(10, 0.1), 0.16, 300.0, {}))
+    elif action == "publish":
         report_and_slow(store, "put_object", 0.2)
         store.publish(path, {"flow_run_id": "killed"})
     else:

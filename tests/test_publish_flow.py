@@ -53,7 +53,7 @@ def test_flow_publishes_then_labels_canary_without_leaking_credentials(prefect_a
     assert first.result()["published"] == {"version": 1, "uri": store.uri(1), "label": "stable",
                                            "link": store.http_url(1)}
     assert store.http_url(1).startswith(store.settings.s3_endpoint) and store.http_url(1).endswith(MANIFEST)
-    second = training_flow(TrainingParams(**SMOKE, publish_label="canary"), return_state=True)
+    second = training_flow(TrainingParams(**SMOKE, publish_label="canary", force=True), return_state=True)
     assert second.is_completed(), second.message
     assert any("not worse than stable v1" in check for check in second.result()["gate"])
     assert store.labels() == {"stable": 1, "canary": 2}

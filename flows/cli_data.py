@@ -1,0 +1,125 @@
+"""``mnist data``: ingest new labelled digits and look at dataset versions."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from flows.cli import CliError, pipeline_settings, print_json, reachable_store, validation_message
+
+
+def dataset_store():
+    from storage.datasets import DatasetSettings, DatasetStore
+
+    try:
+        return DatasetStore(DatasetSettings())
+    except ValidationError as error:
+        raise CliError(validation_message(error), exit_code=2) from None
+
+
+def mnist_reference():
+    """What every batch is checked against: MNIST's digits (never ingested again) and its statistics."""
+    from tasks.data import DataError, load_mnist_idx
+    from tasks.ingest import mnist_reference
+
+    data_dir = pipeline_settings().data_dir
+    if data_dir is None:
+        raise CliError("mnist data add needs the MNIST files to check new digits against: set MNIST_DATA_DIR",
+                       exit_code=2)
+    try:
+        train, test, _ = load_mnist_idx(data_dir)
+    except DataError as error:
+        raise CliError(str(error), exit_code=2) from None
+    return mnist_reference(train.images, test.images, test.labels)
+
+
+def version_rows(store) -> list[dict[str, Any]]:
+    return [{key: manifest.get(key) for key in ("version", "examples", "sources", "created_at", "fingerprint")}
+            for manifest in map(store.version, store.versions())]
+
+
+def diff_versions(store, older: int, newer: int) -> dict[str, Any]:
+    before, after = store.version(older), store.version(newer)
+    added, removed = sorted(set(after["batches"]) - set(before["batches"])), \
+        sorted(set(before["batches"]) - set(after["batches"]))
+    describe = lambda digest: {key: store.batch_manifest(digest)[key]  # noqa: E731
+                               for key in ("sha256", "source", "count", "split_counts")}
+    return {"from": older, "to": newer, "added_batches": [describe(d) for d in added],
+            "removed_batches": [describe(d) for d in removed],
+            "added_examples": sum(store.batch_manifest(d)["count"] for d in added)}
+
+
+def command_data(args: argparse.Namespace) -> int:
+    from tasks.ingest import IngestError, ingest
+
+    if args.action == "add":
+        reference = mnist_reference()  # before the store: a missing MNIST folder is refused without waiting
+        with reachable_store(dataset_store) as store:
+            try:
+                result = ingest(store, Path(args.path), args.source, reference)
+            except IngestError as error:
+                raise CliError(str(error)) from None
+        batch, version = result["batch"], result["version"]
+        if args.json:
+            print_json(result)
+            return 0
+        print(f"added {batch['count']} examples from {args.source} as batch {batch['sha256'][:12]} "
+              f"(train {batch['split_counts']['train']}, validation {batch['split_counts']['validation']}, "
+              f"test {batch['split_counts']['test']})")
+        print(f"dataset version {version['version']}: {version['examples']} examples in "
+              f"{len(version['batches'])} batches")
+        for warning in result["report"]["warnings"]:
+            print(f"warning: {warning}")
+        return 0
+    with reachable_store(dataset_store) as store:
+        if args.action == "list":
+            rows = version_rows(store)
+            if args.json:
+                print_json(rows)
+            elif not rows:
+                print(f"no dataset versions in {store.uri()}: only the MNIST base (mnist data add adds one)")
+            else:
+                print(f"{'version':>7}  {'examples':>8}  {'created':<29}  sources (train/validation/test)")
+                for row in rows:
+                    sources = ", ".join(f"{name} {c['train']}/{c['validation']}/{c['test']}"
+                                        for name, c in sorted(row["sources"].items()))
+                    print(f"{row['version']:>7}  {row['examples']:>8}  {row['created_at']:<29}  {sources}")
+        elif args.action == "show":
+            version = store.version(args.version)
+            print_json({**version, "batch_details": [store.batch_manifest(d) for d in version["batches"]]}
+                       if args.json else version)
+        elif args.action == "diff":
+            difference = diff_versions(store, args.older, args.newer)
+            if args.json:
+                print_json(difference)
+            else:
+                print(f"dataset version {args.older} -> {args.newer}: +{difference['added_examples']} examples")
+                for sign, key in (("+", "added_batches"), ("-", "removed_batches")):
+                    for batch in difference[key]:
+                        print(f"  {sign} batch {batch['sha256'][:12]}  {batch['source']:<20} {batch['count']:>6}")
+    return 0
+
+
+def add_data_parser(commands: argparse._SubParsersAction) -> None:
+    data = commands.add_parser("data", help="ingest new labelled digits; list, show and diff dataset versions",
+                               description="The dataset store: validated, deduplicated batches of labelled "
+                                           "digits in numbered versions, beside the model store.")
+    actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = actions.add_parser("add", help="ingest a folder of 0-9 sub-folders, a CSV of path,label, or an .npz")
+    add.add_argument("path", help="folder with sub-folders 0/ ... 9/ of images, a .csv of path,label, or an .npz "
+                                  "with x and y")
+    add.add_argument("--source", required=True, help="name of where the digits come from (e.g. scanner-b)")
+    add.add_argument("--json", action="store_true", help="print the batch, the version and the report as JSON")
+    listing = actions.add_parser("list", help="dataset versions with their sources and counts")
+    listing.add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="one dataset version and its batches")
+    show.add_argument("version", type=int)
+    show.add_argument("--json", action="store_true", help="with every batch's manifest")
+    diff = actions.add_parser("diff", help="batches added and removed between two versions")
+    diff.add_argument("older", type=int)
+    diff.add_argument("newer", type=int)
+    diff.add_argument("--json", action="store_true")
+    data.set_defaults(handler=command_data)

@@ -1,0 +1,171 @@
+"""The dataset registry on S3: immutable batches of labelled digits and numbered versions.
+
+Layout (``../shared/DESIGN.md`` §4), beside the model store in the same bucket::
+
+    <prefix>/datasets/<name>/batches/<sha256>/examples.bin     images uint8 [N,28,28], then labels, then splits
+    <prefix>/datasets/<name>/batches/<sha256>/manifest.json    written last: count, histogram, source, report
+    <prefix>/datasets/<name>/versions/<n>.json                 the batches of version n (written last)
+    <prefix>/datasets/<name>/_registry/claims/<n>              one per number, never deleted
+    <prefix>/datasets/<name>/_registry/history/...             one object per event
+
+A batch is content-addressed: its name is the SHA-256 of its payload, so the same
+examples always make the same batch, and a batch never changes. It is visible only
+once its manifest exists; a version only once its file exists, and it lists only
+complete batches. The MNIST base is part of every version by its IDX digests, so
+offline runs still read it from ``MNIST_DATA_DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+from pydantic import Field
+
+from storage.s3 import LocalFile, ObjectStore, S3Settings, StoreError, VerificationFailed, utc_now
+
+PAYLOAD = "examples.bin"
+MANIFEST = "manifest.json"
+SPLITS = ("train", "validation", "test")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+SOURCE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+
+
+class DatasetSettings(S3Settings):
+    dataset_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class DatasetNotFound(StoreError):
+    """No such dataset version or batch."""
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Labelled digits: images uint8 [N,28,28], labels uint8 [N], split uint8 [N] (index into SPLITS)."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    splits: np.ndarray
+
+    def payload(self) -> bytes:
+        return self.images.astype(np.uint8).tobytes() + self.labels.astype(np.uint8).tobytes() + \
+            self.splits.astype(np.uint8).tobytes()
+
+    @classmethod
+    def from_payload(cls, raw: bytes, count: int) -> "Examples":
+        if len(raw) != count * (784 + 2):
+            raise VerificationFailed(f"payload of {len(raw)} bytes cannot hold {count} examples")
+        data = np.frombuffer(raw, dtype=np.uint8)
+        images = data[:count * 784].reshape(count, 28, 28)
+        return cls(images, data[count * 784:count * 785], data[count * 785:])
+
+
+def example_hashes(images: np.ndarray) -> list[str]:
+    """One SHA-256 per prepared digit (uint8 pixels): duplicate detection and the split."""
+    return [hashlib.sha256(image.tobytes()).hexdigest() for image in images.astype(np.uint8)]
+
+
+def split_of(example_hash: str) -> int:
+    """80/10/10 by the example's own hash: an example's split never changes as data grows."""
+    bucket = int(example_hash[:8], 16) % 10
+    return 0 if bucket < 8 else 1 if bucket == 8 else 2
+
+
+class DatasetStore(ObjectStore):
+    """One dataset's batches, versions and history in the bucket the models live in."""
+
+    def __init__(self, settings: DatasetSettings, client: Any = None):
+        root = "/".join(p for p in (settings.s3_prefix.strip("/"), "datasets", settings.dataset_name) if p)
+        super().__init__(settings, root, client)
+
+    # --- batches ----------------------------------------------------------------
+    def batch_manifest(self, digest: str) -> dict[str, Any]:
+        if not SHA256_PATTERN.match(digest):
+            raise DatasetNotFound(f"not a batch name: {digest!r}")
+        manifest = self.get_json(self.key("batches", digest, MANIFEST))
+        if manifest is None:
+            raise DatasetNotFound(f"batch {digest[:12]} of {self.uri()} does not exist")
+        return manifest
+
+    def complete_batches(self) -> list[str]:
+        prefix = self.key("batches", "")
+        return sorted(item["Key"][len(prefix):].split("/")[0] for item in self.list_keys(prefix)
+                      if item["Key"].endswith(f"/{MANIFEST}")
+                      and SHA256_PATTERN.match(item["Key"][len(prefix):].split("/")[0]))
+
+    def put_batch(self, examples: Examples, metadata: dict[str, Any]) -> dict[str, Any]:
+        """Upload the payload (server-checked, read back), then the manifest: the batch exists
+        from that last write on. The same examples give the same batch, written once."""
+        payload = examples.payload()
+        digest = hashlib.sha256(payload).hexdigest()
+        self.ensure_bucket()
+        existing = self.get_json(self.key("batches", digest, MANIFEST))
+        if existing is not None:
+            return existing
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / PAYLOAD
+            path.write_bytes(payload)
+            entries = self.upload_verified(self.key("batches", digest), [LocalFile(PAYLOAD, path, digest, len(payload))])
+        manifest = {**metadata, "sha256": digest, "count": int(len(examples.labels)), "files": entries,
+                    "label_histogram": np.bincount(examples.labels, minlength=10).tolist(),
+                    "split_counts": {name: int((examples.splits == i).sum()) for i, name in enumerate(SPLITS)},
+                    "ingested_at": utc_now()}
+        self.write_manifest(self.key("batches", digest, MANIFEST), manifest)
+        return manifest
+
+    def read_batch(self, digest: str) -> Examples:
+        manifest = self.batch_manifest(digest)
+        raw = self.fetch_verified(self.key("batches", digest, PAYLOAD), manifest["files"][PAYLOAD],
+                                  f"batch {digest[:12]}: {PAYLOAD}")
+        return Examples.from_payload(raw, manifest["count"])
+
+    # --- versions ---------------------------------------------------------------
+    def versions(self) -> list[int]:
+        prefix = self.key("versions", "")
+        names = (item["Key"][len(prefix):] for item in self.list_keys(prefix))
+        return sorted(int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit())
+
+    def version(self, number: int) -> dict[str, Any]:
+        manifest = self.get_json(self.key("versions", f"{number}.json"))
+        if manifest is None:
+            raise DatasetNotFound(f"dataset version {number} of {self.uri()} does not exist")
+        return manifest
+
+    def latest(self) -> dict[str, Any] | None:
+        versions = self.versions()
+        return self.version(versions[-1]) if versions else None
+
+    def add_version(self, batches: list[str], details: dict[str, Any]) -> dict[str, Any]:
+        """A new numbered version listing ``batches`` (all complete), written last and conditionally."""
+        manifests = [self.batch_manifest(digest) for digest in batches]
+        number = self.claim_number({"batches": batches})
+        sources: dict[str, dict[str, int]] = {}
+        for manifest in manifests:
+            counts = sources.setdefault(manifest["source"], {name: 0 for name in SPLITS})
+            for name in SPLITS:
+                counts[name] += manifest["split_counts"][name]
+        manifest = {**details, "version": number, "batches": sorted(batches), "sources": sources,
+                    "examples": sum(m["count"] for m in manifests), "created_at": utc_now(),
+                    "fingerprint": hashlib.sha256(json.dumps(sorted(batches)).encode()).hexdigest()}
+        self.write_manifest(self.key("versions", f"{number}.json"), manifest)
+        self.record({"event": "dataset-version", "version": number, "batches": len(batches),
+                     "examples": manifest["examples"]})
+        return manifest
+
+    def examples(self, version: dict[str, Any]) -> Iterator[tuple[str, Examples]]:
+        """(source, examples) of every batch of a version, one batch in memory at a time."""
+        for digest in version["batches"]:
+            yield self.batch_manifest(digest)["source"], self.read_batch(digest)
+
+    def known_hashes(self, version: dict[str, Any] | None) -> set[str]:
+        """The example hashes of every batch of ``version``: ingest refuses exact duplicates."""
+        known: set[str] = set()
+        for _, examples in self.examples(version) if version else []:
+            known.update(example_hashes(examples.images))
+        return known

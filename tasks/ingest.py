@@ -1,0 +1,249 @@
+"""Ingest stage: new labelled digits -> validated, deduplicated, split batch -> new dataset version.
+
+Sources: a folder of ``0/`` ... ``9/`` sub-folders of images (the layout Keras'
+``image_dataset_from_directory`` reads), a CSV of ``path,label``, or an ``.npz`` with
+``x`` and ``y``. Images go through ``serving.images``, the same preparation the
+client applies to served images, so training and serving never see differently
+prepared inputs. Hard errors refuse the whole batch and write nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from serving.images import InputError, as_digit_batch, prepare_digit, read_image
+from storage.datasets import SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
+INK_LEVEL = 51  # uint8: what counts as ink (0.2 of full scale, as the client's crop)
+NEAR_EMPTY_INK = 0.01  # fraction of ink pixels below which a digit is near-empty
+MAX_LISTED = 10  # problems named in a one-line error; the report keeps all
+
+
+class IngestError(ValueError):
+    """The batch is refused; nothing was written. The message names files and reasons."""
+
+
+@dataclass
+class Candidates:
+    """What a source yields before validation: names, prepared uint8 digits, labels, read errors."""
+
+    names: list[str] = field(default_factory=list)
+    images: list[np.ndarray] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+    def add_image(self, path: Path, label: Any, name: str | None = None) -> None:
+        label_value = parse_label(label)
+        if label_value is None:
+            self.errors.append(f"{name or path}: label {label!r} is not a digit 0-9")
+            return
+        try:
+            digit = read_image(path)
+        except InputError as error:
+            self.errors.append(str(error))
+            return
+        self.names.append(name or str(path))
+        self.images.append(to_uint8(digit))
+        self.labels.append(label_value)
+
+
+def parse_label(value: Any) -> int | None:
+    try:
+        number = int(str(value).strip())
+    except ValueError:
+        return None
+    return number if str(number) == str(value).strip() and 0 <= number <= 9 else None
+
+
+def to_uint8(digits: np.ndarray) -> np.ndarray:
+    """Prepared float [.., 28, 28, 1] in [0,1] -> uint8 [.., 28, 28], how batches keep digits."""
+    return np.clip(np.round(np.asarray(digits)[..., 0] * 255.0), 0, 255).astype(np.uint8)
+
+
+# --- reading the three source formats ---------------------------------------------------
+def read_folder(folder: Path) -> Candidates:
+    found = Candidates()
+    subfolders = sorted(p for p in folder.iterdir() if p.is_dir())
+    unknown = [p.name for p in subfolders if parse_label(p.name) is None]
+    if unknown:
+        found.errors.append(f"{folder}: sub-folders must be named 0-9, found {unknown[:MAX_LISTED]}")
+    stray = [p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")]
+    if stray:
+        found.errors.append(f"{folder}: files outside the 0-9 sub-folders: {stray[:MAX_LISTED]}")
+    for sub in subfolders:
+        if parse_label(sub.name) is None:
+            continue
+        for path in sorted(sub.iterdir()):
+            if path.name.startswith("."):
+                continue
+            if path.suffix.lower() not in IMAGE_SUFFIXES:
+                found.errors.append(f"{path}: not an image file (PNG, JPEG, BMP, GIF, WebP)")
+                continue
+            found.add_image(path, sub.name)
+    return found
+
+
+def read_csv(path: Path) -> Candidates:
+    """``path,label`` rows (a header row is allowed), paths relative to the CSV's folder."""
+    found = Candidates()
+    seen: set[str] = set()
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))
+    if rows and rows[0] and parse_label(rows[0][-1]) is None and rows[0][0].strip().lower() == "path":
+        rows = rows[1:]
+    for number, row in enumerate(rows, start=1):
+        if not row or not any(cell.strip() for cell in row):
+            continue
+        if len(row) != 2:
+            found.errors.append(f"{path}:{number}: expected 'path,label', got {row}")
+            continue
+        relative, label = row[0].strip(), row[1]
+        if relative in seen:
+            found.errors.append(f"{path}:{number}: {relative} is listed twice")
+            continue
+        seen.add(relative)
+        image_path = (path.parent / relative)
+        if not image_path.is_file():
+            found.errors.append(f"{path}:{number}: {relative} does not exist (the files disagree with the CSV)")
+            continue
+        found.add_image(image_path, label, f"{path.name}:{number}:{relative}")
+    return found
+
+
+def read_npz(path: Path) -> Candidates:
+    """``x`` [N,28,28] or [N,28,28,1], uint8 or float in [0,1], and ``y`` [N] labels 0-9."""
+    found = Candidates()
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            if "x" not in arrays or "y" not in arrays:
+                raise IngestError(f"{path}: needs arrays 'x' and 'y', found {sorted(arrays.files)}")
+            x, y = arrays["x"], arrays["y"]
+    except (ValueError, OSError, EOFError) as error:
+        raise IngestError(f"{path}: not a readable .npz file ({error})") from None
+    try:
+        digits = as_digit_batch(x, f"{path}: x")
+    except InputError as error:
+        raise IngestError(str(error)) from None
+    if y.ndim != 1 or len(y) != len(digits):
+        raise IngestError(f"{path}: y has shape {list(y.shape)}, expected [{len(digits)}] (one label per image)")
+    for index, (digit, label) in enumerate(zip(to_uint8(digits), y.tolist())):
+        value = parse_label(label)
+        if value is None:
+            found.errors.append(f"{path}[{index}]: label {label!r} is not a digit 0-9")
+            continue
+        found.names.append(f"{path}[{index}]")
+        found.images.append(digit)
+        found.labels.append(value)
+    return found
+
+
+def read_source(path: Path) -> Candidates:
+    if path.is_dir():
+        return read_folder(path)
+    if not path.is_file():
+        raise IngestError(f"{path}: no such file or folder (give a folder of 0-9 sub-folders, a .csv or a .npz)")
+    if path.suffix.lower() == ".csv":
+        return read_csv(path)
+    if path.suffix.lower() == ".npz":
+        return read_npz(path)
+    raise IngestError(f"{path}: unsupported source; give a folder of 0-9 sub-folders, a .csv or a .npz")
+
+
+# --- validation -----------------------------------------------------------------------
+def ink_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
+    """Per digit: fraction of ink pixels, and the stroke bounding box's area in pixels."""
+    ink = images >= INK_LEVEL
+    rows, cols = ink.any(axis=2), ink.any(axis=1)
+    height = np.where(rows.any(axis=1), 28 - rows[:, ::-1].argmax(axis=1) - rows.argmax(axis=1), 0)
+    width = np.where(cols.any(axis=1), 28 - cols[:, ::-1].argmax(axis=1) - cols.argmax(axis=1), 0)
+    return {"ink_fraction": ink.mean(axis=(1, 2)), "box_area": (height * width).astype(np.float64)}
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What a new batch is compared with: the base's statistics and the hashes it must not repeat."""
+
+    label_distribution: np.ndarray
+    ink_fraction: float
+    box_area: float
+    forbidden: dict[str, str]  # example hash -> where it already is ("MNIST test set", "dataset v3")
+
+
+def mnist_reference(train_images: np.ndarray, test_images: np.ndarray, test_labels: np.ndarray) -> Reference:
+    """MNIST's digits may not come back as new ones: a test digit (as stored, or as prepared by the
+    client's function) would leak the test set; a training digit in a new source's test slice would
+    be scored after training on it."""
+    prepared = to_uint8(np.stack([prepare_digit(image.astype(np.float32) / 255.0) for image in test_images]))
+    forbidden = {digest: "MNIST's training set" for digest in example_hashes(train_images)}
+    forbidden |= {digest: "MNIST's test set" for digest in example_hashes(test_images) + example_hashes(prepared)}
+    stats = ink_statistics(test_images)
+    return Reference(np.bincount(test_labels, minlength=10) / len(test_labels),
+                     float(stats["ink_fraction"].mean()), float(stats["box_area"].mean()), forbidden)
+
+
+def validate(found: Candidates, reference: Reference) -> dict[str, Any]:
+    """The validation report; ``errors`` refuse the batch, ``warnings`` are recorded."""
+    errors = list(found.errors)
+    if not found.images and not errors:
+        errors.append("the batch has no examples")
+    images = np.stack(found.images) if found.images else np.zeros((0, 28, 28), np.uint8)
+    hashes = example_hashes(images)
+    first_seen: dict[str, str] = {}
+    for name, digest in zip(found.names, hashes):
+        if digest in reference.forbidden:
+            errors.append(f"{name}: exact duplicate of an example in {reference.forbidden[digest]}")
+        elif digest in first_seen:
+            errors.append(f"{name}: exact duplicate of {first_seen[digest]} in this batch")
+        first_seen.setdefault(digest, name)
+    warnings = []
+    if len(images):
+        stats = ink_statistics(images)
+        distribution = np.bincount(found.labels, minlength=10) / len(found.labels)
+        distance = 0.5 * float(np.abs(distribution - reference.label_distribution).sum())
+        if len(images) >= 50 and distance > 0.3:
+            warnings.append(f"label histogram far from the base's (total variation {distance:.2f} > 0.30)")
+        for key, base in (("ink_fraction", reference.ink_fraction), ("box_area", reference.box_area)):
+            mean = float(stats[key].mean())
+            if base and abs(mean - base) / base > 0.5:
+                warnings.append(f"mean {key.replace('_', ' ')} {mean:.3f} is far from the base's {base:.3f}")
+        near_empty = [name for name, ink in zip(found.names, stats["ink_fraction"]) if ink < NEAR_EMPTY_INK]
+        if near_empty:
+            warnings.append(f"{len(near_empty)} near-empty images, e.g. {near_empty[:3]}")
+    return {"examples": len(images), "errors": errors, "warnings": warnings,
+            "label_histogram": np.bincount(found.labels, minlength=10).tolist() if found.labels else [0] * 10}
+
+
+def refusal(report: dict[str, Any]) -> str:
+    errors = report["errors"]
+    more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
+    return f"batch refused, nothing written: {len(errors)} problem(s): " + "; ".join(errors[:MAX_LISTED]) + more
+
+
+# --- the whole ingest ------------------------------------------------------------------
+def ingest(store: DatasetStore, source_path: Path, source: str, reference: Reference,
+           details: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Validate, split by hash and store a batch, then a new dataset version with it.
+    Raises IngestError (nothing written) on any hard error."""
+    if not SOURCE_PATTERN.match(source):
+        raise IngestError(f"source name {source!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)")
+    found = read_source(source_path)
+    latest = store.latest()
+    known = {digest: f"dataset version {latest['version']}" for digest in store.known_hashes(latest)} if latest else {}
+    report = validate(found, Reference(reference.label_distribution, reference.ink_fraction, reference.box_area,
+                                       {**reference.forbidden, **known}))
+    if report["errors"]:
+        raise IngestError(refusal(report))
+    images = np.stack(found.images)
+    splits = np.array([split_of(digest) for digest in example_hashes(images)], dtype=np.uint8)
+    batch = store.put_batch(Examples(images, np.array(found.labels, dtype=np.uint8), splits),
+                            {"source": source, "origin": str(source_path), "validation": report, **(details or {})})
+    version = store.add_version(sorted(set(latest["batches"] if latest else []) | {batch["sha256"]}),
+                                {"parent": latest["version"] if latest else None, "added_batch": batch["sha256"]})
+    return {"batch": batch, "version": version, "report": report}
+
