@@ -81,8 +81,7 @@ def run_training(params) -> dict[str, Any]:
 
 def print_training_result(result: dict[str, Any]) -> None:
     if "skipped" in result:
-        print(f"skipped: nothing changed since version {result['skipped']} (same data, code and recipe); "
-              "--force retrains")
+        print(f"{result['skipped']} (--force retrains)")
         return
     print("gate:")
     for check in result["gate"]:

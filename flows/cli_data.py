@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,10 @@ def command_data(args: argparse.Namespace) -> int:
             except IngestError as error:
                 raise CliError(str(error)) from None
         batch, version = result["batch"], result["version"]
+        if os.environ.get("PREFECT_API_URL"):  # a server's automations may retrain on it
+            from flows.ingest import data_added_event
+
+            data_added_event(result, args.source)
         if args.json:
             print_json(result)
             return 0

@@ -22,7 +22,7 @@ import yaml
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.events.actions import DoNothing, SendNotification
+from prefect.events.actions import DoNothing, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
@@ -93,9 +93,25 @@ def notification_action(block: str | None):
                             body="{{ event.resource.name }}: {{ event.event }} at {{ event.occurred }}")
 
 
+def retrain_on_new_data(training_deployment_id: str, min_new: int) -> Automation:
+    """Each ``mnist.data.added`` runs the training deployment with ``min_new_examples``: the run
+    trains only once that many examples arrived since ``stable`` was trained, and skips otherwise.
+    Events that arrive together fire once (a 5-minute window), and the deployment's concurrency
+    limit with ENQUEUE runs the retrains one after another: together, a debounce."""
+    return Automation(
+        name="mnist: retrain on new data",
+        description=f"A retrain once at least {min_new} new labelled examples arrived since stable "
+                    "(MNIST_RETRAIN_MIN_NEW); smaller additions wait for the next.",
+        trigger=EventTrigger(expect={"mnist.data.added"}, posture=Posture.Reactive, threshold=1,
+                             within=timedelta(minutes=5), match={"prefect.resource.id": "mnist.dataset.*"}),
+        actions=[RunDeployment(source="selected", deployment_id=training_deployment_id,
+                               parameters={"params": {"min_new_examples": min_new}})])
+
+
 def automations(training_deployment_id: str, notify_block: str | None) -> list[Automation]:
     action = notification_action(notify_block)
     return [
+        retrain_on_new_data(training_deployment_id, int(os.environ.get("MNIST_RETRAIN_MIN_NEW", "500"))),
         Automation(
             name="mnist: training run failed",
             description="A run of the training flow failed, crashed or timed out (a gate rejection included).",

@@ -39,7 +39,7 @@ class TrainingParams(BaseModel):
                                    description="gate: largest allowed test-accuracy drop against stable")
     class_margin: float = Field(0.01, ge=0.0, le=1.0,
                                 description="gate: largest allowed drop of any digit's accuracy against stable")
-    slice_threshold: float = Field(0.97, ge=0.0, le=1.0,
+    slice_threshold: float = Field(0.95, ge=0.0, le=1.0,
                                    description="gate: minimum accuracy on each new source's test slice")
     slice_margin: float = Field(0.02, ge=0.0, le=1.0,
                                 description="gate: largest allowed drop on a source's slice against stable")
@@ -48,6 +48,8 @@ class TrainingParams(BaseModel):
     dataset_version: int | None = Field(None, ge=1, description="dataset version to train on (default: latest)")
     new_data_weight: int = Field(4, ge=1, le=50, description="times each new training example is repeated")
     force: bool = Field(False, description="retrain even when data, code and recipe match stable's")
+    min_new_examples: int = Field(0, ge=0, le=10_000_000,
+                                  description="skip unless this many new examples arrived since stable (0: any change)")
     publish: bool = Field(True, description="publish a passing model to the S3 model store")
     publish_label: Literal["stable", "canary"] = Field("stable", description="label a new version gets")
     output_dir: str | None = Field(None, description="plots, reports, SavedModel (default MNIST_OUTPUT_DIR)")

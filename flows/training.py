@@ -42,10 +42,9 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
                "dataset": data["dataset"], "code_version": code_version(), "library_versions": library_versions(),
                "preset": params.preset, "config": config.model_dump(), "new_data_weight": params.new_data_weight}
     if params.publish and not params.force:
-        same_as = check_for_changes(lineage)
-        if same_as is not None:
-            return Completed(message=f"skipped: nothing changed since version {same_as}",
-                             data={"skipped": same_as, "run_dir": str(run_dir)})
+        skip = check_for_changes(lineage, params.min_new_examples)
+        if skip is not None:
+            return Completed(message=skip, data={"skipped": skip, "run_dir": str(run_dir)})
     trained = train(data["prepared_path"], config, str(run_dir))
     metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir))
     stable = evaluate_stable(data["prepared_path"]) if params.publish else None

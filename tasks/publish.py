@@ -47,26 +47,32 @@ def model_resource(store: ModelStore, version: int | None = None) -> dict[str, s
 CHANGE_KEYS = ("data_fingerprint", "code_version", "config")
 
 
-def unchanged_since(store: ModelStore, lineage: dict[str, Any]) -> int | None:
-    """The ``stable`` version when its data, code and recipe are exactly ``lineage``'s, else None."""
+def reason_to_skip(store: ModelStore, lineage: dict[str, Any], min_new_examples: int = 0) -> str | None:
+    """Why this run need not train, or None: ``stable`` was trained on exactly this data, code and
+    recipe, or fewer than ``min_new_examples`` new examples arrived since it was trained."""
     version = store.labels().get("stable")
     if version is None:
         return None
     manifest = store.manifest(version)
-    return version if all(manifest.get(key) == lineage.get(key) for key in CHANGE_KEYS) else None
+    if all(manifest.get(key) == lineage.get(key) for key in CHANGE_KEYS):
+        return f"skipped: nothing changed since version {version}"
+    new = ((lineage.get("dataset") or {}).get("examples") or 0) - ((manifest.get("dataset") or {}).get("examples") or 0)
+    if min_new_examples and new < min_new_examples:
+        return f"skipped: {new} new examples since version {version}, fewer than {min_new_examples}"
+    return None
 
 
 @task(name="check-for-changes")
-def check_for_changes(lineage: dict[str, Any]) -> int | None:
-    """None when something changed since ``stable`` was trained; else its version (the run skips)."""
+def check_for_changes(lineage: dict[str, Any], min_new_examples: int = 0) -> str | None:
+    """None when this run should train; else the one-line reason it skips (also an artifact)."""
     store = ModelStore(StoreSettings())
     store.ensure_bucket()
-    version = unchanged_since(store, lineage)
-    if version is not None:
-        message = f"skipped: nothing changed since version {version} (same data, code and recipe; force=true retrains)"
-        get_run_logger().info(message)
-        create_markdown_artifact(f"# Skipped\n\n{message}\n", key="mnist-report", description="Training run report")
-    return version
+    reason = reason_to_skip(store, lineage, min_new_examples)
+    if reason is not None:
+        get_run_logger().info("%s (force=true retrains)", reason)
+        create_markdown_artifact(f"# Skipped\n\n{reason}. Set `force` to retrain anyway.\n", key="mnist-report",
+                                 description="Training run report")
+    return reason
 
 
 @task(name="publish", timeout_seconds=900)

@@ -68,6 +68,21 @@ def plot_misclassified(images: np.ndarray, true_labels: np.ndarray, predicted: n
     return save_figure(figure, path)
 
 
+def plot_samples(images: np.ndarray, labels: np.ndarray, path: Path, limit: int = 40) -> Path:
+    """A grid of the first digits of a batch, titled with their labels."""
+    shown = min(limit, len(labels))
+    columns = 10
+    rows = max(1, int(np.ceil(shown / columns)))
+    figure, axes = plt.subplots(rows, columns, figsize=(columns * 1.0, rows * 1.15), squeeze=False)
+    for axis in axes.flat:
+        axis.axis("off")
+    for axis, image, label in zip(axes.flat, images[:shown], labels[:shown]):
+        axis.imshow(image, cmap="gray_r")
+        axis.set_title(str(int(label)), fontsize=8)
+    figure.suptitle(f"sample digits ({shown} of {len(labels)})")
+    return save_figure(figure, path)
+
+
 def metrics_table(metrics: dict) -> list[dict[str, object]]:
     """Rows for a Prefect table artifact: overall metrics, then one row per digit."""
     rows: list[dict[str, object]] = [

@@ -204,9 +204,11 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
     assert first.is_completed() and first.result()["published"]["version"] == 1
     again = training_flow(params, return_state=True)
     assert again.is_completed() and again.message == "skipped: nothing changed since version 1"
-    assert again.result()["skipped"] == 1 and ModelStore(StoreSettings()).complete_versions() == [1]
+    assert again.result()["skipped"] == again.message and ModelStore(StoreSettings()).complete_versions() == [1]
     np.savez(tmp_path / "new.npz", **new_digits(mnist_raw, 3000, 3300))
     ingest(datasets, tmp_path / "new.npz", "tablet", reference)
+    too_few = training_flow(params.model_copy(update={"min_new_examples": 1000}), return_state=True)
+    assert too_few.message == "skipped: 300 new examples since version 1, fewer than 1000"
     retrained = training_flow(params.model_copy(update={"accuracy_margin": 1.0, "class_margin": 1.0,
                                                          "slice_margin": 1.0}), return_state=True)
     assert retrained.is_completed(), retrained.message

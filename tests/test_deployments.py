@@ -18,7 +18,9 @@ from storage.models import ModelStore
 from tests.conftest import REPO
 
 TRAINING = "mnist-training/weekly-retrain"
-FAST_PARAMS = {"params": {"preset": "smoke", "threshold": 0.5, "accuracy_margin": 1.0, "class_margin": 1.0}}
+# force: both runs train (two identical runs would otherwise end in "skipped: nothing changed")
+FAST_PARAMS = {"params": {"preset": "smoke", "threshold": 0.5, "accuracy_margin": 1.0, "class_margin": 1.0,
+                          "force": True}}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 
@@ -93,8 +95,13 @@ def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: di
     assert training["work_pool_name"] == "mnist-process" and "scheduled" in training["tags"]
     assert deployment(deployed, "mnist-rollback/rollback")["schedules"] == []
     assert api(deployed, "GET", "/work_pools/mnist-process")["type"] == "process"
-    names = {a["name"] for a in api(deployed, "POST", "/automations/filter", json={})}
-    assert {"mnist: training run failed", "mnist: weekly retrain missed"} <= names
+    created = {a["name"]: a for a in api(deployed, "POST", "/automations/filter", json={})}
+    assert {"mnist: training run failed", "mnist: weekly retrain missed", "mnist: retrain on new data"} <= set(created)
+    retrain = created["mnist: retrain on new data"]
+    assert retrain["trigger"]["expect"] == ["mnist.data.added"]
+    [action] = retrain["actions"]
+    assert action["type"] == "run-deployment" and action["deployment_id"] == training["id"]
+    assert action["parameters"] == {"params": {"min_new_examples": 500}}
 
 
 def wait_for_scheduled(server: dict[str, Any], deployment_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,72 @@
+"""The ingest flow: new labelled digits -> validated batch -> dataset version, with its report
+(a sample grid and the label histogram) in the Prefect UI and the ``mnist.data.added`` event
+that the retrain-on-new-data automation listens for. Wiring only: the work is ``tasks.ingest``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+from prefect.states import Failed, State
+
+from flows.settings import PipelineSettings
+
+
+def data_added_event(result: dict[str, Any], source: str) -> None:
+    """``mnist.data.added`` with count, source and dataset version, on the dataset's resource."""
+    batch, version = result["batch"], result["version"]
+    emit_event("mnist.data.added", resource={"prefect.resource.id": "mnist.dataset.mnist",
+                                             "prefect.resource.name": "mnist dataset"},
+               payload={"count": batch["count"], "source": source, "dataset_version": version["version"],
+                        "batch": batch["sha256"], "examples": version["examples"]})
+
+
+@task(name="ingest-report")
+def ingest_report(result: dict[str, Any], source_path: str) -> str:
+    """A markdown artifact: counts, warnings, the label histogram and a grid of sample digits."""
+    import tempfile
+
+    from storage.datasets import DatasetSettings, DatasetStore
+    from tasks.report import embedded_png, plot_samples
+
+    batch = result["batch"]
+    examples = DatasetStore(DatasetSettings()).read_batch(batch["sha256"])
+    with tempfile.TemporaryDirectory() as scratch:
+        grid = embedded_png(plot_samples(examples.images, examples.labels, Path(scratch) / "samples.png"))
+    histogram = " | ".join(str(count) for count in batch["label_histogram"])
+    warnings = "\n".join(f"- {w}" for w in result["report"]["warnings"]) or "- none"
+    text = (f"# Ingested {batch['count']} digits from `{batch['source']}`\n\n"
+            f"Batch `{batch['sha256'][:12]}` from `{source_path}` is in dataset version "
+            f"**{result['version']['version']}** ({result['version']['examples']} new examples in all).\n\n"
+            f"| split | train | validation | test |\n|---|---|---|---|\n| examples | "
+            f"{batch['split_counts']['train']} | {batch['split_counts']['validation']} | "
+            f"{batch['split_counts']['test']} |\n\n"
+            "| " + " | ".join(str(d) for d in range(10)) + " |\n|" + "---|" * 10 + f"\n| {histogram} |\n\n"
+            f"Warnings:\n{warnings}\n\n![samples]({grid})\n")
+    create_markdown_artifact(text, key="mnist-ingest", description="Ingested batch")
+    return text
+
+
+@flow(name="mnist-data-ingest", log_prints=True)
+def ingest_flow(source_path: str, source: str) -> dict[str, Any] | State:
+    """Ingest a folder of 0-9 sub-folders, a CSV of path,label or an .npz as source ``source``."""
+    from storage.datasets import DatasetSettings, DatasetStore
+    from tasks.data import load_mnist_idx
+    from tasks.ingest import IngestError, ingest, mnist_reference
+
+    data_dir = PipelineSettings().data_dir
+    if data_dir is None:
+        return Failed(message="set MNIST_DATA_DIR: new digits are checked against MNIST's")
+    train, test, _ = load_mnist_idx(data_dir)
+    try:
+        result = ingest(DatasetStore(DatasetSettings()), Path(source_path), source,
+                        mnist_reference(train.images, test.images, test.labels))
+    except IngestError as error:
+        return Failed(message=str(error))
+    ingest_report(result, source_path)
+    data_added_event(result, source)
+    return {"batch": result["batch"]["sha256"], "dataset_version": result["version"]["version"],
+            "count": result["batch"]["count"], "warnings": result["report"]["warnings"]}
