@@ -177,26 +177,13 @@ def print_json(payload: Any) -> None:
     print(json.dumps(payload, indent=2, sort_keys=True, default=str))
 
 
-def registry_rows(store) -> list[dict[str, Any]]:
-    labels_by_version: dict[int, list[str]] = {}
-    for label, version in store.labels().items():
-        labels_by_version.setdefault(version, []).append(label)
-    rows = []
-    for version in store.complete_versions():
-        manifest = store.manifest(version)
-        rows.append({"version": version, "test_accuracy": manifest.get("metrics", {}).get("test_accuracy"),
-                     "labels": sorted(labels_by_version.get(version, [])),
-                     "published_at": manifest.get("published_at"), "uri": manifest.get("uri")})
-    return rows
-
-
 def registry_action(args: argparse.Namespace, store) -> int:
     """One registry subcommand against a reachable store."""
     from storage.models import VerificationFailed
 
     action = args.action
     if action == "list":
-        rows = registry_rows(store)
+        rows = store.overview()
         if args.json:
             print_json(rows)
         elif not rows:

@@ -157,6 +157,22 @@ class ModelStore(ObjectStore):
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
         return manifest
 
+    def overview(self) -> list[dict[str, Any]]:
+        """Every published version with its accuracy (MNIST and per slice), dataset version, labels and time."""
+        labels_by_version: dict[int, list[str]] = {}
+        for label, version in self.labels().items():
+            labels_by_version.setdefault(version, []).append(label)
+        rows = []
+        for version in self.complete_versions():
+            manifest = self.manifest(version)
+            metrics = manifest.get("metrics") or {}
+            rows.append({"version": version, "test_accuracy": metrics.get("test_accuracy"),
+                         "slices": metrics.get("slices") or {},
+                         "dataset_version": (manifest.get("dataset") or {}).get("version"),
+                         "labels": sorted(labels_by_version.get(version, [])),
+                         "published_at": manifest.get("published_at"), "uri": manifest.get("uri")})
+        return rows
+
     # --- labels and history ------------------------------------------------
     def labels(self) -> dict[str, int]:
         return self.get_json(self.key("_registry", "labels.json")) or {}

@@ -16,8 +16,10 @@ METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 
 
 def metric_summary(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metrics a manifest, an event or the history keeps (not the confusion matrix)."""
-    return {key: metrics[key] for key in METRIC_KEYS}
+    """The metrics a manifest, an event or the history keeps (not the confusion matrix):
+    with each new source's slice accuracy."""
+    slices = {source: scores["accuracy"] for source, scores in (metrics.get("slices") or {}).items()}
+    return {key: metrics[key] for key in METRIC_KEYS} | ({"slices": slices} if slices else {})
 
 
 def manifest_metadata(metrics: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
@@ -41,6 +43,17 @@ def model_resource(store: ModelStore, version: int | None = None) -> dict[str, s
     resource = {"prefect.resource.id": f"mnist.model.{store.settings.model_name}",
                 "prefect.resource.name": store.uri()}
     return resource | ({"mnist.version": str(version)} if version is not None else {})
+
+
+def update_registry_overview(store: ModelStore) -> None:
+    """Rewrite the ``mnist-registry`` artifact: which version serves, how good, since when, how it moved."""
+    import tempfile
+
+    from tasks.report import registry_markdown
+
+    with tempfile.TemporaryDirectory() as scratch:
+        text = registry_markdown(store.overview(), store.history(), Path(scratch))
+    create_markdown_artifact(text, key="mnist-registry", description=f"Model registry overview: {store.uri()}")
 
 
 # What a retrain must differ in from stable's lineage to be worth its cost.
@@ -79,6 +92,7 @@ def check_for_changes(lineage: dict[str, Any], min_new_examples: int = 0) -> str
 def publish(saved_model: str, metrics: dict[str, Any], lineage: dict[str, Any], label: str) -> dict[str, Any]:
     store = ModelStore(StoreSettings())
     published = publish_model(store, Path(saved_model), metrics, lineage, label)
+    update_registry_overview(store)
     get_run_logger().info("published %s as version %d, labelled %s", published["uri"], published["version"], label)
     create_link_artifact(key="mnist-published-version", link=published["link"],
                          link_text=f"{published['uri']} ({label})", description="Published model version")
@@ -95,11 +109,14 @@ def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, An
     store.record({"event": "rejected", "reason": reason, "flow_run_id": lineage.get("flow_run_id"),
                   "metrics": summary})
     emit_event("mnist.model.rejected", resource=model_resource(store), payload={"reason": reason, "metrics": summary})
+    update_registry_overview(store)
 
 
 @task(name="rollback")
 def rollback_label(label: str, flow_run_id: str | None) -> dict[str, int]:
-    previous, current = ModelStore(StoreSettings()).rollback(label, {"flow_run_id": flow_run_id})
+    store = ModelStore(StoreSettings())
+    previous, current = store.rollback(label, {"flow_run_id": flow_run_id})
+    update_registry_overview(store)
     get_run_logger().info("%s moved back from version %d to version %d", label, previous, current)
     return {"from": previous, "to": current}
 
@@ -176,4 +193,5 @@ def live_check(published: dict[str, Any], saved_model: str, prepared_path: str, 
         return {"passed": True, "summary": f"live check passed at {address}"}
     logger.error("live check failed: %s; moving %s back", reason, published["label"])
     undo_publish(store, published["label"], flow_run_id, reason)
+    update_registry_overview(store)
     return {"passed": False, "summary": f"live check failed, {published['label']} moved back: {reason}"}

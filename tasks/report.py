@@ -83,6 +83,53 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, path: Path, limit: int 
     return save_figure(figure, path)
 
 
+def plot_accuracy_trend(rows: list[dict], path: Path) -> Path:
+    """Test accuracy per published version: MNIST's test set and each new source's slice."""
+    figure, axis = plt.subplots(figsize=(7, 3.2))
+    versions = [row["version"] for row in rows]
+    axis.plot(versions, [row["test_accuracy"] if row["test_accuracy"] is not None else np.nan for row in rows],
+              marker="o", label="MNIST test")
+    for source in sorted({name for row in rows for name in row["slices"]}):
+        axis.plot(versions, [row["slices"].get(source, np.nan) for row in rows], marker="s", label=source)
+    axis.set_xlabel("version")
+    axis.set_ylabel("test accuracy")
+    axis.set_xticks(versions)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    axis.set_title("accuracy per published version")
+    return save_figure(figure, path)
+
+
+def registry_markdown(rows: list[dict], history: list[dict], scratch: Path) -> str:
+    """The registry overview: every version, its labels, data and accuracy, the trend, the last events."""
+    sources = sorted({name for row in rows for name in row["slices"]})
+    shown = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    lines = ["# Model registry", ""]
+    serving = {label: row["version"] for row in rows for label in row["labels"]}
+    lines += [("Serving: " + ", ".join(f"`{label}` -> version {v}" for label, v in sorted(serving.items())))
+              if serving else "No label points at a version yet.", ""]
+    lines += ["| version | labels | dataset version | MNIST test | " + " | ".join(sources) + (" |" if sources else "")
+              + " published |", "|---" * (5 + len(sources)) + "|"]
+    for row in reversed(rows):
+        cells = [str(row["version"]), ", ".join(row["labels"]) or "-", shown_int(row["dataset_version"]),
+                 shown(row["test_accuracy"]), *[shown(row["slices"].get(s)) for s in sources],
+                 str(row["published_at"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    if rows:
+        lines += ["", f"![accuracy per version]({embedded_png(plot_accuracy_trend(rows, scratch / 'trend.png'))})"]
+    recent = [e for e in history if e.get("event") in {"published", "rejected", "label", "rollback"}][-10:]
+    if recent:
+        lines += ["", "Last events:", ""]
+        lines += [f"- {e['time']} {e['event']}" + (f" version {e['version']}" if e.get("version") else "")
+                  + (f" ({e['label']})" if e.get("label") else "") + (f": {e['reason']}" if e.get("reason") else "")
+                  for e in reversed(recent)]
+    return "\n".join(lines) + "\n"
+
+
+def shown_int(value) -> str:
+    return "MNIST only" if value is None else str(value)
+
+
 def metrics_table(metrics: dict) -> list[dict[str, object]]:
     """Rows for a Prefect table artifact: overall metrics, then one row per digit."""
     rows: list[dict[str, object]] = [

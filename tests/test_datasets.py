@@ -219,3 +219,32 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
     forced = training_flow(params.model_copy(update={"force": True, "accuracy_margin": 1.0, "class_margin": 1.0,
                                                       "slice_margin": 1.0}), return_state=True)
     assert forced.is_completed() and "skipped" not in forced.result()
+    overview = latest_artifact("mnist-registry")
+    assert "| version | labels | dataset version | MNIST test | tablet |" in overview
+    assert "`stable` -> version 3" in overview and "data:image/png;base64," in overview
+
+
+def latest_artifact(key: str) -> str:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key])),
+                                           sort=ArtifactSort.CREATED_DESC, limit=1)
+    return str(artifact.data)
+
+
+def test_ingest_flow_reports_the_batch(prefect_api, pipeline_env: Path, store_env, mnist_dir: Path, mnist_raw,
+                                       monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from flows.ingest import ingest_flow
+
+    monkeypatch.setenv("MNIST_DATA_DIR", str(mnist_dir))
+    folder = scans(mnist_raw, tmp_path / "flow", 4000, 30)
+    state = ingest_flow(str(folder), "scanner-c", return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["dataset_version"] == 1 and state.result()["count"] == 30
+    report = latest_artifact("mnist-ingest")
+    assert "Ingested 30 digits from `scanner-c`" in report and "data:image/png;base64," in report
+    refused = ingest_flow(str(folder), "scanner-c", return_state=True)
+    assert refused.is_failed() and "exact duplicate" in refused.message
