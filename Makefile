@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
-.PHONY: install run test chromium bench prefect deploy worker clean
+.PHONY: install run test chromium bench prefect deploy worker demo-data clean
 
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,16 @@ chromium:
 
 bench: install
 	$(BIN)/python bench/run.py
+
+# The growing-data demonstration: a synthetic new source of digits (MNIST training digits rendered
+# as another scanner gives them), ingested, then a retrain gated per slice. Needs a stable version
+# trained on MNIST alone first (make run, or the mnist train this runs when there is none).
+DEMO_DIR ?= .state/demo/scanner-b
+demo-data: install
+	$(BIN)/python -m tasks.synthetic $(DEMO_DIR) --count 3000
+	$(BIN)/mnist registry list --json | grep -q '"stable"' || $(BIN)/mnist train
+	-$(BIN)/mnist data add $(DEMO_DIR) --source scanner-b
+	$(BIN)/mnist train
 
 # The Prefect UI at http://127.0.0.1:4200, on SQLite in ~/.prefect.
 prefect: install
