@@ -41,7 +41,8 @@ def background_cli(args: list[str], log_path: Path, ready_text: str | None = Non
 
 def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train and publish with a live server and sync sidecar, then query ``stable`` over gRPC."""
-    from flows.cli import mnist_test_inputs, run_training
+    from flows.cli import run_training
+    from flows.cli_serving import mnist_test_inputs
     from serving.client import predict
     from storage.models import ModelStore, StoreSettings
 

@@ -1,0 +1,223 @@
+"""``mnist serve``, ``mnist sync`` and ``mnist predict``: what runs beside the model server, and its client."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Any
+
+from flows.cli import CliError, pipeline_settings, print_json, reachable_store
+
+def command_serve(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from serving.inference import PredictOptions
+    from serving.manager import ModelManager
+    from serving.model_config import ConfigRefused, read_model_config_file, single_model_config
+    from serving.server import ModelServer, ServerOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.model_config_file:
+        try:
+            config = read_model_config_file(Path(args.model_config_file))
+        except ValueError as error:
+            raise CliError(str(error), exit_code=2) from None
+    elif args.model_base_path:
+        config = single_model_config(args.model_name, Path(args.model_base_path).resolve())
+    else:
+        raise CliError("give --model-base-path (with --model-name) or --model-config-file", exit_code=2)
+    options = ServerOptions(port=args.port, host=args.host, poll_seconds=args.file_system_poll_wait_seconds,
+                            max_message_bytes=args.max_message_bytes, rest_api_port=args.rest_api_port,
+                            ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None,
+                            predict=PredictOptions(args.enable_serialization_as_tensor_content,
+                                                   args.reject_non_finite_inputs))
+    try:
+        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models)
+        server = ModelServer(manager, options, Path(args.model_config_file) if args.model_config_file else None).start()
+    except ConfigRefused as refusal:
+        raise CliError(f"config refused: {refusal}", exit_code=2) from None
+    except (ValueError, RuntimeError, OSError) as error:
+        raise CliError(f"cannot start the server: {error}") from None
+    served = {name: sorted(model.versions) for name, model in server.manager.models.items()}
+    rest = f", REST on {args.host}:{server.rest.port}" if server.rest else ""
+    print(f"mnist serve: listening on {args.host}:{server.port}{rest}, serving {served}", flush=True)
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    stop.wait()
+    server.stop()
+    return 0
+
+
+def command_sync(args: argparse.Namespace) -> int:
+    from serving.client import Target
+    from serving.sync import SyncError, sync_once, watch
+
+    base = Path(args.model_base_path)
+    config_file = Path(args.model_config_file) if args.model_config_file else None
+    with reachable_store() as store:
+        server = Target(args.server, store.settings.model_name) if args.server else None
+        if args.watch:
+            watch(store, base, args.interval, config_file, args.config_base_path, server, args.load_timeout,
+                  report=lambda line: print(line, flush=True))
+            return 0
+        try:
+            result = sync_once(store, base, config_file, args.config_base_path, server, args.load_timeout)
+        except SyncError as error:
+            raise CliError(str(error)) from None
+    pending = " (a label waits for its version to load: run again to move it)" if result.labels_pending else ""
+    print(f"downloaded {result.downloaded or 'nothing'}, removed {result.removed or 'nothing'}, "
+          f"serving {result.kept}, labels {result.labels}{pending}")
+    return 0
+
+
+def parse_range(text: str) -> tuple[int, int]:
+    try:
+        start, stop = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise CliError(f"--mnist-test takes START:STOP, got {text!r}", exit_code=2) from None
+    if not 0 <= start < stop <= 10000:
+        raise CliError(f"--mnist-test {text}: need 0 <= START < STOP <= 10000", exit_code=2)
+    return start, stop
+
+
+def mnist_test_inputs(text: str) -> tuple[list[str], Any, list[int]]:
+    from tasks.data import MNIST_SHA256, DataError, read_split, to_model_input
+
+    start, stop = parse_range(text)
+    data_dir = pipeline_settings().data_dir
+    if data_dir is None:
+        raise CliError("--mnist-test needs MNIST_DATA_DIR (the folder of the MNIST IDX files)", exit_code=2)
+    try:
+        test, _ = read_split(data_dir, "t10k", MNIST_SHA256)
+    except DataError as error:
+        raise CliError(str(error)) from None
+    labels = [int(label) for label in test.labels[start:stop]]
+    return [f"mnist-test[{i}]" for i in range(start, stop)], to_model_input(test.images[start:stop]), labels
+
+
+def show_model(target) -> int:
+    """The served version (from the server) and its lineage (from the model store's manifest)."""
+    from serving.client import ServingError, model_status
+
+    try:
+        statuses = model_status(target)
+    except ServingError as error:
+        raise CliError(str(error)) from None
+    available = [version for version, state in statuses if state == "AVAILABLE"]
+    if not available:
+        raise CliError(f"model {target.model_name!r} has no AVAILABLE version at {target.address}")
+    version = max(available)
+    print(f"model {target.model_name} at {target.address}: serving version {version} (states {statuses})")
+    with reachable_store() as store:
+        manifest = store.manifest(version)
+        labels = [label for label, v in store.labels().items() if v == version]
+    metrics = manifest.get("metrics", {})
+    print(f"  labels:           {', '.join(labels) or '-'}")
+    print(f"  published:        {manifest.get('published_at')}  {manifest.get('uri')}")
+    print(f"  flow run:         {manifest.get('flow_run_id')}")
+    if metrics.get("test_accuracy") is not None:
+        print(f"  test accuracy:    {metrics['test_accuracy']:.4f} (loss {metrics['test_loss']:.4f})")
+    print(f"  data fingerprint: {manifest.get('data_fingerprint')}")
+    print(f"  code version:     {manifest.get('code_version')}")
+    return 0
+
+
+def command_predict(args: argparse.Namespace) -> int:
+    from serving.client import ServingError, Target, predict
+    from serving.images import InputError, read_inputs
+
+    target = Target(args.server, args.model_name, args.model_version, args.label, args.timeout,
+                    tls=args.tls, ca_cert=Path(args.ca_cert) if args.ca_cert else None)
+    if args.show_model:
+        return show_model(target)
+    labels: list[int] | None = None
+    if args.mnist_test:
+        names, images, labels = mnist_test_inputs(args.mnist_test)
+    elif args.files:
+        try:
+            names, images = read_inputs([Path(f) for f in args.files])
+        except InputError as error:
+            raise CliError(str(error)) from None
+    else:
+        raise CliError("give image or .npy FILES, --mnist-test START:STOP, or --show-model", exit_code=2)
+    try:
+        results = predict(images, address=target.address, model_name=target.model_name, version=target.version,
+                          label=target.label, timeout=target.timeout, tls=target.tls, ca_cert=target.ca_cert,
+                          names=names)
+    except ServingError as error:
+        raise CliError(str(error)) from None
+    for result, label in zip(results, labels or [None] * len(results)):
+        if label is not None:
+            result["label"] = label
+    print_predictions(results, args.json)
+    return 0
+
+
+def print_predictions(results: list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        print_json(results)
+        return
+    for result in results:
+        top3 = "  ".join(f"{t['digit']}:{t['probability']:.3f}" for t in result["top3"])
+        truth = f"  (true {result['label']})" if "label" in result else ""
+        print(f"{result['input']}: {result['digit']} ({result['confidence']:.3f}){truth}  top3 {top3}  "
+              f"[v{result['version']}]")
+
+
+def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
+    serve = commands.add_parser("serve", help="serve SavedModels over TF Serving's gRPC API",
+                                description="A TF-Serving-compatible gRPC server (PredictionService, ModelService).")
+    serve.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default 8500)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--rest-api-port", type=int, default=0,
+                       help="TF Serving's REST API (/v1/models/NAME[:predict]) on this port; 0 = off (default)")
+    serve.add_argument("--model-base-path", help="the model's directory of numbered versions")
+    serve.add_argument("--model-name", default="mnist", help="model name (default mnist)")
+    serve.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig); re-read on change")
+    serve.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
+                       help="how often to look for new versions (default 1)")
+    serve.add_argument("--ssl-config-file", help="TF Serving SSLConfig text proto: server_key, server_cert, custom_ca")
+    serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
+                       help="largest request or response (default 64 MiB; a batch of 1024 images is 3.2 MB)")
+    serve.add_argument("--allow-version-labels-for-unavailable-models", action="store_true",
+                       help="accept a new label on a version still loading (a label in use still moves only to "
+                            "an AVAILABLE version), as TF Serving's flag of the same name")
+    serve.add_argument("--enable-serialization-as-tensor-content", action="store_true",
+                       help="answer Predict in packed tensor_content instead of float_val, as TF Serving's flag")
+    serve.add_argument("--reject-non-finite-inputs", action="store_true",
+                       help="refuse inputs holding NaN or infinity (TF Serving runs them through; off by default)")
+    serve.set_defaults(handler=command_serve)
+
+    sync = commands.add_parser("sync", help="mirror published versions from S3 into a model directory",
+                               description="Verified, atomic S3 -> local sync for TF Serving (read-only access).")
+    sync.add_argument("--model-base-path", required=True, help="local directory of numbered versions")
+    sync.add_argument("--model-config-file", help="where to write models.config (default: beside the model dir)")
+    sync.add_argument("--config-base-path", help="base_path to write into models.config (the path TF Serving sees)")
+    sync.add_argument("--watch", action="store_true", help="keep syncing every --interval seconds")
+    sync.add_argument("--interval", type=float, default=10.0, help="seconds between syncs with --watch (default 10)")
+    sync.add_argument("--server", help="HOST:PORT of the model server: a label moves to a new version once the "
+                                       "server reports it AVAILABLE (else on the next round)")
+    sync.add_argument("--load-timeout", type=float, default=300.0,
+                      help="seconds to wait for the server to load a new version (default 300)")
+    sync.set_defaults(handler=command_sync)
+
+    predict = commands.add_parser("predict", help="classify digits through a gRPC server",
+                                  description="Query TF Serving (or mnist serve) over gRPC.")
+    predict.add_argument("files", nargs="*", metavar="FILES", help="PNG/JPEG images or .npy arrays")
+    predict.add_argument("--server", default=os.environ.get("MNIST_SERVING_ADDRESS", "localhost:8500"),
+                         help="HOST:PORT (default: MNIST_SERVING_ADDRESS or localhost:8500)")
+    predict.add_argument("--model-name", default="mnist")
+    choice = predict.add_mutually_exclusive_group()
+    choice.add_argument("--model-version", type=int, help="ask for this version")
+    choice.add_argument("--label", help="ask for the version with this label (stable, canary)")
+    predict.add_argument("--mnist-test", metavar="START:STOP", help="slice of the MNIST test set (needs MNIST_DATA_DIR)")
+    predict.add_argument("--show-model", action="store_true", help="print the served version and its lineage")
+    predict.add_argument("--json", action="store_true", help="one JSON list: input, digit, confidence, top3")
+    predict.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)")
+    predict.add_argument("--tls", action="store_true", help="use TLS")
+    predict.add_argument("--ca-cert", help="CA certificate (PEM) to trust with --tls")
+    predict.set_defaults(handler=command_predict)
