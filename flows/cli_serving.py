@@ -58,6 +58,9 @@ def command_sync(args: argparse.Namespace) -> int:
 
     base = Path(args.model_base_path)
     config_file = Path(args.model_config_file) if args.model_config_file else None
+    usable_directory(base, "--model-base-path", create=True)
+    if config_file:
+        usable_directory(config_file.parent, "--model-config-file's folder", create=True)
     with reachable_store() as store:
         server = Target(args.server, store.settings.model_name) if args.server else None
         if args.watch:
@@ -71,7 +74,23 @@ def command_sync(args: argparse.Namespace) -> int:
     pending = " (a label waits for its version to load: run again to move it)" if result.labels_pending else ""
     print(f"downloaded {result.downloaded or 'nothing'}, removed {result.removed or 'nothing'}, "
           f"serving {result.kept}, labels {result.labels}{pending}")
+    if result.refused:
+        raise CliError("; ".join(f"refused {reason}" for reason in result.refused.values()))
     return 0
+
+
+def usable_directory(path: Path, flag: str, create: bool = False) -> None:
+    """Refuse, in one line, a directory that cannot be used (made, if ``create``), before any work."""
+    try:
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        if not path.is_dir():
+            raise CliError(f"{flag} {path}: not a directory", exit_code=2)
+        probe = path / f".mnist-probe-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise CliError(f"{flag} {path}: cannot use it ({error.strerror or error})", exit_code=2) from None
 
 
 def parse_range(text: str) -> tuple[int, int]:

@@ -21,7 +21,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.client import ServingError, Target, model_status
 from serving.model_config import read_model_config_file
-from storage.models import ModelStore, local_versions
+from storage.models import ModelStore, VerificationFailed, local_versions
 
 STAGING_PREFIX = ".sync-"
 
@@ -33,6 +33,7 @@ class SyncResult:
     kept: list[int] = field(default_factory=list)
     labels: dict[str, int] = field(default_factory=dict)
     labels_pending: bool = False  # a label waits for its version to load (moved on a later round)
+    refused: dict[int, str] = field(default_factory=dict)  # version -> why it was not exposed
 
 
 class SyncError(RuntimeError):
@@ -128,9 +129,14 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
     present = set(local_versions(model_base_path))
     result = SyncResult()
     for version in sorted(wanted - present):
-        download_version(store, version, model_base_path)
+        try:
+            download_version(store, version, model_base_path)
+        except VerificationFailed as refusal:  # not exposed; the other versions still sync
+            result.refused[version] = str(refusal)
+            continue
         result.downloaded.append(version)
     present |= set(result.downloaded)
+    wanted -= set(result.refused)
     listed_before, labelled_before = served_config(config_file)
     versions, written_labels, waiting = next_config(wanted, labels, listed_before, labelled_before, present)
     write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
@@ -179,6 +185,8 @@ def watch(store: ModelStore, model_base_path: Path, interval: float, config_file
             if result.downloaded or result.removed:
                 report(f"synced: downloaded {result.downloaded}, removed {result.removed}, serving {result.kept}, "
                        f"labels {result.labels}")
+            for reason in result.refused.values():
+                report(f"refused: {reason}")
         except StoreAccessDenied:
             raise
         except (StoreError, SyncError) as error:

@@ -19,9 +19,10 @@ The S3 protocol itself (retries, conditional writes, manifest last) is
 from __future__ import annotations
 
 import json
+import os
 import re
 from datetime import datetime, timezone
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pydantic import Field
@@ -30,8 +31,8 @@ from storage.s3 import (
     LocalFile, ObjectStore, S3Settings, StoreAccessDenied, StoreError, VerificationFailed, file_sha256, utc_now,
 )
 
-__all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccessDenied", "VerificationFailed",
-           "VersionNotFound", "local_versions", "scan_saved_model"]
+__all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccessDenied", "UnsafeManifest",
+           "VerificationFailed", "VersionNotFound", "local_versions", "scan_saved_model"]
 
 MANIFEST = "assets.extra/manifest.json"
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
@@ -68,10 +69,62 @@ def scan_saved_model(directory: Path) -> list[LocalFile]:
 
 
 def local_versions(model_dir: Path) -> list[int]:
-    """Integer version directories under ``model_dir``: TF Serving's layout on disk."""
+    """Integer version directories under ``model_dir``: TF Serving's layout on disk (a symlink is not one)."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(entry.name) for entry in model_dir.iterdir() if entry.is_dir() and entry.name.isdigit())
+    return sorted(int(entry.name) for entry in model_dir.iterdir()
+                  if entry.name.isdigit() and entry.is_dir() and not entry.is_symlink())
+
+
+# --- a manifest is read from the bucket: trust none of it ------------------------------------
+SAFE_COMPONENT = re.compile(r"^[A-Za-z0-9._@+=-][A-Za-z0-9._@+= -]{0,254}$")
+
+
+class UnsafeManifest(VerificationFailed):
+    """A manifest entry that would write outside the version directory or through something special."""
+
+
+def check_entry(version: int, relative: Any, expected: Any) -> None:
+    """A manifest entry is a relative POSIX path of plain names below the version directory,
+    with a size and a SHA-256; anything else refuses the version, naming the entry."""
+    def refuse(why: str) -> UnsafeManifest:
+        return UnsafeManifest(f"version {version}: manifest entry {relative!r} refused: {why}")
+
+    if not isinstance(relative, str) or not relative:
+        raise refuse("not a file name")
+    if relative.startswith("/") or re.match(r"^[A-Za-z]:", relative) or relative.startswith("\\"):
+        raise refuse("absolute path")
+    parts = relative.split("/")
+    if any(part in ("", ".", "..") for part in parts):
+        raise refuse("'..', '.' or an empty component")
+    if not all(SAFE_COMPONENT.match(part) for part in parts):
+        raise refuse("a character a file name may not hold (control characters, '\\', ...)")
+    if relative == MANIFEST:
+        raise refuse("the manifest's own path")
+    if not (isinstance(expected, dict) and isinstance(expected.get("size"), int) and expected["size"] >= 0
+            and isinstance(expected.get("sha256"), str) and re.fullmatch(r"[0-9a-f]{64}", expected["sha256"])):
+        raise refuse("no valid size and SHA-256")
+
+
+def make_directories(root: Path, directory: Path, version: int, relative: str) -> None:
+    """``directory`` and its parents below ``root``, each made here or an existing real directory."""
+    current = root
+    for part in directory.relative_to(root).parts:
+        current = current / part
+        if current.is_symlink() or (current.exists() and not current.is_dir()):
+            raise UnsafeManifest(f"version {version}: manifest entry {relative!r} refused: "
+                                 f"{current.relative_to(root)} is not a plain directory")
+        current.mkdir(exist_ok=True)
+
+
+def open_new(path: Path, version: int, relative: str):
+    """A new regular file, never an existing one, a symlink or a special file."""
+    try:
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise UnsafeManifest(f"version {version}: manifest entry {relative!r} refused: "
+                             f"cannot create it ({error.strerror})") from None
+    return os.fdopen(descriptor, "w+b")
 
 
 class ModelStore(ObjectStore):
@@ -134,27 +187,40 @@ class ModelStore(ObjectStore):
         self.write_manifest(self.key(version, MANIFEST), manifest)
         return manifest
 
-    def fetch_file(self, version: int, relative: str, expected: dict[str, Any]) -> bytes:
-        """One file of a version, checked against its manifest entry (size and SHA-256)."""
-        return self.fetch_verified(self.key(version, relative), expected, f"version {version}: {relative}")
+    def checked_files(self, version: int, manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        """The manifest's file entries, each checked before it becomes a key or a path."""
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise VerificationFailed(f"version {version}: the manifest lists no files")
+        for relative, expected in files.items():
+            check_entry(version, relative, expected)
+        return files
 
     def verify(self, version: int) -> dict[str, Any]:
-        """Download every file and compare it with the manifest; raise naming the first mismatch."""
+        """Stream every file and compare it with the manifest; raise naming the first mismatch."""
         manifest = self.manifest(version)
-        for relative, expected in manifest["files"].items():
-            self.fetch_file(version, relative, expected)
+        for relative, expected in self.checked_files(version, manifest).items():
+            self.stream_verified(self.key(version, relative), expected, f"version {version}: {relative}")
         return manifest
 
     def download(self, version: int, destination: Path) -> dict[str, Any]:
-        """Download a complete version, checking every file against its manifest."""
+        """Download a complete version into ``destination`` (a fresh directory), streaming and
+        checking every file against its manifest. Nothing is written outside ``destination``:
+        every entry is checked first, directories are made here, and files are created new,
+        never through an existing file or a symlink."""
         manifest = self.manifest(version)
-        for relative, expected in manifest["files"].items():
-            target = destination / relative
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_bytes(self.fetch_file(version, relative, expected))
-        manifest_path = destination / MANIFEST
-        manifest_path.parent.mkdir(parents=True, exist_ok=True)
-        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        files = self.checked_files(version, manifest)
+        destination.mkdir(parents=True, exist_ok=True)
+        root = destination.resolve()
+        for relative, expected in files.items():
+            target = root.joinpath(*PurePosixPath(relative).parts)
+            make_directories(root, target.parent, version, relative)
+            with open_new(target, version, relative) as sink:
+                self.stream_verified(self.key(version, relative), expected, f"version {version}: {relative}", sink)
+        manifest_path = root / MANIFEST
+        make_directories(root, manifest_path.parent, version, MANIFEST)
+        with open_new(manifest_path, version, MANIFEST) as sink:
+            sink.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
 
     def overview(self) -> list[dict[str, Any]]:

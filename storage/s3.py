@@ -10,7 +10,8 @@ models or datasets; it gives them what S3 lacks and they need:
   every registry keeps ``<root>/_registry/claims/<n>`` and ``<root>/_registry/history/``;
 - uploads the server checks on receipt, read back and compared, with the
   manifest written last so a reader sees all of an item or nothing
-  (``upload_verified``, ``write_manifest``);
+  (``upload_verified``, ``write_manifest``), streamed in both directions with
+  boto3's managed transfers, hashing as they go (``upload_file``, ``stream_verified``);
 - append-only event history, one object per event (``record``, ``history``).
 """
 
@@ -24,9 +25,10 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator, TypeVar
+from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import boto3
+from boto3.s3.transfer import TransferConfig
 import botocore.config
 import botocore.exceptions
 from pydantic import Field
@@ -37,6 +39,10 @@ TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTi
 DENIED_CODES = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
                 "InvalidToken", "ExpiredToken", "AuthorizationHeaderMalformed", "Forbidden"}
 T = TypeVar("T")
+CHUNK_BYTES = 1 << 20
+# Multipart above 64 MiB, 8 MiB parts, 4 at a time: at most about 32 MiB of a file in memory.
+TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=8 << 20, max_concurrency=4,
+                          use_threads=True)
 
 
 class S3Settings(BaseSettings):
@@ -221,11 +227,6 @@ class ObjectStore:
                 return self.get_bytes(key) == body
             raise
 
-    def put_checked(self, key: str, body: bytes, sha256_hex: str) -> None:
-        """Upload with a SHA-256 the server checks on receipt (BadDigest otherwise)."""
-        checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
-        self.call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body, ChecksumSHA256=checksum)
-
     def update_json(self, key: str, change: Callable[[Any], Any]) -> tuple[Any, Any]:
         """Compare-and-swap a JSON document: ``change(current or None)`` gives the new one,
         retried on a concurrent write so no update is lost. Returns (before, after)."""
@@ -262,6 +263,47 @@ class ObjectStore:
             if self.put_new(self.key("_registry", "claims", number), body):
                 return number
 
+    # --- streaming transfers -----------------------------------------------
+    def upload_file(self, key: str, path: Path, sha256_hex: str) -> None:
+        """Stream a file up without holding it in memory. Up to the multipart threshold one
+        PUT with the whole file's SHA-256, which the server checks on receipt; above it
+        boto3's managed multipart upload with a SHA-256 per part, each checked on receipt."""
+        if path.stat().st_size <= TRANSFER.multipart_threshold:
+            checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
+
+            def put() -> None:
+                with path.open("rb") as body:  # reopened on every retry: the body starts again
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=body, ChecksumSHA256=checksum)
+            self.call(put)
+        else:
+            self.call(self.client.upload_file, Filename=str(path), Bucket=self.bucket, Key=key, Config=TRANSFER,
+                      ExtraArgs={"ChecksumAlgorithm": "SHA256"})
+
+    def stream_verified(self, key: str, expected: dict[str, Any], name: str, sink: BinaryIO | None = None) -> None:
+        """Read an object in chunks, hashing as it streams (into ``sink`` when given), and
+        compare size and SHA-256 with its manifest entry; never the whole object in memory."""
+        def read() -> tuple[int, str]:
+            if sink is not None:
+                sink.seek(0)
+                sink.truncate()
+            digest, size = hashlib.sha256(), 0
+            body = self.client.get_object(Bucket=self.bucket, Key=key)["Body"]
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+                if sink is not None:
+                    sink.write(chunk)
+            return size, digest.hexdigest()
+        try:
+            size, digest = self.call(read)
+        except botocore.exceptions.ClientError as error:
+            if is_missing(error):
+                raise VerificationFailed(f"{name} is missing") from None
+            raise
+        if size != expected["size"] or digest != expected["sha256"]:
+            raise VerificationFailed(f"{name} does not match the manifest "
+                                     f"(size {size} vs {expected['size']}, sha256 {digest[:12]}…)")
+
     # --- items written manifest last --------------------------------------
     def fetch_verified(self, key: str, expected: dict[str, Any], name: str) -> bytes:
         """One object's bytes, checked against its manifest entry (size and SHA-256)."""
@@ -279,9 +321,9 @@ class ObjectStore:
         back and compare; returns the manifest's ``files`` entries."""
         entries = {f.relative: {"sha256": f.sha256, "size": f.size} for f in files}
         for item in files:
-            self.put_checked(f"{prefix}/{item.relative}", item.path.read_bytes(), item.sha256)
+            self.upload_file(f"{prefix}/{item.relative}", item.path, item.sha256)
         for relative, expected in entries.items():
-            self.fetch_verified(f"{prefix}/{relative}", expected, relative)
+            self.stream_verified(f"{prefix}/{relative}", expected, relative)
         return entries
 
     def write_manifest(self, key: str, manifest: dict[str, Any]) -> None:

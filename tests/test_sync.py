@@ -56,11 +56,15 @@ def test_sync_skips_a_version_that_does_not_verify(store: ModelStore, saved_mode
     from storage.models import VerificationFailed
 
     store.publish(saved_model_dir, LINEAGE)
+    store.set_label("stable", 1)
     store.client.put_object(Bucket=store.bucket, Key=store.key(1, "saved_model.pb"), Body=b"tampered")
+    store.publish(saved_model_dir, LINEAGE)
     base = tmp_path / "mnist"
+    result = sync_once(store, base)  # version 1 is refused, version 2 still syncs
+    assert set(result.refused) == {1} and "saved_model.pb" in result.refused[1]
+    assert local_versions(base) == [2] and not list(base.glob(".sync-*"))
     with pytest.raises(VerificationFailed, match="saved_model.pb"):
-        sync_once(store, base)
-    assert local_versions(base) == [] and not list(base.glob(".sync-*"))
+        store.verify(1)
 
 
 def test_sync_works_with_read_only_credentials(saved_model_dir: Path, tmp_path: Path,
