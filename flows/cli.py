@@ -189,14 +189,22 @@ def registry_action(args: argparse.Namespace, store) -> int:
             print_json(rows)
         elif not rows:
             print(f"no published versions in {store.uri()}")
+        else:
+            print(f"{'version':>7}  {'accuracy':<8}  {'signed':<6}  {'published':<29}  labels")
         for row in [] if args.json else rows:
             accuracy = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
-            print(f"{row['version']:>5}  {accuracy}  {row['published_at']}  {','.join(row['labels'])}")
+            print(f"{row['version']:>7}  {accuracy:<8}  {'yes' if row['signed'] else 'no':<6}  "
+                  f"{row['published_at']:<29}  {','.join(row['labels'])}")
     elif action == "show":
         print_json(store.manifest(args.version))
     elif action == "verify":
+        from storage.signing import SigningSettings, verify_stored_version
+
+        verify_key = SigningSettings().verify_key
         try:
             manifest = store.verify(args.version)
+            if verify_key is not None:
+                verify_stored_version(store, args.version, verify_key)
         except VerificationFailed as error:
             if args.json:
                 print_json({"version": args.version, "verified": False, "problem": str(error)})
@@ -204,7 +212,8 @@ def registry_action(args: argparse.Namespace, store) -> int:
         if args.json:
             print_json({"version": args.version, "verified": True, "files": sorted(manifest["files"])})
         else:
-            print(f"version {args.version}: {len(manifest['files'])} files match the manifest")
+            signed = ", signature verified with MNIST_VERIFY_KEY" if verify_key is not None else ""
+            print(f"version {args.version}: {len(manifest['files'])} files match the manifest{signed}")
     elif action == "push":
         from tasks.publish import publish_model
 

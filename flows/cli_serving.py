@@ -55,6 +55,7 @@ def command_serve(args: argparse.Namespace) -> int:
 def command_sync(args: argparse.Namespace) -> int:
     from serving.client import Target
     from serving.sync import SyncError, sync_once, watch
+    from storage.signing import SigningSettings
 
     base = Path(args.model_base_path)
     config_file = Path(args.model_config_file) if args.model_config_file else None
@@ -63,12 +64,14 @@ def command_sync(args: argparse.Namespace) -> int:
         usable_directory(config_file.parent, "--model-config-file's folder", create=True)
     with reachable_store() as store:
         server = Target(args.server, store.settings.model_name) if args.server else None
+        verify_key = SigningSettings().verify_key
         if args.watch:
             watch(store, base, args.interval, config_file, args.config_base_path, server, args.load_timeout,
-                  report=lambda line: print(line, flush=True))
+                  verify_key, report=lambda line: print(line, flush=True))
             return 0
         try:
-            result = sync_once(store, base, config_file, args.config_base_path, server, args.load_timeout)
+            result = sync_once(store, base, config_file, args.config_base_path, server, args.load_timeout,
+                               verify_key)
         except SyncError as error:
             raise CliError(str(error)) from None
     pending = " (a label waits for its version to load: run again to move it)" if result.labels_pending else ""

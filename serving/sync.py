@@ -22,6 +22,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving.client import ServingError, Target, model_status
 from serving.model_config import read_model_config_file
 from storage.models import ModelStore, VerificationFailed, local_versions
+from storage.signing import verify_directory
 
 STAGING_PREFIX = ".sync-"
 
@@ -69,11 +70,14 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(handle.name, path)
 
 
-def download_version(store: ModelStore, version: int, model_base_path: Path) -> None:
-    """Verified download into a staging directory, then one atomic rename."""
+def download_version(store: ModelStore, version: int, model_base_path: Path, verify_key: Path | None = None) -> None:
+    """Verified download into a staging directory (its signature checked when ``verify_key``
+    is given), then one atomic rename."""
     staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_base_path))
     try:
         store.download(version, staging)
+        if verify_key is not None:
+            verify_directory(staging, verify_key, f"version {version}")
         staging.rename(model_base_path / str(version))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -113,7 +117,7 @@ def next_config(wanted: set[int], labels: dict[str, int], listed_before: set[int
 
 def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None = None,
               config_base_path: str | None = None, server: Target | None = None,
-              load_timeout: float = 300.0) -> SyncResult:
+              load_timeout: float = 300.0, verify_key: Path | None = None) -> SyncResult:
     """Mirror the wanted versions and write ``models.config``; return what changed.
 
     A label moves in two steps, as real TF Serving needs: first a config that lists the
@@ -130,7 +134,7 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
     result = SyncResult()
     for version in sorted(wanted - present):
         try:
-            download_version(store, version, model_base_path)
+            download_version(store, version, model_base_path, verify_key)
         except VerificationFailed as refusal:  # not exposed; the other versions still sync
             result.refused[version] = str(refusal)
             continue
@@ -175,13 +179,14 @@ def wait_until_available(server: Target, versions: list[int], timeout: float) ->
 
 def watch(store: ModelStore, model_base_path: Path, interval: float, config_file: Path | None = None,
           config_base_path: str | None = None, server: Target | None = None, load_timeout: float = 300.0,
-          report=print) -> None:
+          verify_key: Path | None = None, report=print) -> None:
     """Sync every ``interval`` seconds; transient store errors and slow loads are reported and retried."""
     from storage.models import StoreAccessDenied, StoreError
 
     while True:
         try:
-            result = sync_once(store, model_base_path, config_file, config_base_path, server, load_timeout)
+            result = sync_once(store, model_base_path, config_file, config_base_path, server, load_timeout,
+                               verify_key)
             if result.downloaded or result.removed:
                 report(f"synced: downloaded {result.downloaded}, removed {result.removed}, serving {result.kept}, "
                        f"labels {result.labels}")

@@ -169,13 +169,18 @@ class ModelStore(ObjectStore):
             raise VersionNotFound(f"version {version} of {self.uri()} is not published")
         return manifest
 
-    def publish(self, directory: Path, metadata: dict[str, Any]) -> dict[str, Any]:
+    def publish(self, directory: Path, metadata: dict[str, Any], signing_key: Path | None = None) -> dict[str, Any]:
         """Upload a SavedModel as the next version; returns its manifest.
 
-        Order: claim the number, upload variables, assets and saved_model.pb
-        with server-checked SHA-256s, read every object back and compare, then
-        write the manifest, which makes the version visible.
+        Order: sign it when a key is given (the signature becomes one of its files),
+        claim the number, upload variables, assets and saved_model.pb with
+        server-checked SHA-256s, read every object back and compare, then write the
+        manifest, which makes the version visible.
         """
+        if signing_key is not None:
+            from storage.signing import sign_directory
+
+            sign_directory(directory, signing_key)
         files = scan_saved_model(directory)
         self.ensure_bucket()
         for items in self.leftovers(self.stored_version_dirs()).values():  # what an interrupted publish left
@@ -233,6 +238,7 @@ class ModelStore(ObjectStore):
             manifest = self.manifest(version)
             metrics = manifest.get("metrics") or {}
             rows.append({"version": version, "test_accuracy": metrics.get("test_accuracy"),
+                         "signed": "assets.extra/model.sig" in (manifest.get("files") or {}),
                          "slices": metrics.get("slices") or {},
                          "dataset_version": (manifest.get("dataset") or {}).get("version"),
                          "labels": sorted(labels_by_version.get(version, [])),

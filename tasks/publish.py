@@ -29,7 +29,9 @@ def manifest_metadata(metrics: dict[str, Any], lineage: dict[str, Any]) -> dict[
 
 def publish_model(store: ModelStore, saved_model: Path, metrics: dict[str, Any], lineage: dict[str, Any],
                   label: str) -> dict[str, Any]:
-    manifest = store.publish(saved_model, manifest_metadata(metrics, lineage))
+    from storage.signing import SigningSettings
+
+    manifest = store.publish(saved_model, manifest_metadata(metrics, lineage), SigningSettings().signing_key)
     event = {"version": manifest["version"], "flow_run_id": lineage.get("flow_run_id"),
              "metrics": manifest["metrics"]}
     store.record({"event": "published", **event})

@@ -97,3 +97,61 @@ def test_a_file_above_the_multipart_threshold_streams_both_ways(store: ModelStor
     store.download(1, tmp_path / "copy")
     big = "variables/variables.data-00000-of-00001"
     assert (tmp_path / "copy" / big).read_bytes() == (model / big).read_bytes()
+
+
+def key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    """An elliptic-curve key pair in PEM, as `openssl ecparam -genkey -name prime256v1` makes one."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / f"{name}-signing.pem", folder / f"{name}-verify.pem"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                     serialization.PublicFormat.SubjectPublicKeyInfo))
+    return private, public
+
+
+def test_signed_publish_verified_sync_and_every_refusal(store: ModelStore, store_env, saved_model_dir: Path,
+                                                        tmp_path: Path) -> None:
+    import shutil
+
+    from storage.signing import SIGNATURE
+
+    ours_private, ours_public = key_pair(tmp_path, "ours")
+    theirs_private, _ = key_pair(tmp_path, "theirs")
+    model = tmp_path / "model"
+    shutil.copytree(saved_model_dir, model)
+    store.publish(model, LINEAGE, ours_private)                     # 1: signed by us
+    store.publish(saved_model_dir, LINEAGE)                         # 2: unsigned
+    store.publish(model, LINEAGE, theirs_private)                   # 3: signed by another key
+    store.publish(model, LINEAGE, ours_private)                     # 4: signed, then tampered with
+    tampered = b"tampered after signing"
+    store.client.put_object(Bucket=store.bucket, Key=store.key(4, "saved_model.pb"), Body=tampered)
+    manifest = store.manifest(4)  # a writer to the bucket can fix the hashes, not the signature
+    manifest["files"]["saved_model.pb"] = {"sha256": hashlib.sha256(tampered).hexdigest(), "size": len(tampered)}
+    store.client.put_object(Bucket=store.bucket, Key=store.key(4, MANIFEST), Body=json.dumps(manifest).encode())
+    for version in (1, 2, 3, 4):
+        store.set_label(f"v{version}", version)
+    assert SIGNATURE in store.manifest(1)["files"] and SIGNATURE not in store.manifest(2)["files"]
+    assert [row["signed"] for row in store.overview()] == [True, False, True, True]
+
+    base = tmp_path / "serving" / "mnist"
+    result = sync_once(store, base, verify_key=ours_public)
+    assert result.downloaded == [1] and local_versions(base) == [1]
+    assert "unsigned" in result.refused[2]
+    assert "does not verify" in result.refused[3] and "does not verify" in result.refused[4]
+    assert sync_once(store, tmp_path / "no-key" / "mnist").downloaded == [1, 2, 3, 4]  # without a key: today's
+
+    env = {**store_env, "MNIST_VERIFY_KEY": str(ours_public)}
+    good = run_mnist("registry", "verify", "1", env=env)
+    assert good.returncode == 0 and "signature verified" in good.stdout
+    for version, reason in ((2, "unsigned"), (3, "does not verify"), (4, "does not verify")):
+        refused = run_mnist("registry", "verify", str(version), env=env)
+        assert refused.returncode == 1 and reason in refused.stderr and "Traceback" not in refused.stderr
+    listed = run_mnist("registry", "list", env=store_env)
+    assert listed.returncode == 0 and "signed" in listed.stdout.splitlines()[0]
+    everything = json.dumps([store.manifest(v) for v in (1, 2, 3, 4)]) + json.dumps(store.history())
+    for key_file in (ours_private, ours_public, theirs_private):
+        assert str(key_file) not in everything and key_file.read_text().splitlines()[1] not in everything
