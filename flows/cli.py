@@ -115,6 +115,10 @@ def training_params(args: argparse.Namespace):
     values = given_flags(args, TrainingParams)
     if args.output:
         values["output_dir"] = args.output
+    data_dir = values.get("data_dir") or os.environ.get("MNIST_DATA_DIR")
+    if data_dir and not Path(data_dir).is_dir():
+        flag = "--data-dir" if values.get("data_dir") else "MNIST_DATA_DIR"
+        raise CliError(f"{flag} {data_dir}: no such folder (it should hold the four MNIST IDX files)", exit_code=2)
     try:
         params = TrainingParams(**values)
         params.train_config()  # refuse a bad combination before any work starts
@@ -165,13 +169,29 @@ def command_storage(args: argparse.Namespace) -> int:
     return 0
 
 
-def registry_store():
-    from storage.models import ModelStore, StoreSettings
+# An interactive read answers or fails within this, unless MNIST_RETRY_SECONDS says otherwise;
+# a publish keeps the full retry window (its default is 60 s).
+INTERACTIVE_RETRY_SECONDS = 10.0
 
+
+def store_for_cli(settings_class: type, store_class: type, interactive: bool = True):
+    """A store whose retries say so on stderr at once, and, for a person waiting, a short retry window."""
     try:
-        return ModelStore(StoreSettings())
+        settings = settings_class()
     except ValidationError as error:
         raise CliError(validation_message(error), exit_code=2) from None
+    if interactive and "MNIST_RETRY_SECONDS" not in os.environ:
+        settings = settings.model_copy(update={"retry_seconds": min(settings.retry_seconds,
+                                                                    INTERACTIVE_RETRY_SECONDS)})
+    store = store_class(settings)
+    store.on_retry = lambda message: print(f"mnist: {message}", file=sys.stderr, flush=True)
+    return store
+
+
+def registry_store(interactive: bool = True):
+    from storage.models import ModelStore, StoreSettings
+
+    return store_for_cli(StoreSettings, ModelStore, interactive)
 
 
 def print_json(payload: Any) -> None:
@@ -260,7 +280,8 @@ def reachable_store(factory: Callable[[], Any] | None = None) -> Iterator[Any]:
 
 
 def command_registry(args: argparse.Namespace) -> int:
-    with reachable_store() as store:
+    writes = args.action in {"push", "label", "rollback", "gc"}  # these keep the full retry window
+    with reachable_store(lambda: registry_store(interactive=not writes)) as store:
         return registry_action(args, store)
 
 

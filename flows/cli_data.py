@@ -7,18 +7,13 @@ import os
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
-
-from flows.cli import CliError, pipeline_settings, print_json, reachable_store, validation_message
+from flows.cli import CliError, pipeline_settings, print_json, reachable_store, store_for_cli
 
 
-def dataset_store():
+def dataset_store(interactive: bool = True):
     from storage.datasets import DatasetSettings, DatasetStore
 
-    try:
-        return DatasetStore(DatasetSettings())
-    except ValidationError as error:
-        raise CliError(validation_message(error), exit_code=2) from None
+    return store_for_cli(DatasetSettings, DatasetStore, interactive)
 
 
 def mnist_reference():
@@ -58,7 +53,7 @@ def command_data(args: argparse.Namespace) -> int:
 
     if args.action == "add":
         reference = mnist_reference()  # before the store: a missing MNIST folder is refused without waiting
-        with reachable_store(dataset_store) as store:
+        with reachable_store(lambda: dataset_store(interactive=False)) as store:
             try:
                 result = ingest(store, Path(args.path), args.source, reference)
             except IngestError as error:

@@ -119,6 +119,7 @@ class ModelManager:
         self.labels: dict[str, dict[str, int]] = {}
         self.states: dict[str, dict[int, VersionStatus]] = {}
         self.failed_loads: dict[tuple[str, int], float] = {}  # broken version -> its saved_model.pb mtime
+        self.missing_base_paths: set[str] = set()  # said once when it goes missing, once when it is back
         self.apply_config(config)
 
     # --- config -------------------------------------------------------------
@@ -181,6 +182,7 @@ class ModelManager:
         """Load what the policy wants and is not loaded, then drop what it no longer wants.
         Loading first means a request always finds a servable version during a switch."""
         for name, model in list(self.models.items()):
+            self.note_base_path(name, Path(model.config.base_path))
             wanted = versions_to_serve(model.config, servable_versions(Path(model.config.base_path)))
             for version in sorted(wanted - set(model.versions)):
                 self.load(name, model, version)
@@ -193,6 +195,17 @@ class ModelManager:
                     for version in stale:
                         self.set_state(name, version, VersionStatus(State.END))
                 log.info("unloaded %s versions %s", name, sorted(stale))
+
+    def note_base_path(self, name: str, base_path: Path) -> None:
+        """Say when a model's base path is missing (as TF Serving names it), and when it is back."""
+        missing = not base_path.is_dir()
+        if missing and str(base_path) not in self.missing_base_paths:
+            log.error("model %s: base path %s does not exist or is not a directory; nothing to serve until it "
+                      "does", name, base_path)
+            self.missing_base_paths.add(str(base_path))
+        elif not missing and str(base_path) in self.missing_base_paths:
+            log.info("model %s: base path %s is there now", name, base_path)
+            self.missing_base_paths.discard(str(base_path))
 
     # --- requests -------------------------------------------------------------
     def resolve(self, spec) -> tuple[str, LoadedVersion]:

@@ -137,6 +137,8 @@ class ObjectStore:
 
     def __init__(self, settings: S3Settings, root: str, client: Any = None):
         self.settings = settings
+        # Told once per call, at its first transient fault, what is happening (the CLI prints it).
+        self.on_retry: Callable[[str], None] | None = None
         self.client = client or s3_client(settings)
         self.bucket = settings.s3_bucket
         self.root = root.strip("/")
@@ -167,6 +169,9 @@ class ObjectStore:
                     raise
                 if time.monotonic() + delay > deadline:
                     raise StoreError(f"S3 unreachable ({self.where}): {error}") from None
+                if delay == 0.2 and self.on_retry is not None:
+                    self.on_retry(f"S3 unreachable ({self.where}); retrying for up to "
+                                  f"{self.settings.retry_seconds:g} s (MNIST_RETRY_SECONDS)")
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
 

@@ -1,0 +1,55 @@
+"""Bad input, as a new user gives it, gets one clear line and a non-zero exit, before any work."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from storage.embedded import free_port
+from tests.conftest import REPO, run_mnist
+
+
+def test_train_refuses_a_missing_data_dir_before_any_work() -> None:
+    result = run_mnist("train", "--data-dir", "/nonexistent")
+    assert result.returncode == 2 and "--data-dir /nonexistent: no such folder" in result.stderr
+    assert "temporary server" not in result.stderr and "Traceback" not in result.stderr
+    from_env = run_mnist("train", env={"MNIST_DATA_DIR": "/nonexistent"})
+    assert from_env.returncode == 2 and "MNIST_DATA_DIR /nonexistent" in from_env.stderr
+
+
+def test_an_unreachable_store_is_said_at_once_and_a_read_gives_up_soon() -> None:
+    env = {"MNIST_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y"}
+    env = {**{k: v for k, v in os.environ.items() if k != "MNIST_RETRY_SECONDS"}, **env}
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "list"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=120)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "retrying for up to 10 s (MNIST_RETRY_SECONDS)" in lines[-2]
+    assert lines[-1].startswith("mnist registry: S3 unreachable")
+
+
+def test_serve_names_a_missing_base_path_at_start_and_when_it_appears(tmp_path: Path) -> None:
+    base = tmp_path / "not-yet"
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(free_port()),
+                                "--model-base-path", str(base), "--file-system-poll-wait-seconds", "0.2"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        seen = []
+        deadline = time.monotonic() + 60
+        while not any("listening on" in line for line in seen) and time.monotonic() < deadline:
+            seen.append(process.stdout.readline())
+        assert any(f"base path {base} does not exist" in line for line in seen), seen
+        base.mkdir()
+        while not any(f"base path {base} is there now" in line for line in seen) and time.monotonic() < deadline:
+            seen.append(process.stdout.readline())
+        assert any("is there now" in line for line in seen)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=20)
+        process.stdout.close()
