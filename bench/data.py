@@ -69,7 +69,8 @@ def main() -> dict:
             run_cli("data", "add", str(root / "extra.npz"), "--source", "extra", env=env)
             base_env = {k: v for k, v in env.items() if k != "MNIST_S3_ENDPOINT"}  # MNIST alone
             base_seconds, base_peak = run_cli("train", "--no-publish", env=base_env)
-            grown_seconds, grown_peak = run_cli("train", "--no-publish", "--new-data-weight", "1", env=env)
+            grown_seconds, grown_peak = run_cli("train", "--no-publish", "--dataset-version", "2",
+                                                "--new-data-weight", "1", env=env)
         finally:
             weed.stop()
     rows = [["mnist data add (10,000 PNG files)", round(ingest_seconds, 1), round(10000 / ingest_seconds),

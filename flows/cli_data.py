@@ -23,7 +23,7 @@ def mnist_reference():
 
     data_dir = pipeline_settings().data_dir
     if data_dir is None:
-        raise CliError("mnist data add needs the MNIST files to check new digits against: set MNIST_DATA_DIR",
+        raise CliError("set MNIST_DATA_DIR to the MNIST files: new digits are checked against MNIST's own",
                        exit_code=2)
     try:
         train, test, _ = load_mnist_idx(data_dir)
@@ -52,6 +52,14 @@ def command_data(args: argparse.Namespace) -> int:
     from tasks.ingest import IngestError, ingest
 
     if args.action == "add":
+        from storage.datasets import SOURCE_PATTERN
+
+        if not Path(args.path).exists():
+            raise CliError(f"{args.path}: no such file or folder (give a folder of 0-9 sub-folders, a .csv or "
+                           "a .npz)", exit_code=2)
+        if not SOURCE_PATTERN.match(args.source):
+            raise CliError(f"--source {args.source!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)",
+                           exit_code=2)
         reference = mnist_reference()  # before the store: a missing MNIST folder is refused without waiting
         with reachable_store(lambda: dataset_store(interactive=False)) as store:
             try:

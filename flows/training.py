@@ -36,8 +36,11 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     data_dir = params.data_dir or (str(settings.data_dir) if settings.data_dir else None)
     run_dir = new_run_dir(output_dir)
 
+    # A run that publishes reads the dataset store it publishes beside; one that does not stays
+    # off the store (a local experiment) unless a dataset version is asked for.
     data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
-                        config.train_limit, params.dataset_version, params.new_data_weight)
+                        config.train_limit, params.dataset_version, params.new_data_weight,
+                        use_store=params.publish or params.dataset_version is not None)
     lineage = {"flow_run_id": str(flow_run.id), "data_fingerprint": data["data_fingerprint"],
                "dataset": data["dataset"], "code_version": code_version(), "library_versions": library_versions(),
                "preset": params.preset, "config": config.model_dump(), "new_data_weight": params.new_data_weight}

@@ -280,15 +280,15 @@ from prefect import task  # noqa: E402
 @task(name="prepare-data", timeout_seconds=600)
 def prepare_data(data_dir: str | None, cache_dir: str, validation_size: int, split_seed: int,
                  train_limit: int | None = None, dataset_version: int | None = None,
-                 new_data_weight: int = 1) -> dict[str, Any]:
+                 new_data_weight: int = 1, use_store: bool = True) -> dict[str, Any]:
     """Verify MNIST, split off a seeded validation set, add the dataset version's new
-    examples when a dataset store is reachable (``MNIST_S3_ENDPOINT``), cache the result;
+    examples when ``use_store`` and a store is set (``MNIST_S3_ENDPOINT``), cache the result;
     return its path, fingerprint and the dataset version used."""
     from prefect import get_run_logger
 
     path, fingerprint = prepare_dataset(Path(data_dir) if data_dir else None, Path(cache_dir),
                                         validation_size, split_seed, train_limit)
-    dataset = dataset_to_use(dataset_version)
+    dataset = dataset_to_use(dataset_version) if use_store else None
     if dataset is None:
         get_run_logger().info("training on MNIST alone (no dataset version in the store)")
         return {"prepared_path": str(path), "data_fingerprint": fingerprint, "dataset": None}
