@@ -16,10 +16,10 @@ PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
 .PHONY: install run test chromium bench prefect deploy worker demo-data clean
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e clients/python -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed

@@ -43,7 +43,7 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict
     """Train and publish with a live server and sync sidecar, then query ``stable`` over gRPC."""
     from flows.cli import run_training
     from flows.cli_serving import mnist_test_inputs
-    from serving.client import predict
+    from mnist_client.client import predict
     from storage.models import ModelStore, StoreSettings
 
     serving_root = (state_dir / "serving").resolve()

@@ -131,7 +131,7 @@ def command_run(args: argparse.Namespace) -> int:
     """The main job: train, gate, publish, sync, serve, live-check, query; stop all."""
     from flows.chain import ChainError, run_chain
     from flows.cli_serving import print_predictions
-    from serving.client import ServingError
+    from mnist_client.client import ServingError
 
     params = training_params(args)
     if not params.publish:

@@ -53,7 +53,7 @@ def command_serve(args: argparse.Namespace) -> int:
 
 
 def command_sync(args: argparse.Namespace) -> int:
-    from serving.client import Target
+    from mnist_client.client import Target
     from serving.sync import SyncError, sync_once, watch
     from storage.signing import SigningSettings
 
@@ -123,7 +123,7 @@ def mnist_test_inputs(text: str) -> tuple[list[str], Any, list[int]]:
 
 def show_model(target) -> int:
     """The served version (from the server) and its lineage (from the model store's manifest)."""
-    from serving.client import ServingError, model_status
+    from mnist_client.client import ServingError, model_status
 
     try:
         statuses = model_status(target)
@@ -149,8 +149,8 @@ def show_model(target) -> int:
 
 
 def command_predict(args: argparse.Namespace) -> int:
-    from serving.client import ServingError, Target, predict
-    from serving.images import InputError, read_inputs
+    from mnist_client.client import ServingError, Target, predict
+    from mnist_client.images import InputError, read_inputs
 
     target = Target(args.server, args.model_name, args.model_version, args.label, args.timeout,
                     tls=args.tls, ca_cert=Path(args.ca_cert) if args.ca_cert else None)

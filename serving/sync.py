@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.client import ServingError, Target, model_status
+from mnist_client.client import ServingError, Target, model_status
 from serving.model_config import read_model_config_file
 from storage.models import ModelStore, VerificationFailed, local_versions
 from storage.signing import verify_directory

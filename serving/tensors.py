@@ -1,88 +1,15 @@
-"""TensorProto <-> numpy without importing TensorFlow; shared by the server and the client.
-
-Writing follows TF Serving: the typed ``*_val`` field by default (``Tensor::AsProtoField``,
-what ``mnist_client.py`` reads as ``float_val``), or packed ``tensor_content`` when asked
-(``--enable_serialization_as_tensor_content``, ``Tensor::AsProtoTensorContent``).
-Reading accepts both, as ``tf.make_ndarray`` does.
-"""
+"""The client's TensorProto <-> numpy conversions over TensorFlow's own TensorProto, for the server
+(whose servicers take and give tensorflow-serving-api's messages). One implementation: ``mnist_client.tensors``."""
 
 from __future__ import annotations
 
 import numpy as np
-from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
+from tensorflow.core.framework import tensor_pb2
 
-
-class TensorError(ValueError):
-    """A TensorProto that cannot be read as the tensor it claims to be."""
-
-
-# dtype -> (numpy type, the typed repeated field TF writes it to)
-TYPED_FIELDS: dict[int, tuple[type, str]] = {
-    types_pb2.DT_FLOAT: (np.float32, "float_val"),
-    types_pb2.DT_DOUBLE: (np.float64, "double_val"),
-    types_pb2.DT_INT32: (np.int32, "int_val"),
-    types_pb2.DT_INT16: (np.int16, "int_val"),
-    types_pb2.DT_INT8: (np.int8, "int_val"),
-    types_pb2.DT_UINT8: (np.uint8, "int_val"),
-    types_pb2.DT_UINT16: (np.uint16, "int_val"),
-    types_pb2.DT_INT64: (np.int64, "int64_val"),
-    types_pb2.DT_UINT32: (np.uint32, "uint32_val"),
-    types_pb2.DT_UINT64: (np.uint64, "uint64_val"),
-    types_pb2.DT_BOOL: (np.bool_, "bool_val"),
-}
-NUMPY_DTYPES = {np.dtype(numpy_type): dtype for dtype, (numpy_type, _) in TYPED_FIELDS.items()}
-
-
-def shape_proto(shape: tuple[int, ...]) -> tensor_shape_pb2.TensorShapeProto:
-    return tensor_shape_pb2.TensorShapeProto(dim=[tensor_shape_pb2.TensorShapeProto.Dim(size=s) for s in shape])
+from mnist_client.tensors import TYPED_FIELDS, TensorError, from_tensor_proto, shape_of  # noqa: F401  re-exported
 
 
 def to_tensor_proto(array: np.ndarray, as_content: bool = True) -> tensor_pb2.TensorProto:
-    """A TensorProto of ``array`` (float32 unless it is already a supported dtype, or strings).
-    ``as_content`` packs raw bytes (cheapest for requests); otherwise the typed field, as TF Serving answers."""
-    array = np.asarray(array)
-    if array.dtype.kind in "OSU":
-        values = [v if isinstance(v, bytes) else str(v).encode() for v in array.ravel()]
-        return tensor_pb2.TensorProto(dtype=types_pb2.DT_STRING, tensor_shape=shape_proto(array.shape),
-                                      string_val=values)
-    if array.dtype not in NUMPY_DTYPES:
-        array = array.astype(np.float32)
-    dtype = NUMPY_DTYPES[array.dtype]
-    proto = tensor_pb2.TensorProto(dtype=dtype, tensor_shape=shape_proto(array.shape))
-    if as_content:
-        proto.tensor_content = np.ascontiguousarray(array).tobytes()
-    else:
-        getattr(proto, TYPED_FIELDS[dtype][1]).extend(array.ravel().tolist())
-    return proto
+    from mnist_client.tensors import to_tensor_proto as convert
 
-
-def shape_of(proto: tensor_pb2.TensorProto) -> tuple[int, ...]:
-    return tuple(dim.size for dim in proto.tensor_shape.dim)
-
-
-def from_tensor_proto(proto: tensor_pb2.TensorProto) -> np.ndarray:
-    """An array from ``tensor_content`` or the typed field; raises TensorError.
-    A typed field with one value (or none) fills the whole shape, as TensorFlow reads it."""
-    shape = shape_of(proto)
-    if any(size < 0 for size in shape):
-        raise TensorError(f"shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape)) if shape else 1
-    if proto.dtype == types_pb2.DT_STRING:
-        if len(proto.string_val) != count:
-            raise TensorError(f"string_val has {len(proto.string_val)} values, shape {list(shape)} needs {count}")
-        return np.array(list(proto.string_val), dtype=object).reshape(shape)
-    if proto.dtype not in TYPED_FIELDS:
-        raise TensorError(f"dtype {types_pb2.DataType.Name(proto.dtype)} is not supported")
-    numpy_type, field = TYPED_FIELDS[proto.dtype]
-    if proto.tensor_content:
-        size = np.dtype(numpy_type).itemsize * count
-        if len(proto.tensor_content) != size:
-            raise TensorError(f"tensor_content has {len(proto.tensor_content)} bytes, shape {list(shape)} "
-                              f"needs {size}")
-        return np.frombuffer(proto.tensor_content, dtype=numpy_type).reshape(shape)
-    values = getattr(proto, field)
-    if len(values) == count:
-        return np.asarray(values, dtype=numpy_type).reshape(shape)
-    if len(values) <= 1:  # TensorFlow fills the shape with the one value given, or with zeros
-        return np.full(shape, values[0] if values else 0, dtype=numpy_type)
-    raise TensorError(f"{field} has {len(values)} values, shape {list(shape)} needs {count}")
+    return convert(array, as_content, tensor_pb2.TensorProto)

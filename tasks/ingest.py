@@ -2,7 +2,7 @@
 
 Sources: a folder of ``0/`` ... ``9/`` sub-folders of images (the layout Keras'
 ``image_dataset_from_directory`` reads), a CSV of ``path,label``, or an ``.npz`` with
-``x`` and ``y``. Images go through ``serving.images``, the same preparation the
+``x`` and ``y``. Images go through ``mnist_client.images``, the same preparation the
 client applies to served images, so training and serving never see differently
 prepared inputs. Hard errors refuse the whole batch and write nothing.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.images import InputError, as_digit_batch, prepare_digit, read_image
+from mnist_client.images import InputError, as_digit_batch, prepare_digit, read_image
 from storage.datasets import SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}

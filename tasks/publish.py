@@ -130,7 +130,7 @@ GOLDEN_TOLERANCE = 1e-4
 
 def wait_until_available(target, version: int, timeout: float) -> bool:
     """Poll GetModelStatus until ``version`` is AVAILABLE or ``timeout`` passes."""
-    from serving.client import ServingError, model_status
+    from mnist_client.client import ServingError, model_status
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -156,7 +156,7 @@ def compare_golden(served, offline) -> str | None:
 def live_check_version(address: str, model_name: str, version: int, saved_model: Path, golden, timeout: float
                        ) -> str | None:
     """Wait for ``version`` to be served, then compare its answers with the SavedModel's; None if all is well."""
-    from serving.client import ServingError, Target, predict_probabilities
+    from mnist_client.client import ServingError, Target, predict_probabilities
     from tasks.export import saved_model_predict
 
     target = Target(address, model_name, version=version)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from flows.params import TrainingParams
-from serving.client import predict
+from mnist_client.client import predict
 from storage.embedded import free_port, stop_process
 from storage.models import ModelStore
 from tasks.data import load_test_set

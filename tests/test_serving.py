@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
-from serving.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
+from mnist_client.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
 from storage.embedded import free_port
 from serving.model_config import single_model_config
 from serving.tensors import to_tensor_proto
@@ -253,7 +253,7 @@ def test_cli_reads_photos_and_arrays_as_mnist_digits(server: str, tmp_path: Path
 
 
 def test_prepared_digit_fits_20x20_and_is_centred_by_mass() -> None:
-    from serving.images import prepare_digit
+    from mnist_client.images import prepare_digit
 
     canvas = np.ones((120, 80), dtype=np.float32)
     canvas[10:70, 5:25] = 0.0  # a dark bar on white, far from the centre

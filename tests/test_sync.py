@@ -148,7 +148,7 @@ def test_sync_moves_a_label_only_once_the_server_has_the_version(store: ModelSto
     `stable` answers throughout."""
     import numpy as np
 
-    from serving.client import Target, predict_probabilities
+    from mnist_client.client import Target, predict_probabilities
     from serving.manager import ModelManager
     from serving.model_config import read_model_config_file
     from serving.server import ModelServer, ServerOptions

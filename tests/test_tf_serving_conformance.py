@@ -19,7 +19,7 @@ from tensorflow_serving.apis import (
     predict_pb2, prediction_service_pb2_grpc, regression_pb2,
 )
 
-from serving.client import Target, predict_probabilities
+from mnist_client.client import Target, predict_probabilities
 from serving.model_config import single_model_config
 from serving.tensors import to_tensor_proto
 from storage.embedded import free_port

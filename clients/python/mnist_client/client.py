@@ -1,23 +1,28 @@
-"""A gRPC client for TF Serving's PredictionService, importable by other services.
+"""A gRPC client for TF Serving's PredictionService and ModelService, without TensorFlow.
 
 Input and output tensor names come from GetModelMetadata, never hard-coded;
-every call has a deadline; only UNAVAILABLE is retried, with backoff.
+every call has a deadline; only UNAVAILABLE is retried, with backoff. ``address``
+is ``host:port``, ``dns:///host:port`` (every address the name resolves to) or a
+list of ``ip:port``; several replicas are called in turn (gRPC's ``round_robin``),
+and a call that finds one gone is retried on another (the channel's retry policy).
 """
 
 from __future__ import annotations
 
+import ipaddress
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import grpc
 import numpy as np
-from tensorflow_serving.apis import (
+
+from mnist_client._generated.tensorflow_serving.apis import (
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
-
-from serving.tensors import from_tensor_proto, to_tensor_proto
+from mnist_client.tensors import from_tensor_proto, to_tensor_proto
 
 T = TypeVar("T")
 DEFAULT_SIGNATURE = "serving_default"
@@ -31,7 +36,7 @@ class ServingError(RuntimeError):
 class Target:
     """Where and what to call: address, model and optional version or label."""
 
-    address: str
+    address: str | Sequence[str]
     model_name: str = "mnist"
     version: int | None = None
     label: str | None = None
@@ -51,12 +56,43 @@ class Target:
             spec.version_label = self.label
 
 
+# round_robin over every address, and a retry on another replica when one is UNAVAILABLE.
+SERVICE_CONFIG = json.dumps({
+    "loadBalancingConfig": [{"round_robin": {}}],
+    "methodConfig": [{
+        "name": [{"service": "tensorflow.serving.PredictionService"}, {"service": "tensorflow.serving.ModelService"}],
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+})
+
+
+def channel_target(address: str | Sequence[str]) -> str:
+    """The gRPC target for one address, a ``dns:///`` name, or a list of ``ip:port`` replicas."""
+    if isinstance(address, str) and "," not in address:
+        return address
+    addresses = [a.strip() for a in (address.split(",") if isinstance(address, str) else address) if a.strip()]
+    if not addresses:
+        raise ServingError("no server address given")
+    hosts = [a.rsplit(":", 1)[0].strip("[]") for a in addresses]
+    try:
+        versions = {ipaddress.ip_address(host).version for host in hosts}
+    except ValueError:
+        raise ServingError(f"a list of servers must be ip:port addresses ({addresses}); for names use "
+                           "dns:///host:port, which reaches every address the name resolves to") from None
+    if len(versions) != 1:
+        raise ServingError(f"servers {addresses}: mix of IPv4 and IPv6 addresses")
+    return f"ipv{versions.pop()}:" + ",".join(addresses)
+
+
 def open_channel(target: Target) -> grpc.Channel:
-    limits = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
+               ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
     if not target.tls:
-        return grpc.insecure_channel(target.address, options=limits)
+        return grpc.insecure_channel(channel_target(target.address), options=options)
     root = target.ca_cert.read_bytes() if target.ca_cert else None
-    return grpc.secure_channel(target.address, grpc.ssl_channel_credentials(root_certificates=root), options=limits)
+    return grpc.secure_channel(channel_target(target.address), grpc.ssl_channel_credentials(root_certificates=root),
+                               options=options)
 
 
 def call_with_retries(call: Callable[..., T], request: Any, target: Target) -> T:
