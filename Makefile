@@ -19,7 +19,7 @@ PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e clients/python -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e "clients/python[images]" -e ".[dev]"
 	touch $@
 
 install: $(BIN)/.installed

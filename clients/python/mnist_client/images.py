@@ -10,7 +10,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+
+try:
+    from PIL import Image, UnidentifiedImageError
+except ImportError as missing:  # the client's core needs no Pillow; image files do
+    raise ImportError("mnist_client.images needs Pillow: pip install 'mnist-client[images]'") from missing
 
 INK_THRESHOLD = 0.2  # of the brightest ink value: below is background noise
 

@@ -1,0 +1,104 @@
+"""The TensorFlow-free client (clients/python) as another service gets it: installed into a
+fresh virtual environment, its size, its import time and memory, and its single-image Predict
+p50 against `mnist serve`, beside the full stack's tensorflow-serving-api stubs in this one."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import venv
+from pathlib import Path
+
+from bench.common import save, table
+from bench.serving import latency_ms, make_model, start_server
+
+REPO = Path(__file__).resolve().parents[1]
+IMPORT = ("import time; started = time.perf_counter(); import mnist_client; took = time.perf_counter() - started; "
+          "from pathlib import Path; rss = next(int(l.split()[1]) for l in Path('/proc/self/status').read_text()"
+          ".splitlines() if l.startswith('VmRSS:')) / 1024; print(took, rss)")
+LATENCY = '''
+import json, statistics, sys, time
+import numpy as np
+from mnist_client import Target
+from mnist_client.client import open_channel, predict_probabilities
+target = Target(sys.argv[1])
+images = np.random.default_rng(1).random((1, 28, 28, 1), dtype=np.float32)
+with open_channel(target) as channel:
+    from mnist_client.client import prediction_service_pb2_grpc, predict_pb2, to_tensor_proto
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"
+    request.inputs["image"].CopyFrom(to_tensor_proto(images))
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    for _ in range(50):
+        stub.Predict(request, timeout=10)
+    samples = []
+    for _ in range(int(sys.argv[2])):
+        started = time.perf_counter()
+        stub.Predict(request, timeout=10)
+        samples.append((time.perf_counter() - started) * 1000)
+print(json.dumps(samples))
+'''
+
+
+def site_packages_mib(environment: Path) -> float:
+    packages = next(environment.glob("lib/python*/site-packages"))
+    return sum(p.stat().st_size for p in packages.rglob("*") if p.is_file()) / 2**20
+
+
+def site_packages_mib_of(environment: Path, name: str) -> float:
+    folder = next(environment.glob("lib/python*/site-packages")) / name
+    return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file()) / 2**20 if folder.exists() else 0.0
+
+
+def main(calls: int = 2000) -> dict:
+    from storage.embedded import free_port, stop_process
+
+    with tempfile.TemporaryDirectory() as scratch:
+        root = Path(scratch)
+        bare = root / "bare"
+        venv.create(bare, with_pip=True)
+        light, with_images = root / "light", root / "with-images"
+        for environment, spec in ((light, str(REPO / "clients/python")),
+                                  (with_images, f"{REPO / 'clients/python'}[images]")):
+            venv.create(environment, with_pip=True)
+            subprocess.run([str(environment / "bin" / "python"), "-m", "pip", "install", "--quiet", spec],
+                           check=True, capture_output=True)
+        installed = site_packages_mib(light) - site_packages_mib(bare)
+        installed_images = site_packages_mib(with_images) - site_packages_mib(bare)
+        numpy_mib = sum(site_packages_mib_of(light, name) for name in ("numpy", "numpy.libs"))
+        tensorflow_free = subprocess.run([str(light / "bin" / "python"), "-c", "import tensorflow"],
+                                         capture_output=True).returncode != 0
+        imports = [subprocess.run([str(light / "bin" / "python"), "-c", IMPORT], capture_output=True, text=True,
+                                  check=True).stdout.split() for _ in range(5)]
+        import_seconds = statistics.median(float(seconds) for seconds, _ in imports)
+        import_rss = statistics.median(float(rss) for _, rss in imports)
+        saved = make_model(root)
+        port = free_port()
+        server = start_server(saved.parent, port)
+        try:
+            light_samples = json.loads(subprocess.run([str(light / "bin" / "python"), "-c", LATENCY,
+                                                       f"127.0.0.1:{port}", str(calls)], capture_output=True,
+                                                      text=True, check=True).stdout)
+            full_samples = latency_ms(f"127.0.0.1:{port}", calls)
+        finally:
+            stop_process(server.pid)
+            server.wait(timeout=10)
+            server.stdout.close()
+    rows = [["installed size (MiB, fresh venv, beyond pip)", round(installed, 1), "<= 80"],
+            ["  of which numpy", round(numpy_mib, 1), ""],
+            ["installed size with [images] (Pillow)", round(installed_images, 1), ""],
+            ["TensorFlow importable in that venv", "no" if tensorflow_free else "yes", "no"],
+            ["import mnist_client (s, median of 5)", round(import_seconds, 3), "<= 0.5"],
+            ["resident memory after import (MiB)", round(import_rss, 1), "<= 100"],
+            ["single-image Predict p50, light client (ms)", round(statistics.median(light_samples), 2), ""],
+            ["single-image Predict p50, tensorflow-serving-api stubs (ms)", round(statistics.median(full_samples), 2),
+             ""]]
+    print(table(["measure", "value", "target"], rows))
+    result = {"installed_mib": installed, "installed_with_images_mib": installed_images, "numpy_mib": numpy_mib, "tensorflow_free": tensorflow_free, "import_seconds": import_seconds,
+              "import_rss_mib": import_rss, "light_p50_ms": statistics.median(light_samples),
+              "full_stack_p50_ms": statistics.median(full_samples), "calls": calls}
+    print(f"results: {save('light_client', result)}")
+    return result
