@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import statistics
 import subprocess
-import sys
 import tempfile
 import venv
 from pathlib import Path

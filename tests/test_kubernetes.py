@@ -3,7 +3,6 @@ schema (kubernetes-validate, a pinned Kubernetes version): no cluster runs here.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import kubernetes_validate
 import pytest
