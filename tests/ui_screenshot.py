@@ -16,6 +16,23 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+def open_report_artifact(page: Any, url: str, path: Path) -> None:
+    """The run's Artifacts tab, then the report. Loaded twice at most: on a busy machine the UI
+    can miss its first artifacts query and does not ask again until the page is reloaded."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    for attempt in (1, 2):
+        page.goto(url)
+        try:
+            page.get_by_text("Artifacts", exact=True).first.click()
+            page.get_by_text("mnist-report", exact=True).last.click(timeout=45_000)
+            return
+        except PlaywrightTimeout:
+            page.screenshot(path=str(path.with_name(f"failed-{attempt}-{path.name}")), full_page=True)
+            if attempt == 2:
+                raise
+
+
 def screenshot_report(ui: str, flow_run_id: str, path: Path, timeout_ms: int = 60_000) -> dict[str, Any]:
     """Open the run, go to its Artifacts tab, open the report artifact, and save a full-page
     screenshot. Returns the page text and how many plot images actually loaded."""
@@ -27,9 +44,7 @@ def screenshot_report(ui: str, flow_run_id: str, path: Path, timeout_ms: int = 6
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(timeout_ms)
-            page.goto(f"{ui}/runs/flow-run/{flow_run_id}")
-            page.get_by_text("Artifacts", exact=True).first.click()
-            page.get_by_text("mnist-report", exact=True).last.click()
+            open_report_artifact(page, f"{ui}/runs/flow-run/{flow_run_id}", path)
             page.get_by_text("MNIST training run").first.wait_for()
             page.wait_for_function("() => [...document.images].filter(i => i.src.startsWith('data:image/png'))"
                                    ".every(i => i.complete && i.naturalWidth > 0)")
