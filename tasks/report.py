@@ -221,8 +221,20 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
     for name, path in plots.items():
         lines += [f"### {name}", "", f"![{name}]({embedded_png(path)})", "", f"`{path}`", ""]
     lines += ["## Lineage", ""]
-    lines += [f"- **{key}**: `{value}`" for key, value in outcome["lineage"].items()]
+    lines += [f"- **{key}**: {readable(value)}" for key, value in outcome["lineage"].items()]
     return "\n".join(lines) + "\n"
+
+
+def readable(value: object) -> str:
+    """A lineage value for a person: nested settings as ``name value`` pairs, not a Python dict."""
+    if isinstance(value, dict):
+        if not value:
+            return "none"
+        return ", ".join(f"{key} {readable(item)}" if not isinstance(item, dict) else f"{key} ({readable(item)})"
+                         for key, item in value.items())
+    if value is None:
+        return "none"
+    return f"`{value}`"
 
 
 # --- Prefect task -------------------------------------------------------------

@@ -119,3 +119,12 @@ def test_cli_gate_failure_is_one_line_and_non_zero(pipeline_env: Path, mnist_dir
     assert "Traceback" not in result.stderr + result.stdout
     assert not (pipeline_env / "mnist").exists()
     assert not (tmp_path / "state" / "seaweedfs" / "store.json").exists(), "the embedded store was left running"
+
+
+def test_lineage_reads_as_settings_not_python_dicts() -> None:
+    from tasks.report import readable
+
+    config = {"epochs": 3, "model": {"filters_1": 32, "dropout": 0.25}, "train_limit": None}
+    shown = readable(config)
+    assert shown == "epochs `3`, model (filters_1 `32`, dropout `0.25`), train_limit none"
+    assert "{" not in shown and "'" not in shown and readable({}) == "none"
