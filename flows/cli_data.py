@@ -39,13 +39,15 @@ def version_rows(store) -> list[dict[str, Any]]:
 
 def diff_versions(store, older: int, newer: int) -> dict[str, Any]:
     before, after = store.version(older), store.version(newer)
-    added, removed = sorted(set(after["batches"]) - set(before["batches"])), \
-        sorted(set(before["batches"]) - set(after["batches"]))
-    describe = lambda digest: {key: store.batch_manifest(digest)[key]  # noqa: E731
-                               for key in ("sha256", "source", "count", "split_counts")}
-    return {"from": older, "to": newer, "added_batches": [describe(d) for d in added],
-            "removed_batches": [describe(d) for d in removed],
-            "added_examples": sum(store.batch_manifest(d)["count"] for d in added)}
+    manifests = {digest: store.batch_manifest(digest)
+                 for digest in set(after["batches"]) ^ set(before["batches"])}  # read once each
+    summary = lambda digest: {key: manifests[digest][key]  # noqa: E731
+                              for key in ("sha256", "source", "count", "split_counts")}
+    added = sorted(set(after["batches"]) - set(before["batches"]))
+    removed = sorted(set(before["batches"]) - set(after["batches"]))
+    return {"from": older, "to": newer, "added_batches": [summary(d) for d in added],
+            "removed_batches": [summary(d) for d in removed],
+            "added_examples": sum(manifests[d]["count"] for d in added)}
 
 
 def command_data(args: argparse.Namespace) -> int:

@@ -28,7 +28,7 @@ from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, predict_pb2, regression_pb2,
 )
 
-from serving.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
+from serving.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
 from serving.tensors import TYPED_FIELDS, from_tensor_proto, to_tensor_proto
 
@@ -42,10 +42,6 @@ HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.Sta
                grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.FAILED_PRECONDITION: 400,
                grpc.StatusCode.ABORTED: 409, grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.UNAUTHENTICATED: 401}
-
-
-def invalid(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
 
 
 def fill_spec(spec: Any, match: re.Match) -> None:

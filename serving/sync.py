@@ -19,7 +19,7 @@ from pathlib import Path
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from mnist_client.client import ServingError, Target, model_status
+from mnist_client.client import Target, wait_until_available
 from serving.model_config import read_model_config_file
 from storage.models import ModelStore, VerificationFailed, local_versions
 from storage.signing import verify_directory
@@ -145,7 +145,10 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
     versions, written_labels, waiting = next_config(wanted, labels, listed_before, labelled_before, present)
     write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
     if waiting and server is not None:
-        wait_until_available(server, sorted(wanted), load_timeout)
+        states = wait_until_available(server, sorted(wanted), load_timeout)
+        if any(states.get(version) != "AVAILABLE" for version in wanted):
+            raise SyncError(f"versions {sorted(wanted)} not AVAILABLE at {server.address} within {load_timeout:g}s "
+                            f"(states {states}); labels stay where they were")
         versions, written_labels, waiting = next_config(wanted, labels, versions, written_labels, present)
         write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
     # The config goes first, so TF Serving stops serving a version (by policy) before its files go away.
@@ -159,22 +162,6 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
 def write_config(config_file: Path, model_name: str, base_path: str, versions: set[int],
                  labels: dict[str, int]) -> None:
     write_atomically(config_file, model_config_text(model_name, base_path, sorted(versions), labels))
-
-
-def wait_until_available(server: Target, versions: list[int], timeout: float) -> None:
-    """Until GetModelStatus reports every one of ``versions`` AVAILABLE; SyncError after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            states = dict(model_status(server))
-        except ServingError:
-            states = {}  # not known yet, or the server restarts: keep asking
-        if all(states.get(version) == "AVAILABLE" for version in versions):
-            return
-        if time.monotonic() > deadline:
-            raise SyncError(f"versions {versions} not AVAILABLE at {server.address} within {timeout:g}s "
-                            f"(states {states}); labels stay where they were")
-        time.sleep(0.5)
 
 
 def watch(store: ModelStore, model_base_path: Path, interval: float, config_file: Path | None = None,

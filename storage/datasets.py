@@ -95,9 +95,8 @@ class DatasetStore(ObjectStore):
 
     def complete_batches(self) -> list[str]:
         prefix = self.key("batches", "")
-        return sorted(item["Key"][len(prefix):].split("/")[0] for item in self.list_keys(prefix)
-                      if item["Key"].endswith(f"/{MANIFEST}")
-                      and SHA256_PATTERN.match(item["Key"][len(prefix):].split("/")[0]))
+        names = (item["Key"][len(prefix):].split("/") for item in self.list_keys(prefix))
+        return sorted(parts[0] for parts in names if parts[-1] == MANIFEST and SHA256_PATTERN.match(parts[0]))
 
     def put_batch(self, examples: Examples, metadata: dict[str, Any]) -> dict[str, Any]:
         """Upload the payload (server-checked, read back), then the manifest: the batch exists
@@ -119,8 +118,9 @@ class DatasetStore(ObjectStore):
         self.write_manifest(self.key("batches", digest, MANIFEST), manifest)
         return manifest
 
-    def read_batch(self, digest: str) -> Examples:
-        manifest = self.batch_manifest(digest)
+    def read_batch(self, digest: str, manifest: dict[str, Any] | None = None) -> Examples:
+        """A batch's examples, verified against its manifest (read here unless given)."""
+        manifest = manifest or self.batch_manifest(digest)
         raw = self.fetch_verified(self.key("batches", digest, PAYLOAD), manifest["files"][PAYLOAD],
                                   f"batch {digest[:12]}: {PAYLOAD}")
         return Examples.from_payload(raw, manifest["count"])
@@ -161,7 +161,8 @@ class DatasetStore(ObjectStore):
     def examples(self, version: dict[str, Any]) -> Iterator[tuple[str, Examples]]:
         """(source, examples) of every batch of a version, one batch in memory at a time."""
         for digest in version["batches"]:
-            yield self.batch_manifest(digest)["source"], self.read_batch(digest)
+            manifest = self.batch_manifest(digest)
+            yield manifest["source"], self.read_batch(digest, manifest)
 
     def known_hashes(self, version: dict[str, Any] | None) -> set[str]:
         """The example hashes of every batch of ``version``: ingest refuses exact duplicates."""

@@ -35,6 +35,7 @@ __all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccess
            "VerificationFailed", "VersionNotFound", "local_versions", "scan_saved_model"]
 
 MANIFEST = "assets.extra/manifest.json"
+SIGNATURE = "assets.extra/model.sig"  # written by storage.signing, one more file of the version
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 
@@ -238,7 +239,7 @@ class ModelStore(ObjectStore):
             manifest = self.manifest(version)
             metrics = manifest.get("metrics") or {}
             rows.append({"version": version, "test_accuracy": metrics.get("test_accuracy"),
-                         "signed": "assets.extra/model.sig" in (manifest.get("files") or {}),
+                         "signed": SIGNATURE in (manifest.get("files") or {}),
                          "slices": metrics.get("slices") or {},
                          "dataset_version": (manifest.get("dataset") or {}).get("version"),
                          "labels": sorted(labels_by_version.get(version, [])),

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import time
 import uuid
@@ -311,15 +312,11 @@ class ObjectStore:
 
     # --- items written manifest last --------------------------------------
     def fetch_verified(self, key: str, expected: dict[str, Any], name: str) -> bytes:
-        """One object's bytes, checked against its manifest entry (size and SHA-256)."""
-        raw = self.get_bytes(key)
-        if raw is None:
-            raise VerificationFailed(f"{name} is missing")
-        digest = hashlib.sha256(raw).hexdigest()
-        if len(raw) != expected["size"] or digest != expected["sha256"]:
-            raise VerificationFailed(f"{name} does not match the manifest "
-                                     f"(size {len(raw)} vs {expected['size']}, sha256 {digest[:12]}…)")
-        return raw
+        """One object's bytes, checked against its manifest entry (size and SHA-256), for
+        objects that are used whole anyway (a dataset batch's payload)."""
+        buffer = io.BytesIO()
+        self.stream_verified(key, expected, name, buffer)
+        return buffer.getvalue()
 
     def upload_verified(self, prefix: str, files: list[LocalFile]) -> dict[str, dict[str, Any]]:
         """Upload ``files`` in order under ``prefix`` with server-checked SHA-256s, read each

@@ -15,10 +15,8 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from storage.models import MANIFEST, SIGNATURE  # the manifest is written after signing: not signed
 from storage.s3 import VerificationFailed
-
-SIGNATURE = "assets.extra/model.sig"
-MANIFEST = "assets.extra/manifest.json"  # the registry's own file, written after signing: not signed
 
 
 class SigningSettings(BaseSettings):

@@ -10,7 +10,7 @@ prepared inputs. Hard errors refuse the whole batch and write nothing.
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -187,13 +187,16 @@ def mnist_reference(train_images: np.ndarray, test_images: np.ndarray, test_labe
                      float(stats["ink_fraction"].mean()), float(stats["box_area"].mean()), forbidden)
 
 
-def validate(found: Candidates, reference: Reference) -> dict[str, Any]:
-    """The validation report; ``errors`` refuse the batch, ``warnings`` are recorded."""
+def stacked(found: Candidates) -> np.ndarray:
+    return np.stack(found.images) if found.images else np.zeros((0, 28, 28), np.uint8)
+
+
+def validate(found: Candidates, reference: Reference, images: np.ndarray, hashes: list[str]) -> dict[str, Any]:
+    """The validation report of ``found`` (stacked as ``images``, with their ``hashes``);
+    ``errors`` refuse the batch, ``warnings`` are recorded."""
     errors = list(found.errors)
     if not found.images and not errors:
         errors.append("the batch has no examples")
-    images = np.stack(found.images) if found.images else np.zeros((0, 28, 28), np.uint8)
-    hashes = example_hashes(images)
     first_seen: dict[str, str] = {}
     for name, digest in zip(found.names, hashes):
         if digest in reference.forbidden:
@@ -235,12 +238,12 @@ def ingest(store: DatasetStore, source_path: Path, source: str, reference: Refer
     found = read_source(source_path)
     latest = store.latest()
     known = {digest: f"dataset version {latest['version']}" for digest in store.known_hashes(latest)} if latest else {}
-    report = validate(found, Reference(reference.label_distribution, reference.ink_fraction, reference.box_area,
-                                       {**reference.forbidden, **known}))
+    images = stacked(found)
+    hashes = example_hashes(images)  # once: duplicates and the split both use them
+    report = validate(found, replace(reference, forbidden={**reference.forbidden, **known}), images, hashes)
     if report["errors"]:
         raise IngestError(refusal(report))
-    images = np.stack(found.images)
-    splits = np.array([split_of(digest) for digest in example_hashes(images)], dtype=np.uint8)
+    splits = np.array([split_of(digest) for digest in hashes], dtype=np.uint8)
     batch = store.put_batch(Examples(images, np.array(found.labels, dtype=np.uint8), splits),
                             {"source": source, "origin": str(source_path), "validation": report, **(details or {})})
     version = store.add_version(sorted(set(latest["batches"] if latest else []) | {batch["sha256"]}),

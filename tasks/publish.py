@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -128,21 +127,6 @@ GOLDEN_SIZE = 64
 GOLDEN_TOLERANCE = 1e-4
 
 
-def wait_until_available(target, version: int, timeout: float) -> bool:
-    """Poll GetModelStatus until ``version`` is AVAILABLE or ``timeout`` passes."""
-    from mnist_client.client import ServingError, model_status
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if (version, "AVAILABLE") in model_status(target):
-                return True
-        except ServingError:
-            pass  # not loaded yet (NOT_FOUND) or the server is restarting: keep waiting
-        time.sleep(0.5)
-    return False
-
-
 def compare_golden(served, offline) -> str | None:
     """None when the served answers match the offline ones, else the reason."""
     disagree = int((served.argmax(axis=1) != offline.argmax(axis=1)).sum())
@@ -156,11 +140,11 @@ def compare_golden(served, offline) -> str | None:
 def live_check_version(address: str, model_name: str, version: int, saved_model: Path, golden, timeout: float
                        ) -> str | None:
     """Wait for ``version`` to be served, then compare its answers with the SavedModel's; None if all is well."""
-    from mnist_client.client import ServingError, Target, predict_probabilities
+    from mnist_client.client import ServingError, Target, predict_probabilities, wait_until_available
     from tasks.export import saved_model_predict
 
     target = Target(address, model_name, version=version)
-    if not wait_until_available(target, version, timeout):
+    if wait_until_available(target, [version], timeout).get(version) != "AVAILABLE":
         return f"version {version} did not become AVAILABLE at {address} within {timeout:g}s"
     try:
         served, _ = predict_probabilities(golden, target)

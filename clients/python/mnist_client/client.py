@@ -178,3 +178,17 @@ def model_status(target: Target) -> list[tuple[int, str]]:
         response = call_with_retries(stub.GetModelStatus, request, target)
     return [(status.version, get_model_status_pb2.ModelVersionStatus.State.Name(status.state))
             for status in response.model_version_status]
+
+
+def wait_until_available(target: Target, versions: list[int], timeout: float) -> dict[int, str]:
+    """Poll GetModelStatus until every one of ``versions`` is AVAILABLE or ``timeout`` passes;
+    returns the states last reported (compare them with ``versions`` to tell which)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            states = dict(model_status(target))
+        except ServingError:
+            states = {}  # not loaded yet (NOT_FOUND) or the server is restarting: keep asking
+        if all(states.get(version) == "AVAILABLE" for version in versions) or time.monotonic() > deadline:
+            return states
+        time.sleep(0.5)
