@@ -22,16 +22,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOTS = ("tensorflow_serving/apis/prediction_service.proto", "tensorflow_serving/apis/model_service.proto")
+SERVICES = ("tensorflow_serving/apis/prediction_service.proto", "tensorflow_serving/apis/model_service.proto")
+# PredictionLog too: the logging gateway writes, and the drift and feedback readers read, TF Serving's own records.
+ROOTS = (*SERVICES, "tensorflow_serving/apis/prediction_log.proto")
 PACKAGE = "mnist_client._generated"
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "mnist_client" / "_generated"
 
 
 def descriptor_set() -> bytes:
-    """Every file the two services need, in dependency order, from the installed wheel."""
+    """Every file the two services and PredictionLog need, in dependency order, from the installed wheel."""
     from google.protobuf import descriptor_pb2
-    from tensorflow_serving.apis import model_service_pb2, prediction_service_pb2
+    from tensorflow_serving.apis import model_service_pb2, prediction_log_pb2, prediction_service_pb2
 
     files, seen = descriptor_pb2.FileDescriptorSet(), set()
 
@@ -45,6 +47,7 @@ def descriptor_set() -> bytes:
 
     add(prediction_service_pb2.DESCRIPTOR)
     add(model_service_pb2.DESCRIPTOR)
+    add(prediction_log_pb2.DESCRIPTOR)
     return files.SerializeToString()
 
 
@@ -100,7 +103,7 @@ def generate(out: Path) -> list[Path]:
             if path.relative_to(build).parts[0] == "google":
                 continue
             if path.name.endswith("_pb2_grpc.py") and path.name.removesuffix("_pb2_grpc.py") + ".proto" not in {
-                    Path(r).name for r in ROOTS}:
+                    Path(r).name for r in SERVICES}:
                 continue  # only the two services have stubs worth keeping
             target = out / path.relative_to(build)
             target.parent.mkdir(parents=True, exist_ok=True)
