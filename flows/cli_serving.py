@@ -33,7 +33,8 @@ def command_serve(args: argparse.Namespace) -> int:
                             max_message_bytes=args.max_message_bytes, rest_api_port=args.rest_api_port,
                             ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None,
                             predict=PredictOptions(args.enable_serialization_as_tensor_content,
-                                                   args.reject_non_finite_inputs))
+                                                   args.reject_non_finite_inputs),
+                            metrics_path=monitoring_path(args))
     try:
         manager = ModelManager(config, args.allow_version_labels_for_unavailable_models)
         server = ModelServer(manager, options, Path(args.model_config_file) if args.model_config_file else None).start()
@@ -50,6 +51,21 @@ def command_serve(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop()
     return 0
+
+
+def monitoring_path(args: argparse.Namespace) -> str | None:
+    """The Prometheus path from ``--monitoring-config-file``, served on the REST port as TF Serving does."""
+    from serving.monitoring import metrics_path
+
+    if not args.monitoring_config_file:
+        return None
+    if not args.rest_api_port:
+        raise CliError("--monitoring-config-file needs --rest-api-port: metrics are served on the REST port, "
+                       "as TF Serving serves them", exit_code=2)
+    try:
+        return metrics_path(Path(args.monitoring_config_file))
+    except ValueError as error:
+        raise CliError(str(error), exit_code=2) from None
 
 
 def command_sync(args: argparse.Namespace) -> int:
@@ -202,6 +218,8 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig); re-read on change")
     serve.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
                        help="how often to look for new versions (default 1)")
+    serve.add_argument("--monitoring-config-file",
+                       help="TF Serving MonitoringConfig text proto: Prometheus metrics on the REST port at its path")
     serve.add_argument("--ssl-config-file", help="TF Serving SSLConfig text proto: server_key, server_cert, custom_ca")
     serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
                        help="largest request or response (default 64 MiB; a batch of 1024 images is 3.2 MB)")

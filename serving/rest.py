@@ -15,8 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
 from typing import Any
 
 import grpc
@@ -25,11 +24,14 @@ from google.protobuf import json_format
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, predict_pb2, regression_pb2,
+    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
 )
 
 from serving.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
+from serving.http import HttpServer, Reply, Request, json_reply
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
+from serving.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.monitoring import READY_ROUTE, ServingMetrics, readiness
 from serving.tensors import TYPED_FIELDS, from_tensor_proto, to_tensor_proto
 
 PREDICTION_ROUTE = re.compile(r"(?i)^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
@@ -223,76 +225,82 @@ def metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) -> 
 
 
 def dispatch(manager: ModelManager, method: str, path: str, body: bytes, options: PredictOptions
-             ) -> dict[str, Any]:
+             ) -> tuple[dict[str, Any], int | None]:
+    """The JSON answer, and for a prediction call the version that answered."""
     if method == "POST" and (match := PREDICTION_ROUTE.match(path)):
         document = parse_body(body)
         action = match["method"].lower()
         if action == "predict":
             request, rows = predict_request(document, match, manager)
-            return predict_json(predict(manager, request, options), rows)
+            response = predict(manager, request, options)
+            return predict_json(response, rows), response.model_spec.version.value
         if action == "classify":
             request = example_request(document, match, classification_pb2.ClassificationRequest())
-            return classify_json(classify(manager, request))
-        return regress_json(regress(manager, example_request(document, match, regression_pb2.RegressionRequest())))
+            response = classify(manager, request)
+            return classify_json(response), response.model_spec.version.value
+        response = regress(manager, example_request(document, match, regression_pb2.RegressionRequest()))
+        return regress_json(response), response.model_spec.version.value
     if method == "GET" and (match := STATUS_ROUTE.match(path)):
         if not match["name"]:
             raise invalid("Missing model name in request.")
         if match["metadata"]:
             request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
             fill_spec(request.model_spec, match)
-            return metadata_json(model_metadata(manager, request))
+            return metadata_json(model_metadata(manager, request)), None
         request = get_model_status_pb2.GetModelStatusRequest()
         fill_spec(request.model_spec, match)
-        return to_dict(model_status(manager, request), False)
+        return to_dict(model_status(manager, request), False), None
     raise invalid(f"Malformed request: {method} {path}")
 
 
 def handle(manager: ModelManager, method: str, path: str, body: bytes,
-           options: PredictOptions = PredictOptions()) -> tuple[int, dict[str, Any]]:
+           options: PredictOptions = PredictOptions(), metrics: ServingMetrics | None = None
+           ) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON answer); prediction calls are counted in ``metrics`` as TF Serving counts them."""
+    start = time.perf_counter()
+    version, code = None, grpc.StatusCode.OK
     try:
-        return 200, dispatch(manager, method, path.split("?", 1)[0], body, options)
+        payload, version = dispatch(manager, method, path, body, options)
+        status = 200
     except RequestError as error:
-        return HTTP_STATUS.get(error.code, 500), {"error": str(error)}
+        code, status, payload = error.code, HTTP_STATUS.get(error.code, 500), {"error": str(error)}
+    match = PREDICTION_ROUTE.match(path) if method == "POST" else None
+    if metrics and match:
+        metrics.observe(match["name"], version, match["label"] or "", match["method"].lower(), "REST", code.name,
+                        time.perf_counter() - start)
+    return status, payload
+
+
+def ready(manager: ModelManager, match: re.Match) -> tuple[int, dict[str, Any]]:
+    """Ready when a request for this model (version, label) would be served now."""
+    spec = model_pb2.ModelSpec()
+    fill_spec(spec, match)
+    try:
+        return readiness(manager.resolve(spec)[1].version)
+    except RequestError as error:
+        return readiness(None, str(error))
 
 
 class RestServer:
-    """A threaded HTTP server beside the gRPC one, on ``--rest-api-port``."""
+    """TF Serving's REST API beside the gRPC server, on ``--rest-api-port``; with metrics on,
+    Prometheus's page at the monitoring config's path; and the readiness route."""
 
     def __init__(self, manager: ModelManager, host: str, port: int, max_body_bytes: int,
-                 options: PredictOptions = PredictOptions()):
-        class Handler(BaseHTTPRequestHandler):
-            def reply(self, status: int, payload: dict[str, Any]) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                 options: PredictOptions = PredictOptions(), metrics: ServingMetrics | None = None,
+                 metrics_path: str | None = None):
+        def respond(request: Request) -> Reply:
+            if metrics and request.method == "GET" and request.path == metrics_path:
+                return Reply(200, metrics.page(), METRICS_CONTENT_TYPE)
+            if request.method == "GET" and (match := READY_ROUTE.match(request.path)):
+                return json_reply(*ready(manager, match))
+            return json_reply(*handle(manager, request.method, request.path, request.body, options, metrics))
 
-            def answer(self) -> None:
-                try:
-                    length = int(self.headers.get("Content-Length") or 0)
-                except ValueError:
-                    length = -1
-                if length < 0 or length > max_body_bytes:
-                    self.reply(400 if length < 0 else 413,
-                               {"error": f"Content-Length must be 0-{max_body_bytes} bytes"})
-                    return
-                self.reply(*handle(manager, self.command, self.path, self.rfile.read(length), options))
-
-            do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = answer  # noqa: N815
-
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002  quiet access log
-                return
-
-        self.http = ThreadingHTTPServer((host, port), Handler)
-        self.port = self.http.server_address[1]
-        self.thread = threading.Thread(target=self.http.serve_forever, name="rest-api", daemon=True)
+        self.http = HttpServer(host, port, max_body_bytes, respond, name="rest-api")
+        self.port = self.http.port
 
     def start(self) -> "RestServer":
-        self.thread.start()
+        self.http.start()
         return self
 
     def stop(self) -> None:
-        self.http.shutdown()
-        self.http.server_close()
+        self.http.stop()

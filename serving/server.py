@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -27,26 +28,24 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 from serving.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
 from serving.manager import ModelManager, RequestError
 from serving.model_config import ConfigRefused, read_model_config_file
+from serving.monitoring import ServingMetrics
 from serving.tf_serving_protos import message_class
 
 log = logging.getLogger("mnist.serve")
 
 
 class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
-    def __init__(self, manager: ModelManager, options: PredictOptions):
-        self.manager, self.options = manager, options
+    def __init__(self, manager: ModelManager, options: PredictOptions, metrics: ServingMetrics):
+        self.manager, self.options, self.metrics = manager, options, metrics
 
     def Predict(self, request, context):
-        with request_errors(context):
-            return predict(self.manager, request, self.options)
+        return self.counted("Predict", request, context, lambda: predict(self.manager, request, self.options))
 
     def Classify(self, request, context):
-        with request_errors(context):
-            return classify(self.manager, request)
+        return self.counted("Classify", request, context, lambda: classify(self.manager, request))
 
     def Regress(self, request, context):
-        with request_errors(context):
-            return regress(self.manager, request)
+        return self.counted("Regress", request, context, lambda: regress(self.manager, request))
 
     def MultiInference(self, request, context):
         context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented by mnist serve")
@@ -54,6 +53,21 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
     def GetModelMetadata(self, request, context):
         with request_errors(context):
             return model_metadata(self.manager, request)
+
+    def counted(self, api: str, request, context, answer):
+        """Answer, counting the call as TF Serving does (and per version, as it does not)."""
+        start, version, code = time.perf_counter(), None, grpc.StatusCode.OK
+        try:
+            response = answer()
+            version = response.model_spec.version.value
+            return response
+        except Exception as error:  # noqa: BLE001  becomes the call's status, see abort()
+            code = error.code if isinstance(error, RequestError) else grpc.StatusCode.INTERNAL
+            abort(context, error)
+        finally:
+            spec = request.model_spec
+            self.metrics.observe(spec.name, version, spec.version_label, api, "GRPC", code.name,
+                                 time.perf_counter() - start)
 
 
 class ModelService(model_service_pb2_grpc.ModelServiceServicer):
@@ -74,16 +88,21 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
         return model_management_pb2.ReloadConfigResponse()
 
 
+def abort(context: grpc.ServicerContext, error: Exception) -> None:
+    """End the call with the error's status: RequestError's own code, INTERNAL for anything
+    else (a bug must fail one request, not the server). Raises, as ``context.abort`` does."""
+    if isinstance(error, RequestError):
+        context.abort(error.code, str(error))
+    log.error("request failed: %s: %s", type(error).__name__, error)  # one line, no traceback, as TF Serving
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+
+
 @contextmanager
 def request_errors(context: grpc.ServicerContext) -> Iterator[None]:
-    """RequestError becomes its gRPC status; anything else INTERNAL. The server stays up."""
     try:
         yield
-    except RequestError as error:
-        context.abort(error.code, str(error))
-    except Exception as error:  # noqa: BLE001  a bug must fail one request, not the server
-        log.error("request failed: %s: %s", type(error).__name__, error)  # one line, no traceback, as TF Serving
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
+    except Exception as error:  # noqa: BLE001  see abort()
+        abort(context, error)
 
 
 def server_credentials(ssl_config_file: Path) -> grpc.ServerCredentials:
@@ -105,6 +124,7 @@ class ServerOptions:
     workers: int = 8
     rest_api_port: int = 0  # 0: no REST API, as in TF Serving
     predict: PredictOptions = field(default_factory=PredictOptions)
+    metrics_path: str | None = None  # --monitoring_config_file's Prometheus path, on the REST port
 
 
 class ModelServer:
@@ -118,8 +138,9 @@ class ModelServer:
         limits = [("grpc.max_receive_message_length", options.max_message_bytes),
                   ("grpc.max_send_message_length", options.max_message_bytes)]
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), options=limits)
-        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(PredictionService(manager, options.predict),
-                                                                       self.grpc)
+        self.metrics = ServingMetrics()
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
+            PredictionService(manager, options.predict, self.metrics), self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self.grpc)
         address = f"{options.host}:{options.port}"
         if options.ssl_config_file:
@@ -134,7 +155,7 @@ class ModelServer:
 
             # JSON spends several bytes per float, so the body limit is a multiple of gRPC's
             self.rest = RestServer(manager, options.host, options.rest_api_port, 8 * options.max_message_bytes,
-                                   options.predict)
+                                   options.predict, self.metrics, options.metrics_path)
 
     def reload_config_if_changed(self) -> None:
         """Re-read models.config when it changes (the sync rewrites it), and retry a refused
