@@ -380,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
     from flows.cli_serving import add_serving_parsers
 
     add_serving_parsers(commands)
+    from flows.cli_monitoring import add_monitoring_parsers
+
+    add_monitoring_parsers(commands)
     deploy = commands.add_parser("deploy", help="create the work pool, deployments and automations from prefect.yaml",
                                  description="Apply prefect.yaml to the server PREFECT_API_URL names.")
     deploy.set_defaults(handler=command_deploy)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,13 @@ def diff_versions(store, older: int, newer: int) -> dict[str, Any]:
 def command_data(args: argparse.Namespace) -> int:
     from tasks.ingest import IngestError, ingest
 
+    if args.action == "add" and args.from_feedback:
+        return add_from_feedback(args)
     if args.action == "add":
         from storage.datasets import SOURCE_PATTERN
 
+        if not args.path or not args.source:
+            raise CliError("give PATH and --source NAME (or --from-feedback)", exit_code=2)
         if not Path(args.path).exists():
             raise CliError(f"{args.path}: no such file or folder (give a folder of 0-9 sub-folders, a .csv or "
                            "a .npz)", exit_code=2)
@@ -68,22 +73,7 @@ def command_data(args: argparse.Namespace) -> int:
                 result = ingest(store, Path(args.path), args.source, reference)
             except IngestError as error:
                 raise CliError(str(error)) from None
-        batch, version = result["batch"], result["version"]
-        if os.environ.get("PREFECT_API_URL"):  # a server's automations may retrain on it
-            from flows.ingest import data_added_event
-
-            data_added_event(result, args.source)
-        if args.json:
-            print_json(result)
-            return 0
-        print(f"added {batch['count']} examples from {args.source} as batch {batch['sha256'][:12]} "
-              f"(train {batch['split_counts']['train']}, validation {batch['split_counts']['validation']}, "
-              f"test {batch['split_counts']['test']})")
-        print(f"dataset version {version['version']}: {version['examples']} examples in "
-              f"{len(version['batches'])} batches")
-        for warning in result["report"]["warnings"]:
-            print(f"warning: {warning}")
-        return 0
+        return report_added(result, args.source, args.json)
     with reachable_store(dataset_store) as store:
         if args.action == "list":
             rows = version_rows(store)
@@ -113,15 +103,74 @@ def command_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def report_added(result: dict[str, Any], source: str, as_json: bool) -> int:
+    batch, version = result["batch"], result["version"]
+    if os.environ.get("PREFECT_API_URL"):  # a server's automations may retrain on it
+        from flows.ingest import data_added_event
+
+        data_added_event(result, source)
+    if as_json:
+        print_json(result)
+        return 0
+    print(f"added {batch['count']} examples from {source} as batch {batch['sha256'][:12]} "
+          f"(train {batch['split_counts']['train']}, validation {batch['split_counts']['validation']}, "
+          f"test {batch['split_counts']['test']})")
+    print(f"dataset version {version['version']}: {version['examples']} examples in "
+          f"{len(version['batches'])} batches")
+    for warning in result["report"]["warnings"]:
+        print(f"warning: {warning}")
+    if result.get("skipped"):
+        print(f"left out {len(result['skipped'])} exact duplicates of known examples, e.g. {result['skipped'][0]}")
+    return 0
+
+
+def add_from_feedback(args: argparse.Namespace) -> int:
+    """The feedback on logged predictions since the last time, as one batch through the normal ingest."""
+    from flows.cli_monitoring import traffic_stores
+    from tasks.feedback import feedback_examples, pending_feedback
+    from tasks.ingest import Candidates, IngestError, ingest_candidates, to_uint8
+
+    if args.path:
+        raise CliError("--from-feedback reads the store's feedback: give no PATH", exit_code=2)
+    source = args.source or "feedback"
+    reference = mnist_reference()
+    with reachable_store(lambda: dataset_store(interactive=False)) as store:
+        logs, feedback = traffic_stores()
+        items = pending_feedback(feedback)
+        if not items:
+            print("no new feedback since the last mnist data add --from-feedback")
+            return 0
+        names, images, labels, used, problems, corrections = feedback_examples(logs, items)
+        for problem in problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        found = Candidates(names, [to_uint8(image) for image in images], labels)
+        details = {"origin": f"feedback on logged predictions ({logs.uri()})",
+                   "feedback": {"items": len(used), "corrections": corrections}}
+        try:
+            result = ingest_candidates(store, found, source, reference, details, skip_duplicates=True)
+        except IngestError as error:
+            raise CliError(str(error)) from None
+        feedback.mark_ingested(used, result["batch"]["sha256"] if result["batch"] else None)
+        if result["batch"] is None:
+            print(f"nothing new: the {len(used)} feedback images are exact duplicates of known examples")
+            return 0
+    if not args.json:
+        print(f"{len(used)} feedback labels, {corrections} of them corrections of the served answer")
+    return report_added(result, source, args.json)
+
+
 def add_data_parser(commands: argparse._SubParsersAction) -> None:
     data = commands.add_parser("data", help="ingest new labelled digits; list, show and diff dataset versions",
                                description="The dataset store: validated, deduplicated batches of labelled "
                                            "digits in numbered versions, beside the model store.")
     actions = data.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = actions.add_parser("add", help="ingest a folder of 0-9 sub-folders, a CSV of path,label, or an .npz")
-    add.add_argument("path", help="folder with sub-folders 0/ ... 9/ of images, a .csv of path,label, or an .npz "
-                                  "with x and y")
-    add.add_argument("--source", required=True, help="name of where the digits come from (e.g. scanner-b)")
+    add.add_argument("path", nargs="?", help="folder with sub-folders 0/ ... 9/ of images, a .csv of path,label, "
+                                             "or an .npz with x and y")
+    add.add_argument("--source", help="name of where the digits come from (e.g. scanner-b; 'feedback' with "
+                                      "--from-feedback)")
+    add.add_argument("--from-feedback", action="store_true",
+                     help="the feedback on logged predictions since the last time, as one batch (mnist feedback)")
     add.add_argument("--json", action="store_true", help="print the batch, the version and the report as JSON")
     listing = actions.add_parser("list", help="dataset versions with their sources and counts")
     listing.add_argument("--json", action="store_true")

@@ -202,8 +202,10 @@ def print_predictions(results: list[dict[str, Any]], as_json: bool) -> None:
     for result in results:
         top3 = "  ".join(f"{t['digit']}:{t['probability']:.3f}" for t in result["top3"])
         truth = f"  (true {result['label']})" if "label" in result else ""
+        request = f"  request {result['request_id']}" + (f" --index {result['index']}" if result["index"] else "") \
+            if "request_id" in result else ""
         print(f"{result['input']}: {result['digit']} ({result['confidence']:.3f}){truth}  top3 {top3}  "
-              f"[v{result['version']}]")
+              f"[v{result['version']}]{request}")
 
 
 def add_serving_parsers(commands: argparse._SubParsersAction) -> None:

@@ -5,6 +5,7 @@ the body size is checked before it is read."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -37,8 +38,22 @@ def json_reply(status: int, payload: Any, headers: dict[str, str] | None = None)
 class HttpServer:
     def __init__(self, host: str, port: int, max_body_bytes: int, respond: Callable[[Request], Reply],
                  name: str = "http"):
+        open_connections: set[socket.socket] = set()
+        self.open_connections, self.lock = open_connections, threading.Lock()
+        lock = self.lock
+
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive: a client (or the gateway) reuses its connection
+
+            def setup(self) -> None:
+                super().setup()
+                with lock:
+                    open_connections.add(self.connection)
+
+            def finish(self) -> None:
+                with lock:
+                    open_connections.discard(self.connection)
+                super().finish()
 
             def send(self, reply: Reply) -> None:
                 self.send_response(reply.status)
@@ -78,5 +93,12 @@ class HttpServer:
         return self
 
     def stop(self) -> None:
+        """Stop listening, and end the kept-alive connections their threads are still waiting on."""
         self.http.shutdown()
         self.http.server_close()
+        with self.lock:
+            for connection in list(self.open_connections):
+                try:
+                    connection.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass

@@ -222,11 +222,13 @@ class ObjectStore:
             self.call(self.client.delete_object, Bucket=self.bucket, Key=key)
 
     # --- conditional writes -----------------------------------------------
-    def put_new(self, key: str, body: bytes) -> bool:
+    def put_new(self, key: str, body: bytes, checked: bool = False) -> bool:
         """Create ``key`` only if absent; False if it already exists. Safe to retry:
-        a retried write that finds its own earlier bytes counts as written."""
+        a retried write that finds its own earlier bytes counts as written. ``checked``
+        sends the body's SHA-256, which the server verifies on receipt."""
+        extra = {"ChecksumSHA256": base64.b64encode(hashlib.sha256(body).digest()).decode()} if checked else {}
         try:
-            self.call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
+            self.call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **extra)
             return True
         except botocore.exceptions.ClientError as error:
             if is_precondition_failed(error):

@@ -229,24 +229,57 @@ def refusal(report: dict[str, Any]) -> str:
 
 
 # --- the whole ingest ------------------------------------------------------------------
+def without_duplicates(found: Candidates, forbidden: dict[str, str]) -> tuple[Candidates, list[str]]:
+    """``found`` less its exact duplicates (of ``forbidden`` or earlier in itself), and what was left out.
+    For feedback: served traffic repeats itself, and a repeat is no reason to refuse the rest."""
+    kept, skipped, seen = Candidates(errors=list(found.errors)), [], set()
+    for name, image, label in zip(found.names, found.images, found.labels):
+        digest = example_hashes(image[None])[0]
+        if digest in forbidden or digest in seen:
+            skipped.append(f"{name}: exact duplicate of an example in {forbidden.get(digest, 'this batch')}")
+            continue
+        seen.add(digest)
+        kept.names.append(name)
+        kept.images.append(image)
+        kept.labels.append(label)
+    return kept, skipped
+
+
 def ingest(store: DatasetStore, source_path: Path, source: str, reference: Reference,
            details: dict[str, Any] | None = None) -> dict[str, Any]:
     """Validate, split by hash and store a batch, then a new dataset version with it.
     Raises IngestError (nothing written) on any hard error."""
+    check_source_name(source)
+    return ingest_candidates(store, read_source(source_path), source, reference,
+                             {"origin": str(source_path), **(details or {})})
+
+
+def check_source_name(source: str) -> None:
     if not SOURCE_PATTERN.match(source):
         raise IngestError(f"source name {source!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)")
-    found = read_source(source_path)
+
+
+def ingest_candidates(store: DatasetStore, found: Candidates, source: str, reference: Reference,
+                      details: dict[str, Any], skip_duplicates: bool = False) -> dict[str, Any]:
+    """The checks, split and writes of ``ingest`` for examples already read. With ``skip_duplicates``
+    exact duplicates are left out (and listed in the result's ``skipped``) instead of refusing the batch."""
+    check_source_name(source)
     latest = store.latest()
     known = {digest: f"dataset version {latest['version']}" for digest in store.known_hashes(latest)} if latest else {}
+    forbidden = {**reference.forbidden, **known}
+    skipped: list[str] = []
+    if skip_duplicates:
+        found, skipped = without_duplicates(found, forbidden)
+        if skipped and not found.images and not found.errors:
+            return {"batch": None, "version": None, "report": None, "skipped": skipped}
     images = stacked(found)
     hashes = example_hashes(images)  # once: duplicates and the split both use them
-    report = validate(found, replace(reference, forbidden={**reference.forbidden, **known}), images, hashes)
+    report = validate(found, replace(reference, forbidden=forbidden), images, hashes)
     if report["errors"]:
         raise IngestError(refusal(report))
     splits = np.array([split_of(digest) for digest in hashes], dtype=np.uint8)
     batch = store.put_batch(Examples(images, np.array(found.labels, dtype=np.uint8), splits),
-                            {"source": source, "origin": str(source_path), "validation": report, **(details or {})})
+                            {"source": source, "validation": report, **details})
     version = store.add_version(sorted(set(latest["batches"] if latest else []) | {batch["sha256"]}),
                                 {"parent": latest["version"] if latest else None, "added_batch": batch["sha256"]})
-    return {"batch": batch, "version": version, "report": report}
-
+    return {"batch": batch, "version": version, "report": report, "skipped": skipped}

@@ -7,6 +7,9 @@
 files or .npy arrays into that, prepared the way MNIST's digits were.
 """
 
-from mnist_client.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
+from mnist_client.client import (
+    Prediction, ServingError, Target, model_status, predict, predict_call, predict_probabilities, signature_io,
+)
 
-__all__ = ["ServingError", "Target", "model_status", "predict", "predict_probabilities", "signature_io"]
+__all__ = ["Prediction", "ServingError", "Target", "model_status", "predict", "predict_call",
+           "predict_probabilities", "signature_io"]

@@ -133,9 +133,20 @@ def signature_io(channel: grpc.Channel, target: Target) -> tuple[str, str, int]:
     return next(iter(signature.inputs)), next(iter(signature.outputs)), response.model_spec.version.value
 
 
-def predict_probabilities(images: np.ndarray, target: Target, channel: grpc.Channel | None = None
-                          ) -> tuple[np.ndarray, int]:
-    """Class probabilities [N,10] for images [N,28,28,1] in [0,1], and the version that answered."""
+@dataclass(frozen=True)
+class Prediction:
+    probabilities: np.ndarray  # [N, 10]
+    version: int  # the version that answered
+    request_id: str | None  # the logging gateway's id for this call (None straight from TF Serving)
+
+
+REQUEST_ID = "x-request-id"
+
+
+def predict_call(images: np.ndarray, target: Target, channel: grpc.Channel | None = None,
+                 request_id: str | None = None) -> Prediction:
+    """Class probabilities for images [N,28,28,1] in [0,1], the version that answered and the
+    request id a logging gateway gave the call (``request_id`` sends the caller's own)."""
     own = channel is None
     channel = channel or open_channel(target)
     try:
@@ -145,27 +156,44 @@ def predict_probabilities(images: np.ndarray, target: Target, channel: grpc.Chan
         request.inputs[input_name].CopyFrom(to_tensor_proto(images))
         request.output_filter.append(output_name)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        response = call_with_retries(stub.Predict, request, target)
-        return from_tensor_proto(response.outputs[output_name]), response.model_spec.version.value
+        metadata = ((REQUEST_ID, request_id),) if request_id else None
+        response, call = call_with_retries(lambda r, timeout: stub.Predict.with_call(r, timeout=timeout,
+                                                                                     metadata=metadata),
+                                           request, target)
+        trailers = dict(call.trailing_metadata() or ())
+        return Prediction(from_tensor_proto(response.outputs[output_name]), response.model_spec.version.value,
+                          trailers.get(REQUEST_ID))
     finally:
         if own:
             channel.close()
 
 
+def predict_probabilities(images: np.ndarray, target: Target, channel: grpc.Channel | None = None
+                          ) -> tuple[np.ndarray, int]:
+    """Class probabilities [N,10] for images [N,28,28,1] in [0,1], and the version that answered."""
+    answer = predict_call(images, target, channel)
+    return answer.probabilities, answer.version
+
+
 def predict(images: np.ndarray, *, address: str, model_name: str = "mnist", version: int | None = None,
             label: str | None = None, timeout: float = 10.0, tls: bool = False,
-            ca_cert: Path | None = None, names: list[str] | None = None) -> list[dict[str, Any]]:
-    """Digits for images [N,28,28,1] (float32, 0-1): one dict per image with
-    ``input``, ``digit``, ``confidence``, ``top3`` and the ``version`` that answered."""
+            ca_cert: Path | None = None, names: list[str] | None = None,
+            request_id: str | None = None) -> list[dict[str, Any]]:
+    """Digits for images [N,28,28,1] (float32, 0-1): one dict per image with ``input``, ``digit``,
+    ``confidence``, ``top3``, the ``version`` that answered and, through the logging gateway, the
+    call's ``request_id`` and the image's ``index`` in it (what feedback names)."""
     target = Target(address, model_name, version, label, timeout, tls=tls, ca_cert=ca_cert)
-    probabilities, served = predict_probabilities(np.asarray(images, dtype=np.float32), target)
-    names = names or [str(index) for index in range(len(probabilities))]
+    answer = predict_call(np.asarray(images, dtype=np.float32), target, request_id=request_id)
+    names = names or [str(index) for index in range(len(answer.probabilities))]
     results = []
-    for name, row in zip(names, probabilities):
+    for index, (name, row) in enumerate(zip(names, answer.probabilities)):
         order = np.argsort(row)[::-1][:3]
-        results.append({"input": name, "digit": int(order[0]), "confidence": float(row[order[0]]),
-                        "top3": [{"digit": int(d), "probability": float(row[d])} for d in order],
-                        "version": served})
+        result = {"input": name, "digit": int(order[0]), "confidence": float(row[order[0]]),
+                  "top3": [{"digit": int(d), "probability": float(row[d])} for d in order],
+                  "version": answer.version}
+        if answer.request_id:
+            result |= {"request_id": answer.request_id, "index": index}
+        results.append(result)
     return results
 
 

@@ -1,0 +1,123 @@
+"""``mnist gateway`` and ``mnist feedback``: the served traffic, logged and corrected."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from flows.cli import CliError, print_json, reachable_store, store_for_cli
+
+LOG_RETRY_SECONDS = 5.0  # a down store costs logs, not waiting: the writer gives up on a batch soon
+
+
+def traffic_stores(retry_seconds: float | None = None):
+    """(prediction logs, feedback) of MNIST_MODEL_NAME in the configured (or embedded) bucket."""
+    from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+
+    logs = store_for_cli(TrafficSettings, PredictionLogStore, interactive=True)
+    if retry_seconds is not None and "MNIST_RETRY_SECONDS" not in os.environ:
+        logs.settings = logs.settings.model_copy(update={"retry_seconds": retry_seconds})
+    return logs, FeedbackStore(logs.settings, logs.client)
+
+
+def command_gateway(args: argparse.Namespace) -> int:
+    import logging
+    import signal
+    import threading
+
+    from serving.gateway import Gateway, GatewayOptions
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # not a line per credential lookup
+    if not 0.0 <= args.log_sample_rate <= 1.0:
+        raise CliError(f"--log-sample-rate {args.log_sample_rate}: must be within 0-1", exit_code=2)
+    with reachable_store(lambda: traffic_stores(LOG_RETRY_SECONDS)) as (logs, feedback):
+        options = GatewayOptions(upstream=args.upstream, upstream_rest=args.upstream_rest, port=args.port,
+                                 rest_port=args.rest_api_port, host=args.host, model_name=logs.settings.model_name,
+                                 sample_rate=args.log_sample_rate, batch_records=args.log_batch_records,
+                                 flush_seconds=args.log_flush_seconds, queue_size=args.log_queue_size)
+        try:
+            gateway = Gateway(options, logs, feedback).start()
+        except (RuntimeError, OSError) as error:
+            raise CliError(f"cannot start the gateway: {error}") from None
+        rest = f", REST on {args.host}:{gateway.rest.port}" if gateway.rest else ""
+        print(f"mnist gateway: listening on {args.host}:{gateway.port}{rest}, forwarding to {args.upstream}"
+              f"{' (REST ' + args.upstream_rest + ')' if args.upstream_rest else ''}; logging "
+              f"{args.log_sample_rate:.0%} of {options.model_name}'s Predict calls to {logs.uri()}", flush=True)
+        stop = threading.Event()
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, lambda *_: stop.set())
+        stop.wait()
+        gateway.stop(args.drain_seconds)
+        print(f"mnist gateway: stopped; {gateway.logger.written_records} records written", flush=True)
+    return 0
+
+
+def command_feedback(args: argparse.Namespace) -> int:
+    from tasks.feedback import FeedbackError, read_feedback_csv, record_feedback
+
+    if args.csv:
+        if args.request_id or args.label is not None:
+            raise CliError("give REQUEST_ID LABEL or --csv FILE, not both", exit_code=2)
+        try:
+            rows = read_feedback_csv(Path(args.csv))
+        except FeedbackError as error:
+            raise CliError(str(error), exit_code=2) from None
+    elif args.request_id and args.label is not None:
+        rows = [(args.request_id, args.label, args.index)]
+    else:
+        raise CliError("give REQUEST_ID LABEL (the id the gateway returned), or --csv FILE of request_id,label",
+                       exit_code=2)
+    recorded, refused = [], []
+    with reachable_store(traffic_stores) as (logs, feedback):
+        for request_id, label, index in rows:
+            try:
+                recorded.append(record_feedback(logs, feedback, request_id, label, index, source="cli"))
+            except FeedbackError as error:
+                refused.append(str(error))
+    if args.json:
+        print_json({"recorded": recorded, "refused": refused})
+    else:
+        for item in recorded:
+            print(f"recorded: request {item['request_id']} image {item['index']} is a {item['label']} "
+                  f"(answered by version {item['version']})")
+    if refused:
+        raise CliError(f"{len(refused)} of {len(rows)} refused: " + "; ".join(refused[:5]))
+    return 0
+
+
+def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
+    gateway = commands.add_parser(
+        "gateway", help="the logging gateway in front of TF Serving: request ids, sampled logs, feedback, metrics",
+        description="A sidecar in front of TF Serving (gRPC and REST): passes every call through, gives each "
+                    "Predict a request id, logs a sampled fraction as PredictionLog records to the store without "
+                    "ever blocking a request, takes feedback, and serves Prometheus metrics and readiness.")
+    gateway.add_argument("--upstream", required=True, help="HOST:PORT of TF Serving's gRPC API")
+    gateway.add_argument("--upstream-rest", help="HOST:PORT of TF Serving's REST API (for REST pass-through)")
+    gateway.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default 8500)")
+    gateway.add_argument("--rest-api-port", type=int, default=0,
+                         help="REST port: TF Serving's REST API passed through, feedback, metrics, readiness; 0 = off")
+    gateway.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    gateway.add_argument("--log-sample-rate", type=float, default=1.0,
+                         help="fraction of Predict calls logged, 0-1 (default 1: every call; lower it for heavy "
+                              "traffic)")
+    gateway.add_argument("--log-batch-records", type=int, default=256, help="records per log object (default 256)")
+    gateway.add_argument("--log-flush-seconds", type=float, default=5.0,
+                         help="longest a logged call waits before its batch is written (default 5)")
+    gateway.add_argument("--log-queue-size", type=int, default=10_000,
+                         help="calls waiting to be written before new ones are dropped (default 10000)")
+    gateway.add_argument("--drain-seconds", type=float, default=10.0,
+                         help="on SIGTERM, how long queued logs may take to be written (default 10)")
+    gateway.set_defaults(handler=command_gateway)
+
+    feedback = commands.add_parser(
+        "feedback", help="record the correct label of a logged prediction",
+        description="Record the correct digit for a request the gateway logged (its id is in the x-request-id "
+                    "trailer or X-Request-Id header); mnist data add --from-feedback turns the feedback into data.")
+    feedback.add_argument("request_id", nargs="?", metavar="REQUEST_ID")
+    feedback.add_argument("label", nargs="?", metavar="LABEL", help="the correct digit, 0-9")
+    feedback.add_argument("--index", type=int, default=0, help="the image's position in its request (default 0)")
+    feedback.add_argument("--csv", metavar="FILE", help="a CSV of request_id,label[,index] rows")
+    feedback.add_argument("--json", action="store_true")
+    feedback.set_defaults(handler=command_feedback)

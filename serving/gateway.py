@@ -1,0 +1,345 @@
+"""The logging gateway: a sidecar in front of TF Serving (or ``mnist serve``), the KServe and
+Seldon pattern, because TF Serving's own request logging is unusable in the open-source binary
+(tensorflow/serving#408, #2223, #2677).
+
+- gRPC: PredictionService and ModelService pass through byte for byte (no re-encoding, the
+  caller's deadline and metadata go upstream, upstream's status comes back). Every Predict gets
+  a request id, the caller's own ``x-request-id`` if it sent a valid one, returned in the
+  trailing metadata.
+- REST: TF Serving's REST API passes through to ``upstream_rest``; ``:predict`` answers carry
+  the id in an ``X-Request-Id`` header.
+- A sampled fraction of the model's Predict calls goes to ``PredictionLogger`` (bounded queue,
+  background writer, TF Serving ``PredictionLog`` records in the store): logging never blocks
+  or fails a request.
+- ``POST /v1/models/NAME/feedback`` records the correct label of a logged request;
+  ``/monitoring/prometheus/metrics`` and ``/v1/models/NAME[...]/ready`` as in
+  ``serving/monitoring.py``.
+
+It imports no TensorFlow: its messages are the generated ones of ``mnist_client``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import logging
+import re
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+
+from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
+from mnist_client.tensors import TYPED_FIELDS, to_tensor_proto
+from serving.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, READY_ROUTE, ServingMetrics, readiness
+from serving.prediction_logger import Call, PredictionLogger, Unloggable
+from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
+from storage.s3 import StoreError
+from tasks.feedback import FeedbackError, Located, record_feedback
+
+log = logging.getLogger("mnist.gateway")
+REQUEST_ID = "x-request-id"
+SERVICES = {
+    "tensorflow.serving.PredictionService": ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata"),
+    "tensorflow.serving.ModelService": ("GetModelStatus", "HandleReloadConfigRequest"),
+}
+PREDICT = "/tensorflow.serving.PredictionService/Predict"
+METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
+SPEC = r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+REST_PREDICT_ROUTE = re.compile(SPEC + r":predict$", re.IGNORECASE)
+FEEDBACK_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)/feedback$")
+# not forwarded: the connection's own headers, and metadata gRPC sets itself
+HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade",
+               "proxy-connection", "x-request-id"}
+HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED",
+              499: "CANCELLED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+SIGNATURE_TTL = 1.0  # seconds a resolved (version, signatures) is reused for REST metrics and logs
+
+
+@dataclass
+class GatewayOptions:
+    upstream: str  # HOST:PORT of TF Serving's gRPC API
+    upstream_rest: str | None = None  # HOST:PORT of its REST API (None: REST calls other than ours get 501)
+    port: int = 0
+    rest_port: int = 0  # 0: no REST front
+    host: str = "127.0.0.1"
+    model_name: str = "mnist"  # whose Predict calls are logged and take feedback
+    sample_rate: float = 1.0
+    queue_size: int = 10_000
+    batch_records: int = 256
+    flush_seconds: float = 5.0
+    workers: int = 16
+    max_message_bytes: int = 64 << 20
+
+
+def forwardable(key: str) -> bool:
+    return not (key.startswith(("grpc-", ":")) or key in ("user-agent", REQUEST_ID))
+
+
+def fill_spec(spec: Any, name: str, version: str | int | None, label: str | None) -> None:
+    spec.name = name
+    if version:
+        spec.version.value = int(version)
+    elif label:
+        spec.version_label = label
+
+
+class Gateway:
+    def __init__(self, options: GatewayOptions, logs: PredictionLogStore, feedback: FeedbackStore):
+        self.options, self.logs, self.feedback = options, logs, feedback
+        self.metrics = ServingMetrics()
+        self.logger = PredictionLogger(logs, options.sample_rate, self.metrics.registry, self.to_messages,
+                                       options.queue_size, options.batch_records, options.flush_seconds)
+        limits = [("grpc.max_receive_message_length", options.max_message_bytes),
+                  ("grpc.max_send_message_length", options.max_message_bytes)]
+        self.channel = grpc.insecure_channel(options.upstream, options=limits)
+        self.upstream = {f"/{service}/{method}": self.channel.unary_unary(f"/{service}/{method}")
+                         for service, methods in SERVICES.items() for method in methods}
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), options=limits)
+        self.grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {
+            method: grpc.unary_unary_rpc_method_handler(
+                self.predict if f"/{service}/{method}" == PREDICT else partial(self.passthrough, f"/{service}/{method}"))
+            for method in methods}) for service, methods in SERVICES.items()])
+        self.port = self.grpc.add_insecure_port(f"{options.host}:{options.port}")
+        self.rest = (HttpServer(options.host, options.rest_port, 8 * options.max_message_bytes, self.respond,
+                                name="gateway-rest") if options.rest_port else None)
+        self.local = threading.local()  # one keep-alive connection to upstream REST per thread
+        self.rest_connections: list[http.client.HTTPConnection] = []
+        self.signatures: dict[tuple[str, str, str], tuple[float, int, Any]] = {}
+
+    def start(self) -> "Gateway":
+        self.logger.start()
+        self.grpc.start()
+        if self.rest:
+            self.rest.start()
+        return self
+
+    def stop(self, drain_seconds: float = 10.0) -> None:
+        """Stop taking calls, let those in flight finish, then flush the log queue within the deadline."""
+        if self.rest:
+            self.rest.stop()
+        for connection in self.rest_connections:
+            connection.close()
+        self.grpc.stop(grace=2.0).wait()
+        self.logger.close(drain_seconds)
+        self.channel.close()
+
+    # --- gRPC ---------------------------------------------------------------------------
+    def call_upstream(self, path: str, body: bytes, context: grpc.ServicerContext,
+                      extra: tuple[tuple[str, str], ...] = ()) -> bytes:
+        metadata = tuple((item.key, item.value) for item in context.invocation_metadata() if forwardable(item.key))
+        return self.upstream[path](body, timeout=context.time_remaining(), metadata=metadata + extra)
+
+    def passthrough(self, path: str, body: bytes, context: grpc.ServicerContext) -> bytes:
+        try:
+            return self.call_upstream(path, body, context)
+        except grpc.RpcError as error:
+            context.abort(error.code(), error.details() or "")
+
+    def predict(self, body: bytes, context: grpc.ServicerContext) -> bytes:
+        start = time.perf_counter()
+        given = next((item.value for item in context.invocation_metadata() if item.key == REQUEST_ID), None)
+        request_id = given if valid_request_id(given) else new_request_id()
+        context.set_trailing_metadata(((REQUEST_ID, request_id),))
+        try:
+            request = predict_pb2.PredictRequest.FromString(body)
+        except DecodeError:
+            request = predict_pb2.PredictRequest()  # upstream says what is wrong with it
+        spec = request.model_spec
+        try:
+            answer = self.call_upstream(PREDICT, body, context, ((REQUEST_ID, request_id),))
+        except grpc.RpcError as error:
+            self.metrics.observe(spec.name, None, spec.version_label, "Predict", "GRPC", error.code().name,
+                                 time.perf_counter() - start)
+            context.abort(error.code(), error.details() or "")
+        response = predict_pb2.PredictResponse.FromString(answer)
+        self.metrics.observe(spec.name, response.model_spec.version.value, spec.version_label, "Predict", "GRPC",
+                             "OK", time.perf_counter() - start)
+        self.maybe_log(spec.name, Call(request_id, "grpc", request, response))
+        return answer
+
+    def maybe_log(self, model_name: str, call: Call) -> None:
+        if model_name != self.options.model_name:
+            return  # logs are kept per model name, and only for the model named: never a key from a request
+        if self.logger.sampled():
+            self.logger.offer(call)
+        else:
+            self.logger.skipped(call.request_id)
+
+    # --- REST ---------------------------------------------------------------------------
+    def respond(self, request: Request) -> Reply:
+        if request.method == "GET" and request.path == PROMETHEUS_PATH:
+            return Reply(200, self.metrics.page(), CONTENT_TYPE)
+        if request.method == "GET" and (match := READY_ROUTE.match(request.path)):
+            return json_reply(*self.ready(match))
+        if request.method == "POST" and (match := FEEDBACK_ROUTE.match(request.path)):
+            return self.take_feedback(match["name"], request.body)
+        if request.method == "POST" and (match := REST_PREDICT_ROUTE.match(request.path)):
+            return self.rest_predict(match, request)
+        return self.forward_rest(request)
+
+    def rest_connection(self, fresh: bool) -> http.client.HTTPConnection:
+        connection = getattr(self.local, "connection", None)
+        if connection is None or fresh:
+            if connection is not None:
+                connection.close()
+            host, _, port = str(self.options.upstream_rest).rpartition(":")
+            connection = self.local.connection = http.client.HTTPConnection(host, int(port), timeout=60)
+            self.rest_connections.append(connection)
+        return connection
+
+    def forward_rest(self, request: Request, extra: dict[str, str] | None = None) -> Reply:
+        if not self.options.upstream_rest:
+            return json_reply(501, {"error": "this gateway has no upstream REST API (mnist gateway --upstream-rest)"})
+        headers = {k: v for k, v in request.headers.items() if k not in HOP_HEADERS} | (extra or {})
+        path = request.path + (f"?{request.query}" if request.query else "")
+        problem: Exception | None = None
+        for attempt in range(2):  # a keep-alive connection upstream closed meanwhile: once more, on a new one
+            connection = self.rest_connection(fresh=attempt > 0)
+            try:
+                connection.request(request.method, path, body=request.body or None, headers=headers)
+                answer = connection.getresponse()
+                return Reply(answer.status, answer.read(), answer.getheader("Content-Type", JSON))
+            except (http.client.HTTPException, OSError) as error:
+                problem = error
+        return json_reply(503, {"error": f"upstream REST API at {self.options.upstream_rest} is unavailable: "
+                                         f"{problem}"})
+
+    def rest_predict(self, match: re.Match, request: Request) -> Reply:
+        start = time.perf_counter()
+        given = request.headers.get(REQUEST_ID)
+        request_id = given if valid_request_id(given) else new_request_id()
+        reply = self.forward_rest(request, {"X-Request-Id": request_id})
+        name, label = match["name"], match["label"] or ""
+        version = self.resolved_version(name, match["version"], label) if reply.status == 200 else None
+        self.metrics.observe(name, version, label, "predict", "REST", HTTP_CODES.get(reply.status, "UNKNOWN"),
+                             time.perf_counter() - start)
+        if reply.status == 200:
+            self.maybe_log(name, Call(request_id, "rest", rest={"spec": (name, match["version"], label),
+                                                                 "request": request.body, "response": reply.body}))
+        return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, "X-Request-Id": request_id})
+
+    # --- what the upstream serves ----------------------------------------------------------
+    def metadata(self, name: str, version: str | int | None, label: str | None, timeout: float = 5.0
+                 ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+        request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+        fill_spec(request.model_spec, name, version, label)
+        answer = self.upstream[METADATA](request.SerializeToString(), timeout=timeout)
+        return get_model_metadata_pb2.GetModelMetadataResponse.FromString(answer)
+
+    def signature_map(self, name: str, version: str | None, label: str) -> tuple[int, Any]:
+        """(version, SignatureDefMap) a REST call to this spec was answered by, reused for a second."""
+        key = (name, version or "", label)
+        cached = self.signatures.get(key)
+        if cached and time.monotonic() - cached[0] < SIGNATURE_TTL:
+            return cached[1], cached[2]
+        response = self.metadata(name, version, label)
+        signatures = get_model_metadata_pb2.SignatureDefMap()
+        response.metadata["signature_def"].Unpack(signatures)
+        self.signatures[key] = (time.monotonic(), response.model_spec.version.value, signatures)
+        return response.model_spec.version.value, signatures
+
+    def resolved_version(self, name: str, version: str | None, label: str) -> int | None:
+        if version:
+            return int(version)
+        try:
+            return self.signature_map(name, version, label)[0]
+        except grpc.RpcError:
+            return None
+
+    def ready(self, match: re.Match) -> tuple[int, dict[str, Any]]:
+        try:
+            return readiness(self.metadata(match["name"], match["version"], match["label"]).model_spec.version.value)
+        except grpc.RpcError as error:
+            return readiness(None, f"{error.code().name}: {error.details()}")
+
+    def to_messages(self, call: Call) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
+        """The call as TF Serving's messages: as they came (gRPC), or built from the JSON (REST)."""
+        if call.rest is None:
+            return call.request, call.response
+        name, version, label = call.rest["spec"]
+        resolved, signatures = self.signature_map(name, version, label)
+        return rest_messages(call.rest["request"], call.rest["response"], name, version, label, resolved, signatures)
+
+    # --- feedback ---------------------------------------------------------------------------
+    def locate(self, request_id: str) -> Located | None:
+        """Where this gateway wrote a request's log: no bucket listing for a recent id."""
+        key = self.logger.where(request_id)
+        if key is None:
+            return None
+        entries = self.logs.read_index(key)[1]
+        return next(((key, position, entry) for position, entry in enumerate(entries)
+                     if entry.request_id == request_id), None)
+
+    def take_feedback(self, name: str, body: bytes) -> Reply:
+        if name != self.options.model_name:
+            return json_reply(404, {"error": f"feedback is taken for model {self.options.model_name!r}, "
+                                             f"not {name!r}"})
+        try:
+            document = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return json_reply(400, {"error": f"the body must be JSON: {error}"})
+        if not isinstance(document, dict) or "request_id" not in document or "label" not in document:
+            return json_reply(400, {"error": 'expected {"request_id": "...", "label": 0-9, "index": 0}'})
+        request_id = document["request_id"]
+        try:
+            item = record_feedback(self.logs, self.feedback, request_id, document["label"], document.get("index", 0),
+                                   source="gateway", locate=self.locate)
+        except FeedbackError as error:
+            message = str(error)
+            if error.status == 404 and isinstance(request_id, str) and self.logger.was_unsampled(request_id):
+                message = (f"request {request_id} was answered but not sampled for logging "
+                           f"(--log-sample-rate {self.options.sample_rate:g}): there is no image to learn from")
+            return json_reply(error.status, {"error": message})
+        except StoreError as error:
+            return json_reply(503, {"error": f"the store is unavailable, feedback not recorded: {error}"})
+        return json_reply(200, item)
+
+
+# --- REST JSON -> TF Serving's messages, for the log -------------------------------------------
+def numeric(value: Any, dtype: int, name: str) -> np.ndarray:
+    if dtype not in TYPED_FIELDS:
+        raise Unloggable(f"tensor {name!r} of dtype {dtype} is not logged from REST")
+    return np.asarray(value, dtype=TYPED_FIELDS[dtype][0])
+
+
+def columns(value: Any, names: list[str], rows: bool) -> dict[str, Any]:
+    """TF Serving's row (one entry, or one object, per instance) or columnar JSON, by tensor name."""
+    if rows and value and all(isinstance(row, dict) for row in value):
+        return {name: [row[name] for row in value] for name in names}
+    if not rows and isinstance(value, dict):
+        return {name: value[name] for name in names}
+    if len(names) != 1:
+        raise Unloggable(f"a plain value for {len(names)} tensors")
+    return {names[0]: value}
+
+
+def rest_messages(request_body: bytes, response_body: bytes, name: str, version: str | None, label: str,
+                  resolved: int, signatures: Any) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
+    try:
+        document, answer = json.loads(request_body), json.loads(response_body)
+        signature_name = document.get("signature_name") or "serving_default"
+        signature = signatures.signature_def[signature_name]
+        rows = "instances" in document
+        inputs = columns(document["instances"] if rows else document["inputs"], list(signature.inputs), rows)
+        outputs = columns(answer["predictions"] if rows else answer["outputs"], list(signature.outputs), rows)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        raise Unloggable(f"REST body not logged: {error}") from None
+    request = predict_pb2.PredictRequest()
+    fill_spec(request.model_spec, name, version, label)
+    request.model_spec.signature_name = signature_name
+    for key, value in inputs.items():
+        request.inputs[key].CopyFrom(to_tensor_proto(numeric(value, signature.inputs[key].dtype, key)))
+    response = predict_pb2.PredictResponse()
+    response.model_spec.CopyFrom(model_pb2.ModelSpec(name=name, signature_name=signature_name))
+    response.model_spec.version.value = resolved
+    for key, value in outputs.items():
+        response.outputs[key].CopyFrom(to_tensor_proto(numeric(value, signature.outputs[key].dtype, key)))
+    return request, response

@@ -1,0 +1,194 @@
+"""Sampled prediction logging that never blocks or fails a request.
+
+The gateway hands each sampled call to ``PredictionLogger.offer``, which only puts it on a
+bounded queue (a full queue drops the record and counts it). One background thread turns
+calls into TF Serving ``PredictionLog`` records and writes them in batches to the store
+(``storage/logs.py``); when the store is down a batch is dropped and counted, and the
+requests it came from were answered long before. ``close`` flushes within a deadline.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from mnist_client._generated.tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+from storage.logs import LogEntry, PredictionLogStore
+
+log = logging.getLogger("mnist.gateway")
+REMEMBERED_IDS = 100_000  # ids kept in memory: where a logged one went, that an unlogged one was answered
+
+
+@dataclass
+class Call:
+    """One answered Predict, as the gateway saw it. ``request``/``response`` are the messages
+    (gRPC), or None with ``rest`` holding the JSON bodies and the path's model spec (REST)."""
+
+    request_id: str
+    api: str  # "grpc" or "rest"
+    request: predict_pb2.PredictRequest | None = None
+    response: predict_pb2.PredictResponse | None = None
+    rest: dict[str, Any] | None = None
+    time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+
+class Unloggable(ValueError):
+    """A call that cannot be written as a PredictionLog (e.g. a REST body of another shape)."""
+
+
+class LoggerMetrics:
+    def __init__(self, registry: CollectorRegistry, depth: Callable[[], int]):
+        self.queue_depth = Gauge("mnist_gateway_log_queue_depth", "Sampled calls waiting to be written.",
+                                 registry=registry)
+        self.queue_depth.set_function(depth)
+        self.dropped = Counter("mnist_gateway_logs_dropped", "Sampled calls not written, by reason.", ("reason",),
+                               registry=registry)
+        self.written = Counter("mnist_gateway_logs_written", "PredictionLog records written to the store.",
+                               registry=registry)
+        self.sampled = Counter("mnist_gateway_logs_sampled", "Calls sampled for logging.", registry=registry)
+
+
+class PredictionLogger:
+    def __init__(self, store: PredictionLogStore, sample_rate: float, registry: CollectorRegistry,
+                 to_messages: Callable[[Call], tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]],
+                 queue_size: int = 10_000, batch_records: int = 256, flush_seconds: float = 5.0):
+        if not 0.0 <= sample_rate <= 1.0:
+            raise ValueError(f"sample rate {sample_rate}: must be within 0-1")
+        self.store, self.sample_rate, self.to_messages = store, sample_rate, to_messages
+        self.batch_records, self.flush_seconds = batch_records, flush_seconds
+        self.queue: queue.Queue[Call] = queue.Queue(maxsize=queue_size)
+        self.metrics = LoggerMetrics(registry, self.queue.qsize)
+        self.uploaded: OrderedDict[str, str] = OrderedDict()  # request id -> index key of its batch
+        self.unsampled: OrderedDict[str, None] = OrderedDict()  # answered, not sampled
+        self.written_records = 0
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.run, name="prediction-logger", daemon=True)
+
+    def start(self) -> "PredictionLogger":
+        self.thread.start()
+        return self
+
+    # --- the request path: cheap, never raises ---------------------------------------
+    def sampled(self) -> bool:
+        return self.sample_rate > 0 and (self.sample_rate >= 1 or random.random() < self.sample_rate)
+
+    def offer(self, call: Call) -> None:
+        self.metrics.sampled.inc()
+        try:
+            self.queue.put_nowait(call)
+        except queue.Full:
+            self.metrics.dropped.labels("queue_full").inc()
+
+    def skipped(self, request_id: str) -> None:
+        with self.lock:
+            remember(self.unsampled, request_id, None)
+
+    # --- lookups for feedback ---------------------------------------------------------
+    def where(self, request_id: str) -> str | None:
+        with self.lock:
+            return self.uploaded.get(request_id)
+
+    def was_unsampled(self, request_id: str) -> bool:
+        with self.lock:
+            return request_id in self.unsampled
+
+    # --- the background writer ---------------------------------------------------------
+    def run(self) -> None:
+        while not (self.stopping.is_set() and self.queue.empty()):
+            batch = self.collect(time.monotonic() + self.flush_seconds)
+            if batch:
+                self.write(batch)
+
+    def collect(self, deadline: float) -> list[Call]:
+        batch: list[Call] = []
+        while len(batch) < self.batch_records:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (self.stopping.is_set() and self.queue.empty()):
+                break
+            try:
+                batch.append(self.queue.get(timeout=min(remaining, 0.1)))
+            except queue.Empty:
+                continue
+        return batch
+
+    def record(self, call: Call) -> tuple[LogEntry, bytes]:
+        request, response = self.to_messages(call)
+        spec = request.model_spec
+        entry = LogEntry(call.request_id, call.time.isoformat(timespec="milliseconds"),
+                         response.model_spec.version.value if response.HasField("model_spec") else None,
+                         spec.version_label, call.api, examples_in(request))
+        message = prediction_log_pb2.PredictionLog()
+        message.log_metadata.model_spec.CopyFrom(spec)  # as asked (a label, a version or neither)
+        if entry.version is not None and not spec.version_label:
+            message.log_metadata.model_spec.version.value = entry.version  # the answer says which, too
+        message.log_metadata.sampling_config.sampling_rate = self.sample_rate
+        message.log_metadata.timestamp_secs = int(call.time.timestamp())
+        message.predict_log.request.CopyFrom(request)
+        message.predict_log.response.CopyFrom(response)
+        return entry, message.SerializeToString()
+
+    def write(self, calls: list[Call]) -> None:
+        entries, records = [], []
+        for call in calls:
+            try:
+                entry, record = self.record(call)
+            except Exception as error:  # noqa: BLE001  one odd call must not lose the batch
+                log.warning("request %s not logged: %s", call.request_id, error)
+                self.metrics.dropped.labels("unloggable").inc()
+                continue
+            entries.append(entry)
+            records.append(record)
+        if not records:
+            return
+        try:
+            key = self.store.write_batch(entries, records)
+        except Exception as error:  # noqa: BLE001  the store being down costs logs, never requests
+            log.warning("dropped %d prediction logs: store unavailable: %s", len(records), str(error)[:200])
+            self.metrics.dropped.labels("store_error").inc(len(records))
+            return
+        self.metrics.written.inc(len(records))
+        self.written_records += len(records)
+        with self.lock:
+            for entry in entries:
+                remember(self.uploaded, entry.request_id, key)
+
+    def close(self, deadline_seconds: float) -> None:
+        """Write what is queued, within the deadline; what is left then is dropped and counted."""
+        self.flush_seconds = 0.05
+        self.stopping.set()
+        self.thread.join(timeout=deadline_seconds)
+        left = 0
+        while True:
+            try:
+                self.queue.get_nowait()
+                left += 1
+            except queue.Empty:
+                break
+        if left:
+            self.metrics.dropped.labels("shutdown").inc(left)
+            log.warning("dropped %d prediction logs at shutdown (deadline %gs)", left, deadline_seconds)
+
+
+def remember(ids: OrderedDict, request_id: str, value: Any) -> None:
+    ids[request_id] = value
+    ids.move_to_end(request_id)
+    while len(ids) > REMEMBERED_IDS:
+        ids.popitem(last=False)
+
+
+def examples_in(request: predict_pb2.PredictRequest) -> int:
+    """Images in a request: the first dimension of its (first) input."""
+    for tensor in request.inputs.values():
+        dims = tensor.tensor_shape.dim
+        return int(dims[0].size) if dims else 1
+    return 0

@@ -1,0 +1,204 @@
+"""Served traffic in the bucket: logged predictions and the feedback on them.
+
+Layout (``../shared/DESIGN.md`` §4), beside the model and dataset stores::
+
+    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.tfrecord   TF Serving PredictionLog records (TFRecord)
+    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.json       written last: the records' sha256 and size, and
+                                                                per record its request id, time, version, label
+    <prefix>/feedback/<model>/<sha256>.json                     a correct label for one logged image
+    <prefix>/feedback/<model>/_ingested/<batch sha256>.json     the feedback a dataset batch was made of
+
+A log batch counts only once its index exists (manifest last, as everywhere in the
+bucket). PredictionLog has no field for a request id, so the index carries it, in
+record order. Nothing read back is trusted: names must match their patterns, the
+index must describe exactly the records, the payload its hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Iterator
+
+from pydantic import Field
+
+from storage import tfrecord
+from storage.s3 import ObjectStore, S3Settings, StoreError, VerificationFailed, utc_now
+
+REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+BATCH_PATTERN = re.compile(r"^\d{6}-[0-9a-f]{12}$")
+FEEDBACK_PATTERN = re.compile(r"^[0-9a-f]{64}\.json$")
+MAX_FEEDBACK_INDEX = 8192  # no request carries more images than a gRPC message holds
+
+
+class TrafficSettings(S3Settings):
+    model_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+
+
+class LogNotFound(StoreError):
+    """No logged request with that id (not sampled, not yet uploaded, unknown or too old)."""
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    """One logged request, as the batch's index describes it."""
+
+    request_id: str
+    time: str  # ISO 8601, UTC
+    version: int | None  # the version that answered (None: the call failed)
+    label: str  # the label asked for ("" for a version or the latest)
+    api: str  # "grpc" or "rest"
+    examples: int  # images in the request
+
+    @classmethod
+    def checked(cls, raw: Any) -> "LogEntry":
+        """An entry read from the bucket, refused unless every field is what the gateway writes."""
+        if not isinstance(raw, dict) or set(raw) != set(cls.__dataclass_fields__):
+            raise VerificationFailed(f"log index entry has unexpected fields: {str(raw)[:120]}")
+        version, examples = raw["version"], raw["examples"]
+        if not (isinstance(raw["request_id"], str) and REQUEST_ID_PATTERN.match(raw["request_id"])
+                and isinstance(raw["time"], str) and isinstance(raw["label"], str) and len(raw["label"]) <= 64
+                and raw["api"] in ("grpc", "rest") and (version is None or type(version) is int)
+                and type(examples) is int and 0 <= examples <= MAX_FEEDBACK_INDEX):
+            raise VerificationFailed(f"log index entry is malformed: {str(raw)[:120]}")
+        return cls(**raw)
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_request_id(value: str | None) -> bool:
+    return bool(value) and bool(REQUEST_ID_PATTERN.match(value))
+
+
+def days_back(days: int, today: date | None = None) -> list[str]:
+    today = today or datetime.now(timezone.utc).date()
+    return [(today - timedelta(days=offset)).isoformat() for offset in range(days)]
+
+
+class PredictionLogStore(ObjectStore):
+    """One model's logged predictions, in day folders of batches."""
+
+    def __init__(self, settings: TrafficSettings, client: Any = None):
+        super().__init__(settings, "/".join(p for p in (settings.s3_prefix.strip("/"), "logs", settings.model_name)
+                                            if p), client)
+
+    def write_batch(self, entries: list[LogEntry], records: list[bytes]) -> str:
+        """The records (checked on receipt), then their index: the batch exists from that write on.
+        Returns the index's key."""
+        if len(entries) != len(records) or not entries:
+            raise ValueError("a log batch needs one entry per record, and at least one")
+        payload = tfrecord.encode(records)
+        stamp = datetime.fromisoformat(entries[0].time)
+        name = f"{stamp:%H%M%S}-{uuid.uuid4().hex[:12]}"
+        folder = stamp.date().isoformat()
+        self.put_new(self.key(folder, f"{name}.tfrecord"), payload, checked=True)
+        index = {"file": {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)},
+                 "records": [asdict(entry) for entry in entries], "written_at": utc_now()}
+        key = self.key(folder, f"{name}.json")
+        self.write_manifest(key, index)
+        return key
+
+    def batch_keys(self, days: list[str]) -> list[str]:
+        """Index keys of the complete batches of the given day folders, oldest first."""
+        keys = []
+        for day in sorted(d for d in days if DATE_PATTERN.match(d)):
+            prefix = self.key(day, "")
+            for item in self.list_keys(prefix):
+                name = item["Key"][len(prefix):]
+                if name.endswith(".json") and BATCH_PATTERN.match(name[:-5]):
+                    keys.append(item["Key"])
+        return sorted(keys)
+
+    def checked_key(self, key: str) -> str:
+        """A batch index key read from elsewhere (a feedback object), refused unless it is one of ours."""
+        prefix = self.key("")
+        day, _, name = key[len(prefix):].partition("/") if key.startswith(prefix) else ("", "", "")
+        if not (DATE_PATTERN.match(day) and name.endswith(".json") and BATCH_PATTERN.match(name[:-5])):
+            raise VerificationFailed(f"{key[:200]!r} is not a log batch of {self.uri()}")
+        return key
+
+    def read_index(self, key: str) -> tuple[dict[str, Any], list[LogEntry]]:
+        index = self.get_json(self.checked_key(key))
+        payload = index.get("file") if isinstance(index, dict) else None
+        if not isinstance(index.get("records") if isinstance(index, dict) else None, list) \
+                or not isinstance(payload, dict) or type(payload.get("size")) is not int \
+                or not re.fullmatch(r"[0-9a-f]{64}", str(payload.get("sha256"))):
+            raise VerificationFailed(f"{key}: not a log batch index")
+        return index, [LogEntry.checked(raw) for raw in index["records"]]
+
+    def read_batch(self, key: str) -> list[tuple[LogEntry, bytes]]:
+        """(entry, serialized PredictionLog) for every record, verified against the index."""
+        index, entries = self.read_index(key)
+        payload = self.fetch_verified(key.removesuffix(".json") + ".tfrecord", index["file"], key)
+        try:
+            records = list(tfrecord.decode(payload))
+        except tfrecord.TFRecordError as error:
+            raise VerificationFailed(f"{key}: {error}") from None
+        if len(records) != len(entries):
+            raise VerificationFailed(f"{key}: {len(records)} records but {len(entries)} index entries")
+        return list(zip(entries, records))
+
+    def find(self, request_id: str, days: int) -> tuple[str, int, LogEntry]:
+        """(index key, position, entry) of a logged request within the last ``days`` days."""
+        if not valid_request_id(request_id):
+            raise LogNotFound(f"{request_id!r} is not a request id (1-128 of A-Z a-z 0-9 . _ : -)")
+        for key in reversed(self.batch_keys(days_back(days))):
+            for position, entry in enumerate(self.read_index(key)[1]):
+                if entry.request_id == request_id:
+                    return key, position, entry
+        raise LogNotFound(f"request {request_id} is not in the prediction logs of the last {days} days "
+                          "(not sampled for logging, not yet uploaded, or unknown)")
+
+    def window(self, since: datetime) -> Iterator[tuple[LogEntry, bytes]]:
+        """Every logged record since ``since`` (UTC), batch by batch."""
+        days = (datetime.now(timezone.utc).date() - since.date()).days + 1
+        for key in self.batch_keys(days_back(max(days, 1))):
+            for entry, record in self.read_batch(key):
+                if datetime.fromisoformat(entry.time) >= since:
+                    yield entry, record
+
+
+def feedback_name(request_id: str, index: int) -> str:
+    """The object name of one image's feedback: a hash, never the caller's string itself."""
+    return hashlib.sha256(f"{request_id}#{index}".encode()).hexdigest() + ".json"
+
+
+class FeedbackStore(ObjectStore):
+    """Correct labels for logged requests, waiting to become a dataset batch."""
+
+    def __init__(self, settings: TrafficSettings, client: Any = None):
+        super().__init__(settings, "/".join(p for p in (settings.s3_prefix.strip("/"), "feedback",
+                                                        settings.model_name) if p), client)
+
+    def put(self, feedback: dict[str, Any]) -> str:
+        """Store (or correct: the latest label wins) the feedback on one logged image."""
+        key = self.key(feedback_name(feedback["request_id"], feedback["index"]))
+        self.call(self.client.put_object, Bucket=self.bucket, Key=key,
+                  Body=json.dumps(feedback, sort_keys=True).encode())
+        return key
+
+    def all(self) -> list[dict[str, Any]]:
+        prefix = self.key("")
+        return [self.get_json(item["Key"]) for item in self.list_keys(prefix)
+                if FEEDBACK_PATTERN.match(item["Key"][len(prefix):])]
+
+    def ingested(self) -> set[tuple[str, int, int]]:
+        """(request id, index, label) of every feedback already turned into a batch."""
+        done: set[tuple[str, int, int]] = set()
+        for item in self.list_keys(self.key("_ingested", "")):
+            for entry in (self.get_json(item["Key"]) or {}).get("feedback", []):
+                done.add((str(entry["request_id"]), int(entry["index"]), int(entry["label"])))
+        return done
+
+    def mark_ingested(self, feedback: list[dict[str, Any]], batch_sha256: str | None) -> None:
+        """Record what a batch was made of (None: nothing new, every image a known one)."""
+        items = [{key: item[key] for key in ("request_id", "index", "label")} for item in feedback]
+        self.put_new(self.key("_ingested", f"{batch_sha256 or 'none-' + uuid.uuid4().hex}.json"),
+                     json.dumps({"batch": batch_sha256, "feedback": items, "time": utc_now()}).encode())

@@ -1,0 +1,306 @@
+"""The logging gateway in front of the local server, over real loopback gRPC and HTTP, with a real
+SeaweedFS: request ids, PredictionLog records TensorFlow reads, a store outage that fails no request,
+a flush on SIGTERM, feedback, metrics and readiness."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mnist_client._generated.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from mnist_client.client import ServingError, Target, predict, predict_call
+from mnist_client.tensors import to_tensor_proto
+from serving.gateway import Gateway, GatewayOptions
+from serving.model_config import single_model_config
+from storage.embedded import free_port, start_weed
+from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+from tasks.data import load_test_set
+from tests.conftest import REPO, run_mnist, start_model_server
+
+
+@pytest.fixture(scope="module")
+def digits(prepared_path: Path) -> np.ndarray:
+    return load_test_set(prepared_path)[0][:64]
+
+
+@pytest.fixture()
+def upstream(saved_model_dir: Path, tmp_path: Path):
+    """The local server (gRPC and REST, metrics on) with version 1 labelled ``stable``."""
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    rest_port = free_port()
+    server, address = start_model_server(base, rest_api_port=rest_port,
+                                         metrics_path="/monitoring/prometheus/metrics")
+    config = single_model_config("mnist", base.resolve())
+    config.model_config_list.config[0].version_labels["stable"] = 1
+    server.manager.apply_config(config)
+    yield server, address, f"127.0.0.1:{rest_port}"
+    server.stop(grace=1)
+
+
+def stores(retry_seconds: float = 20.0) -> tuple[PredictionLogStore, FeedbackStore]:
+    settings = TrafficSettings().model_copy(update={"retry_seconds": retry_seconds})
+    logs = PredictionLogStore(settings)
+    logs.ensure_bucket()
+    return logs, FeedbackStore(settings)
+
+
+def start_gateway(upstream_address: str, upstream_rest: str | None = None, **options) -> Gateway:
+    logs, feedback = stores(options.pop("retry_seconds", 20.0))
+    settings = GatewayOptions(upstream=upstream_address, upstream_rest=upstream_rest, rest_port=free_port(),
+                              **{"flush_seconds": 0.2, **options})
+    return Gateway(settings, logs, feedback).start()
+
+
+def wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def logged(logs: PredictionLogStore) -> list:
+    return [item for key in logs.batch_keys([time.strftime("%Y-%m-%d", time.gmtime())])
+            for item in logs.read_batch(key)]
+
+
+def test_sampled_predictions_are_prediction_logs_tensorflow_reads_with_ids_versions_and_labels(
+        store_env, upstream, digits: np.ndarray, tmp_path: Path) -> None:
+    import tensorflow as tf
+    from tensorflow_serving.apis import prediction_log_pb2
+
+    _, address, rest = upstream
+    gateway = start_gateway(address, rest)
+    try:
+        grpc_answers = [predict_call(digits[i:i + 2], Target(f"127.0.0.1:{gateway.port}", label="stable"),
+                                     request_id=f"caller-{i}" if i == 0 else None) for i in range(0, 6, 2)]
+        rest_reply = httpx.post(f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/labels/stable:predict",
+                                json={"instances": digits[6:7].tolist()}, timeout=30)
+        direct = predict_call(digits[:1], Target(address))
+        wait_for(lambda: gateway.logger.written_records == 4)
+    finally:
+        gateway.stop()
+    assert rest_reply.status_code == 200 and len(rest_reply.json()["predictions"]) == 1
+    ids = [answer.request_id for answer in grpc_answers] + [rest_reply.headers["x-request-id"]]
+    assert ids[0] == "caller-0" and len(set(ids)) == 4 and direct.request_id is None  # the server gives none
+    records = logged(gateway.logs)
+    assert [entry.request_id for entry, _ in records] == ids
+    assert {(entry.version, entry.label, entry.api) for entry, _ in records[:3]} == {(1, "stable", "grpc")}
+    assert (records[3][0].version, records[3][0].label, records[3][0].api) == (1, "stable", "rest")
+    # TensorFlow itself reads the stored object as TFRecords of TF Serving's PredictionLog
+    key = gateway.logs.batch_keys([records[0][0].time[:10]])[0].removesuffix(".json") + ".tfrecord"
+    path = tmp_path / "log.tfrecord"
+    path.write_bytes(gateway.logs.get_bytes(key))
+    first = prediction_log_pb2.PredictionLog.FromString(next(iter(tf.data.TFRecordDataset(str(path)))).numpy())
+    assert first.log_metadata.model_spec.version_label == "stable" and first.predict_log.response.model_spec.version.value == 1
+    assert first.log_metadata.sampling_config.sampling_rate == 1.0
+    sent = tf.make_ndarray(first.predict_log.request.inputs["image"])
+    answered = tf.make_ndarray(first.predict_log.response.outputs["probabilities"])
+    assert np.array_equal(sent, digits[0:2]) and np.allclose(answered, grpc_answers[0].probabilities)
+    rest_log = prediction_log_pb2.PredictionLog.FromString(records[3][1])
+    assert np.allclose(tf.make_ndarray(rest_log.predict_log.request.inputs["image"]), digits[6:7])
+
+
+def test_only_the_sampled_fraction_is_logged(store_env, upstream, digits: np.ndarray) -> None:
+    _, address, _ = upstream
+    gateway = start_gateway(address, sample_rate=0.25)
+    try:
+        target = Target(f"127.0.0.1:{gateway.port}")
+        for _ in range(200):
+            predict_call(digits[:1], target)
+        wait_for(lambda: gateway.logger.queue.empty())
+        time.sleep(0.5)
+        written = gateway.logger.written_records
+    finally:
+        gateway.stop()
+    assert 25 <= written <= 80  # binomial(200, 0.25): mean 50, 5 sigma is about +-30
+    assert len(logged(gateway.logs)) == written
+
+
+def test_a_store_that_stops_mid_load_drops_logs_and_fails_no_request(store_env, upstream, digits: np.ndarray,
+                                                                      tmp_path: Path, monkeypatch) -> None:
+    _, address, _ = upstream
+    weed = start_weed(tmp_path / "outage-store", "outage", "outage-secret-1")
+    for name, value in {"MNIST_S3_ENDPOINT": weed.endpoint, "AWS_ACCESS_KEY_ID": "outage",
+                        "AWS_SECRET_ACCESS_KEY": "outage-secret-1"}.items():
+        monkeypatch.setenv(name, value)
+    gateway = start_gateway(address, retry_seconds=1.0, batch_records=16, queue_size=64)
+    failures: list[Exception] = []
+    answered = []
+
+    def load() -> None:
+        target = Target(f"127.0.0.1:{gateway.port}", timeout=10)
+        for _ in range(120):
+            try:
+                answered.append(predict_call(digits[:1], target))
+            except ServingError as error:
+                failures.append(error)
+
+    try:
+        threads = [threading.Thread(target=load) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        wait_for(lambda: gateway.logger.written_records > 0)
+        weed.stop()  # the store goes away while requests keep coming
+        for thread in threads:
+            thread.join(timeout=120)
+        page = httpx.get(f"http://127.0.0.1:{gateway.rest.port}/monitoring/prometheus/metrics").text
+    finally:
+        gateway.stop(drain_seconds=2)
+    dropped = {sample.labels["reason"]: sample.value for family in text_string_to_metric_families(page)
+               if family.name == "mnist_gateway_logs_dropped" for sample in family.samples}
+    assert not failures and len(answered) == 480
+    assert dropped.get("store_error", 0) + dropped.get("queue_full", 0) > 0
+    assert gateway.logger.written_records + sum(dropped.values()) <= 480
+
+
+def test_sigterm_flushes_the_queued_logs_within_the_deadline(store_env, upstream, digits: np.ndarray,
+                                                              tmp_path: Path) -> None:
+    _, address, _ = upstream
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "flows.cli", "gateway", "--upstream", address, "--port", str(port),
+         "--log-flush-seconds", "600", "--drain-seconds", "20"],
+        cwd=REPO, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True)
+    try:
+        first = process.stdout.readline()
+        assert "listening on" in first, first
+        ids = [predict_call(digits[:1], Target(f"127.0.0.1:{port}")).request_id for _ in range(20)]
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0 and time.monotonic() - started < 20, output
+    assert "20 records written" in output
+    assert [entry.request_id for entry, _ in logged(stores()[0])] == ids
+
+
+def metric_values(page: str, name: str) -> dict[tuple, float]:
+    return {tuple(sorted(sample.labels.items())): sample.value for family in text_string_to_metric_families(page)
+            for sample in family.samples if sample.name == name}
+
+
+def test_metrics_parse_and_count_per_version_on_the_gateway_and_the_server(store_env, saved_model_dir: Path,
+                                                                            tmp_path: Path, digits) -> None:
+    base = tmp_path / "models" / "mnist"
+    for version in (1, 2):
+        shutil.copytree(saved_model_dir, base / str(version))
+    rest_port = free_port()
+    server, address = start_model_server(base, rest_api_port=rest_port, metrics_path="/monitoring/prometheus/metrics")
+    config = single_model_config("mnist", base.resolve())
+    config.model_config_list.config[0].model_version_policy.all.SetInParent()
+    server.manager.apply_config(config)
+    gateway = start_gateway(address)
+    try:
+        for version, count in ((1, 3), (2, 2)):
+            for _ in range(count):
+                predict_call(digits[:1], Target(f"127.0.0.1:{gateway.port}", version=version))
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name, request.model_spec.version.value = "mnist", 7
+        request.inputs["image"].CopyFrom(to_tensor_proto(digits[:1]))
+        with grpc.insecure_channel(f"127.0.0.1:{gateway.port}") as channel, pytest.raises(grpc.RpcError) as missing:
+            prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        pages = [httpx.get(f"http://127.0.0.1:{port}/monitoring/prometheus/metrics").text
+                 for port in (gateway.rest.port, rest_port)]
+    finally:
+        gateway.stop()
+        server.stop(grace=1)
+    for page in pages:
+        per_version = metric_values(page, "mnist_serving_requests_total")
+        counts = {dict(labels)["version"]: value for labels, value in per_version.items()
+                  if dict(labels)["code"] == "OK"}
+        assert counts == {"1": 3.0, "2": 2.0}
+        assert metric_values(page, ":tensorflow:serving:request_count") == {
+            (("model_name", "mnist"), ("status", "OK")): 5.0, (("model_name", "mnist"), ("status", "NOT_FOUND")): 1.0}
+        latency = metric_values(page, ":tensorflow:serving:request_latency_count")
+        assert latency == {(("API", "Predict"), ("entrypoint", "GRPC"), ("model_name", "mnist")): 5.0}
+
+
+def test_readiness_flips_when_the_version_and_then_the_label_arrive(store_env, saved_model_dir: Path,
+                                                                    tmp_path: Path) -> None:
+    base = tmp_path / "models" / "mnist"
+    base.mkdir(parents=True)
+    rest_port = free_port()
+    server, address = start_model_server(base, rest_api_port=rest_port)
+    gateway = start_gateway(address)
+    urls = [f"http://127.0.0.1:{port}/v1/models/mnist" for port in (rest_port, gateway.rest.port)]
+    try:
+        for url in urls:
+            assert httpx.get(f"{url}/ready").status_code == 503
+        shutil.copytree(saved_model_dir, base / "1")
+        for url in urls:
+            wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200)
+            assert httpx.get(f"{url}/ready").json() == {"ready": True, "version": 1}
+            assert "stable" in httpx.get(f"{url}/labels/stable/ready").json()["reason"]
+        config = single_model_config("mnist", base.resolve())
+        config.model_config_list.config[0].version_labels["stable"] = 1
+        server.manager.apply_config(config)
+        for url in urls:
+            assert httpx.get(f"{url}/labels/stable/ready").json() == {"ready": True, "version": 1}
+    finally:
+        gateway.stop()
+        server.stop(grace=1)
+
+
+def test_feedback_round_trip_to_an_ingested_batch(store_env, upstream, digits: np.ndarray, tmp_path: Path,
+                                                  mnist_dir: Path) -> None:
+    _, address, _ = upstream
+    shifted = np.roll(digits[:12], 2, axis=2)  # MNIST's own digits would be refused as duplicates
+    gateway = start_gateway(address, sample_rate=1.0)
+    unsampled = start_gateway(address, sample_rate=0.0)
+    feedback_url = f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/feedback"
+    try:
+        answers = predict(shifted[:10], address=f"127.0.0.1:{gateway.port}")  # one request of ten images
+        singles = [predict_call(shifted[i:i + 1], Target(f"127.0.0.1:{gateway.port}")).request_id
+                   for i in (10, 11)]
+        skipped = predict_call(shifted[:1], Target(f"127.0.0.1:{unsampled.port}")).request_id
+        wait_for(lambda: gateway.logger.written_records == 3)
+        request_id = answers[0]["request_id"]
+        replies = [httpx.post(feedback_url, json={"request_id": request_id, "index": i, "label": label})
+                   for i, label in enumerate([7, 2, 1, 0, 4])]
+        unknown = httpx.post(feedback_url, json={"request_id": "no-such-request", "label": 3})
+        bad_label = httpx.post(feedback_url, json={"request_id": request_id, "label": 12})
+        out_of_range = httpx.post(feedback_url, json={"request_id": request_id, "index": 10, "label": 1})
+        not_sampled = httpx.post(f"http://127.0.0.1:{unsampled.rest.port}/v1/models/mnist/feedback",
+                                 json={"request_id": skipped, "label": 3})
+    finally:
+        gateway.stop()
+        unsampled.stop()
+    assert [reply.status_code for reply in replies] == [200] * 5
+    assert replies[0].json()["version"] == 1 and answers[3]["index"] == 3
+    assert unknown.status_code == 404 and "no-such-request" in unknown.json()["error"]
+    assert bad_label.status_code == 400 and "0-9" in bad_label.json()["error"]
+    assert out_of_range.status_code == 400 and "has 10 image(s)" in out_of_range.json()["error"]
+    assert not_sampled.status_code == 404 and "not sampled" in not_sampled.json()["error"]
+    # the CLI: one id, and a CSV with one good and one unknown id (refused in one line, exit 1)
+    env = {"MNIST_DATA_DIR": str(mnist_dir)}
+    assert run_mnist("feedback", singles[0], "9", env=env).returncode == 0
+    csv_file = tmp_path / "feedback.csv"
+    csv_file.write_text(f"request_id,label\n{singles[1]},5\nnobody,4\n")
+    refused = run_mnist("feedback", "--csv", str(csv_file), env=env)
+    assert refused.returncode == 1 and "1 of 2 refused" in refused.stderr and "nobody" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    added = run_mnist("data", "add", "--from-feedback", "--json", env=env)
+    assert added.returncode == 0, added.stderr
+    result = json.loads(added.stdout)
+    assert result["batch"]["count"] == 7 and result["batch"]["source"] == "feedback"
+    assert result["batch"]["label_histogram"][7] == 1 and result["batch"]["label_histogram"][9] == 1
+    again = run_mnist("data", "add", "--from-feedback", env=env)
+    assert again.returncode == 0 and "no new feedback" in again.stdout
