@@ -18,9 +18,9 @@ import numpy as np
 
 from mnist_client.images import InputError, as_digit_batch, prepare_digit, read_image
 from storage.datasets import SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
+from tasks.digits import ink_statistics
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
-INK_LEVEL = 51  # uint8: what counts as ink (0.2 of full scale, as the client's crop)
 NEAR_EMPTY_INK = 0.01  # fraction of ink pixels below which a digit is near-empty
 MAX_LISTED = 10  # problems named in a one-line error; the report keeps all
 
@@ -156,15 +156,6 @@ def read_source(path: Path) -> Candidates:
 
 
 # --- validation -----------------------------------------------------------------------
-def ink_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
-    """Per digit: fraction of ink pixels, and the stroke bounding box's area in pixels."""
-    ink = images >= INK_LEVEL
-    rows, cols = ink.any(axis=2), ink.any(axis=1)
-    height = np.where(rows.any(axis=1), 28 - rows[:, ::-1].argmax(axis=1) - rows.argmax(axis=1), 0)
-    width = np.where(cols.any(axis=1), 28 - cols[:, ::-1].argmax(axis=1) - cols.argmax(axis=1), 0)
-    return {"ink_fraction": ink.mean(axis=(1, 2)), "box_area": (height * width).astype(np.float64)}
-
-
 @dataclass(frozen=True)
 class Reference:
     """What a new batch is compared with: the base's statistics and the hashes it must not repeat."""
