@@ -127,8 +127,8 @@ def report_added(result: dict[str, Any], source: str, as_json: bool) -> int:
 def add_from_feedback(args: argparse.Namespace) -> int:
     """The feedback on logged predictions since the last time, as one batch through the normal ingest."""
     from flows.cli_monitoring import traffic_stores
-    from tasks.feedback import feedback_examples, pending_feedback
-    from tasks.ingest import Candidates, IngestError, ingest_candidates, to_uint8
+    from tasks.feedback import ingest_feedback
+    from tasks.ingest import IngestError
 
     if args.path:
         raise CliError("--from-feedback reads the store's feedback: give no PATH", exit_code=2)
@@ -136,26 +136,21 @@ def add_from_feedback(args: argparse.Namespace) -> int:
     reference = mnist_reference()
     with reachable_store(lambda: dataset_store(interactive=False)) as store:
         logs, feedback = traffic_stores()
-        items = pending_feedback(feedback)
-        if not items:
-            print("no new feedback since the last mnist data add --from-feedback")
-            return 0
-        names, images, labels, used, problems, corrections = feedback_examples(logs, items)
-        for problem in problems:
-            print(f"warning: {problem}", file=sys.stderr)
-        found = Candidates(names, [to_uint8(image) for image in images], labels)
-        details = {"origin": f"feedback on logged predictions ({logs.uri()})",
-                   "feedback": {"items": len(used), "corrections": corrections}}
         try:
-            result = ingest_candidates(store, found, source, reference, details, skip_duplicates=True)
+            result = ingest_feedback(store, logs, feedback, reference, source)
         except IngestError as error:
             raise CliError(str(error)) from None
-        feedback.mark_ingested(used, result["batch"]["sha256"] if result["batch"] else None)
-        if result["batch"] is None:
-            print(f"nothing new: the {len(used)} feedback images are exact duplicates of known examples")
-            return 0
+    if result is None:
+        print("no new feedback since the last mnist data add --from-feedback")
+        return 0
+    for problem in result["problems"]:
+        print(f"warning: {problem}", file=sys.stderr)
+    if result["batch"] is None:
+        print(f"nothing new: the {result['feedback_items']} feedback images are exact duplicates of known examples")
+        return 0
     if not args.json:
-        print(f"{len(used)} feedback labels, {corrections} of them corrections of the served answer")
+        print(f"{result['feedback_items']} feedback labels, {result['corrections']} of them corrections of the "
+              "served answer")
     return report_added(result, source, args.json)
 
 

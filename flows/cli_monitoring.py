@@ -87,6 +87,60 @@ def command_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_drift(args: argparse.Namespace) -> int:
+    """Run the drift flow once and print each version's verdict."""
+    from pydantic import ValidationError
+
+    from flows.cli import pipeline_settings, validation_message
+    from flows.drift import DriftParams, drift_flow
+    from storage.embedded import store_environment
+
+    values = {name: getattr(args, name) for name in DriftParams.model_fields if getattr(args, name) is not None}
+    try:
+        params = DriftParams(**values)
+    except ValidationError as error:
+        raise CliError(validation_message(error), exit_code=2) from None
+    with store_environment(pipeline_settings().state_dir):
+        state = drift_flow(params, return_state=True)
+    if not state.is_completed():
+        raise CliError(f"drift run {state.name}: {state.message}")
+    result = state.result()
+    if args.json:
+        print_json(result)
+        return 0
+    for version, verdict in sorted(result["results"].items()):
+        drifted = f": {', '.join(verdict['drifted'])}" if verdict["drifted"] else ""
+        print(f"version {version}: {verdict['verdict']}{drifted} ({verdict['images']} logged images)")
+        for name, score in verdict["scores"].items():
+            print(f"  {name:<16} effect {score['statistic']:.3f}  p {score['p_value']:.1e}"
+                  f"{'  DRIFT' if score['drift'] else ''}")
+    for note in result["notes"]:
+        print(note)
+    if not result["results"] and not result["notes"]:
+        print(state.message)
+    print(f"report: {result['report_dir']} (and the mnist-drift artifact in the Prefect UI)")
+    return 0
+
+
+def command_check(args: argparse.Namespace) -> int:
+    """The server against the registry; exit 1 naming each disagreement that outlived the grace period."""
+    from flows.serving_check import mismatch_event
+    from mnist_client.client import Target
+    from serving.truth import check_serving
+
+    with reachable_store() as store:
+        target = Target(args.server, store.settings.model_name, timeout=args.timeout)
+        problems = check_serving(store, target, args.grace_seconds)
+        if problems and os.environ.get("PREFECT_API_URL"):  # automations may act on it
+            mismatch_event(store, args.server, problems)
+        labels = store.labels()
+    if problems:
+        raise CliError(f"the server at {args.server} disagrees with the registry: " + "; ".join(problems))
+    shown = ", ".join(f"{label} -> v{version}" for label, version in sorted(labels.items())) or "no labels"
+    print(f"the server at {args.server} serves what the registry says ({shown})")
+    return 0
+
+
 def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     gateway = commands.add_parser(
         "gateway", help="the logging gateway in front of TF Serving: request ids, sampled logs, feedback, metrics",
@@ -121,3 +175,27 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     feedback.add_argument("--csv", metavar="FILE", help="a CSV of request_id,label[,index] rows")
     feedback.add_argument("--json", action="store_true")
     feedback.set_defaults(handler=command_feedback)
+
+    drift = commands.add_parser(
+        "drift", help="compare logged traffic with each version's reference statistics (the mnist-drift flow)",
+        description="Run the mnist-drift flow once: the last window of logged requests against the reference "
+                    "statistics published with the version that answered them (scipy.stats two-sample tests).")
+    from flows.cli import add_model_flags
+    from flows.drift import DriftParams
+
+    add_model_flags(drift, DriftParams)
+    drift.add_argument("--json", action="store_true")
+    drift.set_defaults(handler=command_drift)
+
+    check = commands.add_parser(
+        "check", help="does the server serve what the registry says? exit 1 when not",
+        description="Compare what the server reports (GetModelStatus; each label through GetModelMetadata) with "
+                    "the registry's labels and newest published version. A disagreement that lasts the grace "
+                    "period (a version that failed to load, a label the server does not know) exits 1, naming it, "
+                    "and emits mnist.serving.mismatch when PREFECT_API_URL is set.")
+    check.add_argument("--server", default=os.environ.get("MNIST_SERVING_ADDRESS", "localhost:8500"),
+                       help="HOST:PORT (default: MNIST_SERVING_ADDRESS or localhost:8500)")
+    check.add_argument("--grace-seconds", type=float, default=120.0,
+                       help="how long a disagreement may last before it counts (default 120: a sync round and a load)")
+    check.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)")
+    check.set_defaults(handler=command_check)

@@ -108,16 +108,39 @@ def retrain_on_new_data(training_deployment_id: str, min_new: int) -> Automation
                                parameters={"params": {"min_new_examples": min_new}})])
 
 
+def retrain_on_drift(training_deployment_id: str) -> Automation:
+    """``mnist.drift.detected`` runs the training deployment with ``ingest_feedback``: the corrections
+    collected from the drifted traffic become data first, and the run trains when that (or anything
+    else) is new; retraining on unchanged data cannot follow a drift, so such a run ends skipped.
+    At most one run per 12 hours (a reactive trigger fires once per window), queued by ENQUEUE."""
+    return Automation(
+        name="mnist: retrain on drift",
+        description="A retrain, with the feedback collected so far, when the daily drift check finds the served "
+                    "traffic has moved away from what the model was trained for (at most every 12 hours).",
+        trigger=EventTrigger(expect={"mnist.drift.detected"}, posture=Posture.Reactive, threshold=1,
+                             within=timedelta(hours=12), match={"prefect.resource.id": "mnist.model.*"}),
+        actions=[RunDeployment(source="selected", deployment_id=training_deployment_id,
+                               parameters={"params": {"ingest_feedback": True}})])
+
+
 def automations(training_deployment_id: str, notify_block: str | None) -> list[Automation]:
     action = notification_action(notify_block)
     return [
         retrain_on_new_data(training_deployment_id, int(os.environ.get("MNIST_RETRAIN_MIN_NEW", "500"))),
+        retrain_on_drift(training_deployment_id),
         Automation(
             name="mnist: training run failed",
             description="A run of the training flow failed, crashed or timed out (a gate rejection included).",
             trigger=EventTrigger(expect=FAILED_EVENTS, posture=Posture.Reactive, threshold=1,
                                  match_related={"prefect.resource.role": "flow",
                                                 "prefect.resource.name": TRAINING_FLOW}),
+            actions=[action]),
+        Automation(
+            name="mnist: serving disagrees with the registry",
+            description="The serving-truth check found the server not serving what the registry says (a version "
+                        "that failed to load, a label the server does not know) for longer than its grace period.",
+            trigger=EventTrigger(expect={"mnist.serving.mismatch"}, posture=Posture.Reactive, threshold=1,
+                                 within=timedelta(hours=1), match={"prefect.resource.id": "mnist.model.*"}),
             actions=[action]),
         Automation(
             name="mnist: weekly retrain missed",
@@ -132,7 +155,7 @@ def automations(training_deployment_id: str, notify_block: str | None) -> list[A
 
 def ensure_automations(config: dict[str, Any], project_dir: Path, notify_block: str | None) -> list[str]:
     """Create the automations, replacing earlier ones of the same name (redeploys stay idempotent)."""
-    scheduled = next(d for d in config["deployments"] if d.get("schedules"))
+    scheduled = next(d for d in config["deployments"] if d["entrypoint"].startswith("flows/training.py"))
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name(
             f"{flow_name(scheduled['entrypoint'], project_dir)}/{scheduled['name']}")

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.states import Failed, State
@@ -48,6 +48,30 @@ def ingest_report(result: dict[str, Any], source_path: str) -> str:
             f"Warnings:\n{warnings}\n\n![samples]({grid})\n")
     create_markdown_artifact(text, key="mnist-ingest", description="Ingested batch")
     return text
+
+
+@task(name="ingest-feedback", timeout_seconds=1800)
+def feedback_batch(data_dir: str | None) -> str:
+    """The feedback collected since the last time, as a dataset batch; the one-line outcome."""
+    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+    from tasks.data import load_mnist_idx
+    from tasks.feedback import ingest_feedback
+    from tasks.ingest import mnist_reference
+
+    train, test, _ = load_mnist_idx(Path(data_dir) if data_dir else PipelineSettings().data_dir)
+    traffic = TrafficSettings()
+    result = ingest_feedback(DatasetStore(DatasetSettings()), PredictionLogStore(traffic), FeedbackStore(traffic),
+                             mnist_reference(train.images, test.images, test.labels))
+    if result is None:
+        outcome = "no new feedback to learn from"
+    elif result["batch"] is None:
+        outcome = f"{result['feedback_items']} feedback labels, all on images already known"
+    else:
+        outcome = (f"{result['batch']['count']} feedback examples ({result['corrections']} corrections) added as "
+                   f"dataset version {result['version']['version']}")
+    get_run_logger().info(outcome)
+    return outcome
 
 
 @flow(name="mnist-data-ingest", log_prints=True)

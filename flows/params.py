@@ -50,6 +50,8 @@ class TrainingParams(BaseModel):
     force: bool = Field(False, description="retrain even when data, code and recipe match stable's")
     min_new_examples: int = Field(0, ge=0, le=10_000_000,
                                   description="skip unless this many new examples arrived since stable (0: any change)")
+    ingest_feedback: bool = Field(False, description="first turn the feedback on logged predictions into a "
+                                                     "dataset batch (the retrain-on-drift automation sets it)")
     publish: bool = Field(True, description="publish a passing model to the S3 model store")
     publish_label: Literal["stable", "canary"] = Field("stable", description="label a new version gets")
     output_dir: str | None = Field(None, description="plots, reports, SavedModel (default MNIST_OUTPUT_DIR)")

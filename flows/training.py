@@ -9,6 +9,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
+from flows.ingest import feedback_batch
 from flows.params import TrainingParams
 from flows.settings import PipelineSettings
 from storage.models import StoreSettings
@@ -36,6 +37,8 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     data_dir = params.data_dir or (str(settings.data_dir) if settings.data_dir else None)
     run_dir = new_run_dir(output_dir)
 
+    if params.ingest_feedback and params.publish:
+        feedback_batch(data_dir)  # corrections of served answers become data before the data is read
     # A run that publishes reads the dataset store it publishes beside; one that does not stays
     # off the store (a local experiment) unless a dataset version is asked for.
     data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,

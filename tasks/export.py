@@ -45,7 +45,8 @@ def write_warmup_requests(saved_model_dir: Path, images: np.ndarray, batch_sizes
     return path
 
 
-def export_saved_model(model: keras.Model, destination: Path, warmup_images: np.ndarray | None = None) -> Path:
+def export_saved_model(model: keras.Model, destination: Path, warmup_images: np.ndarray | None = None,
+                       reference: dict | None = None) -> Path:
     """Write the ``serving_default`` signature: float32 ``image`` [N,28,28,1] -> ``probabilities`` [N,10].
 
     ``keras.export.ExportArchive`` is what ``model.export(format="tf_saved_model")``
@@ -67,6 +68,10 @@ def export_saved_model(model: keras.Model, destination: Path, warmup_images: np.
     archive.write_out(str(staging), verbose=False)
     if warmup_images is not None:
         write_warmup_requests(staging, warmup_images)
+    if reference is not None:
+        from tasks.drift import write_reference
+
+        write_reference(staging, reference)
     staging.rename(destination)
     return destination
 
@@ -98,12 +103,16 @@ from prefect import get_run_logger, task  # noqa: E402
 def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) -> dict[str, object]:
     """Export the next version under ``base_dir/model_name`` and verify it on 100 test images."""
     from tasks.data import load_test_set
+    from tasks.drift import REFERENCE_SAMPLE, reference_statistics
 
     model = keras.models.load_model(model_path)
     model_dir = Path(base_dir) / model_name
     version = next_local_version(model_dir)
     x_test, _ = load_test_set(Path(prepared_path))
-    destination = export_saved_model(model, model_dir / str(version), warmup_images=x_test[:32])
+    sample = x_test[:REFERENCE_SAMPLE]  # what the drift flow compares served traffic with
+    reference = reference_statistics(sample, model.predict(sample, verbose=0, batch_size=500),
+                                     f"MNIST test set, first {len(sample)} digits")
+    destination = export_saved_model(model, model_dir / str(version), warmup_images=x_test[:32], reference=reference)
     difference = verify_round_trip(model, destination, x_test[:100])
     get_run_logger().info("exported %s (round trip max difference %.1e)", destination, difference)
     return {"path": str(destination), "version": version}

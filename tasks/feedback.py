@@ -144,3 +144,22 @@ def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
             labels.append(label)
             used.append(item)
     return names, images, labels, used, problems, corrections
+
+
+def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackStore, reference: Any,
+                    source: str = "feedback") -> dict[str, Any] | None:
+    """Pending feedback as one batch through the normal ingest (validation, split; exact repeats
+    left out, not refused), then marked as ingested. None when there is no new feedback; the
+    result's ``batch`` is None when every image was a known one."""
+    from tasks.ingest import Candidates, ingest_candidates, to_uint8
+
+    items = pending_feedback(feedback)
+    if not items:
+        return None
+    names, images, labels, used, problems, corrections = feedback_examples(logs, items)
+    found = Candidates(names, [to_uint8(image) for image in images], labels)
+    details = {"origin": f"feedback on logged predictions ({logs.uri()})",
+               "feedback": {"items": len(used), "corrections": corrections}}
+    result = ingest_candidates(datasets, found, source, reference, details, skip_duplicates=True)
+    feedback.mark_ingested(used, result["batch"]["sha256"] if result["batch"] else None)
+    return {**result, "feedback_items": len(used), "corrections": corrections, "problems": problems}

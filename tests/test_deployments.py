@@ -102,6 +102,12 @@ def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: di
     [action] = retrain["actions"]
     assert action["type"] == "run-deployment" and action["deployment_id"] == training["id"]
     assert action["parameters"] == {"params": {"min_new_examples": 500}}
+    on_drift = created["mnist: retrain on drift"]
+    assert on_drift["trigger"]["expect"] == ["mnist.drift.detected"] and on_drift["trigger"]["within"] == 12 * 3600
+    [action] = on_drift["actions"]
+    assert action["deployment_id"] == training["id"] and action["parameters"] == {"params": {"ingest_feedback": True}}
+    drift = deployment(deployed, "mnist-drift/daily")
+    assert drift["schedules"][0]["schedule"]["cron"] == "0 4 * * *" and drift["work_pool_name"] == "mnist-process"
 
 
 def wait_for_scheduled(server: dict[str, Any], deployment_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,134 @@
+"""The drift flow: the last window of logged traffic against the reference statistics of the
+version that answered it; a report artifact with plots, and ``mnist.drift.detected`` when a
+statistic drifts (the retrain-on-drift automation listens for it). Wiring only: the work is
+``tasks.drift``."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.events import emit_event
+from prefect.states import Completed, State
+from pydantic import BaseModel, ConfigDict, Field
+
+from flows.settings import PipelineSettings
+
+
+class DriftParams(BaseModel):
+    """The window of served traffic to look at, and what counts as drift."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_hours: float = Field(24.0, gt=0, le=24 * 31, description="how far back logged requests are read")
+    min_requests: int = Field(200, ge=10, le=10_000_000,
+                              description="logged images a version needs for a verdict (fewer: not enough data)")
+    alpha: float = Field(0.01, gt=0, lt=1, description="significance level of each two-sample test")
+    min_effect: float = Field(0.1, gt=0, le=1,
+                              description="KS statistic or class-share distance that counts as drift")
+
+
+@task(name="collect-traffic", timeout_seconds=1800)
+def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
+    """The window's logged images and answers, one .npz per version that answered (paths)."""
+    from storage.logs import PredictionLogStore, TrafficSettings
+    from tasks.feedback import logged_digits
+
+    since = datetime.now(timezone.utc) - timedelta(hours=window_hours)
+    images: dict[int, list[np.ndarray]] = {}
+    answers: dict[int, list[np.ndarray]] = {}
+    for entry, record in PredictionLogStore(TrafficSettings()).window(since):
+        digits, probabilities = logged_digits(record)
+        if entry.version is None or probabilities is None:
+            continue
+        images.setdefault(entry.version, []).append(digits)
+        answers.setdefault(entry.version, []).append(probabilities)
+    paths = {}
+    for version in images:
+        path = Path(run_dir) / f"traffic-v{version}.npz"
+        np.savez_compressed(path, images=np.concatenate(images[version]), probabilities=np.concatenate(answers[version]))
+        paths[version] = str(path)
+    get_run_logger().info("logged traffic since %s: %s", since.isoformat(timespec="seconds"),
+                          {v: len(np.load(p)["probabilities"]) for v, p in paths.items()} or "none")
+    return paths
+
+
+@task(name="version-reference")
+def version_reference(version: int) -> dict[str, Any] | None:
+    """The reference statistics published with a version (verified against its manifest), or None."""
+    from storage.models import ModelStore, StoreSettings, check_entry
+    from tasks.drift import REFERENCE_FILE, checked_reference
+    import json
+
+    store = ModelStore(StoreSettings())
+    manifest = store.manifest(version)
+    entry = manifest.get("files", {}).get(REFERENCE_FILE)
+    if entry is None:
+        return None
+    check_entry(version, REFERENCE_FILE, entry)
+    raw = store.fetch_verified(store.key(version, REFERENCE_FILE), entry, f"version {version}: {REFERENCE_FILE}")
+    return checked_reference(json.loads(raw))
+
+
+@task(name="compare-traffic")
+def compare_traffic(version: int, traffic_path: str, reference: dict[str, Any], params: DriftParams,
+                    run_dir: str) -> tuple[dict[str, Any], str | None]:
+    """The version's verdict and, when there was enough traffic, its plot (embedded PNG)."""
+    from tasks.drift import DriftThresholds, compare, plot_drift
+    from tasks.report import embedded_png
+
+    traffic = np.load(traffic_path)
+    thresholds = DriftThresholds(params.alpha, params.min_effect, params.min_requests)
+    result = compare(reference, traffic["images"], traffic["probabilities"], thresholds)
+    if not result["scores"]:
+        return result, None
+    plot = plot_drift(reference, traffic["images"], traffic["probabilities"], Path(run_dir) / f"drift-v{version}.png",
+                      f"version {version}: reference ({reference['source']}) against served traffic")
+    return result, embedded_png(plot)
+
+
+def drift_event(version: int, result: dict[str, Any], window_hours: float) -> None:
+    from storage.models import ModelStore, StoreSettings
+    from tasks.publish import model_resource
+
+    scores = {name: {"statistic": round(score["statistic"], 4), "p_value": score["p_value"]}
+              for name, score in result["scores"].items()}
+    emit_event("mnist.drift.detected", resource=model_resource(ModelStore(StoreSettings()), version),
+               payload={"version": version, "drifted": result["drifted"], "scores": scores,
+                        "images": result["images"], "window_hours": window_hours})
+
+
+@flow(name="mnist-drift", log_prints=True, validate_parameters=True)
+def drift_flow(params: DriftParams = DriftParams()) -> State:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = PipelineSettings().output_dir / "drift" / stamp
+    run_dir.mkdir(parents=True, exist_ok=True)
+    traffic = collect_traffic(params.window_hours, str(run_dir))
+    results: dict[int, dict[str, Any]] = {}
+    plots: dict[int, str] = {}
+    notes: list[str] = []
+    for version, path in sorted(traffic.items()):
+        reference = version_reference(version)
+        if reference is None:
+            notes.append(f"version {version} has no reference statistics (published before they were kept)")
+            continue
+        results[version], plot = compare_traffic(version, path, reference, params, str(run_dir))
+        if plot:
+            plots[version] = plot
+    window = f"last {params.window_hours:g} h, alpha {params.alpha:g}, min effect {params.min_effect:g}"
+    if not traffic:
+        notes.append(f"no logged requests in the {window.split(',')[0]}: not enough data")
+    from tasks.drift import drift_markdown
+
+    create_markdown_artifact(drift_markdown(results, window, plots, notes), key="mnist-drift",
+                             description="Served traffic against each version's reference statistics")
+    drifted = {version: result for version, result in results.items() if result["verdict"] == "drift"}
+    for version, result in drifted.items():
+        drift_event(version, result, params.window_hours)
+    summary = "; ".join(f"version {v}: {r['verdict']}" + (f" ({', '.join(r['drifted'])})" if r["drifted"] else "")
+                        for v, r in sorted(results.items())) or "not enough data: no logged traffic with a reference"
+    return Completed(message=summary, data={"results": results, "notes": notes, "report_dir": str(run_dir)})
