@@ -128,3 +128,22 @@ def saved_model_dir(smoke_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
     from tasks.export import export_saved_model
 
     return export_saved_model(smoke_model, tmp_path_factory.mktemp("export") / "mnist" / "1")
+
+
+def prefect_events(name: str, since, timeout: float = 30.0, expect: bool = True) -> list[dict]:
+    """Events named ``name`` that reached the Prefect API since ``since`` (waiting up to ``timeout``
+    for the first one when ``expect``, as events are delivered in the background)."""
+    import time
+
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = httpx.post(f"{PREFECT_API_URL.value()}/events/filter", json={
+            "filter": {"event": {"name": [name]}, "occurred": {"since": since.isoformat()}}})
+        reply.raise_for_status()
+        events = reply.json()["events"]
+        if events or not expect or time.monotonic() > deadline:
+            return events
+        time.sleep(0.5)
