@@ -1,5 +1,6 @@
-"""The whole chain for ``make run``: store → server + sync sidecar → training flow
-(publish, live check) → gRPC queries → everything it started stopped again."""
+"""The whole chain for ``make run``: store → server + sync sidecar + logging gateway → training
+flow (publish, live check) → gRPC queries through the gateway → everything it started stopped
+again (the gateway flushing its logs first)."""
 
 from __future__ import annotations
 
@@ -61,9 +62,13 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict
         stack.enter_context(background_cli(
             ["sync", "--model-base-path", str(model_dir), "--watch", "--interval", "1", "--server", address],
             serving_root / "sync.log"))
-        stack.enter_context(patched_environ({"MNIST_SERVING_ADDRESS": address}))
+        gateway = f"127.0.0.1:{free_port()}"  # clients call the gateway, as in production
+        stack.enter_context(background_cli(
+            ["gateway", "--upstream", address, "--port", gateway.split(":")[1], "--log-flush-seconds", "1"],
+            serving_root / "gateway.log", ready_text="listening on"))
+        stack.enter_context(patched_environ({"MNIST_SERVING_ADDRESS": gateway}))
         result = run_training(params)
         names, images, labels = mnist_test_inputs(queries)
-        answers = predict(images, address=address, model_name=store.settings.model_name, label="stable",
+        answers = predict(images, address=gateway, model_name=store.settings.model_name, label="stable",
                           names=names)
         return result, [{**answer, "label": label} for answer, label in zip(answers, labels)]

@@ -141,7 +141,8 @@ def command_run(args: argparse.Namespace) -> int:
     except (ChainError, ServingError) as error:
         raise CliError(str(error)) from None
     print_training_result(result)
-    print(f"gRPC predictions from the served 'stable' model (MNIST test digits {args.queries}):")
+    print(f"gRPC predictions from the served 'stable' model through the logging gateway "
+          f"(MNIST test digits {args.queries}):")
     print_predictions(answers, as_json=False)
     correct = sum(answer["digit"] == answer["label"] for answer in answers)
     print(f"{correct}/{len(answers)} correct")

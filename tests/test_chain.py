@@ -85,6 +85,12 @@ def test_run_chain_publishes_serves_and_answers_over_grpc(prefect_api, pipeline_
     assert result["published"]["version"] == 1 and store.labels() == {"stable": 1}
     assert [a["label"] for a in answers] == [7, 2, 1, 0, 4]
     assert all(a["version"] == 1 for a in answers)
+    assert len({a["request_id"] for a in answers}) == 1 and [a["index"] for a in answers] == [0, 1, 2, 3, 4]
     assert (tmp_path / "state" / "serving" / "mnist" / "1" / "saved_model.pb").is_file()
+    from storage.logs import PredictionLogStore, TrafficSettings, days_back
+
+    logs = PredictionLogStore(TrafficSettings())
+    logged = [entry for key in logs.batch_keys(days_back(1)) for entry, _ in logs.read_batch(key)]
+    assert answers[0]["request_id"] in [entry.request_id for entry in logged]  # flushed when the chain stopped
     leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)
     assert leftover.stdout == "", "the chain left its server or sync running"

@@ -38,7 +38,9 @@ def test_batching_and_monitoring_configs_parse() -> None:
 def test_compose_file_is_valid_and_refers_to_files_that_exist() -> None:
     compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"s3", "sync", "serving"} <= set(services)
+    assert {"s3", "sync", "serving", "gateway"} <= set(services)
+    gateway = services["gateway"]["command"]
+    assert gateway[0] == "gateway" and gateway[gateway.index("--upstream") + 1] == "serving:8500"
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         for dependency in service.get("depends_on", []):

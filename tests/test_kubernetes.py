@@ -25,7 +25,7 @@ def by_kind(kind: str) -> list[dict]:
 def test_every_manifest_validates_against_the_pinned_schema() -> None:
     kinds = sorted(doc["kind"] for doc in documents())
     assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
-                            "PodDisruptionBudget", "Secret", "Service", "Service"])
+                            "PodDisruptionBudget", "Secret", "Secret", "Service", "Service"])
     for doc in documents():
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     broken = by_kind("Deployment")[0]
@@ -50,6 +50,24 @@ def test_each_replica_runs_tf_serving_with_the_sync_sidecar_on_a_shared_volume()
     assert "mnist-pipeline" in sync["image"] and "Dockerfile" in (MANIFESTS / "serving.yaml").read_text()
 
 
+def test_clients_reach_the_model_through_the_logging_gateway() -> None:
+    [deployment] = by_kind("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    gateway = next(c for c in pod["containers"] if c["name"] == "gateway")
+    args = gateway["args"]
+    assert args[0] == "gateway" and args[args.index("--upstream") + 1] == "localhost:8500"
+    assert gateway["readinessProbe"]["httpGet"]["path"] == "/v1/models/mnist/ready"
+    ports = {port["name"]: port["containerPort"] for port in gateway["ports"]}
+    assert {s["spec"]["ports"][0]["targetPort"] for s in by_kind("Service")} == {"gateway-grpc"}
+    secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in gateway["env"] if "valueFrom" in e}
+    assert secrets == {"mnist-s3-traffic"} and {s["metadata"]["name"] for s in by_kind("Secret")} >= secrets
+    [policy] = by_kind("NetworkPolicy")
+    client_rule = next(rule for rule in policy["spec"]["ingress"]
+                       if {"podSelector": {"matchLabels": {"mnist-client": "true"}}} in rule["from"])
+    assert {port["port"] for port in client_rule["ports"]} == {ports["gateway-grpc"], ports["gateway-rest"]}
+    assert all(port["port"] != 8500 for rule in policy["spec"]["ingress"] for port in rule["ports"])
+
+
 def test_config_map_carries_the_same_files_as_the_compose_setup() -> None:
     [config] = by_kind("ConfigMap")
     for name in ("batching_parameters.txt", "monitoring.config"):
@@ -69,5 +87,7 @@ def test_scaling_disruption_and_network_policies_select_the_serving_pods() -> No
     assert any(s["spec"].get("clusterIP") == "None" for s in services)  # dns:/// round robin for clients
     [policy] = by_kind("NetworkPolicy")
     assert policy["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
-    allowed = [peer["podSelector"]["matchLabels"] for rule in policy["spec"]["ingress"] for peer in rule["from"]]
-    assert {"mnist-client": "true"} in allowed and all(peer for peer in allowed)  # never an empty (allow-all) peer
+    peers = [peer for rule in policy["spec"]["ingress"] for peer in rule["from"]]
+    allowed = [selector["matchLabels"] for peer in peers for selector in peer.values()]
+    assert {"mnist-client": "true"} in allowed
+    assert len(allowed) == len(peers) and all(allowed)  # never an empty (allow-all) peer
