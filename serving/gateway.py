@@ -159,10 +159,10 @@ class Gateway:
             self.metrics.observe(spec.name, None, spec.version_label, "Predict", "GRPC", error.code().name,
                                  time.perf_counter() - start)
             context.abort(error.code(), error.details() or "")
-        response = predict_pb2.PredictResponse.FromString(answer)
-        self.metrics.observe(spec.name, response.model_spec.version.value, spec.version_label, "Predict", "GRPC",
-                             "OK", time.perf_counter() - start)
-        self.maybe_log(spec.name, Call(request_id, "grpc", request, response))
+        version = predict_pb2.PredictResponse.FromString(answer).model_spec.version.value
+        self.metrics.observe(spec.name, version, spec.version_label, "Predict", "GRPC", "OK",
+                             time.perf_counter() - start)
+        self.maybe_log(spec.name, Call(request_id, "grpc", request, body, answer, version))
         return answer
 
     def maybe_log(self, model_name: str, call: Call) -> None:
@@ -261,9 +261,7 @@ class Gateway:
             return readiness(None, f"{error.code().name}: {error.details()}")
 
     def to_messages(self, call: Call) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
-        """The call as TF Serving's messages: as they came (gRPC), or built from the JSON (REST)."""
-        if call.rest is None:
-            return call.request, call.response
+        """A REST call as TF Serving's messages, built from its JSON."""
         name, version, label = call.rest["spec"]
         resolved, signatures = self.signature_map(name, version, label)
         return rest_messages(call.rest["request"], call.rest["response"], name, version, label, resolved, signatures)

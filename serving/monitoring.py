@@ -25,7 +25,7 @@ import re
 import threading
 from collections import defaultdict
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -79,6 +79,7 @@ class ServingMetrics:
         self.latency = Histogram("mnist_serving_request_latency_seconds", "Request latency by model version.",
                                  ("model", "version", "api", "entrypoint"), buckets=LATENCY_BUCKETS,
                                  registry=self.registry)
+        self.children: dict[tuple[str, ...], tuple[Any, Any]] = {}
 
     def observe(self, model: str, version: int | None, label: str, api: str, entrypoint: str, code: str,
                 seconds: float) -> None:
@@ -88,8 +89,13 @@ class ServingMetrics:
         if code == "OK":
             self.tf_request_latency.labels(model, api, entrypoint).observe(seconds * 1e6)
         shown = "" if version is None else str(version)
-        self.requests.labels(model, shown, label, api, entrypoint, code).inc()
-        self.latency.labels(model, shown, api, entrypoint).observe(seconds)
+        key = (model, shown, label, api, entrypoint, code)
+        children = self.children.get(key)
+        if children is None:  # labels() takes a lock and builds a key each call: once per series instead
+            children = self.children[key] = (self.requests.labels(*key), self.latency.labels(model, shown, api,
+                                                                                              entrypoint))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def page(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

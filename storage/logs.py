@@ -98,8 +98,9 @@ class PredictionLogStore(ObjectStore):
         stamp = datetime.fromisoformat(entries[0].time)
         name = f"{stamp:%H%M%S}-{uuid.uuid4().hex[:12]}"
         folder = stamp.date().isoformat()
-        self.put_new(self.key(folder, f"{name}.tfrecord"), payload, checked=True)
-        index = {"file": {"sha256": hashlib.sha256(payload).hexdigest(), "size": len(payload)},
+        digest = hashlib.sha256(payload).hexdigest()
+        self.put_new(self.key(folder, f"{name}.tfrecord"), payload, digest)
+        index = {"file": {"sha256": digest, "size": len(payload)},
                  "records": [asdict(entry) for entry in entries], "written_at": utc_now()}
         key = self.key(folder, f"{name}.json")
         self.write_manifest(key, index)

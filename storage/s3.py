@@ -222,11 +222,11 @@ class ObjectStore:
             self.call(self.client.delete_object, Bucket=self.bucket, Key=key)
 
     # --- conditional writes -----------------------------------------------
-    def put_new(self, key: str, body: bytes, checked: bool = False) -> bool:
+    def put_new(self, key: str, body: bytes, sha256_hex: str | None = None) -> bool:
         """Create ``key`` only if absent; False if it already exists. Safe to retry:
-        a retried write that finds its own earlier bytes counts as written. ``checked``
-        sends the body's SHA-256, which the server verifies on receipt."""
-        extra = {"ChecksumSHA256": base64.b64encode(hashlib.sha256(body).digest()).decode()} if checked else {}
+        a retried write that finds its own earlier bytes counts as written. With the body's
+        ``sha256_hex``, the server verifies it on receipt."""
+        extra = {"ChecksumSHA256": base64.b64encode(bytes.fromhex(sha256_hex)).decode()} if sha256_hex else {}
         try:
             self.call(self.client.put_object, Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*", **extra)
             return True
