@@ -68,13 +68,14 @@ def run_training(params) -> dict[str, Any]:
     """Run the training flow with a reachable store; raise CliError on a failed run."""
     from flows.training import training_flow
     from storage.embedded import store_environment
+    from tasks.evaluate import REJECTED
 
     if params.publish:
         with store_environment(pipeline_settings().state_dir):
             state = training_flow(params, return_state=True)
     else:
         state = training_flow(params, return_state=True)
-    if not state.is_completed():
+    if not state.is_completed() or state.name == REJECTED:
         raise CliError(f"training run {state.name}: {state.message}")
     return state.result()
 
@@ -129,7 +130,8 @@ def training_params(args: argparse.Namespace):
 
 def command_run(args: argparse.Namespace) -> int:
     """The main job: train, gate, publish, sync, serve, live-check, query; stop all."""
-    from flows.chain import ChainError, run_chain
+    from flows.chain import run_chain
+    from serving.stack import StackError
     from flows.cli_serving import print_predictions
     from mnist_client.client import ServingError
 
@@ -138,7 +140,7 @@ def command_run(args: argparse.Namespace) -> int:
         raise CliError("mnist run serves what it publishes: drop --no-publish (or use mnist train)", exit_code=2)
     try:
         result, answers = run_chain(params, pipeline_settings().state_dir, args.queries)
-    except (ChainError, ServingError) as error:
+    except (StackError, ServingError) as error:
         raise CliError(str(error)) from None
     print_training_result(result)
     print(f"gRPC predictions from the served 'stable' model through the logging gateway "
@@ -146,7 +148,14 @@ def command_run(args: argparse.Namespace) -> int:
     print_predictions(answers, as_json=False)
     correct = sum(answer["digit"] == answer["label"] for answer in answers)
     print(f"{correct}/{len(answers)} correct")
+    print(NEXT_STEPS)
     return 0
+
+
+NEXT_STEPS = """next:
+  make serve     keep it served: model server, sync sidecar, logging gateway (prints the export lines)
+  make prefect   the Prefect UI at http://127.0.0.1:4200; then make deploy (schedules) and make worker (runs them)
+  mnist registry list      what the store holds (mnist registry history: how stable moved)"""
 
 
 def command_storage(args: argparse.Namespace) -> int:
@@ -252,16 +261,25 @@ def registry_action(args: argparse.Namespace, store) -> int:
         events = store.history()
         if args.json:
             print_json(events)
+        elif events:
+            print(f"{'time':<29}  {'event':<9} details (run: the flow run's name as the Prefect UI shows it, and id)")
         for event in [] if args.json else events:
-            details = {k: v for k, v in event.items() if k not in {"time", "event", "metrics"}}
-            accuracy = (event.get("metrics") or {}).get("test_accuracy")
-            shown = " ".join(f"{k}={v}" for k, v in details.items() if v is not None)
-            print(f"{event['time']}  {event['event']:<9} {shown}" + (f" test_accuracy={accuracy:.4f}" if accuracy else ""))
+            print(f"{event['time']:<29}  {event['event']:<9} {history_details(event)}")
     elif action == "gc":
         removed = store.gc(args.keep, args.grace_seconds)
         print(f"removed versions {removed['removed_versions'] or 'none'}, "
               f"leftovers {removed['removed_leftovers'] or 'none'}")
     return 0
+
+
+def history_details(event: dict[str, Any]) -> str:
+    """An event's details for a person: the run by name and short id, the accuracy, the rest as key=value."""
+    run_id, run_name = event.get("flow_run_id"), event.get("flow_run_name")
+    run = f"run={run_name or '-'}({str(run_id)[:8]})" if run_id else ""
+    accuracy = (event.get("metrics") or {}).get("test_accuracy")
+    rest = [f"{key}={value}" for key, value in event.items()
+            if key not in {"time", "event", "metrics", "flow_run_id", "flow_run_name"} and value is not None]
+    return " ".join([*rest, run, f"test_accuracy={accuracy:.4f}" if accuracy else ""]).strip()
 
 
 @contextmanager
@@ -323,8 +341,11 @@ def command_deploy(args: argparse.Namespace) -> int:
         result = deploy(project, project / "prefect.yaml", os.environ.get("MNIST_NOTIFY_BLOCK"))
     except Exception as error:  # noqa: BLE001  the API's own message is the useful one
         raise CliError(f"deploy failed: {error}") from None
+    print(f"deployments: {', '.join(result['deployments'])}")
     print(f"work pools created: {result['created_work_pools'] or 'none (already there)'}")
     print(f"automations: {', '.join(result['automations'])}")
+    print("next: make worker runs them (with make serve running, each training run live-checks what it "
+          "publishes); watch them in the Prefect UI")
     return 0
 
 

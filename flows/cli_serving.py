@@ -128,7 +128,8 @@ def mnist_test_inputs(text: str) -> tuple[list[str], Any, list[int]]:
     start, stop = parse_range(text)
     data_dir = pipeline_settings().data_dir
     if data_dir is None:
-        raise CliError("--mnist-test needs MNIST_DATA_DIR (the folder of the MNIST IDX files)", exit_code=2)
+        raise CliError("--mnist-test needs the MNIST files: set MNIST_DATA_DIR to the folder of the four IDX files "
+                       "(make and mnist find ../shared/datasets/mnist beside the checkout by themselves)", exit_code=2)
     try:
         test, _ = read_split(data_dir, "t10k", MNIST_SHA256)
     except DataError as error:
@@ -208,7 +209,64 @@ def print_predictions(results: list[dict[str, Any]], as_json: bool) -> None:
               f"[v{result['version']}]{request}")
 
 
+def command_up(args: argparse.Namespace) -> int:
+    """The serving stack until Ctrl-C or SIGTERM: addresses and export lines first."""
+    import signal
+    import threading
+
+    from serving.stack import StackError, StackPorts, running_stack, serving_stack
+    from storage.embedded import store_environment
+
+    state_dir = pipeline_settings().state_dir
+    if running_stack(state_dir):
+        raise CliError(f"a serving stack already runs (see {state_dir / 'serving' / 'stack.json'}); "
+                       "stop it first (Ctrl-C in its terminal)")
+    ports = StackPorts(args.port, args.rest_api_port, args.server_port, args.server_rest_port)
+    stop = threading.Event()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda *_: stop.set())
+    try:
+        with store_environment(state_dir) as endpoint, serving_stack(state_dir, ports, args.log_sample_rate) as stack:
+            print_stack(stack, endpoint)
+            stop.wait()
+            print("mnist up: stopping (the gateway writes its queued logs first)", flush=True)
+    except StackError as error:
+        raise CliError(str(error)) from None
+    print("mnist up: stopped", flush=True)
+    return 0
+
+
+def print_stack(stack, endpoint: str | None) -> None:
+    print(f"serving stack up (logs in {stack.logs}):")
+    print(f"  gateway      gRPC {stack.gateway}   REST http://{stack.gateway_rest}   <- clients call this")
+    print(f"  model server gRPC {stack.server}   REST http://{stack.server_rest}   (metrics at "
+          f"/monitoring/prometheus/metrics)")
+    print(f"  sync sidecar from {endpoint} into {stack.model_dir}")
+    print("use it from another shell with:")
+    print(f"  export MNIST_SERVING_ADDRESS={stack.gateway}")
+    for name in ("MNIST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
+        if os.environ.get(name):
+            print(f"  export {name}={os.environ[name]}")
+    print("then: mnist predict --mnist-test 0:5, mnist check --server " + stack.server +
+          ", or train (make worker and mnist train live-check what they publish here). Ctrl-C stops it.",
+          flush=True)
+
+
 def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
+    up = commands.add_parser(
+        "up", help="keep the local serving stack running: model server, sync sidecar, logging gateway",
+        description="The serving stack as production runs it, on the embedded store (or MNIST_S3_ENDPOINT): "
+                    "the model server (gRPC, REST, metrics), the sync sidecar and the logging gateway clients "
+                    "call. Prints the addresses and export lines; Ctrl-C or SIGTERM stops it cleanly. While it "
+                    "runs, make worker and mnist train live-check what they publish against it.")
+    up.add_argument("--port", type=int, default=8500, help="the gateway's gRPC port, where clients call "
+                                                             "(default 8500, as TF Serving's; 0 picks a free one)")
+    up.add_argument("--rest-api-port", type=int, default=8501, help="the gateway's REST port (default 8501)")
+    up.add_argument("--server-port", type=int, default=0, help="the model server's own gRPC port (default: free)")
+    up.add_argument("--server-rest-port", type=int, default=0, help="the model server's REST port (default: free)")
+    up.add_argument("--log-sample-rate", type=float, default=1.0, help="fraction of Predict calls logged (default 1)")
+    up.set_defaults(handler=command_up)
+
     serve = commands.add_parser("serve", help="serve SavedModels over TF Serving's gRPC API",
                                 description="A TF-Serving-compatible gRPC server (PredictionService, ModelService).")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default 8500)")
@@ -256,7 +314,8 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     choice = predict.add_mutually_exclusive_group()
     choice.add_argument("--model-version", type=int, help="ask for this version")
     choice.add_argument("--label", help="ask for the version with this label (stable, canary)")
-    predict.add_argument("--mnist-test", metavar="START:STOP", help="slice of the MNIST test set (needs MNIST_DATA_DIR)")
+    predict.add_argument("--mnist-test", metavar="START:STOP", help="slice of the MNIST test set (MNIST_DATA_DIR, or ../shared/datasets/mnist "
+                                                                   "beside the checkout)")
     predict.add_argument("--show-model", action="store_true", help="print the served version and its lineage")
     predict.add_argument("--json", action="store_true", help="one JSON list: input, digit, confidence, top3")
     predict.add_argument("--timeout", type=float, default=10.0, help="deadline per call in seconds (default 10)")

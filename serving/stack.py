@@ -1,0 +1,132 @@
+"""The local serving stack, as production runs it, in processes of its own: the model server
+(gRPC and REST, metrics on), the sync sidecar feeding it from the store, and the logging gateway
+clients call. ``mnist up`` (``make serve``) keeps it running; ``mnist run`` starts it for one
+run. While it runs, ``<state>/serving/stack.json`` says where it is, so a training run (on the
+CLI or through ``make worker``) live-checks what it publishes against it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from storage.embedded import free_port, process_alive, stop_process
+
+MONITORING_CONFIG = Path(__file__).resolve().parent / "deploy" / "monitoring.config"
+
+
+class StackError(RuntimeError):
+    """A part of the stack did not start."""
+
+
+@dataclass(frozen=True)
+class StackPorts:
+    """Ports on 127.0.0.1; 0 picks a free one."""
+
+    gateway: int = 0
+    gateway_rest: int = 0
+    server: int = 0
+    server_rest: int = 0
+
+
+@dataclass(frozen=True)
+class Stack:
+    gateway: str  # HOST:PORT clients call (gRPC)
+    gateway_rest: str  # TF Serving's REST API through the gateway, feedback, metrics, readiness
+    server: str  # the model server itself (gRPC), for the sync and checks
+    server_rest: str
+    model_dir: str
+    logs: str  # where each process logs
+    pid: int  # the process that keeps the stack
+
+
+def stack_file(state_dir: Path) -> Path:
+    return state_dir / "serving" / "stack.json"
+
+
+def running_stack(state_dir: Path) -> Stack | None:
+    """The stack recorded in ``state_dir``, if the process keeping it still runs."""
+    path = stack_file(state_dir)
+    try:
+        stack = Stack(**json.loads(path.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+    return stack if process_alive(stack.pid) else None
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+@contextmanager
+def background_cli(args: list[str], log_path: Path, ready_text: str | None = None,
+                   timeout: float = 180.0) -> Iterator[subprocess.Popen]:
+    """Run ``mnist ARGS`` in its own process group for the block, logging to ``log_path``;
+    with ``ready_text``, wait until the log shows it. Stopped by its pid whatever happens."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w") as log:
+        process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while ready_text and ready_text not in log_path.read_text():
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise StackError(f"mnist {args[0]} did not start (exit {process.poll()}); see {log_path}")
+            time.sleep(0.2)
+        yield process
+    finally:
+        stop_process(process.pid)
+        process.wait(timeout=30)
+
+
+@contextmanager
+def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate: float = 1.0,
+                  sync_interval: float = 1.0) -> Iterator[Stack]:
+    """Start server, sync and gateway on the store the environment names; yield where they are;
+    stop them (the gateway first, flushing its logs) when the block ends."""
+    from serving.sync import sync_once
+    from storage.models import ModelStore, StoreSettings
+
+    busy = [port for port in asdict(ports).values() if port and not port_free(port)]
+    if busy:
+        raise StackError(f"port {busy[0]} is in use (another server?); give 0 for a free one")
+    chosen = {name: port or free_port() for name, port in asdict(ports).items()}
+    root = (state_dir / "serving").resolve()
+    store = ModelStore(StoreSettings())
+    store.ensure_bucket()
+    model_dir = root / store.settings.model_name
+    sync_once(store, model_dir)  # the server starts on what is already published
+    server = f"127.0.0.1:{chosen['server']}"
+    with ExitStack() as processes:
+        processes.enter_context(background_cli(
+            ["serve", "--port", str(chosen["server"]), "--rest-api-port", str(chosen["server_rest"]),
+             "--model-config-file", str(root / "models.config"), "--monitoring-config-file", str(MONITORING_CONFIG),
+             "--allow-version-labels-for-unavailable-models"],  # restarts on a config with labels, as in production
+            root / "serve.log", ready_text="listening on"))
+        processes.enter_context(background_cli(
+            ["sync", "--model-base-path", str(model_dir), "--watch", "--interval", str(sync_interval),
+             "--server", server], root / "sync.log"))
+        processes.enter_context(background_cli(
+            ["gateway", "--upstream", server, "--upstream-rest", f"127.0.0.1:{chosen['server_rest']}",
+             "--port", str(chosen["gateway"]), "--rest-api-port", str(chosen["gateway_rest"]),
+             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1"],
+            root / "gateway.log", ready_text="listening on"))
+        stack = Stack(f"127.0.0.1:{chosen['gateway']}", f"127.0.0.1:{chosen['gateway_rest']}", server,
+                      f"127.0.0.1:{chosen['server_rest']}", str(model_dir), str(root), os.getpid())
+        stack_file(state_dir).write_text(json.dumps(asdict(stack)))
+        try:
+            yield stack
+        finally:
+            stack_file(state_dir).unlink(missing_ok=True)

@@ -1,0 +1,58 @@
+"""``mnist up`` (make serve): the serving stack comes up on the store, serves what gets published
+through the gateway, says where it is, and stops on SIGTERM leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from mnist_client.client import Target, predict, wait_until_available
+from tasks.data import load_test_set
+from tasks.publish import publish_model
+from tests.conftest import REPO
+
+
+def test_make_serve_comes_up_serves_what_is_published_and_stops_clean(store, saved_model_dir: Path, tmp_path: Path,
+                                                                      prepared_path: Path) -> None:
+    state = tmp_path / "state"
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--port", "0", "--rest-api-port", "0"],
+                               cwd=REPO, env={**os.environ, "MNIST_STATE_DIR": str(state)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        while not any("export MNIST_SERVING_ADDRESS=" in line for line in lines):
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        gateway = next(line for line in lines if "export MNIST_SERVING_ADDRESS=" in line).split("=", 1)[1].strip()
+        rest = next(line for line in lines if "gateway " in line).split("REST ")[1].split()[0]
+        assert httpx.get(f"{rest}/v1/models/mnist/ready").status_code == 503  # nothing published yet
+        publish_model(store, saved_model_dir, {"test_accuracy": 0.5, "test_loss": 1.0,
+                                               "per_class_accuracy": [0.5] * 10}, {}, "stable")
+        assert wait_until_available(Target(gateway), [1], 120) == {1: "AVAILABLE"}
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{rest}/v1/models/mnist/labels/stable/ready").status_code != 200:
+            assert time.monotonic() < deadline, "stable never became ready"
+            time.sleep(0.5)
+        images, labels = load_test_set(prepared_path)
+        answers = predict(images[:20], address=gateway, label="stable")
+        assert np.mean([a["digit"] for a in answers] == labels[:20]) > 0.5 and answers[0]["request_id"]
+        assert (state / "serving" / "stack.json").is_file()
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
+    assert process.returncode == 0, "".join(lines) + output
+    assert "mnist up: stopped" in output and not (state / "serving" / "stack.json").exists()
+    leftover = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True)
+    assert leftover.stdout == "", "mnist up left a process running"
