@@ -92,7 +92,8 @@ def command_drift(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from flows.cli import pipeline_settings, validation_message
-    from flows.drift import DriftParams, drift_flow
+    from flows.drift import drift_flow
+    from flows.params import DriftParams
     from storage.embedded import store_environment
 
     values = {name: getattr(args, name) for name in DriftParams.model_fields if getattr(args, name) is not None}
@@ -181,7 +182,7 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
         description="Run the mnist-drift flow once: the last window of logged requests against the reference "
                     "statistics published with the version that answered them (scipy.stats two-sample tests).")
     from flows.cli import add_model_flags
-    from flows.drift import DriftParams
+    from flows.params import DriftParams
 
     add_model_flags(drift, DriftParams)
     drift.add_argument("--json", action="store_true")

@@ -28,7 +28,9 @@ from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
 TRAINING_FLOW = "mnist-training"
-FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut"}
+# a gate rejection ends a run in the state named Rejected (type COMPLETED): an outcome, not a crash
+FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut",
+                 "prefect.flow-run.Rejected"}
 
 
 @cache
@@ -71,14 +73,19 @@ def keep_paused(config: dict[str, Any], project_dir: Path) -> dict[str, Any]:
     return patched
 
 
-def run_prefect_deploy(config: dict[str, Any], project_dir: Path) -> None:
+def run_prefect_deploy(config: dict[str, Any], project_dir: Path) -> list[str]:
+    """``prefect deploy --all``; its output is kept for a failure, not echoed: its closing hint
+    (``prefect worker start``) is not how this project runs workers (``make worker``)."""
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", dir=project_dir, prefix=".deploy-", delete=False) as handle:
         yaml.safe_dump(config, handle, sort_keys=False)
     try:
-        subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
-                        "--prefect-file", handle.name], cwd=project_dir, check=True)
+        result = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all",
+                                 "--prefect-file", handle.name], cwd=project_dir, capture_output=True, text=True)
     finally:
         os.unlink(handle.name)
+    if result.returncode != 0:
+        raise RuntimeError(f"prefect deploy exited {result.returncode}: {(result.stdout + result.stderr)[-2000:]}")
+    return [f"{flow_name(d['entrypoint'], project_dir)}/{d['name']}" for d in config["deployments"]]
 
 
 def notification_action(block: str | None):
@@ -130,7 +137,7 @@ def automations(training_deployment_id: str, notify_block: str | None) -> list[A
         retrain_on_drift(training_deployment_id),
         Automation(
             name="mnist: training run failed",
-            description="A run of the training flow failed, crashed or timed out (a gate rejection included).",
+            description="A run of the training flow failed, crashed, timed out or was rejected by the gate.",
             trigger=EventTrigger(expect=FAILED_EVENTS, posture=Posture.Reactive, threshold=1,
                                  match_related={"prefect.resource.role": "flow",
                                                 "prefect.resource.name": TRAINING_FLOW}),
@@ -172,5 +179,6 @@ def ensure_automations(config: dict[str, Any], project_dir: Path, notify_block: 
 def deploy(project_dir: Path, prefect_file: Path, notify_block: str | None = None) -> dict[str, list[str]]:
     config = yaml.safe_load(prefect_file.read_text())
     pools = ensure_work_pools(config)
-    run_prefect_deploy(keep_paused(config, project_dir), project_dir)
-    return {"created_work_pools": pools, "automations": ensure_automations(config, project_dir, notify_block)}
+    deployments = run_prefect_deploy(keep_paused(config, project_dir), project_dir)
+    return {"deployments": deployments, "created_work_pools": pools,
+            "automations": ensure_automations(config, project_dir, notify_block)}

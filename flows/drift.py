@@ -14,22 +14,8 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.states import Completed, State
-from pydantic import BaseModel, ConfigDict, Field
-
+from flows.params import DriftParams
 from flows.settings import PipelineSettings
-
-
-class DriftParams(BaseModel):
-    """The window of served traffic to look at, and what counts as drift."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    window_hours: float = Field(24.0, gt=0, le=24 * 31, description="how far back logged requests are read")
-    min_requests: int = Field(200, ge=10, le=10_000_000,
-                              description="logged images a version needs for a verdict (fewer: not enough data)")
-    alpha: float = Field(0.01, gt=0, lt=1, description="significance level of each two-sample test")
-    min_effect: float = Field(0.1, gt=0, le=1,
-                              description="KS statistic or class-share distance that counts as drift")
 
 
 @task(name="collect-traffic", timeout_seconds=1800)

@@ -67,3 +67,16 @@ class TrainingParams(BaseModel):
         merged = base.model_dump() | overrides
         merged["model"] = base.model.model_dump() | model_overrides
         return TrainConfig.model_validate(merged)
+
+
+class DriftParams(BaseModel):
+    """The window of served traffic to look at, and what counts as drift."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    window_hours: float = Field(24.0, gt=0, le=24 * 31, description="how far back logged requests are read")
+    min_requests: int = Field(200, ge=10, le=10_000_000,
+                              description="logged images a version needs for a verdict (fewer: not enough data)")
+    alpha: float = Field(0.01, gt=0, lt=1, description="significance level of each two-sample test")
+    min_effect: float = Field(0.1, gt=0, le=1,
+                              description="KS statistic or class-share distance that counts as drift")

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
+
+
+def beside_checkout() -> Path | None:
+    """``../shared/datasets/mnist`` next to this checkout, when it holds MNIST (what make uses)."""
+    return SHARED_MNIST if (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file() else None
 
 
 class PipelineSettings(BaseSettings):
@@ -13,9 +21,25 @@ class PipelineSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
 
-    data_dir: Path | None = None  # unset: Keras downloads MNIST (needs internet)
+    # unset: the MNIST files beside the checkout, as the Makefile finds them; else Keras downloads
+    # MNIST (needs internet)
+    data_dir: Path | None = Field(default_factory=lambda: beside_checkout())
     output_dir: Path = Path("outputs")
     cache_dir: Path = Path.home() / ".cache" / "mnist-pipeline"
     state_dir: Path = Path(".state")  # embedded S3 store's data, credentials and pid
     serving_address: str | None = None  # HOST:PORT of TF Serving: enables the live check after publish
     live_check_timeout: float = 120.0  # seconds to wait for the new version to become AVAILABLE
+
+
+def live_check_address(settings: PipelineSettings) -> tuple[str | None, str]:
+    """Where a run live-checks what it publishes, and why there: MNIST_SERVING_ADDRESS, else the
+    gateway of a running ``mnist up`` stack (``make serve``); else None and the reason to say."""
+    from serving.stack import running_stack
+
+    if settings.serving_address:
+        return settings.serving_address, "MNIST_SERVING_ADDRESS"
+    stack = running_stack(settings.state_dir)
+    if stack:
+        return stack.gateway, f"the serving stack of {settings.state_dir} (mnist up)"
+    return None, ("live check skipped: no server to check (MNIST_SERVING_ADDRESS is not set and no mnist up / "
+                  "make serve stack runs), so the published version is not known to serve")

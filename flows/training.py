@@ -11,13 +11,13 @@ from prefect.states import Completed, Failed, State
 
 from flows.ingest import feedback_batch
 from flows.params import TrainingParams
-from flows.settings import PipelineSettings
+from flows.settings import PipelineSettings, live_check_address
 from storage.models import StoreSettings
 from tasks.data import prepare_data
-from tasks.evaluate import accuracy_gate, champion_checks, evaluate, evaluate_stable, gate, slice_checks
+from tasks.evaluate import REJECTED, accuracy_gate, champion_checks, evaluate, evaluate_stable, gate, slice_checks
 from tasks.export import export
 from tasks.publish import check_for_changes, live_check, publish, record_rejection
-from tasks.report import report, verdict_line
+from tasks.report import outcome_tags, report, tag_run, verdict_line
 from tasks.train import code_version, library_versions, train
 
 
@@ -44,12 +44,14 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
                         config.train_limit, params.dataset_version, params.new_data_weight,
                         use_store=params.publish or params.dataset_version is not None)
-    lineage = {"flow_run_id": str(flow_run.id), "data_fingerprint": data["data_fingerprint"],
+    lineage = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name,
+               "data_fingerprint": data["data_fingerprint"],
                "dataset": data["dataset"], "code_version": code_version(), "library_versions": library_versions(),
                "preset": params.preset, "config": config.model_dump(), "new_data_weight": params.new_data_weight}
     if params.publish and not params.force:
         skip = check_for_changes(lineage, params.min_new_examples)
         if skip is not None:
+            tag_run(["skipped"])
             return Completed(message=skip, data={"skipped": skip, "run_dir": str(run_dir)})
     trained = train(data["prepared_path"], config, str(run_dir))
     metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir))
@@ -57,23 +59,32 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     sliced, slice_notes = slice_checks(metrics, stable, params.slice_threshold, params.slice_margin,
                                        params.min_slice_size)
     verdict = gate([accuracy_gate(metrics, params.threshold),
-                    *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced])
+                    *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced],
+                   return_state=True).result()
     outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage,
                "slice_notes": slice_notes}
     if not verdict["passed"]:
         if params.publish:
             record_rejection(verdict["summary"], metrics, lineage)
         report(str(run_dir), data["prepared_path"], metrics, outcome)
-        return Failed(message=verdict["summary"])  # nothing is exported or published
+        tag_run(outcome_tags(None, True, metrics["test_accuracy"]))
+        # nothing is exported or published; an expected outcome, so no traceback in the run's log
+        return Completed(name=REJECTED, message=verdict["summary"].removeprefix("rejected: "))
 
     exported = export(trained["model_path"], data["prepared_path"], str(output_dir), StoreSettings().model_name)
     published = publish(exported["path"], metrics, lineage, params.publish_label) if params.publish else None
-    check = (live_check(published, exported["path"], data["prepared_path"], settings.serving_address,
-                        settings.live_check_timeout, lineage["flow_run_id"])
-             if published and settings.serving_address else None)
+    address, why = live_check_address(settings)
+    if published and address:
+        check = live_check(published, exported["path"], data["prepared_path"], address,
+                           settings.live_check_timeout, lineage["flow_run_id"])
+    else:
+        check = {"passed": None, "summary": why} if published else None
+        if check:
+            print(why)  # in the run's log as in its report
     outcome |= {"published": published, "live_check": check, "verdict": verdict_line(published, check)}
     outputs = report(str(run_dir), data["prepared_path"], metrics, outcome)
-    if check and not check["passed"]:
+    tag_run(outcome_tags(published, False, metrics["test_accuracy"], check))
+    if check and check["passed"] is False:
         return Failed(message=check["summary"])
     return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir), "gate": verdict["checks"],
             "slices": {source: scores["accuracy"] for source, scores in metrics["slices"].items()},

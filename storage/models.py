@@ -138,13 +138,6 @@ class ModelStore(ObjectStore):
     def uri(self, version: int | None = None) -> str:
         return super().uri() if version is None else super().uri(version)
 
-    def http_url(self, version: int) -> str:
-        """A browser link to the version's manifest (path-style on custom endpoints)."""
-        key = self.key(version, MANIFEST)
-        if self.settings.s3_endpoint:
-            return f"{self.settings.s3_endpoint.rstrip('/')}/{self.bucket}/{key}"
-        return f"https://{self.bucket}.s3.amazonaws.com/{key}"
-
     # --- versions ---------------------------------------------------------
     def stored_version_dirs(self) -> dict[int, list[dict[str, Any]]]:
         """Objects under each integer version directory, complete or not."""

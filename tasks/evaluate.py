@@ -119,6 +119,7 @@ import json  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from prefect import get_run_logger, task  # noqa: E402
+from prefect.states import Completed, State  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
 
 
@@ -169,19 +170,23 @@ def evaluate_stable(prepared_path: str) -> dict | None:
     return {"version": version, **{k: metrics[k] for k in ("test_accuracy", "per_class_accuracy", "slices")}}
 
 
+REJECTED = "Rejected"  # the state name of a gate task and a training run whose candidate was rejected
+
+
 @task(name="gate")
-def gate(checks: list[GateCheck]) -> dict[str, object]:
+def gate(checks: list[GateCheck]) -> dict[str, object] | State:
     """Judge the candidate; the verdict goes to the log and a markdown artifact.
 
-    A rejection is an expected outcome, so it comes back as a verdict (the flow
-    then ends Failed with its one-line reason) rather than as a traceback.
+    A rejection is an expected outcome, not a crash: the task ends in a ``Rejected`` state
+    (of type COMPLETED) holding the verdict, and logs a warning, so its state and its log say
+    the same; the flow then ends ``Rejected`` with the one-line reason, without a traceback.
     """
     logger = get_run_logger()
     try:
         summary, passed = enforce_gate(checks), True
     except GateFailed as rejection:
         summary, passed = f"rejected: {rejection}", False
-    (logger.info if passed else logger.error)("gate %s", summary)
+    (logger.info if passed else logger.warning)("gate %s", summary)
     table = "\n".join(f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'pass' if c.passed else 'FAIL'} |"
                       for c in checks)
     create_table_artifact([{"check": c.name, "value": round(c.value, 5), "limit": round(c.limit, 5),
@@ -191,4 +196,5 @@ def gate(checks: list[GateCheck]) -> dict[str, object]:
         f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary}\n\n"
         f"| check | value | limit | verdict |\n|---|---|---|---|\n{table}\n",
         key="mnist-gate", description="Gate verdict")
-    return {"passed": passed, "summary": summary, "checks": [c.describe() for c in checks]}
+    verdict = {"passed": passed, "summary": summary, "checks": [c.describe() for c in checks]}
+    return verdict if passed else Completed(name=REJECTED, message=summary.removeprefix("rejected: "), data=verdict)

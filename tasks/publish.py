@@ -26,17 +26,36 @@ def manifest_metadata(metrics: dict[str, Any], lineage: dict[str, Any]) -> dict[
     return {"metrics": metric_summary(metrics), **lineage}
 
 
+def run_of(lineage: dict[str, Any]) -> dict[str, Any]:
+    """The flow run behind an event, by id and by the name the Prefect UI shows."""
+    return {key: lineage.get(key) for key in ("flow_run_id", "flow_run_name")}
+
+
+def current_run() -> dict[str, Any]:
+    from prefect.runtime import flow_run
+
+    return {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+
+
 def publish_model(store: ModelStore, saved_model: Path, metrics: dict[str, Any], lineage: dict[str, Any],
                   label: str) -> dict[str, Any]:
     from storage.signing import SigningSettings
 
     manifest = store.publish(saved_model, manifest_metadata(metrics, lineage), SigningSettings().signing_key)
-    event = {"version": manifest["version"], "flow_run_id": lineage.get("flow_run_id"),
-             "metrics": manifest["metrics"]}
-    store.record({"event": "published", **event})
-    store.set_label(label, manifest["version"], {"flow_run_id": lineage.get("flow_run_id")})
+    store.record({"event": "published", "version": manifest["version"], **run_of(lineage),
+                  "metrics": manifest["metrics"]})
+    store.set_label(label, manifest["version"], run_of(lineage))
     return {"version": manifest["version"], "uri": manifest["uri"], "label": label,
-            "link": store.http_url(manifest["version"])}
+            "show": f"mnist registry show {manifest['version']}"}
+
+
+def ui_link(path: str) -> str | None:
+    """A page of the Prefect UI (None when the API has no UI address): links in artifacts point
+    there, never at the bucket, whose objects answer 403 when private and nothing when stopped."""
+    from prefect.settings import PREFECT_UI_URL
+
+    base = PREFECT_UI_URL.value()
+    return f"{base.rstrip('/')}/{path.lstrip('/')}" if base else None
 
 
 def model_resource(store: ModelStore, version: int | None = None) -> dict[str, str]:
@@ -46,15 +65,26 @@ def model_resource(store: ModelStore, version: int | None = None) -> dict[str, s
     return resource | ({"mnist.version": str(version)} if version is not None else {})
 
 
-def update_registry_overview(store: ModelStore) -> None:
-    """Rewrite the ``mnist-registry`` artifact: which version serves, how good, since when, how it moved."""
+LABELS_VARIABLE = "mnist_labels"  # the Prefect Variable that names the version each label points to
+
+
+def update_registry_overview(store: ModelStore) -> str | None:
+    """Rewrite the ``mnist-registry`` artifact (which version serves, how good, since when, how it
+    moved) and the ``mnist_labels`` Variable (label -> version), both visible in the Prefect UI.
+    Returns the UI page of the overview just written (None without a UI address)."""
     import tempfile
+
+    from prefect.variables import Variable
 
     from tasks.report import registry_markdown
 
     with tempfile.TemporaryDirectory() as scratch:
         text = registry_markdown(store.overview(), store.history(), Path(scratch))
-    create_markdown_artifact(text, key="mnist-registry", description=f"Model registry overview: {store.uri()}")
+    artifact = create_markdown_artifact(text, key="mnist-registry",
+                                        description=f"Model registry overview: {store.uri()}")
+    Variable.set(LABELS_VARIABLE, {label: version for label, version in sorted(store.labels().items())},
+                 tags=["mnist", "registry"], overwrite=True)
+    return ui_link(f"artifacts/artifact/{artifact}")
 
 
 # What a retrain must differ in from stable's lineage to be worth its cost.
@@ -93,10 +123,14 @@ def check_for_changes(lineage: dict[str, Any], min_new_examples: int = 0) -> str
 def publish(saved_model: str, metrics: dict[str, Any], lineage: dict[str, Any], label: str) -> dict[str, Any]:
     store = ModelStore(StoreSettings())
     published = publish_model(store, Path(saved_model), metrics, lineage, label)
-    update_registry_overview(store)
+    published["overview"] = update_registry_overview(store)
     get_run_logger().info("published %s as version %d, labelled %s", published["uri"], published["version"], label)
-    create_link_artifact(key="mnist-published-version", link=published["link"],
-                         link_text=f"{published['uri']} ({label})", description="Published model version")
+    text = f"version {published['version']} ({label}), {published['uri']}: read it with {published['show']}"
+    if published["overview"]:
+        create_link_artifact(key="mnist-published-version", link=published["overview"], link_text=text,
+                             description="Published model version, in the registry overview")
+    else:
+        create_markdown_artifact(text, key="mnist-published-version", description="Published model version")
     emit_event("mnist.model.published", resource=model_resource(store, published["version"]),
                payload={**published, "metrics": metric_summary(metrics)})
     return published
@@ -107,8 +141,7 @@ def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, An
     """Rejections go into the registry history too: it answers what was tried, not only what shipped."""
     store = ModelStore(StoreSettings())
     summary = metric_summary(metrics)
-    store.record({"event": "rejected", "reason": reason, "flow_run_id": lineage.get("flow_run_id"),
-                  "metrics": summary})
+    store.record({"event": "rejected", "reason": reason, **run_of(lineage), "metrics": summary})
     emit_event("mnist.model.rejected", resource=model_resource(store), payload={"reason": reason, "metrics": summary})
     update_registry_overview(store)
 
@@ -116,7 +149,7 @@ def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, An
 @task(name="rollback")
 def rollback_label(label: str, flow_run_id: str | None) -> dict[str, int]:
     store = ModelStore(StoreSettings())
-    previous, current = store.rollback(label, {"flow_run_id": flow_run_id})
+    previous, current = store.rollback(label, {**current_run(), "flow_run_id": flow_run_id})
     update_registry_overview(store)
     get_run_logger().info("%s moved back from version %d to version %d", label, previous, current)
     return {"from": previous, "to": current}
@@ -155,7 +188,7 @@ def live_check_version(address: str, model_name: str, version: int, saved_model:
 
 def undo_publish(store: ModelStore, label: str, flow_run_id: str | None, reason: str) -> None:
     """Move ``stable`` back (or drop the ``canary`` label) after a failed live check."""
-    event = {"flow_run_id": flow_run_id, "reason": reason}
+    event = {**current_run(), "flow_run_id": flow_run_id, "reason": reason}
     if label == "stable":
         store.rollback("stable", event)
     else:

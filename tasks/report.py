@@ -144,7 +144,7 @@ def metrics_table(metrics: dict) -> list[dict[str, object]]:
 
 def verdict_line(published: dict | None, live_check: dict | None) -> str:
     """One line for a run that passed the gate: what happened after it."""
-    if live_check and not live_check["passed"]:
+    if live_check and live_check["passed"] is False:
         return live_check["summary"]
     if published:
         return f"passed the gate; published version {published['version']} as {published['label']}"
@@ -212,8 +212,10 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
         *slice_lines(metrics, outcome.get("stable")),
         "## Publication",
         "",
-        (f"Published **version {published['version']}** as `{published['label']}`: [{published['uri']}]"
-         f"({published['link']})" if published else "Not published."),
+        (f"Published **version {published['version']}** as `{published['label']}`: `{published['uri']}` "
+         f"(its manifest: `{published['show']}`; every version: "
+         + (f"[the registry overview]({published['overview']})" if published.get("overview")
+            else "the `mnist-registry` artifact") + ")" if published else "Not published."),
     ]
     if live:
         lines += ["", f"Live check: {live['summary']}"]
@@ -266,3 +268,24 @@ def report(run_dir: str, prepared_path: str, metrics: dict, outcome: dict) -> di
     create_table_artifact(metrics_table(metrics), key="mnist-metrics", description="Test-set metrics")
     create_markdown_artifact(text, key="mnist-report", description="Training run report")
     return {name: str(path) for name, path in plots.items()} | {"report": str(run / "report.md")}
+
+
+def outcome_tags(published: dict | None, rejected: bool, test_accuracy: float | None,
+                 live_check: dict | None = None) -> list[str]:
+    """What a training run's row in the Prefect runs list says at a glance."""
+    tags = ["rejected"] if rejected else [f"published:v{published['version']}"] if published else ["exported"]
+    if live_check and live_check["passed"] is False:
+        tags.append("live-check-failed")
+    return tags + ([f"accuracy:{test_accuracy:.4f}"] if test_accuracy is not None else [])
+
+
+@task(name="tag-run")
+def tag_run(tags: list[str]) -> list[str]:
+    """Add the outcome to the flow run's tags, so the runs list shows it without opening the run."""
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    with get_client(sync_client=True) as client:
+        current = client.read_flow_run(flow_run.id).tags
+        client.update_flow_run(flow_run.id, tags=[*current, *(tag for tag in tags if tag not in current)])
+    return tags

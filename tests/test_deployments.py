@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -141,10 +142,15 @@ def test_redeploy_neither_duplicates_runs_nor_resumes_a_paused_schedule(deployed
     api(deployed, "PATCH", f"/deployments/{training['id']}/schedules/{schedule_id}", json={"active": True})
 
 
+REJECTED_PARAMS = {"params": {**FAST_PARAMS["params"], "threshold": 0.9999}}
+SKIPPED_PARAMS = {"params": {**FAST_PARAMS["params"], "force": False}}  # the data, code and recipe of stable
+
+
 @pytest.fixture(scope="module")
 def worker_runs(deployed: dict[str, Any], s3_server, mnist_dir: Path, cache_dir: Path,
                 tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """Two runs triggered at once through the deployment, executed by a real process worker."""
+    """With make serve's stack up, four runs triggered at once through the deployment and executed
+    one after another by a real process worker: two publish, one is rejected, one is skipped."""
     from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
 
     work = tmp_path_factory.mktemp("worker")
@@ -152,51 +158,119 @@ def worker_runs(deployed: dict[str, Any], s3_server, mnist_dir: Path, cache_dir:
                  "AWS_ACCESS_KEY_ID": S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": S3_SECRET_KEY, "AWS_REGION": "us-east-1"}
     env = client_env(deployed, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
                      MNIST_OUTPUT_DIR=str(work / "outputs"), MNIST_STATE_DIR=str(work / "state"), **store_env)
+    with (work / "stack.log").open("w") as log:
+        stack = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--port", "0", "--rest-api-port", "0"],
+                                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     with (work / "worker.log").open("w") as log:
         worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker"], cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        deadline = time.monotonic() + 120
+        while "export MNIST_SERVING_ADDRESS=" not in (work / "stack.log").read_text():
+            assert stack.poll() is None and time.monotonic() < deadline, (work / "stack.log").read_text()
+            time.sleep(0.5)
         training = deployment(deployed)
-        runs = [api(deployed, "POST", f"/deployments/{training['id']}/create_flow_run", json={"parameters": FAST_PARAMS})
-                for _ in range(2)]
-        deadline = time.monotonic() + 480
-        while time.monotonic() < deadline:
-            runs = [api(deployed, "GET", f"/flow_runs/{run['id']}") for run in runs]
-            if all(run["state_type"] in TERMINAL for run in runs):
-                break
-            time.sleep(2)
+        # three at once (their order is the queue's), then the one that finds nothing new since stable
+        runs = finished(deployed, [api(deployed, "POST", f"/deployments/{training['id']}/create_flow_run",
+                                       json={"parameters": params})
+                                   for params in (FAST_PARAMS, FAST_PARAMS, REJECTED_PARAMS)])
+        runs += finished(deployed, [api(deployed, "POST", f"/deployments/{training['id']}/create_flow_run",
+                                        json={"parameters": SKIPPED_PARAMS})])
     finally:
-        stop_process(worker.pid)
-        worker.wait(timeout=30)
-    return {"runs": runs, "store_env": store_env, "log": work / "worker.log"}
+        for process in (worker, stack):
+            stop_process(process.pid)
+            process.wait(timeout=60)
+    return {"runs": runs, "store_env": store_env, "log": work / "worker.log", "stack_log": work / "stack.log"}
 
 
-def test_runs_through_the_worker_complete_and_publish(worker_runs: dict[str, Any],
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    runs = worker_runs["runs"]
-    assert [run["state_type"] for run in runs] == ["COMPLETED", "COMPLETED"], worker_runs["log"].read_text()[-3000:]
+def finished(server: dict[str, Any], runs: list[dict[str, Any]], timeout: float = 480) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = [api(server, "GET", f"/flow_runs/{run['id']}") for run in runs]
+        if all(run["state_type"] in TERMINAL for run in runs):
+            break
+        time.sleep(2)
+    return runs
+
+
+def run_logs(server: dict[str, Any], run_id: str) -> list[str]:
+    return [log["message"] for log in api(server, "POST", "/logs/filter", json={
+        "logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200})]
+
+
+def test_runs_through_the_worker_publish_and_live_check_on_the_stack(worker_runs: dict[str, Any],
+                                                                     deployed: dict[str, Any],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    published = worker_runs["runs"][:2]
+    assert [run["state_type"] for run in published] == ["COMPLETED", "COMPLETED"], \
+        worker_runs["log"].read_text()[-3000:]
     for name, value in worker_runs["store_env"].items():
         monkeypatch.setenv(name, value)
     from storage.models import StoreSettings
 
     store = ModelStore(StoreSettings())
     assert store.complete_versions() == [1, 2]
-    published_by = {store.manifest(v)["flow_run_id"] for v in (1, 2)}
-    assert published_by == {run["id"] for run in runs}
+    assert {store.manifest(v)["flow_run_id"] for v in (1, 2)} == {run["id"] for run in published}
+    for run in published:  # make worker found make serve's stack: each run checked what it published
+        assert any("live check passed" in message for message in run_logs(deployed, run["id"])), run["name"]
+    assert api(deployed, "GET", "/variables/name/mnist_labels")["value"] == {"stable": 2}
 
 
-def test_two_triggered_runs_never_overlap(worker_runs: dict[str, Any]) -> None:
-    first, second = sorted(worker_runs["runs"], key=lambda run: run["start_time"])
-    assert first["end_time"] <= second["start_time"], (first["end_time"], second["start_time"])
+def test_a_rejection_ends_rejected_in_one_line_without_a_traceback(worker_runs: dict[str, Any],
+                                                                    deployed: dict[str, Any]) -> None:
+    rejected = worker_runs["runs"][2]
+    assert rejected["state_name"] == "Rejected", rejected["state"]
+    message = rejected["state"]["message"]
+    assert message.startswith("accuracy gate") and "0.9999" in message and "\n" not in message
+    logs = run_logs(deployed, rejected["id"])
+    assert logs and not [line for line in logs if "Traceback" in line or "Engine execution exited" in line]
+    tasks = api(deployed, "POST", "/task_runs/filter", json={"task_runs": {"name": {"like_": "gate"}},
+                                                             "flow_runs": {"id": {"any_": [rejected["id"]]}}})
+    assert [task["state_name"] for task in tasks] == ["Rejected"]  # the gate task says what its log says
+    failed_automation = next(a for a in api(deployed, "POST", "/automations/filter", json={})
+                             if a["name"] == "mnist: training run failed")
+    assert "prefect.flow-run.Rejected" in failed_automation["trigger"]["expect"]
+
+
+def test_runs_say_their_outcome_in_tags(worker_runs: dict[str, Any]) -> None:
+    first, second, rejected, skipped = worker_runs["runs"]
+    assert "published:v1" in first["tags"] and "published:v2" in second["tags"]
+    assert any(tag.startswith("accuracy:0.") for tag in first["tags"])
+    assert "rejected" in rejected["tags"] and "skipped" in skipped["tags"]
+    assert skipped["state_name"] == "Completed" and skipped["state"]["message"].startswith("skipped: nothing changed")
+
+
+def test_triggered_runs_never_overlap(worker_runs: dict[str, Any]) -> None:
+    ordered = sorted(worker_runs["runs"], key=lambda run: run["start_time"])
+    for first, second in zip(ordered, ordered[1:]):
+        assert first["end_time"] <= second["start_time"], (first["end_time"], second["start_time"])
 
 
 @pytest.mark.browser
 def test_run_page_shows_the_report_and_plots(worker_runs: dict[str, Any], deployed: dict[str, Any]) -> None:
-    from tests.ui_screenshot import screenshot_report
+    from tests.ui_screenshot import open_links, screenshot_report
 
-    run = worker_runs["runs"][-1]
+    run = worker_runs["runs"][1]
     shot = REPO / "outputs" / "screenshots" / "flow-run-report.png"
     seen = screenshot_report(deployed["ui"], run["id"], shot)
     assert shot.stat().st_size > 20_000
     assert "MNIST training run" in seen["text"] and "Publication" in seen["text"]
     assert seen["plots_loaded"] == 3, seen
+    # every link in the report opens something while the stack runs: here, the registry overview
+    [report] = api(deployed, "POST", "/artifacts/filter", json={"artifacts": {"key": {"any_": ["mnist-report"]},
+                                                                              "flow_run_id": {"any_": [run["id"]]}}})
+    links = re.findall(r"\]\((http[^)\s]+)\)", report["data"])
+    assert links and all(link.startswith(deployed["ui"]) for link in links), links
+    opened = open_links(links, "Model registry")
+    assert all("Serving: stable -> version 2" in text for text in opened.values()), opened
+
+
+@pytest.mark.browser
+def test_the_runs_list_shows_each_outcome_at_a_glance(worker_runs: dict[str, Any], deployed: dict[str, Any]) -> None:
+    from tests.ui_screenshot import screenshot_runs_list
+
+    shot = REPO / "outputs" / "screenshots" / "runs-list.png"
+    text = screenshot_runs_list(deployed["ui"], [run["name"] for run in worker_runs["runs"]], shot)
+    assert shot.stat().st_size > 20_000
+    for shown in ("published:v1", "published:v2", "rejected", "skipped", "Rejected"):
+        assert shown in text, (shown, text[:3000])

@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.drift import DriftParams, drift_flow
+from flows.drift import drift_flow
+from flows.params import DriftParams
 from mnist_client.client import Target, predict_call
 from tasks.data import load_test_set
 from tasks.drift import REFERENCE_FILE, DriftThresholds, compare, reference_statistics

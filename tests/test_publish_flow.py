@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.sorting import ArtifactSort
 
 from flows.params import TrainingParams
-from storage.models import MANIFEST, ModelStore
+from storage.models import ModelStore
 from tasks.evaluate import champion_checks
 from tests.conftest import S3_SECRET_KEY
 
@@ -50,9 +50,10 @@ def test_flow_publishes_then_labels_canary_without_leaking_credentials(prefect_a
 
     first = training_flow(TrainingParams(**SMOKE), return_state=True)
     assert first.is_completed(), first.message
-    assert first.result()["published"] == {"version": 1, "uri": store.uri(1), "label": "stable",
-                                           "link": store.http_url(1)}
-    assert store.http_url(1).startswith(store.settings.s3_endpoint) and store.http_url(1).endswith(MANIFEST)
+    published = first.result()["published"]
+    assert {key: published[key] for key in ("version", "uri", "label", "show")} == {
+        "version": 1, "uri": store.uri(1), "label": "stable", "show": "mnist registry show 1"}
+    assert published["overview"] is None or "/artifacts/artifact/" in published["overview"]
     second = training_flow(TrainingParams(**SMOKE, publish_label="canary", force=True), return_state=True)
     assert second.is_completed(), second.message
     assert any("not worse than stable v1" in check for check in second.result()["gate"])
@@ -74,7 +75,7 @@ def test_worse_challenger_is_rejected_and_recorded(prefect_api, pipeline_env: Pa
     stable_metrics = {"test_accuracy": 0.97, "test_loss": 0.1, "per_class_accuracy": [0.97] * 10}
     publish_model(store, saved_model_dir, stable_metrics, {"flow_run_id": "seeded"}, "stable")
     state = training_flow(TrainingParams(**SMOKE), return_state=True)
-    assert state.is_failed()
+    assert state.name == "Rejected"
     assert "not worse than stable v1" in state.message and "failed" in state.message
     assert store.complete_versions() == [1] and store.labels() == {"stable": 1}
     rejected = [event for event in store.history() if event["event"] == "rejected"]

@@ -40,7 +40,7 @@ def screenshot_report(ui: str, flow_run_id: str, path: Path, timeout_ms: int = 6
 
     path.parent.mkdir(parents=True, exist_ok=True)
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        browser = launched(playwright)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(timeout_ms)
@@ -57,5 +57,48 @@ def screenshot_report(ui: str, flow_run_id: str, path: Path, timeout_ms: int = 6
             plots_loaded = page.evaluate("() => [...document.images].filter(i => i.src.startsWith('data:image/png')"
                                          " && i.naturalWidth > 0).length")
             return {"text": page.inner_text("body"), "plots_loaded": plots_loaded, "url": page.url}
+        finally:
+            browser.close()
+
+
+def launched(playwright: Any) -> Any:
+    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+
+
+def open_links(links: list[str], expect: str, timeout_ms: int = 60_000) -> dict[str, str]:
+    """Open each link as a person would and return the text each page shows once ``expect`` is on it."""
+    from playwright.sync_api import sync_playwright
+
+    opened = {}
+    with sync_playwright() as playwright:
+        browser = launched(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(timeout_ms)
+            for link in links:
+                page.goto(link)
+                page.get_by_text(expect).first.wait_for()
+                opened[link] = page.inner_text("body")
+        finally:
+            browser.close()
+    return opened
+
+
+def screenshot_runs_list(ui: str, run_names: list[str], path: Path, timeout_ms: int = 60_000) -> str:
+    """The Prefect UI's runs list once every named run shows in it; a screenshot, and its text."""
+    from playwright.sync_api import sync_playwright
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as playwright:
+        browser = launched(playwright)
+        try:
+            page = browser.new_page(viewport={"width": 1600, "height": 1200})
+            page.set_default_timeout(timeout_ms)
+            page.goto(f"{ui}/runs")
+            for name in run_names:
+                page.get_by_text(name).first.wait_for()
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(path), full_page=True)
+            return page.inner_text("body")
         finally:
             browser.close()
