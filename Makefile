@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
-.PHONY: install run test chromium bench prefect deploy worker demo-data clean
+.PHONY: install run serve test chromium bench prefect deploy worker demo-data clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ install: $(BIN)/.installed
 
 run: install
 	$(BIN)/mnist run
+
+# The serving stack until Ctrl-C: model server, sync sidecar and logging gateway (gRPC :8500, REST :8501).
+serve: install
+	$(BIN)/mnist up
 
 test: install chromium
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
