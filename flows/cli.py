@@ -370,6 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="mnist", description=(
         "Train, gate, publish and serve an MNIST digit classifier (Prefect, Keras, TF Serving)."))
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show TensorFlow's C++ start-up lines (oneDNN, CUDA, CPU features), hidden otherwise")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="run the training flow once",
@@ -429,6 +431,12 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, exit_on_sigterm)
     args = build_parser().parse_args(argv)
+    if args.verbose:
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+    else:
+        from flows.native_logs import hold_back_native_logs
+
+        hold_back_native_logs()
     try:
         return args.handler(args)
     except CliError as error:

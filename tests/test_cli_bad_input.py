@@ -53,3 +53,28 @@ def test_serve_names_a_missing_base_path_at_start_and_when_it_appears(tmp_path: 
         os.killpg(process.pid, signal.SIGTERM)
         process.wait(timeout=20)
         process.stdout.close()
+
+
+def test_tensorflow_start_up_lines_show_only_with_verbose(tmp_path: Path) -> None:
+    """A normal command's terminal holds none of TensorFlow's C++ lines; ``mnist -v`` keeps them."""
+    seen = {}
+    for flags in ((), ("-v",)):
+        process = subprocess.Popen([sys.executable, "-m", "flows.cli", *flags, "serve", "--port", str(free_port()),
+                                    "--model-base-path", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            lines = []
+            while not any("listening on" in line for line in lines):
+                line = process.stdout.readline()
+                assert line, lines
+                lines.append(line)
+        finally:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout=20)
+            lines += process.stdout.readlines()
+            process.stdout.close()
+        seen[flags] = "".join(lines)
+    assert "listening on" in seen[()] and "does not exist" not in seen[()]  # an empty base path is fine
+    for native in ("I0000", "E0000", "oneDNN", "cuda", "absl::InitializeLog", "rebuild TensorFlow"):
+        assert native not in seen[()], seen[()]
+    assert "oneDNN custom operations" in seen[("-v",)]
