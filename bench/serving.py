@@ -35,9 +35,12 @@ def make_model(directory: Path) -> Path:
                               warmup_images=np.random.default_rng(0).random((32, 28, 28, 1), dtype=np.float32))
 
 
-def start_server(model_dir: Path, port: int) -> subprocess.Popen:
+BATCHING_FILE = Path(__file__).resolve().parents[1] / "serving" / "deploy" / "batching_parameters.txt"
+
+
+def start_server(model_dir: Path, port: int, *flags: str) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
-                                "--model-base-path", str(model_dir)], stdout=subprocess.PIPE,
+                                "--model-base-path", str(model_dir), *flags], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     if "listening" not in process.stdout.readline():
         raise RuntimeError("mnist serve did not start")
@@ -115,6 +118,29 @@ def in_process_throughput(model_dir: Path, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - began)
 
 
+def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) -> dict:
+    """Single images from ``clients`` concurrent clients, with batching off and on (the production
+    batching_parameters.txt); and one client's p50 with batching on."""
+    from storage.embedded import free_port, stop_process
+
+    rates, p50 = {}, {}
+    for name, flags in (("off", ()), ("on", ("--enable-batching", "--batching-parameters-file", str(BATCHING_FILE)))):
+        port = free_port()
+        server = start_server(saved.parent, port, *flags)
+        try:
+            address = f"127.0.0.1:{port}"
+            rates[name] = grpc_throughput(address, 1, clients, seconds)
+            p50[name] = statistics.median(latency_ms(address, latency_calls))
+        finally:
+            stop_process(server.pid)
+            server.wait(timeout=10)
+            server.stdout.close()
+    print(f"single images from {clients} concurrent clients: {rates['off']:.0f} images/s with batching off, "
+          f"{rates['on']:.0f} with batching on ({rates['on'] / rates['off']:.2f}x)")
+    print(f"one client, single image, p50: {p50['off']:.2f} ms batching off, {p50['on']:.2f} ms batching on")
+    return {"clients": clients, "images_per_s": rates, "single_client_p50_ms": p50}
+
+
 def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
     from storage.embedded import free_port, stop_process
 
@@ -131,6 +157,7 @@ def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
             server.wait(timeout=10)
             server.stdout.close()
         local_rates = {b: in_process_throughput(saved, b, seconds) for b in BATCHES}
+        batched = batching(saved, seconds, latency_calls // 2)
     quantiles = statistics.quantiles(samples, n=100)
     latency = {"p50_ms": statistics.median(samples), "p99_ms": quantiles[98], "calls": len(samples)}
     print(f"single-image Predict over gRPC: p50 {latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms "
@@ -140,7 +167,8 @@ def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
     print(table(["batch", "clients", "gRPC images/s", "in-process images/s", "ratio"], rows))
     throughput = [{"batch": b, "clients": c, "grpc_images_per_s": grpc_rates[(b, c)],
                    "in_process_images_per_s": local_rates[b]} for b in BATCHES for c in CLIENTS]
-    path = save("serving", {"latency": latency, "throughput": throughput, "seconds_per_point": seconds})
+    path = save("serving", {"latency": latency, "throughput": throughput, "batching": batched,
+                            "seconds_per_point": seconds})
     print(f"written {path}")
     return {"latency": latency, "throughput": throughput}
 

@@ -36,7 +36,7 @@ def command_serve(args: argparse.Namespace) -> int:
                                                    args.reject_non_finite_inputs),
                             metrics_path=monitoring_path(args))
     try:
-        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models)
+        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models, batching_options(args))
         server = ModelServer(manager, options, Path(args.model_config_file) if args.model_config_file else None).start()
     except ConfigRefused as refusal:
         raise CliError(f"config refused: {refusal}", exit_code=2) from None
@@ -51,6 +51,23 @@ def command_serve(args: argparse.Namespace) -> int:
     stop.wait()
     server.stop()
     return 0
+
+
+def batching_options(args: argparse.Namespace):
+    """--enable-batching with TF Serving's BatchingParameters file (or its defaults); None when off."""
+    import sys
+
+    from serving.batching import read_batching_parameters
+
+    if not args.enable_batching:
+        if args.batching_parameters_file:
+            print("mnist serve: --batching-parameters-file has no effect without --enable-batching (as in TF Serving)",
+                  file=sys.stderr)
+        return None
+    try:
+        return read_batching_parameters(Path(args.batching_parameters_file) if args.batching_parameters_file else None)
+    except ValueError as error:
+        raise CliError(str(error), exit_code=2) from None
 
 
 def monitoring_path(args: argparse.Namespace) -> str | None:
@@ -278,6 +295,11 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig); re-read on change")
     serve.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
                        help="how often to look for new versions (default 1)")
+    serve.add_argument("--enable-batching", "--enable_batching", action="store_true",
+                       help="merge concurrent requests into batches, as TF Serving's flag of the same name")
+    serve.add_argument("--batching-parameters-file", "--batching_parameters_file",
+                       help="TF Serving BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
+                            "num_batch_threads, max_enqueued_batches, allowed_batch_sizes); default: TF Serving's")
     serve.add_argument("--monitoring-config-file",
                        help="TF Serving MonitoringConfig text proto: Prometheus metrics on the REST port at its path")
     serve.add_argument("--ssl-config-file", help="TF Serving SSLConfig text proto: server_key, server_cert, custom_ca")

@@ -46,10 +46,9 @@ def braces(names) -> str:
 def run_signature(loaded: LoadedVersion, signature_name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Call the signature; what TensorFlow refuses about the inputs is INVALID_ARGUMENT, as from a Session."""
     try:
-        outputs = loaded.function(signature_name)(**{name: tf.constant(value) for name, value in inputs.items()})
+        return loaded.run(signature_name, inputs)
     except (tf.errors.InvalidArgumentError, ValueError, TypeError) as error:
         raise invalid(str(error).strip().splitlines()[0]) from None
-    return {name: tensor.numpy() for name, tensor in outputs.items()}
 
 
 # --- Predict ----------------------------------------------------------------------

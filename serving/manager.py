@@ -20,11 +20,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
+import numpy as np
 import tensorflow as tf
 from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.batching import Batcher, BatchingOptions
 from serving.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
 from serving.tensors import from_tensor_proto
 from storage.models import local_versions
@@ -50,9 +52,30 @@ class LoadedVersion:
     path: Path
     module: object
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
+    batching: BatchingOptions | None = None  # --enable_batching
+    batchers: dict[str, Batcher] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def function(self, name: str):
         return self.module.signatures[name]
+
+    def call(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One call of the signature on these arrays."""
+        outputs = self.function(name)(**{key: tf.constant(value) for key, value in inputs.items()})
+        return {key: tensor.numpy() for key, tensor in outputs.items()}
+
+    def run(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The signature on these arrays: merged with concurrent calls when batching is on."""
+        if self.batching is None:
+            return self.call(name, inputs)
+        with self.lock:
+            if name not in self.batchers:
+                self.batchers[name] = Batcher(lambda arrays: self.call(name, arrays), self.batching)
+        return self.batchers[name](inputs)
+
+    def unload(self) -> None:
+        for batcher in self.batchers.values():
+            batcher.stop()
 
 
 @dataclass
@@ -89,8 +112,8 @@ def warm_up(loaded: LoadedVersion) -> int:
     return replayed
 
 
-def load_version(path: Path, version: int) -> LoadedVersion:
-    loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path))
+def load_version(path: Path, version: int, batching: BatchingOptions | None = None) -> LoadedVersion:
+    loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path), batching)
     replayed = warm_up(loaded)
     log.info("loaded version %d from %s (%d warmup requests)", version, path, replayed)
     return loaded
@@ -112,8 +135,9 @@ class ModelManager:
     """The served models and their versions, kept in step with the disk."""
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig,
-                 allow_version_labels_for_unavailable_models: bool = False):
+                 allow_version_labels_for_unavailable_models: bool = False, batching: BatchingOptions | None = None):
         self.lock = threading.RLock()
+        self.batching = batching
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self.models: dict[str, ServedModel] = {}
         self.labels: dict[str, dict[str, int]] = {}
@@ -165,7 +189,7 @@ class ModelManager:
             return  # the same files failed before: wait until they change
         self.set_state(name, version, VersionStatus(State.LOADING))
         try:
-            loaded = load_version(path, version)
+            loaded = load_version(path, version, self.batching)
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
             message = f"{type(error).__name__}: {error}".splitlines()[0]
             log.error("could not load %s version %d (not retried until its files change): %s", name, version,
@@ -191,6 +215,8 @@ class ModelManager:
                 continue  # availability preserving, as TF Serving: keep the old until a new one serves
             if stale:
                 with self.lock:
+                    for version in stale:
+                        model.versions[version].unload()
                     model.versions = {v: loaded for v, loaded in model.versions.items() if v not in stale}
                     for version in stale:
                         self.set_state(name, version, VersionStatus(State.END))

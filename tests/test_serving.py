@@ -353,3 +353,41 @@ def test_rest_api_answers_like_tf_serving(model_base: Path, saved_model_dir: Pat
         assert unknown_label.status_code == 400 and "canary" in unknown_label.json()["error"]
     finally:
         server.stop(grace=1)
+
+
+def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base: Path, saved_model_dir: Path,
+                                                                      test_images) -> None:
+    from serving.batching import BatchingOptions
+
+    images, _ = test_images
+    options = BatchingOptions(max_batch_size=32, batch_timeout_micros=200_000, num_batch_threads=1,
+                              allowed_batch_sizes=(8, 32))
+    server, address = start_model_server(model_base, batching=options)
+    answers: dict[int, np.ndarray] = {}
+    try:
+        target = Target(address)
+
+        def ask(index: int) -> None:
+            answers[index] = predict_probabilities(images[index:index + 1], target)[0]
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=60)
+        batcher = server.manager.models["mnist"].versions[1].batchers["serving_default"]
+    finally:
+        server.stop(grace=1)
+    offline = saved_model_predict(saved_model_dir, images[:8])
+    assert sorted(answers) == list(range(8))
+    assert all(np.allclose(answers[i][0], offline[i], atol=1e-5) for i in range(8))  # each its own row back
+    assert batcher.batches < 8  # merged: 8 requests in fewer signature calls
+
+
+def test_batching_parameters_are_checked_as_tf_serving_checks_them(tmp_path: Path, model_base: Path) -> None:
+    bad = tmp_path / "batching.txt"
+    bad.write_text("max_batch_size { value: 64 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 32\n")
+    result = run_mnist("serve", "--port", str(free_port()), "--model-base-path", str(model_base),
+                       "--enable_batching", "--batching_parameters_file", str(bad))
+    assert result.returncode == 2 and "must increase and end at max_batch_size (64)" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

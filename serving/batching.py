@@ -1,0 +1,168 @@
+"""Server-side batching, as ``tensorflow_model_server --enable_batching --batching_parameters_file``:
+concurrent requests for a version's signature are merged into one call of up to ``max_batch_size``
+rows, waiting at most ``batch_timeout_micros`` for the batch to fill, on ``num_batch_threads``
+threads, padded up to the next of ``allowed_batch_sizes`` (with copies of the first row, as TF
+Serving's batching session pads); a full queue of ``max_enqueued_batches`` answers UNAVAILABLE.
+Defaults and checks follow TF Serving (``BasicBatchScheduler::QueueOptions``,
+``bundle_factory_util.cc``).
+
+Our own few dozen lines: TensorFlow's in-graph ``batch_function`` merges nothing when eager
+calls come from separate threads (measured: mean batch 1.0), and no batching library of the
+Python field fits a server that is not its own framework.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import grpc
+import numpy as np
+
+
+Arrays = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class BatchingOptions:
+    max_batch_size: int = 1000
+    batch_timeout_micros: int = 0
+    max_enqueued_batches: int = 10
+    num_batch_threads: int = field(default_factory=lambda: os.cpu_count() or 1)
+    allowed_batch_sizes: tuple[int, ...] = ()
+
+
+def read_batching_parameters(path: Path | None) -> BatchingOptions:
+    """TF Serving's BatchingParameters text file (None: its defaults); ValueError naming the problem."""
+    if path is None:
+        return BatchingOptions()
+    from google.protobuf import text_format
+
+    from serving.tf_serving_protos import message_class
+
+    try:
+        params = text_format.Parse(path.read_text(), message_class("BatchingParameters")())
+    except (OSError, text_format.ParseError) as error:
+        raise ValueError(f"{path}: not a readable BatchingParameters text proto ({error})") from None
+    defaults = BatchingOptions()
+    options = BatchingOptions(
+        max_batch_size=params.max_batch_size.value if params.HasField("max_batch_size") else defaults.max_batch_size,
+        batch_timeout_micros=params.batch_timeout_micros.value if params.HasField("batch_timeout_micros") else 0,
+        max_enqueued_batches=(params.max_enqueued_batches.value if params.HasField("max_enqueued_batches")
+                              else defaults.max_enqueued_batches),
+        num_batch_threads=(params.num_batch_threads.value if params.HasField("num_batch_threads")
+                           else defaults.num_batch_threads),
+        allowed_batch_sizes=tuple(params.allowed_batch_sizes))
+    sizes = options.allowed_batch_sizes
+    if sizes and (list(sizes) != sorted(set(sizes)) or sizes[-1] != options.max_batch_size):
+        raise ValueError(f"{path}: allowed_batch_sizes must increase and end at max_batch_size "
+                         f"({options.max_batch_size}); got {list(sizes)}")
+    if min(options.max_batch_size, options.num_batch_threads, options.max_enqueued_batches) < 1:
+        raise ValueError(f"{path}: max_batch_size, num_batch_threads and max_enqueued_batches must be >= 1")
+    return options
+
+
+@dataclass
+class Task:
+    inputs: Arrays
+    rows: int
+    done: threading.Event = field(default_factory=threading.Event)
+    outputs: Arrays | None = None
+    error: Exception | None = None
+
+    def shape_key(self) -> tuple:
+        """Tasks whose inputs differ past the batch dimension cannot share a batch."""
+        return tuple((name, array.dtype.str, array.shape[1:]) for name, array in sorted(self.inputs.items()))
+
+
+class Batcher:
+    """One signature of one loaded version: calls from any number of threads, batched."""
+
+    def __init__(self, run: Callable[[Arrays], Arrays], options: BatchingOptions):
+        self.run, self.options = run, options
+        self.queue: queue.Queue[Task] = queue.Queue(maxsize=options.max_enqueued_batches * options.max_batch_size)
+        self.stopping = threading.Event()
+        self.batches = 0  # signature calls made, for a look at how well requests merged
+        self.threads = [threading.Thread(target=self.serve, name=f"batch-{i}", daemon=True)
+                        for i in range(options.num_batch_threads)]
+        for thread in self.threads:
+            thread.start()
+
+    def __call__(self, inputs: Arrays) -> Arrays:
+        rows = {len(array) for array in inputs.values() if array.ndim}
+        if len(rows) != 1 or len(inputs) != sum(1 for a in inputs.values() if a.ndim) or rows == {0} \
+                or next(iter(rows)) > self.options.max_batch_size:
+            return self.run(inputs)  # nothing to merge (no batch dimension, empty, or a batch of its own)
+        task = Task(inputs, rows.pop())
+        try:
+            self.queue.put_nowait(task)
+        except queue.Full:
+            from serving.manager import RequestError
+
+            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+                               "The batch scheduling queue to which this task was submitted is full") from None
+        task.done.wait()
+        if task.error is not None:
+            raise task.error
+        return task.outputs
+
+    def collect(self, first: Task, carry: list[Task]) -> list[Task]:
+        """``first`` and what arrives within the timeout that fits beside it."""
+        batch, rows, key = [first], first.rows, first.shape_key()
+        deadline = time.monotonic() + self.options.batch_timeout_micros / 1e6
+        while rows < self.options.max_batch_size:
+            try:
+                task = self.queue.get(timeout=max(0.0, deadline - time.monotonic())) \
+                    if time.monotonic() < deadline else self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if task.shape_key() != key or rows + task.rows > self.options.max_batch_size:
+                carry.append(task)  # the next batch starts with it
+                break
+            batch.append(task)
+            rows += task.rows
+        return batch
+
+    def serve(self) -> None:
+        carry: list[Task] = []
+        while not self.stopping.is_set():
+            if carry:
+                first = carry.pop(0)
+            else:
+                try:
+                    first = self.queue.get(timeout=0.2)
+                except queue.Empty:
+                    continue
+            self.process(self.collect(first, carry))
+
+    def padded_size(self, rows: int) -> int:
+        return next((size for size in self.options.allowed_batch_sizes if size >= rows), rows)
+
+    def process(self, batch: list[Task]) -> None:
+        rows = sum(task.rows for task in batch)
+        pad = self.padded_size(rows) - rows
+        merged = {name: np.concatenate([task.inputs[name] for task in batch]
+                                       + ([np.repeat(batch[0].inputs[name][:1], pad, axis=0)] if pad else []))
+                  for name in batch[0].inputs}
+        self.batches += 1
+        try:
+            outputs = self.run(merged)
+        except Exception as error:  # noqa: BLE001  every task of the batch gets the error
+            for task in batch:
+                task.error = error
+                task.done.set()
+            return
+        start = 0
+        for task in batch:
+            task.outputs = {name: value[start:start + task.rows] if value.ndim else value
+                            for name, value in outputs.items()}
+            start += task.rows
+            task.done.set()
+
+    def stop(self) -> None:
+        self.stopping.set()
