@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -53,6 +55,8 @@ class LoadedVersion:
     module: object
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
     batching: BatchingOptions | None = None  # --enable_batching
+    # (requests on their way to a signature, requests being answered), for the batcher
+    traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)
     batchers: dict[str, Batcher] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -70,7 +74,7 @@ class LoadedVersion:
             return self.call(name, inputs)
         with self.lock:
             if name not in self.batchers:
-                self.batchers[name] = Batcher(lambda arrays: self.call(name, arrays), self.batching)
+                self.batchers[name] = Batcher(lambda arrays: self.call(name, arrays), self.batching, self.traffic)
         return self.batchers[name](inputs)
 
     def unload(self) -> None:
@@ -112,8 +116,10 @@ def warm_up(loaded: LoadedVersion) -> int:
     return replayed
 
 
-def load_version(path: Path, version: int, batching: BatchingOptions | None = None) -> LoadedVersion:
-    loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path), batching)
+def load_version(path: Path, version: int, batching: BatchingOptions | None = None,
+                 traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> LoadedVersion:
+    loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path), batching,
+                           traffic)
     replayed = warm_up(loaded)
     log.info("loaded version %d from %s (%d warmup requests)", version, path, replayed)
     return loaded
@@ -138,6 +144,9 @@ class ModelManager:
                  allow_version_labels_for_unavailable_models: bool = False, batching: BatchingOptions | None = None):
         self.lock = threading.RLock()
         self.batching = batching
+        self.arriving = 0  # Predict calls received and not yet at their signature
+        self.answering_now = 0  # Predict calls received and not yet answered
+        self.counter_lock = threading.Lock()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self.models: dict[str, ServedModel] = {}
         self.labels: dict[str, dict[str, int]] = {}
@@ -189,7 +198,7 @@ class ModelManager:
             return  # the same files failed before: wait until they change
         self.set_state(name, version, VersionStatus(State.LOADING))
         try:
-            loaded = load_version(path, version, self.batching)
+            loaded = load_version(path, version, self.batching, lambda: (self.arriving, self.answering_now))
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
             message = f"{type(error).__name__}: {error}".splitlines()[0]
             log.error("could not load %s version %d (not retried until its files change): %s", name, version,
@@ -234,6 +243,26 @@ class ModelManager:
             self.missing_base_paths.discard(str(base_path))
 
     # --- requests -------------------------------------------------------------
+    @contextmanager
+    def answering(self) -> Iterator[Callable[[], None]]:
+        """Count a request as on its way to a signature until it calls what this yields (or ends):
+        a batcher closes a batch when no other request is on its way."""
+        with self.counter_lock:
+            self.arriving += 1
+            self.answering_now += 1
+        pending = [True]
+
+        def arrived() -> None:
+            if pending.pop() if pending else False:
+                with self.counter_lock:
+                    self.arriving -= 1
+        try:
+            yield arrived
+        finally:
+            arrived()
+            with self.counter_lock:
+                self.answering_now -= 1
+
     def resolve(self, spec) -> tuple[str, LoadedVersion]:
         """The loaded version a ModelSpec asks for, with TF Serving's codes and messages
         (``ServableRequestFromModelSpec``, ``GetModelVersionForLabel``, the manager's NOT_FOUND)."""
