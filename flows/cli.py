@@ -66,15 +66,19 @@ def pipeline_settings():
 
 def run_training(params) -> dict[str, Any]:
     """Run the training flow with a reachable store; raise CliError on a failed run."""
-    from flows.training import training_flow
-    from storage.embedded import store_environment
-    from tasks.evaluate import REJECTED
+    from flows.prefect_api import early_prefect_api
 
-    if params.publish:
-        with store_environment(pipeline_settings().state_dir):
+    with early_prefect_api() as api_ready:  # comes up while TensorFlow imports
+        from flows.training import training_flow
+        from storage.embedded import store_environment
+        from tasks.evaluate import REJECTED
+
+        api_ready()
+        if params.publish:
+            with store_environment(pipeline_settings().state_dir):
+                state = training_flow(params, return_state=True)
+        else:
             state = training_flow(params, return_state=True)
-    else:
-        state = training_flow(params, return_state=True)
     if not state.is_completed() or state.name == REJECTED:
         raise CliError(f"training run {state.name}: {state.message}")
     return state.result()

@@ -131,7 +131,9 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     from tasks.data import load_slices
 
     x_test, y_test = load_test_set(Path(prepared_path))
-    model = keras.models.load_model(model_path)
+    from tasks.model import load_saved_model
+
+    model = load_saved_model(model_path)
     metrics = evaluate_model(model, x_test, y_test)
     metrics["slices"] = {source: slice_accuracy(model.predict(images, batch_size=1024, verbose=0), labels)
                          for source, (images, labels) in load_slices(Path(prepared_path)).items()}

@@ -105,7 +105,9 @@ def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) 
     from tasks.data import load_test_set
     from tasks.drift import REFERENCE_SAMPLE, reference_statistics
 
-    model = keras.models.load_model(model_path)
+    from tasks.model import load_saved_model
+
+    model = load_saved_model(model_path)
     model_dir = Path(base_dir) / model_name
     version = next_local_version(model_dir)
     x_test, _ = load_test_set(Path(prepared_path))

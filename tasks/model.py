@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import keras
 
 from tasks.recipes import ModelConfig
@@ -26,3 +28,20 @@ def build_model(config: ModelConfig, num_classes: int = 10, dtype: str = "float3
     x = keras.layers.Dropout(config.dropout, dtype=dtype)(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")
+
+
+# The model a run's stages share in one process: train saves it and hands it on, so evaluate and
+# export do not load the file again (Prefect passes paths between tasks; the file stays the record).
+_SAVED: dict[tuple[str, int], keras.Model] = {}
+
+
+def save_model(model: keras.Model, path: Path) -> None:
+    model.save(path)
+    _SAVED.clear()
+    _SAVED[(str(path), path.stat().st_mtime_ns)] = model
+
+
+def load_saved_model(path: str | Path) -> keras.Model:
+    """The model saved at ``path``: the one in memory when this process saved it, else loaded."""
+    key = (str(path), Path(path).stat().st_mtime_ns)
+    return _SAVED[key] if key in _SAVED else keras.models.load_model(path)

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from tasks.data import NUM_CLASSES, PreparedData
-from tasks.model import build_model
+from tasks.model import build_model, save_model
 from tasks.recipes import TrainConfig
 
 
@@ -170,7 +170,7 @@ def train(prepared_path: str, config: TrainConfig, run_dir: str) -> dict[str, ob
     data = load_prepared(Path(prepared_path))
     model, history = train_model(data, config, [PrefectProgress(config.epochs)])
     model_path = Path(run_dir) / "model.keras"
-    model.save(model_path)
+    save_model(model, model_path)
     write_json(Path(run_dir) / "history.json", history)
     write_json(Path(run_dir) / "training.json",
                {"config": config.model_dump(), "library_versions": library_versions(),

@@ -1,0 +1,74 @@
+"""A temporary Prefect API for one command, started as early as possible.
+
+Without PREFECT_API_URL, a flow run makes Prefect start a temporary server and waits for it,
+after the command has imported TensorFlow: seconds of a person's wait spent one after the other.
+This starts the same server (the same uvicorn command Prefect's SubprocessASGIServer runs) in
+its own process first, so it comes up while TensorFlow imports; the flow finds it ready.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+# What SubprocessASGIServer sets for its server: no UI, an ephemeral database lifecycle.
+SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+STARTUP_TIMEOUT = 120.0
+
+
+def wait_healthy(api_url: str, process: subprocess.Popen, timeout: float = STARTUP_TIMEOUT) -> None:
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"the temporary Prefect server exited with code {process.returncode}")
+        try:
+            if httpx.get(f"{api_url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f}s")
+
+
+@contextmanager
+def early_prefect_api() -> Iterator[Callable[[], None]]:
+    """A temporary Prefect API for the block (unless one is configured); yields the wait for it."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from storage.embedded import free_port, stop_process
+
+    if PREFECT_API_URL.value():
+        yield lambda: None
+        return
+    port = free_port()
+    prefect_root = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_root), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, start_new_session=True)
+    api_url = f"http://127.0.0.1:{port}/api"
+    try:
+        with temporary_settings(updates={PREFECT_API_URL: api_url}):
+            yield lambda: wait_healthy(api_url, process)
+            drain_to_api()
+    finally:
+        stop_process(process.pid)
+        process.wait(timeout=30)
+
+
+def drain_to_api(timeout: float = 10.0) -> None:
+    """Deliver the logs and events still queued before the server goes (else Prefect retries at exit)."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        worker.drain_all(timeout=timeout)
