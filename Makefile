@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
-.PHONY: install run serve test chromium bench prefect deploy worker demo-data clean
+.PHONY: install run serve test chromium bench prefect deploy worker image demo-data clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ prefect: install
 # Work pool, deployments (prefect.yaml) and automations, on PREFECT_API_URL or the local server.
 deploy: install
 	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/mnist deploy
+
+# The image of the mnist command (training jobs, sync sidecar, gateway) for Docker and Kubernetes pools.
+IMAGE ?= mnist-pipeline:latest
+image:
+	docker build -f serving/deploy/Dockerfile -t $(IMAGE) .
 
 worker: install
 	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/mnist worker

@@ -39,7 +39,7 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type, skip: tuple[st
         if name in skip:
             continue
         default = "" if field.default is None else f" (default: {field.default})"
-        if field.annotation is bool:
+        if field.annotation is bool or bool in get_args(field.annotation):
             parser.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
                                 default=None, help=f"{field.description}{default}")
             continue
@@ -340,17 +340,30 @@ def add_registry_parser(commands: argparse._SubParsersAction) -> None:
 def command_deploy(args: argparse.Namespace) -> int:
     from flows.deploy import deploy
 
+    from flows.deploy import MissingExtra
+
     project = Path(__file__).resolve().parents[1]
     try:
-        result = deploy(project, project / "prefect.yaml", os.environ.get("MNIST_NOTIFY_BLOCK"))
+        result = deploy(project, project / "prefect.yaml", os.environ.get("MNIST_NOTIFY_BLOCK"), args.pool_type)
+    except MissingExtra as error:
+        raise CliError(str(error), exit_code=2) from None
     except Exception as error:  # noqa: BLE001  the API's own message is the useful one
         raise CliError(f"deploy failed: {error}") from None
     print(f"deployments: {', '.join(result['deployments'])}")
     print(f"work pools created: {result['created_work_pools'] or 'none (already there)'}")
     print(f"automations: {', '.join(result['automations'])}")
-    print("next: make worker runs them (with make serve running, each training run live-checks what it "
-          "publishes); watch them in the Prefect UI")
+    print(WORKER_HINTS[args.pool_type])
     return 0
+
+
+WORKER_HINTS = {
+    "process": "next: make worker runs them (with make serve running, each training run live-checks what it "
+               "publishes); watch them in the Prefect UI",
+    "kubernetes": "next: run a Kubernetes worker in the cluster (prefect worker start --pool mnist-kubernetes, e.g. "
+                  "the prefect-worker Helm chart) and create the Secret mnist-s3 (README: scaling out)",
+    "docker": "next: on the Docker host, build the image (make image) and run prefect worker start --pool "
+              "mnist-docker there, with the S3 identity in /etc/mnist/aws (README: scaling out)",
+}
 
 
 def command_worker(args: argparse.Namespace) -> int:
@@ -412,7 +425,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_monitoring_parsers(commands)
     deploy = commands.add_parser("deploy", help="create the work pool, deployments and automations from prefect.yaml",
-                                 description="Apply prefect.yaml to the server PREFECT_API_URL names.")
+                                 description="Apply prefect.yaml to the server PREFECT_API_URL names: the "
+                                             "deployments of one kind of work pool, the pool and the automations.")
+    deploy.add_argument("--pool-type", choices=("process", "kubernetes", "docker"), default="process",
+                        help="where the runs execute: a process worker here (make worker; default), a Kubernetes "
+                             "cluster (extra [kubernetes]) or a Docker host (extra [docker])")
     deploy.set_defaults(handler=command_deploy)
     worker = commands.add_parser(
         "worker", help="start a Prefect process worker with the model store reachable",

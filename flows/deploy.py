@@ -40,15 +40,65 @@ def flow_name(entrypoint: str, project_dir: Path) -> str:
     return load_flow_from_entrypoint(f"{project_dir / path}:{function}").name
 
 
+# Each work pool prefect.yaml names, by the kind of worker that runs it. One kind is deployed at a
+# time (make deploy: process), so the weekly retrain is scheduled once, where its worker is.
+POOL_TYPES = {"mnist-process": "process", "mnist-kubernetes": "kubernetes", "mnist-docker": "docker"}
+EXTRAS = {"kubernetes": "prefect_kubernetes.worker:KubernetesWorker", "docker": "prefect_docker.worker:DockerWorker"}
+S3_SECRET = "mnist-s3"  # the Kubernetes Secret the training jobs read their S3 identity from
+
+
+class MissingExtra(RuntimeError):
+    """The worker package of a pool type is not installed."""
+
+
+def worker_class(pool_type: str) -> Any:
+    module, _, name = EXTRAS[pool_type].partition(":")
+    try:
+        return getattr(__import__(module, fromlist=[name]), name)
+    except ImportError:
+        raise MissingExtra(f"{pool_type} work pools need the {pool_type} extra: "
+                           f"pip install -e '.[{pool_type}]'") from None
+
+
+def base_job_template(pool_type: str) -> dict[str, Any] | None:
+    """The pool's job template: the worker package's own, for Kubernetes with every container
+    reading the S3 identity from the Secret mnist-s3 (never a job variable, which the UI shows)."""
+    if pool_type == "process":
+        return None
+    template = copy.deepcopy(worker_class(pool_type).get_default_base_job_template())
+    if pool_type == "kubernetes":
+        job_spec = template["job_configuration"]["job_manifest"]["spec"]
+        pod_spec = job_spec["template"]["spec"]
+        # prefect-kubernetes 0.8 puts these Job fields in the pod spec, which the Kubernetes API
+        # schema does not allow there (tests/test_work_pools.py): they belong to the Job
+        for field in ("completions", "parallelism"):
+            if field in pod_spec:
+                job_spec[field] = pod_spec.pop(field)
+        for container in pod_spec["containers"]:
+            container["envFrom"] = [{"secretRef": {"name": S3_SECRET}}]
+    return template
+
+
+def deployments_for(config: dict[str, Any], pool_type: str) -> dict[str, Any]:
+    """prefect.yaml with only the deployments of one kind of pool."""
+    unknown = sorted({d["work_pool"]["name"] for d in config["deployments"]} - set(POOL_TYPES))
+    if unknown:
+        raise ValueError(f"prefect.yaml names work pools of no known type: {unknown} (known: {sorted(POOL_TYPES)})")
+    return {**config, "deployments": [d for d in config["deployments"]
+                                      if POOL_TYPES[d["work_pool"]["name"]] == pool_type]}
+
+
 def ensure_work_pools(config: dict[str, Any]) -> list[str]:
-    """Create every process work pool prefect.yaml names, if missing."""
+    """Create every work pool the (filtered) config names, with its type's job template, if missing."""
     created = []
     with get_client(sync_client=True) as client:
         for name in sorted({d["work_pool"]["name"] for d in config["deployments"]}):
             try:
                 client.read_work_pool(name)
             except ObjectNotFound:
-                client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+                pool_type = POOL_TYPES[name]
+                client.create_work_pool(WorkPoolCreate(name=name, type=pool_type,
+                                                       base_job_template=base_job_template(pool_type) or {}))
                 created.append(name)
     return created
 
@@ -176,8 +226,9 @@ def ensure_automations(config: dict[str, Any], project_dir: Path, notify_block: 
     return created
 
 
-def deploy(project_dir: Path, prefect_file: Path, notify_block: str | None = None) -> dict[str, list[str]]:
-    config = yaml.safe_load(prefect_file.read_text())
+def deploy(project_dir: Path, prefect_file: Path, notify_block: str | None = None,
+           pool_type: str = "process") -> dict[str, list[str]]:
+    config = deployments_for(yaml.safe_load(prefect_file.read_text()), pool_type)
     pools = ensure_work_pools(config)
     deployments = run_prefect_deploy(keep_paused(config, project_dir), project_dir)
     return {"deployments": deployments, "created_work_pools": pools,

@@ -40,7 +40,7 @@ def test_compose_file_is_valid_and_refers_to_files_that_exist() -> None:
     services = compose["services"]
     assert {"s3", "sync", "serving", "gateway"} <= set(services)
     gateway = services["gateway"]["command"]
-    assert gateway[0] == "gateway" and gateway[gateway.index("--upstream") + 1] == "serving:8500"
+    assert gateway[:2] == ["mnist", "gateway"] and gateway[gateway.index("--upstream") + 1] == "serving:8500"
     for name, service in services.items():
         assert "image" in service or "build" in service, name
         for dependency in service.get("depends_on", []):
