@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tasks.recipes import PRESETS, ModelConfig, TrainConfig
 
-PresetName = Literal["default", "seed", "smoke"]
+PresetName = Literal["default", "seed", "best", "smoke"]
 MODEL_FIELDS = tuple(ModelConfig.model_fields)
 
 
@@ -17,7 +17,8 @@ class TrainingParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    preset: PresetName = Field("default", description="training recipe: default (fast), seed (reference), smoke")
+    preset: PresetName = Field("default", description="training recipe: default (fast), seed (reference), best "
+                                                      "(top accuracy, minutes), smoke")
     epochs: int | None = Field(None, ge=1, le=200, description="override the preset's epochs")
     batch_size: int | None = Field(None, ge=1, le=8192, description="override the preset's batch size")
     learning_rate: float | None = Field(None, gt=0.0, le=1.0, description="Adam rate (peak rate for one_cycle)")
@@ -34,6 +35,10 @@ class TrainingParams(BaseModel):
     dense_units: int | None = Field(None, ge=1, le=4096, description="hidden Dense units")
     dropout: float | None = Field(None, ge=0.0, lt=1.0, description="dropout rate")
     l2: float | None = Field(None, ge=0.0, le=1.0, description="L2 penalty on the hidden Dense kernel")
+    batch_norm: bool | None = Field(None, description="batch normalisation after each convolution and the hidden Dense")
+    label_smoothing: float | None = Field(None, ge=0.0, lt=1.0, description="share of each target spread over all "
+                                                                            "classes")
+    augment: bool | None = Field(None, description="random shifts, rotations and zoom of training digits")
     threshold: float = Field(0.99, ge=0.0, le=1.0, description="gate: minimum test accuracy")
     accuracy_margin: float = Field(0.001, ge=0.0, le=1.0,
                                    description="gate: largest allowed test-accuracy drop against stable")

@@ -18,13 +18,24 @@ def build_model(config: ModelConfig, num_classes: int = 10, dtype: str = "float3
     ``dtype`` is a Keras dtype policy; the softmax always runs in float32.
     """
     regularizer = keras.regularizers.L2(config.l2) if config.l2 > 0 else None
+
+    def with_relu(layer: type, *args, **kwargs):
+        """The layer with ReLU, as in the reference; with batch normalisation between them (and no
+        bias, which the normalisation makes redundant) when the config asks for it."""
+        def apply(x):
+            if not config.batch_norm:
+                return layer(*args, activation="relu", dtype=dtype, **kwargs)(x)
+            x = layer(*args, use_bias=False, dtype=dtype, **kwargs)(x)
+            return keras.layers.Activation("relu", dtype=dtype)(keras.layers.BatchNormalization(dtype=dtype)(x))
+        return apply
+
     inputs = keras.Input(shape=(28, 28, 1), name=INPUT_NAME)
-    x = keras.layers.Conv2D(config.filters_1, config.kernel_size, activation="relu", dtype=dtype)(inputs)
+    x = with_relu(keras.layers.Conv2D, config.filters_1, config.kernel_size)(inputs)
     x = keras.layers.MaxPooling2D(2, dtype=dtype)(x)
-    x = keras.layers.Conv2D(config.filters_2, config.kernel_size, activation="relu", dtype=dtype)(x)
+    x = with_relu(keras.layers.Conv2D, config.filters_2, config.kernel_size)(x)
     x = keras.layers.MaxPooling2D(2, dtype=dtype)(x)
     x = keras.layers.Flatten(dtype=dtype)(x)
-    x = keras.layers.Dense(config.dense_units, activation="relu", kernel_regularizer=regularizer, dtype=dtype)(x)
+    x = with_relu(keras.layers.Dense, config.dense_units, kernel_regularizer=regularizer)(x)
     x = keras.layers.Dropout(config.dropout, dtype=dtype)(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="mnist_cnn")

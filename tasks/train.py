@@ -115,15 +115,17 @@ def train_model(data: PreparedData, config: TrainConfig,
     model = build_model(config.model, NUM_CLASSES, dtype=dtype)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate_for(config, len(data.y_train))),
-        loss="categorical_crossentropy",
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
         steps_per_execution=config.steps_per_execution,
     )
     has_validation = len(data.y_val) > 0
+    targets = keras.utils.to_categorical(data.y_train, NUM_CLASSES)
+    inputs = augmented_batches(data.x_train, targets, config) if config.augment else data.x_train
     history = model.fit(
-        data.x_train,
-        keras.utils.to_categorical(data.y_train, NUM_CLASSES),
-        batch_size=config.batch_size,
+        inputs,
+        None if config.augment else targets,
+        batch_size=None if config.augment else config.batch_size,
         epochs=config.epochs,
         validation_data=(data.x_val, keras.utils.to_categorical(data.y_val, NUM_CLASSES))
         if has_validation else None,
@@ -132,6 +134,25 @@ def train_model(data: PreparedData, config: TrainConfig,
     )
     history_lists = {name: [float(v) for v in values] for name, values in history.history.items()}
     return (model if dtype == "float32" else float32_copy(model, config)), history_lists
+
+
+def augmented_batches(images: np.ndarray, targets: np.ndarray, config: TrainConfig):
+    """Shuffled training batches, each digit shifted (up to 2 px), rotated (up to 10 degrees) and
+    zoomed (up to 10%) afresh every epoch, with Keras' own preprocessing layers; the model that is
+    trained, exported and served has no augmentation in it."""
+    import tensorflow as tf
+
+    seed = config.seed
+    augment = keras.Sequential([
+        keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant", seed=seed),
+        keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed + 1),
+        keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
+    ])
+    return (tf.data.Dataset.from_tensor_slices((images, targets))
+            .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+            .batch(config.batch_size)
+            .map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+            .prefetch(tf.data.AUTOTUNE))
 
 
 def write_json(path: Path, payload: Any) -> Path:
