@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tasks.recipes import PRESETS, ModelConfig, TrainConfig
 
@@ -39,6 +39,8 @@ class TrainingParams(BaseModel):
     label_smoothing: float | None = Field(None, ge=0.0, lt=1.0, description="share of each target spread over all "
                                                                             "classes")
     augment: bool | None = Field(None, description="random shifts, rotations and zoom of training digits")
+    candidates: int = Field(1, ge=1, le=16, description="models trained at once on Dask (seeds seed, seed+1, ...); "
+                                                       "the best by validation accuracy goes to the gate")
     threshold: float = Field(0.99, ge=0.0, le=1.0, description="gate: minimum test accuracy")
     accuracy_margin: float = Field(0.001, ge=0.0, le=1.0,
                                    description="gate: largest allowed test-accuracy drop against stable")
@@ -61,6 +63,12 @@ class TrainingParams(BaseModel):
     publish_label: Literal["stable", "canary"] = Field("stable", description="label a new version gets")
     output_dir: str | None = Field(None, description="plots, reports, SavedModel (default MNIST_OUTPUT_DIR)")
     data_dir: str | None = Field(None, description="MNIST IDX files (default MNIST_DATA_DIR)")
+
+    @model_validator(mode="after")
+    def candidates_need_validation(self) -> "TrainingParams":
+        if self.candidates > 1 and self.train_config().validation_size == 0:
+            raise ValueError("candidates > 1 are chosen by validation accuracy: give validation_size > 0")
+        return self
 
     def train_config(self) -> TrainConfig:
         """The preset with every given override applied, validated as a whole."""

@@ -53,7 +53,12 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
         if skip is not None:
             tag_run(["skipped"])
             return Completed(message=skip, data={"skipped": skip, "run_dir": str(run_dir)})
-    trained = train(data["prepared_path"], config, str(run_dir))
+    if params.candidates > 1:
+        from flows.candidates import train_candidates  # Dask only when asked for
+
+        trained = train_candidates(data["prepared_path"], config, str(run_dir), params.candidates)
+    else:
+        trained = train(data["prepared_path"], config, str(run_dir))
     metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir))
     stable = evaluate_stable(data["prepared_path"]) if params.publish else None
     sliced, slice_notes = slice_checks(metrics, stable, params.slice_threshold, params.slice_margin,
@@ -62,7 +67,7 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
                     *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced],
                    return_state=True).result()
     outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage,
-               "slice_notes": slice_notes}
+               "slice_notes": slice_notes, "candidates": trained.get("candidates")}
     if not verdict["passed"]:
         if params.publish:
             record_rejection(verdict["summary"], metrics, lineage)

@@ -178,6 +178,18 @@ def slice_lines(metrics: dict, stable: dict | None) -> list[str]:
     return lines + [""]
 
 
+def candidate_lines(candidates: list[dict] | None) -> list[str]:
+    """Every candidate trained, by validation accuracy; the test set scored only the chosen one."""
+    if not candidates:
+        return []
+    lines = ["## Candidates", "", f"{len(candidates)} trained at once on Dask; the best by validation accuracy went "
+             "to the gate (the test set chose nothing).", "", "| candidate | seed | validation accuracy | chosen |",
+             "|---|---|---|---|"]
+    lines += [f"| {index + 1} | {c['seed']} | {c['val_accuracy']:.4f} | {'**yes**' if c['chosen'] else ''} |"
+              for index, c in enumerate(candidates)]
+    return lines + [""]
+
+
 def embedded_png(path: Path) -> str:
     """A data URI, so the plots show on the Prefect run page without a file server."""
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
@@ -217,6 +229,7 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
         *[f"\n{note}" for note in outcome.get("slice_notes", [])],
         "",
         *slice_lines(metrics, outcome.get("stable")),
+        *candidate_lines(outcome.get("candidates")),
         "## Publication",
         "",
         (f"Published **version {published['version']}** as `{published['label']}`: `{published['uri']}` "

@@ -190,10 +190,12 @@ def train(prepared_path: str, config: TrainConfig, run_dir: str) -> dict[str, ob
 
     data = load_prepared(Path(prepared_path))
     model, history = train_model(data, config, [PrefectProgress(config.epochs)])
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
     model_path = Path(run_dir) / "model.keras"
     save_model(model, model_path)
     write_json(Path(run_dir) / "history.json", history)
     write_json(Path(run_dir) / "training.json",
                {"config": config.model_dump(), "library_versions": library_versions(),
                 "epochs_run": len(history["loss"]), "train_size": len(data.y_train)})
-    return {"model_path": str(model_path), "history_path": str(Path(run_dir) / "history.json")}
+    return {"model_path": str(model_path), "history_path": str(Path(run_dir) / "history.json"), "seed": config.seed,
+            "val_accuracy": history["val_accuracy"][-1] if history.get("val_accuracy") else None}
