@@ -126,6 +126,7 @@ def train_model(data: PreparedData, config: TrainConfig,
         inputs,
         None if config.augment else targets,
         batch_size=None if config.augment else config.batch_size,
+        shuffle=not config.augment,  # the augmented pipeline shuffles itself
         epochs=config.epochs,
         validation_data=(data.x_val, keras.utils.to_categorical(data.y_val, NUM_CLASSES))
         if has_validation else None,
