@@ -112,3 +112,42 @@ def test_a_list_of_names_is_refused_with_the_way_to_use_dns() -> None:
     assert channel_target("dns:///serving.internal:8500") == "dns:///serving.internal:8500"
     with pytest.raises(ServingError, match="dns:///"):
         channel_target(["serving-a:8500", "serving-b:8500"])
+
+
+WITHOUT_NUMPY = """
+import json, sys
+sys.modules["numpy"] = None  # as in a service that installed the client alone: importing numpy fails
+from mnist_client import predict, predict_call, Target
+digits = json.load(open(sys.argv[2]))
+answers = predict(digits, address=sys.argv[1])
+probabilities = predict_call(digits, Target(sys.argv[1])).probabilities
+assert "numpy" not in [name.split(".")[0] for name in sys.modules if sys.modules[name] is not None]
+print(json.dumps({"answers": answers, "probabilities": probabilities}))
+"""
+
+
+def test_the_client_answers_without_numpy_as_it_does_with_it(saved_model_dir: Path, tmp_path: Path,
+                                                              prepared_path: Path) -> None:
+    """grpcio and protobuf alone (the client's only dependencies): nested lists in, lists of rows out,
+    the same answers as with numpy arrays."""
+    import json
+
+    from mnist_client import predict
+    from tasks.data import load_test_set
+
+    images = load_test_set(prepared_path)[0][:5]
+    (tmp_path / "digits.json").write_text(json.dumps(images.tolist()))
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    server, address = start_model_server(base)
+    try:
+        plain = subprocess.run([sys.executable, "-c", WITHOUT_NUMPY, address, str(tmp_path / "digits.json")],
+                               capture_output=True, text=True, timeout=120)
+        with_numpy = predict(images, address=address)
+    finally:
+        server.stop(grace=1)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    result = json.loads(plain.stdout)
+    assert [a["digit"] for a in result["answers"]] == [a["digit"] for a in with_numpy]
+    assert all(abs(a["confidence"] - b["confidence"]) < 1e-6 for a, b in zip(result["answers"], with_numpy))
+    assert len(result["probabilities"]) == 5 and all(len(row) == 10 for row in result["probabilities"])

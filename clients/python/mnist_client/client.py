@@ -17,12 +17,15 @@ from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
 
 import grpc
-import numpy as np
 
 from mnist_client._generated.tensorflow_serving.apis import (
     get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
 )
-from mnist_client.tensors import from_tensor_proto, to_tensor_proto
+
+try:
+    import numpy as np
+except ImportError:  # the core needs no numpy: nested lists in, lists of rows out (mnist_client.plain)
+    np = None
 
 T = TypeVar("T")
 DEFAULT_SIGNATURE = "serving_default"
@@ -133,9 +136,32 @@ def signature_io(channel: grpc.Channel, target: Target) -> tuple[str, str, int]:
     return next(iter(signature.inputs)), next(iter(signature.outputs)), response.model_spec.version.value
 
 
+def image_tensor(images: Any) -> Any:
+    """float32 [N,28,28,1] as TF Serving's TensorProto: numpy arrays (or anything numpy takes) when
+    numpy is installed, else nested lists."""
+    if np is None:
+        from mnist_client.plain import float_tensor
+
+        return float_tensor(images)
+    from mnist_client.tensors import to_tensor_proto
+
+    return to_tensor_proto(np.asarray(images, dtype=np.float32))
+
+
+def output_values(proto: Any) -> Any:
+    """An answer tensor: a numpy array when numpy is installed, else a list of rows."""
+    if np is None:
+        from mnist_client.plain import float_rows
+
+        return float_rows(proto)
+    from mnist_client.tensors import from_tensor_proto
+
+    return from_tensor_proto(proto)
+
+
 @dataclass(frozen=True)
 class Prediction:
-    probabilities: np.ndarray  # [N, 10]
+    probabilities: Any  # [N, 10]: a numpy array, or a list of rows where numpy is not installed
     version: int  # the version that answered
     request_id: str | None  # the logging gateway's id for this call (None straight from TF Serving)
 
@@ -143,7 +169,7 @@ class Prediction:
 REQUEST_ID = "x-request-id"
 
 
-def predict_call(images: np.ndarray, target: Target, channel: grpc.Channel | None = None,
+def predict_call(images: Any, target: Target, channel: grpc.Channel | None = None,
                  request_id: str | None = None) -> Prediction:
     """Class probabilities for images [N,28,28,1] in [0,1], the version that answered and the
     request id a logging gateway gave the call (``request_id`` sends the caller's own)."""
@@ -153,7 +179,7 @@ def predict_call(images: np.ndarray, target: Target, channel: grpc.Channel | Non
         input_name, output_name, _ = signature_io(channel, target)
         request = predict_pb2.PredictRequest()
         target.fill_spec(request.model_spec)
-        request.inputs[input_name].CopyFrom(to_tensor_proto(images))
+        request.inputs[input_name].CopyFrom(image_tensor(images))
         request.output_filter.append(output_name)
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         metadata = ((REQUEST_ID, request_id),) if request_id else None
@@ -161,33 +187,34 @@ def predict_call(images: np.ndarray, target: Target, channel: grpc.Channel | Non
                                                                                      metadata=metadata),
                                            request, target)
         trailers = dict(call.trailing_metadata() or ())
-        return Prediction(from_tensor_proto(response.outputs[output_name]), response.model_spec.version.value,
+        return Prediction(output_values(response.outputs[output_name]), response.model_spec.version.value,
                           trailers.get(REQUEST_ID))
     finally:
         if own:
             channel.close()
 
 
-def predict_probabilities(images: np.ndarray, target: Target, channel: grpc.Channel | None = None
-                          ) -> tuple[np.ndarray, int]:
+def predict_probabilities(images: Any, target: Target, channel: grpc.Channel | None = None
+                          ) -> tuple[Any, int]:
     """Class probabilities [N,10] for images [N,28,28,1] in [0,1], and the version that answered."""
     answer = predict_call(images, target, channel)
     return answer.probabilities, answer.version
 
 
-def predict(images: np.ndarray, *, address: str, model_name: str = "mnist", version: int | None = None,
+def predict(images: Any, *, address: str, model_name: str = "mnist", version: int | None = None,
             label: str | None = None, timeout: float = 10.0, tls: bool = False,
             ca_cert: Path | None = None, names: list[str] | None = None,
             request_id: str | None = None) -> list[dict[str, Any]]:
-    """Digits for images [N,28,28,1] (float32, 0-1): one dict per image with ``input``, ``digit``,
+    """Digits for images [N,28,28,1] in [0,1] (a numpy array, or nested lists where numpy is not
+    installed): one dict per image with ``input``, ``digit``,
     ``confidence``, ``top3``, the ``version`` that answered and, through the logging gateway, the
     call's ``request_id`` and the image's ``index`` in it (what feedback names)."""
     target = Target(address, model_name, version, label, timeout, tls=tls, ca_cert=ca_cert)
-    answer = predict_call(np.asarray(images, dtype=np.float32), target, request_id=request_id)
+    answer = predict_call(images, target, request_id=request_id)
     names = names or [str(index) for index in range(len(answer.probabilities))]
     results = []
     for index, (name, row) in enumerate(zip(names, answer.probabilities)):
-        order = np.argsort(row)[::-1][:3]
+        order = sorted(range(len(row)), key=lambda digit: float(row[digit]), reverse=True)[:3]
         result = {"input": name, "digit": int(order[0]), "confidence": float(row[order[0]]),
                   "top3": [{"digit": int(d), "probability": float(row[d])} for d in order],
                   "version": answer.version}
