@@ -1,7 +1,7 @@
 """`make bench`: training, flow overhead and serving benchmarks, one after the other.
 
 Each prints its table and writes JSON (with the machine and library versions)
-to bench/results/. Run one with --only training|flow|serving|gateway|light-client|data|transfers.
+to bench/results/. Run one with --only training|whole|flow|serving|gateway|light-client|data|transfers.
 """
 
 from __future__ import annotations
@@ -15,16 +15,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from bench import data, flow_overhead, gateway, light_client, serving, training, transfers  # noqa: E402
+from bench import data, flow_overhead, gateway, light_client, serving, training, transfers, whole_runs  # noqa: E402
 from bench.common import libraries, machine  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=("training", "flow", "serving", "gateway", "light-client", "data",
-                                                 "transfers"))
+    parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "light-client",
+                                                 "data", "transfers"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
+    parser.add_argument("--best-seeds", type=int, default=3)
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(f"libraries: {libraries()}")
@@ -46,9 +47,12 @@ def main() -> None:
     if args.only in (None, "transfers"):
         print("\n== streaming transfers: publish, verify and sync of a 1 GiB SavedModel ==")
         transfers.main()
+    if args.only in (None, "whole"):
+        print("\n== whole commands as a person waits: train default vs seed, make run, Dask candidates ==")
+        whole_runs.main()
     if args.only in (None, "training"):
-        print(f"\n== training: default x{args.default_seeds} vs seed x{args.seed_seeds} ==")
-        training.main(args.default_seeds, args.seed_seeds)
+        print(f"\n== training: default x{args.default_seeds} vs seed x{args.seed_seeds}, best x{args.best_seeds} ==")
+        training.main(args.default_seeds, args.seed_seeds, args.best_seeds)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def enforce_gate(checks: list[GateCheck]) -> str:
 
 # --- Prefect tasks ------------------------------------------------------------
 import json  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from prefect import get_run_logger, task  # noqa: E402
@@ -126,15 +127,14 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 @task(name="evaluate", timeout_seconds=900)
 def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     """Test-set metrics, saved as JSON; the test set is used here and nowhere in training."""
-    from tasks.data import load_test_set
-
-    from tasks.data import load_slices
-
-    x_test, y_test = load_test_set(Path(prepared_path))
+    from tasks.data import load_slices, load_test_set
     from tasks.model import load_saved_model
 
+    x_test, y_test = load_test_set(Path(prepared_path))
     model = load_saved_model(model_path)
+    started = time.perf_counter()
     metrics = evaluate_model(model, x_test, y_test)
+    metrics["evaluation_seconds"] = round(time.perf_counter() - started, 3)  # a run's cost outside fit
     metrics["slices"] = {source: slice_accuracy(model.predict(images, batch_size=1024, verbose=0), labels)
                          for source, (images, labels) in load_slices(Path(prepared_path)).items()}
     Path(run_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 import platform
 from pathlib import Path
 from typing import Any
@@ -190,13 +191,16 @@ def train(prepared_path: str, config: TrainConfig, run_dir: str) -> dict[str, ob
     from tasks.data import load_prepared
 
     data = load_prepared(Path(prepared_path))
+    started = time.perf_counter()
     model, history = train_model(data, config, [PrefectProgress(config.epochs)])
+    fit_seconds = time.perf_counter() - started
     Path(run_dir).mkdir(parents=True, exist_ok=True)
     model_path = Path(run_dir) / "model.keras"
     save_model(model, model_path)
     write_json(Path(run_dir) / "history.json", history)
     write_json(Path(run_dir) / "training.json",
                {"config": config.model_dump(), "library_versions": library_versions(),
-                "epochs_run": len(history["loss"]), "train_size": len(data.y_train)})
+                "epochs_run": len(history["loss"]), "train_size": len(data.y_train),
+                "fit_seconds": round(fit_seconds, 3)})
     return {"model_path": str(model_path), "history_path": str(Path(run_dir) / "history.json"), "seed": config.seed,
             "val_accuracy": history["val_accuracy"][-1] if history.get("val_accuracy") else None}
