@@ -6,14 +6,30 @@ own browser download cannot work offline. Used by the browser test.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 CHROMIUM = "/usr/bin/chromium"
 # Without the background-networking flags Chromium keeps dialling Google's
 # hosts, which a closed network refuses.
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+@contextmanager
+def browser_page(width: int, height: int, timeout_ms: int) -> Iterator[Any]:
+    """A page in headless Debian chromium, closed with its browser after the block."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(timeout_ms)
+            yield page
+        finally:
+            browser.close()
 
 
 def open_report_artifact(page: Any, url: str, path: Path) -> None:
@@ -36,69 +52,41 @@ def open_report_artifact(page: Any, url: str, path: Path) -> None:
 def screenshot_report(ui: str, flow_run_id: str, path: Path, timeout_ms: int = 60_000) -> dict[str, Any]:
     """Open the run, go to its Artifacts tab, open the report artifact, and save a full-page
     screenshot. Returns the page text and how many plot images actually loaded."""
-    from playwright.sync_api import sync_playwright
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = launched(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(timeout_ms)
-            open_report_artifact(page, f"{ui}/runs/flow-run/{flow_run_id}", path)
-            page.get_by_text("MNIST training run").first.wait_for()
-            page.wait_for_function("() => [...document.images].filter(i => i.src.startsWith('data:image/png'))"
-                                   ".every(i => i.complete && i.naturalWidth > 0)")
-            # The UI scrolls inside an inner element, so a full-page shot would stop at the
-            # viewport: grow the viewport to the content instead.
-            height = page.evaluate("() => Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
-            page.set_viewport_size({"width": 1400, "height": min(int(height) + 100, 8000)})
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(path), full_page=True)
-            plots_loaded = page.evaluate("() => [...document.images].filter(i => i.src.startsWith('data:image/png')"
-                                         " && i.naturalWidth > 0).length")
-            return {"text": page.inner_text("body"), "plots_loaded": plots_loaded, "url": page.url}
-        finally:
-            browser.close()
-
-
-def launched(playwright: Any) -> Any:
-    return playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+    with browser_page(1400, 1000, timeout_ms) as page:
+        open_report_artifact(page, f"{ui}/runs/flow-run/{flow_run_id}", path)
+        page.get_by_text("MNIST training run").first.wait_for()
+        page.wait_for_function("() => [...document.images].filter(i => i.src.startsWith('data:image/png'))"
+                               ".every(i => i.complete && i.naturalWidth > 0)")
+        # The UI scrolls inside an inner element, so a full-page shot would stop at the
+        # viewport: grow the viewport to the content instead.
+        height = page.evaluate("() => Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
+        page.set_viewport_size({"width": 1400, "height": min(int(height) + 100, 8000)})
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(path), full_page=True)
+        plots_loaded = page.evaluate("() => [...document.images].filter(i => i.src.startsWith('data:image/png')"
+                                     " && i.naturalWidth > 0).length")
+        return {"text": page.inner_text("body"), "plots_loaded": plots_loaded, "url": page.url}
 
 
 def open_links(links: list[str], expect: str, timeout_ms: int = 60_000) -> dict[str, str]:
     """Open each link as a person would and return the text each page shows once ``expect`` is on it."""
-    from playwright.sync_api import sync_playwright
-
     opened = {}
-    with sync_playwright() as playwright:
-        browser = launched(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(timeout_ms)
-            for link in links:
-                page.goto(link)
-                page.get_by_text(expect).first.wait_for()
-                opened[link] = page.inner_text("body")
-        finally:
-            browser.close()
+    with browser_page(1400, 1000, timeout_ms) as page:
+        for link in links:
+            page.goto(link)
+            page.get_by_text(expect).first.wait_for()
+            opened[link] = page.inner_text("body")
     return opened
 
 
 def screenshot_runs_list(ui: str, run_names: list[str], path: Path, timeout_ms: int = 60_000) -> str:
     """The Prefect UI's runs list once every named run shows in it; a screenshot, and its text."""
-    from playwright.sync_api import sync_playwright
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as playwright:
-        browser = launched(playwright)
-        try:
-            page = browser.new_page(viewport={"width": 1600, "height": 1200})
-            page.set_default_timeout(timeout_ms)
-            page.goto(f"{ui}/runs")
-            for name in run_names:
-                page.get_by_text(name).first.wait_for()
-            page.wait_for_timeout(500)
-            page.screenshot(path=str(path), full_page=True)
-            return page.inner_text("body")
-        finally:
-            browser.close()
+    with browser_page(1600, 1200, timeout_ms) as page:
+        page.goto(f"{ui}/runs")
+        for name in run_names:
+            page.get_by_text(name).first.wait_for()
+        page.wait_for_timeout(500)
+        page.screenshot(path=str(path), full_page=True)
+        return page.inner_text("body")
