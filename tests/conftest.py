@@ -66,6 +66,7 @@ def pipeline_env(monkeypatch: pytest.MonkeyPatch, mnist_dir: Path, cache_dir: Pa
     monkeypatch.setenv("MNIST_DATA_DIR", str(mnist_dir))
     monkeypatch.setenv("MNIST_CACHE_DIR", str(cache_dir))
     monkeypatch.setenv("MNIST_OUTPUT_DIR", str(tmp_path / "outputs"))
+    monkeypatch.setenv("MNIST_STATE_DIR", str(tmp_path / "state"))  # never a make serve stack of the checkout
     return tmp_path / "outputs"
 
 
