@@ -241,6 +241,8 @@ class Gateway:
         if cached and time.monotonic() - cached[0] < SIGNATURE_TTL:
             return cached[1], cached[2]
         response = self.metadata(name, version, label)
+        if len(self.signatures) > 1000:  # specs come from request paths: keep the cache bounded
+            self.signatures.clear()
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
         self.signatures[key] = (time.monotonic(), response.model_spec.version.value, signatures)

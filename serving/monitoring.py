@@ -35,6 +35,8 @@ PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
 READY_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?/ready$")
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 TF_SERVING_LATENCY_BUCKETS = tuple(10 * 1.8 ** i for i in range(32)) + (float("inf"),)
+MAX_SERIES = 1000  # per-version series; past it, new (model, version, label) combinations count as OTHER
+OTHER = "(other)"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
                    10.0, float("inf"))
 
@@ -85,11 +87,15 @@ class ServingMetrics:
                 seconds: float) -> None:
         """One Predict, Classify or Regress: ``api`` as TF Serving names it (``Predict`` on gRPC,
         ``predict`` on REST), ``entrypoint`` ``GRPC`` or ``REST``, ``code`` the status name."""
+        shown = "" if version is None else str(version)
+        key = (model, shown, label, api, entrypoint, code)
+        if key not in self.children and len(self.children) >= MAX_SERIES:
+            # names and labels come from requests: a caller inventing them must not grow memory without end
+            model = shown = label = OTHER
+            key = (model, shown, label, api, entrypoint, code)
         self.tf_request_count.inc(model, code)
         if code == "OK":
             self.tf_request_latency.labels(model, api, entrypoint).observe(seconds * 1e6)
-        shown = "" if version is None else str(version)
-        key = (model, shown, label, api, entrypoint, code)
         children = self.children.get(key)
         if children is None:  # labels() takes a lock and builds a key each call: once per series instead
             children = self.children[key] = (self.requests.labels(*key), self.latency.labels(model, shown, api,
