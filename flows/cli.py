@@ -48,8 +48,8 @@ def add_model_flags(parser: argparse.ArgumentParser, model: type, skip: tuple[st
 
 
 def validation_message(error: ValidationError) -> str:
-    problems = [f"--{'.'.join(str(p) for p in item['loc']).replace('_', '-')}: {item['msg']}"
-                for item in error.errors()]
+    problems = [(f"--{'.'.join(str(p) for p in item['loc']).replace('_', '-')}: " if item["loc"] else "")
+                + item["msg"].removeprefix("Value error, ") for item in error.errors()]
     return "invalid settings: " + "; ".join(problems)
 
 
@@ -142,9 +142,11 @@ def command_run(args: argparse.Namespace) -> int:
     params = training_params(args)
     if not params.publish:
         raise CliError("mnist run serves what it publishes: drop --no-publish (or use mnist train)", exit_code=2)
+    from storage.s3 import StoreError
+
     try:
         result, answers = run_chain(params, pipeline_settings().state_dir, args.queries)
-    except (StackError, ServingError) as error:
+    except (StackError, ServingError, StoreError) as error:
         raise CliError(str(error)) from None
     print_training_result(result)
     print(f"gRPC predictions from the served 'stable' model through the logging gateway "

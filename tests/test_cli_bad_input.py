@@ -78,3 +78,16 @@ def test_tensorflow_start_up_lines_show_only_with_verbose(tmp_path: Path) -> Non
     for native in ("I0000", "E0000", "oneDNN", "cuda", "absl::InitializeLog", "rebuild TensorFlow"):
         assert native not in seen[()], seen[()]
     assert "oneDNN custom operations" in seen[("-v",)]
+
+
+def test_the_served_traffic_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
+    cases = [(("drift", "--alpha", "2"), "--alpha: Input should be less than 1"),
+             (("gateway", "--upstream", "127.0.0.1:1", "--log-sample-rate", "2"), "--log-sample-rate 2.0: must be within 0-1"),
+             (("feedback",), "give REQUEST_ID LABEL"),
+             (("feedback", "--csv", str(tmp_path / "missing.csv")), "not a readable CSV"),
+             (("data", "add", "--from-feedback", str(tmp_path)), "give no PATH"),
+             (("train", "--candidates", "2", "--validation-size", "0"), "chosen by validation accuracy")]
+    for args, expected in cases:
+        result = run_mnist(*args, env={"MNIST_STATE_DIR": str(tmp_path / "state")})
+        assert result.returncode == 2, (args, result.stderr)
+        assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
