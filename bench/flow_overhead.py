@@ -3,7 +3,6 @@ local SeaweedFS) against the time spent in its tasks, task by task."""
 
 from __future__ import annotations
 
-import os
 import tempfile
 import time
 from pathlib import Path
