@@ -21,9 +21,11 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict
 
     with ExitStack() as stack:
         stack.enter_context(store_environment(state_dir))
-        serving = stack.enter_context(serving_stack(state_dir))
+        # the stack starts while the run trains: it needs to answer only at the live check, which waits for it
+        serving, ready = stack.enter_context(serving_stack(state_dir, wait=False))
         stack.enter_context(patched_environ({"MNIST_SERVING_ADDRESS": serving.gateway}))
         result = run_training(params)
+        ready()  # a start that failed is said here, not as a live check that timed out
         names, images, labels = mnist_test_inputs(queries)
         answers = predict(images, address=serving.gateway, model_name=StoreSettings().model_name, label="stable",
                           names=names)

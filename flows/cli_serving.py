@@ -243,7 +243,8 @@ def command_up(args: argparse.Namespace) -> int:
     for number in (signal.SIGTERM, signal.SIGINT):
         signal.signal(number, lambda *_: stop.set())
     try:
-        with store_environment(state_dir) as endpoint, serving_stack(state_dir, ports, args.log_sample_rate) as stack:
+        with store_environment(state_dir) as endpoint, \
+                serving_stack(state_dir, ports, args.log_sample_rate) as (stack, _):
             print_stack(stack, endpoint)
             stop.wait()
             print("mnist up: stopping (the gateway writes its queued logs first)", flush=True)

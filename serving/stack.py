@@ -15,7 +15,7 @@ import time
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from storage.embedded import free_port, process_alive, stop_process
 
@@ -70,21 +70,25 @@ def port_free(port: int) -> bool:
     return True
 
 
+def wait_for_log(process: subprocess.Popen, log_path: Path, ready_text: str, name: str,
+                 timeout: float = 180.0) -> None:
+    """Until the process's log shows ``ready_text``; StackError if it exits or takes too long."""
+    deadline = time.monotonic() + timeout
+    while ready_text not in log_path.read_text():
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise StackError(f"mnist {name} did not start (exit {process.poll()}); see {log_path}")
+        time.sleep(0.2)
+
+
 @contextmanager
-def background_cli(args: list[str], log_path: Path, ready_text: str | None = None,
-                   timeout: float = 180.0) -> Iterator[subprocess.Popen]:
+def background_cli(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
     """Run ``mnist ARGS`` in its own process group for the block, logging to ``log_path``;
-    with ``ready_text``, wait until the log shows it. Stopped by its pid whatever happens."""
+    stopped by its pid whatever happens."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + timeout
-        while ready_text and ready_text not in log_path.read_text():
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise StackError(f"mnist {args[0]} did not start (exit {process.poll()}); see {log_path}")
-            time.sleep(0.2)
         yield process
     finally:
         stop_process(process.pid)
@@ -93,9 +97,11 @@ def background_cli(args: list[str], log_path: Path, ready_text: str | None = Non
 
 @contextmanager
 def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate: float = 1.0,
-                  sync_interval: float = 1.0) -> Iterator[Stack]:
-    """Start server, sync and gateway on the store the environment names; yield where they are;
-    stop them (the gateway first, flushing its logs) when the block ends."""
+                  sync_interval: float = 1.0, wait: bool = True) -> Iterator[tuple[Stack, Callable[[], None]]]:
+    """Start server, sync and gateway on the store the environment names; yield where they are and
+    a wait until the server and the gateway listen (already waited for, unless ``wait`` is False:
+    a training run can go on while they start); stop them, the gateway first, flushing its logs,
+    when the block ends."""
     from serving.sync import sync_once
     from storage.models import ModelStore, StoreSettings
 
@@ -110,23 +116,29 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
     sync_once(store, model_dir)  # the server starts on what is already published
     server = f"127.0.0.1:{chosen['server']}"
     with ExitStack() as processes:
-        processes.enter_context(background_cli(
+        serve = processes.enter_context(background_cli(
             ["serve", "--port", str(chosen["server"]), "--rest-api-port", str(chosen["server_rest"]),
              "--model-config-file", str(root / "models.config"), "--monitoring-config-file", str(MONITORING_CONFIG),
              "--allow-version-labels-for-unavailable-models"],  # restarts on a config with labels, as in production
-            root / "serve.log", ready_text="listening on"))
+            root / "serve.log"))
         processes.enter_context(background_cli(
             ["sync", "--model-base-path", str(model_dir), "--watch", "--interval", str(sync_interval),
              "--server", server], root / "sync.log"))
-        processes.enter_context(background_cli(
+        gateway = processes.enter_context(background_cli(
             ["gateway", "--upstream", server, "--upstream-rest", f"127.0.0.1:{chosen['server_rest']}",
              "--port", str(chosen["gateway"]), "--rest-api-port", str(chosen["gateway_rest"]),
-             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1"],
-            root / "gateway.log", ready_text="listening on"))
+             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1"], root / "gateway.log"))
+
+        def ready() -> None:
+            wait_for_log(serve, root / "serve.log", "listening on", "serve")
+            wait_for_log(gateway, root / "gateway.log", "listening on", "gateway")
+
+        if wait:
+            ready()
         stack = Stack(f"127.0.0.1:{chosen['gateway']}", f"127.0.0.1:{chosen['gateway_rest']}", server,
                       f"127.0.0.1:{chosen['server_rest']}", str(model_dir), str(root), os.getpid())
         stack_file(state_dir).write_text(json.dumps(asdict(stack)))
         try:
-            yield stack
+            yield stack, ready
         finally:
             stack_file(state_dir).unlink(missing_ok=True)
