@@ -37,7 +37,7 @@ def summarise(runs: list[dict], preset: str) -> dict:
             "gate_pass_rate": sum(r["test_accuracy"] >= GATE for r in mine) / len(mine)}
 
 
-def main(default_seeds: int, seed_seeds: int, best_seeds: int = 0) -> dict:
+def main(default_seeds: int, seed_seeds: int, best_seeds: int = 0, best_first_seed: int = 0) -> dict:
     from tasks.data import load_prepared, prepare_dataset
 
     data_dir = Path(os.environ["MNIST_DATA_DIR"])
@@ -51,19 +51,21 @@ def main(default_seeds: int, seed_seeds: int, best_seeds: int = 0) -> dict:
                 runs.append(one_run(data, preset, seed))
                 print(f"  {preset:<8} seed {seed}: {runs[-1]['seconds']:.1f}s, "
                       f"test accuracy {runs[-1]['test_accuracy']:.4f}", flush=True)
-    for seed in range(best_seeds):
+    for seed in range(best_first_seed, best_first_seed + best_seeds):
         runs.append(one_run(data, "best", seed))
         print(f"  best     seed {seed}: {runs[-1]['seconds']:.1f}s, test accuracy {runs[-1]['test_accuracy']:.4f}",
               flush=True)
-    presets = ("default", "seed", "best") if best_seeds else ("default", "seed")
-    summary = {preset: summarise(runs, preset) for preset in presets}
-    ratio = summary["default"]["wall_seconds"]["median"] / summary["seed"]["wall_seconds"]["median"]
+    ran = {run["preset"] for run in runs}
+    summary = {preset: summarise(runs, preset) for preset in ("default", "seed", "best") if preset in ran}
+    ratio = (summary["default"]["wall_seconds"]["median"] / summary["seed"]["wall_seconds"]["median"]
+             if {"default", "seed"} <= ran else None)
     rows = [[preset, s["wall_seconds"]["median"], s["wall_seconds"]["min"], s["wall_seconds"]["max"],
              s["test_accuracy"]["median"], s["test_accuracy"]["min"], s["test_accuracy"]["max"],
              f"{round(s['gate_pass_rate'] * s['wall_seconds']['n'])}/{s['wall_seconds']['n']}"]
             for preset, s in summary.items()]
     print(table(["preset", "time med s", "min", "max", "acc med", "min", "max", "gate passes"], rows))
-    print(f"default / seed median wall time: {ratio:.3f}")
+    if ratio is not None:
+        print(f"default / seed median wall time: {ratio:.3f}")
     path = save("training", {"runs": runs, "summary": summary, "time_ratio": ratio})
     print(f"written {path}")
     return summary
@@ -74,5 +76,7 @@ if __name__ == "__main__":
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
+    parser.add_argument("--best-first-seed", type=int, default=0,
+                        help="continue an interrupted best series without repeating its seeds")
     arguments = parser.parse_args()
-    main(arguments.default_seeds, arguments.seed_seeds, arguments.best_seeds)
+    main(arguments.default_seeds, arguments.seed_seeds, arguments.best_seeds, arguments.best_first_seed)
