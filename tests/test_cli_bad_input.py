@@ -91,3 +91,29 @@ def test_the_served_traffic_commands_refuse_bad_input_in_one_line(tmp_path: Path
         result = run_mnist(*args, env={"MNIST_STATE_DIR": str(tmp_path / "state")})
         assert result.returncode == 2, (args, result.stderr)
         assert expected in result.stderr and len(result.stderr.strip().splitlines()) == 1, (args, result.stderr)
+
+
+ENTRY_WITH = """
+import sys
+import flows.cli as cli
+def main():
+    print("answer on a piped stdout")  # block-buffered on a pipe
+    print("a last error line", file=sys.stderr)
+    {outcome}
+cli.main = main
+cli.run()
+"""
+
+
+def test_the_entry_point_keeps_every_exit_code_and_every_line() -> None:
+    outcomes = {"return 3": 3, "return 0": 0, "raise SystemExit('refused')": 1, "raise SystemExit(None)": 0,
+                "raise RuntimeError('a bug')": 1}
+    for outcome, code in outcomes.items():
+        result = subprocess.run([sys.executable, "-c", ENTRY_WITH.format(outcome=outcome)], cwd=REPO,
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == code, outcome
+        assert result.stdout == "answer on a piped stdout\n", outcome
+        assert "a last error line" in result.stderr, outcome
+    crashed = subprocess.run([sys.executable, "-c", ENTRY_WITH.format(outcome="raise RuntimeError('a bug')")],
+                             cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert "RuntimeError: a bug" in crashed.stderr.splitlines()[-1]
