@@ -56,7 +56,7 @@ PRESETS: dict[str, TrainConfig] = {
                            steps_per_execution=32, precision="auto", label_smoothing=0.1,
                            model=ModelConfig(dropout=0.25)),
     # The top of single-model MNIST: augmented digits, batch normalisation, wider convolutions,
-    # 20 epochs of one-cycle; about 12 minutes on a 2-core CPU (docs/benchmarks.md). Measured on the
+    # 20 epochs of one-cycle; 15-23 minutes on a 2-core CPU (docs/benchmarks.md). Measured on the
     # way (seed 0): 15 epochs at batch 128 and peak 4e-3 gave 0.9955; this 0.9963.
     "best": TrainConfig(epochs=20, batch_size=256, learning_rate=6e-3, schedule="one_cycle", steps_per_execution=16,
                         precision="auto", label_smoothing=0.1, augment=True,
