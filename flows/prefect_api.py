@@ -41,28 +41,35 @@ def wait_healthy(api_url: str, process: subprocess.Popen, timeout: float = START
 @contextmanager
 def early_prefect_api() -> Iterator[Callable[[], None]]:
     """A temporary Prefect API for the block (unless one is configured); yields the wait for it."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
     from storage.embedded import free_port, stop_process
 
-    if PREFECT_API_URL.value():
+    if os.environ.get("PREFECT_API_URL"):
         yield lambda: None
         return
-    port = free_port()
-    prefect_root = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_root), "--factory",
-         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-         "--log-level", "error", "--lifespan", "on"],
-        env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, start_new_session=True)
-    api_url = f"http://127.0.0.1:{port}/api"
+    # Spawned before importing Prefect (a second of its own): the server's start is the longer wait.
+    process = spawn_server(port := free_port())
     try:
+        from prefect.settings import PREFECT_API_URL, temporary_settings
+
+        if PREFECT_API_URL.value():  # set in a Prefect profile or prefect.toml rather than the environment
+            yield lambda: None
+            return
+        api_url = f"http://127.0.0.1:{port}/api"
         with temporary_settings(updates={PREFECT_API_URL: api_url}):
             yield lambda: wait_healthy(api_url, process)
             drain_to_api()
     finally:
         stop_process(process.pid)
         process.wait(timeout=30)
+
+
+def spawn_server(port: int) -> subprocess.Popen:
+    prefect_root = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
+    return subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_root), "--factory",
+         "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
+         "--log-level", "error", "--lifespan", "on"],
+        env={**os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def drain_to_api(timeout: float = 10.0) -> None:
