@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy import stats
 
 from tasks.digits import ink_statistics
 
@@ -75,6 +74,8 @@ def checked_reference(raw: Any) -> dict[str, Any]:
 
 
 def ks_score(reference: list[float], live: np.ndarray, thresholds: DriftThresholds) -> dict[str, Any]:
+    from scipy import stats  # a second to import: the export writes references without it
+
     result = stats.ks_2samp(np.asarray(reference, dtype=np.float64), live)
     statistic, p_value = float(result.statistic), float(result.pvalue)
     return {"test": "kolmogorov-smirnov", "statistic": statistic, "p_value": p_value,
@@ -82,6 +83,8 @@ def ks_score(reference: list[float], live: np.ndarray, thresholds: DriftThreshol
 
 
 def class_score(reference: list[float], predicted: np.ndarray, thresholds: DriftThresholds) -> dict[str, Any]:
+    from scipy import stats
+
     observed = np.bincount(predicted, minlength=10).astype(np.float64)
     expected_share = (np.asarray(reference, dtype=np.float64) + 1e-3) / (np.sum(reference) + 1e-2)
     result = stats.chisquare(observed, expected_share * observed.sum())
