@@ -43,7 +43,7 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
     """A temporary Prefect API for the block (unless one is configured); yields the wait for it."""
     from storage.embedded import free_port, stop_process
 
-    if os.environ.get("PREFECT_API_URL"):
+    if api_configured():
         yield lambda: None
         return
     # Spawned before importing Prefect (a second of its own): the server's start is the longer wait.
@@ -61,6 +61,17 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
     finally:
         stop_process(process.pid)
         process.wait(timeout=30)
+
+
+def api_configured() -> bool:
+    """Whether an API is set, as far as can be told without importing Prefect (a second of its own)."""
+    if os.environ.get("PREFECT_API_URL"):
+        return True
+    if "prefect.settings" in sys.modules:  # already imported (a test harness, a nested run): asking is free
+        from prefect.settings import PREFECT_API_URL
+
+        return bool(PREFECT_API_URL.value())
+    return False  # a profile may still set one: checked once Prefect is imported
 
 
 def spawn_server(port: int) -> subprocess.Popen:

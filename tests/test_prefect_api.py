@@ -1,0 +1,58 @@
+"""The temporary Prefect API a command starts when none is configured, and only then."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+FIRST_RUN = """
+import httpx
+from flows.prefect_api import early_prefect_api
+with early_prefect_api() as ready:
+    ready()
+    from prefect.settings import PREFECT_API_URL
+    url = PREFECT_API_URL.value()
+    print(url, httpx.get(url + "/health", timeout=5).status_code, flush=True)
+print(url)
+"""
+
+
+def port_open(url: str) -> bool:
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    with socket.socket() as probe:
+        probe.settimeout(1)
+        return probe.connect_ex((host, int(port))) == 0
+
+
+def test_a_first_run_gets_a_temporary_api_that_answers_and_is_gone_after(tmp_path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env["PREFECT_HOME"] = str(tmp_path)  # no profile that names an API
+    result = subprocess.run([sys.executable, "-c", FIRST_RUN], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=180)
+    assert result.returncode == 0, result.stderr[-2000:]
+    inside, after = result.stdout.splitlines()
+    url, status = inside.split()
+    assert url.startswith("http://127.0.0.1:") and status == "200"
+    assert not port_open(after)
+
+
+def test_a_configured_api_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.prefect_api as prefect_api
+
+    def refuse(port: int):
+        raise AssertionError("a server was spawned although an API is configured")
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(prefect_api, "spawn_server", refuse)
+    with temporary_settings(updates={PREFECT_API_URL: "http://127.0.0.1:9/api"}):  # as a profile or harness sets it
+        with prefect_api.early_prefect_api() as ready:
+            ready()
+            assert PREFECT_API_URL.value() == "http://127.0.0.1:9/api"
