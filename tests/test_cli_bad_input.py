@@ -108,12 +108,10 @@ cli.run()
 def test_the_entry_point_keeps_every_exit_code_and_every_line() -> None:
     outcomes = {"return 3": 3, "return 0": 0, "raise SystemExit('refused')": 1, "raise SystemExit(None)": 0,
                 "raise RuntimeError('a bug')": 1}
-    for outcome, code in outcomes.items():
-        result = subprocess.run([sys.executable, "-c", ENTRY_WITH.format(outcome=outcome)], cwd=REPO,
-                                capture_output=True, text=True, timeout=60)
-        assert result.returncode == code, outcome
+    results = {outcome: subprocess.run([sys.executable, "-c", ENTRY_WITH.format(outcome=outcome)], cwd=REPO,
+                                       capture_output=True, text=True, timeout=60) for outcome in outcomes}
+    for outcome, result in results.items():
+        assert result.returncode == outcomes[outcome], outcome
         assert result.stdout == "answer on a piped stdout\n", outcome
         assert "a last error line" in result.stderr, outcome
-    crashed = subprocess.run([sys.executable, "-c", ENTRY_WITH.format(outcome="raise RuntimeError('a bug')")],
-                             cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert "RuntimeError: a bug" in crashed.stderr.splitlines()[-1]
+    assert "RuntimeError: a bug" in results["raise RuntimeError('a bug')"].stderr.splitlines()[-1]

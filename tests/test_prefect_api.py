@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -24,10 +25,10 @@ print(url)
 
 
 def port_open(url: str) -> bool:
-    host, port = url.split("//")[1].split("/")[0].split(":")
+    address = urlsplit(url)
     with socket.socket() as probe:
         probe.settimeout(1)
-        return probe.connect_ex((host, int(port))) == 0
+        return probe.connect_ex((address.hostname, address.port)) == 0
 
 
 def test_a_first_run_gets_a_temporary_api_that_answers_and_is_gone_after(tmp_path) -> None:
