@@ -3,17 +3,29 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
 from flows.cli import CliError, pipeline_settings, print_json, reachable_store
+
+def without_keras_at_tensorflow_import() -> None:
+    """TensorFlow imports all of Keras (and with it matplotlib) as it is imported, for Keras
+    optimizers a SavedModel might name: a second of a model server's start. A model server never
+    runs Keras (TF Serving has none; a SavedModel that needed it would fail there too). With
+    TF_USE_LEGACY_KERAS set and tf_keras not installed, TensorFlow skips that import."""
+    if "tensorflow" not in sys.modules and importlib.util.find_spec("tf_keras") is None:
+        os.environ.setdefault("TF_USE_LEGACY_KERAS", "1")
+
 
 def command_serve(args: argparse.Namespace) -> int:
     import logging
     import signal
     import threading
 
+    without_keras_at_tensorflow_import()
     from serving.inference import PredictOptions
     from serving.manager import ModelManager
     from serving.model_config import ConfigRefused, read_model_config_file, single_model_config

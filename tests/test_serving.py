@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -391,3 +393,36 @@ def test_batching_parameters_are_checked_as_tf_serving_checks_them(tmp_path: Pat
                        "--enable_batching", "--batching_parameters_file", str(bad))
     assert result.returncode == 2 and "must increase and end at max_batch_size (64)" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_model_server_answers_without_importing_keras(model_base: Path, saved_model_dir: Path, test_images,
+                                                      tmp_path: Path) -> None:
+    """`mnist serve` keeps TensorFlow from importing Keras (a second of its start); the SavedModel
+    must still load and answer as offline, as it would in TF Serving, which has no Keras."""
+    images = test_images[0][:16]
+    np.save(tmp_path / "images.npy", images)
+    code = f"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from flows.cli_serving import without_keras_at_tensorflow_import
+without_keras_at_tensorflow_import()
+from mnist_client.client import predict
+from serving.manager import ModelManager
+from serving.model_config import single_model_config
+from serving.server import ModelServer, ServerOptions
+from storage.embedded import free_port
+port = free_port()
+server = ModelServer(ModelManager(single_model_config("mnist", Path({str(model_base)!r}))),
+                     ServerOptions(port=port)).start()
+answers = predict(np.load({str(tmp_path / "images.npy")!r}), address=f"127.0.0.1:{{port}}")
+server.stop(grace=1)
+print(json.dumps({{"digits": [a["digit"] for a in answers], "keras": "keras" in sys.modules,
+                   "matplotlib": "matplotlib" in sys.modules}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                            cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["digits"] == saved_model_predict(saved_model_dir, images).argmax(axis=1).tolist()
+    assert answer == {**answer, "keras": False, "matplotlib": False}
