@@ -15,16 +15,19 @@ from storage.embedded import patched_environ, store_environment
 def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train and publish with the serving stack running, then query ``stable`` through the gateway."""
     from flows.cli_training import run_training
+    from flows.prefect_api import early_prefect_api
     from flows.cli_serving import mnist_test_inputs
     from mnist_client.client import predict
     from storage.models import StoreSettings
 
     with ExitStack() as stack:
+        # the Prefect API first: the flow waits for it, while the stack needs to answer only at the live
+        # check (which waits for it), so the stack starts while TensorFlow imports and the run trains
+        api_ready = stack.enter_context(early_prefect_api())
         stack.enter_context(store_environment(state_dir))
-        # the stack starts while the run trains: it needs to answer only at the live check, which waits for it
         serving, ready = stack.enter_context(serving_stack(state_dir, wait=False))
         stack.enter_context(patched_environ({"MNIST_SERVING_ADDRESS": serving.gateway}))
-        result = run_training(params)
+        result = run_training(params, api_ready)
         ready()  # a start that failed is said here, not as a live check that timed out
         names, images, labels = mnist_test_inputs(queries)
         answers = predict(images, address=serving.gateway, model_name=StoreSettings().model_name, label="stable",

@@ -5,19 +5,21 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pydantic import ValidationError
 
 from flows.cli import CliError, add_model_flags, given_flags, pipeline_settings, validation_message
 
 
-def run_training(params) -> dict[str, Any]:
-    """Run the training flow with a reachable store; raise CliError on a failed run."""
+def run_training(params, api_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the training flow with a reachable store; raise CliError on a failed run. ``api_ready``:
+    the wait for a Prefect API the caller started (else one is started here, if none is set)."""
     from flows.prefect_api import early_prefect_api
 
-    with early_prefect_api() as api_ready:  # comes up while TensorFlow imports
+    with nullcontext(api_ready) if api_ready else early_prefect_api() as api_ready:  # up while TensorFlow imports
         from flows.training import training_flow
         from storage.embedded import store_environment
         from tasks.evaluate import REJECTED
