@@ -16,7 +16,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
+from typing import Callable
 
 from bench.common import save, table
 from bench.serving import grpc_throughput, latency_ms, make_model, start_server
@@ -64,6 +66,32 @@ def start_passthrough(upstream: str, port: int) -> subprocess.Popen:
     return process
 
 
+def process_tree_cpu(*pids: int) -> Callable[[], float]:
+    """The user and system CPU seconds so far of these processes and their children."""
+    import psutil
+
+    def seconds() -> float:
+        processes = [psutil.Process(pid) for pid in pids]
+        processes += [child for process in list(processes) for child in process.children(recursive=True)]
+        return sum(sum(process.cpu_times()[:2]) for process in processes)
+
+    return seconds
+
+
+def own_cpu() -> float:
+    return sum(os.times()[:2])  # this process alone, not the servers it started
+
+
+def costed_throughput(address: str, seconds: float, clocks: dict[str, Callable[[], float]]
+                      ) -> tuple[float, dict[str, float]]:
+    """Batch-256 images/s with one client, and the CPU milliseconds each process spent per call."""
+    before = {name: clock() for name, clock in clocks.items()}
+    started = time.perf_counter()
+    rate = grpc_throughput(address, 256, 1, seconds)
+    calls = rate * (time.perf_counter() - started) / 256
+    return rate, {name: 1000 * (clock() - before[name]) / calls for name, clock in clocks.items()}
+
+
 def main(seconds: float = 5.0, calls_per_round: int = 500, sample_rate: float = 1.0) -> dict:
     from storage.embedded import free_port, start_local_store, stop_local_store, stop_process
 
@@ -88,6 +116,9 @@ def main(seconds: float = 5.0, calls_per_round: int = 500, sample_rate: float = 
                     samples[name] += latency_ms(address, calls_per_round)
             rates = {(name, clients): grpc_throughput(address, 256, clients, seconds)
                      for clients in (1, 4) for name, address in throughput_paths.items()}
+            clocks = {"server": process_tree_cpu(server.pid), "gateway": process_tree_cpu(gateway.pid, sampled.pid),
+                      "S3 store": process_tree_cpu(store.pid), "client": own_cpu}
+            costs = {name: costed_throughput(address, seconds, clocks)[1] for name, address in throughput_paths.items()}
         finally:
             for process in (bare, sampled, gateway, server):
                 stop_process(process.pid)
@@ -109,7 +140,10 @@ def main(seconds: float = 5.0, calls_per_round: int = 500, sample_rate: float = 
           "the S3 store on the same 2 cores):")
     print(table(["clients", "direct images/s", f"gateway {sample_rate:.0%}", "/ direct",
                  f"gateway {SAMPLED_RATE:.0%}", "/ direct"], rows))
+    print("CPU ms per batch-256 call, by process (one client, a second pass):")
+    print(table(["path", *clocks], [[name, *cost.values()] for name, cost in costs.items()]))
     result = {"latency": latency, "p50_added_ms": added, "passthrough_p50_added_ms": floor, "sample_rate": sample_rate,
+              "cpu_ms_per_batch_256_call": costs,
               "throughput_batch_256": [{"clients": c, "direct_images_per_s": rates[("direct", c)],
                                         "gateway_images_per_s": rates[("gateway", c)],
                                         "gateway_sampled_images_per_s": rates[("gateway-sampled", c)],
