@@ -14,9 +14,9 @@ from storage.embedded import patched_environ, store_environment
 
 def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Train and publish with the serving stack running, then query ``stable`` through the gateway."""
+    from flows.cli_serving import mnist_test_inputs
     from flows.cli_training import run_training
     from flows.prefect_api import early_prefect_api
-    from flows.cli_serving import mnist_test_inputs
     from mnist_client.client import predict
     from storage.models import StoreSettings
 

@@ -11,6 +11,7 @@ from typing import Any
 
 from flows.cli import CliError, pipeline_settings, print_json, reachable_store
 
+
 def without_keras_at_tensorflow_import() -> None:
     """TensorFlow imports all of Keras (and with it matplotlib) as it is imported, for Keras
     optimizers a SavedModel might name: a second of a model server's start. A model server never

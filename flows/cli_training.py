@@ -19,7 +19,8 @@ def run_training(params, api_ready: Callable[[], None] | None = None) -> dict[st
     the wait for a Prefect API the caller started (else one is started here, if none is set)."""
     from flows.prefect_api import early_prefect_api
 
-    with nullcontext(api_ready) if api_ready else early_prefect_api() as api_ready:  # up while TensorFlow imports
+    api = nullcontext(api_ready) if api_ready else early_prefect_api()  # comes up while TensorFlow imports
+    with api as api_ready:
         from flows.training import training_flow
         from storage.embedded import store_environment
         from tasks.evaluate import REJECTED
