@@ -88,7 +88,8 @@ def start_weed(data_dir: Path, access_key: str, secret_key: str, s3_config: Path
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = ports or {flag: free_port() for flag in PORT_FLAGS}
     command = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-               "-webdav=false", "-admin.ui=false", "-volume.preStopSeconds=0", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
+               "-volume.preStopSeconds=0",  # no load balancer to drain: a second less at every stop
                *(f"-{flag}={port}" for flag, port in ports.items())]
     if s3_config:
         command.append(f"-s3.config={s3_config}")
