@@ -1,7 +1,8 @@
 """A gRPC client for TF Serving's PredictionService and ModelService, without TensorFlow.
 
 Input and output tensor names come from GetModelMetadata, never hard-coded;
-every call has a deadline; only UNAVAILABLE is retried, with backoff. ``address``
+every call has a deadline; UNAVAILABLE is retried with backoff, and so is CANCELLED from a
+server (one shutting down cancels calls it had not started; every call here only reads). ``address``
 is ``host:port``, ``dns:///host:port`` (every address the name resolves to) or a
 list of ``ip:port``; several replicas are called in turn (gRPC's ``round_robin``),
 and a call that finds one gone is retried on another (the channel's retry policy).
@@ -59,13 +60,15 @@ class Target:
             spec.version_label = self.label
 
 
-# round_robin over every address, and a retry on another replica when one is UNAVAILABLE.
+# round_robin over every address, and a retry on another replica when one is UNAVAILABLE or cancels a
+# call it had not started as it shuts down (gRPC retries only statuses from the server: a caller's own
+# cancel is never retried).
 SERVICE_CONFIG = json.dumps({
     "loadBalancingConfig": [{"round_robin": {}}],
     "methodConfig": [{
         "name": [{"service": "tensorflow.serving.PredictionService"}, {"service": "tensorflow.serving.ModelService"}],
         "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
-                        "retryableStatusCodes": ["UNAVAILABLE"]},
+                        "retryableStatusCodes": ["UNAVAILABLE", "CANCELLED"]},
     }],
 })
 
