@@ -22,7 +22,7 @@ from serving.model_config import single_model_config
 from serving.tensors import to_tensor_proto
 from tasks.data import load_test_set
 from tasks.export import saved_model_predict
-from tests.conftest import run_mnist, start_model_server
+from tests.conftest import REPO, run_mnist, start_model_server
 
 
 @pytest.fixture(scope="module")
@@ -408,20 +408,14 @@ import numpy as np
 from flows.cli_serving import without_keras_at_tensorflow_import
 without_keras_at_tensorflow_import()
 from mnist_client.client import predict
-from serving.manager import ModelManager
-from serving.model_config import single_model_config
-from serving.server import ModelServer, ServerOptions
-from storage.embedded import free_port
-port = free_port()
-server = ModelServer(ModelManager(single_model_config("mnist", Path({str(model_base)!r}))),
-                     ServerOptions(port=port)).start()
-answers = predict(np.load({str(tmp_path / "images.npy")!r}), address=f"127.0.0.1:{{port}}")
+from tests.conftest import start_model_server
+server, address = start_model_server(Path({str(model_base)!r}))
+answers = predict(np.load({str(tmp_path / "images.npy")!r}), address=address)
 server.stop(grace=1)
 print(json.dumps({{"digits": [a["digit"] for a in answers], "keras": "keras" in sys.modules,
                    "matplotlib": "matplotlib" in sys.modules}}))
 """
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                            cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stderr[-2000:]
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["digits"] == saved_model_predict(saved_model_dir, images).argmax(axis=1).tolist()
