@@ -132,6 +132,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def stop_on_signals() -> Callable[[], None]:
+    """From now on SIGTERM and SIGINT end a long-running command's wait rather than the command;
+    returns that wait (it returns once either arrives, even if it arrived first).
+
+    The handler only puts on a SimpleQueue, whose put is reentrant. An Event's set() in a handler
+    can deadlock: the handler runs in the main thread, which may hold that Event's lock inside
+    wait() when the signal lands (python/cpython#126434)."""
+    import queue
+    import signal
+
+    received: queue.SimpleQueue[int] = queue.SimpleQueue()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(number, lambda signum, frame: received.put(signum))
+
+    def wait() -> None:
+        received.get()
+
+    return wait
+
+
 def exit_on_sigterm(signum: int, frame: Any) -> None:
     """SIGTERM ends the command like Ctrl-C does, so cleanup (stopping an embedded
     store, a server, a worker) runs instead of being skipped."""

@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from flows.cli import CliError, print_json, reachable_store, store_for_cli
+from flows.cli import CliError, print_json, reachable_store, stop_on_signals, store_for_cli
 
 LOG_RETRY_SECONDS = 5.0  # a down store costs logs, not waiting: the writer gives up on a batch soon
 
@@ -23,8 +23,6 @@ def traffic_stores(retry_seconds: float | None = None):
 
 def command_gateway(args: argparse.Namespace) -> int:
     import logging
-    import signal
-    import threading
 
     from serving.gateway import Gateway, GatewayOptions
 
@@ -42,13 +40,11 @@ def command_gateway(args: argparse.Namespace) -> int:
         except (RuntimeError, OSError) as error:
             raise CliError(f"cannot start the gateway: {error}") from None
         rest = f", REST on {args.host}:{gateway.rest.port}" if gateway.rest else ""
+        wait_for_stop = stop_on_signals()  # before the line a supervisor may answer with SIGTERM at once
         print(f"mnist gateway: listening on {args.host}:{gateway.port}{rest}, forwarding to {args.upstream}"
               f"{' (REST ' + args.upstream_rest + ')' if args.upstream_rest else ''}; logging "
               f"{args.log_sample_rate:.0%} of {options.model_name}'s Predict calls to {logs.uri()}", flush=True)
-        stop = threading.Event()
-        for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, lambda *_: stop.set())
-        stop.wait()
+        wait_for_stop()
         gateway.stop(args.drain_seconds)
         print(f"mnist gateway: stopped; {gateway.logger.written_records} records written", flush=True)
     return 0

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.cli import CliError, pipeline_settings, print_json, reachable_store
+from flows.cli import CliError, pipeline_settings, print_json, reachable_store, stop_on_signals
 
 
 def without_keras_at_tensorflow_import() -> None:
@@ -23,8 +23,6 @@ def without_keras_at_tensorflow_import() -> None:
 
 def command_serve(args: argparse.Namespace) -> int:
     import logging
-    import signal
-    import threading
 
     without_keras_at_tensorflow_import()
     from serving.inference import PredictOptions
@@ -57,11 +55,9 @@ def command_serve(args: argparse.Namespace) -> int:
         raise CliError(f"cannot start the server: {error}") from None
     served = {name: sorted(model.versions) for name, model in server.manager.models.items()}
     rest = f", REST on {args.host}:{server.rest.port}" if server.rest else ""
+    wait_for_stop = stop_on_signals()  # before the line a supervisor may answer with SIGTERM at once
     print(f"mnist serve: listening on {args.host}:{server.port}{rest}, serving {served}", flush=True)
-    stop = threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
-    stop.wait()
+    wait_for_stop()
     server.stop()
     return 0
 
@@ -241,9 +237,6 @@ def print_predictions(results: list[dict[str, Any]], as_json: bool) -> None:
 
 def command_up(args: argparse.Namespace) -> int:
     """The serving stack until Ctrl-C or SIGTERM: addresses and export lines first."""
-    import signal
-    import threading
-
     from serving.stack import StackError, StackPorts, running_stack, serving_stack
     from storage.embedded import store_environment
 
@@ -252,14 +245,12 @@ def command_up(args: argparse.Namespace) -> int:
         raise CliError(f"a serving stack already runs (see {state_dir / 'serving' / 'stack.json'}); "
                        "stop it first (Ctrl-C in its terminal)")
     ports = StackPorts(args.port, args.rest_api_port, args.server_port, args.server_rest_port)
-    stop = threading.Event()
-    for number in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(number, lambda *_: stop.set())
+    wait_for_stop = stop_on_signals()
     try:
         with store_environment(state_dir) as endpoint, \
                 serving_stack(state_dir, ports, args.log_sample_rate) as (stack, _):
             print_stack(stack, endpoint)
-            stop.wait()
+            wait_for_stop()
             print("mnist up: stopping (the gateway writes its queued logs first)", flush=True)
     except StackError as error:
         raise CliError(str(error)) from None
