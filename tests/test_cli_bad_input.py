@@ -70,9 +70,14 @@ def test_tensorflow_start_up_lines_show_only_with_verbose(tmp_path: Path) -> Non
                 lines.append(line)
         finally:
             os.killpg(process.pid, signal.SIGTERM)
-            process.wait(timeout=20)
-            lines += process.stdout.readlines()
-            process.stdout.close()
+            try:
+                process.wait(timeout=20)
+            finally:
+                if process.poll() is None:  # it ignored SIGTERM: the test fails, and leaves nothing running
+                    os.killpg(process.pid, signal.SIGKILL)
+                    process.wait()
+                lines += process.stdout.readlines()
+                process.stdout.close()
         seen[flags] = "".join(lines)
     assert "listening on" in seen[()] and "does not exist" not in seen[()]  # an empty base path is fine
     for native in ("I0000", "E0000", "oneDNN", "cuda", "absl::InitializeLog", "rebuild TensorFlow"):
