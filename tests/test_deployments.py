@@ -65,8 +65,12 @@ def mnist_deploy(server: dict[str, Any]) -> subprocess.CompletedProcess[str]:
 
 
 def api(server: dict[str, Any], method: str, path: str, **kwargs: Any) -> Any:
-    response = httpx.request(method, f"{server['api']}{path}", timeout=30, **kwargs)
-    response.raise_for_status()
+    """One API call through Prefect's own HTTP client: it retries what the server answers as retryable
+    (503 when SQLite is busy with the worker's and the scheduler's writes), and raises on any other error."""
+    from prefect.client.base import PrefectHttpxSyncClient
+
+    with PrefectHttpxSyncClient(base_url=server["api"], timeout=30) as client:
+        response = client.request(method, path, **kwargs)
     return response.json() if response.content else None
 
 
