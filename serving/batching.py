@@ -83,10 +83,12 @@ class Task:
 class Batcher:
     """One signature of one loaded version: calls from any number of threads, batched.
 
-    ``traffic`` says how many of the server's requests are on their way here and how many are being
-    answered at all: a batch closes as soon as none is on its way, and a request alone in the
-    server runs at once in its own thread, since nobody could join it before the timeout. TF
-    Serving waits out the timeout; the answers are the same, the wait is not (make bench)."""
+    As TF Serving's queue, it keeps one batch open at a time, which closes when full or when
+    ``batch_timeout_micros`` have passed since its first request; the batch threads take turns
+    filling it. ``traffic`` says how many requests the server is answering, which adds two early
+    exits TF Serving does not have: a request alone in the server runs at once in its own thread,
+    and a batch that holds every request the server is answering closes at once, since nobody could
+    join it but a new arrival. The answers are the same, the wait is not (make bench)."""
 
     def __init__(self, run: Callable[[Arrays], Arrays], options: BatchingOptions,
                  traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)):
@@ -95,6 +97,8 @@ class Batcher:
         self.lock = threading.Lock()
         self.queue: queue.Queue[Task] = queue.Queue(maxsize=options.max_enqueued_batches * options.max_batch_size)
         self.stopping = threading.Event()
+        self.filling = threading.Lock()  # held by the batch thread filling the one open batch
+        self.carried: list[Task] = []  # a task that did not fit the last batch: the next one starts with it
         self.batches = 0  # signature calls made, for a look at how well requests merged
         self.threads = [threading.Thread(target=self.serve, name=f"batch-{i}", daemon=True)
                         for i in range(options.num_batch_threads)]
@@ -126,34 +130,37 @@ class Batcher:
             raise task.error
         return task.outputs
 
-    def collect(self, first: Task, carry: list[Task]) -> list[Task]:
+    def collect(self, first: Task) -> list[Task]:
         """``first`` and what arrives within the timeout that fits beside it."""
         batch, rows, key = [first], first.rows, first.shape_key()
         deadline = time.monotonic() + self.options.batch_timeout_micros / 1e6
-        while rows < self.options.max_batch_size and (self.traffic()[0] > 0 or not self.queue.empty()):
+        while rows < self.options.max_batch_size and len(batch) < self.traffic()[1]:
+            remaining = deadline - time.monotonic()
             try:
-                task = self.queue.get(timeout=max(0.0, deadline - time.monotonic())) \
-                    if time.monotonic() < deadline else self.queue.get_nowait()
+                task = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()
             except queue.Empty:
                 break
             if task.shape_key() != key or rows + task.rows > self.options.max_batch_size:
-                carry.append(task)  # the next batch starts with it
+                self.carried.append(task)
                 break
             batch.append(task)
             rows += task.rows
         return batch
 
+    def next_batch(self) -> list[Task] | None:
+        with self.filling:
+            if self.carried:
+                return self.collect(self.carried.pop(0))
+            try:
+                return self.collect(self.queue.get(timeout=0.2))
+            except queue.Empty:
+                return None
+
     def serve(self) -> None:
-        carry: list[Task] = []
         while not self.stopping.is_set():
-            if carry:
-                first = carry.pop(0)
-            else:
-                try:
-                    first = self.queue.get(timeout=0.2)
-                except queue.Empty:
-                    continue
-            self.process(self.collect(first, carry))
+            batch = self.next_batch()
+            if batch:
+                self.process(batch)
 
     def padded_size(self, rows: int) -> int:
         return next((size for size in self.options.allowed_batch_sizes if size >= rows), rows)
