@@ -30,7 +30,7 @@ def test_sync_writes_what_the_real_proto_reads() -> None:
 
 def test_batching_and_monitoring_configs_parse() -> None:
     batching = text_format.Parse((DEPLOY / "batching_parameters.txt").read_text(), message_class("BatchingParameters")())
-    assert batching.max_batch_size.value == 256 and list(batching.allowed_batch_sizes)[-1] == 256
+    assert batching.max_batch_size.value == 256 and batching.batch_timeout_micros.value == 2000
     monitoring = text_format.Parse((DEPLOY / "monitoring.config").read_text(), message_class("MonitoringConfig")())
     assert monitoring.prometheus_config.enable and monitoring.prometheus_config.path.startswith("/monitoring")
 
