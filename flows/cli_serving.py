@@ -41,13 +41,17 @@ def command_serve(args: argparse.Namespace) -> int:
     else:
         raise CliError("give --model-base-path (with --model-name) or --model-config-file", exit_code=2)
     options = ServerOptions(port=args.port, host=args.host, poll_seconds=args.file_system_poll_wait_seconds,
+                            config_poll_seconds=args.model_config_file_poll_wait_seconds,
                             max_message_bytes=args.max_message_bytes, rest_api_port=args.rest_api_port,
                             ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None,
                             predict=PredictOptions(args.enable_serialization_as_tensor_content,
                                                    args.reject_non_finite_inputs),
                             metrics_path=monitoring_path(args))
+    batching = batching_options(args)
+    use_tensorflow_threads(args)  # the last check: it logs what it set
     try:
-        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models, batching_options(args))
+        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models, batching,
+                               args.enable_model_warmup)
         server = ModelServer(manager, options, Path(args.model_config_file) if args.model_config_file else None).start()
     except ConfigRefused as refusal:
         raise CliError(f"config refused: {refusal}", exit_code=2) from None
@@ -60,6 +64,30 @@ def command_serve(args: argparse.Namespace) -> int:
     wait_for_stop()
     server.stop()
     return 0
+
+
+def use_tensorflow_threads(args: argparse.Namespace) -> None:
+    """TF Serving's --tensorflow_{session,intra_op,inter_op}_parallelism, with its rules (server.cc):
+    all three at once is refused; intra- or inter-op set wins over session; 0 lets TensorFlow decide.
+    Before any model loads: TensorFlow fixes its thread pools at its first op."""
+    import logging
+
+    import tensorflow as tf
+
+    intra, inter, session = (args.tensorflow_intra_op_parallelism, args.tensorflow_inter_op_parallelism,
+                             args.tensorflow_session_parallelism)
+    if intra > 0 and inter > 0 and session > 0:
+        raise CliError("give --tensorflow_session_parallelism or (--tensorflow_intra_op_parallelism, "
+                       "--tensorflow_inter_op_parallelism), not all three (as TF Serving)", exit_code=2)
+    if intra > 0 or inter > 0:
+        session = 0
+    else:
+        intra = inter = max(session, 0)
+    tf.config.threading.set_intra_op_parallelism_threads(max(intra, 0))
+    tf.config.threading.set_inter_op_parallelism_threads(max(inter, 0))
+    logging.getLogger("mnist.serve").info(
+        "TensorFlow threads: intra-op %d, inter-op %d (0: TensorFlow decides)",
+        tf.config.threading.get_intra_op_parallelism_threads(), tf.config.threading.get_inter_op_parallelism_threads())
 
 
 def batching_options(args: argparse.Namespace):
@@ -274,6 +302,18 @@ def print_stack(stack, endpoint: str | None) -> None:
           flush=True)
 
 
+def true_or_false(value: str) -> bool:
+    if value not in ("true", "false"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+    return value == "true"
+
+
+def tf_serving_bool(default: bool) -> dict:
+    """A bool flag as tensorflow_model_server parses one (tensorflow/core/util/command_line_flags.cc):
+    ``--flag`` or ``--flag=true`` sets it, ``--flag=false`` clears it."""
+    return {"nargs": "?", "const": True, "default": default, "type": true_or_false, "metavar": "true|false"}
+
+
 def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     up = commands.add_parser(
         "up", help="keep the local serving stack running: model server, sync sidecar, logging gateway",
@@ -290,30 +330,47 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     up.set_defaults(handler=command_up)
 
     serve = commands.add_parser("serve", help="serve SavedModels over TF Serving's gRPC API",
-                                description="A TF-Serving-compatible gRPC server (PredictionService, ModelService).")
+                                description="A TF-Serving-compatible gRPC server (PredictionService, ModelService). "
+                                            "It takes tensorflow_model_server's flags as that binary spells them "
+                                            "(--rest_api_port=8501, --enable_batching=true), so production's "
+                                            "command line runs here unchanged.")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default 8500)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--rest-api-port", type=int, default=0,
+    serve.add_argument("--rest-api-port", "--rest_api_port", type=int, default=0,
                        help="TF Serving's REST API (/v1/models/NAME[:predict]) on this port; 0 = off (default)")
-    serve.add_argument("--model-base-path", help="the model's directory of numbered versions")
-    serve.add_argument("--model-name", default="mnist", help="model name (default mnist)")
-    serve.add_argument("--model-config-file", help="TF Serving models.config (text ModelServerConfig); re-read on change")
-    serve.add_argument("--file-system-poll-wait-seconds", type=float, default=1.0,
-                       help="how often to look for new versions (default 1)")
-    serve.add_argument("--enable-batching", "--enable_batching", action="store_true",
+    serve.add_argument("--model-base-path", "--model_base_path", help="the model's directory of numbered versions")
+    serve.add_argument("--model-name", "--model_name", default="mnist", help="model name (default mnist)")
+    serve.add_argument("--model-config-file", "--model_config_file",
+                       help="TF Serving models.config (text ModelServerConfig)")
+    serve.add_argument("--model-config-file-poll-wait-seconds", "--model_config_file_poll_wait_seconds", type=float,
+                       default=0.0, help="re-read --model-config-file this often; 0 reads it once, at start "
+                                         "(default 0, as TF Serving)")
+    serve.add_argument("--file-system-poll-wait-seconds", "--file_system_poll_wait_seconds", type=float, default=1.0,
+                       help="how often to look for new versions; 0 looks once, at start (default 1, as TF Serving)")
+    serve.add_argument("--enable-batching", "--enable_batching", **tf_serving_bool(False),
                        help="merge concurrent requests into batches, as TF Serving's flag of the same name")
     serve.add_argument("--batching-parameters-file", "--batching_parameters_file",
                        help="TF Serving BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
                             "num_batch_threads, max_enqueued_batches, allowed_batch_sizes); default: TF Serving's")
-    serve.add_argument("--monitoring-config-file",
+    serve.add_argument("--enable-model-warmup", "--enable_model_warmup", **tf_serving_bool(True),
+                       help="replay assets.extra/tf_serving_warmup_requests on load (default true, as TF Serving)")
+    serve.add_argument("--monitoring-config-file", "--monitoring_config_file",
                        help="TF Serving MonitoringConfig text proto: Prometheus metrics on the REST port at its path")
-    serve.add_argument("--ssl-config-file", help="TF Serving SSLConfig text proto: server_key, server_cert, custom_ca")
+    serve.add_argument("--ssl-config-file", "--ssl_config_file",
+                       help="TF Serving SSLConfig text proto: server_key, server_cert, custom_ca")
+    for scope in ("session", "intra_op", "inter_op"):
+        serve.add_argument(f"--tensorflow-{scope.replace('_', '-')}-parallelism",
+                           f"--tensorflow_{scope}_parallelism", type=int, default=0,
+                           help=f"TensorFlow's {scope.replace('_', '-')} threads, as TF Serving's flag "
+                                "(default 0: TensorFlow decides)")
     serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
                        help="largest request or response (default 64 MiB; a batch of 1024 images is 3.2 MB)")
-    serve.add_argument("--allow-version-labels-for-unavailable-models", action="store_true",
+    serve.add_argument("--allow-version-labels-for-unavailable-models", "--allow_version_labels_for_unavailable_models",
+                       **tf_serving_bool(False),
                        help="accept a new label on a version still loading (a label in use still moves only to "
                             "an AVAILABLE version), as TF Serving's flag of the same name")
-    serve.add_argument("--enable-serialization-as-tensor-content", action="store_true",
+    serve.add_argument("--enable-serialization-as-tensor-content", "--enable_serialization_as_tensor_content",
+                       **tf_serving_bool(False),
                        help="answer Predict in packed tensor_content instead of float_val, as TF Serving's flag")
     serve.add_argument("--reject-non-finite-inputs", action="store_true",
                        help="refuse inputs holding NaN or infinity (TF Serving runs them through; off by default)")

@@ -117,10 +117,10 @@ def warm_up(loaded: LoadedVersion) -> int:
 
 
 def load_version(path: Path, version: int, batching: BatchingOptions | None = None,
-                 traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> LoadedVersion:
+                 traffic: Callable[[], tuple[int, int]] = lambda: (0, 0), warmup: bool = True) -> LoadedVersion:
     loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path), batching,
                            traffic)
-    replayed = warm_up(loaded)
+    replayed = warm_up(loaded) if warmup else 0
     log.info("loaded version %d from %s (%d warmup requests)", version, path, replayed)
     return loaded
 
@@ -141,9 +141,11 @@ class ModelManager:
     """The served models and their versions, kept in step with the disk."""
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig,
-                 allow_version_labels_for_unavailable_models: bool = False, batching: BatchingOptions | None = None):
+                 allow_version_labels_for_unavailable_models: bool = False, batching: BatchingOptions | None = None,
+                 warmup: bool = True):
         self.lock = threading.RLock()
         self.batching = batching
+        self.warmup = warmup  # --enable_model_warmup
         self.arriving = 0  # Predict calls received and not yet at their signature
         self.answering_now = 0  # Predict calls received and not yet answered
         self.counter_lock = threading.Lock()
@@ -198,7 +200,8 @@ class ModelManager:
             return  # the same files failed before: wait until they change
         self.set_state(name, version, VersionStatus(State.LOADING))
         try:
-            loaded = load_version(path, version, self.batching, lambda: (self.arriving, self.answering_now))
+            loaded = load_version(path, version, self.batching, lambda: (self.arriving, self.answering_now),
+                                  self.warmup)
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
             message = f"{type(error).__name__}: {error}".splitlines()[0]
             log.error("could not load %s version %d (not retried until its files change): %s", name, version,

@@ -118,7 +118,9 @@ def server_credentials(ssl_config_file: Path) -> grpc.ServerCredentials:
 class ServerOptions:
     port: int
     host: str = "127.0.0.1"
-    poll_seconds: float = 1.0
+    poll_seconds: float = 1.0  # --file_system_poll_wait_seconds: new versions on disk
+    # --model_config_file_poll_wait_seconds: 0 reads the config file once, at start, as TF Serving
+    config_poll_seconds: float = 0.0
     max_message_bytes: int = 64 * 1024 * 1024  # a batch of 1024 images is 3.2 MB
     ssl_config_file: Path | None = None
     workers: int = 8
@@ -159,8 +161,9 @@ class ModelServer:
 
     def reload_config_if_changed(self) -> None:
         """Re-read models.config when it changes (the sync rewrites it), and retry a refused
-        one every poll, as TF Serving re-reads its config file every poll period: a label
-        refused while its version loads is accepted once the version is AVAILABLE."""
+        one every config poll, as TF Serving re-reads its config file every
+        ``--model_config_file_poll_wait_seconds``: a label refused while its version loads is
+        accepted once the version is AVAILABLE. With no period, the file is read once, as there."""
         if not self.config_file or not self.config_file.exists():
             return
         mtime = self.config_file.stat().st_mtime
@@ -177,12 +180,23 @@ class ModelServer:
             self.config_refusals += 1
 
     def poll_forever(self) -> None:
-        while not self.stopping.wait(self.options.poll_seconds):
-            try:
-                self.reload_config_if_changed()
-                self.manager.poll()
-            except Exception:  # noqa: BLE001  keep polling whatever one round hit
-                log.exception("poll failed")
+        """Each chore on its own period, as TF Serving's two poll threads: the config file
+        (``--model_config_file_poll_wait_seconds``) and the model directories
+        (``--file_system_poll_wait_seconds``). A period of 0 means done once, at start."""
+        chores = [[period, chore, time.monotonic()]
+                  for period, chore in ((self.options.config_poll_seconds, self.reload_config_if_changed),
+                                        (self.options.poll_seconds, self.manager.poll)) if period > 0]
+        tick = min((period for period, _, _ in chores), default=1.0)
+        while not self.stopping.wait(tick):
+            for entry in chores:
+                period, chore, last_done = entry
+                if time.monotonic() - last_done < period:
+                    continue
+                entry[2] = time.monotonic()
+                try:
+                    chore()
+                except Exception:  # noqa: BLE001  keep polling whatever one round hit
+                    log.exception("poll failed")
 
     def start(self) -> "ModelServer":
         self.grpc.start()

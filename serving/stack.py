@@ -119,6 +119,7 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
         serve = processes.enter_context(background_cli(
             ["serve", "--port", str(chosen["server"]), "--rest-api-port", str(chosen["server_rest"]),
              "--model-config-file", str(root / "models.config"), "--monitoring-config-file", str(MONITORING_CONFIG),
+             "--model-config-file-poll-wait-seconds", "1",  # as production's 10, shorter: the sync runs every second
              "--allow-version-labels-for-unavailable-models"],  # restarts on a config with labels, as in production
             root / "serve.log"))
         processes.enter_context(background_cli(

@@ -28,7 +28,7 @@ def next_local_version(model_dir: Path) -> int:
 
 def write_warmup_requests(saved_model_dir: Path, images: np.ndarray, batch_sizes: tuple[int, ...] = (1, 8, 32)) -> Path:
     """``assets.extra/tf_serving_warmup_requests``: PredictionLogs of real test images,
-    which TF Serving replays with --enable_model_warmup (and the local server always)."""
+    which TF Serving and the local server replay with --enable_model_warmup (on by default)."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
     from serving.tensors import to_tensor_proto

@@ -465,3 +465,106 @@ print(json.dumps({{"digits": [a["digit"] for a in answers], "keras": "keras" in 
     answer = json.loads(result.stdout.strip().splitlines()[-1])
     assert answer["digits"] == saved_model_predict(saved_model_dir, images).argmax(axis=1).tolist()
     assert answer == {**answer, "keras": False, "matplotlib": False}
+
+
+def serve_in_process_group(*flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """``mnist serve FLAGS`` in its own process group; its output lines up to "listening on"."""
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (lines and "listening on" in lines[-1]) and process.poll() is None:
+        lines.append(process.stdout.readline())
+    return process, lines
+
+
+def stop_served(process: subprocess.Popen) -> None:
+    from storage.embedded import stop_process
+
+    stop_process(process.pid)
+    process.wait(timeout=30)
+    process.stdout.close()
+
+
+def test_production_tf_serving_command_line_runs_unchanged(model_base: Path, saved_model_dir: Path, test_images,
+                                                          tmp_path: Path) -> None:
+    """The compose file's `serving` command, as tensorflow_model_server takes it (--flag=value,
+    bools as =true), with only its paths and ports made local."""
+    import httpx
+    import yaml
+
+    from serving.monitoring import metrics_path
+    from serving.sync import model_config_text
+    from tasks.export import write_warmup_requests
+
+    images = test_images[0][:8]
+    write_warmup_requests(model_base / "1", images)
+    config_file = model_base.parent / "models.config"
+    config_file.write_text(model_config_text("mnist", str(model_base), [1], {"stable": 1}))
+    deploy = REPO / "serving" / "deploy"
+    command = yaml.safe_load((deploy / "docker-compose.yml").read_text())["services"]["serving"]["command"]
+    grpc_port, rest_port = free_port(), free_port()
+    local = {"--port": str(grpc_port), "--rest_api_port": str(rest_port), "--model_config_file": str(config_file)}
+    flags = []
+    for flag in command:
+        name, _, value = flag.partition("=")
+        value = local.get(name, value.replace("/config/", f"{deploy}/"))
+        flags.append(f"{name}={value}")
+    assert len(flags) == len(command) >= 10 and "--enable_batching=true" in flags
+    process, lines = serve_in_process_group(*flags)
+    try:
+        assert "listening on" in lines[-1], lines
+        assert any("(3 warmup requests)" in line for line in lines), lines  # --enable_model_warmup=true
+        probabilities, version = predict_probabilities(images, Target(f"127.0.0.1:{grpc_port}", label="stable"))
+        assert version == 1 and np.allclose(probabilities, saved_model_predict(saved_model_dir, images), atol=1e-5)
+        path = metrics_path(deploy / "monitoring.config")
+        metrics = httpx.get(f"http://127.0.0.1:{rest_port}{path}", timeout=10)
+        assert metrics.status_code == 200 and ":tensorflow:serving:request_count" in metrics.text
+    finally:
+        stop_served(process)
+
+
+def test_warmup_and_tensorflow_threads_follow_tf_serving_flags(model_base: Path, test_images) -> None:
+    from tasks.export import write_warmup_requests
+
+    write_warmup_requests(model_base / "1", test_images[0][:8])
+    process, lines = serve_in_process_group("--port", str(free_port()), "--model_base_path", str(model_base),
+                                            "--enable_model_warmup=false", "--tensorflow_intra_op_parallelism=1")
+    try:
+        assert "listening on" in lines[-1], lines
+        assert any("(0 warmup requests)" in line for line in lines), lines
+        assert any("TensorFlow threads: intra-op 1, inter-op 0" in line for line in lines), lines
+    finally:
+        stop_served(process)
+    refused = run_mnist("serve", "--model_base_path", str(model_base), "--tensorflow_session_parallelism=2",
+                        "--tensorflow_intra_op_parallelism=2", "--tensorflow_inter_op_parallelism=2")
+    assert refused.returncode == 2 and "not all three" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    bad_bool = run_mnist("serve", "--model_base_path", str(model_base), "--enable_batching=yes")
+    assert bad_bool.returncode == 2 and "expected true or false, got 'yes'" in bad_bool.stderr
+
+
+def test_config_file_is_read_once_unless_a_poll_period_is_given(model_base: Path) -> None:
+    """TF Serving re-reads --model_config_file only every --model_config_file_poll_wait_seconds;
+    without it (0, its default), a later label in the file never takes effect."""
+    from serving.manager import ModelManager
+    from serving.model_config import read_model_config_file
+    from serving.server import ModelServer, ServerOptions
+    from serving.sync import model_config_text
+
+    config_file = model_base.parent / "models.config"
+    for period, expected in ((0.0, {}), (0.2, {"canary": 1})):
+        config_file.write_text(model_config_text("mnist", str(model_base), [1], {}))
+        server = ModelServer(ModelManager(read_model_config_file(config_file), True),
+                             ServerOptions(port=free_port(), poll_seconds=0.2, config_poll_seconds=period),
+                             config_file).start()
+        try:
+            time.sleep(0.1)
+            config_file.write_text(model_config_text("mnist", str(model_base), [1], {"canary": 1}))
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline and server.manager.labels.get("mnist", {}) != expected:
+                time.sleep(0.1)
+            time.sleep(1.0)  # long past five file-system polls: a read-once file stays as it was
+            assert server.manager.labels.get("mnist", {}) == expected, period
+        finally:
+            server.stop(grace=1)

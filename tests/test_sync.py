@@ -161,7 +161,8 @@ def test_sync_moves_a_label_only_once_the_server_has_the_version(store: ModelSto
     sync_once(store, base)  # first pass, before the server runs: version 1, no label yet
     port = free_port()
     server = ModelServer(ModelManager(read_model_config_file(config_file)),
-                         ServerOptions(port=port, poll_seconds=0.2), config_file).start()
+                         ServerOptions(port=port, poll_seconds=0.2, config_poll_seconds=0.2),
+                         config_file).start()
     target = Target(f"127.0.0.1:{port}", "mnist")
     try:
         first = sync_once(store, base, server=target, load_timeout=60)
