@@ -111,10 +111,11 @@ class Batcher:
                 or next(iter(rows)) > self.options.max_batch_size:
             return self.run(inputs)  # nothing to merge (no batch dimension, empty, or a batch of its own)
         with self.lock:
-            alone = self.traffic()[1] <= 1 and self.busy == 0
-            self.busy += 0 if alone else 1
-        if alone:
-            return self.run(inputs)  # nothing to wait for: no thread handoff
+            # alone: nothing to wait for, so no thread handoff; stopping: no thread may be left to take it
+            direct = self.stopping.is_set() or (self.traffic()[1] <= 1 and self.busy == 0)
+            self.busy += 0 if direct else 1
+        if direct:
+            return self.run(inputs)
         task = Task(inputs, rows.pop())
         try:
             self.queue.put_nowait(task)
@@ -157,7 +158,10 @@ class Batcher:
                 return None
 
     def serve(self) -> None:
-        while not self.stopping.is_set():
+        while True:
+            with self.lock:
+                if self.stopping.is_set() and self.busy == 0:
+                    return  # stopped, and every task it took is answered
             batch = self.next_batch()
             if batch:
                 self.process(batch)
@@ -189,4 +193,7 @@ class Batcher:
             task.done.set()
 
     def stop(self) -> None:
-        self.stopping.set()
+        """Answer every task already taken, then let the threads end, as TF Serving's queue drains
+        before it goes: a request that reached an unloading version still gets its answer."""
+        with self.lock:
+            self.stopping.set()

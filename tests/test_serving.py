@@ -431,6 +431,34 @@ def test_batching_closes_a_batch_that_holds_every_request_in_the_server() -> Non
     assert sorted(float(answer[0, 0]) for answer in answers) == [0.0, 2.0, 4.0]
 
 
+def test_a_stopped_batcher_answers_what_it_had_queued() -> None:
+    """A version unloads while requests wait in its queue: each still gets its answer, as TF
+    Serving's queue drains before it goes, and none arriving afterwards waits forever."""
+    from serving.batching import Batcher, BatchingOptions
+
+    def slow_double(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        time.sleep(0.3)
+        return {"y": arrays["x"] * 2}
+
+    batcher = Batcher(slow_double, BatchingOptions(max_batch_size=1, num_batch_threads=2), lambda: (0, 8))
+    answers: dict[int, float] = {}
+
+    def call(index: int) -> None:
+        answers[index] = float(batcher({"x": np.full((1, 1), float(index))})["y"][0, 0])
+
+    threads = [threading.Thread(target=call, args=(i,), daemon=True) for i in range(5)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.1)  # two batches running, three queued
+    batcher.stop()
+    late = threading.Thread(target=call, args=(5,), daemon=True)
+    late.start()
+    threads.append(late)
+    for thread in threads:
+        thread.join(timeout=10)
+    assert answers == {i: 2.0 * i for i in range(6)}
+
+
 def test_batching_parameters_are_checked_as_tf_serving_checks_them(tmp_path: Path, model_base: Path) -> None:
     bad = tmp_path / "batching.txt"
     bad.write_text("max_batch_size { value: 64 }\nallowed_batch_sizes: 8\nallowed_batch_sizes: 32\n")
