@@ -106,10 +106,14 @@ class Batcher:
             thread.start()
 
     def __call__(self, inputs: Arrays) -> Arrays:
+        from serving.manager import RequestError  # here: manager.py builds on this module
+
         rows = {len(array) for array in inputs.values() if array.ndim}
-        if len(rows) != 1 or len(inputs) != sum(1 for a in inputs.values() if a.ndim) or rows == {0} \
-                or next(iter(rows)) > self.options.max_batch_size:
-            return self.run(inputs)  # nothing to merge (no batch dimension, empty, or a batch of its own)
+        if len(rows) != 1 or len(inputs) != sum(1 for a in inputs.values() if a.ndim) or rows == {0}:
+            return self.run(inputs)  # nothing to merge (no batch dimension, or empty)
+        if next(iter(rows)) > self.options.max_batch_size:  # TF Serving's Queue::ValidateBatchTaskQueueCapacity
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Task size {next(iter(rows))} is larger than "
+                                                                f"maximum input batch size {self.options.max_batch_size}")
         with self.lock:
             # alone: nothing to wait for, so no thread handoff; stopping: no thread may be left to take it
             direct = self.stopping.is_set() or (self.traffic()[1] <= 1 and self.busy == 0)
@@ -122,8 +126,6 @@ class Batcher:
         except queue.Full:
             with self.lock:
                 self.busy -= 1
-            from serving.manager import RequestError
-
             raise RequestError(grpc.StatusCode.UNAVAILABLE,
                                "The batch scheduling queue to which this task was submitted is full") from None
         task.done.wait()

@@ -378,8 +378,14 @@ def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base
         for thread in threads:
             thread.join(timeout=60)
         batcher = server.manager.models["mnist"].versions[1].batchers["serving_default"]
+        with pytest.raises(ServingError, match="INVALID_ARGUMENT.*Task size 33 is larger than maximum input batch "
+                                               "size 32"):  # TF Serving's refusal, not a quiet bigger batch
+            predict_probabilities(images[:33], target)
+        split = predict(images[:70], address=address, images_per_call=32)  # three calls: 32, 32 and 6 images
     finally:
         server.stop(grace=1)
+    assert [r["digit"] for r in split] == saved_model_predict(saved_model_dir, images[:70]).argmax(axis=1).tolist()
+    assert [r["input"] for r in split] == [str(i) for i in range(70)]
     offline = saved_model_predict(saved_model_dir, images[:8])
     assert sorted(answers) == list(range(8))
     assert all(np.allclose(answers[i][0], offline[i], atol=1e-5) for i in range(8))  # each its own row back

@@ -30,6 +30,7 @@ except ImportError:  # the core needs no numpy: nested lists in, lists of rows o
 
 T = TypeVar("T")
 DEFAULT_SIGNATURE = "serving_default"
+IMAGES_PER_CALL = 256  # the max_batch_size of serving/deploy/batching_parameters.txt
 
 
 class ServingError(RuntimeError):
@@ -207,14 +208,34 @@ def predict_probabilities(images: Any, target: Target, channel: grpc.Channel | N
 def predict(images: Any, *, address: str, model_name: str = "mnist", version: int | None = None,
             label: str | None = None, timeout: float = 10.0, tls: bool = False,
             ca_cert: Path | None = None, names: list[str] | None = None,
-            request_id: str | None = None) -> list[dict[str, Any]]:
+            request_id: str | None = None, images_per_call: int = IMAGES_PER_CALL) -> list[dict[str, Any]]:
     """Digits for images [N,28,28,1] in [0,1] (a numpy array, or nested lists where numpy is not
     installed): one dict per image with ``input``, ``digit``,
     ``confidence``, ``top3``, the ``version`` that answered and, through the logging gateway, the
-    call's ``request_id`` and the image's ``index`` in it (what feedback names)."""
+    call's ``request_id`` and the image's ``index`` in it (what feedback names).
+
+    At most ``images_per_call`` images go in one Predict: TF Serving refuses a call larger than its
+    batching ``max_batch_size`` (INVALID_ARGUMENT, "Task size N is larger than maximum input batch
+    size"). With more, each call gets its own request id (``request_id`` + ".1", ".2"... when given)."""
+    if images_per_call < 1:
+        raise ValueError(f"images_per_call must be at least 1, got {images_per_call}")
     target = Target(address, model_name, version, label, timeout, tls=tls, ca_cert=ca_cert)
-    answer = predict_call(images, target, request_id=request_id)
-    names = names or [str(index) for index in range(len(answer.probabilities))]
+    names = names or [str(index) for index in range(len(images))]
+    results: list[dict[str, Any]] = []
+    channel = open_channel(target)
+    try:
+        for call, start in enumerate(range(0, max(len(images), 1), images_per_call)):
+            call_id = request_id if not request_id or len(images) <= images_per_call \
+                else f"{request_id[:120]}.{call + 1}"
+            answer = predict_call(images[start:start + images_per_call], target, channel, call_id)
+            results += digit_results(answer, names[start:start + images_per_call])
+    finally:
+        channel.close()
+    return results
+
+
+def digit_results(answer: Prediction, names: list[str]) -> list[dict[str, Any]]:
+    """One dict per image of one call; ``index`` is the image's place in that call."""
     results = []
     for index, (name, row) in enumerate(zip(names, answer.probabilities)):
         order = sorted(range(len(row)), key=lambda digit: float(row[digit]), reverse=True)[:3]
