@@ -40,6 +40,8 @@ def test_each_replica_runs_tf_serving_with_the_sync_sidecar_on_a_shared_volume()
     serving, sync = (next(c for c in pod["containers"] if c["name"] == name) for name in ("tensorflow-serving", "sync"))
     assert serving["image"].startswith("tensorflow/serving:") and deployment["spec"]["replicas"] >= 2
     assert "--model_config_file=/models/models.config" in serving["args"]
+    compose = yaml.safe_load((REPO / "serving" / "deploy" / "docker-compose.yml").read_text())
+    assert serving["args"] == compose["services"]["serving"]["command"]  # the command mnist serve is tested on
     assert serving["readinessProbe"]["httpGet"]["path"] == "/v1/models/mnist"  # ready once a version serves
     assert all("requests" in c["resources"] for c in pod["containers"])
     assert sync["args"][:1] == ["sync"] and sync["args"][sync["args"].index("--server") + 1] == "localhost:8500"
