@@ -79,10 +79,8 @@ def use_tensorflow_threads(args: argparse.Namespace) -> None:
     if intra > 0 and inter > 0 and session > 0:
         raise CliError("give --tensorflow_session_parallelism or (--tensorflow_intra_op_parallelism, "
                        "--tensorflow_inter_op_parallelism), not all three (as TF Serving)", exit_code=2)
-    if intra > 0 or inter > 0:
-        session = 0
-    else:
-        intra = inter = max(session, 0)
+    if intra <= 0 and inter <= 0:
+        intra = inter = session
     tf.config.threading.set_intra_op_parallelism_threads(max(intra, 0))
     tf.config.threading.set_inter_op_parallelism_threads(max(inter, 0))
     logging.getLogger("mnist.serve").info(

@@ -67,6 +67,13 @@ def read_batching_parameters(path: Path | None) -> BatchingOptions:
     return options
 
 
+def refusal(code: grpc.StatusCode, message: str) -> Exception:
+    """The request's status, as the server answers it (imported here: manager.py builds on this module)."""
+    from serving.manager import RequestError
+
+    return RequestError(code, message)
+
+
 @dataclass
 class Task:
     inputs: Arrays
@@ -85,14 +92,14 @@ class Batcher:
 
     As TF Serving's queue, it keeps one batch open at a time, which closes when full or when
     ``batch_timeout_micros`` have passed since its first request; the batch threads take turns
-    filling it. ``traffic`` says how many requests the server is answering, which adds two early
+    filling it. ``answering`` says how many requests the server is answering, which adds two early
     exits TF Serving does not have: a request alone in the server runs at once in its own thread,
     and a batch that holds every request the server is answering closes at once, since nobody could
     join it but a new arrival. The answers are the same, the wait is not (make bench)."""
 
     def __init__(self, run: Callable[[Arrays], Arrays], options: BatchingOptions,
-                 traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)):
-        self.run, self.options, self.traffic = run, options, traffic
+                 answering: Callable[[], int] = lambda: 0):
+        self.run, self.options, self.answering = run, options, answering
         self.busy = 0  # tasks queued or being run
         self.lock = threading.Lock()
         self.queue: queue.Queue[Task] = queue.Queue(maxsize=options.max_enqueued_batches * options.max_batch_size)
@@ -106,17 +113,15 @@ class Batcher:
             thread.start()
 
     def __call__(self, inputs: Arrays) -> Arrays:
-        from serving.manager import RequestError  # here: manager.py builds on this module
-
         rows = {len(array) for array in inputs.values() if array.ndim}
         if len(rows) != 1 or len(inputs) != sum(1 for a in inputs.values() if a.ndim) or rows == {0}:
             return self.run(inputs)  # nothing to merge (no batch dimension, or empty)
         if next(iter(rows)) > self.options.max_batch_size:  # TF Serving's Queue::ValidateBatchTaskQueueCapacity
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"Task size {next(iter(rows))} is larger than "
-                                                                f"maximum input batch size {self.options.max_batch_size}")
+            raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"Task size {next(iter(rows))} is larger than "
+                                                           f"maximum input batch size {self.options.max_batch_size}")
         with self.lock:
             # alone: nothing to wait for, so no thread handoff; stopping: no thread may be left to take it
-            direct = self.stopping.is_set() or (self.traffic()[1] <= 1 and self.busy == 0)
+            direct = self.stopping.is_set() or (self.answering() <= 1 and self.busy == 0)
             self.busy += 0 if direct else 1
         if direct:
             return self.run(inputs)
@@ -126,7 +131,7 @@ class Batcher:
         except queue.Full:
             with self.lock:
                 self.busy -= 1
-            raise RequestError(grpc.StatusCode.UNAVAILABLE,
+            raise refusal(grpc.StatusCode.UNAVAILABLE,
                                "The batch scheduling queue to which this task was submitted is full") from None
         task.done.wait()
         if task.error is not None:
@@ -137,7 +142,7 @@ class Batcher:
         """``first`` and what arrives within the timeout that fits beside it."""
         batch, rows, key = [first], first.rows, first.shape_key()
         deadline = time.monotonic() + self.options.batch_timeout_micros / 1e6
-        while rows < self.options.max_batch_size and len(batch) < self.traffic()[1]:
+        while rows < self.options.max_batch_size and len(batch) < self.answering():
             remaining = deadline - time.monotonic()
             try:
                 task = self.queue.get(timeout=remaining) if remaining > 0 else self.queue.get_nowait()

@@ -6,7 +6,6 @@ Each raises RequestError with the code TF Serving answers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
 
 import grpc
 import numpy as np
@@ -105,12 +104,12 @@ def output_aliases(signature: meta_graph_pb2.SignatureDef, output_filter) -> lis
 
 def predict(manager: ModelManager, request: predict_pb2.PredictRequest,
             options: PredictOptions = PredictOptions()) -> predict_pb2.PredictResponse:
-    with manager.answering() as arrived:
-        return answer_predict(manager, request, options, arrived)
+    with manager.answering():
+        return answer_predict(manager, request, options)
 
 
-def answer_predict(manager: ModelManager, request: predict_pb2.PredictRequest, options: PredictOptions,
-                   arrived: Callable[[], None] = lambda: None) -> predict_pb2.PredictResponse:
+def answer_predict(manager: ModelManager, request: predict_pb2.PredictRequest,
+                   options: PredictOptions) -> predict_pb2.PredictResponse:
     require_model_spec(request)
     name, loaded = manager.resolve(request.model_spec)
     signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
@@ -119,7 +118,6 @@ def answer_predict(manager: ModelManager, request: predict_pb2.PredictRequest, o
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.')
     inputs = read_inputs(signature, request, options)
     aliases = output_aliases(signature, request.output_filter)
-    arrived()
     outputs = run_signature(loaded, signature_name, inputs)
     response = predict_pb2.PredictResponse()
     response.model_spec.name, response.model_spec.signature_name = name, signature_name

@@ -55,8 +55,7 @@ class LoadedVersion:
     module: object
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
     batching: BatchingOptions | None = None  # --enable_batching
-    # (requests on their way to a signature, requests being answered), for the batcher
-    traffic: Callable[[], tuple[int, int]] = lambda: (0, 0)
+    answering: Callable[[], int] = lambda: 0  # how many requests the server is answering, for the batcher
     batchers: dict[str, Batcher] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -74,7 +73,7 @@ class LoadedVersion:
             return self.call(name, inputs)
         with self.lock:
             if name not in self.batchers:
-                self.batchers[name] = Batcher(lambda arrays: self.call(name, arrays), self.batching, self.traffic)
+                self.batchers[name] = Batcher(lambda arrays: self.call(name, arrays), self.batching, self.answering)
         return self.batchers[name](inputs)
 
     def unload(self) -> None:
@@ -117,9 +116,9 @@ def warm_up(loaded: LoadedVersion) -> int:
 
 
 def load_version(path: Path, version: int, batching: BatchingOptions | None = None,
-                 traffic: Callable[[], tuple[int, int]] = lambda: (0, 0), warmup: bool = True) -> LoadedVersion:
+                 answering: Callable[[], int] = lambda: 0, warmup: bool = True) -> LoadedVersion:
     loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path), batching,
-                           traffic)
+                           answering)
     replayed = warm_up(loaded) if warmup else 0
     log.info("loaded version %d from %s (%d warmup requests)", version, path, replayed)
     return loaded
@@ -146,7 +145,6 @@ class ModelManager:
         self.lock = threading.RLock()
         self.batching = batching
         self.warmup = warmup  # --enable_model_warmup
-        self.arriving = 0  # Predict calls received and not yet at their signature
         self.answering_now = 0  # Predict calls received and not yet answered
         self.counter_lock = threading.Lock()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
@@ -200,8 +198,7 @@ class ModelManager:
             return  # the same files failed before: wait until they change
         self.set_state(name, version, VersionStatus(State.LOADING))
         try:
-            loaded = load_version(path, version, self.batching, lambda: (self.arriving, self.answering_now),
-                                  self.warmup)
+            loaded = load_version(path, version, self.batching, lambda: self.answering_now, self.warmup)
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
             message = f"{type(error).__name__}: {error}".splitlines()[0]
             log.error("could not load %s version %d (not retried until its files change): %s", name, version,
@@ -247,22 +244,14 @@ class ModelManager:
 
     # --- requests -------------------------------------------------------------
     @contextmanager
-    def answering(self) -> Iterator[Callable[[], None]]:
-        """Count a request as on its way to a signature until it calls what this yields (or ends):
-        a batcher closes a batch when no other request is on its way."""
+    def answering(self) -> Iterator[None]:
+        """Count a request as being answered until it ends: a batcher runs a request alone in the
+        server at once, and closes a batch that holds every request being answered."""
         with self.counter_lock:
-            self.arriving += 1
             self.answering_now += 1
-        pending = [True]
-
-        def arrived() -> None:
-            if pending.pop() if pending else False:
-                with self.counter_lock:
-                    self.arriving -= 1
         try:
-            yield arrived
+            yield
         finally:
-            arrived()
             with self.counter_lock:
                 self.answering_now -= 1
 

@@ -392,7 +392,7 @@ def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base
     assert batcher.batches < 8  # merged: 8 requests in fewer signature calls
 
 
-def batched_calls(traffic: tuple[int, int], arrivals: list[float], timeout_micros: int
+def batched_calls(answering: int, arrivals: list[float], timeout_micros: int
                   ) -> tuple[list[int], list[np.ndarray], float]:
     """Calls of a Batcher at ``arrivals`` seconds from now, each with its own row; the sizes of
     the merged calls, each caller's answer, and when the last answer came."""
@@ -405,7 +405,7 @@ def batched_calls(traffic: tuple[int, int], arrivals: list[float], timeout_micro
         return {"y": arrays["x"] * 2}
 
     batcher = Batcher(run, BatchingOptions(max_batch_size=32, batch_timeout_micros=timeout_micros,
-                                           num_batch_threads=2), lambda: traffic)
+                                           num_batch_threads=2), lambda: answering)
     answers: list[np.ndarray] = [np.empty(0)] * len(arrivals)
     began = time.monotonic()
 
@@ -425,14 +425,14 @@ def batched_calls(traffic: tuple[int, int], arrivals: list[float], timeout_micro
 def test_batching_keeps_one_batch_open_until_its_timeout_while_others_are_in_the_server() -> None:
     """TF Serving's queue has one open batch, closed when full or timed out: four requests 50 ms
     apart join one batch though two batch threads are idle, since the server answers eight."""
-    sizes, answers, _ = batched_calls((0, 8), [0.0, 0.05, 0.1, 0.15], timeout_micros=600_000)
+    sizes, answers, _ = batched_calls(8, [0.0, 0.05, 0.1, 0.15], timeout_micros=600_000)
     assert sizes == [4]
     assert [answer.tolist() for answer in answers] == [[[2.0 * i] * 3] for i in range(4)]
 
 
 def test_batching_closes_a_batch_that_holds_every_request_in_the_server() -> None:
     """Nobody but a new arrival could join, so the batch does not wait out its (long) timeout."""
-    sizes, answers, elapsed = batched_calls((0, 3), [0.0, 0.0, 0.0], timeout_micros=20_000_000)
+    sizes, answers, elapsed = batched_calls(3, [0.0, 0.0, 0.0], timeout_micros=20_000_000)
     assert sum(sizes) == 3 and elapsed < 10
     assert sorted(float(answer[0, 0]) for answer in answers) == [0.0, 2.0, 4.0]
 
@@ -446,7 +446,7 @@ def test_a_stopped_batcher_answers_what_it_had_queued() -> None:
         time.sleep(0.3)
         return {"y": arrays["x"] * 2}
 
-    batcher = Batcher(slow_double, BatchingOptions(max_batch_size=1, num_batch_threads=2), lambda: (0, 8))
+    batcher = Batcher(slow_double, BatchingOptions(max_batch_size=1, num_batch_threads=2), lambda: 8)
     answers: dict[int, float] = {}
 
     def call(index: int) -> None:
