@@ -89,6 +89,24 @@ def smoke_model(prepared_path: Path):
     return model
 
 
+@pytest.fixture(scope="module")
+def test_images(prepared_path: Path):
+    """MNIST's test images and labels, as the prepared cache holds them."""
+    from tasks.data import load_test_set
+
+    return load_test_set(prepared_path)
+
+
+@pytest.fixture()
+def model_base(saved_model_dir: Path, tmp_path: Path) -> Path:
+    """A model directory serving the smoke model as version 1."""
+    import shutil
+
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    return base
+
+
 # --- a real S3 store (SeaweedFS) -----------------------------------------------
 S3_ACCESS_KEY = "testaccess"
 S3_SECRET_KEY = "test-secret-Zq81x"  # distinctive, so a leak is easy to grep for

@@ -1,0 +1,121 @@
+"""`mnist serve` as a process: the command line production gives TF Serving, its flags, and a
+process that never imports Keras."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from mnist_client.client import Target, predict_probabilities
+from storage.embedded import free_port
+from tasks.export import saved_model_predict
+from tests.conftest import REPO, run_mnist
+
+
+def test_model_server_answers_without_importing_keras(model_base: Path, saved_model_dir: Path, test_images,
+                                                      tmp_path: Path) -> None:
+    """`mnist serve` keeps TensorFlow from importing Keras (a second of its start); the SavedModel
+    must still load and answer as offline, as it would in TF Serving, which has no Keras."""
+    images = test_images[0][:16]
+    np.save(tmp_path / "images.npy", images)
+    code = f"""
+import json, sys
+from pathlib import Path
+import numpy as np
+from flows.cli_serving import without_keras_at_tensorflow_import
+without_keras_at_tensorflow_import()
+from mnist_client.client import predict
+from tests.conftest import start_model_server
+server, address = start_model_server(Path({str(model_base)!r}))
+answers = predict(np.load({str(tmp_path / "images.npy")!r}), address=address)
+server.stop(grace=1)
+print(json.dumps({{"digits": [a["digit"] for a in answers], "keras": "keras" in sys.modules,
+                   "matplotlib": "matplotlib" in sys.modules}}))
+"""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads(result.stdout.strip().splitlines()[-1])
+    assert answer["digits"] == saved_model_predict(saved_model_dir, images).argmax(axis=1).tolist()
+    assert answer == {**answer, "keras": False, "matplotlib": False}
+
+
+def serve_in_process_group(*flags: str) -> tuple[subprocess.Popen, list[str]]:
+    """``mnist serve FLAGS`` in its own process group; its output lines up to "listening on"."""
+    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *flags], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (lines and "listening on" in lines[-1]) and process.poll() is None:
+        lines.append(process.stdout.readline())
+    return process, lines
+
+
+def stop_served(process: subprocess.Popen) -> None:
+    from storage.embedded import stop_process
+
+    stop_process(process.pid)
+    process.wait(timeout=30)
+    process.stdout.close()
+
+
+def test_production_tf_serving_command_line_runs_unchanged(model_base: Path, saved_model_dir: Path, test_images,
+                                                          tmp_path: Path) -> None:
+    """The compose file's `serving` command, as tensorflow_model_server takes it (--flag=value,
+    bools as =true), with only its paths and ports made local."""
+    import httpx
+    import yaml
+
+    from serving.monitoring import metrics_path
+    from serving.sync import model_config_text
+    from tasks.export import write_warmup_requests
+
+    images = test_images[0][:8]
+    write_warmup_requests(model_base / "1", images)
+    config_file = model_base.parent / "models.config"
+    config_file.write_text(model_config_text("mnist", str(model_base), [1], {"stable": 1}))
+    deploy = REPO / "serving" / "deploy"
+    command = yaml.safe_load((deploy / "docker-compose.yml").read_text())["services"]["serving"]["command"]
+    grpc_port, rest_port = free_port(), free_port()
+    local = {"--port": str(grpc_port), "--rest_api_port": str(rest_port), "--model_config_file": str(config_file)}
+    flags = []
+    for flag in command:
+        name, _, value = flag.partition("=")
+        value = local.get(name, value.replace("/config/", f"{deploy}/"))
+        flags.append(f"{name}={value}")
+    assert len(flags) == len(command) >= 10 and "--enable_batching=true" in flags
+    process, lines = serve_in_process_group(*flags)
+    try:
+        assert "listening on" in lines[-1], lines
+        assert any("(3 warmup requests)" in line for line in lines), lines  # --enable_model_warmup=true
+        probabilities, version = predict_probabilities(images, Target(f"127.0.0.1:{grpc_port}", label="stable"))
+        assert version == 1 and np.allclose(probabilities, saved_model_predict(saved_model_dir, images), atol=1e-5)
+        path = metrics_path(deploy / "monitoring.config")
+        metrics = httpx.get(f"http://127.0.0.1:{rest_port}{path}", timeout=10)
+        assert metrics.status_code == 200 and ":tensorflow:serving:request_count" in metrics.text
+    finally:
+        stop_served(process)
+
+
+def test_warmup_and_tensorflow_threads_follow_tf_serving_flags(model_base: Path, test_images) -> None:
+    from tasks.export import write_warmup_requests
+
+    write_warmup_requests(model_base / "1", test_images[0][:8])
+    process, lines = serve_in_process_group("--port", str(free_port()), "--model_base_path", str(model_base),
+                                            "--enable_model_warmup=false", "--tensorflow_intra_op_parallelism=1")
+    try:
+        assert "listening on" in lines[-1], lines
+        assert any("(0 warmup requests)" in line for line in lines), lines
+        assert any("TensorFlow threads: intra-op 1, inter-op 0" in line for line in lines), lines
+    finally:
+        stop_served(process)
+    refused = run_mnist("serve", "--model_base_path", str(model_base), "--tensorflow_session_parallelism=2",
+                        "--tensorflow_intra_op_parallelism=2", "--tensorflow_inter_op_parallelism=2")
+    assert refused.returncode == 2 and "not all three" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    bad_bool = run_mnist("serve", "--model_base_path", str(model_base), "--enable_batching=yes")
+    assert bad_bool.returncode == 2 and "expected true or false, got 'yes'" in bad_bool.stderr
