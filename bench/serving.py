@@ -118,12 +118,25 @@ def in_process_throughput(model_dir: Path, batch: int, seconds: float) -> float:
     return done / (time.perf_counter() - began)
 
 
+def whole_predict_seconds(address: str, image_file: Path, runs: int = 5) -> float:
+    """Median time of the whole `mnist predict FILE` command a person runs, process start to answer."""
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "flows.cli", "predict", "--server", address, str(image_file)],
+                       check=True, capture_output=True)
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
 def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) -> dict:
     """Single images from ``clients`` concurrent clients, with batching off and on (the production
-    batching_parameters.txt); and one client's p50 with batching on."""
+    batching_parameters.txt); one client's p50 either way, and the whole `mnist predict` of one image."""
     from storage.embedded import free_port, stop_process
 
-    rates, p50 = {}, {}
+    image_file = saved.parent.parent / "one-image.npy"
+    np.save(image_file, np.random.default_rng(3).random((1, 28, 28, 1), dtype=np.float32))
+    rates, p50, whole = {}, {}, {}
     for name, flags in (("off", ()), ("on", ("--enable-batching", "--batching-parameters-file", str(BATCHING_FILE)))):
         port = free_port()
         server = start_server(saved.parent, port, *flags)
@@ -131,6 +144,7 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
             address = f"127.0.0.1:{port}"
             rates[name] = grpc_throughput(address, 1, clients, seconds)
             p50[name] = statistics.median(latency_ms(address, latency_calls))
+            whole[name] = whole_predict_seconds(address, image_file)
         finally:
             stop_process(server.pid)
             server.wait(timeout=10)
@@ -138,7 +152,9 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
     print(f"single images from {clients} concurrent clients: {rates['off']:.0f} images/s with batching off, "
           f"{rates['on']:.0f} with batching on ({rates['on'] / rates['off']:.2f}x)")
     print(f"one client, single image, p50: {p50['off']:.2f} ms batching off, {p50['on']:.2f} ms batching on")
-    return {"clients": clients, "images_per_s": rates, "single_client_p50_ms": p50}
+    print(f"whole `mnist predict` of one image, process start to answer (median of 5): {whole['off']:.2f} s "
+          f"batching off, {whole['on']:.2f} s batching on")
+    return {"clients": clients, "images_per_s": rates, "single_client_p50_ms": p50, "whole_predict_s": whole}
 
 
 def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
