@@ -116,7 +116,7 @@ def stop_process(pid: int, timeout: float = 15.0) -> None:
     while time.monotonic() < deadline:
         if not process_alive(pid):
             return
-        time.sleep(0.1)
+        time.sleep(0.02)  # a command's exit waits on this
     try:
         os.killpg(pid, signal.SIGKILL)
     except ProcessLookupError:

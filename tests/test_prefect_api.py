@@ -17,9 +17,9 @@ import httpx
 from flows.prefect_api import early_prefect_api
 with early_prefect_api() as ready:
     ready()
-    from prefect.settings import PREFECT_API_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
     url = PREFECT_API_URL.value()
-    print(url, httpx.get(url + "/health", timeout=5).status_code, flush=True)
+    print(url, httpx.get(url + "/health", timeout=5).status_code, PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value(), flush=True)
 print(url)
 """
 
@@ -38,8 +38,9 @@ def test_a_first_run_gets_a_temporary_api_that_answers_and_is_gone_after(tmp_pat
                             timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     inside, after = result.stdout.splitlines()
-    url, status = inside.split()
+    url, status, heartbeat = inside.split()
     assert url.startswith("http://127.0.0.1:") and status == "200"
+    assert heartbeat == "None"  # nothing outlives this server to watch them, and each costs a flow up to 1 s
     assert not port_open(after)
 
 
@@ -57,3 +58,17 @@ def test_a_configured_api_starts_no_server(monkeypatch: pytest.MonkeyPatch) -> N
         with prefect_api.early_prefect_api() as ready:
             ready()
             assert PREFECT_API_URL.value() == "http://127.0.0.1:9/api"
+
+
+def test_a_temporary_server_that_dies_is_said_by_the_wait(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    import flows.prefect_api as prefect_api
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setattr(prefect_api, "spawn_server", lambda port: subprocess.Popen(
+        [sys.executable, "-c", "raise SystemExit(3)"], start_new_session=True))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):  # whatever API an earlier test set
+        with pytest.raises(RuntimeError, match="exited with code 3"):
+            with prefect_api.early_prefect_api() as ready:
+                ready()
