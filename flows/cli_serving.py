@@ -48,10 +48,11 @@ def command_serve(args: argparse.Namespace) -> int:
                                                    args.reject_non_finite_inputs),
                             metrics_path=monitoring_path(args))
     batching = batching_options(args)
+    retries = load_retries(args)
     use_tensorflow_threads(args)  # the last check: it logs what it set
     try:
         manager = ModelManager(config, args.allow_version_labels_for_unavailable_models, batching,
-                               args.enable_model_warmup)
+                               args.enable_model_warmup, retries)
         server = ModelServer(manager, options, Path(args.model_config_file) if args.model_config_file else None).start()
     except ConfigRefused as refusal:
         raise CliError(f"config refused: {refusal}", exit_code=2) from None
@@ -64,6 +65,15 @@ def command_serve(args: argparse.Namespace) -> int:
     wait_for_stop()
     server.stop()
     return 0
+
+
+def load_retries(args: argparse.Namespace):
+    """--max_num_load_retries and --load_retry_interval_micros (a negative interval: no wait, as retrier.cc)."""
+    from serving.manager import LoadRetries
+
+    if args.max_num_load_retries < 0:
+        raise CliError(f"--max_num_load_retries must be 0 or more, not {args.max_num_load_retries}", exit_code=2)
+    return LoadRetries(args.max_num_load_retries, max(0, args.load_retry_interval_micros) / 1e6)
 
 
 def use_tensorflow_threads(args: argparse.Namespace) -> None:
@@ -350,6 +360,11 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--batching-parameters-file", "--batching_parameters_file",
                        help="TF Serving BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
                             "num_batch_threads, max_enqueued_batches, allowed_batch_sizes); default: TF Serving's")
+    serve.add_argument("--max-num-load-retries", "--max_num_load_retries", type=int, default=5,
+                       help="retries of a load that failed, before its version is END with the error "
+                            "(default 5, as TF Serving)")
+    serve.add_argument("--load-retry-interval-micros", "--load_retry_interval_micros", type=int, default=60_000_000,
+                       help="wait between load retries; negative: none (default 60000000, as TF Serving)")
     serve.add_argument("--enable-model-warmup", "--enable_model_warmup", **tf_serving_bool(True),
                        help="replay assets.extra/tf_serving_warmup_requests on load (default true, as TF Serving)")
     serve.add_argument("--monitoring-config-file", "--monitoring_config_file",

@@ -2,8 +2,13 @@
 with TF Serving's rules (``model_servers/server_core.cc``, ``core/servable_state_monitor.h``).
 
 - Every version the server has known keeps a state (``LOADING``, ``AVAILABLE``, ``END``)
-  and a status: a version that failed to load is ``END`` with the error, and is not
-  tried again until its ``saved_model.pb`` changes; an unloaded one is ``END`` with OK.
+  and a status: an unloaded version is ``END`` with OK. A load that fails is retried
+  ``max_num_load_retries`` times, ``load_retry_interval_micros`` apart, the version
+  ``LOADING`` meanwhile (``core/loader_harness.cc``, ``util/retrier.cc``); then it is
+  ``END`` with the error and not tried again while it stays wanted, as
+  ``enable_reload_servables_with_error`` is off in the model server. A version no longer
+  wanted (its directory gone, the policy changed) drops its retries, and starts afresh if
+  it is wanted again (``aspired_versions_manager.cc``).
 - A config is validated whole before anything changes; a refused one leaves models,
   versions and labels as they were. A label may point only at an ``AVAILABLE`` version
   unless ``allow_version_labels_for_unavailable_models``, which still refuses to move a
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +44,20 @@ DEFAULT_SIGNATURE = "serving_default"
 WARMUP_FILE = "assets.extra/tf_serving_warmup_requests"
 MAX_WARMUP_RECORDS = 1000  # TF Serving's own limit
 State = get_model_status_pb2.ModelVersionStatus.State
+
+
+@dataclass(frozen=True)
+class LoadRetries:
+    """TF Serving's --max_num_load_retries and --load_retry_interval_micros (server.h defaults)."""
+    max_retries: int = 5
+    interval_seconds: float = 60.0
+
+
+@dataclass
+class FailedLoad:
+    tries: int
+    next_try: float  # time.monotonic()
+    message: str
 
 
 class RequestError(Exception):
@@ -129,29 +149,23 @@ def servable_versions(base_path: Path) -> list[int]:
     return [v for v in local_versions(base_path) if (base_path / str(v) / "saved_model.pb").is_file()]
 
 
-def saved_model_stamp(path: Path) -> float:
-    try:
-        return (path / "saved_model.pb").stat().st_mtime
-    except OSError:
-        return -1.0
-
-
 class ModelManager:
     """The served models and their versions, kept in step with the disk."""
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig,
                  allow_version_labels_for_unavailable_models: bool = False, batching: BatchingOptions | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, retries: LoadRetries = LoadRetries()):
         self.lock = threading.RLock()
         self.batching = batching
         self.warmup = warmup  # --enable_model_warmup
+        self.retries = retries
         self.answering_now = 0  # Predict calls received and not yet answered
         self.counter_lock = threading.Lock()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self.models: dict[str, ServedModel] = {}
         self.labels: dict[str, dict[str, int]] = {}
         self.states: dict[str, dict[int, VersionStatus]] = {}
-        self.failed_loads: dict[tuple[str, int], float] = {}  # broken version -> its saved_model.pb mtime
+        self.failed_loads: dict[tuple[str, int], FailedLoad] = {}  # wanted versions whose loads failed
         self.missing_base_paths: set[str] = set()  # said once when it goes missing, once when it is back
         self.apply_config(config)
 
@@ -184,6 +198,7 @@ class ModelManager:
             for name in set(current) - set(self.models):
                 for version in current[name].versions:
                     self.set_state(name, version, VersionStatus(State.END))
+                self.forget_failures(name, set())
                 log.info("unloaded model %s (no longer in the config)", name)
         self.poll()
 
@@ -192,24 +207,40 @@ class ModelManager:
         self.states.setdefault(name, {})[version] = status
 
     def load(self, name: str, model: ServedModel, version: int) -> None:
-        path = Path(model.config.base_path) / str(version)
-        stamp = saved_model_stamp(path)
-        if self.failed_loads.get((name, version)) == stamp:
-            return  # the same files failed before: wait until they change
+        failed = self.failed_loads.get((name, version))
+        if failed and (failed.tries > self.retries.max_retries or time.monotonic() < failed.next_try):
+            return  # given up on, or its next try is not due
         self.set_state(name, version, VersionStatus(State.LOADING))
+        path = Path(model.config.base_path) / str(version)
         try:
             loaded = load_version(path, version, self.batching, lambda: self.answering_now, self.warmup)
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
-            message = f"{type(error).__name__}: {error}".splitlines()[0]
-            log.error("could not load %s version %d (not retried until its files change): %s", name, version,
-                      message)
-            self.failed_loads[(name, version)] = stamp
-            self.set_state(name, version, VersionStatus(State.END, grpc.StatusCode.UNKNOWN, message))
+            self.load_failed(name, version, f"{type(error).__name__}: {error}".splitlines()[0])
             return
         self.failed_loads.pop((name, version), None)
         with self.lock:
             model.versions = {**model.versions, version: loaded}
             self.set_state(name, version, VersionStatus(State.AVAILABLE))
+
+    def load_failed(self, name: str, version: int, message: str) -> None:
+        """LOADING until the retries are spent, then END with the error (TF Serving's Retry)."""
+        failed = self.failed_loads.setdefault((name, version), FailedLoad(0, 0.0, message))
+        failed.tries += 1
+        failed.next_try = time.monotonic() + self.retries.interval_seconds
+        failed.message = message
+        log.error("loading %s version %d failed (try %d of %d): %s", name, version, failed.tries,
+                  self.retries.max_retries + 1, message)
+        if failed.tries > self.retries.max_retries:
+            log.error("gave up loading %s version %d: it is not tried again while it stays wanted", name, version)
+            self.set_state(name, version, VersionStatus(State.END, grpc.StatusCode.UNKNOWN, message))
+
+    def forget_failures(self, name: str, wanted: set[int]) -> None:
+        """A version no longer wanted drops its retries (END with its last error, if still trying);
+        wanted again later, it loads afresh (TF Serving manages it anew)."""
+        for key in [key for key in self.failed_loads if key[0] == name and key[1] not in wanted]:
+            failed = self.failed_loads.pop(key)
+            if failed.tries <= self.retries.max_retries:
+                self.set_state(name, key[1], VersionStatus(State.END, grpc.StatusCode.UNKNOWN, failed.message))
 
     def poll(self) -> None:
         """Load what the policy wants and is not loaded, then drop what it no longer wants.
@@ -217,6 +248,7 @@ class ModelManager:
         for name, model in list(self.models.items()):
             self.note_base_path(name, Path(model.config.base_path))
             wanted = versions_to_serve(model.config, servable_versions(Path(model.config.base_path)))
+            self.forget_failures(name, wanted)
             for version in sorted(wanted - set(model.versions)):
                 self.load(name, model, version)
             stale = set(model.versions) - wanted

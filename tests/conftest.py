@@ -22,18 +22,19 @@ def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 60
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
-def start_model_server(base: Path, batching=None, **options):
+def start_model_server(base: Path, batching=None, retries=None, **options):
     """The local gRPC server, in process, on a free loopback port, serving ``base`` as
-    model ``mnist`` (polling every 0.2 s unless told; ``batching``: BatchingOptions);
-    returns it and its address."""
+    model ``mnist`` (polling every 0.2 s unless told; ``batching``: BatchingOptions;
+    ``retries``: LoadRetries, else a load that fails is not retried); returns it and its address."""
     from storage.embedded import free_port
-    from serving.manager import ModelManager
+    from serving.manager import LoadRetries, ModelManager
     from serving.model_config import single_model_config
     from serving.server import ModelServer, ServerOptions
 
     port = free_port()
-    server = ModelServer(ModelManager(single_model_config("mnist", base.resolve()), batching=batching),
-                         ServerOptions(port=port, **{"poll_seconds": 0.2, **options})).start()
+    manager = ModelManager(single_model_config("mnist", base.resolve()), batching=batching,
+                           retries=retries or LoadRetries(max_retries=0))
+    server = ModelServer(manager, ServerOptions(port=port, **{"poll_seconds": 0.2, **options})).start()
     return server, f"127.0.0.1:{port}"
 
 

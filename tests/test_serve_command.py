@@ -119,3 +119,19 @@ def test_warmup_and_tensorflow_threads_follow_tf_serving_flags(model_base: Path,
     assert len(refused.stderr.strip().splitlines()) == 1
     bad_bool = run_mnist("serve", "--model_base_path", str(model_base), "--enable_batching=yes")
     assert bad_bool.returncode == 2 and "expected true or false, got 'yes'" in bad_bool.stderr
+
+
+def test_load_retries_follow_tf_serving_flags(tmp_path: Path) -> None:
+    broken = tmp_path / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+    process, lines = serve_in_process_group("--port", str(free_port()), "--model_base_path", str(broken.parent),
+                                            "--max_num_load_retries=0", "--load_retry_interval_micros=-1")
+    try:
+        assert "listening on" in lines[-1], lines
+        assert any("loading mnist version 1 failed (try 1 of 1)" in line for line in lines), lines
+        assert any("gave up loading mnist version 1" in line for line in lines), lines  # the default retries 5 times
+    finally:
+        stop_served(process)
+    refused = run_mnist("serve", "--model_base_path", str(broken.parent), "--max_num_load_retries=-1")
+    assert refused.returncode == 2 and refused.stderr.strip() == "mnist serve: --max_num_load_retries must be 0 or more, not -1"

@@ -20,6 +20,7 @@ from tensorflow_serving.apis import (
 )
 
 from mnist_client.client import Target, predict_probabilities
+from serving.manager import LoadRetries
 from serving.model_config import single_model_config
 from serving.tensors import to_tensor_proto
 from storage.embedded import free_port
@@ -258,17 +259,39 @@ def test_status_keeps_every_version_known_end_included(mnist_server, saved_model
     assert error.code() == grpc.StatusCode.NOT_FOUND and "Could not find version 7 of model mnist" in error.details()
 
 
-def test_a_broken_version_is_reported_and_not_retried(mnist_server, caplog: pytest.LogCaptureFixture) -> None:
-    server, address, base = mnist_server
-    broken = base / "3"
-    broken.mkdir()
-    (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
-    wait_for(lambda: status_of(address)[0][:2] == (3, "END"))
-    version, state, code, message = status_of(address)[0]
-    assert code == grpc.StatusCode.UNKNOWN.value[0] and message
-    time.sleep(1.5)  # several polls: the same files are not tried again
-    assert sum("could not load mnist version 3" in r.getMessage() for r in caplog.records) == 1
-    assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(address))[1] == 1  # still serves 1
+def load_failures(caplog: pytest.LogCaptureFixture, version: int) -> int:
+    return sum(f"loading mnist version {version} failed" in r.getMessage() for r in caplog.records)
+
+
+def test_a_failed_load_is_retried_then_given_up_until_the_version_comes_back(
+        saved_model_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """loader_harness.cc Load with util/retrier.cc Retry: 1 + max_num_load_retries tries,
+    load_retry_interval_micros apart, LOADING meanwhile, then END with the error.
+    aspired_versions_manager.cc: an errored version is not reloaded while it stays aspired
+    (the model server leaves enable_reload_servables_with_error off), and is managed anew
+    once it has left and come back."""
+    retries = LoadRetries(max_retries=2, interval_seconds=1.0)
+    with served_copy(saved_model_dir, tmp_path, retries=retries) as (server, address, base):
+        broken = base / "3"
+        broken.mkdir()
+        (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+        wait_for(lambda: load_failures(caplog, 3) >= 1)
+        assert load_failures(caplog, 3) < 3 and status_of(address)[0] == (3, "LOADING", 0, "")  # between tries
+        assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(address))[1] == 1  # 1 serves
+        wait_for(lambda: status_of(address)[0][:2] == (3, "END"))
+        version, state, code, message = status_of(address)[0]
+        assert code == grpc.StatusCode.UNKNOWN.value[0] and message and load_failures(caplog, 3) == 3
+
+        shutil.copytree(saved_model_dir, broken, dirs_exist_ok=True)  # mended in place: not tried again
+        time.sleep(1.5)
+        assert load_failures(caplog, 3) == 3 and status_of(address)[0][:2] == (3, "END")
+        assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(address))[1] == 1
+
+        shutil.move(broken, tmp_path / "aside")  # gone for a poll, then back: loaded afresh
+        wait_for(lambda: not server.manager.failed_loads)
+        shutil.move(tmp_path / "aside", broken)
+        wait_for(lambda: status_of(address)[0][:2] == (3, "AVAILABLE"))
+        assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(address))[1] == 3
 
 
 # --- 5. REST errors (http_rest_api_handler.cc ProcessRequest, json_tensor.cc) ----------------------
