@@ -10,6 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from flows.cli import CliError, pipeline_settings, print_json, reachable_store, stop_on_signals
+from flows.tf_serving_flags import (
+    CPUS, add_foreign_flags, foreign_flag_notes, grpc_channel_arguments, tf_serving_bool, tf_serving_spellings,
+)
 
 
 def without_keras_at_tensorflow_import() -> None:
@@ -24,6 +27,8 @@ def without_keras_at_tensorflow_import() -> None:
 def command_serve(args: argparse.Namespace) -> int:
     import logging
 
+    if args.version:
+        return print_version()
     without_keras_at_tensorflow_import()
     from serving.inference import PredictOptions
     from serving.manager import ModelManager
@@ -31,6 +36,11 @@ def command_serve(args: argparse.Namespace) -> int:
     from serving.server import ModelServer, ServerOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        for note in foreign_flag_notes(args):
+            logging.getLogger("mnist.serve").info(note)
+    except ValueError as error:
+        raise CliError(str(error), exit_code=2) from None
     if args.model_config_file:
         try:
             config = read_model_config_file(Path(args.model_config_file))
@@ -44,15 +54,18 @@ def command_serve(args: argparse.Namespace) -> int:
                             config_poll_seconds=args.model_config_file_poll_wait_seconds,
                             max_message_bytes=args.max_message_bytes, rest_api_port=args.rest_api_port,
                             ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None,
+                            workers=args.grpc_max_threads, socket_path=args.grpc_socket_path,
+                            channel_arguments=args.grpc_channel_arguments,
+                            health_check=args.enable_grpc_healthcheck_service,
+                            cors=args.rest_api_enable_cors_support,
                             predict=PredictOptions(args.enable_serialization_as_tensor_content,
-                                                   args.reject_non_finite_inputs),
+                                                   args.reject_non_finite_inputs,
+                                                   args.enable_signature_method_name_check),
                             metrics_path=monitoring_path(args))
-    batching = batching_options(args)
-    retries = load_retries(args)
+    loading = load_options(args)
     use_tensorflow_threads(args)  # the last check: it logs what it set
     try:
-        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models, batching,
-                               args.enable_model_warmup, retries)
+        manager = ModelManager(config, args.allow_version_labels_for_unavailable_models, loading)
         server = ModelServer(manager, options, Path(args.model_config_file) if args.model_config_file else None).start()
     except ConfigRefused as refusal:
         raise CliError(f"config refused: {refusal}", exit_code=2) from None
@@ -67,13 +80,32 @@ def command_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_retries(args: argparse.Namespace):
-    """--max_num_load_retries and --load_retry_interval_micros (a negative interval: no wait, as retrier.cc)."""
-    from serving.manager import LoadRetries
+def load_options(args: argparse.Namespace):
+    """How versions load: --saved_model_tags, warmup (--num_request_iterations_for_warmup: 0 is
+    TF Serving's "unset", one replay), batching, and --max_num_load_retries with
+    --load_retry_interval_micros (a negative interval: no wait, as retrier.cc)."""
+    from serving.manager import LoadOptions, LoadRetries
 
     if args.max_num_load_retries < 0:
         raise CliError(f"--max_num_load_retries must be 0 or more, not {args.max_num_load_retries}", exit_code=2)
-    return LoadRetries(args.max_num_load_retries, max(0, args.load_retry_interval_micros) / 1e6)
+    if args.num_request_iterations_for_warmup < 0:
+        raise CliError("--num_request_iterations_for_warmup must be 0 or more, not "
+                       f"{args.num_request_iterations_for_warmup}", exit_code=2)
+    tags = frozenset(tag.strip() for tag in args.saved_model_tags.split(",") if tag.strip())
+    if not tags:
+        raise CliError("--saved_model_tags names no tag", exit_code=2)
+    iterations = max(1, args.num_request_iterations_for_warmup) if args.enable_model_warmup else 0
+    retries = LoadRetries(args.max_num_load_retries, max(0, args.load_retry_interval_micros) / 1e6)
+    return LoadOptions(tags, iterations, batching_options(args), retries)
+
+
+def print_version() -> int:
+    """``--version``, in TF Serving's two lines (main.cc), without starting TensorFlow."""
+    from importlib.metadata import version
+
+    print(f"TensorFlow ModelServer: mnist serve (tensorflow-serving-api {version('tensorflow-serving-api')})\n"
+          f"TensorFlow Library: {version('tensorflow')}")
+    return 0
 
 
 def use_tensorflow_threads(args: argparse.Namespace) -> None:
@@ -310,18 +342,6 @@ def print_stack(stack, endpoint: str | None) -> None:
           flush=True)
 
 
-def true_or_false(value: str) -> bool:
-    if value not in ("true", "false"):
-        raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
-    return value == "true"
-
-
-def tf_serving_bool(default: bool) -> dict:
-    """A bool flag as tensorflow_model_server parses one (tensorflow/core/util/command_line_flags.cc):
-    ``--flag`` or ``--flag=true`` sets it, ``--flag=false`` clears it."""
-    return {"nargs": "?", "const": True, "default": default, "type": true_or_false, "metavar": "true|false"}
-
-
 def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     up = commands.add_parser(
         "up", help="keep the local serving stack running: model server, sync sidecar, logging gateway",
@@ -360,6 +380,25 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--batching-parameters-file", "--batching_parameters_file",
                        help="TF Serving BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
                             "num_batch_threads, max_enqueued_batches, allowed_batch_sizes); default: TF Serving's")
+    serve.add_argument("--grpc-socket-path", "--grpc_socket_path", default="",
+                       help="also answer gRPC on this UNIX socket, as TF Serving's flag")
+    serve.add_argument("--grpc-channel-arguments", "--grpc_channel_arguments", type=grpc_channel_arguments,
+                       default=[], help="gRPC server arguments, key=value,... (ints as ints), as TF Serving's flag")
+    serve.add_argument("--grpc-max-threads", "--grpc_max_threads", type=int, default=4 * CPUS,
+                       help=f"threads answering gRPC calls (default 4 x CPUs = {4 * CPUS}, as TF Serving)")
+    serve.add_argument(*tf_serving_spellings("enable_grpc_healthcheck_service"), **tf_serving_bool(False),
+                       help="grpc.health.v1.Health: SERVING for \"\", ModelService and PredictionService, "
+                            "as TF Serving")
+    serve.add_argument(*tf_serving_spellings("rest_api_enable_cors_support"), **tf_serving_bool(False),
+                       help="CORS headers on REST API replies, as TF Serving")
+    serve.add_argument(*tf_serving_spellings("enable_signature_method_name_check"), **tf_serving_bool(False),
+                       help="refuse Predict on a signature whose method_name is not predict, classify or regress")
+    serve.add_argument(*tf_serving_spellings("saved_model_tags"), default="serve",
+                       help="tags of the MetaGraph to load, comma-separated (default serve)")
+    serve.add_argument(*tf_serving_spellings("num_request_iterations_for_warmup"), type=int, default=0,
+                       help="replays of each warmup request (default 0: once, as TF Serving)")
+    serve.add_argument("--version", action="store_true", help="print the versions and exit, as TF Serving")
+    add_foreign_flags(serve)
     serve.add_argument("--max-num-load-retries", "--max_num_load_retries", type=int, default=5,
                        help="retries of a load that failed, before its version is END with the error "
                             "(default 5, as TF Serving)")

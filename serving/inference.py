@@ -22,12 +22,14 @@ from serving.tensors import TensorError, from_tensor_proto, to_tensor_proto
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
+INFERENCE_METHODS = (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD)  # predict_util.cc VerifySignature
 
 
 @dataclass(frozen=True)
 class PredictOptions:
     tensor_content: bool = False  # --enable_serialization_as_tensor_content
     reject_non_finite: bool = False  # opt-in: TF Serving runs NaN and infinity through
+    method_name_check: bool = False  # --enable_signature_method_name_check
 
 
 def require_model_spec(request) -> None:
@@ -116,6 +118,9 @@ def answer_predict(manager: ModelManager, request: predict_pb2.PredictRequest,
     signature = loaded.signature_defs.get(signature_name)
     if signature is None:
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.')
+    if options.method_name_check and signature.method_name not in INFERENCE_METHODS:
+        raise RequestError(grpc.StatusCode.INTERNAL, "Expected prediction signature method_name to be one of "
+                                                     f"{{{', '.join(INFERENCE_METHODS)}}}. Was: {signature.method_name}")
     inputs = read_inputs(signature, request, options)
     aliases = output_aliases(signature, request.output_filter)
     outputs = run_signature(loaded, signature_name, inputs)

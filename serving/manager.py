@@ -114,32 +114,51 @@ class ServedModel:
     versions: dict[int, LoadedVersion] = field(default_factory=dict)
 
 
-def read_signature_defs(path: Path) -> dict[str, meta_graph_pb2.SignatureDef]:
-    """Every SignatureDef of the SavedModel, as TF Serving's GetModelMetadata lists them."""
+@dataclass(frozen=True)
+class LoadOptions:
+    """How a version is loaded: TF Serving's --saved_model_tags, --enable_model_warmup with
+    --num_request_iterations_for_warmup (0 iterations: no warmup), --enable_batching, and the retries."""
+    tags: frozenset[str] = frozenset({"serve"})
+    warmup_iterations: int = 1
+    batching: BatchingOptions | None = None
+    retries: LoadRetries = LoadRetries()
+
+
+def read_signature_defs(path: Path, tags: frozenset[str]) -> dict[str, meta_graph_pb2.SignatureDef]:
+    """Every SignatureDef of the MetaGraph with these tags, as TF Serving's GetModelMetadata lists them."""
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
-    return dict(saved_model.meta_graphs[0].signature_def.items())
+    for meta_graph in saved_model.meta_graphs:
+        if set(meta_graph.meta_info_def.tags) == tags:
+            return dict(meta_graph.signature_def.items())
+    raise ValueError(f"{path}: no MetaGraph with tags {{{', '.join(sorted(tags))}}}")
 
 
-def warm_up(loaded: LoadedVersion) -> int:
-    """Replay the version's warmup PredictionLogs, as TF Serving's --enable_model_warmup does."""
+def warm_up(loaded: LoadedVersion, iterations: int) -> int:
+    """Replay the version's warmup PredictionLogs ``iterations`` times each, as TF Serving's
+    --enable_model_warmup does (saved_model_warmup_util.cc): more than its 1000 records fail the load."""
     warmup = loaded.path / WARMUP_FILE
-    if not warmup.is_file():
+    if not warmup.is_file() or iterations < 1:
         return 0
     replayed = 0
-    for record in tf.data.TFRecordDataset(str(warmup)).take(MAX_WARMUP_RECORDS):
+    for count, record in enumerate(tf.data.TFRecordDataset(str(warmup)), start=1):
+        if count > MAX_WARMUP_RECORDS:
+            raise ValueError(f"Number of warmup records exceeds the maximum ({MAX_WARMUP_RECORDS}) at {warmup}")
         request = prediction_log_pb2.PredictionLog.FromString(record.numpy()).predict_log.request
         function = loaded.function(request.model_spec.signature_name or DEFAULT_SIGNATURE)
-        function(**{name: tf.constant(from_tensor_proto(proto)) for name, proto in request.inputs.items()})
+        inputs = {name: tf.constant(from_tensor_proto(proto)) for name, proto in request.inputs.items()}
+        for _ in range(iterations):
+            function(**inputs)
         replayed += 1
     return replayed
 
 
-def load_version(path: Path, version: int, batching: BatchingOptions | None = None,
-                 answering: Callable[[], int] = lambda: 0, warmup: bool = True) -> LoadedVersion:
-    loaded = LoadedVersion(version, path, tf.saved_model.load(str(path)), read_signature_defs(path), batching,
+def load_version(path: Path, version: int, options: LoadOptions = LoadOptions(),
+                 answering: Callable[[], int] = lambda: 0) -> LoadedVersion:
+    module = tf.saved_model.load(str(path), tags=sorted(options.tags))
+    loaded = LoadedVersion(version, path, module, read_signature_defs(path, options.tags), options.batching,
                            answering)
-    replayed = warm_up(loaded) if warmup else 0
+    replayed = warm_up(loaded, options.warmup_iterations)
     log.info("loaded version %d from %s (%d warmup requests)", version, path, replayed)
     return loaded
 
@@ -153,12 +172,10 @@ class ModelManager:
     """The served models and their versions, kept in step with the disk."""
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig,
-                 allow_version_labels_for_unavailable_models: bool = False, batching: BatchingOptions | None = None,
-                 warmup: bool = True, retries: LoadRetries = LoadRetries()):
+                 allow_version_labels_for_unavailable_models: bool = False, loading: LoadOptions = LoadOptions()):
         self.lock = threading.RLock()
-        self.batching = batching
-        self.warmup = warmup  # --enable_model_warmup
-        self.retries = retries
+        self.loading = loading
+        self.retries = loading.retries
         self.answering_now = 0  # Predict calls received and not yet answered
         self.counter_lock = threading.Lock()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
@@ -213,7 +230,7 @@ class ModelManager:
         self.set_state(name, version, VersionStatus(State.LOADING))
         path = Path(model.config.base_path) / str(version)
         try:
-            loaded = load_version(path, version, self.batching, lambda: self.answering_now, self.warmup)
+            loaded = load_version(path, version, self.loading, lambda: self.answering_now)
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
             self.load_failed(name, version, f"{type(error).__name__}: {error}".splitlines()[0])
             return

@@ -271,6 +271,20 @@ def handle(manager: ModelManager, method: str, path: str, body: bytes,
     return status, payload
 
 
+API_PATH = re.compile(r"(?i)/v1/.*")  # http_rest_api_handler.cc kPathRegex
+# http_rest_api_util.cc AddCORSHeaders, on every REST API reply with --rest_api_enable_cors_support
+CORS_HEADERS = {"Access-Control-Allow-Origin": "*", "Access-Control-Allow-Methods": "POST, GET",
+                "Access-Control-Allow-Headers": "Content-Type"}
+
+
+def preflight(request: Request) -> Reply:
+    """A CORS preflight, as http_server.cc answers one whatever the CORS flag: OK when the Origin
+    header holds an http(s) origin, FAILED_PRECONDITION otherwise; no body either way."""
+    if re.search(r"https?://", request.headers.get("origin", "")):
+        return Reply(200, b"")
+    return Reply(HTTP_STATUS[grpc.StatusCode.FAILED_PRECONDITION], b"")
+
+
 def ready(manager: ModelManager, match: re.Match) -> tuple[int, dict[str, Any]]:
     """Ready when a request for this model (version, label) would be served now."""
     spec = model_pb2.ModelSpec()
@@ -287,13 +301,17 @@ class RestServer:
 
     def __init__(self, manager: ModelManager, host: str, port: int, max_body_bytes: int,
                  options: PredictOptions = PredictOptions(), metrics: ServingMetrics | None = None,
-                 metrics_path: str | None = None):
+                 metrics_path: str | None = None, cors: bool = False):
         def respond(request: Request) -> Reply:
             if metrics and request.method == "GET" and request.path == metrics_path:
                 return Reply(200, metrics.page(), METRICS_CONTENT_TYPE)
             if request.method == "GET" and (match := READY_ROUTE.match(request.path)):
                 return json_reply(*ready(manager, match))
-            return json_reply(*handle(manager, request.method, request.path, request.body, options, metrics))
+            if request.method == "OPTIONS" and API_PATH.match(request.path):
+                reply = preflight(request)
+            else:
+                reply = json_reply(*handle(manager, request.method, request.path, request.body, options, metrics))
+            return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, **CORS_HEADERS}) if cors else reply
 
         self.http = HttpServer(host, port, max_body_bytes, respond, name="rest-api")
         self.port = self.http.port

@@ -13,6 +13,7 @@ image on the same files.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent import futures
@@ -123,10 +124,29 @@ class ServerOptions:
     config_poll_seconds: float = 0.0
     max_message_bytes: int = 64 * 1024 * 1024  # a batch of 1024 images is 3.2 MB
     ssl_config_file: Path | None = None
-    workers: int = 8
+    workers: int = 4 * (os.cpu_count() or 1)  # --grpc_max_threads, TF Serving's default
+    socket_path: str = ""  # --grpc_socket_path: gRPC on this UNIX socket too
+    channel_arguments: list[tuple[str, int | str]] = field(default_factory=list)  # --grpc_channel_arguments
+    health_check: bool = False  # --enable_grpc_healthcheck_service
     rest_api_port: int = 0  # 0: no REST API, as in TF Serving
+    cors: bool = False  # --rest_api_enable_cors_support
     predict: PredictOptions = field(default_factory=PredictOptions)
     metrics_path: str | None = None  # --monitoring_config_file's Prometheus path, on the REST port
+
+
+# The services TF Serving's --enable_grpc_healthcheck_service marks SERVING (server.cc), besides ""
+HEALTH_CHECKED_SERVICES = ("ModelService", "PredictionService")
+
+
+def health_service(server: grpc.Server):
+    """grpc.health.v1.Health as TF Serving's default health check service answers it."""
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    servicer = health.HealthServicer()
+    for service in ("", *HEALTH_CHECKED_SERVICES):
+        servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    return servicer
 
 
 class ModelServer:
@@ -137,18 +157,19 @@ class ModelServer:
         self.config_mtime = config_file.stat().st_mtime if config_file else None
         self.config_refused = False
         self.config_refusals = 0  # how many times a config file was refused (retries included)
-        limits = [("grpc.max_receive_message_length", options.max_message_bytes),
-                  ("grpc.max_send_message_length", options.max_message_bytes)]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), options=limits)
+        arguments = {"grpc.max_receive_message_length": options.max_message_bytes,
+                     "grpc.max_send_message_length": options.max_message_bytes, **dict(options.channel_arguments)}
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers),
+                                options=list(arguments.items()))
         self.metrics = ServingMetrics()
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(manager, options.predict, self.metrics), self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self.grpc)
-        address = f"{options.host}:{options.port}"
-        if options.ssl_config_file:
-            self.port = self.grpc.add_secure_port(address, server_credentials(options.ssl_config_file))
-        else:
-            self.port = self.grpc.add_insecure_port(address)
+        self.health = health_service(self.grpc) if options.health_check else None
+        addresses = [f"{options.host}:{options.port}"] + ([f"unix:{options.socket_path}"] if options.socket_path else [])
+        credentials = server_credentials(options.ssl_config_file) if options.ssl_config_file else None
+        self.port = [self.grpc.add_secure_port(address, credentials) if credentials else
+                     self.grpc.add_insecure_port(address) for address in addresses][0]
         self.stopping = threading.Event()
         self.poller = threading.Thread(target=self.poll_forever, name="model-poller", daemon=True)
         self.rest = None
@@ -157,7 +178,7 @@ class ModelServer:
 
             # JSON spends several bytes per float, so the body limit is a multiple of gRPC's
             self.rest = RestServer(manager, options.host, options.rest_api_port, 8 * options.max_message_bytes,
-                                   options.predict, self.metrics, options.metrics_path)
+                                   options.predict, self.metrics, options.metrics_path, options.cors)
 
     def reload_config_if_changed(self) -> None:
         """Re-read models.config when it changes (the sync rewrites it), and retry a refused
@@ -207,6 +228,8 @@ class ModelServer:
 
     def stop(self, grace: float = 5.0) -> None:
         self.stopping.set()
+        if self.health:
+            self.health.enter_graceful_shutdown()  # NOT_SERVING while the last calls finish
         if self.rest:
             self.rest.stop()
         self.grpc.stop(grace).wait()

@@ -27,13 +27,13 @@ def start_model_server(base: Path, batching=None, retries=None, **options):
     model ``mnist`` (polling every 0.2 s unless told; ``batching``: BatchingOptions;
     ``retries``: LoadRetries, else a load that fails is not retried); returns it and its address."""
     from storage.embedded import free_port
-    from serving.manager import LoadRetries, ModelManager
+    from serving.manager import LoadOptions, LoadRetries, ModelManager
     from serving.model_config import single_model_config
     from serving.server import ModelServer, ServerOptions
 
     port = free_port()
-    manager = ModelManager(single_model_config("mnist", base.resolve()), batching=batching,
-                           retries=retries or LoadRetries(max_retries=0))
+    loading = LoadOptions(batching=batching, retries=retries or LoadRetries(max_retries=0))
+    manager = ModelManager(single_model_config("mnist", base.resolve()), loading=loading)
     server = ModelServer(manager, ServerOptions(port=port, **{"poll_seconds": 0.2, **options})).start()
     return server, f"127.0.0.1:{port}"
 

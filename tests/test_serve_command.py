@@ -135,3 +135,76 @@ def test_load_retries_follow_tf_serving_flags(tmp_path: Path) -> None:
         stop_served(process)
     refused = run_mnist("serve", "--model_base_path", str(broken.parent), "--max_num_load_retries=-1")
     assert refused.returncode == 2 and refused.stderr.strip() == "mnist serve: --max_num_load_retries must be 0 or more, not -1"
+
+
+# Every flag of tensorflow_model_server (tensorflow_serving/model_servers/main.cc, 2.21), so any
+# production command line parses here.
+TF_SERVING_FLAGS = (
+    "port grpc_socket_path rest_api_port rest_api_num_threads rest_api_timeout_in_ms rest_api_enable_cors_support "
+    "enable_batching allow_version_labels_for_unavailable_models batching_parameters_file "
+    "enable_per_model_batching_parameters model_config_file model_config_file_poll_wait_seconds model_name "
+    "model_base_path num_load_threads num_unload_threads max_num_load_retries load_retry_interval_micros "
+    "file_system_poll_wait_seconds flush_filesystem_caches tensorflow_session_parallelism "
+    "tensorflow_session_config_file tensorflow_intra_op_parallelism tensorflow_inter_op_parallelism "
+    "use_alts_credentials ssl_config_file platform_config_file per_process_gpu_memory_fraction saved_model_tags "
+    "grpc_channel_arguments grpc_max_threads enable_model_warmup num_request_iterations_for_warmup version "
+    "monitoring_config_file remove_unused_fields_from_bundle_metagraph prefer_tflite_model num_tflite_pools "
+    "num_tflite_interpreters_per_pool enable_signature_method_name_check xla_cpu_compilation_enabled "
+    "xla_gpu_compilation_enabled enable_profiler thread_pool_factory_config_file mixed_precision "
+    "skip_initialize_tpu enable_grpc_healthcheck_service enable_serialization_as_tensor_content"
+).split()
+
+
+def test_every_tensorflow_model_server_flag_is_taken() -> None:
+    from flows.cli import build_parser
+
+    commands = next(action for action in build_parser()._actions if action.dest == "command")
+    taken = {option for action in commands.choices["serve"]._actions for option in action.option_strings}
+    assert [name for name in TF_SERVING_FLAGS if f"--{name}" not in taken] == []
+    version = run_mnist("serve", "--version")
+    assert version.returncode == 0 and version.stdout.splitlines()[1].startswith("TensorFlow Library: 2.")
+    refused = run_mnist("serve", "--model_base_path=/nowhere", "--prefer_tflite_model=true")
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == ("mnist serve: --prefer_tflite_model=true is not supported here "
+                                      "(no TensorFlow Lite models)")
+
+
+def test_grpc_and_rest_flags_behave_as_tf_serving(model_base: Path, test_images, tmp_path: Path) -> None:
+    """server.cc BuildAndStart: a UNIX socket beside the port, channel arguments, the standard
+    health service (SERVING for "", ModelService and PredictionService; an unknown service is
+    NOT_FOUND); http_server.cc: CORS headers and the OPTIONS preflight."""
+    import grpc
+    import httpx
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    socket_path, rest_port, port = tmp_path / "grpc.sock", free_port(), free_port()
+    process, lines = serve_in_process_group(
+        f"--port={port}", f"--model_base_path={model_base}", f"--rest_api_port={rest_port}",
+        f"--grpc_socket_path={socket_path}", "--enable_grpc_healthcheck_service=true",
+        "--grpc_channel_arguments=grpc.max_connection_age_ms=600000,grpc.primary_user_agent=mnist-test",
+        "--grpc_max_threads=4", "--rest_api_enable_cors_support", "--num_load_threads=2", "--saved_model_tags=serve")
+    try:
+        assert "listening on" in lines[-1], lines
+        assert any("--num_load_threads=2 has no effect here" in line for line in lines), lines
+        images = test_images[0][:4]
+        by_socket = predict_probabilities(images, Target(f"unix:{socket_path}"))
+        assert by_socket[1] == 1 and by_socket[0].shape == (4, 10)
+        health = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{port}"))
+        for service in ("", "ModelService", "PredictionService"):
+            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+        try:
+            health.Check(health_pb2.HealthCheckRequest(service="tensorflow.serving.PredictionService"), timeout=10)
+            raise AssertionError("an unknown service answered")
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.NOT_FOUND
+        rest = f"http://127.0.0.1:{rest_port}/v1/models/mnist"
+        status = httpx.get(rest, timeout=30)
+        assert status.status_code == 200 and status.headers["access-control-allow-origin"] == "*"
+        assert status.headers["access-control-allow-methods"] == "POST, GET"
+        preflight = httpx.options(f"{rest}:predict", headers={"Origin": "https://app.example"}, timeout=30)
+        assert preflight.status_code == 200 and preflight.content == b""
+        assert preflight.headers["access-control-allow-headers"] == "Content-Type"
+        assert httpx.options(f"{rest}:predict", timeout=30).status_code == 400  # no Origin
+    finally:
+        stop_served(process)

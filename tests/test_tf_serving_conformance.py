@@ -388,3 +388,61 @@ def test_metadata_request_checks(hp2_server) -> None:
     assert "at least one metadata_field" in rpc_error(stub(address).GetModelMetadata, request).details()
     request.metadata_field.append("graph")
     assert "Metadata field graph is not supported" in rpc_error(stub(address).GetModelMetadata, request).details()
+
+
+# --- 7. Loading (saved_model_warmup_util.cc, predict_util.cc VerifySignature, --saved_model_tags) ------
+def counting_model(directory: Path) -> Path:
+    """A SavedModel with the digit model's signature that counts its calls in a variable."""
+    class Counting(tf.Module):
+        def __init__(self):
+            super().__init__()
+            self.calls = tf.Variable(0, dtype=tf.int64)
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32, name="image")])
+        def serve(self, image):
+            self.calls.assign_add(1)
+            return {"probabilities": tf.zeros([tf.shape(image)[0], 10])}
+
+    module = Counting()
+    tf.saved_model.save(module, str(directory), signatures={"serving_default": module.serve})
+    return directory
+
+
+def test_warmup_iterations_and_record_limit_as_tf_serving(tmp_path: Path, test_digits) -> None:
+    from serving.manager import LoadOptions, load_version
+    from tasks.export import write_warmup_requests
+
+    model = counting_model(tmp_path / "1")
+    write_warmup_requests(model, test_digits, batch_sizes=(1, 2))
+    assert load_version(model, 1, LoadOptions(warmup_iterations=3)).module.calls.numpy() == 6  # 2 records x 3
+    assert load_version(model, 1, LoadOptions(warmup_iterations=0)).module.calls.numpy() == 0  # warmup off
+    write_warmup_requests(model, test_digits, batch_sizes=(1,) * 1001)  # one record more than TF Serving takes
+    with pytest.raises(ValueError, match=r"Number of warmup records exceeds the maximum \(1000\) at "):
+        load_version(model, 1)
+    with pytest.raises(ValueError, match=r"incompatible argument to `tags`: \['serve', 'tpu'\]"):  # no such MetaGraph
+        load_version(model, 1, LoadOptions(tags=frozenset({"serve", "tpu"}), warmup_iterations=0))
+
+
+def test_signature_method_name_checked_only_with_the_flag(half_plus_two: Path, tmp_path: Path) -> None:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from serving.inference import PredictOptions
+
+    base = tmp_path / "models"
+    shutil.copytree(half_plus_two, base / "1")
+    saved_model = saved_model_pb2.SavedModel.FromString((base / "1" / "saved_model.pb").read_bytes())
+    saved_model.meta_graphs[0].signature_def["serving_default"].method_name = "custom/method"
+    (base / "1" / "saved_model.pb").write_bytes(saved_model.SerializeToString())
+    for check in (False, True):
+        server, address = start_model_server(base, predict=PredictOptions(method_name_check=check))
+        try:
+            if not check:
+                assert list(stub(address).Predict(hp2_predict([2.0]), timeout=30).outputs["y"].float_val) == [3.0]
+                continue
+            error = rpc_error(stub(address).Predict, hp2_predict([2.0]))
+            assert error.code() == grpc.StatusCode.INTERNAL
+            assert error.details() == ("Expected prediction signature method_name to be one of {tensorflow/serving/"
+                                       "predict, tensorflow/serving/classify, tensorflow/serving/regress}. Was: "
+                                       "custom/method")
+        finally:
+            server.stop(grace=1)
