@@ -20,6 +20,7 @@ with TF Serving's rules (``model_servers/server_core.cc``, ``core/servable_state
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 from contextlib import contextmanager
@@ -37,7 +38,6 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving.batching import Batcher, BatchingOptions
 from serving.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
 from serving.tensors import from_tensor_proto
-from storage.models import local_versions
 
 log = logging.getLogger("mnist.serve")
 DEFAULT_SIGNATURE = "serving_default"
@@ -163,9 +163,32 @@ def load_version(path: Path, version: int, options: LoadOptions = LoadOptions(),
     return loaded
 
 
-def servable_versions(base_path: Path) -> list[int]:
-    """Version directories that hold a SavedModel."""
-    return [v for v in local_versions(base_path) if (base_path / str(v) / "saved_model.pb").is_file()]
+# file_system_storage_path_source.cc ParseVersionNumber: absl::SimpleAtoi into an int64, so
+# "00000123" is version 123 (TF Serving's own test models are named so), a "+" or spaces around
+# read too. A negative number, which that also reads, is left out: no export makes one.
+VERSION_NAME = re.compile(r"\s*\+?([0-9]+)\s*")
+MAX_VERSION = 2**63 - 1
+
+
+def version_directories(base_path: Path) -> dict[int, Path]:
+    """Version -> directory, as TF Serving lists a base path: every child whose name reads as a
+    version number (symbolic links followed), here only once it holds a saved_model.pb. Two names
+    of one number: the last in name order is loaded, and both are said, as TF Serving says them."""
+    try:
+        children = sorted(base_path.iterdir())
+    except OSError:
+        return {}
+    found: dict[int, Path] = {}
+    for child in children:
+        match = VERSION_NAME.fullmatch(child.name)
+        if not match or int(match[1]) > MAX_VERSION or not (child / "saved_model.pb").is_file():
+            continue
+        version = int(match[1])
+        if version in found:
+            log.warning("Duplicate version directories detected. Version %d will be loaded from %s, %s will be "
+                        "ignored.", version, child.name, found[version].name)
+        found[version] = child
+    return found
 
 
 class ModelManager:
@@ -223,12 +246,11 @@ class ModelManager:
     def set_state(self, name: str, version: int, status: VersionStatus) -> None:
         self.states.setdefault(name, {})[version] = status
 
-    def load(self, name: str, model: ServedModel, version: int) -> None:
+    def load(self, name: str, model: ServedModel, version: int, path: Path) -> None:
         failed = self.failed_loads.get((name, version))
         if failed and (failed.tries > self.retries.max_retries or time.monotonic() < failed.next_try):
             return  # given up on, or its next try is not due
         self.set_state(name, version, VersionStatus(State.LOADING))
-        path = Path(model.config.base_path) / str(version)
         try:
             loaded = load_version(path, version, self.loading, lambda: self.answering_now)
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
@@ -264,10 +286,11 @@ class ModelManager:
         Loading first means a request always finds a servable version during a switch."""
         for name, model in list(self.models.items()):
             self.note_base_path(name, Path(model.config.base_path))
-            wanted = versions_to_serve(model.config, servable_versions(Path(model.config.base_path)))
+            directories = version_directories(Path(model.config.base_path))
+            wanted = versions_to_serve(model.config, list(directories))
             self.forget_failures(name, wanted)
             for version in sorted(wanted - set(model.versions)):
-                self.load(name, model, version)
+                self.load(name, model, version, directories[version])
             stale = set(model.versions) - wanted
             if stale and not wanted & set(model.versions):
                 continue  # availability preserving, as TF Serving: keep the old until a new one serves

@@ -294,6 +294,23 @@ def test_a_failed_load_is_retried_then_given_up_until_the_version_comes_back(
         assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(address))[1] == 3
 
 
+def test_version_directories_are_read_as_tf_serving_reads_them(saved_model_dir: Path, tmp_path: Path) -> None:
+    """file_system_storage_path_source.cc: a child is a version when its name reads as a number
+    (absl::SimpleAtoi, so zero-padded names count, as in TF Serving's own test models), and a
+    symbolic link to a SavedModel is followed."""
+    with served_copy(saved_model_dir, tmp_path) as (server, address, base):
+        shutil.copytree(saved_model_dir, tmp_path / "padded")
+        (tmp_path / "padded").rename(base / "00000002")
+        wait_for(lambda: status_of(address)[0][:2] == (2, "AVAILABLE"))
+        assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(address))[1] == 2
+        (base / "3").symlink_to(saved_model_dir, target_is_directory=True)
+        wait_for(lambda: status_of(address)[0][:2] == (3, "AVAILABLE"))
+        assert [version for version, *_ in status_of(address)] == [3, 2, 1]
+        (base / "not-a-version").mkdir()  # skipped, as there
+        time.sleep(0.5)
+        assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(address))[1] == 3
+
+
 # --- 5. REST errors (http_rest_api_handler.cc ProcessRequest, json_tensor.cc) ----------------------
 def test_every_malformed_rest_request_is_a_400_with_an_error(hp2_server) -> None:
     _, _, rest = hp2_server
