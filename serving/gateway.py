@@ -58,6 +58,7 @@ FEEDBACK_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)/feedback$")
 # not forwarded: the connection's own headers, and metadata gRPC sets itself
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade",
                "proxy-connection", "x-request-id"}
+REPLY_SETS = HOP_HEADERS | {"content-type", "date", "server"}  # what the gateway's own reply sets
 HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED",
               499: "CANCELLED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 SIGNATURE_TTL = 1.0  # seconds a resolved (version, signatures) is reused for REST metrics and logs
@@ -206,7 +207,9 @@ class Gateway:
             try:
                 connection.request(request.method, path, body=request.body or None, headers=headers)
                 answer = connection.getresponse()
-                return Reply(answer.status, answer.read(), answer.getheader("Content-Type", JSON))
+                # the server's own headers (CORS with --rest_api_enable_cors_support) reach the caller
+                passed = {name: value for name, value in answer.getheaders() if name.lower() not in REPLY_SETS}
+                return Reply(answer.status, answer.read(), answer.getheader("Content-Type", JSON), passed)
             except (http.client.HTTPException, OSError) as error:
                 problem = error
         return json_reply(503, {"error": f"upstream REST API at {self.options.upstream_rest} is unavailable: "

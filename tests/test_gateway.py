@@ -304,3 +304,27 @@ def test_feedback_round_trip_to_an_ingested_batch(store_env, upstream, digits: n
     assert result["batch"]["label_histogram"][7] == 1 and result["batch"]["label_histogram"][9] == 1
     again = run_mnist("data", "add", "--from-feedback", env=env)
     assert again.returncode == 0 and "no new feedback" in again.stdout
+
+
+def test_the_servers_rest_headers_reach_the_caller(store_env, saved_model_dir: Path, tmp_path: Path,
+                                                  digits: np.ndarray) -> None:
+    """With --rest_api_enable_cors_support, TF Serving's CORS headers (and its answer to a
+    preflight) must survive the gateway, or a browser calling through it is refused."""
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    rest_port = free_port()
+    server, address = start_model_server(base, rest_api_port=rest_port, cors=True)
+    gateway = start_gateway(address, f"127.0.0.1:{rest_port}")
+    try:
+        root = f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist"
+        status = httpx.get(root, timeout=30)
+        predicted = httpx.post(f"{root}:predict", json={"instances": digits[:1].tolist()}, timeout=30)
+        preflight = httpx.options(f"{root}:predict", headers={"Origin": "https://app.example"}, timeout=30)
+        for reply in (status, predicted, preflight):
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["access-control-allow-origin"] == "*"
+            assert reply.headers["access-control-allow-methods"] == "POST, GET"
+        assert predicted.headers["x-request-id"] and len(predicted.headers.get_list("content-type")) == 1
+    finally:
+        gateway.stop()
+        server.stop(grace=1)
