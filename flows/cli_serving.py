@@ -397,7 +397,7 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
                        help="tags of the MetaGraph to load, comma-separated (default serve)")
     serve.add_argument(*tf_serving_spellings("num_request_iterations_for_warmup"), type=int, default=0,
                        help="replays of each warmup request (default 0: once, as TF Serving)")
-    serve.add_argument("--version", action="store_true", help="print the versions and exit, as TF Serving")
+    serve.add_argument("--version", **tf_serving_bool(False), help="print the versions and exit, as TF Serving")
     add_foreign_flags(serve)
     serve.add_argument("--max-num-load-retries", "--max_num_load_retries", type=int, default=5,
                        help="retries of a load that failed, before its version is END with the error "

@@ -161,7 +161,7 @@ def test_every_tensorflow_model_server_flag_is_taken() -> None:
     commands = next(action for action in build_parser()._actions if action.dest == "command")
     taken = {option for action in commands.choices["serve"]._actions for option in action.option_strings}
     assert [name for name in TF_SERVING_FLAGS if f"--{name}" not in taken] == []
-    version = run_mnist("serve", "--version")
+    version = run_mnist("serve", "--version=true")  # a bool, as main.cc declares it
     assert version.returncode == 0 and version.stdout.splitlines()[1].startswith("TensorFlow Library: 2.")
     refused = run_mnist("serve", "--model_base_path=/nowhere", "--prefer_tflite_model=true")
     assert refused.returncode == 2
