@@ -49,6 +49,9 @@ REQUEST_ID = "x-request-id"
 SERVICES = {
     "tensorflow.serving.PredictionService": ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata"),
     "tensorflow.serving.ModelService": ("GetModelStatus", "HandleReloadConfigRequest"),
+    # TF Serving's --enable_grpc_healthcheck_service, passed through: a gRPC probe of the gateway
+    # answers as the server does (UNIMPLEMENTED where the server has it off)
+    "grpc.health.v1.Health": ("Check",),
 }
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"

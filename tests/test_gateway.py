@@ -306,16 +306,26 @@ def test_feedback_round_trip_to_an_ingested_batch(store_env, upstream, digits: n
     assert again.returncode == 0 and "no new feedback" in again.stdout
 
 
-def test_the_servers_rest_headers_reach_the_caller(store_env, saved_model_dir: Path, tmp_path: Path,
-                                                  digits: np.ndarray) -> None:
+def test_the_servers_rest_headers_and_health_reach_the_caller(store_env, saved_model_dir: Path, tmp_path: Path,
+                                                              digits: np.ndarray, upstream) -> None:
     """With --rest_api_enable_cors_support, TF Serving's CORS headers (and its answer to a
-    preflight) must survive the gateway, or a browser calling through it is refused."""
-    base = tmp_path / "models" / "mnist"
+    preflight) must survive the gateway, or a browser calling through it is refused; with
+    --enable_grpc_healthcheck_service, a gRPC probe of the gateway answers as the server."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    base = tmp_path / "with-cors" / "mnist"  # beside the upstream fixture's model directory
     shutil.copytree(saved_model_dir, base / "1")
     rest_port = free_port()
-    server, address = start_model_server(base, rest_api_port=rest_port, cors=True)
+    server, address = start_model_server(base, rest_api_port=rest_port, cors=True, health_check=True)
     gateway = start_gateway(address, f"127.0.0.1:{rest_port}")
+    without_health = start_gateway(upstream[1], upstream[2])
     try:
+        check = health_pb2.HealthCheckRequest(service="PredictionService")
+        answer = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{gateway.port}")).Check(check, timeout=10)
+        assert answer.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as off:  # the server has it off, as TF Serving by default
+            health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{without_health.port}")).Check(check, timeout=10)
+        assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
         root = f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist"
         status = httpx.get(root, timeout=30)
         predicted = httpx.post(f"{root}:predict", json={"instances": digits[:1].tolist()}, timeout=30)
@@ -326,5 +336,6 @@ def test_the_servers_rest_headers_reach_the_caller(store_env, saved_model_dir: P
             assert reply.headers["access-control-allow-methods"] == "POST, GET"
         assert predicted.headers["x-request-id"] and len(predicted.headers.get_list("content-type")) == 1
     finally:
+        without_health.stop()
         gateway.stop()
         server.stop(grace=1)
