@@ -173,7 +173,10 @@ class ModelServer:
         self.stopping = threading.Event()
         self.poller = threading.Thread(target=self.poll_forever, name="model-poller", daemon=True)
         self.rest = None
-        if options.rest_api_port:
+        if options.rest_api_port and options.rest_api_port == options.port:  # server.cc BuildAndStart, word for word
+            log.error("server_options.http_port cannot be same as grpc_port. Please use a different port for "
+                      "HTTP/REST API. Skipped exporting HTTP/REST API.")
+        elif options.rest_api_port:
             from serving.rest import RestServer  # here: rest.py builds on this module
 
             # JSON spends several bytes per float, so the body limit is a multiple of gRPC's

@@ -463,3 +463,22 @@ def test_signature_method_name_checked_only_with_the_flag(half_plus_two: Path, t
                                        "custom/method")
         finally:
             server.stop(grace=1)
+
+
+def test_a_rest_port_equal_to_the_grpc_port_serves_grpc_alone(saved_model_dir: Path, tmp_path: Path,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """server.cc BuildAndStart: the REST API is skipped, with an error line, and gRPC serves."""
+    from serving.manager import ModelManager
+    from serving.server import ModelServer, ServerOptions
+
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    port = free_port()
+    server = ModelServer(ModelManager(single_model_config("mnist", base.resolve())),
+                         ServerOptions(port=port, rest_api_port=port)).start()
+    try:
+        assert server.rest is None
+        assert any("http_port cannot be same as grpc_port" in record.getMessage() for record in caplog.records)
+        assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(f"127.0.0.1:{port}"))[1] == 1
+    finally:
+        server.stop(grace=1)
