@@ -27,7 +27,7 @@ def test_model_server_answers_without_importing_keras(model_base: Path, saved_mo
 import json, sys
 from pathlib import Path
 import numpy as np
-from flows.cli_serving import without_keras_at_tensorflow_import
+from flows.cli_serve import without_keras_at_tensorflow_import
 without_keras_at_tensorflow_import()
 from mnist_client.client import predict
 from tests.conftest import start_model_server
