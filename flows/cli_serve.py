@@ -169,27 +169,27 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                                             "command line runs here unchanged.")
     serve.add_argument("--port", type=int, default=8500, help="gRPC port; 0 picks a free one (default 8500)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
-    serve.add_argument("--rest-api-port", "--rest_api_port", type=int, default=0,
+    serve.add_argument(*tf_serving_spellings("rest_api_port"), type=int, default=0,
                        help="TF Serving's REST API (/v1/models/NAME[:predict]) on this port; 0 = off (default)")
-    serve.add_argument("--model-base-path", "--model_base_path", help="the model's directory of numbered versions")
-    serve.add_argument("--model-name", "--model_name", default="mnist", help="model name (default mnist)")
-    serve.add_argument("--model-config-file", "--model_config_file",
+    serve.add_argument(*tf_serving_spellings("model_base_path"), help="the model's directory of numbered versions")
+    serve.add_argument(*tf_serving_spellings("model_name"), default="mnist", help="model name (default mnist)")
+    serve.add_argument(*tf_serving_spellings("model_config_file"),
                        help="TF Serving models.config (text ModelServerConfig)")
-    serve.add_argument("--model-config-file-poll-wait-seconds", "--model_config_file_poll_wait_seconds", type=float,
+    serve.add_argument(*tf_serving_spellings("model_config_file_poll_wait_seconds"), type=float,
                        default=0.0, help="re-read --model-config-file this often; 0 reads it once, at start "
                                          "(default 0, as TF Serving)")
-    serve.add_argument("--file-system-poll-wait-seconds", "--file_system_poll_wait_seconds", type=float, default=1.0,
+    serve.add_argument(*tf_serving_spellings("file_system_poll_wait_seconds"), type=float, default=1.0,
                        help="how often to look for new versions; 0 looks once, at start (default 1, as TF Serving)")
-    serve.add_argument("--enable-batching", "--enable_batching", **tf_serving_bool(False),
+    serve.add_argument(*tf_serving_spellings("enable_batching"), **tf_serving_bool(False),
                        help="merge concurrent requests into batches, as TF Serving's flag of the same name")
-    serve.add_argument("--batching-parameters-file", "--batching_parameters_file",
+    serve.add_argument(*tf_serving_spellings("batching_parameters_file"),
                        help="TF Serving BatchingParameters text proto (max_batch_size, batch_timeout_micros, "
                             "num_batch_threads, max_enqueued_batches, allowed_batch_sizes); default: TF Serving's")
-    serve.add_argument("--grpc-socket-path", "--grpc_socket_path", default="",
+    serve.add_argument(*tf_serving_spellings("grpc_socket_path"), default="",
                        help="also answer gRPC on this UNIX socket, as TF Serving's flag")
-    serve.add_argument("--grpc-channel-arguments", "--grpc_channel_arguments", type=grpc_channel_arguments,
+    serve.add_argument(*tf_serving_spellings("grpc_channel_arguments"), type=grpc_channel_arguments,
                        default=[], help="gRPC server arguments, key=value,... (ints as ints), as TF Serving's flag")
-    serve.add_argument("--grpc-max-threads", "--grpc_max_threads", type=int, default=4 * CPUS,
+    serve.add_argument(*tf_serving_spellings("grpc_max_threads"), type=int, default=4 * CPUS,
                        help=f"threads answering gRPC calls (default 4 x CPUs = {4 * CPUS}, as TF Serving)")
     serve.add_argument(*tf_serving_spellings("enable_grpc_healthcheck_service"), **tf_serving_bool(False),
                        help="grpc.health.v1.Health: SERVING for \"\", ModelService and PredictionService, "
@@ -204,29 +204,28 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
                        help="replays of each warmup request (default 0: once, as TF Serving)")
     serve.add_argument("--version", **tf_serving_bool(False), help="print the versions and exit, as TF Serving")
     add_foreign_flags(serve)
-    serve.add_argument("--max-num-load-retries", "--max_num_load_retries", type=int, default=5,
+    serve.add_argument(*tf_serving_spellings("max_num_load_retries"), type=int, default=5,
                        help="retries of a load that failed, before its version is END with the error "
                             "(default 5, as TF Serving)")
-    serve.add_argument("--load-retry-interval-micros", "--load_retry_interval_micros", type=int, default=60_000_000,
+    serve.add_argument(*tf_serving_spellings("load_retry_interval_micros"), type=int, default=60_000_000,
                        help="wait between load retries; negative: none (default 60000000, as TF Serving)")
-    serve.add_argument("--enable-model-warmup", "--enable_model_warmup", **tf_serving_bool(True),
+    serve.add_argument(*tf_serving_spellings("enable_model_warmup"), **tf_serving_bool(True),
                        help="replay assets.extra/tf_serving_warmup_requests on load (default true, as TF Serving)")
-    serve.add_argument("--monitoring-config-file", "--monitoring_config_file",
+    serve.add_argument(*tf_serving_spellings("monitoring_config_file"),
                        help="TF Serving MonitoringConfig text proto: Prometheus metrics on the REST port at its path")
-    serve.add_argument("--ssl-config-file", "--ssl_config_file",
+    serve.add_argument(*tf_serving_spellings("ssl_config_file"),
                        help="TF Serving SSLConfig text proto: server_key, server_cert, custom_ca")
     for scope in ("session", "intra_op", "inter_op"):
-        serve.add_argument(f"--tensorflow-{scope.replace('_', '-')}-parallelism",
-                           f"--tensorflow_{scope}_parallelism", type=int, default=0,
+        serve.add_argument(*tf_serving_spellings(f"tensorflow_{scope}_parallelism"), type=int, default=0,
                            help=f"TensorFlow's {scope.replace('_', '-')} threads, as TF Serving's flag "
                                 "(default 0: TensorFlow decides)")
     serve.add_argument("--max-message-bytes", type=int, default=64 << 20,
                        help="largest request or response (default 64 MiB; a batch of 1024 images is 3.2 MB)")
-    serve.add_argument("--allow-version-labels-for-unavailable-models", "--allow_version_labels_for_unavailable_models",
+    serve.add_argument(*tf_serving_spellings("allow_version_labels_for_unavailable_models"),
                        **tf_serving_bool(False),
                        help="accept a new label on a version still loading (a label in use still moves only to "
                             "an AVAILABLE version), as TF Serving's flag of the same name")
-    serve.add_argument("--enable-serialization-as-tensor-content", "--enable_serialization_as_tensor_content",
+    serve.add_argument(*tf_serving_spellings("enable_serialization_as_tensor_content"),
                        **tf_serving_bool(False),
                        help="answer Predict in packed tensor_content instead of float_val, as TF Serving's flag")
     serve.add_argument("--reject-non-finite-inputs", action="store_true",

@@ -198,7 +198,6 @@ class ModelManager:
                  allow_version_labels_for_unavailable_models: bool = False, loading: LoadOptions = LoadOptions()):
         self.lock = threading.RLock()
         self.loading = loading
-        self.retries = loading.retries
         self.answering_now = 0  # Predict calls received and not yet answered
         self.counter_lock = threading.Lock()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
@@ -248,7 +247,7 @@ class ModelManager:
 
     def load(self, name: str, model: ServedModel, version: int, path: Path) -> None:
         failed = self.failed_loads.get((name, version))
-        if failed and (failed.tries > self.retries.max_retries or time.monotonic() < failed.next_try):
+        if failed and (failed.tries > self.loading.retries.max_retries or time.monotonic() < failed.next_try):
             return  # given up on, or its next try is not due
         self.set_state(name, version, VersionStatus(State.LOADING))
         try:
@@ -265,11 +264,11 @@ class ModelManager:
         """LOADING until the retries are spent, then END with the error (TF Serving's Retry)."""
         failed = self.failed_loads.setdefault((name, version), FailedLoad(0, 0.0, message))
         failed.tries += 1
-        failed.next_try = time.monotonic() + self.retries.interval_seconds
+        failed.next_try = time.monotonic() + self.loading.retries.interval_seconds
         failed.message = message
         log.error("loading %s version %d failed (try %d of %d): %s", name, version, failed.tries,
-                  self.retries.max_retries + 1, message)
-        if failed.tries > self.retries.max_retries:
+                  self.loading.retries.max_retries + 1, message)
+        if failed.tries > self.loading.retries.max_retries:
             log.error("gave up loading %s version %d: it is not tried again while it stays wanted", name, version)
             self.set_state(name, version, VersionStatus(State.END, grpc.StatusCode.UNKNOWN, message))
 
@@ -278,7 +277,7 @@ class ModelManager:
         wanted again later, it loads afresh (TF Serving manages it anew)."""
         for key in [key for key in self.failed_loads if key[0] == name and key[1] not in wanted]:
             failed = self.failed_loads.pop(key)
-            if failed.tries <= self.retries.max_retries:
+            if failed.tries <= self.loading.retries.max_retries:
                 self.set_state(name, key[1], VersionStatus(State.END, grpc.StatusCode.UNKNOWN, failed.message))
 
     def poll(self) -> None:

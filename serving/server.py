@@ -166,10 +166,14 @@ class ModelServer:
             PredictionService(manager, options.predict, self.metrics), self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self.grpc)
         self.health = health_service(self.grpc) if options.health_check else None
-        addresses = [f"{options.host}:{options.port}"] + ([f"unix:{options.socket_path}"] if options.socket_path else [])
         credentials = server_credentials(options.ssl_config_file) if options.ssl_config_file else None
-        self.port = [self.grpc.add_secure_port(address, credentials) if credentials else
-                     self.grpc.add_insecure_port(address) for address in addresses][0]
+
+        def listen(address: str) -> int:
+            return self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+
+        self.port = listen(f"{options.host}:{options.port}")
+        if options.socket_path:
+            listen(f"unix:{options.socket_path}")
         self.stopping = threading.Event()
         self.poller = threading.Thread(target=self.poll_forever, name="model-poller", daemon=True)
         self.rest = None
