@@ -32,12 +32,12 @@ from functools import partial
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf.message import DecodeError
 
 from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
-from mnist_client.tensors import TYPED_FIELDS, to_tensor_proto
+from mnist_client.tensors import to_tensor_proto
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.json_tensor import JsonTensorError, parse_document, read_columns, read_document, read_predict, read_rows
 from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, READY_ROUTE, ServingMetrics, readiness
 from serving.prediction_logger import Call, PredictionLogger, Unloggable
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
@@ -310,42 +310,34 @@ class Gateway:
 
 
 # --- REST JSON -> TF Serving's messages, for the log -------------------------------------------
-def numeric(value: Any, dtype: int, name: str) -> np.ndarray:
-    if dtype not in TYPED_FIELDS:
-        raise Unloggable(f"tensor {name!r} of dtype {dtype} is not logged from REST")
-    return np.asarray(value, dtype=TYPED_FIELDS[dtype][0])
-
-
-def columns(value: Any, names: list[str], rows: bool) -> dict[str, Any]:
-    """TF Serving's row (one entry, or one object, per instance) or columnar JSON, by tensor name."""
-    if rows and value and all(isinstance(row, dict) for row in value):
-        return {name: [row[name] for row in value] for name in names}
-    if not rows and isinstance(value, dict):
-        return {name: value[name] for name in names}
-    if len(names) != 1:
-        raise Unloggable(f"a plain value for {len(names)} tensors")
-    return {names[0]: value}
+def dtypes(tensors: Any) -> dict[str, int]:
+    return {name: info.dtype for name, info in tensors.items()}
 
 
 def rest_messages(request_body: bytes, response_body: bytes, name: str, version: str | None, label: str,
                   resolved: int, signatures: Any) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
+    """The tensors TF Serving read from the request's JSON and wrote to the answer's, read back as
+    json_tensor.cc reads them."""
     try:
-        document, answer = json.loads(request_body), json.loads(response_body)
+        document = read_document(request_body)
         signature_name = document.get("signature_name") or "serving_default"
+        if signature_name not in signatures.signature_def:
+            raise Unloggable(f"REST body not logged: no signature {signature_name!r}")
         signature = signatures.signature_def[signature_name]
-        rows = "instances" in document
-        inputs = columns(document["instances"] if rows else document["inputs"], list(signature.inputs), rows)
-        outputs = columns(answer["predictions"] if rows else answer["outputs"], list(signature.outputs), rows)
-    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        inputs, rows = read_predict(document, dtypes(signature.inputs), signature_name)
+        answer = parse_document(response_body)
+        outputs = (read_rows(answer["predictions"], dtypes(signature.outputs)) if rows else
+                   read_columns(answer["outputs"], dtypes(signature.outputs)))
+    except (JsonTensorError, KeyError, TypeError, IndexError) as error:
         raise Unloggable(f"REST body not logged: {error}") from None
     request = predict_pb2.PredictRequest()
     fill_spec(request.model_spec, name, version, label)
     request.model_spec.signature_name = signature_name
     for key, value in inputs.items():
-        request.inputs[key].CopyFrom(to_tensor_proto(numeric(value, signature.inputs[key].dtype, key)))
+        request.inputs[key].CopyFrom(to_tensor_proto(value))
     response = predict_pb2.PredictResponse()
     response.model_spec.CopyFrom(model_pb2.ModelSpec(name=name, signature_name=signature_name))
     response.model_spec.version.value = resolved
     for key, value in outputs.items():
-        response.outputs[key].CopyFrom(to_tensor_proto(numeric(value, signature.outputs[key].dtype, key)))
+        response.outputs[key].CopyFrom(to_tensor_proto(value))
     return request, response

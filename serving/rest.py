@@ -6,7 +6,7 @@
     POST /v1/models/NAME[/versions/N | /labels/L]:classify|:regress   {"examples": [...], "context": {...}}
 
 Routing, request parsing and bodies follow ``model_servers/http_rest_api_handler.cc``,
-``http_rest_api_util.cc`` and ``util/json_tensor.cc``; status codes follow
+``http_rest_api_util.cc`` and ``util/json_tensor.cc`` (``serving/json_tensor.py``); status codes follow
 ``http_server.cc``'s ``ToHTTPStatusCode``. Errors are ``{"error": "..."}``.
 """
 
@@ -19,20 +19,19 @@ import time
 from typing import Any
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 from tensorflow.core.example import example_pb2, feature_pb2
-from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
 )
 
 from serving.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
-from serving.http import HttpServer, Reply, Request, json_reply
+from serving.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.json_tensor import JsonTensorError, classify_body, predict_body, read_document, read_predict, regress_body
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
 from serving.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.monitoring import READY_ROUTE, ServingMetrics, readiness
-from serving.tensors import TYPED_FIELDS, from_tensor_proto, to_tensor_proto
+from serving.tensors import from_tensor_proto, to_tensor_proto
 
 PREDICTION_ROUTE = re.compile(r"(?i)^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                               r":(?P<method>classify|regress|predict)$")
@@ -54,29 +53,12 @@ def fill_spec(spec: Any, match: re.Match) -> None:
         spec.version_label = match["label"]
 
 
-def parse_body(body: bytes) -> dict[str, Any]:
+def tf_serving_json(call):
+    """Run a json_tensor step, its refusal as the RequestError (and so HTTP status) TF Serving gives."""
     try:
-        document = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise invalid(f"JSON Parse error: {error}") from None
-    if not isinstance(document, dict):
-        raise invalid(f"JSON Value: {body[:200].decode(errors='replace')} Is not object")
-    signature_name = document.get("signature_name", "")
-    if not isinstance(signature_name, str):
-        raise invalid(f"JSON Value: {json.dumps(signature_name)} not formatted correctly. "
-                      "'signature_name' key must be a string value.")
-    return document
-
-
-def as_array(value: Any, dtype: int, name: str) -> np.ndarray:
-    """A JSON value as the dtype the signature declares (strings stay bytes)."""
-    try:
-        if dtype == types_pb2.DT_STRING:
-            return np.array(value, dtype=object)
-        numpy_type = TYPED_FIELDS[dtype][0] if dtype in TYPED_FIELDS else np.float32
-        return np.asarray(value, dtype=numpy_type)
-    except (ValueError, TypeError) as error:
-        raise invalid(f"input '{name}' is not a dense {types_pb2.DataType.Name(dtype)} tensor: {error}") from None
+        return call()
+    except JsonTensorError as error:
+        raise RequestError(grpc.StatusCode[error.code], str(error)) from None
 
 
 def signature_inputs(manager: ModelManager, request: predict_pb2.PredictRequest) -> dict[str, int]:
@@ -88,73 +70,23 @@ def signature_inputs(manager: ModelManager, request: predict_pb2.PredictRequest)
     return {name: info.dtype for name, info in loaded.signature_defs[signature_name].inputs.items()}
 
 
-def rows_to_columns(instances: list[Any], inputs: dict[str, int]) -> dict[str, list[Any]]:
-    """``instances``: one value per row for a single input, or one object per row naming every input."""
-    if not all(isinstance(row, dict) for row in instances):
-        if len(inputs) > 1 or any(isinstance(row, dict) for row in instances):
-            raise invalid("instances must be objects naming every input when the signature has several")
-        return {next(iter(inputs)): instances}
-    columns = {}
-    for name in inputs:
-        missing = [index for index, row in enumerate(instances) if name not in row]
-        if missing:
-            raise invalid(f"JSON object: does not have named input: {name} (instance {missing[0]})")
-        columns[name] = [row[name] for row in instances]
-    return columns
-
-
 def predict_request(document: dict[str, Any], match: re.Match, manager: ModelManager
                     ) -> tuple[predict_pb2.PredictRequest, bool]:
-    """A PredictRequest from TF Serving's row ("instances") or columnar ("inputs") JSON."""
+    """A PredictRequest from TF Serving's row ("instances") or columnar ("inputs") JSON, read as
+    json_tensor.cc reads it once the signature is known."""
     request = predict_pb2.PredictRequest()
     fill_spec(request.model_spec, match)
     request.model_spec.signature_name = document.get("signature_name", "")
-    if ("instances" in document) == ("inputs" in document):
-        raise invalid("Missing 'inputs' or 'instances' key" if "inputs" not in document else
-                      "Not formatted correctly expecting only one of 'inputs' or 'instances' keys to exist")
     inputs = signature_inputs(manager, request)
-    rows = "instances" in document
-    if rows:
-        instances = document["instances"]
-        if not isinstance(instances, list):
-            raise invalid("Expecting 'instances' to be an list/array")
-        if not instances:
-            raise invalid("No values in 'instances' array")
-        columns = rows_to_columns(instances, inputs)
-    elif isinstance(document["inputs"], dict):
-        missing = [name for name in inputs if name not in document["inputs"]]
-        if missing:
-            raise invalid(f"Missing named input: {missing[0]} in 'inputs' object.")
-        columns = {name: document["inputs"][name] for name in inputs}  # extra keys ignored, as TF Serving
-    else:
-        if len(inputs) > 1:
-            raise invalid("inputs is a plain value/list, but expecting an object as multiple input tensors "
-                          "required as per tensorinfo_map")
-        columns = {next(iter(inputs)): document["inputs"]}
-    for name, value in columns.items():
-        request.inputs[name].CopyFrom(to_tensor_proto(as_array(value, inputs[name], name)))
+    tensors, rows = tf_serving_json(lambda: read_predict(document, inputs, request.model_spec.signature_name))
+    for name, array in tensors.items():
+        request.inputs[name].CopyFrom(to_tensor_proto(array))
     return request, rows
 
 
-def json_value(array: np.ndarray) -> Any:
-    if array.dtype == object:
-        return [json_value(item) for item in array] if array.ndim else (
-            array.item().decode(errors="replace") if isinstance(array.item(), bytes) else array.item())
-    return array.tolist()
-
-
-def predict_json(response: predict_pb2.PredictResponse, rows: bool) -> dict[str, Any]:
-    """Row format: one entry per instance (an object when there are several outputs);
-    columnar: the output itself, or an object of outputs."""
+def predict_json(response: predict_pb2.PredictResponse, rows: bool) -> str:
     outputs = {key: from_tensor_proto(proto) for key, proto in response.outputs.items()}
-    if not rows:
-        values = {key: json_value(array) for key, array in outputs.items()}
-        return {"outputs": next(iter(values.values())) if len(values) == 1 else values}
-    if len(outputs) == 1:
-        return {"predictions": json_value(next(iter(outputs.values())))}
-    batch = min(len(array) for array in outputs.values())
-    return {"predictions": [{key: json_value(array[index]) for key, array in outputs.items()}
-                            for index in range(batch)]}
+    return tf_serving_json(lambda: predict_body(outputs, rows))
 
 
 def feature(value: Any, name: str) -> feature_pb2.Feature:
@@ -202,13 +134,13 @@ def example_request(document: dict[str, Any], match: re.Match, request: Any) -> 
     return request
 
 
-def classify_json(response: classification_pb2.ClassificationResponse) -> dict[str, Any]:
-    return {"results": [[[entry.label, entry.score] for entry in classifications.classes]
-                        for classifications in response.result.classifications]}
+def classify_json(response: classification_pb2.ClassificationResponse) -> str:
+    return tf_serving_json(lambda: classify_body([[(entry.label, entry.score) for entry in classifications.classes]
+                                                  for classifications in response.result.classifications]))
 
 
-def regress_json(response: regression_pb2.RegressionResponse) -> dict[str, Any]:
-    return {"results": [regression.value for regression in response.result.regressions]}
+def regress_json(response: regression_pb2.RegressionResponse) -> str:
+    return tf_serving_json(lambda: regress_body([regression.value for regression in response.result.regressions]))
 
 
 def to_dict(message: Any, preserve_names: bool) -> dict[str, Any]:
@@ -225,10 +157,10 @@ def metadata_json(response: get_model_metadata_pb2.GetModelMetadataResponse) -> 
 
 
 def dispatch(manager: ModelManager, method: str, path: str, body: bytes, options: PredictOptions
-             ) -> tuple[dict[str, Any], int | None]:
+             ) -> tuple[str, int | None]:
     """The JSON answer, and for a prediction call the version that answered."""
     if method == "POST" and (match := PREDICTION_ROUTE.match(path)):
-        document = parse_body(body)
+        document = tf_serving_json(lambda: read_document(body))
         action = match["method"].lower()
         if action == "predict":
             request, rows = predict_request(document, match, manager)
@@ -246,29 +178,29 @@ def dispatch(manager: ModelManager, method: str, path: str, body: bytes, options
         if match["metadata"]:
             request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
             fill_spec(request.model_spec, match)
-            return metadata_json(model_metadata(manager, request)), None
+            return json.dumps(metadata_json(model_metadata(manager, request))), None
         request = get_model_status_pb2.GetModelStatusRequest()
         fill_spec(request.model_spec, match)
-        return to_dict(model_status(manager, request), False), None
+        return json.dumps(to_dict(model_status(manager, request), False)), None
     raise invalid(f"Malformed request: {method} {path}")
 
 
 def handle(manager: ModelManager, method: str, path: str, body: bytes,
            options: PredictOptions = PredictOptions(), metrics: ServingMetrics | None = None
-           ) -> tuple[int, dict[str, Any]]:
+           ) -> tuple[int, str]:
     """(HTTP status, JSON answer); prediction calls are counted in ``metrics`` as TF Serving counts them."""
     start = time.perf_counter()
     version, code = None, grpc.StatusCode.OK
     try:
-        payload, version = dispatch(manager, method, path, body, options)
+        answer, version = dispatch(manager, method, path, body, options)
         status = 200
     except RequestError as error:
-        code, status, payload = error.code, HTTP_STATUS.get(error.code, 500), {"error": str(error)}
+        code, status, answer = error.code, HTTP_STATUS.get(error.code, 500), json.dumps({"error": str(error)})
     match = PREDICTION_ROUTE.match(path) if method == "POST" else None
     if metrics and match:
         metrics.observe(match["name"], version, match["label"] or "", match["method"].lower(), "REST", code.name,
                         time.perf_counter() - start)
-    return status, payload
+    return status, answer
 
 
 API_PATH = re.compile(r"(?i)/v1/.*")  # http_rest_api_handler.cc kPathRegex
@@ -310,7 +242,8 @@ class RestServer:
             if request.method == "OPTIONS" and API_PATH.match(request.path):
                 reply = preflight(request)
             else:
-                reply = json_reply(*handle(manager, request.method, request.path, request.body, options, metrics))
+                status, answer = handle(manager, request.method, request.path, request.body, options, metrics)
+                reply = Reply(status, answer.encode(), JSON)
             return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, **CORS_HEADERS}) if cors else reply
 
         self.http = HttpServer(host, port, max_body_bytes, respond, name="rest-api")

@@ -145,6 +145,21 @@ def test_predict_rest_row_and_columnar_as_tf_serving(hp2_server) -> None:
         "outputs": [3.0]}
 
 
+def test_rest_values_are_read_and_written_as_json_tensor(hp2_server) -> None:
+    """json_tensor.cc on the wire (json_tensor_test.cc has the cases, test_json_tensor.py each one):
+    a float32 answer in WriteDecimal's digits, a value of the wrong JSON type refused."""
+    _, _, rest = hp2_server
+    answer = httpx.post(f"{rest}:predict", content=b'{"instances": [0.1, 1e9]} ', timeout=30)
+    assert answer.status_code == 200 and "[2.05, 5e+08]" in answer.text, answer.text  # not 2.049999952316284
+    regressed = httpx.post(f"{rest}:regress", json={"signature_name": "regress_x_to_y", "examples": [{"x": 0.1}]},
+                           timeout=30)
+    assert "[2.05]" in regressed.text, regressed.text
+    for wrong in ('"1.0"', "true", "null", '{"b64": "AA=="}'):  # numpy's reading took the first two as 1.0
+        refused = httpx.post(f"{rest}:predict", content=b'{"instances": [%s]}' % wrong.encode(), timeout=30)
+        assert refused.status_code == 400, (wrong, refused.text)
+        assert "Failed to process element: 0 of 'instances' list" in refused.json()["error"]
+
+
 # --- 4. Status and metadata bodies (get_model_status_impl.cc, http_rest_api_util.cc ToJsonString) ----------
 def test_rest_status_and_metadata_bodies(hp2_server) -> None:
     """tensorflow_model_server_test.py testGetStatusREST, testGetModelMetadataREST."""
