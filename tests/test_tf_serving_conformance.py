@@ -5,6 +5,8 @@ Regress, metadata and the REST API answer. Each test names the TF Serving source
 
 from __future__ import annotations
 
+import gzip
+import json
 import shutil
 from pathlib import Path
 
@@ -158,6 +160,21 @@ def test_rest_values_are_read_and_written_as_json_tensor(hp2_server) -> None:
         refused = httpx.post(f"{rest}:predict", content=b'{"instances": [%s]}' % wrong.encode(), timeout=30)
         assert refused.status_code == 400, (wrong, refused.text)
         assert "Failed to process element: 0 of 'instances' list" in refused.json()["error"]
+
+
+def test_rest_bodies_gzipped_or_chunked_as_net_http_takes_them(hp2_server) -> None:
+    """evhttp_request.cc: a Content-Encoding: gzip body is decompressed (auto_uncompress_input is on
+    by default), and libevent reads chunked bodies; a body that is not the gzip it claims is refused."""
+    _, _, rest = hp2_server
+    body = json.dumps({"instances": [2.0, 3.0]}).encode()
+    gzipped = httpx.post(f"{rest}:predict", content=gzip.compress(body), headers={"Content-Encoding": "gzip"},
+                         timeout=30)
+    chunked = httpx.post(f"{rest}:predict", content=iter([body[:7], body[7:]]), timeout=30)
+    assert chunked.request.headers["transfer-encoding"] == "chunked"
+    for reply in (gzipped, chunked):
+        assert reply.status_code == 200 and reply.json() == {"predictions": [3.0, 3.5]}, reply.text
+    broken = httpx.post(f"{rest}:predict", content=body, headers={"Content-Encoding": "gzip"}, timeout=30)
+    assert broken.status_code == 400 and "gzip" in broken.json()["error"]
 
 
 # --- 4. Status and metadata bodies (get_model_status_impl.cc, http_rest_api_util.cc ToJsonString) ----------
