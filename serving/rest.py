@@ -12,7 +12,6 @@ Routing, request parsing and bodies follow ``model_servers/http_rest_api_handler
 
 from __future__ import annotations
 
-import base64
 import json
 import re
 import time
@@ -20,14 +19,15 @@ from typing import Any
 
 import grpc
 from google.protobuf import json_format
-from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
 )
 
 from serving.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
-from serving.json_tensor import JsonTensorError, classify_body, predict_body, read_document, read_predict, regress_body
+from serving.json_tensor import (
+    JsonTensorError, classify_body, fill_examples_request, predict_body, read_document, read_predict, regress_body,
+)
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
 from serving.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.monitoring import READY_ROUTE, ServingMetrics, readiness
@@ -89,48 +89,11 @@ def predict_json(response: predict_pb2.PredictResponse, rows: bool) -> str:
     return tf_serving_json(lambda: predict_body(outputs, rows))
 
 
-def feature(value: Any, name: str) -> feature_pb2.Feature:
-    values = value if isinstance(value, list) else [value]
-    if all(isinstance(v, bool) for v in values) or not values:
-        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=[int(v) for v in values]))
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return feature_pb2.Feature(int64_list=feature_pb2.Int64List(value=values))
-    if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return feature_pb2.Feature(float_list=feature_pb2.FloatList(value=values))
-    if all(isinstance(v, str) for v in values):
-        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[v.encode() for v in values]))
-    if all(isinstance(v, dict) and set(v) == {"b64"} for v in values):
-        return feature_pb2.Feature(bytes_list=feature_pb2.BytesList(value=[base64.b64decode(v["b64"]) for v in values]))
-    raise invalid(f"Unexpected element type in feature: {name}")
-
-
-def example_from_json(value: Any) -> example_pb2.Example:
-    if not isinstance(value, dict):
-        raise invalid(f"Example must be JSON object but got JSON {type(value).__name__}")
-    example = example_pb2.Example()
-    for name, item in value.items():
-        example.features.feature[name].CopyFrom(feature(item, name))
-    return example
-
-
 def example_request(document: dict[str, Any], match: re.Match, request: Any) -> Any:
     """A Classification- or RegressionRequest from ``{"examples": [...], "context": {...}}``."""
     fill_spec(request.model_spec, match)
     request.model_spec.signature_name = document.get("signature_name", "")
-    examples = document.get("examples")
-    if examples is None:
-        raise invalid(f"When method is {match['method'].lower()}, key 'examples' is expected and was not found")
-    if not isinstance(examples, list):
-        raise invalid("Expecting 'examples' value to be an list/array")
-    if not examples:
-        raise invalid("'examples' value is an empty array")
-    if "context" in document:
-        target = request.input.example_list_with_context
-        target.context.CopyFrom(example_from_json(document["context"]))
-    else:
-        target = request.input.example_list
-    for item in examples:
-        target.examples.add().CopyFrom(example_from_json(item))
+    tf_serving_json(lambda: fill_examples_request(document, request))
     return request
 
 

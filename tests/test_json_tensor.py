@@ -10,7 +10,8 @@ import pytest
 
 from mnist_client._generated.tensorflow.core.framework import types_pb2
 from serving.json_tensor import (
-    JsonTensorError, classify_body, predict_body, read_columns, read_document, read_predict, regress_body,
+    JsonTensorError, classify_body, fill_examples_request, predict_body, read_columns, read_document, read_predict,
+    regress_body,
 )
 
 FLOAT, DOUBLE, INT32, STRING, BOOL = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32,
@@ -144,3 +145,30 @@ def test_a_large_batch_is_read_at_numpy_speed() -> None:
     np.testing.assert_array_equal(read, images)
     document["instances"][255][27][27][0] = True  # one bool among the numbers: refused, not read as 1.0
     assert "element: 255" in refusal(document, {"image": FLOAT})
+
+
+def test_examples_for_classify_and_regress() -> None:
+    """ClassifyRegressRequestTest RequestWithContextAndSignature and JsonErrors."""
+    from mnist_client._generated.tensorflow_serving.apis import classification_pb2
+
+    request = classification_pb2.ClassificationRequest()
+    fill_examples_request({"context": {"query": "pizza", "user_id": [1, 2]},
+                           "examples": [{"price": 10.5, "ok": [True, 0], "photo": {"b64": "aGVsbG8="}, "none": []}]},
+                          request)
+    context = request.input.example_list_with_context.context.features.feature
+    assert context["query"].bytes_list.value == [b"pizza"] and context["user_id"].int64_list.value == [1, 2]
+    features = request.input.example_list_with_context.examples[0].features.feature
+    assert list(features["price"].float_list.value) == [10.5] and list(features["ok"].int64_list.value) == [1, 0]
+    assert features["photo"].bytes_list.value == [b"hello"] and features["none"].WhichOneof("kind") is None
+    for document, message in (
+            ({"context": [{"names": ["foo"]}], "examples": [{}]}, "Example must be JSON object"),
+            ({"examples": {"names": ["foo", "bar"]}}, "list/array"),
+            ({"examples": [[{"names": ["foo", "bar"]}]]}, "Example must be JSON object"),
+            ({"examples": [{"names": [10, None]}]}, "names has element with unexpected JSON type: Null"),
+            ({"examples": [{"names": [10, 10.0]}]}, "feature: names expecting type: int64"),
+            ({"examples": [{"names": [10, {"test": 10}]}]}, "names has element with unexpected JSON type: Object"),
+            ({"examples": [{"names": [[10], 20]}]}, "names has element with unexpected JSON type: Array"),
+            ({"examples": [{"names": [20, 18446744073709551603]}]}, "Only int64_t is supported"),
+            ({"examples": []}, "'examples' value is an empty array")):
+        with pytest.raises(JsonTensorError, match=message):
+            fill_examples_request(document, classification_pb2.ClassificationRequest())
