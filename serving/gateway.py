@@ -23,7 +23,6 @@ from __future__ import annotations
 import http.client
 import json
 import logging
-import re
 import threading
 import time
 from concurrent import futures
@@ -38,7 +37,10 @@ from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_p
 from mnist_client.tensors import to_tensor_proto
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.json_tensor import JsonTensorError, parse_document, read_columns, read_document, read_predict, read_rows
-from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, READY_ROUTE, ServingMetrics, readiness
+from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
+from serving.rest_paths import (
+    FEEDBACK_ROUTE, PREDICTION_ROUTE, READY_ROUTE, ModelPath, PathError, fill_spec, model_path,
+)
 from serving.prediction_logger import Call, PredictionLogger, Unloggable
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
 from storage.s3 import StoreError
@@ -55,9 +57,6 @@ SERVICES = {
 }
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
-SPEC = r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-REST_PREDICT_ROUTE = re.compile(SPEC + r":predict$", re.IGNORECASE)
-FEEDBACK_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)/feedback$")
 # not forwarded: the connection's own headers, and metadata gRPC sets itself
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade",
                "proxy-connection", "x-request-id"}
@@ -85,14 +84,6 @@ class GatewayOptions:
 
 def forwardable(key: str) -> bool:
     return not (key.startswith(("grpc-", ":")) or key in ("user-agent", REQUEST_ID))
-
-
-def fill_spec(spec: Any, name: str, version: str | int | None, label: str | None) -> None:
-    spec.name = name
-    if version:
-        spec.version.value = int(version)
-    elif label:
-        spec.version_label = label
 
 
 class Gateway:
@@ -181,12 +172,16 @@ class Gateway:
     def respond(self, request: Request) -> Reply:
         if request.method == "GET" and request.path == PROMETHEUS_PATH:
             return Reply(200, self.metrics.page(), CONTENT_TYPE)
-        if request.method == "GET" and (match := READY_ROUTE.match(request.path)):
-            return json_reply(*self.ready(match))
-        if request.method == "POST" and (match := FEEDBACK_ROUTE.match(request.path)):
-            return self.take_feedback(match["name"], request.body)
-        if request.method == "POST" and (match := REST_PREDICT_ROUTE.match(request.path)):
-            return self.rest_predict(match, request)
+        try:
+            if request.method == "GET" and (match := READY_ROUTE.match(request.path)):
+                return json_reply(*self.ready(model_path(match)))
+            if request.method == "POST" and (match := FEEDBACK_ROUTE.match(request.path)):
+                return self.take_feedback(model_path(match).name, request.body)
+            if (request.method == "POST" and (match := PREDICTION_ROUTE.match(request.path))
+                    and match["method"].lower() == "predict"):
+                return self.rest_predict(model_path(match), request)
+        except PathError as error:
+            return json_reply(400, {"error": str(error)})
         return self.forward_rest(request)
 
     def rest_connection(self, fresh: bool) -> http.client.HTTPConnection:
@@ -218,61 +213,57 @@ class Gateway:
         return json_reply(503, {"error": f"upstream REST API at {self.options.upstream_rest} is unavailable: "
                                          f"{problem}"})
 
-    def rest_predict(self, match: re.Match, request: Request) -> Reply:
+    def rest_predict(self, model: ModelPath, request: Request) -> Reply:
         start = time.perf_counter()
         given = request.headers.get(REQUEST_ID)
         request_id = given if valid_request_id(given) else new_request_id()
         reply = self.forward_rest(request, {"X-Request-Id": request_id})
-        name, label = match["name"], match["label"] or ""
-        version = self.resolved_version(name, match["version"], label) if reply.status == 200 else None
-        self.metrics.observe(name, version, label, "predict", "REST", HTTP_CODES.get(reply.status, "UNKNOWN"),
-                             time.perf_counter() - start)
+        version = self.resolved_version(model) if reply.status == 200 else None
+        self.metrics.observe(model.name, version, model.label or "", "predict", "REST",
+                             HTTP_CODES.get(reply.status, "UNKNOWN"), time.perf_counter() - start)
         if reply.status == 200:
-            self.maybe_log(name, Call(request_id, "rest", rest={"spec": (name, match["version"], label),
-                                                                 "request": request.body, "response": reply.body}))
+            self.maybe_log(model.name, Call(request_id, "rest", rest={"model": model, "request": request.body,
+                                                                       "response": reply.body}))
         return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, "X-Request-Id": request_id})
 
     # --- what the upstream serves ----------------------------------------------------------
-    def metadata(self, name: str, version: str | int | None, label: str | None, timeout: float = 5.0
-                 ) -> get_model_metadata_pb2.GetModelMetadataResponse:
+    def metadata(self, model: ModelPath, timeout: float = 5.0) -> get_model_metadata_pb2.GetModelMetadataResponse:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-        fill_spec(request.model_spec, name, version, label)
+        fill_spec(request.model_spec, model)
         answer = self.upstream[METADATA](request.SerializeToString(), timeout=timeout)
         return get_model_metadata_pb2.GetModelMetadataResponse.FromString(answer)
 
-    def signature_map(self, name: str, version: str | None, label: str) -> tuple[int, Any]:
-        """(version, SignatureDefMap) a REST call to this spec was answered by, reused for a second."""
-        key = (name, version or "", label)
-        cached = self.signatures.get(key)
+    def signature_map(self, model: ModelPath) -> tuple[int, Any]:
+        """(version, SignatureDefMap) a REST call to this model path was answered by, reused for a second."""
+        cached = self.signatures.get(model)
         if cached and time.monotonic() - cached[0] < SIGNATURE_TTL:
             return cached[1], cached[2]
-        response = self.metadata(name, version, label)
+        response = self.metadata(model)
         if len(self.signatures) > 1000:  # specs come from request paths: keep the cache bounded
             self.signatures.clear()
         signatures = get_model_metadata_pb2.SignatureDefMap()
         response.metadata["signature_def"].Unpack(signatures)
-        self.signatures[key] = (time.monotonic(), response.model_spec.version.value, signatures)
+        self.signatures[model] = (time.monotonic(), response.model_spec.version.value, signatures)
         return response.model_spec.version.value, signatures
 
-    def resolved_version(self, name: str, version: str | None, label: str) -> int | None:
-        if version:
-            return int(version)
+    def resolved_version(self, model: ModelPath) -> int | None:
+        if model.version is not None:
+            return model.version
         try:
-            return self.signature_map(name, version, label)[0]
+            return self.signature_map(model)[0]
         except grpc.RpcError:
             return None
 
-    def ready(self, match: re.Match) -> tuple[int, dict[str, Any]]:
+    def ready(self, model: ModelPath) -> tuple[int, dict[str, Any]]:
         try:
-            return readiness(self.metadata(match["name"], match["version"], match["label"]).model_spec.version.value)
+            return readiness(self.metadata(model).model_spec.version.value)
         except grpc.RpcError as error:
             return readiness(None, f"{error.code().name}: {error.details()}")
 
     def to_messages(self, call: Call) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
         """A REST call as TF Serving's messages, built from its JSON."""
-        name, version, label = call.rest["spec"]
-        resolved, signatures = self.signature_map(name, version, label)
-        return rest_messages(call.rest["request"], call.rest["response"], name, version, label, resolved, signatures)
+        resolved, signatures = self.signature_map(call.rest["model"])
+        return rest_messages(call.rest["request"], call.rest["response"], call.rest["model"], resolved, signatures)
 
     # --- feedback ---------------------------------------------------------------------------
     def locate(self, request_id: str) -> Located | None:
@@ -314,8 +305,8 @@ def dtypes(tensors: Any) -> dict[str, int]:
     return {name: info.dtype for name, info in tensors.items()}
 
 
-def rest_messages(request_body: bytes, response_body: bytes, name: str, version: str | None, label: str,
-                  resolved: int, signatures: Any) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
+def rest_messages(request_body: bytes, response_body: bytes, model: ModelPath, resolved: int, signatures: Any
+                  ) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
     """The tensors TF Serving read from the request's JSON and wrote to the answer's, read back as
     json_tensor.cc reads them."""
     try:
@@ -331,12 +322,12 @@ def rest_messages(request_body: bytes, response_body: bytes, name: str, version:
     except (JsonTensorError, KeyError, TypeError, IndexError) as error:
         raise Unloggable(f"REST body not logged: {error}") from None
     request = predict_pb2.PredictRequest()
-    fill_spec(request.model_spec, name, version, label)
+    fill_spec(request.model_spec, model)
     request.model_spec.signature_name = signature_name
     for key, value in inputs.items():
         request.inputs[key].CopyFrom(to_tensor_proto(value))
     response = predict_pb2.PredictResponse()
-    response.model_spec.CopyFrom(model_pb2.ModelSpec(name=name, signature_name=signature_name))
+    response.model_spec.CopyFrom(model_pb2.ModelSpec(name=model.name, signature_name=signature_name))
     response.model_spec.version.value = resolved
     for key, value in outputs.items():
         response.outputs[key].CopyFrom(to_tensor_proto(value))

@@ -10,6 +10,7 @@ bytes and no Content-Encoding."""
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import zlib
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, BinaryIO, Callable
 
+log = logging.getLogger("mnist.http")
 JSON = "application/json"
 GZIP_MAX_BYTES = 100 << 20  # net_http's ZLib::kMaxUncompressedBytes
 CHUNK_LINE_BYTES = 1024  # a chunk-size line longer than this is not one
@@ -144,7 +146,13 @@ class HttpServer:
                     self.send(json_reply(error.status, {"error": str(error)}))
                     return
                 path, _, query = self.path.partition("?")
-                self.send(respond(Request(self.command, path, query, headers, body)))
+                try:
+                    reply = respond(Request(self.command, path, query, headers, body))
+                except Exception:  # noqa: BLE001  a bug answers 500 and is logged; the connection lives on
+                    log.exception("%s %s failed", self.command, path)
+                    reply = json_reply(500, {"error": f"internal error answering {self.command} {path}; "
+                                                      "the server's log has the traceback"})
+                self.send(reply)
 
             do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = answer  # noqa: N815
 

@@ -21,7 +21,6 @@ only when a request for that model (version, label) would be served now, else 50
 
 from __future__ import annotations
 
-import re
 import threading
 from collections import defaultdict
 from pathlib import Path
@@ -32,7 +31,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.metrics_core import Metric
 
 PROMETHEUS_PATH = "/monitoring/prometheus/metrics"
-READY_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?/ready$")
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 TF_SERVING_LATENCY_BUCKETS = tuple(10 * 1.8 ** i for i in range(32)) + (float("inf"),)
 MAX_SERIES = 1000  # per-version series; past it, new (model, version, label) combinations count as OTHER

@@ -30,13 +30,12 @@ from serving.json_tensor import (
 )
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
 from serving.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from serving.monitoring import READY_ROUTE, ServingMetrics, readiness
+from serving.monitoring import ServingMetrics, readiness
+from serving.rest_paths import (
+    PREDICTION_ROUTE, READY_ROUTE, STATUS_ROUTE, ModelPath, PathError, fill_spec, model_path,
+)
 from serving.tensors import from_tensor_proto, to_tensor_proto
 
-PREDICTION_ROUTE = re.compile(r"(?i)^/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-                              r":(?P<method>classify|regress|predict)$")
-STATUS_ROUTE = re.compile(r"(?i)^/v1/models(?:/(?P<name>[^/:]+))?(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
-                          r"(?:/(?P<metadata>metadata))?$")
 HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.INVALID_ARGUMENT: 400,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.NOT_FOUND: 404,
                grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.PERMISSION_DENIED: 403,
@@ -45,12 +44,11 @@ HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.Sta
                grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.UNAUTHENTICATED: 401}
 
 
-def fill_spec(spec: Any, match: re.Match) -> None:
-    spec.name = match["name"]
-    if match["version"]:
-        spec.version.value = int(match["version"])
-    elif match["label"]:
-        spec.version_label = match["label"]
+def path_of(match: re.Match) -> ModelPath:
+    try:
+        return model_path(match)
+    except PathError as error:
+        raise invalid(str(error)) from None
 
 
 def tf_serving_json(call):
@@ -70,12 +68,12 @@ def signature_inputs(manager: ModelManager, request: predict_pb2.PredictRequest)
     return {name: info.dtype for name, info in loaded.signature_defs[signature_name].inputs.items()}
 
 
-def predict_request(document: dict[str, Any], match: re.Match, manager: ModelManager
+def predict_request(document: dict[str, Any], model: ModelPath, manager: ModelManager
                     ) -> tuple[predict_pb2.PredictRequest, bool]:
     """A PredictRequest from TF Serving's row ("instances") or columnar ("inputs") JSON, read as
     json_tensor.cc reads it once the signature is known."""
     request = predict_pb2.PredictRequest()
-    fill_spec(request.model_spec, match)
+    fill_spec(request.model_spec, model)
     request.model_spec.signature_name = document.get("signature_name", "")
     inputs = signature_inputs(manager, request)
     tensors, rows = tf_serving_json(lambda: read_predict(document, inputs, request.model_spec.signature_name))
@@ -89,9 +87,9 @@ def predict_json(response: predict_pb2.PredictResponse, rows: bool) -> str:
     return tf_serving_json(lambda: predict_body(outputs, rows))
 
 
-def example_request(document: dict[str, Any], match: re.Match, request: Any) -> Any:
+def example_request(document: dict[str, Any], model: ModelPath, request: Any) -> Any:
     """A Classification- or RegressionRequest from ``{"examples": [...], "context": {...}}``."""
-    fill_spec(request.model_spec, match)
+    fill_spec(request.model_spec, model)
     request.model_spec.signature_name = document.get("signature_name", "")
     tf_serving_json(lambda: fill_examples_request(document, request))
     return request
@@ -123,27 +121,29 @@ def dispatch(manager: ModelManager, method: str, path: str, body: bytes, options
              ) -> tuple[str, int | None]:
     """The JSON answer, and for a prediction call the version that answered."""
     if method == "POST" and (match := PREDICTION_ROUTE.match(path)):
+        model = path_of(match)
         document = tf_serving_json(lambda: read_document(body))
         action = match["method"].lower()
         if action == "predict":
-            request, rows = predict_request(document, match, manager)
+            request, rows = predict_request(document, model, manager)
             response = predict(manager, request, options)
             return predict_json(response, rows), response.model_spec.version.value
         if action == "classify":
-            request = example_request(document, match, classification_pb2.ClassificationRequest())
+            request = example_request(document, model, classification_pb2.ClassificationRequest())
             response = classify(manager, request)
             return classify_json(response), response.model_spec.version.value
-        response = regress(manager, example_request(document, match, regression_pb2.RegressionRequest()))
+        response = regress(manager, example_request(document, model, regression_pb2.RegressionRequest()))
         return regress_json(response), response.model_spec.version.value
     if method == "GET" and (match := STATUS_ROUTE.match(path)):
-        if not match["name"]:
+        model = path_of(match)
+        if not model.name:
             raise invalid("Missing model name in request.")
         if match["metadata"]:
             request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
-            fill_spec(request.model_spec, match)
+            fill_spec(request.model_spec, model)
             return json.dumps(metadata_json(model_metadata(manager, request))), None
         request = get_model_status_pb2.GetModelStatusRequest()
-        fill_spec(request.model_spec, match)
+        fill_spec(request.model_spec, model)
         return json.dumps(to_dict(model_status(manager, request), False)), None
     raise invalid(f"Malformed request: {method} {path}")
 
@@ -161,7 +161,11 @@ def handle(manager: ModelManager, method: str, path: str, body: bytes,
         code, status, answer = error.code, HTTP_STATUS.get(error.code, 500), json.dumps({"error": str(error)})
     match = PREDICTION_ROUTE.match(path) if method == "POST" else None
     if metrics and match:
-        metrics.observe(match["name"], version, match["label"] or "", match["method"].lower(), "REST", code.name,
+        try:
+            model = model_path(match)
+        except PathError:
+            model = ModelPath(match["name"])
+        metrics.observe(model.name, version, model.label or "", match["method"].lower(), "REST", code.name,
                         time.perf_counter() - start)
     return status, answer
 
@@ -183,8 +187,8 @@ def preflight(request: Request) -> Reply:
 def ready(manager: ModelManager, match: re.Match) -> tuple[int, dict[str, Any]]:
     """Ready when a request for this model (version, label) would be served now."""
     spec = model_pb2.ModelSpec()
-    fill_spec(spec, match)
     try:
+        fill_spec(spec, path_of(match))
         return readiness(manager.resolve(spec)[1].version)
     except RequestError as error:
         return readiness(None, str(error))

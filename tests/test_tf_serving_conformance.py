@@ -177,6 +177,21 @@ def test_rest_bodies_gzipped_or_chunked_as_net_http_takes_them(hp2_server) -> No
     assert broken.status_code == 400 and "gzip" in broken.json()["error"]
 
 
+def test_rest_paths_read_as_parse_model_info(hp2_server) -> None:
+    """http_rest_api_util_test.cc TestParseModelInfoForGet/ForPost: the name and label are
+    percent-decoded (curl's unescape); a version must fit an int64."""
+    _, _, rest = hp2_server
+    root = rest.rsplit("/mnist", 1)[0]
+    assert httpx.post(f"{root}/mn%69st:predict", json={"instances": [2.0]}, timeout=30).json() == {
+        "predictions": [3.0]}
+    assert httpx.get(f"{root}/mn%69st/versions/1/metadata", timeout=30).json()["model_spec"]["name"] == "mnist"
+    unknown_label = httpx.post(f"{root}/mnist/labels/st%61ble:predict", json={"instances": [2.0]}, timeout=30)
+    assert unknown_label.status_code == 400 and unknown_label.json()["error"].endswith("label: stable")
+    huge = httpx.get(f"{root}/mnist/versions/99999999999999999999", timeout=30)
+    assert huge.status_code == 400 and huge.json() == {
+        "error": "Failed to convert version: 99999999999999999999 to numeric."}
+
+
 # --- 4. Status and metadata bodies (get_model_status_impl.cc, http_rest_api_util.cc ToJsonString) ----------
 def test_rest_status_and_metadata_bodies(hp2_server) -> None:
     """tensorflow_model_server_test.py testGetStatusREST, testGetModelMetadataREST."""
