@@ -70,6 +70,28 @@ def test_output_filter_and_input_checks_as_predict_util(hp2_server) -> None:
     assert list(stub(address).Predict(hp2_predict([]), timeout=30).outputs["y"].float_val) == []
 
 
+def test_typed_values_fill_or_cut_to_the_shape_as_tensor_from_proto(hp2_server) -> None:
+    """TF Serving parses a request tensor with Tensor::FromProto (tensor.cc FromProtoField): fewer
+    typed values than the shape holds are filled with the last, more are cut to the shape. A shape
+    of 2**40 values filled from none is refused here rather than allocated."""
+    _, address, _ = hp2_server
+
+    def predict(shape: list[int], values: list[float]) -> list[float]:
+        request = hp2_predict([])
+        request.inputs["x"].ClearField("tensor_content")
+        del request.inputs["x"].tensor_shape.dim[:]
+        request.inputs["x"].tensor_shape.dim.add().size = shape[0]
+        request.inputs["x"].float_val.extend(values)
+        return list(stub(address).Predict(request, timeout=30).outputs["y"].float_val)
+
+    assert predict([3], [2.0, 4.0]) == [3.0, 4.0, 4.0]
+    assert predict([2], [2.0, 4.0, 6.0]) == [3.0, 4.0]
+    assert predict([2], []) == [2.0, 2.0]
+    with pytest.raises(grpc.RpcError) as huge:
+        predict([2**40], [])
+    assert huge.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "more than" in huge.value.details()
+
+
 def test_non_finite_inputs_refused_only_when_asked(saved_model_dir: Path, tmp_path: Path) -> None:
     from serving.inference import PredictOptions
 

@@ -3,7 +3,9 @@
 Writing follows TF Serving: the typed ``*_val`` field by default (``Tensor::AsProtoField``,
 what ``mnist_client.py`` reads as ``float_val``), or packed ``tensor_content`` when asked
 (``--enable_serialization_as_tensor_content``, ``Tensor::AsProtoTensorContent``).
-Reading accepts both, as ``tf.make_ndarray`` does.
+Reading accepts both, as TensorFlow's ``Tensor::FromProto`` (what TF Serving parses a request
+with) does: a typed field with fewer values than the shape holds is filled with its last value
+(none: zeros), one with more is cut to the shape; ``tensor_content`` must be exactly its size.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ TYPED_FIELDS: dict[int, tuple[type, str]] = {
     types_pb2.DT_BOOL: (np.bool_, "bool_val"),
 }
 NUMPY_DTYPES = {np.dtype(numpy_type): dtype for dtype, (numpy_type, _) in TYPED_FIELDS.items()}
+MAX_FILLED_VALUES = 1 << 24  # the float32 values a 64 MiB message holds
 
 
 def to_tensor_proto(array: np.ndarray, as_content: bool = True, proto_class: Any = tensor_pb2.TensorProto) -> Any:
@@ -63,16 +66,20 @@ def shape_of(proto: Any) -> tuple[int, ...]:
 
 
 def from_tensor_proto(proto: Any) -> np.ndarray:
-    """An array from ``tensor_content`` or the typed field; raises TensorError.
-    A typed field with one value (or none) fills the whole shape, as TensorFlow reads it."""
+    """An array from ``tensor_content`` or the typed field; raises TensorError. A typed field
+    shorter than its shape is filled as TensorFlow fills it, up to ``MAX_FILLED_VALUES``: a shape
+    read from outside must not make a few bytes into gigabytes."""
     shape = shape_of(proto)
     if any(size < 0 for size in shape):
         raise TensorError(f"shape {list(shape)} has a negative dimension")
-    count = int(np.prod(shape)) if shape else 1
+    count = int(np.prod(shape, dtype=object)) if shape else 1
     if proto.dtype == types_pb2.DT_STRING:
-        if len(proto.string_val) != count:
-            raise TensorError(f"string_val has {len(proto.string_val)} values, shape {list(shape)} needs {count}")
-        return np.array(list(proto.string_val), dtype=object).reshape(shape)
+        strings = list(proto.string_val)
+        if len(strings) != count:
+            strings = fitted(strings, count, b"")
+        array = np.empty(count, dtype=object)  # np.array(strings) could read nested shapes into them
+        array[:] = strings
+        return array.reshape(shape)
     if proto.dtype not in TYPED_FIELDS:
         raise TensorError(f"dtype {types_pb2.DataType.Name(proto.dtype)} is not supported")
     numpy_type, field = TYPED_FIELDS[proto.dtype]
@@ -83,8 +90,12 @@ def from_tensor_proto(proto: Any) -> np.ndarray:
                               f"needs {size}")
         return np.frombuffer(proto.tensor_content, dtype=numpy_type).reshape(shape)
     values = getattr(proto, field)
-    if len(values) == count:
-        return np.asarray(values, dtype=numpy_type).reshape(shape)
-    if len(values) <= 1:  # TensorFlow fills the shape with the one value given, or with zeros
-        return np.full(shape, values[0] if values else 0, dtype=numpy_type)
-    raise TensorError(f"{field} has {len(values)} values, shape {list(shape)} needs {count}")
+    return np.asarray(values if len(values) == count else fitted(values, count, 0), dtype=numpy_type).reshape(shape)
+
+
+def fitted(values: Any, count: int, zero: Any) -> list:
+    """``FromProtoField``: the first ``count`` values, the last repeated to fill the shape (none: zeros)."""
+    if count > MAX_FILLED_VALUES:
+        raise TensorError(f"a shape of {count} values, filled from {len(values)} given: more than {MAX_FILLED_VALUES}")
+    values = list(values[:count])
+    return values + [values[-1] if values else zero] * (count - len(values))
