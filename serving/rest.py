@@ -206,7 +206,9 @@ class RestServer:
                 return Reply(200, metrics.page(), METRICS_CONTENT_TYPE)
             if request.method == "GET" and (match := READY_ROUTE.match(request.path)):
                 return json_reply(*ready(manager, match))
-            if request.method == "OPTIONS" and API_PATH.match(request.path):
+            if not API_PATH.fullmatch(request.path):  # no dispatcher of http_server.cc takes it: libevent's 404
+                reply = json_reply(404, {"error": f"Not Found: {request.path} (the REST API's paths begin /v1/)"})
+            elif request.method == "OPTIONS":
                 reply = preflight(request)
             else:
                 status, answer = handle(manager, request.method, request.path, request.body, options, metrics)

@@ -239,7 +239,6 @@ def test_every_malformed_rest_request_is_a_400_with_an_error(hp2_server) -> None
         httpx.post(f"{rest}:predict", json={"instances": [1.0], "inputs": [1.0]}, timeout=30),
         httpx.post(f"{rest}:predict", content=b"{not json", timeout=30),
         httpx.post(f"{rest}:explain", json={"instances": [1.0]}, timeout=30),
-        httpx.get(f"{root}/v2/health", timeout=30),
         httpx.get(f"{root}/v1/models", timeout=30),
         httpx.put(rest, json={}, timeout=30),
         httpx.delete(rest, timeout=30),
@@ -248,6 +247,10 @@ def test_every_malformed_rest_request_is_a_400_with_an_error(hp2_server) -> None
     for response in cases:
         assert response.status_code == 400, (response.request.method, response.request.url, response.text)
         assert response.json()["error"]
+    # outside /v1/ (http_rest_api_handler.h kPathRegex) no dispatcher takes a request: evhttp_server.cc's 404
+    for outside in (httpx.get(f"{root}/v2/health", timeout=30), httpx.post(f"{root}/predict", json={}, timeout=30),
+                    httpx.options(f"{root}/v2/models", headers={"Origin": "https://app.example"}, timeout=30)):
+        assert outside.status_code == 404, (outside.request.url, outside.text)
 
 
 # --- 6. Metadata requests and signature checks (get_model_metadata_impl.cc, predict_util.cc) --------
