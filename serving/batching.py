@@ -41,14 +41,9 @@ def read_batching_parameters(path: Path | None) -> BatchingOptions:
     """TF Serving's BatchingParameters text file (None: its defaults); ValueError naming the problem."""
     if path is None:
         return BatchingOptions()
-    from google.protobuf import text_format
+    from serving.tf_serving_protos import message_class, read_text_proto
 
-    from serving.tf_serving_protos import message_class
-
-    try:
-        params = text_format.Parse(path.read_text(), message_class("BatchingParameters")())
-    except (OSError, text_format.ParseError) as error:
-        raise ValueError(f"{path}: not a readable BatchingParameters text proto ({error})") from None
+    params = read_text_proto(path, message_class("BatchingParameters")())
     defaults = BatchingOptions()
     options = BatchingOptions(
         max_batch_size=params.max_batch_size.value if params.HasField("max_batch_size") else defaults.max_batch_size,

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import grpc
-from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
+
+from serving.tf_serving_protos import read_text_proto
 
 SUPPORTED_PLATFORM = "tensorflow"
 
@@ -29,10 +30,7 @@ def single_model_config(name: str, base_path: Path) -> model_server_config_pb2.M
 
 
 def read_model_config_file(path: Path) -> model_server_config_pb2.ModelServerConfig:
-    try:
-        return text_format.Parse(path.read_text(), model_server_config_pb2.ModelServerConfig())
-    except (OSError, text_format.ParseError) as error:
-        raise ValueError(f"{path}: not a valid ModelServerConfig text proto ({error})") from error
+    return read_text_proto(path, model_server_config_pb2.ModelServerConfig())
 
 
 def versions_to_serve(config: model_server_config_pb2.ModelConfig, available: list[int]) -> set[int]:

@@ -115,14 +115,9 @@ def readiness(version: int | None, reason: str = "") -> tuple[int, dict[str, obj
 def metrics_path(monitoring_config_file: Path) -> str | None:
     """The Prometheus path a TF Serving ``--monitoring_config_file`` enables (None: metrics off).
     Raises ValueError naming the file when it is not a MonitoringConfig text proto."""
-    from google.protobuf import text_format
+    from serving.tf_serving_protos import message_class, read_text_proto
 
-    from serving.tf_serving_protos import message_class
-
-    try:
-        config = text_format.Parse(monitoring_config_file.read_text(), message_class("MonitoringConfig")())
-    except (OSError, text_format.ParseError) as error:
-        raise ValueError(f"{monitoring_config_file}: not a readable MonitoringConfig ({error})") from None
+    config = read_text_proto(monitoring_config_file, message_class("MonitoringConfig")())
     if not config.prometheus_config.enable:
         return None
     return config.prometheus_config.path or PROMETHEUS_PATH

@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Iterator
 
 import grpc
-from google.protobuf import text_format
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from serving.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
 from serving.manager import ModelManager, RequestError
 from serving.model_config import ConfigRefused, read_model_config_file
 from serving.monitoring import ServingMetrics
-from serving.tf_serving_protos import message_class
+from serving.tf_serving_protos import message_class, read_text_proto
 
 log = logging.getLogger("mnist.serve")
 
@@ -107,7 +106,7 @@ def request_errors(context: grpc.ServicerContext) -> Iterator[None]:
 
 
 def server_credentials(ssl_config_file: Path) -> grpc.ServerCredentials:
-    config = text_format.Parse(ssl_config_file.read_text(), message_class("SSLConfig")())
+    config = read_text_proto(ssl_config_file, message_class("SSLConfig")())
     if not config.server_key or not config.server_cert:
         raise ValueError(f"{ssl_config_file}: server_key and server_cert are required")
     return grpc.ssl_server_credentials(

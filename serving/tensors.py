@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 from tensorflow.core.framework import tensor_pb2
 
-from mnist_client.tensors import TYPED_FIELDS, TensorError, from_tensor_proto, shape_of  # noqa: F401  re-exported
+from mnist_client.tensors import TensorError, from_tensor_proto, shape_of  # noqa: F401  re-exported
 
 
 def to_tensor_proto(array: np.ndarray, as_content: bool = True) -> tensor_pb2.TensorProto:

@@ -9,8 +9,13 @@ Serving's field names and types, so the same text files work with
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
+from typing import TypeVar
 
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, wrappers_pb2
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, text_format, wrappers_pb2
+from google.protobuf.message import Message
+
+M = TypeVar("M", bound=Message)
 
 STRING, BOOL, INT64, MESSAGE = 9, 8, 3, 11
 OPTIONAL, REPEATED = 1, 3
@@ -46,3 +51,18 @@ def message_class(name: str) -> type:
                 field.type_name = type_name
     pool.Add(proto)
     return message_factory.GetMessageClass(pool.FindMessageTypeByName(f"tensorflow.serving.{name}"))
+
+
+def read_text_proto(path: Path, message: M) -> M:
+    """A TF Serving config file read into ``message`` (``ParseProtoTextFile``); a ValueError in
+    TF Serving's words when it is not one: the parser's line, as protobuf logs it there, and
+    "Invalid protobuf file"."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(f"{path}: {getattr(error, 'strerror', None) or error}") from None
+    try:
+        return text_format.Parse(text, message)
+    except text_format.ParseError as error:
+        raise ValueError(f"Error parsing text-format {message.DESCRIPTOR.full_name}: {str(error).rstrip('.')}. "
+                         f"Invalid protobuf file: '{path}'") from None

@@ -199,3 +199,18 @@ def test_a_rest_port_equal_to_the_grpc_port_serves_grpc_alone(saved_model_dir: P
         assert predict_probabilities(np.zeros((1, 28, 28, 1), np.float32), Target(f"127.0.0.1:{port}"))[1] == 1
     finally:
         server.stop(grace=1)
+
+
+def test_a_config_file_that_does_not_parse_stops_the_start_in_tf_servings_words(tmp_path: Path) -> None:
+    """tensorflow_model_server_test.py testBadModelConfig: the start fails, and stderr holds
+    "Error parsing text-format tensorflow.serving.ModelServerConfig" (proto_util.h ParseProtoTextFile)."""
+    from tests.conftest import run_mnist
+
+    bad = tmp_path / "bad.config"
+    bad.write_text("model_config_list {\n  config {\n    name: 'mnist'\n    base_path: '/tmp/none'\n"
+                   "    no_such_field: 1\n  }\n}\n")
+    result = run_mnist("serve", "--model_config_file", str(bad), "--port", "0", timeout=120)
+    assert result.returncode != 0
+    line = next(line for line in result.stderr.splitlines() if line.startswith("mnist serve:"))
+    assert "Error parsing text-format tensorflow.serving.ModelServerConfig: 5:5" in line
+    assert f"Invalid protobuf file: '{bad}'" in line
