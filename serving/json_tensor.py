@@ -58,7 +58,10 @@ def dtype_name(dtype: int) -> str:
 # --- reading ----------------------------------------------------------------------------------
 def parse_document(body: bytes) -> Any:
     """The body's first JSON value (rapidjson's kParseStopWhenDoneFlag: what follows it is ignored)."""
-    text = body.decode("utf-8", errors="strict").lstrip(" \t\n\r") if body else ""
+    try:
+        text = body.decode("utf-8").lstrip(" \t\n\r")
+    except UnicodeDecodeError as error:
+        raise JsonTensorError(f"JSON Parse error: Invalid encoding in string. at offset: {error.start}") from None
     if not text:
         raise JsonTensorError("JSON Parse error: The document is empty")
     try:
