@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import re
 import time
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -36,6 +36,7 @@ from serving.rest_paths import (
 )
 from serving.tensors import from_tensor_proto, to_tensor_proto
 
+T = TypeVar("T")
 HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.INVALID_ARGUMENT: 400,
                grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.NOT_FOUND: 404,
                grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.PERMISSION_DENIED: 403,
@@ -51,7 +52,7 @@ def path_of(match: re.Match) -> ModelPath:
         raise invalid(str(error)) from None
 
 
-def tf_serving_json(call):
+def tf_serving_json(call: Callable[[], T]) -> T:
     """Run a json_tensor step, its refusal as the RequestError (and so HTTP status) TF Serving gives."""
     try:
         return call()
