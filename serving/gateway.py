@@ -38,10 +38,10 @@ from mnist_client.tensors import to_tensor_proto
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.json_tensor import JsonTensorError, parse_document, read_columns, read_document, read_predict, read_rows
 from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
+from serving.prediction_logger import Call, PredictionLogger, Unloggable
 from serving.rest_paths import (
     FEEDBACK_ROUTE, PREDICTION_ROUTE, READY_ROUTE, ModelPath, PathError, fill_spec, model_path,
 )
-from serving.prediction_logger import Call, PredictionLogger, Unloggable
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
 from storage.s3 import StoreError
 from tasks.feedback import FeedbackError, Located, record_feedback
