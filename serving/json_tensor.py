@@ -59,15 +59,50 @@ def dtype_name(dtype: int) -> str:
 def parse_document(body: bytes) -> Any:
     """The body's first JSON value (rapidjson's kParseStopWhenDoneFlag: what follows it is ignored)."""
     try:
-        text = body.decode("utf-8").lstrip(" \t\n\r")
+        text = body.decode("utf-8")
     except UnicodeDecodeError as error:
         raise JsonTensorError(f"JSON Parse error: Invalid encoding in string. at offset: {error.start}") from None
-    if not text:
+    start = len(text) - len(text.lstrip(" \t\n\r"))
+    if start == len(text):
         raise JsonTensorError("JSON Parse error: The document is empty")
     try:
-        return json.JSONDecoder().raw_decode(text)[0]
+        return json.JSONDecoder().raw_decode(text, start)[0]
     except json.JSONDecodeError as error:
-        raise JsonTensorError(f"JSON Parse error: {error.msg} at offset: {error.pos}") from None
+        raise JsonTensorError(f"JSON Parse error: {rapidjson_message(error)} at offset: {error.pos}") from None
+
+
+# Python's json messages -> rapidjson's GetParseError_En, which TF Serving's parse errors quote
+RAPIDJSON_MESSAGES = {
+    "Expecting value": "Invalid value.",
+    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
+    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
+    "Unterminated string starting at": "Missing a closing quotation mark in string.",
+    "Invalid \\escape": "Invalid escape character in string.",
+    "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
+    "Invalid control character at": "Invalid encoding in string.",
+}
+
+
+def rapidjson_message(error: json.JSONDecodeError) -> str:
+    if error.msg == "Expecting ',' delimiter":
+        return ("Missing a comma or '}' after an object member." if innermost_bracket(error.doc, error.pos) == "{"
+                else "Missing a comma or ']' after an array element.")
+    return RAPIDJSON_MESSAGES.get(error.msg, error.msg)
+
+
+def innermost_bracket(text: str, end: int) -> str:
+    """The bracket still open at ``end`` (strings skipped): which kind of list a comma was missing from."""
+    stack, in_string, escaped = [], False, False
+    for char in text[:end]:
+        if in_string:
+            in_string, escaped = (escaped or char != '"'), (not escaped and char == "\\")
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            stack.append(char)
+        elif char in "]}" and stack:
+            stack.pop()
+    return stack[-1] if stack else ""
 
 
 def debug_string(value: Any) -> str:

@@ -132,7 +132,9 @@ def test_document_checks() -> None:
     assert read_document(b' {"instances": [1]} trailing') == {"instances": [1]}
     for body, message in ((b"", "document is empty"), (b"[1]", "Is not object"),
                           (b'{"signature_name": 5, "instances": [1]}', "must be a string value"),
-                          (b"{bad", "JSON Parse error"), (b'{"instances": ["\xff"]}', "Invalid encoding")):
+                          (b"instances = [1, 2]", "JSON Parse error: Invalid value"),
+                          (b'  {"instances": [1 2]}', "Missing a comma or ']' after an array element. at offset: 19"),
+                          (b'{"instances": ["\xff"]}', "Invalid encoding")):
         with pytest.raises(JsonTensorError, match=message):
             read_document(body)
 
