@@ -27,6 +27,7 @@ import numpy as np
 from mnist_client._generated.tensorflow.core.framework import types_pb2
 
 DEBUG_BYTES = 256  # kMaxJsonDebugStringBytes
+MAX_RANK = 64  # numpy's most dimensions (TensorFlow's TensorShape takes 254)
 BYTES_SUFFIX = "_bytes"  # kBytesTensorNameSuffix
 # the integers rapidjson's IsInt, IsInt64, IsUint, IsUint64 take for each integer dtype
 INTEGER_RANGES = {types_pb2.DT_INT32: (-2**31, 2**31), types_pb2.DT_INT16: (-2**31, 2**31),
@@ -69,6 +70,8 @@ def parse_document(body: bytes) -> Any:
         return json.JSONDecoder().raw_decode(text, start)[0]
     except json.JSONDecodeError as error:
         raise JsonTensorError(f"JSON Parse error: {rapidjson_message(error)} at offset: {error.pos}") from None
+    except RecursionError:  # rapidjson parses iteratively; Python's parser has a depth limit
+        raise JsonTensorError("JSON Parse error: the document nests too deeply to be read here") from None
 
 
 # Python's json messages -> rapidjson's GetParseError_En, which TF Serving's parse errors quote
@@ -270,12 +273,14 @@ def fast_array(value: Any, dtype: int) -> np.ndarray | None:
         return None  # an integer beyond a double: read value by value
 
 
-def tensor(value: Any, dtype: int) -> tuple[np.ndarray, int]:
+def tensor(value: Any, dtype: int, max_rank: int = MAX_RANK) -> tuple[np.ndarray, int]:
     """One JSON value as a tensor of ``dtype``, and its value count (``AddInstanceItem``'s size)."""
+    shape = dense_shape(value)
+    if len(shape) > max_rank:
+        raise JsonTensorError(f"a tensor of {len(shape)} dimensions: at most {max_rank} are read here")
     array = fast_array(value, dtype)
     if array is not None:
         return array, array.size
-    shape = dense_shape(value)
     values: list[Any] = []
     fill(value, 0, dtype, shape, values)
     return as_array(values, shape, dtype), len(values)
@@ -344,7 +349,7 @@ def add_instance_item(value: Any, name: str, dtypes: dict[str, int], items: dict
     """``AddInstanceItem``: every instance of an input has the first one's size and shape."""
     if name not in dtypes:
         raise JsonTensorError(f"JSON object: does not have named input: {name}")
-    array, size = tensor(value, dtypes[name])
+    array, size = tensor(value, dtypes[name], MAX_RANK - 1)  # the instances add a dimension
     if name not in sizes:
         sizes[name], items[name] = size, [array]
         return

@@ -174,3 +174,15 @@ def test_examples_for_classify_and_regress() -> None:
             ({"examples": []}, "'examples' value is an empty array")):
         with pytest.raises(JsonTensorError, match=message):
             fill_examples_request(document, classification_pb2.ClassificationRequest())
+
+
+def test_nesting_beyond_what_can_be_read_is_refused_not_crashed() -> None:
+    """Lists nested past numpy's 64 dimensions, or past Python's parser's depth, are clear
+    refusals (INVALID_ARGUMENT), where they raised out of the reader before."""
+    for depth, key in ((64, "inputs"), (65, "inputs"), (64, "instances"), (5000, "inputs")):
+        body = ('{"%s": ' % key + "[" * depth + "1" + "]" * depth + "}").encode()
+        if depth <= 64 and key == "inputs":
+            assert read_predict(read_document(body), {"x": FLOAT})[0]["x"].ndim == depth
+            continue
+        with pytest.raises(JsonTensorError, match="dimensions: at most|nests too deeply"):
+            read_predict(read_document(body), {"x": FLOAT})
