@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 
 from mnist_client._generated.tensorflow.core.framework import types_pb2
+from mnist_client.tensors import MAX_RANK
 
 DEBUG_BYTES = 256  # kMaxJsonDebugStringBytes
-MAX_RANK = 64  # numpy's most dimensions (TensorFlow's TensorShape takes 254)
 BYTES_SUFFIX = "_bytes"  # kBytesTensorNameSuffix
 # the integers rapidjson's IsInt, IsInt64, IsUint, IsUint64 take for each integer dtype
 INTEGER_RANGES = {types_pb2.DT_INT32: (-2**31, 2**31), types_pb2.DT_INT16: (-2**31, 2**31),

@@ -37,6 +37,7 @@ TYPED_FIELDS: dict[int, tuple[type, str]] = {
 }
 NUMPY_DTYPES = {np.dtype(numpy_type): dtype for dtype, (numpy_type, _) in TYPED_FIELDS.items()}
 MAX_FILLED_VALUES = 1 << 24  # the float32 values a 64 MiB message holds
+MAX_RANK = 64  # numpy's most dimensions (TensorFlow's TensorShape takes 254)
 
 
 def to_tensor_proto(array: np.ndarray, as_content: bool = True, proto_class: Any = tensor_pb2.TensorProto) -> Any:
@@ -72,6 +73,8 @@ def from_tensor_proto(proto: Any) -> np.ndarray:
     shape = shape_of(proto)
     if any(size < 0 for size in shape):
         raise TensorError(f"shape {list(shape)} has a negative dimension")
+    if len(shape) > MAX_RANK:
+        raise TensorError(f"a shape of {len(shape)} dimensions: at most {MAX_RANK} are read here")
     count = int(np.prod(shape, dtype=object)) if shape else 1
     if proto.dtype == types_pb2.DT_STRING:
         strings = list(proto.string_val)
