@@ -75,7 +75,21 @@ def from_tensor_proto(proto: Any) -> np.ndarray:
         raise TensorError(f"shape {list(shape)} has a negative dimension")
     if len(shape) > MAX_RANK:
         raise TensorError(f"a shape of {len(shape)} dimensions: at most {MAX_RANK} are read here")
-    count = int(np.prod(shape, dtype=object)) if shape else 1
+    count = 1
+    for size in shape:  # TensorShape's check, dimension by dimension
+        count *= size
+        if count >= 2**63:
+            raise TensorError(f"shape {list(shape)} overflows an int64 count of values")
+    try:
+        return read_values(proto, shape, count)
+    except TensorError:
+        raise
+    except (ValueError, MemoryError) as error:  # a shape TensorFlow takes (say 0 x 2**62) numpy cannot hold
+        raise TensorError(f"shape {list(shape)} cannot be held here: {error}") from None
+
+
+def read_values(proto: Any, shape: tuple[int, ...], count: int) -> np.ndarray:
+    """The ``count`` values of a shape already checked."""
     if proto.dtype == types_pb2.DT_STRING:
         strings = list(proto.string_val)
         if len(strings) != count:
