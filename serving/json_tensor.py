@@ -39,6 +39,7 @@ NUMPY_TYPES = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_DOUBLE: np.float64, 
                types_pb2.DT_INT64: np.int64, types_pb2.DT_UINT32: np.uint32, types_pb2.DT_UINT64: np.uint64,
                types_pb2.DT_BOOL: np.bool_, types_pb2.DT_STRING: object}
 FAST_DTYPES = {types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, *INTEGER_RANGES}
+NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 WRITTEN_DTYPES = {np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int16, np.int8, np.uint8, np.int64,
                                        np.uint32, np.uint64, np.bool_, object)}
 
@@ -475,20 +476,16 @@ def decimal_texts(array: np.ndarray) -> list[str]:
     """``WriteDecimal`` of each value: ``%g``, or ``max_digits10`` digits when ``%g`` does not read
     back as the same value; ``.0`` after a whole number; NaN, Infinity, -Infinity."""
     values = array.ravel()
-    texts = ["%g" % value for value in values.tolist()]
-    finite = np.isfinite(values)
-    with np.errstate(over="ignore"):
-        read_back = np.array([float(text) if ok else 0.0 for text, ok in zip(texts, finite.tolist())],
-                             dtype=values.dtype)
+    floats = values.tolist()
+    texts = ["%g" % value for value in floats]
+    with np.errstate(over="ignore", invalid="ignore"):
+        read_back = np.array(texts, dtype=values.dtype)  # numpy reads "nan" and "inf" too
     digits = 9 if values.dtype == np.float32 else 17
-    for index in np.flatnonzero(finite & (read_back != values)).tolist():
-        texts[index] = "%.*g" % (digits, values[index])
-    for index, (text, ok) in enumerate(zip(texts, finite.tolist())):
-        if not ok:
-            value = values[index]
-            texts[index] = "NaN" if math.isnan(value) else "-Infinity" if value < 0 else "Infinity"
-        elif "." not in text and "e" not in text:
-            texts[index] = text + ".0"
+    for index in np.flatnonzero((read_back != values) & np.isfinite(values)).tolist():
+        texts[index] = "%.*g" % (digits, floats[index])
+    for index, text in enumerate(texts):
+        if "." not in text and "e" not in text:
+            texts[index] = NON_FINITE.get(text, text + ".0")
     return texts
 
 
