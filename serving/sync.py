@@ -147,8 +147,11 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
     if waiting and server is not None:
         states = wait_until_available(server, sorted(wanted), load_timeout)
         if any(states.get(version) != "AVAILABLE" for version in wanted):
-            raise SyncError(f"versions {sorted(wanted)} not AVAILABLE at {server.address} within {load_timeout:g}s "
-                            f"(states {states}); labels stay where they were")
+            ended = sorted(version for version in wanted if states.get(version) == "END")
+            why = (f"version(s) {ended} ended without becoming AVAILABLE (a failed load: the server's "
+                   "GetModelStatus says why)" if ended else f"not AVAILABLE within {load_timeout:g}s")
+            raise SyncError(f"versions {sorted(wanted)} at {server.address}: {why} (states {states}); "
+                            "labels stay where they were")
         versions, written_labels, waiting = next_config(wanted, labels, versions, written_labels, present)
         write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
     # The config goes first, so TF Serving stops serving a version (by policy) before its files go away.

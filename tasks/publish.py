@@ -177,7 +177,10 @@ def live_check_version(address: str, model_name: str, version: int, saved_model:
     from tasks.export import saved_model_predict
 
     target = Target(address, model_name, version=version)
-    if wait_until_available(target, [version], timeout).get(version) != "AVAILABLE":
+    state = wait_until_available(target, [version], timeout).get(version)
+    if state == "END":
+        return f"version {version} ended at {address} without becoming AVAILABLE (a failed load)"
+    if state != "AVAILABLE":
         return f"version {version} did not become AVAILABLE at {address} within {timeout:g}s"
     try:
         served, _ = predict_probabilities(golden, target)

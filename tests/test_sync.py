@@ -179,3 +179,25 @@ def test_sync_moves_a_label_only_once_the_server_has_the_version(store: ModelSto
         assert version == 2
     finally:
         server.stop(grace=1)
+
+
+def test_a_version_that_fails_to_load_is_reported_without_waiting_out_the_timeout(saved_model_dir: Path,
+                                                                                   tmp_path: Path) -> None:
+    """The wait the sync and the live check use: a version seen LOADING that then ends (TF Serving
+    gives up after its retries) settles it at once; an END not seen to begin in this wait may be a
+    past life of the version, so it is waited on to the timeout."""
+    from mnist_client.client import Target, wait_until_available
+    from serving.manager import LoadRetries
+    from tests.tf_serving_cases import served_copy
+
+    with served_copy(saved_model_dir, tmp_path, retries=LoadRetries(max_retries=1, interval_seconds=1.5)) as (
+            _, address, base):
+        broken = base / "2"
+        broken.mkdir()
+        (broken / "saved_model.pb").write_bytes(b"not a SavedModel")
+        started = time.monotonic()
+        assert wait_until_available(Target(address), [2], timeout=120).get(2) == "END"
+        assert time.monotonic() - started < 30  # not the 120 s timeout
+        started = time.monotonic()
+        assert wait_until_available(Target(address), [2], timeout=2).get(2) == "END"
+        assert time.monotonic() - started >= 2  # already END when this wait began

@@ -260,14 +260,21 @@ def model_status(target: Target) -> list[tuple[int, str]]:
 
 
 def wait_until_available(target: Target, versions: list[int], timeout: float) -> dict[int, str]:
-    """Poll GetModelStatus until every one of ``versions`` is AVAILABLE or ``timeout`` passes;
-    returns the states last reported (compare them with ``versions`` to tell which)."""
+    """Poll GetModelStatus until every one of ``versions`` is AVAILABLE, or has ended (END after
+    being seen loading or served during this wait: a load that failed after its retries, or an
+    unload), or ``timeout`` passes; returns the states last reported (compare them with
+    ``versions`` to tell which). An END not seen to begin here may be a past life of the version
+    that the server has yet to poll again, so it is waited on."""
     deadline = time.monotonic() + timeout
+    seen_live: set[int] = set()
     while True:
         try:
             states = dict(model_status(target))
         except ServingError:
             states = {}  # not loaded yet (NOT_FOUND) or the server is restarting: keep asking
-        if all(states.get(version) == "AVAILABLE" for version in versions) or time.monotonic() > deadline:
+        seen_live |= {version for version in versions if states.get(version) not in (None, "END")}
+        settled = all(states.get(version) == "AVAILABLE" or (states.get(version) == "END" and version in seen_live)
+                      for version in versions)
+        if settled or time.monotonic() > deadline:
             return states
         time.sleep(0.5)
