@@ -1,11 +1,14 @@
-"""Serving: gRPC Predict latency and throughput against the same SavedModel called in-process.
+"""Serving: gRPC Predict latency and throughput against the same SavedModel called in-process,
+and the REST API's (TF Serving's JSON) beside them.
 
 The server runs as its own process (`mnist serve`), as it would in production;
-the client uses the tensorflow-serving-api stubs with tensor_content requests.
+the gRPC client uses the tensorflow-serving-api stubs with tensor_content requests, the REST
+client httpx on one keep-alive connection.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 import subprocess
 import sys
@@ -104,6 +107,38 @@ def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> f
     return sum(counts) / (time.perf_counter() - began)
 
 
+def rest_body(batch: int) -> bytes:
+    images = np.random.default_rng(4).random((batch, 28, 28, 1), dtype=np.float32)
+    return json.dumps({"instances": images.tolist()}).encode()
+
+
+def rest_latency_ms(url: str, calls: int) -> list[float]:
+    import httpx
+
+    body, samples = rest_body(1), []
+    with httpx.Client(timeout=30) as client:
+        for index in range(50 + calls):
+            started = time.perf_counter()
+            client.post(url, content=body).raise_for_status()
+            if index >= 50:
+                samples.append((time.perf_counter() - started) * 1000)
+    return samples
+
+
+def rest_throughput(url: str, batch: int, seconds: float) -> float:
+    """Images per second from one client posting ``batch`` images per call (JSON encoded once)."""
+    import httpx
+
+    body, done = rest_body(batch), 0
+    with httpx.Client(timeout=60) as client:
+        client.post(url, content=body).raise_for_status()
+        started = time.perf_counter()
+        while time.perf_counter() - started < seconds:
+            client.post(url, content=body).raise_for_status()
+            done += batch
+    return done / (time.perf_counter() - started)
+
+
 def in_process_throughput(model_dir: Path, batch: int, seconds: float) -> float:
     import tensorflow as tf
 
@@ -162,12 +197,14 @@ def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
 
     with tempfile.TemporaryDirectory() as scratch:
         saved = make_model(Path(scratch))
-        port = free_port()
-        server = start_server(saved.parent, port)
-        address = f"127.0.0.1:{port}"
+        port, rest_port = free_port(), free_port()
+        server = start_server(saved.parent, port, "--rest_api_port", str(rest_port))
+        address, url = f"127.0.0.1:{port}", f"http://127.0.0.1:{rest_port}/v1/models/mnist:predict"
         try:
             samples = latency_ms(address, latency_calls)
             grpc_rates = {(b, c): grpc_throughput(address, b, c, seconds) for b in BATCHES for c in CLIENTS}
+            rest_samples = rest_latency_ms(url, latency_calls // 4)
+            rest_rate = rest_throughput(url, 256, seconds)
         finally:
             stop_process(server.pid)
             server.wait(timeout=10)
@@ -178,12 +215,18 @@ def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
     latency = {"p50_ms": statistics.median(samples), "p99_ms": quantiles[98], "calls": len(samples)}
     print(f"single-image Predict over gRPC: p50 {latency['p50_ms']:.2f} ms, p99 {latency['p99_ms']:.2f} ms "
           f"({len(samples)} calls)")
+    rest = {"p50_ms": statistics.median(rest_samples), "p99_ms": statistics.quantiles(rest_samples, n=100)[98],
+            "calls": len(rest_samples), "batch_256_images_per_s": rest_rate}
+    print(f"single-image :predict over REST (JSON, one keep-alive connection): p50 {rest['p50_ms']:.2f} ms, "
+          f"p99 {rest['p99_ms']:.2f} ms ({len(rest_samples)} calls)")
+    print(f"batch-256 :predict over REST, one client: {rest_rate:.0f} images/s "
+          f"(gRPC, the same load: {grpc_rates[(256, 1)]:.0f})")
     rows = [[b, c, grpc_rates[(b, c)], local_rates[b], grpc_rates[(b, c)] / local_rates[b]]
             for b in BATCHES for c in CLIENTS]
     print(table(["batch", "clients", "gRPC images/s", "in-process images/s", "ratio"], rows))
     throughput = [{"batch": b, "clients": c, "grpc_images_per_s": grpc_rates[(b, c)],
                    "in_process_images_per_s": local_rates[b]} for b in BATCHES for c in CLIENTS]
-    path = save("serving", {"latency": latency, "throughput": throughput, "batching": batched,
+    path = save("serving", {"latency": latency, "throughput": throughput, "batching": batched, "rest": rest,
                             "seconds_per_point": seconds})
     print(f"written {path}")
     return {"latency": latency, "throughput": throughput}

@@ -99,6 +99,9 @@ class HttpServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive: a client (or the gateway) reuses its connection
+            # TCP_NODELAY: the headers and the body leave in two writes, and with Nagle's algorithm the
+            # body waits for the client's delayed ACK of the headers: 40 ms on every answer
+            disable_nagle_algorithm = True
 
             def setup(self) -> None:
                 super().setup()
