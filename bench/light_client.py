@@ -1,6 +1,7 @@
 """The TensorFlow-free client (clients/python) as another service gets it: installed into a
 fresh virtual environment, its size, its import time and memory, and its single-image Predict
-p50 against `mnist serve`, beside the full stack's tensorflow-serving-api stubs in this one."""
+p50 against `mnist serve` (its raw stub, and its `predict()` called once per request as a
+service calls it), beside the full stack's tensorflow-serving-api stubs in this one."""
 
 from __future__ import annotations
 
@@ -39,6 +40,21 @@ with open_channel(target) as channel:
         started = time.perf_counter()
         stub.Predict(request, timeout=10)
         samples.append((time.perf_counter() - started) * 1000)
+print(json.dumps(samples))
+'''
+
+PREDICT_PER_CALL = '''
+import json, random, sys, time
+from mnist_client import predict
+random.seed(1)
+images = [[[[random.random()] for _ in range(28)] for _ in range(28)]]  # no numpy in this venv
+for _ in range(50):
+    predict(images, address=sys.argv[1])
+samples = []
+for _ in range(int(sys.argv[2])):
+    started = time.perf_counter()
+    predict(images, address=sys.argv[1])
+    samples.append((time.perf_counter() - started) * 1000)
 print(json.dumps(samples))
 '''
 
@@ -88,6 +104,9 @@ def main(calls: int = 2000) -> dict:
             light_samples = json.loads(subprocess.run([str(light / "bin" / "python"), "-c", LATENCY,
                                                        f"127.0.0.1:{port}", str(calls)], capture_output=True,
                                                       text=True, check=True).stdout)
+            api_samples = json.loads(subprocess.run([str(light / "bin" / "python"), "-c", PREDICT_PER_CALL,
+                                                     f"127.0.0.1:{port}", str(calls)], capture_output=True,
+                                                    text=True, check=True).stdout)
             full_samples = latency_ms(f"127.0.0.1:{port}", calls)
         finally:
             stop_process(server.pid)
@@ -103,6 +122,7 @@ def main(calls: int = 2000) -> dict:
             ["resident memory after import (MiB)", round(import_rss, 1), "<= 100"],
             ["single-image Predict p50, light client without numpy (ms)", round(statistics.median(light_samples), 2),
              ""],
+            ["single-image predict() p50, one call per request (ms)", round(statistics.median(api_samples), 2), ""],
             ["single-image Predict p50, tensorflow-serving-api stubs (ms)", round(statistics.median(full_samples), 2),
              ""]]
     print(table(["measure", "value", "target"], rows))
@@ -110,6 +130,7 @@ def main(calls: int = 2000) -> dict:
               "installed_with_images_mib": installed_images, "numpy_mib": numpy_mib, "tensorflow_free": tensorflow_free, "import_seconds": import_seconds,
               "import_process_seconds": statistics.median(processes),
               "import_rss_mib": import_rss, "light_p50_ms": statistics.median(light_samples),
+              "predict_per_call_p50_ms": statistics.median(api_samples),
               "full_stack_p50_ms": statistics.median(full_samples), "calls": calls}
     print(f"results: {save('light_client', result)}")
     return result
