@@ -151,3 +151,80 @@ def test_the_client_answers_without_numpy_as_it_does_with_it(saved_model_dir: Pa
     assert [a["digit"] for a in result["answers"]] == [a["digit"] for a in with_numpy]
     assert all(abs(a["confidence"] - b["confidence"]) < 1e-6 for a, b in zip(result["answers"], with_numpy))
     assert len(result["probabilities"]) == 5 and all(len(row) == 10 for row in result["probabilities"])
+
+
+def export_renamed(saved_model_dir: Path, destination: Path) -> None:
+    """The same network as a SavedModel whose signature names its tensors otherwise."""
+    import tensorflow as tf
+
+    loaded = tf.saved_model.load(str(saved_model_dir))
+    serve = loaded.signatures["serving_default"]
+
+    class Renamed(tf.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = loaded
+
+        @tf.function(input_signature=[tf.TensorSpec([None, 28, 28, 1], tf.float32)])
+        def pixels_to_scores(self, pixels):
+            return {"scores": serve(image=pixels)["probabilities"]}
+
+    module = Renamed()
+    tf.saved_model.save(module, str(destination), signatures={"serving_default": module.pixels_to_scores})
+
+
+def test_calls_share_a_channel_ask_the_names_once_and_follow_a_rename(saved_model_dir: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A service calling predict() per request: GetModelMetadata once for the spec, not once a
+    call; a version whose signature names its tensors otherwise is followed (the server's
+    "alias not found in signature" makes the client ask again, once); and a kept channel whose
+    server went away and came back answers again within its retries."""
+    import mnist_client.client as client
+    from mnist_client import predict
+    from mnist_client.client import Target, model_status, wait_until_available
+    from serving.server import PredictionService
+
+    asked: list[str] = []
+    original = PredictionService.GetModelMetadata
+    monkeypatch.setattr(PredictionService, "GetModelMetadata",
+                        lambda self, request, context: asked.append(request.model_spec.name)
+                        or original(self, request, context))
+    monkeypatch.setattr(client, "_tensor_names", {})  # names cached by earlier tests on reused ports
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    server, address = start_model_server(base)
+    images = np.zeros((2, 28, 28, 1), np.float32)
+    try:
+        for _ in range(5):
+            assert [answer["version"] for answer in predict(images, address=address)] == [1, 1]
+        assert asked == ["mnist"]
+
+        export_renamed(saved_model_dir, base / "2")  # latest-1 policy: 2 replaces 1
+        assert wait_until_available(Target(address), [2], 60).get(2) == "AVAILABLE"
+        wait_for(lambda: dict(model_status(Target(address))).get(1) == "END")
+        assert [answer["version"] for answer in predict(images, address=address)] == [2, 2]
+        assert asked == ["mnist", "mnist"]
+    finally:
+        server.stop(grace=0)
+    port = int(address.rsplit(":", 1)[1])
+    with pytest.raises(client.ServingError):
+        predict(images, address=address, timeout=2)  # the kept channel finds nobody there...
+    time.sleep(3)  # ...and is down long enough for gRPC's own reconnect backoff to have grown past 2 s
+    from serving.manager import ModelManager
+    from serving.model_config import single_model_config
+    from serving.server import ModelServer, ServerOptions
+
+    again = ModelServer(ModelManager(single_model_config("mnist", base.resolve())),
+                        ServerOptions(port=port, poll_seconds=0.2)).start()
+    try:
+        wait_for(lambda: dict(model_status(Target(address))).get(2) == "AVAILABLE")
+        assert [answer["version"] for answer in predict(images, address=address)] == [2, 2]
+    finally:
+        again.stop(grace=0)
+
+
+def wait_for(condition, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)

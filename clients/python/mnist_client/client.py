@@ -1,6 +1,8 @@
 """A gRPC client for TF Serving's PredictionService and ModelService, without TensorFlow.
 
-Input and output tensor names come from GetModelMetadata, never hard-coded;
+Input and output tensor names come from GetModelMetadata, never hard-coded, asked once per
+model spec and address and asked again when the server no longer knows them; calls share one
+long-lived channel per address, as gRPC means channels to be used (no connection per call);
 every call has a deadline; UNAVAILABLE is retried with backoff, and so is CANCELLED from a
 server (one shutting down cancels calls it had not started; every call here only reads). ``address``
 is ``host:port``, ``dns:///host:port`` (every address the name resolves to) or a
@@ -12,7 +14,9 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence, TypeVar
@@ -34,7 +38,12 @@ IMAGES_PER_CALL = 256  # the max_batch_size of serving/deploy/batching_parameter
 
 
 class ServingError(RuntimeError):
-    """A failed call, described in one line (server down, unknown model, bad input...)."""
+    """A failed call, described in one line (server down, unknown model, bad input...), with the
+    call's status code when the server answered."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,11 @@ def channel_target(address: str | Sequence[str]) -> str:
 
 def open_channel(target: Target) -> grpc.Channel:
     options = [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20),
-               ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1)]
+               ("grpc.service_config", SERVICE_CONFIG), ("grpc.enable_retries", 1),
+               # a kept channel whose server was down tries again within a second of its return, not
+               # after gRPC's default backoff of up to two minutes
+               ("grpc.initial_reconnect_backoff_ms", 100), ("grpc.min_reconnect_backoff_ms", 100),
+               ("grpc.max_reconnect_backoff_ms", 1000)]
     if not target.tls:
         return grpc.insecure_channel(channel_target(target.address), options=options)
     root = target.ca_cert.read_bytes() if target.ca_cert else None
@@ -109,7 +122,7 @@ def call_with_retries(call: Callable[..., T], request: Any, target: Target) -> T
             return call(request, timeout=target.timeout)
         except grpc.RpcError as error:
             if error.code() != grpc.StatusCode.UNAVAILABLE or attempt == target.retries:
-                raise ServingError(describe(error, target)) from None
+                raise ServingError(describe(error, target), error.code()) from None
             time.sleep(delay)
             delay *= 2
     raise AssertionError("unreachable")
@@ -122,6 +135,51 @@ def describe(error: grpc.RpcError, target: Target) -> str:
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"server at {target.address} did not answer within {target.timeout:g}s"
     return f"{code.name}: {error.details()}"
+
+
+SHARED_CHANNELS = 16  # addresses with a channel kept open; past that the least recently used is let go
+_shared_lock = threading.Lock()
+_shared_channels: OrderedDict[tuple, grpc.Channel] = OrderedDict()
+_tensor_names: dict[tuple, tuple[str, str]] = {}
+
+
+def channel_key(target: Target) -> tuple:
+    address = target.address if isinstance(target.address, str) else tuple(target.address)
+    return address, target.tls, str(target.ca_cert) if target.ca_cert else None
+
+
+def shared_channel(target: Target) -> grpc.Channel:
+    """The channel kept for ``target``'s address and credentials. gRPC reconnects it when the
+    server comes back; one let go is closed by gRPC once no call uses it."""
+    key = channel_key(target)
+    with _shared_lock:
+        channel = _shared_channels.get(key)
+        if channel is None:
+            channel = _shared_channels[key] = open_channel(target)
+            while len(_shared_channels) > SHARED_CHANNELS:
+                _shared_channels.popitem(last=False)
+        _shared_channels.move_to_end(key)
+        return channel
+
+
+def tensor_names(channel: grpc.Channel, target: Target, fresh: bool = False) -> tuple[str, str]:
+    """(input name, output name) of ``target``'s signature, from GetModelMetadata once per
+    address and model spec (``fresh``: asked again)."""
+    key = (channel_key(target), target.model_name, target.version, target.label, target.signature)
+    names = None if fresh else _tensor_names.get(key)
+    if names is None:
+        names = signature_io(channel, target)[:2]
+        with _shared_lock:
+            if len(_tensor_names) > 1000:  # specs come from callers: keep the cache bounded
+                _tensor_names.clear()
+            _tensor_names[key] = names
+    return names
+
+
+def renamed(error: ServingError) -> bool:
+    """The server no longer knows a tensor name asked for (predict_util.cc's words): a new version
+    whose signature names its tensors otherwise."""
+    return error.code == grpc.StatusCode.INVALID_ARGUMENT and "alias not found in signature" in str(error)
 
 
 def signature_io(channel: grpc.Channel, target: Target) -> tuple[str, str, int]:
@@ -177,25 +235,28 @@ def predict_call(images: Any, target: Target, channel: grpc.Channel | None = Non
                  request_id: str | None = None) -> Prediction:
     """Class probabilities for images [N,28,28,1] in [0,1], the version that answered and the
     request id a logging gateway gave the call (``request_id`` sends the caller's own)."""
-    own = channel is None
-    channel = channel or open_channel(target)
-    try:
-        input_name, output_name, _ = signature_io(channel, target)
+    channel = channel or shared_channel(target)
+    tensor = image_tensor(images)
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+    metadata = ((REQUEST_ID, request_id),) if request_id else None
+    for fresh in (False, True):
+        input_name, output_name = tensor_names(channel, target, fresh)
         request = predict_pb2.PredictRequest()
         target.fill_spec(request.model_spec)
-        request.inputs[input_name].CopyFrom(image_tensor(images))
+        request.inputs[input_name].CopyFrom(tensor)
         request.output_filter.append(output_name)
-        stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-        metadata = ((REQUEST_ID, request_id),) if request_id else None
-        response, call = call_with_retries(lambda r, timeout: stub.Predict.with_call(r, timeout=timeout,
-                                                                                     metadata=metadata),
-                                           request, target)
+        try:
+            response, call = call_with_retries(lambda r, timeout: stub.Predict.with_call(r, timeout=timeout,
+                                                                                         metadata=metadata),
+                                               request, target)
+        except ServingError as error:
+            if fresh or not renamed(error):
+                raise
+            continue  # the names were a previous version's: ask again, once
         trailers = dict(call.trailing_metadata() or ())
         return Prediction(output_values(response.outputs[output_name]), response.model_spec.version.value,
                           trailers.get(REQUEST_ID))
-    finally:
-        if own:
-            channel.close()
+    raise AssertionError("unreachable")
 
 
 def predict_probabilities(images: Any, target: Target, channel: grpc.Channel | None = None
@@ -222,15 +283,11 @@ def predict(images: Any, *, address: str, model_name: str = "mnist", version: in
     target = Target(address, model_name, version, label, timeout, tls=tls, ca_cert=ca_cert)
     names = names or [str(index) for index in range(len(images))]
     results: list[dict[str, Any]] = []
-    channel = open_channel(target)
-    try:
-        for call, start in enumerate(range(0, max(len(images), 1), images_per_call)):
-            call_id = request_id if not request_id or len(images) <= images_per_call \
-                else f"{request_id[:120]}.{call + 1}"
-            answer = predict_call(images[start:start + images_per_call], target, channel, call_id)
-            results += digit_results(answer, names[start:start + images_per_call])
-    finally:
-        channel.close()
+    for call, start in enumerate(range(0, max(len(images), 1), images_per_call)):
+        call_id = request_id if not request_id or len(images) <= images_per_call \
+            else f"{request_id[:120]}.{call + 1}"
+        answer = predict_call(images[start:start + images_per_call], target, request_id=call_id)
+        results += digit_results(answer, names[start:start + images_per_call])
     return results
 
 
