@@ -36,7 +36,8 @@ from google.protobuf.message import DecodeError
 from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 from mnist_client.tensors import to_tensor_proto
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
-from serving.json_tensor import JsonTensorError, parse_document, read_columns, read_document, read_predict, read_rows
+from serving.json_document import JsonTensorError, parse_document, read_document
+from serving.json_tensor import read_columns, read_predict, read_rows
 from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
 from serving.prediction_logger import Call, PredictionLogger, Unloggable
 from serving.rest_paths import (

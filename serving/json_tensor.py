@@ -1,34 +1,26 @@
-"""Tensors in TF Serving's REST JSON, read and written as ``util/json_tensor.cc`` does.
-
-Reading (``FillPredictRequestFromJson``): each value must be of the JSON type its signature's dtype
-takes (a number for float and double, an integer in range for the integer types, true or false
-for bool, a string or ``{"b64": ...}`` for string); lists must be dense, and every instance of
-the row format must have one shape. Writing (``MakeJsonFromTensors``, ``WriteDecimal``): floats
-as ``absl::StrCat`` prints them (six significant digits when that reads back as the same value,
-else all of them), whole numbers with ``.0``, ``NaN``/``Infinity``/``-Infinity``, and string
-outputs named ``*_bytes`` as ``{"b64": ...}``.
+"""Request tensors in TF Serving's REST JSON, read as ``util/json_tensor.cc``'s
+``FillPredictRequestFromJson`` reads them: each value must be of the JSON type its signature's
+dtype takes (a number for float and double, an integer in range for the integer types, true or
+false for bool, a string or ``{"b64": ...}`` for string); lists must be dense, and every
+instance of the row format must have one shape.
 
 Written here rather than with ``json``/``numpy`` coercion, which accepts "1.5" for a float and
-truncates 1.5 for an int, and prints a float32 0.2 as 0.20000000298023224. It imports no
-TensorFlow: the logging gateway reads REST calls with it too.
+truncates 1.5 for an int. A dense list of numbers still goes through numpy when that reading is
+certain to be TF Serving's. It imports no TensorFlow: the logging gateway reads REST calls with it too.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-import math
-import re
 from typing import Any
 
 import numpy as np
 
 from mnist_client._generated.tensorflow.core.framework import types_pb2
 from mnist_client.tensors import MAX_RANK
+from serving.json_document import (
+    JsonTensorError, debug_string, decode_base64, float_or_infinity, format_error, is_base64_object, json_type,
+)
 
-DEBUG_BYTES = 256  # kMaxJsonDebugStringBytes
-BYTES_SUFFIX = "_bytes"  # kBytesTensorNameSuffix
 # the integers rapidjson's IsInt, IsInt64, IsUint, IsUint64 take for each integer dtype
 INTEGER_RANGES = {types_pb2.DT_INT32: (-2**31, 2**31), types_pb2.DT_INT16: (-2**31, 2**31),
                   types_pb2.DT_INT8: (-2**31, 2**31), types_pb2.DT_UINT8: (-2**31, 2**31),
@@ -39,17 +31,6 @@ NUMPY_TYPES = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_DOUBLE: np.float64, 
                types_pb2.DT_INT64: np.int64, types_pb2.DT_UINT32: np.uint32, types_pb2.DT_UINT64: np.uint64,
                types_pb2.DT_BOOL: np.bool_, types_pb2.DT_STRING: object}
 FAST_DTYPES = {types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, *INTEGER_RANGES}
-NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
-WRITTEN_DTYPES = {np.dtype(t) for t in (np.float32, np.float64, np.int32, np.int16, np.int8, np.uint8, np.int64,
-                                       np.uint32, np.uint64, np.bool_, object)}
-
-
-class JsonTensorError(ValueError):
-    """A body json_tensor.cc refuses, with its message and status (INVALID_ARGUMENT unless said)."""
-
-    def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
-        super().__init__(message)
-        self.code = code
 
 
 def dtype_name(dtype: int) -> str:
@@ -57,114 +38,9 @@ def dtype_name(dtype: int) -> str:
     return types_pb2.DataType.Name(dtype)[3:].lower() if dtype in types_pb2.DataType.values() else str(dtype)
 
 
-# --- reading ----------------------------------------------------------------------------------
-def parse_document(body: bytes) -> Any:
-    """The body's first JSON value (rapidjson's kParseStopWhenDoneFlag: what follows it is ignored)."""
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise JsonTensorError(f"JSON Parse error: Invalid encoding in string. at offset: {error.start}") from None
-    start = len(text) - len(text.lstrip(" \t\n\r"))
-    if start == len(text):
-        raise JsonTensorError("JSON Parse error: The document is empty")
-    try:
-        return json.JSONDecoder().raw_decode(text, start)[0]
-    except json.JSONDecodeError as error:
-        raise JsonTensorError(f"JSON Parse error: {rapidjson_message(error)} at offset: {error.pos}") from None
-    except RecursionError:  # rapidjson parses iteratively; Python's parser has a depth limit
-        raise JsonTensorError("JSON Parse error: the document nests too deeply to be read here") from None
-
-
-# Python's json messages -> rapidjson's GetParseError_En, which TF Serving's parse errors quote
-RAPIDJSON_MESSAGES = {
-    "Expecting value": "Invalid value.",
-    "Expecting property name enclosed in double quotes": "Missing a name for object member.",
-    "Expecting ':' delimiter": "Missing a colon after a name of object member.",
-    "Unterminated string starting at": "Missing a closing quotation mark in string.",
-    "Invalid \\escape": "Invalid escape character in string.",
-    "Invalid \\uXXXX escape": "Incorrect hex digit after \\u escape in string.",
-    "Invalid control character at": "Invalid encoding in string.",
-}
-
-
-def rapidjson_message(error: json.JSONDecodeError) -> str:
-    if error.msg == "Expecting ',' delimiter":
-        return ("Missing a comma or '}' after an object member." if innermost_bracket(error.doc, error.pos) == "{"
-                else "Missing a comma or ']' after an array element.")
-    return RAPIDJSON_MESSAGES.get(error.msg, error.msg)
-
-
-def innermost_bracket(text: str, end: int) -> str:
-    """The bracket still open at ``end`` (strings skipped): which kind of list a comma was missing from."""
-    stack, in_string, escaped = [], False, False
-    for char in text[:end]:
-        if in_string:
-            in_string, escaped = (escaped or char != '"'), (not escaped and char == "\\")
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            stack.append(char)
-        elif char in "]}" and stack:
-            stack.pop()
-    return stack[-1] if stack else ""
-
-
-def debug_string(value: Any) -> str:
-    """``JsonValueToDebugString``: compact JSON, cut after the token that passes 256 bytes."""
-    out: list[str] = []
-    size = 0
-    for token in debug_tokens(value, ""):
-        if size >= DEBUG_BYTES:
-            break
-        out.append(token)
-        size += len(token.encode())
-    return "".join(out)
-
-
-def debug_tokens(value: Any, prefix: str):
-    if isinstance(value, dict):
-        yield prefix + "{"
-        for index, (key, item) in enumerate(value.items()):
-            yield ("," if index else "") + json.dumps(key, ensure_ascii=False)
-            yield from debug_tokens(item, ":")
-        yield "}"
-    elif isinstance(value, list):
-        yield prefix + "["
-        for index, item in enumerate(value):
-            yield from debug_tokens(item, "," if index else "")
-        yield "]"
-    elif isinstance(value, float) and math.isfinite(value):
-        yield prefix + re.sub(r"e([+-])0*(\d)", lambda m: "e" + m[1].replace("+", "") + m[2], repr(value))
-    else:
-        yield prefix + json.dumps(value, ensure_ascii=False)
-
-
-def json_type(value: Any) -> str:
-    """``JsonTypeString``."""
-    if value is None:
-        return "Null"
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    return {dict: "Object", list: "Array", str: "String"}.get(type(value), "Number")
-
-
 def type_error(value: Any, dtype: int) -> JsonTensorError:
     return JsonTensorError(f"JSON Value: {debug_string(value)} Type: {json_type(value)} "
                            f"is not of expected type: {dtype_name(dtype)}")
-
-
-def is_base64_object(value: Any) -> bool:
-    return isinstance(value, dict) and len(value) == 1 and isinstance(value.get("b64"), str)
-
-
-def decode_base64(value: Any) -> bytes:
-    if not is_base64_object(value):
-        raise JsonTensorError(f"JSON Value: {debug_string(value)} not formatted correctly for base64 data")
-    try:  # absl::Base64Unescape takes padded or unpadded text
-        text = value["b64"]
-        return base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError):
-        raise JsonTensorError("Unable to base64 decode") from None
 
 
 def scalar(value: Any, dtype: int) -> Any:
@@ -238,13 +114,6 @@ def as_array(values: list[Any], shape: list[int], dtype: int) -> np.ndarray:
     else:
         flat = np.array(values, dtype=np.bool_)
     return flat.reshape(shape)
-
-
-def float_or_infinity(value: int | float) -> float:
-    try:
-        return float(value)
-    except OverflowError:  # an integer literal beyond a double, which rapidjson reads as infinite
-        return math.copysign(math.inf, value)
 
 
 def fast_array(value: Any, dtype: int) -> np.ndarray | None:
@@ -379,20 +248,6 @@ def read_columns(value: Any, dtypes: dict[str, int]) -> dict[str, np.ndarray]:
     return tensors
 
 
-def format_error(document: Any, message: str) -> JsonTensorError:
-    return JsonTensorError(f"JSON Value: {debug_string(document)} {message}")
-
-
-def read_document(body: bytes) -> dict[str, Any]:
-    """``ParseJson`` and ``FillSignature``: an object whose signature_name, if any, is a string."""
-    document = parse_document(body)
-    if not isinstance(document, dict):
-        raise format_error(document, "Is not object")
-    if not isinstance(document.get("signature_name", ""), str):
-        raise format_error(document, "not formatted correctly. 'signature_name' key must be a string value.")
-    return document
-
-
 def read_predict(document: dict[str, Any], dtypes: dict[str, int], signature_name: str = ""
                  ) -> tuple[dict[str, np.ndarray], bool]:
     """``FillPredictRequestFromJson`` after the signature is known: (tensors by input, row format?)."""
@@ -411,153 +266,3 @@ def read_predict(document: dict[str, Any], dtypes: dict[str, int], signature_nam
     if "inputs" in document:
         return read_columns(document["inputs"], dtypes), False
     raise JsonTensorError("Missing 'inputs' or 'instances' key")
-
-
-# --- Examples, for Classify and Regress ------------------------------------------------------------
-FEATURE_KINDS = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}
-
-
-def feature_value(value: Any, name: str) -> tuple[str, Any]:
-    """The feature kind a JSON value makes (integers and true/false int64, other numbers float,
-    strings and b64 objects bytes), and the value as that kind holds it."""
-    if isinstance(value, bool):
-        return "int64_list", int(value)
-    if isinstance(value, str):
-        return "bytes_list", value.encode()
-    if is_base64_object(value):
-        return "bytes_list", decode_base64(value)
-    if isinstance(value, float):
-        return "float_list", value
-    if isinstance(value, int):  # beyond int64 and uint64, rapidjson holds a double
-        return ("int64_list", value) if -2**63 <= value < 2**64 else ("float_list", float_or_infinity(value))
-    raise JsonTensorError(f"Feature: {name} has element with unexpected JSON type: {json_type(value)}")
-
-
-def add_value_to_feature(value: Any, name: str, feature: Any) -> None:
-    """``AddValueToFeature``: a feature's kind is its first value's; later values must be of it."""
-    kind, stored = feature_value(value, name)
-    held = feature.WhichOneof("kind")
-    if held not in (None, kind):
-        raise JsonTensorError(f"Unexpected element type in feature: {name} expecting type: {FEATURE_KINDS[held]}")
-    if kind == "int64_list" and stored >= 2**63:
-        raise JsonTensorError(f"Feature: {name} has uint64_t element. Only int64_t is supported.")
-    getattr(feature, kind).value.append(stored)
-
-
-def fill_example(value: Any, example: Any) -> None:
-    """``MakeExampleFromJsonObject`` into ``example`` (TensorFlow's Example class, or the client's)."""
-    if not isinstance(value, dict):
-        raise JsonTensorError(f"Example must be JSON object but got JSON {json_type(value)}")
-    for name, content in value.items():
-        feature = example.features.feature[name]
-        for item in content if isinstance(content, list) else [content]:
-            add_value_to_feature(item, name, feature)
-
-
-def fill_examples_request(document: dict[str, Any], request: Any) -> None:
-    """``FillClassifyRegressRequestFromJson`` after the signature: the context first, then the examples."""
-    with_context = "context" in document
-    if with_context:
-        fill_example(document["context"], request.input.example_list_with_context.context)
-    if "examples" not in document:  # "classify" for :regress too: TF Serving's own message
-        raise format_error(document, "When method is classify, key 'examples' is expected and was not found")
-    examples = document["examples"]
-    if not isinstance(examples, list):
-        raise format_error(document, "Expecting 'examples' value to be an list/array")
-    if not examples:
-        raise format_error(document, "'examples' value is an empty array")
-    target = request.input.example_list_with_context if with_context else request.input.example_list
-    for value in examples:
-        fill_example(value, target.examples.add())
-
-
-# --- writing ----------------------------------------------------------------------------------
-def decimal_texts(array: np.ndarray) -> list[str]:
-    """``WriteDecimal`` of each value: ``%g``, or ``max_digits10`` digits when ``%g`` does not read
-    back as the same value; ``.0`` after a whole number; NaN, Infinity, -Infinity."""
-    values = array.ravel()
-    floats = values.tolist()
-    texts = ["%g" % value for value in floats]
-    with np.errstate(over="ignore", invalid="ignore"):
-        read_back = np.array(texts, dtype=values.dtype)  # numpy reads "nan" and "inf" too
-    digits = 9 if values.dtype == np.float32 else 17
-    for index in np.flatnonzero((read_back != values) & np.isfinite(values)).tolist():
-        texts[index] = "%.*g" % (digits, floats[index])
-    for index, text in enumerate(texts):
-        if "." not in text and "e" not in text:
-            texts[index] = NON_FINITE.get(text, text + ".0")
-    return texts
-
-
-def value_texts(array: np.ndarray, name: str) -> list[str]:
-    """``AddSingleValueAndAdvance`` of every value, flat."""
-    if array.dtype not in WRITTEN_DTYPES:
-        raise JsonTensorError(f"Failed to write JSON value for tensor type: {array.dtype.name}")
-    if array.dtype.kind == "f":
-        return decimal_texts(array)
-    if array.dtype == np.bool_:
-        return ["true" if value else "false" for value in array.ravel().tolist()]
-    if array.dtype == object:
-        if name.endswith(BYTES_SUFFIX):
-            return ['{"b64": "%s"}' % base64.b64encode(value).decode() for value in array.ravel().tolist()]
-        return [json.dumps(value.decode(errors="replace"), ensure_ascii=False) for value in array.ravel().tolist()]
-    return [str(value) for value in array.ravel().tolist()]
-
-
-def nested(texts: list[str], shape: tuple[int, ...]) -> str:
-    """Values in row-major order as nested JSON lists of ``shape`` (a scalar when it has none)."""
-    if not shape:
-        return texts[0]
-    if len(shape) == 1:
-        return "[" + ", ".join(texts) + "]"
-    step = len(texts) // shape[0] if shape[0] else 0
-    return "[" + ", ".join(nested(texts[i * step:(i + 1) * step], shape[1:]) for i in range(shape[0])) + "]"
-
-
-def key(name: str) -> str:
-    return json.dumps(name, ensure_ascii=False)
-
-
-def predict_body(outputs: dict[str, np.ndarray], rows: bool) -> str:
-    """``MakeJsonFromTensors``: {"predictions": [...]} for the row format, {"outputs": ...} for the
-    columnar; several outputs are objects keyed by name."""
-    if not outputs:
-        raise JsonTensorError("Cannot convert empty tensor map to JSON")
-    if not rows:
-        written = {name: nested(value_texts(array, name), array.shape) for name, array in outputs.items()}
-        if len(written) == 1:
-            return '{"outputs": %s}' % next(iter(written.values()))
-        return '{"outputs": {%s}}' % ", ".join(f"{key(name)}: {text}" for name, text in written.items())
-    batch = -1
-    for name, array in outputs.items():
-        if array.ndim == 0:
-            raise JsonTensorError(f"Tensor name: {name} has no shape information ")
-        if batch >= 0 and array.shape[0] != batch:
-            raise JsonTensorError(f"Tensor name: {name} has inconsistent batch size: {array.shape[0]} "
-                                  f"expecting: {batch}")
-        batch = array.shape[0]
-    items = {name: [nested(value_texts(array[index], name), array.shape[1:]) for index in range(batch)]
-             for name, array in outputs.items()}
-    if len(items) == 1:
-        return '{"predictions": [%s]}' % ", ".join(next(iter(items.values())))
-    return '{"predictions": [%s]}' % ", ".join(
-        "{" + ", ".join(f"{key(name)}: {texts[index]}" for name, texts in items.items()) + "}"
-        for index in range(batch))
-
-
-def classify_body(results: list[list[tuple[str, float]]]) -> str:
-    """``MakeJsonFromClassificationResult``: {"results": [[[label, score], ...], ...]}."""
-    if not results:
-        raise JsonTensorError("Cannot convert empty ClassificationResults to JSON")
-    written = []
-    for classes in results:
-        scores = decimal_texts(np.array([score for _, score in classes], dtype=np.float32))
-        written.append("[" + ", ".join(f"[{key(label)}, {score}]" for (label, _), score in zip(classes, scores)) + "]")
-    return '{"results": [%s]}' % ", ".join(written)
-
-
-def regress_body(values: list[float]) -> str:
-    """``MakeJsonFromRegressionResult``: {"results": [value, ...]}."""
-    if not values:
-        raise JsonTensorError("Cannot convert empty RegressionResults to JSON")
-    return '{"results": [%s]}' % ", ".join(decimal_texts(np.array(values, dtype=np.float32)))

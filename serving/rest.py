@@ -6,7 +6,7 @@
     POST /v1/models/NAME[/versions/N | /labels/L]:classify|:regress   {"examples": [...], "context": {...}}
 
 Routing, request parsing and bodies follow ``model_servers/http_rest_api_handler.cc``,
-``http_rest_api_util.cc`` and ``util/json_tensor.cc`` (``serving/json_tensor.py``); status codes follow
+``http_rest_api_util.cc`` and ``util/json_tensor.cc`` (``serving/json_*.py``); status codes follow
 ``http_server.cc``'s ``ToHTTPStatusCode``. Errors are ``{"error": "..."}``.
 """
 
@@ -25,9 +25,10 @@ from tensorflow_serving.apis import (
 
 from serving.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
-from serving.json_tensor import (
-    JsonTensorError, classify_body, fill_examples_request, predict_body, read_document, read_predict, regress_body,
-)
+from serving.json_answers import classify_body, predict_body, regress_body
+from serving.json_document import JsonTensorError, read_document
+from serving.json_examples import fill_examples_request
+from serving.json_tensor import read_predict
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
 from serving.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.monitoring import ServingMetrics, readiness
@@ -53,7 +54,7 @@ def path_of(match: re.Match) -> ModelPath:
 
 
 def tf_serving_json(call: Callable[[], T]) -> T:
-    """Run a json_tensor step, its refusal as the RequestError (and so HTTP status) TF Serving gives."""
+    """Run a step of the JSON readers or writers, its refusal as the RequestError (and so HTTP status) TF Serving gives."""
     try:
         return call()
     except JsonTensorError as error:
