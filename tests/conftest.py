@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,14 @@ def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 60
     """The ``mnist`` command in a child process, as a user runs it."""
     return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=timeout)
+
+
+def wait_for(condition, timeout: float = 60, interval: float = 0.2) -> None:
+    """Poll ``condition`` until it holds; fail the test when ``timeout`` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(interval)
 
 
 def start_model_server(base: Path, batching=None, retries=None, **options):

@@ -30,6 +30,7 @@ from storage.embedded import free_port, start_weed
 from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
 from tasks.data import load_test_set
 from tests.conftest import REPO, run_mnist, start_model_server
+from tests.conftest import wait_for as conftest_wait_for
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +67,8 @@ def start_gateway(upstream_address: str, upstream_rest: str | None = None, **opt
     return Gateway(settings, logs, feedback).start()
 
 
-def wait_for(condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
+def wait_for(condition) -> None:
+    conftest_wait_for(condition, timeout=30.0, interval=0.05)
 
 
 def logged(logs: PredictionLogStore) -> list:

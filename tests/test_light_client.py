@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REPO, start_model_server
+from tests.conftest import REPO, start_model_server, wait_for
 
 CLIENT = REPO / "clients" / "python"
 
@@ -221,10 +221,3 @@ def test_calls_share_a_channel_ask_the_names_once_and_follow_a_rename(saved_mode
         assert [answer["version"] for answer in predict(images, address=address)] == [2, 2]
     finally:
         again.stop(grace=0)
-
-
-def wait_for(condition, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.1)

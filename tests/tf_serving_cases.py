@@ -5,7 +5,6 @@ their checks use."""
 from __future__ import annotations
 
 import shutil
-import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -17,7 +16,7 @@ from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
 
 from serving.tensors import to_tensor_proto
 from storage.embedded import free_port
-from tests.conftest import start_model_server
+from tests.conftest import start_model_server, wait_for  # noqa: F401  wait_for: for the test modules
 from tests.half_plus_two import export_half_plus_two
 
 
@@ -92,13 +91,6 @@ def status_of(address: str, name: str = "mnist", **spec) -> list[tuple[int, str,
     response = model_stub(address).GetModelStatus(request, timeout=30)
     return [(s.version, get_model_status_pb2.ModelVersionStatus.State.Name(s.state), s.status.error_code,
              s.status.error_message) for s in response.model_version_status]
-
-
-def wait_for(condition, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.2)
 
 
 @pytest.fixture(scope="module")
