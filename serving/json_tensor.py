@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from mnist_client._generated.tensorflow.core.framework import types_pb2
-from mnist_client.tensors import MAX_RANK
+from mnist_client.tensors import MAX_RANK, TYPED_FIELDS
 from serving.json_document import (
     JsonTensorError, debug_string, decode_base64, float_or_infinity, format_error, is_base64_object, json_type,
 )
@@ -26,11 +26,12 @@ INTEGER_RANGES = {types_pb2.DT_INT32: (-2**31, 2**31), types_pb2.DT_INT16: (-2**
                   types_pb2.DT_INT8: (-2**31, 2**31), types_pb2.DT_UINT8: (-2**31, 2**31),
                   types_pb2.DT_INT64: (-2**63, 2**63), types_pb2.DT_UINT32: (0, 2**32),
                   types_pb2.DT_UINT64: (0, 2**64)}
-NUMPY_TYPES = {types_pb2.DT_FLOAT: np.float32, types_pb2.DT_DOUBLE: np.float64, types_pb2.DT_INT32: np.int32,
-               types_pb2.DT_INT16: np.int16, types_pb2.DT_INT8: np.int8, types_pb2.DT_UINT8: np.uint8,
-               types_pb2.DT_INT64: np.int64, types_pb2.DT_UINT32: np.uint32, types_pb2.DT_UINT64: np.uint64,
-               types_pb2.DT_BOOL: np.bool_, types_pb2.DT_STRING: object}
 FAST_DTYPES = {types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, *INTEGER_RANGES}
+
+
+def numpy_type(dtype: int) -> type:
+    """The numpy type a tensor of ``dtype`` is read into, as the TensorProto reader holds it."""
+    return TYPED_FIELDS[dtype][0]
 
 
 def dtype_name(dtype: int) -> str:
@@ -107,10 +108,10 @@ def as_array(values: list[Any], shape: list[int], dtype: int) -> np.ndarray:
         flat[:] = values
     elif dtype in (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE):  # GetFloat, GetDouble: the double, cast
         with np.errstate(over="ignore"):
-            flat = np.array([float_or_infinity(v) for v in values], dtype=np.float64).astype(NUMPY_TYPES[dtype])
+            flat = np.array([float_or_infinity(v) for v in values], dtype=np.float64).astype(numpy_type(dtype))
     elif dtype in INTEGER_RANGES:  # int_val cast to the narrower type, as C casts it
         flat = np.array(values, dtype=np.uint64 if dtype == types_pb2.DT_UINT64 else np.int64).astype(
-            NUMPY_TYPES[dtype])
+            numpy_type(dtype))
     else:
         flat = np.array(values, dtype=np.bool_)
     return flat.reshape(shape)
@@ -134,11 +135,11 @@ def fast_array(value: Any, dtype: int) -> np.ndarray | None:
             if not kinds <= {int} or (flat and not (low <= min(flat) and max(flat) < high)):
                 return None
             wide = np.uint64 if dtype == types_pb2.DT_UINT64 else np.int64
-            return np.array(flat, dtype=wide).astype(NUMPY_TYPES[dtype]).reshape(cells.shape)
+            return np.array(flat, dtype=wide).astype(numpy_type(dtype)).reshape(cells.shape)
         if not kinds <= {int, float}:
             return None
         with np.errstate(over="ignore"):  # rapidjson's GetFloat: the double, cast
-            return np.array(flat, dtype=np.float64).astype(NUMPY_TYPES[dtype]).reshape(cells.shape)
+            return np.array(flat, dtype=np.float64).astype(numpy_type(dtype)).reshape(cells.shape)
     except OverflowError:
         return None  # an integer beyond a double: read value by value
 
