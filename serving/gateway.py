@@ -37,7 +37,7 @@ from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_p
 from mnist_client.tensors import to_tensor_proto
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.json_document import JsonTensorError, parse_document, read_document
-from serving.json_tensor import read_columns, read_predict, read_rows
+from serving.json_tensor import dtypes, read_columns, read_predict, read_rows
 from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
 from serving.prediction_logger import Call, PredictionLogger, Unloggable
 from serving.rest_paths import (
@@ -302,10 +302,6 @@ class Gateway:
 
 
 # --- REST JSON -> TF Serving's messages, for the log -------------------------------------------
-def dtypes(tensors: Any) -> dict[str, int]:
-    return {name: info.dtype for name, info in tensors.items()}
-
-
 def rest_messages(request_body: bytes, response_body: bytes, model: ModelPath, resolved: int, signatures: Any
                   ) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
     """The tensors TF Serving read from the request's JSON and wrote to the answer's, read back as

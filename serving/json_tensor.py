@@ -29,6 +29,11 @@ INTEGER_RANGES = {types_pb2.DT_INT32: (-2**31, 2**31), types_pb2.DT_INT16: (-2**
 FAST_DTYPES = {types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, *INTEGER_RANGES}
 
 
+def dtypes(tensors: Any) -> dict[str, int]:
+    """Name -> dtype of a signature's inputs or outputs (TensorFlow's TensorInfo map, or the client's)."""
+    return {name: info.dtype for name, info in tensors.items()}
+
+
 def numpy_type(dtype: int) -> type:
     """The numpy type a tensor of ``dtype`` is read into, as the TensorProto reader holds it."""
     return TYPED_FIELDS[dtype][0]

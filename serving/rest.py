@@ -28,7 +28,7 @@ from serving.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.json_answers import classify_body, predict_body, regress_body
 from serving.json_document import JsonTensorError, read_document
 from serving.json_examples import fill_examples_request
-from serving.json_tensor import read_predict
+from serving.json_tensor import dtypes, read_predict
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
 from serving.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.monitoring import ServingMetrics, readiness
@@ -67,7 +67,7 @@ def signature_inputs(manager: ModelManager, request: predict_pb2.PredictRequest)
     signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
     if signature_name not in loaded.signature_defs:
         raise invalid(f'Serving signature name: "{signature_name}" not found in signature def')
-    return {name: info.dtype for name, info in loaded.signature_defs[signature_name].inputs.items()}
+    return dtypes(loaded.signature_defs[signature_name].inputs)
 
 
 def predict_request(document: dict[str, Any], model: ModelPath, manager: ModelManager
