@@ -108,7 +108,7 @@ class Gateway:
                                 name="gateway-rest") if options.rest_port else None)
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
         self.rest_connections: list[http.client.HTTPConnection] = []
-        self.signatures: dict[tuple[str, str, str], tuple[float, int, Any]] = {}
+        self.signatures: dict[ModelPath, tuple[float, int, Any]] = {}  # model path -> (when, version, signatures)
 
     def start(self) -> "Gateway":
         self.logger.start()
