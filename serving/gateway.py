@@ -2,9 +2,10 @@
 Seldon pattern, because TF Serving's own request logging is unusable in the open-source binary
 (tensorflow/serving#408, #2223, #2677).
 
-- gRPC: PredictionService and ModelService pass through byte for byte (no re-encoding, the
-  caller's deadline and metadata go upstream, upstream's status comes back). Every Predict gets
-  a request id, the caller's own ``x-request-id`` if it sent a valid one, returned in the
+- gRPC: the caller's connection is relayed to upstream frame by frame (``serving/grpc_relay.py``):
+  every service upstream has passes through, messages byte for byte, the caller's deadline and
+  metadata go upstream and upstream's status comes back. Every Predict gets a request id, the
+  caller's own ``x-request-id`` if it sent a valid one, sent upstream and returned in the
   trailing metadata.
 - REST: TF Serving's REST API passes through to ``upstream_rest``; ``:predict`` answers carry
   the id in an ``X-Request-Id`` header.
@@ -25,9 +26,7 @@ import json
 import logging
 import threading
 import time
-from concurrent import futures
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import grpc
@@ -35,6 +34,7 @@ from google.protobuf.message import DecodeError
 
 from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 from mnist_client.tensors import to_tensor_proto
+from serving.grpc_relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.json_document import JsonTensorError, parse_document, read_document
 from serving.json_tensor import dtypes, read_columns, read_predict, read_rows
@@ -49,15 +49,9 @@ from tasks.feedback import FeedbackError, Located, record_feedback
 
 log = logging.getLogger("mnist.gateway")
 REQUEST_ID = "x-request-id"
-SERVICES = {
-    "tensorflow.serving.PredictionService": ("Predict", "Classify", "Regress", "MultiInference", "GetModelMetadata"),
-    "tensorflow.serving.ModelService": ("GetModelStatus", "HandleReloadConfigRequest"),
-    # TF Serving's --enable_grpc_healthcheck_service, passed through: a gRPC probe of the gateway
-    # answers as the server does (UNIMPLEMENTED where the server has it off)
-    "grpc.health.v1.Health": ("Check",),
-}
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
+STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # not forwarded: the connection's own headers, and metadata gRPC sets itself
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade",
                "proxy-connection", "x-request-id"}
@@ -79,12 +73,7 @@ class GatewayOptions:
     queue_size: int = 10_000
     batch_records: int = 256
     flush_seconds: float = 5.0
-    workers: int = 16
     max_message_bytes: int = 64 << 20
-
-
-def forwardable(key: str) -> bool:
-    return not (key.startswith(("grpc-", ":")) or key in ("user-agent", REQUEST_ID))
 
 
 class Gateway:
@@ -95,15 +84,10 @@ class Gateway:
                                        options.queue_size, options.batch_records, options.flush_seconds)
         limits = [("grpc.max_receive_message_length", options.max_message_bytes),
                   ("grpc.max_send_message_length", options.max_message_bytes)]
-        self.channel = grpc.insecure_channel(options.upstream, options=limits)
-        self.upstream = {f"/{service}/{method}": self.channel.unary_unary(f"/{service}/{method}")
-                         for service, methods in SERVICES.items() for method in methods}
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers), options=limits)
-        self.grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(service, {
-            method: grpc.unary_unary_rpc_method_handler(
-                self.predict if f"/{service}/{method}" == PREDICT else partial(self.passthrough, f"/{service}/{method}"))
-            for method in methods}) for service, methods in SERVICES.items()])
-        self.port = self.grpc.add_insecure_port(f"{options.host}:{options.port}")
+        self.channel = grpc.insecure_channel(options.upstream, options=limits)  # the REST side's metadata calls
+        self.metadata_call = self.channel.unary_unary(METADATA)
+        self.relay = GrpcRelay(options.host, options.port, options.upstream,
+                               Watch(PREDICT.encode(), self.request_id, self.finished, options.max_message_bytes))
         self.rest = (HttpServer(options.host, options.rest_port, 8 * options.max_message_bytes, self.respond,
                                 name="gateway-rest") if options.rest_port else None)
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
@@ -112,7 +96,8 @@ class Gateway:
 
     def start(self) -> "Gateway":
         self.logger.start()
-        self.grpc.start()
+        self.relay.start()
+        self.port = self.relay.port
         if self.rest:
             self.rest.start()
         return self
@@ -123,43 +108,33 @@ class Gateway:
             self.rest.stop()
         for connection in self.rest_connections:
             connection.close()
-        self.grpc.stop(grace=2.0).wait()
+        self.relay.stop(grace=2.0)
         self.logger.close(drain_seconds)
         self.channel.close()
 
     # --- gRPC ---------------------------------------------------------------------------
-    def call_upstream(self, path: str, body: bytes, context: grpc.ServicerContext,
-                      extra: tuple[tuple[str, str], ...] = ()) -> bytes:
-        metadata = tuple((item.key, item.value) for item in context.invocation_metadata() if forwardable(item.key))
-        return self.upstream[path](body, timeout=context.time_remaining(), metadata=metadata + extra)
+    @staticmethod
+    def request_id(given: str | None) -> str:
+        return given if valid_request_id(given) else new_request_id()
 
-    def passthrough(self, path: str, body: bytes, context: grpc.ServicerContext) -> bytes:
+    def finished(self, call: Exchange, status: int, _message: str) -> None:
+        """A relayed Predict ended: counted per version, and offered to the log when it succeeded."""
+        request_bytes = grpc_message(call.request, call.request_encoding)
         try:
-            return self.call_upstream(path, body, context)
-        except grpc.RpcError as error:
-            context.abort(error.code(), error.details() or "")
-
-    def predict(self, body: bytes, context: grpc.ServicerContext) -> bytes:
-        start = time.perf_counter()
-        given = next((item.value for item in context.invocation_metadata() if item.key == REQUEST_ID), None)
-        request_id = given if valid_request_id(given) else new_request_id()
-        context.set_trailing_metadata(((REQUEST_ID, request_id),))
-        try:
-            request = predict_pb2.PredictRequest.FromString(body)
+            request = predict_pb2.PredictRequest.FromString(request_bytes or b"")
         except DecodeError:
-            request = predict_pb2.PredictRequest()  # upstream says what is wrong with it
-        spec = request.model_spec
-        try:
-            answer = self.call_upstream(PREDICT, body, context, ((REQUEST_ID, request_id),))
-        except grpc.RpcError as error:
-            self.metrics.observe(spec.name, None, spec.version_label, "Predict", "GRPC", error.code().name,
-                                 time.perf_counter() - start)
-            context.abort(error.code(), error.details() or "")
-        version = predict_pb2.PredictResponse.FromString(answer).model_spec.version.value
-        self.metrics.observe(spec.name, version, spec.version_label, "Predict", "GRPC", "OK",
-                             time.perf_counter() - start)
-        self.maybe_log(spec.name, Call(request_id, "grpc", request, body, answer, version))
-        return answer
+            request = predict_pb2.PredictRequest()  # upstream said what is wrong with it
+        spec, version = request.model_spec, None
+        answer = grpc_message(call.response, call.response_encoding) if status == 0 else None
+        if answer is not None:
+            try:
+                version = predict_pb2.PredictResponse.FromString(answer).model_spec.version.value
+            except DecodeError:
+                answer = None
+        self.metrics.observe(spec.name, version, spec.version_label, "Predict", "GRPC",
+                             STATUS_NAMES.get(status, "UNKNOWN"), time.perf_counter() - call.started)
+        if request_bytes is not None and answer is not None:
+            self.maybe_log(spec.name, Call(call.request_id, "grpc", request, request_bytes, answer, version))
 
     def maybe_log(self, model_name: str, call: Call) -> None:
         if model_name != self.options.model_name:
@@ -231,7 +206,7 @@ class Gateway:
     def metadata(self, model: ModelPath, timeout: float = 5.0) -> get_model_metadata_pb2.GetModelMetadataResponse:
         request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
         fill_spec(request.model_spec, model)
-        answer = self.upstream[METADATA](request.SerializeToString(), timeout=timeout)
+        answer = self.metadata_call(request.SerializeToString(), timeout=timeout)
         return get_model_metadata_pb2.GetModelMetadataResponse.FromString(answer)
 
     def signature_map(self, model: ModelPath) -> tuple[int, Any]:
