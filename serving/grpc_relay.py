@@ -34,7 +34,7 @@ from hpack.hpack import encode_integer
 log = logging.getLogger("mnist.gateway")
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x9
+DATA, HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x5, 0x9
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE = 0x1
 FRAME_LIMIT = 16_384  # SETTINGS_MAX_FRAME_SIZE's floor: a frame this size is always allowed
@@ -152,8 +152,7 @@ class Link:
 
     def __init__(self, relay: "GrpcRelay", client: asyncio.Transport):
         self.relay, self.client = relay, client
-        self.upstream: asyncio.Transport | None = None
-        self.waiting = bytearray()  # the caller's bytes before upstream has answered the connect
+        self.upstream: asyncio.Transport | None = None  # the caller is not read until it is there
         self.from_client, self.from_upstream = FrameReader(len(PREFACE)), FrameReader()
         self.client_table, self.upstream_table = Decoder(), Decoder()
         self.blocks: dict[str, tuple[int, int, bytearray, bytearray]] = {}  # a header block across CONTINUATIONs
@@ -187,6 +186,8 @@ class Link:
         _, frames = self.from_upstream.feed(data)
         out = bytearray()
         for kind, flags, stream, payload, raw in frames:
+            if kind == PUSH_PROMISE:  # its header block would go unread; gRPC callers turn push off
+                raise ConnectionError("upstream sent PUSH_PROMISE, which gRPC does not use")
             if kind in (HEADERS, CONTINUATION):
                 whole = self.header_block("upstream", kind, flags, stream, payload, raw)
                 if whole:
@@ -271,20 +272,15 @@ class Link:
 
     # --- transports ---------------------------------------------------------------------------
     def send_upstream(self, out: bytes | bytearray) -> None:
-        if not out:
-            return
-        if self.upstream is None:
-            self.waiting += out
-        else:
+        if out and self.upstream is not None:
             self.upstream.write(out)
 
     def upstream_connected(self, transport: asyncio.Transport) -> None:
-        self.upstream = transport
         if self.closed:
             transport.close()
-        elif self.waiting:
-            transport.write(bytes(self.waiting))
-            self.waiting.clear()
+            return
+        self.upstream = transport
+        self.client.resume_reading()
 
     def close(self) -> None:
         """Either side gone: the other goes too (a gRPC client reconnects), calls in flight end."""
@@ -306,13 +302,14 @@ class ClientSide(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.link = Link(self.relay, transport)  # type: ignore[arg-type]
         self.relay.links.add(self.link)
+        transport.pause_reading()  # until upstream answers: nothing to buffer meanwhile
         asyncio.get_running_loop().create_task(self.relay.connect_upstream(self.link))
 
     def data_received(self, data: bytes) -> None:
         try:
             self.link.client_bytes(data)
         except Exception as error:  # noqa: BLE001  a malformed connection is closed, never the relay
-            log.warning("gRPC connection from a caller closed: %s: %s", type(error).__name__, error)
+            log.warning("gRPC connection from a caller closed: %s: %.200s", type(error).__name__, error)
             self.link.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -335,7 +332,7 @@ class UpstreamSide(asyncio.Protocol):
         try:
             self.link.upstream_bytes(data)
         except Exception as error:  # noqa: BLE001  see ClientSide
-            log.warning("gRPC connection to upstream closed: %s: %s", type(error).__name__, error)
+            log.warning("gRPC connection to upstream closed: %s: %.200s", type(error).__name__, error)
             self.link.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

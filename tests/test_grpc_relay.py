@@ -4,6 +4,7 @@ over many calls on one connection."""
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from concurrent import futures
@@ -12,7 +13,8 @@ import grpc
 import pytest
 
 from serving.grpc_relay import (
-    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, FrameReader, GrpcRelay, Watch, grpc_message, header_frames,
+    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PREFACE, FrameReader, GrpcRelay, Watch, frame, grpc_message,
+    header_frames,
 )
 from storage.embedded import free_port
 
@@ -116,6 +118,22 @@ def test_an_unreachable_upstream_is_unavailable_to_the_caller() -> None:
     finally:
         relay.stop()
     assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.parametrize("malformed", [
+    frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\xff\xff"),  # an HPACK index past every table
+    frame(CONTINUATION, END_HEADERS, 1, b"\x82"),  # a CONTINUATION with no HEADERS before it
+], ids=["bad-hpack", "lone-continuation"])
+def test_a_malformed_connection_is_closed_and_the_relay_serves_on(upstream: Upstream, relay, malformed: bytes,
+                                                                   caplog) -> None:
+    with socket.create_connection(("127.0.0.1", relay.port), timeout=5) as bad:
+        bad.sendall(PREFACE + frame(0x4, 0, 0, b"") + malformed)
+        received = b""
+        while chunk := bad.recv(65536):  # the relay closes it: recv ends with b""
+            received += chunk
+    with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        assert channel.unary_unary(WATCHED)(b"after", timeout=7) == b"answer:after"
+    assert any("gRPC connection from a caller closed" in record.getMessage() for record in caplog.records)
 
 
 def test_stop_lets_a_watched_call_in_flight_finish(upstream: Upstream) -> None:
