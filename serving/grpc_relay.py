@@ -152,7 +152,8 @@ class Link:
 
     def __init__(self, relay: "GrpcRelay", client: asyncio.Transport):
         self.relay, self.client = relay, client
-        self.upstream: asyncio.Transport | None = None  # the caller is not read until it is there
+        self.upstream: asyncio.Transport | None = None  # the caller is not read until it is there,
+        self.early = bytearray()  # but a read already under way when the caller connected lands here
         self.from_client, self.from_upstream = FrameReader(len(PREFACE)), FrameReader()
         self.client_table, self.upstream_table = Decoder(), Decoder()
         self.blocks: dict[str, tuple[int, int, bytearray, bytearray]] = {}  # a header block across CONTINUATIONs
@@ -272,7 +273,11 @@ class Link:
 
     # --- transports ---------------------------------------------------------------------------
     def send_upstream(self, out: bytes | bytearray) -> None:
-        if out and self.upstream is not None:
+        if not out:
+            return
+        if self.upstream is None:
+            self.early += out
+        else:
             self.upstream.write(out)
 
     def upstream_connected(self, transport: asyncio.Transport) -> None:
@@ -280,6 +285,9 @@ class Link:
             transport.close()
             return
         self.upstream = transport
+        if self.early:
+            transport.write(bytes(self.early))
+            self.early.clear()
         self.client.resume_reading()
 
     def close(self) -> None:
@@ -354,12 +362,14 @@ class GrpcRelay:
         host, _, upstream_port = upstream.rpartition(":")
         self.upstream_host, self.upstream_port = host.strip("[]"), int(upstream_port)  # [::1]:8500 too
         self.links: set[Link] = set()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-grpc", daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None  # with its thread, from start()
+        self.thread: threading.Thread | None = None
         self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
     def start(self) -> "GrpcRelay":
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="gateway-grpc", daemon=True)
         self.thread.start()
         self.server = asyncio.run_coroutine_threadsafe(
             self.loop.create_server(lambda: ClientSide(self), self.host, self.requested_port), self.loop).result()
@@ -384,7 +394,7 @@ class GrpcRelay:
 
     def stop(self, grace: float = 2.0) -> None:
         """Take no more connections, give watched calls in flight ``grace`` seconds, then close."""
-        if not self.thread.is_alive():
+        if self.thread is None or not self.thread.is_alive():
             return
         self.loop.call_soon_threadsafe(self.server.close)
         deadline = time.monotonic() + grace

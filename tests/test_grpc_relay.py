@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from serving.grpc_relay import (
-    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PREFACE, FrameReader, GrpcRelay, Watch, frame, grpc_message,
-    header_frames,
+    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PREFACE, FrameReader, GrpcRelay, Link, Watch, frame,
+    grpc_message, header_frames,
 )
 from storage.embedded import free_port
 
@@ -162,3 +162,33 @@ def test_a_header_block_past_one_frame_is_split_into_continuations_and_read_back
         (HEADERS, END_STREAM, 5), (CONTINUATION, END_HEADERS, 5)]
     assert b"".join(payload for _, _, _, payload, _ in frames) == block
     assert b"".join(raw for _, _, _, _, raw in frames) == wire
+
+
+class Recorder:
+    """The transport calls a Link makes, recorded: the order of bytes is what is checked."""
+
+    def __init__(self):
+        self.written, self.reading = bytearray(), True
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+
+def test_bytes_read_before_upstream_answers_the_connect_reach_it_first() -> None:
+    """Pausing the caller's reads does not stop a read already under way (uvloop delivers it):
+    those bytes, the connection preface among them, must reach upstream before any later ones."""
+    relay = GrpcRelay("127.0.0.1", 0, "127.0.0.1:1", Watch(WATCHED.encode(), lambda given: "id", lambda *_: None))
+    caller, upstream = Recorder(), Recorder()
+    link = Link(relay, caller)
+    settings = frame(0x4, 0, 0, b"")
+    link.client_bytes(PREFACE + settings)
+    caller.reading = False
+    link.upstream_connected(upstream)
+    link.client_bytes(settings)
+    assert bytes(upstream.written) == PREFACE + settings + settings and caller.reading
