@@ -225,12 +225,12 @@ class Link:
     def request_block(self, stream: int, block: bytes) -> bytes:
         """The caller's block, written again as literals; a watched call gets its request id."""
         headers = self.client_table.decode(block, raw=True)
-        watch = self.relay.watch
-        if stream not in self.exchanges and dict(headers).get(b":path") == watch.path:
-            given = next((value for name, value in headers if name == REQUEST_ID), None)
+        watch, named = self.relay.watch, dict(headers)
+        if stream not in self.exchanges and named.get(b":path") == watch.path:
+            given = named.get(REQUEST_ID)
             request_id = watch.request_id(given.decode("latin-1") if given is not None else None)
             exchange = self.exchanges[stream] = Exchange(request_id)
-            exchange.request_encoding = dict(headers).get(b"grpc-encoding", b"identity")
+            exchange.request_encoding = named.get(b"grpc-encoding", b"identity")
             headers = [(name, value) for name, value in headers if name != REQUEST_ID]
             headers.append((REQUEST_ID, request_id.encode()))
         return b"".join(literal(name, value) for name, value in headers)
