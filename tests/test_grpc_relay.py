@@ -109,6 +109,29 @@ def test_a_compressed_call_is_read_whole_and_other_methods_pass_unwatched(upstre
     assert grpc_message(exchange.response, exchange.response_encoding) == b"answer:" + body
 
 
+def test_concurrent_calls_on_one_connection_keep_their_bodies_apart(upstream: Upstream, relay) -> None:
+    """gRPC multiplexes a channel's calls as streams of one connection: each watched call's
+    bodies must be its own, whatever the interleaving of their frames."""
+    answers: dict[bytes, bytes] = {}
+    with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        call = channel.unary_unary(WATCHED)
+
+        def caller(index: int) -> None:
+            for turn in range(40):
+                body = f"{index}-{turn}:".encode() * (1 + 3000 * (turn % 3))  # up to 21 KB: several DATA frames
+                answers[body] = call(body, timeout=10)
+
+        callers = [threading.Thread(target=caller, args=(index,)) for index in range(8)]
+        for thread in callers:
+            thread.start()
+        for thread in callers:
+            thread.join(timeout=60)
+    assert len(answers) == 320 and all(answer == b"answer:" + body for body, answer in answers.items())
+    recorded = {grpc_message(exchange.request, exchange.request_encoding):
+                grpc_message(exchange.response, exchange.response_encoding) for exchange, _, _ in relay.finished}
+    assert recorded == answers
+
+
 def test_an_unreachable_upstream_is_unavailable_to_the_caller() -> None:
     watch = Watch(WATCHED.encode(), lambda given: "id", lambda *_: None)
     relay = GrpcRelay("127.0.0.1", 0, f"127.0.0.1:{free_port()}", watch).start()
