@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from flows.cli import CliError, print_json, reachable_store, stop_on_signals, store_for_cli
 
+GATEWAY_SWITCH_SECONDS = 0.0005  # see command_gateway
 LOG_RETRY_SECONDS = 5.0  # a down store costs logs, not waiting: the writer gives up on a batch soon
 
 
@@ -25,6 +27,11 @@ def command_gateway(args: argparse.Namespace) -> int:
     import logging
 
     from serving.gateway import Gateway, GatewayOptions
+
+    # The relay's thread waits for the interpreter while another thread holds it (the log writer:
+    # boto3 building and signing an upload); Python hands it over every switch interval, 5 ms by
+    # default. At 0.5 ms the p50 the gateway adds fell from 0.37-0.72 to 0.32-0.46 ms (make bench).
+    sys.setswitchinterval(GATEWAY_SWITCH_SECONDS)
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not a line per credential lookup
