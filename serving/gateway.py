@@ -33,6 +33,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
+from mnist_client.client import REQUEST_ID
 from mnist_client.tensors import to_tensor_proto
 from serving.grpc_relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.http import JSON, HttpServer, Reply, Request, json_reply
@@ -48,7 +49,6 @@ from storage.s3 import StoreError
 from tasks.feedback import FeedbackError, Located, record_feedback
 
 log = logging.getLogger("mnist.gateway")
-REQUEST_ID = "x-request-id"
 PREDICT = "/tensorflow.serving.PredictionService/Predict"
 METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
@@ -87,7 +87,8 @@ class Gateway:
         self.channel = grpc.insecure_channel(options.upstream, options=limits)  # the REST side's metadata calls
         self.metadata_call = self.channel.unary_unary(METADATA)
         self.relay = GrpcRelay(options.host, options.port, options.upstream,
-                               Watch(PREDICT.encode(), self.request_id, self.finished, options.max_message_bytes))
+                               Watch(PREDICT.encode(), REQUEST_ID.encode(), self.request_id, self.finished,
+                                     options.max_message_bytes))
         self.rest = (HttpServer(options.host, options.rest_port, 8 * options.max_message_bytes, self.respond,
                                 name="gateway-rest") if options.rest_port else None)
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
@@ -97,10 +98,14 @@ class Gateway:
     def start(self) -> "Gateway":
         self.logger.start()
         self.relay.start()
-        self.port = self.relay.port
         if self.rest:
             self.rest.start()
         return self
+
+    @property
+    def port(self) -> int:
+        """The gRPC port, once started (the relay's)."""
+        return self.relay.port
 
     def stop(self, drain_seconds: float = 10.0) -> None:
         """Stop taking calls, let those in flight finish, then flush the log queue within the deadline."""

@@ -9,9 +9,9 @@ most frames pass unread and a parsed frame object per frame would cost more than
 
 What the relay changes on the wire, and nothing else:
 - the caller's header blocks are decoded and written again as literals that enter no HPACK
-  table, so a header can be set: a watched call's ``x-request-id``;
-- upstream's blocks reach the caller as they came, a watched call's trailers with
-  ``x-request-id`` appended as such a literal, which leaves both tables in step.
+  table, so a header can be set: a watched call's id header (the gateway's ``x-request-id``);
+- upstream's blocks reach the caller as they came, a watched call's trailers with the id
+  header appended as such a literal, which leaves both tables in step.
 DATA, SETTINGS, PING, WINDOW_UPDATE, RST_STREAM and GOAWAY pass unchanged, so flow control,
 deadlines, keepalives and shutdowns stay the two ends' own. The bodies of watched calls are
 kept (up to ``max_message_bytes``) and handed, with the call's status, to ``finished``.
@@ -38,7 +38,6 @@ DATA, HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, CONTINUATION = 0x0, 0x1, 0x3,
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE = 0x1
 FRAME_LIMIT = 16_384  # SETTINGS_MAX_FRAME_SIZE's floor: a frame this size is always allowed
-REQUEST_ID = b"x-request-id"
 CANCELLED = 1  # grpc.StatusCode.CANCELLED's number, for a stream reset before its trailers
 
 
@@ -58,7 +57,8 @@ class Exchange:
 class Watch:
     """Which calls the relay reads, and what it does with them."""
     path: bytes  # the :path of the calls watched, e.g. b"/tensorflow.serving.PredictionService/Predict"
-    request_id: Callable[[str | None], str]  # the caller's x-request-id (or None) -> the call's id
+    id_header: bytes  # the header that carries a call's id, both ways (b"x-request-id")
+    request_id: Callable[[str | None], str]  # the caller's id header (or None) -> the call's id
     finished: Callable[[Exchange, int, str], None]  # (call, grpc-status, grpc-message), on the relay's loop
     max_message_bytes: int = 64 << 20
 
@@ -172,13 +172,7 @@ class Link:
                     stream, flags, block, _ = whole
                     out += header_frames(stream, flags & END_STREAM, self.request_block(stream, block))
                 continue
-            exchange = self.exchanges.get(stream) if stream else None
-            if kind == DATA and exchange:
-                self.keep(exchange, exchange.request, unpadded(kind, flags, payload))
-            elif kind == SETTINGS and not flags & ACK and (size := header_table_size(payload)) is not None:
-                self.upstream_table.max_allowed_table_size = size  # upstream's encoder is bound by it
-            elif kind == RST_STREAM and exchange:
-                self.end(stream, CANCELLED, "cancelled by the caller")
+            self.read_passing(True, kind, flags, stream, payload)
             out += raw
         self.send_upstream(out)
         self.record_ended()
@@ -194,17 +188,23 @@ class Link:
                 if whole:
                     out += self.response_block(*whole)
                 continue
-            exchange = self.exchanges.get(stream) if stream else None
-            if kind == DATA and exchange:
-                self.keep(exchange, exchange.response, unpadded(kind, flags, payload))
-            elif kind == SETTINGS and not flags & ACK and (size := header_table_size(payload)) is not None:
-                self.client_table.max_allowed_table_size = size  # the caller's encoder is bound by it
-            elif kind == RST_STREAM and exchange:
-                self.end(stream, CANCELLED, "reset by upstream")
+            self.read_passing(False, kind, flags, stream, payload)
             out += raw
         if out:
             self.client.write(out)
         self.record_ended()
+
+    def read_passing(self, from_client: bool, kind: int, flags: int, stream: int, payload: bytes) -> None:
+        """What the relay takes from a frame it passes unchanged: a watched call's body, the
+        table size one side's encoder is now bound by, a call reset."""
+        exchange = self.exchanges.get(stream) if stream else None
+        if kind == DATA and exchange:
+            self.keep(exchange, exchange.request if from_client else exchange.response, unpadded(kind, flags, payload))
+        elif kind == SETTINGS and not flags & ACK and (size := header_table_size(payload)) is not None:
+            # a side's SETTINGS bind the other side's encoder, whose blocks this relay decodes
+            (self.upstream_table if from_client else self.client_table).max_allowed_table_size = size
+        elif kind == RST_STREAM and exchange:
+            self.end(stream, CANCELLED, "cancelled by the caller" if from_client else "reset by upstream")
 
     # --- header blocks ----------------------------------------------------------------------
     def header_block(self, side: str, kind: int, flags: int, stream: int, payload: bytes, raw: bytes
@@ -227,12 +227,12 @@ class Link:
         headers = self.client_table.decode(block, raw=True)
         watch, named = self.relay.watch, dict(headers)
         if stream not in self.exchanges and named.get(b":path") == watch.path:
-            given = named.get(REQUEST_ID)
+            given = named.get(watch.id_header)
             request_id = watch.request_id(given.decode("latin-1") if given is not None else None)
             exchange = self.exchanges[stream] = Exchange(request_id)
             exchange.request_encoding = named.get(b"grpc-encoding", b"identity")
-            headers = [(name, value) for name, value in headers if name != REQUEST_ID]
-            headers.append((REQUEST_ID, request_id.encode()))
+            headers = [(name, value) for name, value in headers if name != watch.id_header]
+            headers.append((watch.id_header, request_id.encode()))
         return b"".join(literal(name, value) for name, value in headers)
 
     def response_block(self, stream: int, flags: int, block: bytes, raw: bytes) -> bytes:
@@ -246,7 +246,8 @@ class Link:
             return raw
         status = headers.get(b"grpc-status", b"2")  # 2: UNKNOWN, as gRPC reads trailers without one
         message = headers.get(b"grpc-message", b"").decode("latin-1")
-        trailers = header_frames(stream, END_STREAM, block + literal(REQUEST_ID, exchange.request_id.encode()))
+        trailers = header_frames(stream, END_STREAM,
+                                 block + literal(self.relay.watch.id_header, exchange.request_id.encode()))
         self.end(stream, int(status) if status.isdigit() else 2, message)
         return trailers
 

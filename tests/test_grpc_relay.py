@@ -19,6 +19,7 @@ from serving.grpc_relay import (
 from storage.embedded import free_port
 
 WATCHED = "/test.Echo/Predict"
+ID_HEADER = b"x-request-id"
 
 
 class Upstream:
@@ -58,7 +59,8 @@ def upstream():
 @pytest.fixture()
 def relay(upstream: Upstream):
     finished: list[tuple] = []
-    watch = Watch(WATCHED.encode(), lambda given: given if given and given.startswith("ok-") else "made-here",
+    watch = Watch(WATCHED.encode(), ID_HEADER,
+                  lambda given: given if given and given.startswith("ok-") else "made-here",
                   lambda exchange, status, message: finished.append((exchange, status, message)))
     relay = GrpcRelay("127.0.0.1", 0, f"127.0.0.1:{upstream.port}", watch).start()
     relay.finished = finished
@@ -133,7 +135,7 @@ def test_concurrent_calls_on_one_connection_keep_their_bodies_apart(upstream: Up
 
 
 def test_an_unreachable_upstream_is_unavailable_to_the_caller() -> None:
-    watch = Watch(WATCHED.encode(), lambda given: "id", lambda *_: None)
+    watch = Watch(WATCHED.encode(), ID_HEADER, lambda given: "id", lambda *_: None)
     relay = GrpcRelay("127.0.0.1", 0, f"127.0.0.1:{free_port()}", watch).start()
     try:
         with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel, pytest.raises(grpc.RpcError) as down:
@@ -160,7 +162,7 @@ def test_a_malformed_connection_is_closed_and_the_relay_serves_on(upstream: Upst
 
 
 def test_stop_lets_a_watched_call_in_flight_finish(upstream: Upstream) -> None:
-    watch = Watch(b"/test.Echo/Slow", lambda given: "id", lambda *_: None)
+    watch = Watch(b"/test.Echo/Slow", ID_HEADER, lambda given: "id", lambda *_: None)
     relay = GrpcRelay("127.0.0.1", 0, f"127.0.0.1:{upstream.port}", watch).start()
     answers: list[bytes] = []
     with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
@@ -206,7 +208,8 @@ class Recorder:
 def test_bytes_read_before_upstream_answers_the_connect_reach_it_first() -> None:
     """Pausing the caller's reads does not stop a read already under way (uvloop delivers it):
     those bytes, the connection preface among them, must reach upstream before any later ones."""
-    relay = GrpcRelay("127.0.0.1", 0, "127.0.0.1:1", Watch(WATCHED.encode(), lambda given: "id", lambda *_: None))
+    relay = GrpcRelay("127.0.0.1", 0, "127.0.0.1:1",
+                      Watch(WATCHED.encode(), ID_HEADER, lambda given: "id", lambda *_: None))
     caller, upstream = Recorder(), Recorder()
     link = Link(relay, caller)
     settings = frame(0x4, 0, 0, b"")
