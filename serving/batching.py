@@ -19,11 +19,14 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import grpc
 import numpy as np
 
+
+if TYPE_CHECKING:
+    from serving.monitoring import BatchingMetrics
 
 Arrays = dict[str, np.ndarray]
 
@@ -76,6 +79,7 @@ class Task:
     done: threading.Event = field(default_factory=threading.Event)
     outputs: Arrays | None = None
     error: Exception | None = None
+    enqueued: float = field(default_factory=time.monotonic)
 
     def shape_key(self) -> tuple:
         """Tasks whose inputs differ past the batch dimension cannot share a batch."""
@@ -88,13 +92,14 @@ class Batcher:
     As TF Serving's queue, it keeps one batch open at a time, which closes when full or when
     ``batch_timeout_micros`` have passed since its first request; the batch threads take turns
     filling it. ``answering`` says how many requests the server is answering, which adds two early
-    exits TF Serving does not have: a request alone in the server runs at once in its own thread,
-    and a batch that holds every request the server is answering closes at once, since nobody could
-    join it but a new arrival. The answers are the same, the wait is not (make bench)."""
+    exits TF Serving does not have: a request alone in the server runs at once in its own thread (a
+    batch of its own, padded and counted as any), and a batch that holds every request the server is
+    answering closes at once, since nobody could join it but a new arrival. The answers are the
+    same, the wait is not (make bench). ``metrics``: TF Serving's batching-session metrics."""
 
     def __init__(self, run: Callable[[Arrays], Arrays], options: BatchingOptions,
-                 answering: Callable[[], int] = lambda: 0):
-        self.run, self.options, self.answering = run, options, answering
+                 answering: Callable[[], int] = lambda: 0, metrics: BatchingMetrics | None = None):
+        self.run, self.options, self.answering, self.metrics = run, options, answering, metrics
         self.busy = 0  # tasks queued or being run
         self.lock = threading.Lock()
         self.queue: queue.Queue[Task] = queue.Queue(maxsize=options.max_enqueued_batches * options.max_batch_size)
@@ -111,24 +116,27 @@ class Batcher:
         rows = {len(array) for array in inputs.values() if array.ndim}
         if len(rows) != 1 or len(inputs) != sum(1 for a in inputs.values() if a.ndim) or rows == {0}:
             return self.run(inputs)  # nothing to merge (no batch dimension, or empty)
+        if self.metrics:
+            self.metrics.request(len(inputs), next(iter(rows)))
         if next(iter(rows)) > self.options.max_batch_size:  # TF Serving's Queue::ValidateBatchTaskQueueCapacity
             raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"Task size {next(iter(rows))} is larger than "
                                                            f"maximum input batch size {self.options.max_batch_size}")
         with self.lock:
             # alone: nothing to wait for, so no thread handoff; stopping: no thread may be left to take it
             direct = self.stopping.is_set() or (self.answering() <= 1 and self.busy == 0)
-            self.busy += 0 if direct else 1
-        if direct:
-            return self.run(inputs)
+            self.busy += 1
         task = Task(inputs, rows.pop())
-        try:
-            self.queue.put_nowait(task)
-        except queue.Full:
-            with self.lock:
-                self.busy -= 1
-            raise refusal(grpc.StatusCode.UNAVAILABLE,
-                               "The batch scheduling queue to which this task was submitted is full") from None
-        task.done.wait()
+        if direct:  # a batch of its own, in this thread: padded and counted as any other
+            self.process([task])
+        else:
+            try:
+                self.queue.put_nowait(task)
+            except queue.Full:
+                with self.lock:
+                    self.busy -= 1
+                raise refusal(grpc.StatusCode.UNAVAILABLE,
+                              "The batch scheduling queue to which this task was submitted is full") from None
+            task.done.wait()
         if task.error is not None:
             raise task.error
         return task.outputs
@@ -168,18 +176,28 @@ class Batcher:
             if batch:
                 self.process(batch)
 
+    def run_observed(self, inputs: Arrays, rows: int, padding: int, queued_seconds: list[float]) -> Arrays:
+        """One signature call, counted as TF Serving's batching session counts its wrapped runs."""
+        if not self.metrics:
+            return self.run(inputs)
+        self.metrics.batch(rows, padding, queued_seconds)
+        try:
+            return self.run(inputs)
+        finally:
+            self.metrics.ran()
+
     def padded_size(self, rows: int) -> int:
         return next((size for size in self.options.allowed_batch_sizes if size >= rows), rows)
 
     def process(self, batch: list[Task]) -> None:
         rows = sum(task.rows for task in batch)
         pad = self.padded_size(rows) - rows
-        merged = {name: np.concatenate([task.inputs[name] for task in batch]
-                                       + ([np.repeat(batch[0].inputs[name][:1], pad, axis=0)] if pad else []))
-                  for name in batch[0].inputs}
-        self.batches += 1
+        merged = batch[0].inputs if len(batch) == 1 and not pad else {  # a lone request is not copied
+            name: np.concatenate([task.inputs[name] for task in batch]
+                                 + ([np.repeat(batch[0].inputs[name][:1], pad, axis=0)] if pad else []))
+            for name in batch[0].inputs}
         try:
-            outputs = self.run(merged)
+            outputs = self.run_observed(merged, rows, pad, [time.monotonic() - task.enqueued for task in batch])
         except Exception as error:  # noqa: BLE001  every task of the batch gets the error
             outputs = None
             for task in batch:
@@ -187,6 +205,7 @@ class Batcher:
         start = 0
         with self.lock:
             self.busy -= len(batch)
+            self.batches += 1
         for task in batch:
             if outputs is not None:
                 task.outputs = {name: value[start:start + task.rows] if value.ndim else value

@@ -36,6 +36,7 @@ from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.batching import Batcher, BatchingOptions
+from serving.monitoring import BatchingMetrics
 from serving.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
 from serving.tensors import from_tensor_proto
 
@@ -76,6 +77,7 @@ class LoadedVersion:
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
     batching: BatchingOptions | None = None  # --enable_batching
     answering: Callable[[], int] = lambda: 0  # how many requests the server is answering, for the batcher
+    batch_metrics: BatchingMetrics | None = None  # the server's, when batching is on
     batchers: dict[str, Batcher] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -93,7 +95,8 @@ class LoadedVersion:
             return self.call(name, inputs)
         with self.lock:
             if name not in self.batchers:
-                self.batchers[name] = Batcher(lambda arrays: self.call(name, arrays), self.batching, self.answering)
+                self.batchers[name] = Batcher(lambda arrays: self.call(name, arrays), self.batching, self.answering,
+                                              self.batch_metrics)
         return self.batchers[name](inputs)
 
     def unload(self) -> None:
@@ -154,10 +157,11 @@ def warm_up(loaded: LoadedVersion, iterations: int) -> int:
 
 
 def load_version(path: Path, version: int, options: LoadOptions = LoadOptions(),
-                 answering: Callable[[], int] = lambda: 0) -> LoadedVersion:
+                 answering: Callable[[], int] = lambda: 0, batch_metrics: BatchingMetrics | None = None
+                 ) -> LoadedVersion:
     module = tf.saved_model.load(str(path), tags=sorted(options.tags))
     loaded = LoadedVersion(version, path, module, read_signature_defs(path, options.tags), options.batching,
-                           answering)
+                           answering, batch_metrics)
     replayed = warm_up(loaded, options.warmup_iterations)
     log.info("loaded version %d from %s (%d warmup requests)", version, path, replayed)
     return loaded
@@ -199,6 +203,7 @@ class ModelManager:
         self.lock = threading.RLock()
         self.loading = loading
         self.answering_now = 0  # Predict calls received and not yet answered
+        self.batch_metrics = BatchingMetrics()  # TF Serving's batching-session metrics, filled when batching is on
         self.counter_lock = threading.Lock()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self.models: dict[str, ServedModel] = {}
@@ -251,7 +256,7 @@ class ModelManager:
             return  # given up on, or its next try is not due
         self.set_state(name, version, VersionStatus(State.LOADING))
         try:
-            loaded = load_version(path, version, self.loading, lambda: self.answering_now)
+            loaded = load_version(path, version, self.loading, lambda: self.answering_now, self.batch_metrics)
         except Exception as error:  # noqa: BLE001  a broken version must not take the server down
             self.load_failed(name, version, f"{type(error).__name__}: {error}".splitlines()[0])
             return

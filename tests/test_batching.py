@@ -41,6 +41,7 @@ def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base
                                                "size 32"):  # TF Serving's refusal, not a quiet bigger batch
             predict_probabilities(images[:33], target)
         split = predict(images[:70], address=address, images_per_call=32)  # three calls: 32, 32 and 6 images
+        page = server.metrics.page().decode()
     finally:
         server.stop(grace=1)
     assert [r["digit"] for r in split] == saved_model_predict(saved_model_dir, images[:70]).argmax(axis=1).tolist()
@@ -49,6 +50,64 @@ def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base
     assert sorted(answers) == list(range(8))
     assert all(np.allclose(answers[i][0], offline[i], atol=1e-5) for i in range(8))  # each its own row back
     assert batcher.batches < 8  # merged: 8 requests in fewer signature calls
+    assert_batching_session_metrics(page, batcher.batches)
+
+
+def samples(page: str, name: str) -> dict[tuple, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {(sample.name, *sorted(sample.labels.items())): sample.value
+            for family in text_string_to_metric_families(page) for sample in family.samples
+            if sample.name.startswith(name)}
+
+
+def assert_batching_session_metrics(page: str, signature_calls: int) -> None:
+    """TF Serving's batching-session metrics for that traffic (batching_session.cc, batching_util.h):
+    every request's input size, the 33-image one refused after it was counted (ComputeInputSize comes
+    before Schedule); a batch's size after padding, so the lone 6-image call counts as 8 with 2 of
+    padding; one wrapped run per signature call; a queuing time for every request that ran. Buckets
+    hold values below their limit, as TensorFlow's Histogram::Add puts them: a 32 is not in le="32"."""
+    prefix = ":tensorflow:serving:batching_session:"
+    inputs = samples(page, f"{prefix}input_batch_size")
+    assert inputs[(f"{prefix}input_batch_size_count",)] == 8 + 1 + 3
+    assert inputs[(f"{prefix}input_batch_size_sum",)] == 8 + 33 + 70
+    bucket = f"{prefix}input_batch_size_bucket"
+    assert [inputs[(bucket, ("le", le))] for le in ("1", "2", "8", "32", "64", "+Inf")] == [0, 8, 9, 9, 12, 12]
+    runs = samples(page, f"{prefix}wrapped_run_count")[(f"{prefix}wrapped_run_count",)]
+    processed = samples(page, f"{prefix}processed_batch_size")
+    assert runs == signature_calls == processed[(f"{prefix}processed_batch_size_count",)]
+    padding = samples(page, f"{prefix}padding_size")
+    padded = sum(value for key, value in padding.items() if key[0] == f"{prefix}padding_size_sum")
+    assert processed[(f"{prefix}processed_batch_size_sum",)] - padded == 8 + 70  # the rows that ran
+    # every batch ran at an allowed size (8 or 32), the lone 6-image call too: none below 8, two or more of 32
+    assert {dict(key[1:])["execution_batch_size"] for key in padding} == {"8", "32"}
+    bucket = f"{prefix}processed_batch_size_bucket"
+    assert processed[(bucket, ("le", "8"))] == 0 and processed[(bucket, ("le", "64"))] - processed[(bucket, ("le", "16"))] >= 2
+    queued = samples(page, f"{prefix}queuing_latency_count")
+    assert queued == {(f"{prefix}queuing_latency_count", ("thread_pool_name", "")): 8 + 3}
+
+
+def test_histograms_count_as_tensorflow_samplers_do() -> None:
+    """The exported buckets against TensorFlow's own monitoring Sampler fed the same values: the
+    same limits (Buckets::Exponential, then DBL_MAX as +Inf), and each value below its limit."""
+    from tensorflow.python.eager import monitoring
+
+    from serving.monitoring import TfSampler, tf_exponential_buckets
+
+    values = [0.5, 1, 1, 2, 3.5, 4, 31, 32, 33, 8192, 10_000, 99.9, 100, 1e6]
+    for scale, growth, count in ((1, 2, 14), (100, 1.2, 52), (10, 1.8, 33)):
+        reference = monitoring.Sampler(f"/test/sampler_{scale}_{count}",
+                                       monitoring.ExponentialBuckets(scale, growth, count), "values", "label")
+        ours = TfSampler(":test:sampler", "values", ("label",), tf_exponential_buckets(scale, growth, count))
+        for value in values:
+            reference.get_cell("a").add(value)
+            ours.observe(value, "a")
+        expected = reference.get_cell("a").value()
+        family = next(iter(ours.collect()))
+        buckets = [(sample.labels["le"], sample.value) for sample in family.samples if sample.name.endswith("_bucket")]
+        assert [le for le, _ in buckets] == [f"{limit:.6g}" for limit in expected.bucket_limit[:-1]] + ["+Inf"]
+        assert [count for _, count in buckets] == np.cumsum(expected.bucket).tolist()
+        assert family.samples[-2].value == expected.sum and family.samples[-1].value == len(values)
 
 
 def batched_calls(answering: int, arrivals: list[float], timeout_micros: int
