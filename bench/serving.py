@@ -39,6 +39,7 @@ def make_model(directory: Path) -> Path:
 
 
 BATCHING_FILE = Path(__file__).resolve().parents[1] / "serving" / "deploy" / "batching_parameters.txt"
+MONITORING_FILE = BATCHING_FILE.parent / "monitoring.config"
 
 
 def start_server(model_dir: Path, port: int, *flags: str) -> subprocess.Popen:
@@ -164,6 +165,22 @@ def whole_predict_seconds(address: str, image_file: Path, runs: int = 5) -> floa
     return statistics.median(times)
 
 
+def batch_figures(metrics_url: str) -> dict[str, float]:
+    """What the server's own batching-session metrics (TF Serving's) say of the load so far."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    prefix, totals = ":tensorflow:serving:batching_session:", {}
+    for family in text_string_to_metric_families(httpx.get(metrics_url, timeout=10).text):
+        for sample in family.samples:
+            if sample.name.startswith(prefix) and not sample.name.endswith("_bucket"):
+                name = sample.name.removeprefix(prefix)
+                totals[name] = totals.get(name, 0.0) + sample.value
+    runs = totals["processed_batch_size_count"]
+    return {"signature_calls": runs, "mean_batch": totals["processed_batch_size_sum"] / runs,
+            "mean_queuing_us": totals["queuing_latency_sum"] / totals["queuing_latency_count"]}
+
+
 def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) -> dict:
     """Single images from ``clients`` concurrent clients, with batching off and on (the production
     batching_parameters.txt); one client's p50 either way, and the whole `mnist predict` of one image."""
@@ -171,13 +188,16 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
 
     image_file = saved.parent.parent / "one-image.npy"
     np.save(image_file, np.random.default_rng(3).random((1, 28, 28, 1), dtype=np.float32))
-    rates, p50, whole = {}, {}, {}
+    rates, p50, whole, batches = {}, {}, {}, {}
     for name, flags in (("off", ()), ("on", ("--enable-batching", "--batching-parameters-file", str(BATCHING_FILE)))):
-        port = free_port()
-        server = start_server(saved.parent, port, *flags)
+        port, rest_port = free_port(), free_port()
+        server = start_server(saved.parent, port, *flags, "--rest-api-port", str(rest_port),
+                              "--monitoring-config-file", str(MONITORING_FILE))
         try:
             address = f"127.0.0.1:{port}"
             rates[name] = grpc_throughput(address, 1, clients, seconds)
+            if name == "on":
+                batches = batch_figures(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics")
             p50[name] = statistics.median(latency_ms(address, latency_calls))
             whole[name] = whole_predict_seconds(address, image_file)
         finally:
@@ -186,10 +206,14 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
             server.stdout.close()
     print(f"single images from {clients} concurrent clients: {rates['off']:.0f} images/s with batching off, "
           f"{rates['on']:.0f} with batching on ({rates['on'] / rates['off']:.2f}x)")
+    print(f"the batching server's own metrics for that load: {batches['signature_calls']:.0f} signature calls, "
+          f"{batches['mean_batch']:.2f} images per call, {batches['mean_queuing_us']:.0f} us in the queue per request "
+          f"(mean; the warm-up call included)")
     print(f"one client, single image, p50: {p50['off']:.2f} ms batching off, {p50['on']:.2f} ms batching on")
     print(f"whole `mnist predict` of one image, process start to answer (median of 5): {whole['off']:.2f} s "
           f"batching off, {whole['on']:.2f} s batching on")
-    return {"clients": clients, "images_per_s": rates, "single_client_p50_ms": p50, "whole_predict_s": whole}
+    return {"clients": clients, "images_per_s": rates, "single_client_p50_ms": p50, "whole_predict_s": whole,
+            "batching_metrics": batches}
 
 
 def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
