@@ -116,16 +116,17 @@ class Batcher:
         rows = {len(array) for array in inputs.values() if array.ndim}
         if len(rows) != 1 or len(inputs) != sum(1 for a in inputs.values() if a.ndim) or rows == {0}:
             return self.run(inputs)  # nothing to merge (no batch dimension, or empty)
+        size = rows.pop()
         if self.metrics:
-            self.metrics.request(len(inputs), next(iter(rows)))
-        if next(iter(rows)) > self.options.max_batch_size:  # TF Serving's Queue::ValidateBatchTaskQueueCapacity
-            raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"Task size {next(iter(rows))} is larger than "
+            self.metrics.request(len(inputs), size)
+        if size > self.options.max_batch_size:  # TF Serving's Queue::ValidateBatchTaskQueueCapacity
+            raise refusal(grpc.StatusCode.INVALID_ARGUMENT, f"Task size {size} is larger than "
                                                            f"maximum input batch size {self.options.max_batch_size}")
         with self.lock:
             # alone: nothing to wait for, so no thread handoff; stopping: no thread may be left to take it
             direct = self.stopping.is_set() or (self.answering() <= 1 and self.busy == 0)
             self.busy += 1
-        task = Task(inputs, rows.pop())
+        task = Task(inputs, size)
         if direct:  # a batch of its own, in this thread: padded and counted as any other
             self.process([task])
         else:

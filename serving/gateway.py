@@ -54,7 +54,7 @@ METADATA = "/tensorflow.serving.PredictionService/GetModelMetadata"
 STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 # not forwarded: the connection's own headers, and metadata gRPC sets itself
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade",
-               "proxy-connection", "x-request-id"}
+               "proxy-connection", REQUEST_ID}
 REPLY_SETS = HOP_HEADERS | {"content-type", "date", "server"}  # what the gateway's own reply sets
 HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED",
               499: "CANCELLED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}

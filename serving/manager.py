@@ -203,7 +203,7 @@ class ModelManager:
         self.lock = threading.RLock()
         self.loading = loading
         self.answering_now = 0  # Predict calls received and not yet answered
-        self.batch_metrics = BatchingMetrics()  # TF Serving's batching-session metrics, filled when batching is on
+        self.batch_metrics = BatchingMetrics() if loading.batching else None  # TF Serving's, with batching on
         self.counter_lock = threading.Lock()
         self.allow_unavailable_labels = allow_version_labels_for_unavailable_models
         self.models: dict[str, ServedModel] = {}

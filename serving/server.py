@@ -160,7 +160,7 @@ class ModelServer:
                      "grpc.max_send_message_length": options.max_message_bytes, **dict(options.channel_arguments)}
         self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=options.workers),
                                 options=list(arguments.items()))
-        self.metrics = ServingMetrics(manager.batch_metrics if manager.loading.batching else None)
+        self.metrics = ServingMetrics(manager.batch_metrics)
         prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(
             PredictionService(manager, options.predict, self.metrics), self.grpc)
         model_service_pb2_grpc.add_ModelServiceServicer_to_server(ModelService(manager), self.grpc)

@@ -23,6 +23,14 @@ def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 60
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def metric_values(page: str, name: str) -> dict[tuple, float]:
+    """The samples named ``name`` on a Prometheus page, by their sorted (label, value) pairs."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {tuple(sorted(sample.labels.items())): sample.value for family in text_string_to_metric_families(page)
+            for sample in family.samples if sample.name == name}
+
+
 def wait_for(condition, timeout: float = 60, interval: float = 0.2) -> None:
     """Poll ``condition`` until it holds; fail the test when ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout

@@ -13,7 +13,7 @@ import pytest
 from mnist_client.client import ServingError, Target, predict, predict_probabilities
 from storage.embedded import free_port
 from tasks.export import saved_model_predict
-from tests.conftest import run_mnist, start_model_server
+from tests.conftest import metric_values, run_mnist, start_model_server
 
 
 def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base: Path, saved_model_dir: Path,
@@ -53,14 +53,6 @@ def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base
     assert_batching_session_metrics(page, batcher.batches)
 
 
-def samples(page: str, name: str) -> dict[tuple, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    return {(sample.name, *sorted(sample.labels.items())): sample.value
-            for family in text_string_to_metric_families(page) for sample in family.samples
-            if sample.name.startswith(name)}
-
-
 def assert_batching_session_metrics(page: str, signature_calls: int) -> None:
     """TF Serving's batching-session metrics for that traffic (batching_session.cc, batching_util.h):
     every request's input size, the 33-image one refused after it was counted (ComputeInputSize comes
@@ -68,23 +60,22 @@ def assert_batching_session_metrics(page: str, signature_calls: int) -> None:
     padding; one wrapped run per signature call; a queuing time for every request that ran. Buckets
     hold values below their limit, as TensorFlow's Histogram::Add puts them: a 32 is not in le="32"."""
     prefix = ":tensorflow:serving:batching_session:"
-    inputs = samples(page, f"{prefix}input_batch_size")
-    assert inputs[(f"{prefix}input_batch_size_count",)] == 8 + 1 + 3
-    assert inputs[(f"{prefix}input_batch_size_sum",)] == 8 + 33 + 70
-    bucket = f"{prefix}input_batch_size_bucket"
-    assert [inputs[(bucket, ("le", le))] for le in ("1", "2", "8", "32", "64", "+Inf")] == [0, 8, 9, 9, 12, 12]
-    runs = samples(page, f"{prefix}wrapped_run_count")[(f"{prefix}wrapped_run_count",)]
-    processed = samples(page, f"{prefix}processed_batch_size")
-    assert runs == signature_calls == processed[(f"{prefix}processed_batch_size_count",)]
-    padding = samples(page, f"{prefix}padding_size")
-    padded = sum(value for key, value in padding.items() if key[0] == f"{prefix}padding_size_sum")
-    assert processed[(f"{prefix}processed_batch_size_sum",)] - padded == 8 + 70  # the rows that ran
+
+    def value(name: str, **labels: str) -> float:
+        return metric_values(page, f"{prefix}{name}")[tuple(sorted(labels.items()))]
+
+    assert value("input_batch_size_count") == 8 + 1 + 3
+    assert value("input_batch_size_sum") == 8 + 33 + 70
+    assert [value("input_batch_size_bucket", le=le) for le in ("1", "2", "8", "32", "64", "+Inf")] == [0, 8, 9, 9, 12, 12]
+    assert value("wrapped_run_count") == signature_calls == value("processed_batch_size_count")
+    padded = sum(metric_values(page, f"{prefix}padding_size_sum").values())
+    assert value("processed_batch_size_sum") - padded == 8 + 70  # the rows that ran
     # every batch ran at an allowed size (8 or 32), the lone 6-image call too: none below 8, two or more of 32
-    assert {dict(key[1:])["execution_batch_size"] for key in padding} == {"8", "32"}
-    bucket = f"{prefix}processed_batch_size_bucket"
-    assert processed[(bucket, ("le", "8"))] == 0 and processed[(bucket, ("le", "64"))] - processed[(bucket, ("le", "16"))] >= 2
-    queued = samples(page, f"{prefix}queuing_latency_count")
-    assert queued == {(f"{prefix}queuing_latency_count", ("thread_pool_name", "")): 8 + 3}
+    assert {dict(labels)["execution_batch_size"] for labels in metric_values(page, f"{prefix}padding_size_count")} \
+        == {"8", "32"}
+    assert value("processed_batch_size_bucket", le="8") == 0
+    assert value("processed_batch_size_bucket", le="64") - value("processed_batch_size_bucket", le="16") >= 2
+    assert metric_values(page, f"{prefix}queuing_latency_count") == {(("thread_pool_name", ""),): 8 + 3}
 
 
 def test_histograms_count_as_tensorflow_samplers_do() -> None:

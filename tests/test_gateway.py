@@ -29,7 +29,7 @@ from serving.model_config import single_model_config
 from storage.embedded import free_port, start_weed
 from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
 from tasks.data import load_test_set
-from tests.conftest import REPO, run_mnist, start_model_server
+from tests.conftest import REPO, metric_values, run_mnist, start_model_server
 from tests.conftest import wait_for as conftest_wait_for
 
 
@@ -188,11 +188,6 @@ def test_sigterm_flushes_the_queued_logs_within_the_deadline(store_env, upstream
     assert process.returncode == 0 and time.monotonic() - started < 20, output
     assert "20 records written" in output
     assert [entry.request_id for entry, _ in logged(stores()[0])] == ids
-
-
-def metric_values(page: str, name: str) -> dict[tuple, float]:
-    return {tuple(sorted(sample.labels.items())): sample.value for family in text_string_to_metric_families(page)
-            for sample in family.samples if sample.name == name}
 
 
 def test_metrics_parse_and_count_per_version_on_the_gateway_and_the_server(store_env, saved_model_dir: Path,
