@@ -82,10 +82,14 @@ def test_sampled_predictions_are_prediction_logs_tensorflow_reads_with_ids_versi
     from tensorflow_serving.apis import prediction_log_pb2
 
     _, address, rest = upstream
-    gateway = start_gateway(address, rest)
+    # one log object of all four: batch objects written in the same second list in no set order
+    gateway = start_gateway(address, rest, batch_records=4, flush_seconds=30.0)
     try:
         grpc_answers = [predict_call(digits[i:i + 2], Target(f"127.0.0.1:{gateway.port}", label="stable"),
                                      request_id=f"caller-{i}" if i == 0 else None) for i in range(0, 6, 2)]
+        # the relay offers a call to the log just after its answer is sent: the REST call, asserted
+        # below as the fourth record, must not be offered before the third gRPC call is
+        wait_for(lambda: metric_values(gateway.metrics.page().decode(), "mnist_gateway_logs_sampled_total") == {(): 3})
         rest_reply = httpx.post(f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/labels/stable:predict",
                                 json={"instances": digits[6:7].tolist()}, timeout=30)
         direct = predict_call(digits[:1], Target(address))
