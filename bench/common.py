@@ -13,6 +13,16 @@ from typing import Any
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
+def test_digits(count: int) -> Any:
+    """The first ``count`` MNIST test digits as the model takes them (float32 [N,28,28,1]): what
+    callers send, so logged requests compress as theirs do. The server's speed is the same for
+    any pixels; the logs' size is not."""
+    from tasks.data import MNIST_SHA256, read_split, to_model_input
+
+    test, _ = read_split(Path(os.environ["MNIST_DATA_DIR"]), "t10k", MNIST_SHA256)
+    return to_model_input(test.images[:count])
+
+
 def machine() -> dict[str, Any]:
     model = "unknown"
     cpuinfo = Path("/proc/cpuinfo")

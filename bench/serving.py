@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import save, table
+from bench.common import save, table, test_digits
 
 BATCHES = (1, 32, 256)
 CLIENTS = (1, 4)
@@ -66,7 +66,7 @@ def latency_ms(address: str, calls: int) -> list[float]:
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    request = request_for(np.random.default_rng(1).random((1, 28, 28, 1), dtype=np.float32))
+    request = request_for(test_digits(1))
     with grpc.insecure_channel(address) as channel:
         stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
         for _ in range(50):
@@ -84,7 +84,7 @@ def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> f
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    request = request_for(np.random.default_rng(2).random((batch, 28, 28, 1), dtype=np.float32))
+    request = request_for(test_digits(batch))
     counts = [0] * clients
     start = threading.Barrier(clients + 1)
 

@@ -2,16 +2,19 @@
 
 Layout (``../shared/DESIGN.md`` §4), beside the model and dataset stores::
 
-    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.tfrecord   TF Serving PredictionLog records (TFRecord)
-    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.json       written last: the records' sha256 and size, and
-                                                                per record its request id, time, version, label
+    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.tfrecord.gz  TF Serving PredictionLog records (TFRecord,
+                                                                  GZIP compression type)
+    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.json         written last: the file's sha256, size and
+                                                                  compression, and per record its request id,
+                                                                  time, version, label
     <prefix>/feedback/<model>/<sha256>.json                     a correct label for one logged image
     <prefix>/feedback/<model>/_ingested/<batch sha256>.json     the feedback a dataset batch was made of
 
 A log batch counts only once its index exists (manifest last, as everywhere in the
 bucket). PredictionLog has no field for a request id, so the index carries it, in
 record order. Nothing read back is trusted: names must match their patterns, the
-index must describe exactly the records, the payload its hash.
+index must describe exactly the records, the payload its hash. Batches written before logs were
+compressed (a ``.tfrecord`` file, no ``compression`` in the index) still read.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 BATCH_PATTERN = re.compile(r"^\d{6}-[0-9a-f]{12}$")
 FEEDBACK_PATTERN = re.compile(r"^[0-9a-f]{64}\.json$")
 MAX_FEEDBACK_INDEX = 8192  # no request carries more images than a gRPC message holds
+MAX_RECORDS_SIZE = 1 << 30  # what a reader inflates one log batch to, at most (writers cut them at 8 MiB)
 
 
 class TrafficSettings(S3Settings):
@@ -89,18 +93,19 @@ class PredictionLogStore(ObjectStore):
         super().__init__(settings, "/".join(p for p in (settings.s3_prefix.strip("/"), "logs", settings.model_name)
                                             if p), client)
 
-    def write_batch(self, entries: list[LogEntry], records: list[bytes]) -> str:
-        """The records (checked on receipt), then their index: the batch exists from that write on.
-        Returns the index's key."""
+    def write_batch(self, entries: list[LogEntry], records: list[tfrecord.Pieces]) -> str:
+        """The records, each given as its pieces (checked on receipt), then their index: the batch
+        exists from that write on. Returns the index's key."""
         if len(entries) != len(records) or not entries:
             raise ValueError("a log batch needs one entry per record, and at least one")
-        payload = tfrecord.encode(records)
+        payload, framed_size = tfrecord.encode_gzipped(records)  # a tenth of the bytes to send, hash, store
         stamp = datetime.fromisoformat(entries[0].time)
         name = f"{stamp:%H%M%S}-{uuid.uuid4().hex[:12]}"
         folder = stamp.date().isoformat()
         digest = hashlib.sha256(payload).hexdigest()
-        self.put_new(self.key(folder, f"{name}.tfrecord"), payload, digest)
-        index = {"file": {"sha256": digest, "size": len(payload)},
+        self.put_new(self.key(folder, f"{name}.tfrecord.gz"), payload, digest)
+        index = {"file": {"sha256": digest, "size": len(payload), "compression": tfrecord.GZIP,
+                          "records_size": framed_size},
                  "records": [asdict(entry) for entry in entries], "written_at": utc_now()}
         key = self.key(folder, f"{name}.json")
         self.write_manifest(key, index)
@@ -132,14 +137,23 @@ class PredictionLogStore(ObjectStore):
                 or not isinstance(payload, dict) or type(payload.get("size")) is not int \
                 or not re.fullmatch(r"[0-9a-f]{64}", str(payload.get("sha256"))):
             raise VerificationFailed(f"{key}: not a log batch index")
+        if "compression" in payload and not (payload["compression"] == tfrecord.GZIP
+                                             and type(payload.get("records_size")) is int
+                                             and 0 < payload["records_size"] <= MAX_RECORDS_SIZE):
+            raise VerificationFailed(f"{key}: compression {str(payload['compression'])[:20]!r} of "
+                                     f"{str(payload.get('records_size'))[:20]} bytes is not one this store reads")
         return index, [LogEntry.checked(raw) for raw in index["records"]]
 
     def read_batch(self, key: str) -> list[tuple[LogEntry, bytes]]:
         """(entry, serialized PredictionLog) for every record, verified against the index."""
         index, entries = self.read_index(key)
-        payload = self.fetch_verified(key.removesuffix(".json") + ".tfrecord", index["file"], key)
+        file = index["file"]
+        compressed = "compression" in file  # GZIP, read_index made sure
+        payload = self.fetch_verified(key.removesuffix(".json") + (".tfrecord.gz" if compressed else ".tfrecord"),
+                                      file, key)
         try:
-            records = list(tfrecord.decode(payload))
+            records = list(tfrecord.decode(tfrecord.gunzipped(payload, file["records_size"]) if compressed
+                                           else payload))
         except tfrecord.TFRecordError as error:
             raise VerificationFailed(f"{key}: {error}") from None
         if len(records) != len(entries):

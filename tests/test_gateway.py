@@ -104,10 +104,11 @@ def test_sampled_predictions_are_prediction_logs_tensorflow_reads_with_ids_versi
     assert {(entry.version, entry.label, entry.api) for entry, _ in records[:3]} == {(1, "stable", "grpc")}
     assert (records[3][0].version, records[3][0].label, records[3][0].api) == (1, "stable", "rest")
     # TensorFlow itself reads the stored object as TFRecords of TF Serving's PredictionLog
-    key = gateway.logs.batch_keys([records[0][0].time[:10]])[0].removesuffix(".json") + ".tfrecord"
-    path = tmp_path / "log.tfrecord"
+    key = gateway.logs.batch_keys([records[0][0].time[:10]])[0].removesuffix(".json") + ".tfrecord.gz"
+    path = tmp_path / "log.tfrecord.gz"
     path.write_bytes(gateway.logs.get_bytes(key))
-    first = prediction_log_pb2.PredictionLog.FromString(next(iter(tf.data.TFRecordDataset(str(path)))).numpy())
+    stored = tf.data.TFRecordDataset(str(path), compression_type="GZIP")
+    first = prediction_log_pb2.PredictionLog.FromString(next(iter(stored)).numpy())
     assert first.log_metadata.model_spec.version_label == "stable" and first.predict_log.response.model_spec.version.value == 1
     assert first.log_metadata.sampling_config.sampling_rate == 1.0
     sent = tf.make_ndarray(first.predict_log.request.inputs["image"])

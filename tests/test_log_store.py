@@ -1,0 +1,113 @@
+"""The prediction log store on a real SeaweedFS: batches are GZIP TFRecord files, batches from
+before compression still read, and an index that lies about its file is refused in one line."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2, prediction_log_pb2
+from mnist_client.tensors import to_tensor_proto
+from serving.prediction_logger import prediction_log
+from storage import tfrecord
+from storage.logs import LogEntry, PredictionLogStore, TrafficSettings
+from storage.s3 import VerificationFailed
+from tasks.data import load_test_set
+
+
+@pytest.fixture()
+def logs(store_env) -> PredictionLogStore:
+    store = PredictionLogStore(TrafficSettings())
+    store.ensure_bucket()
+    return store
+
+
+@pytest.fixture(scope="module")
+def logged_calls(prepared_path: Path) -> tuple[list[LogEntry], list[list[bytes]]]:
+    """Three logged calls of 64 real digits each, as the gateway frames them: each record as its pieces."""
+    digits = load_test_set(prepared_path)[0][:192]
+    entries, records = [], []
+    for number in range(3):
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "mnist"
+        request.inputs["image"].CopyFrom(to_tensor_proto(digits[number * 64:(number + 1) * 64]))
+        entries.append(LogEntry(f"call-{number}", "2026-12-01T05:00:00.000+00:00", 1, "", "grpc", 64))
+        records.append(prediction_log(b"", request.SerializeToString(), b""))
+    return entries, records
+
+
+def stored_index(logs: PredictionLogStore, key: str) -> dict:
+    return json.loads(logs.get_bytes(key))
+
+
+def rewrite_index(logs: PredictionLogStore, key: str, change) -> None:
+    index = stored_index(logs, key)
+    change(index["file"])
+    logs.client.put_object(Bucket=logs.bucket, Key=key, Body=json.dumps(index).encode())
+
+
+def test_a_batch_is_stored_gzipped_and_reads_back_record_for_record(logs: PredictionLogStore, logged_calls) -> None:
+    entries, records = logged_calls
+    key = logs.write_batch(entries, records)
+    stored = logs.get_bytes(key.removesuffix(".json") + ".tfrecord.gz")
+    framed = tfrecord.encode(records)
+    assert gzip.decompress(stored) == framed  # one plain gzip member: what TFRecordDataset's GZIP reads
+    assert len(stored) * 5 < len(framed)
+    assert stored_index(logs, key)["file"] == {"sha256": hashlib.sha256(stored).hexdigest(), "size": len(stored),
+                                               "compression": "GZIP", "records_size": len(framed)}
+    assert logs.read_batch(key) == [(entry, b"".join(pieces)) for entry, pieces in zip(entries, records)]
+
+
+def test_a_batch_written_before_compression_still_reads(logs: PredictionLogStore, logged_calls) -> None:
+    entries, records = logged_calls
+    key = logs.write_batch(entries, records)
+    framed = tfrecord.encode(records)
+    logs.client.put_object(Bucket=logs.bucket, Key=key.removesuffix(".json") + ".tfrecord", Body=framed)
+    rewrite_index(logs, key, lambda file: file.clear() or file.update(
+        sha256=hashlib.sha256(framed).hexdigest(), size=len(framed)))
+    assert logs.read_batch(key) == [(entry, b"".join(pieces)) for entry, pieces in zip(entries, records)]
+
+
+@pytest.mark.parametrize("lie, message", [
+    ({"records_size": 100}, "does not hold exactly the 100 bytes"),   # inflates past what the index says
+    ({"records_size": 1 << 40}, "is not one this store reads"),       # would be inflated to a terabyte
+    ({"records_size": "many"}, "is not one this store reads"),
+    ({"compression": "ZSTD"}, "compression 'ZSTD'"),
+])
+def test_an_index_that_lies_about_its_file_is_refused_in_one_line(logs: PredictionLogStore, logged_calls,
+                                                                  lie: dict, message: str) -> None:
+    key = logs.write_batch(*logged_calls)
+    rewrite_index(logs, key, lambda file: file.update(lie))
+    with pytest.raises(VerificationFailed, match=message) as refused:
+        logs.read_batch(key)
+    assert key in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_gzip_stream_that_is_not_one_is_refused() -> None:
+    records = [[b"a rec", b"ord"], [b"", b"another", b""]]
+    stored, size = tfrecord.encode_gzipped(records)
+    framed = tfrecord.encode(records)
+    assert size == len(framed) and tfrecord.gunzipped(stored, size) == framed
+    assert list(tfrecord.decode(framed)) == [b"a record", b"another"]  # the pieces are framed as one
+    assert stored[:2] == b"\x1f\x8b"  # gzip's magic, not zlib's header
+    with pytest.raises(tfrecord.TFRecordError, match="not a gzip stream"):
+        tfrecord.gunzipped(framed, size)
+    with pytest.raises(tfrecord.TFRecordError, match="exactly"):  # a second member is left unread
+        tfrecord.gunzipped(stored + stored, size)
+
+
+def test_the_pieces_of_a_prediction_log_are_protobufs_own_serialization(logged_calls) -> None:
+    request = predict_pb2.PredictRequest.FromString(logged_calls[1][0][1])
+    response = predict_pb2.PredictResponse()
+    response.model_spec.version.value = 7
+    metadata = logging_pb2.LogMetadata()
+    metadata.model_spec.version_label = "stable"
+    expected = prediction_log_pb2.PredictionLog(log_metadata=metadata)
+    expected.predict_log.request.CopyFrom(request)
+    expected.predict_log.response.CopyFrom(response)
+    pieces = prediction_log(metadata.SerializeToString(), request.SerializeToString(), response.SerializeToString())
+    assert b"".join(pieces) == expected.SerializeToString()
