@@ -16,28 +16,19 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from bench.whole_runs import run_folder  # noqa: E402
+from bench.whole_runs import run_folder, timed_lines  # noqa: E402
 
 
 def timed_run(checkout: Path, env: dict[str, str]) -> dict[str, float]:
-    started, lines = time.perf_counter(), []
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "train", "--no-publish"], cwd=checkout, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in process.stdout:
-        lines.append((time.perf_counter() - started, line.rstrip()))
-    if process.wait() != 0:
-        raise RuntimeError(f"{checkout}: mnist train failed: {lines[-5:]}")
-    whole = time.perf_counter() - started
+    whole, lines = timed_lines(["train", "--no-publish"], env, cwd=checkout)
     folder = run_folder("\n".join(line for _, line in lines))
     fit = json.loads((folder / "training.json").read_text())["fit_seconds"]
     evaluation = json.loads((folder / "evaluation.json").read_text())["evaluation_seconds"]

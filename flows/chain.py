@@ -1,19 +1,24 @@
 """The whole chain for ``make run``: store → the serving stack (server, sync sidecar, logging
 gateway; ``serving/stack.py``) → training flow (publish, live check) → gRPC queries through the
-gateway → everything it started stopped again (the gateway flushing its logs first)."""
+gateway → the answers shown → everything it started stopped again (the gateway flushing its logs
+first)."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from serving.stack import serving_stack
 from storage.embedded import patched_environ, store_environment
 
 
-def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Train and publish with the serving stack running, then query ``stable`` through the gateway."""
+@contextmanager
+def run_chain(params: Any, state_dir: Path, queries: str = "0:10"
+              ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """Train and publish with the serving stack running, then query ``stable`` through the gateway.
+    Yields the run's result and the answers while all still runs: they are shown before the 2 s or
+    so of stopping it (the gateway's last logs, the store, the Prefect API)."""
     from flows.cli_serving import mnist_test_inputs
     from flows.cli_training import run_training
     from flows.prefect_api import early_prefect_api
@@ -32,4 +37,4 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10") -> tuple[dict
         names, images, labels = mnist_test_inputs(queries)
         answers = predict(images, address=serving.gateway, model_name=StoreSettings().model_name, label="stable",
                           names=names)
-        return result, [{**answer, "label": label} for answer, label in zip(answers, labels)]
+        yield result, [{**answer, "label": label} for answer, label in zip(answers, labels)]

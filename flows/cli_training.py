@@ -97,16 +97,16 @@ def command_run(args: argparse.Namespace) -> int:
     from storage.s3 import StoreError
 
     try:
-        result, answers = run_chain(params, pipeline_settings().state_dir, args.queries)
+        with run_chain(params, pipeline_settings().state_dir, args.queries) as (result, answers):
+            print_training_result(result)
+            print(f"gRPC predictions from the served 'stable' model through the logging gateway "
+                  f"(MNIST test digits {args.queries}):")
+            print_predictions(answers, as_json=False)
+            correct = sum(answer["digit"] == answer["label"] for answer in answers)
+            print(f"{correct}/{len(answers)} correct")
+            print(NEXT_STEPS, flush=True)
     except (StackError, ServingError, StoreError) as error:
         raise CliError(str(error)) from None
-    print_training_result(result)
-    print(f"gRPC predictions from the served 'stable' model through the logging gateway "
-          f"(MNIST test digits {args.queries}):")
-    print_predictions(answers, as_json=False)
-    correct = sum(answer["digit"] == answer["label"] for answer in answers)
-    print(f"{correct}/{len(answers)} correct")
-    print(NEXT_STEPS)
     return 0
 
 

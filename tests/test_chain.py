@@ -82,7 +82,9 @@ def test_run_chain_publishes_serves_and_answers_over_grpc(prefect_api, pipeline_
                                                          tmp_path: Path) -> None:
     from flows.chain import run_chain
 
-    result, answers = run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries="0:5")
+    with run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries="0:5") as (result, answers):
+        running = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)
+        assert running.stdout.strip(), "the answers came after the stack stopped"
     assert result["published"]["version"] == 1 and store.labels() == {"stable": 1}
     assert [a["label"] for a in answers] == [7, 2, 1, 0, 4]
     assert all(a["version"] == 1 for a in answers)
