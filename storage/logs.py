@@ -2,11 +2,11 @@
 
 Layout (``../shared/DESIGN.md`` §4), beside the model and dataset stores::
 
-    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.tfrecord.gz  TF Serving PredictionLog records (TFRecord,
-                                                                  GZIP compression type)
-    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<id>.json         written last: the file's sha256, size and
-                                                                  compression, and per record its request id,
-                                                                  time, version, label
+    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<ms><id>.tfrecord.gz  TF Serving PredictionLog records (TFRecord,
+                                                                      GZIP compression type)
+    <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<ms><id>.json         written last: the file's sha256, size and
+                                                                      compression, and per record its request id,
+                                                                      time, version, label
     <prefix>/feedback/<model>/<sha256>.json                     a correct label for one logged image
     <prefix>/feedback/<model>/_ingested/<batch sha256>.json     the feedback a dataset batch was made of
 
@@ -100,7 +100,8 @@ class PredictionLogStore(ObjectStore):
             raise ValueError("a log batch needs one entry per record, and at least one")
         payload, framed_size = tfrecord.encode_gzipped(records)  # a tenth of the bytes to send, hash, store
         stamp = datetime.fromisoformat(entries[0].time)
-        name = f"{stamp:%H%M%S}-{uuid.uuid4().hex[:12]}"
+        # the first call's second, then its millisecond before 9 random hex digits: names sort oldest first
+        name = f"{stamp:%H%M%S}-{stamp.microsecond // 1000:03d}{uuid.uuid4().hex[:9]}"
         folder = stamp.date().isoformat()
         digest = hashlib.sha256(payload).hexdigest()
         self.put_new(self.key(folder, f"{name}.tfrecord.gz"), payload, digest)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -60,6 +61,13 @@ def test_a_batch_is_stored_gzipped_and_reads_back_record_for_record(logs: Predic
     assert stored_index(logs, key)["file"] == {"sha256": hashlib.sha256(stored).hexdigest(), "size": len(stored),
                                                "compression": "GZIP", "records_size": len(framed)}
     assert logs.read_batch(key) == [(entry, b"".join(pieces)) for entry, pieces in zip(entries, records)]
+
+
+def test_batches_list_oldest_first_within_a_second(logs: PredictionLogStore, logged_calls) -> None:
+    entries, records = logged_calls
+    times = [f"2026-12-01T05:00:00.{ms:03d}+00:00" for ms in (950, 800, 640, 320, 100, 5)]  # written newest first
+    keys = [logs.write_batch([replace(entries[0], time=time)], records[:1]) for time in times]
+    assert logs.batch_keys(["2026-12-01"]) == keys[::-1]  # random names would list so 1 time in 720
 
 
 def test_a_batch_written_before_compression_still_reads(logs: PredictionLogStore, logged_calls) -> None:
