@@ -1,4 +1,5 @@
-"""``mnist gateway`` and ``mnist feedback``: the served traffic, logged and corrected."""
+"""``mnist gateway``, ``mnist logs`` and ``mnist feedback``: the served traffic, logged, read back
+and corrected."""
 
 from __future__ import annotations
 
@@ -90,6 +91,80 @@ def command_feedback(args: argparse.Namespace) -> int:
     return 0
 
 
+def batch_summary(key: str, index: dict, entries: list) -> dict:
+    """One log batch as ``mnist logs list`` shows it, from its index alone."""
+    return {"key": key, "first_call": entries[0].time if entries else None, "records": len(entries),
+            "images": sum(entry.examples for entry in entries),
+            "versions": sorted({entry.version for entry in entries if entry.version is not None}),
+            "stored_bytes": index["file"]["size"], "records_bytes": index["file"].get("records_size")}
+
+
+def list_logs(logs, days: int) -> tuple[list[dict], list[str]]:
+    """The batches of the last ``days`` days, oldest first, and the indexes that could not be read."""
+    from storage.logs import days_back
+    from storage.s3 import VerificationFailed
+
+    batches, problems = [], []
+    for key in logs.batch_keys(days_back(days)):
+        try:
+            batches.append(batch_summary(key, *logs.read_index(key)))
+        except VerificationFailed as error:
+            problems.append(str(error))
+    return batches, problems
+
+
+def logged_request(logs, request_id: str, days: int) -> dict:
+    """One logged request: its index entry, and each image's answered digit and confidence."""
+    from dataclasses import asdict
+
+    from tasks.feedback import logged_digits
+
+    key, position, entry = logs.find(request_id, days)
+    _, probabilities = logged_digits(logs.read_batch(key)[position][1])
+    answers = [] if probabilities is None else [
+        {"index": i, "digit": int(row.argmax()), "confidence": float(row.max())} for i, row in enumerate(probabilities)]
+    return {**asdict(entry), "log": key, "answers": answers}
+
+
+def command_logs(args: argparse.Namespace) -> int:
+    from storage.logs import LogNotFound
+    from storage.s3 import VerificationFailed
+
+    if args.days < 1:
+        raise CliError(f"--days {args.days}: must be 1 or more", exit_code=2)
+    with reachable_store(traffic_stores) as (logs, _):
+        if args.action == "show":
+            try:
+                shown = logged_request(logs, args.request_id, args.days)
+            except (LogNotFound, VerificationFailed) as error:
+                raise CliError(str(error)) from None
+        else:
+            batches, problems = list_logs(logs, args.days)
+    if args.action == "show":
+        if args.json:
+            print_json(shown)
+            return 0
+        print(f"request {shown['request_id']}: {shown['time']} over {shown['api']}, answered by version "
+              f"{shown['version']}{' (label ' + shown['label'] + ')' if shown['label'] else ''}, "
+              f"{shown['examples']} image(s); in {shown['log']}")
+        for answer in shown["answers"]:
+            print(f"  image {answer['index']}: {answer['digit']} ({answer['confidence']:.3f})")
+        return 0
+    if args.json:
+        print_json({"batches": batches, "problems": problems})
+    else:
+        for batch in batches:
+            before = f" ({batch['records_bytes'] / 1024:.1f} KiB before gzip)" if batch["records_bytes"] else ""
+            print(f"{batch['first_call']}  {batch['records']} records, {batch['images']} images, versions "
+                  f"{','.join(map(str, batch['versions'])) or '-'}  {batch['stored_bytes'] / 1024:.1f} KiB{before}  "
+                  f"{batch['key']}")
+        print(f"{len(batches)} log batches, {sum(b['records'] for b in batches)} logged requests in the last "
+              f"{args.days} day(s) of {logs.uri()}")
+    if problems:
+        raise CliError(f"{len(problems)} log batch index(es) refused: " + "; ".join(problems[:3]))
+    return 0
+
+
 def command_drift(args: argparse.Namespace) -> int:
     """Run the drift flow once and print each version's verdict."""
     from pydantic import ValidationError
@@ -168,6 +243,19 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     gateway.add_argument("--drain-seconds", type=float, default=10.0,
                          help="on SIGTERM, how long queued logs may take to be written (default 10)")
     gateway.set_defaults(handler=command_gateway)
+
+    logs = commands.add_parser(
+        "logs", help="the prediction logs: batches of the last days, or one logged request",
+        description="Read back what the gateway logged: the log batches of the last days (from their indexes), "
+                    "or one request by the id the gateway returned, with the digits it was answered.")
+    actions = logs.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="log batches of the last days, oldest first")
+    show = actions.add_parser("show", help="one logged request and its answers")
+    show.add_argument("request_id", metavar="REQUEST_ID")
+    for action in (listing, show):
+        action.add_argument("--days", type=int, default=1, help="how many days back, today included (default 1)")
+        action.add_argument("--json", action="store_true")
+    logs.set_defaults(handler=command_logs)
 
     feedback = commands.add_parser(
         "feedback", help="record the correct label of a logged prediction",

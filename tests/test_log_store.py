@@ -1,5 +1,6 @@
 """The prediction log store on a real SeaweedFS: batches are GZIP TFRecord files, batches from
-before compression still read, and an index that lies about its file is refused in one line."""
+before compression still read, an index that lies about its file is refused in one line, and
+``mnist logs`` reads it all back."""
 
 from __future__ import annotations
 
@@ -7,7 +8,10 @@ import gzip
 import hashlib
 import json
 from dataclasses import replace
+from datetime import datetime, timezone
 from pathlib import Path
+
+import numpy as np
 
 import pytest
 
@@ -18,6 +22,7 @@ from storage import tfrecord
 from storage.logs import LogEntry, PredictionLogStore, TrafficSettings
 from storage.s3 import VerificationFailed
 from tasks.data import load_test_set
+from tests.conftest import run_mnist
 
 
 @pytest.fixture()
@@ -119,3 +124,35 @@ def test_the_pieces_of_a_prediction_log_are_protobufs_own_serialization(logged_c
     expected.predict_log.response.CopyFrom(response)
     pieces = prediction_log(metadata.SerializeToString(), request.SerializeToString(), response.SerializeToString())
     assert b"".join(pieces) == expected.SerializeToString()
+
+
+def test_mnist_logs_lists_the_batches_and_shows_a_request_with_its_answers(logs: PredictionLogStore,
+                                                                           logged_calls) -> None:
+    second = datetime.now(timezone.utc).replace(microsecond=0)  # both batches today, in a set order
+    sooner, later = (second.replace(microsecond=ms * 1000).isoformat(timespec="milliseconds") for ms in (100, 200))
+    request = predict_pb2.PredictRequest.FromString(logged_calls[1][0][1])
+    response = predict_pb2.PredictResponse()
+    response.model_spec.version.value = 3
+    answered = np.full((64, 10), 0.01, dtype=np.float32)
+    answered[np.arange(64), np.arange(64) % 10] = 0.91
+    response.outputs["probabilities"].CopyFrom(to_tensor_proto(answered))
+    entry = LogEntry("answered-1", sooner, 3, "stable", "grpc", 64)
+    logs.write_batch([entry], [prediction_log(b"", request.SerializeToString(), response.SerializeToString())])
+    logs.write_batch([replace(e, time=later) for e in logged_calls[0]], logged_calls[1])
+
+    listed = run_mnist("logs", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    batches = json.loads(listed.stdout)["batches"]
+    assert [(b["records"], b["images"], b["versions"]) for b in batches] == [(1, 64, [3]), (3, 192, [1])]
+    assert all(b["stored_bytes"] * 5 < b["records_bytes"] for b in batches)
+
+    shown = run_mnist("logs", "show", "answered-1")
+    assert shown.returncode == 0, shown.stderr
+    assert "answered by version 3 (label stable), 64 image(s)" in shown.stdout
+    assert "  image 0: 0 (0.910)" in shown.stdout and "  image 17: 7 (0.910)" in shown.stdout
+
+    missing = run_mnist("logs", "show", "never-logged")
+    assert missing.returncode == 1 and "never-logged is not in the prediction logs" in missing.stderr
+    assert len(missing.stderr.strip().splitlines()) == 1
+    refused = run_mnist("logs", "list", "--days", "0")
+    assert refused.returncode == 2 and "--days 0: must be 1 or more" in refused.stderr
