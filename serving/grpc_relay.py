@@ -15,6 +15,10 @@ What the relay changes on the wire, and nothing else:
 DATA, SETTINGS, PING, WINDOW_UPDATE, RST_STREAM and GOAWAY pass unchanged, so flow control,
 deadlines, keepalives and shutdowns stay the two ends' own. The bodies of watched calls are
 kept (up to ``max_message_bytes``) and handed, with the call's status, to ``finished``.
+
+Frames are views of the bytes as read, not copies: a megabyte request crosses the relay as one
+copy out (the frames joined for the socket) and one for its kept body (joined once, when the call
+has ended); slicing and growing buffers frame by frame cost more CPU than the rest of the relay.
 """
 
 from __future__ import annotations
@@ -41,13 +45,49 @@ FRAME_LIMIT = 16_384  # SETTINGS_MAX_FRAME_SIZE's floor: a frame this size is al
 CANCELLED = 1  # grpc.StatusCode.CANCELLED's number, for a stream reset before its trailers
 
 
+class Body:
+    """A call's body as its DATA frames brought it: views of the frames, joined once, when read."""
+
+    def __init__(self) -> None:
+        self.parts: list[memoryview] = []
+        self.size = 0
+
+    def __len__(self) -> int:
+        return self.size
+
+    def add(self, data: memoryview) -> None:
+        self.parts.append(data)
+        self.size += len(data)
+
+    def clear(self) -> None:
+        self.parts.clear()
+        self.size = 0
+
+    def head(self, count: int) -> bytes:
+        """The first ``count`` bytes (fewer if the body is shorter)."""
+        out = bytearray()
+        for part in self.parts:
+            out += part[:count - len(out)]
+            if len(out) == count:
+                break
+        return bytes(out)
+
+    def tail(self, skip: int) -> bytes:
+        """The body past its first ``skip`` bytes, in one copy."""
+        pieces = []
+        for part in self.parts:
+            pieces.append(part[skip:] if skip else part)
+            skip = max(0, skip - len(part))
+        return b"".join(pieces)
+
+
 @dataclass
 class Exchange:
     """One watched call: its request id and both bodies as they crossed the wire."""
     request_id: str
     started: float = field(default_factory=time.perf_counter)
-    request: bytearray = field(default_factory=bytearray)
-    response: bytearray = field(default_factory=bytearray)
+    request: Body = field(default_factory=Body)
+    response: Body = field(default_factory=Body)
     request_encoding: bytes = b"identity"
     response_encoding: bytes = b"identity"
     oversized: bool = False
@@ -81,7 +121,7 @@ def header_frames(stream: int, end_stream: int, block: bytes) -> bytes:
     return b"".join(frames)
 
 
-def unpadded(kind: int, flags: int, payload: bytes) -> bytes:
+def unpadded(kind: int, flags: int, payload: memoryview) -> memoryview:
     """A DATA or HEADERS payload without its padding and, for HEADERS, its priority fields."""
     start, end = 0, len(payload)
     if flags & PADDED and payload:
@@ -91,7 +131,7 @@ def unpadded(kind: int, flags: int, payload: bytes) -> bytes:
     return payload[start:max(start, end)]
 
 
-def header_table_size(payload: bytes) -> int | None:
+def header_table_size(payload: memoryview) -> int | None:
     """SETTINGS_HEADER_TABLE_SIZE from a SETTINGS payload, if it sets it."""
     value = None
     for at in range(0, len(payload) - 5, 6):
@@ -100,16 +140,19 @@ def header_table_size(payload: bytes) -> int | None:
     return value
 
 
-def grpc_message(body: bytes | bytearray, encoding: bytes) -> bytes | None:
+def grpc_message(body: Body, encoding: bytes) -> bytes | None:
     """The one message of a unary call's body (gRPC's 5-byte length prefix), decompressed; None
     when it is not whole or not readable."""
-    if len(body) < 5:
+    prefix = body.head(5)
+    if len(prefix) < 5:
         return None
-    length = int.from_bytes(body[1:5], "big")
-    message = bytes(memoryview(body)[5:5 + length])  # one copy of a megabyte request, not two
-    if len(message) != length:
+    length = int.from_bytes(prefix[1:5], "big")
+    if len(body) - 5 < length:
         return None
-    if not body[0]:
+    message = body.tail(5)
+    if len(message) > length:
+        message = message[:length]
+    if not prefix[0]:
         return message
     try:
         if encoding == b"gzip":
@@ -121,29 +164,32 @@ def grpc_message(body: bytes | bytearray, encoding: bytes) -> bytes | None:
     return None
 
 
+Frame = tuple[int, int, int, memoryview, memoryview]  # type, flags, stream, payload, its raw bytes
+
+
 class FrameReader:
-    """Whole frames out of a byte stream, each as (type, flags, stream, payload, its raw bytes)."""
+    """Whole frames out of a byte stream, as views of the bytes read."""
 
     def __init__(self, preface: int = 0):
-        self.buffer = bytearray()
+        self.left = b""  # the start of a frame the last read did not finish
         self.preface = preface  # bytes to pass before the first frame (the client's connection preface)
 
-    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, int, int, bytes, bytes]]]:
-        self.buffer += data
-        passed = b""
+    def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
+        view = memoryview(b"".join((self.left, data)) if self.left else data)  # bytes: the views stay valid
+        at, passed = 0, b""
         if self.preface:
-            passed = bytes(self.buffer[:self.preface])
-            del self.buffer[:self.preface]
-            self.preface -= len(passed)
-        frames, at, buffer = [], 0, self.buffer
-        while len(buffer) - at >= 9:
-            end = at + 9 + int.from_bytes(buffer[at:at + 3], "big")
-            if len(buffer) < end:
+            passed = bytes(view[:self.preface])
+            at = len(passed)
+            self.preface -= at
+        frames = []
+        while len(view) - at >= 9:
+            end = at + 9 + int.from_bytes(view[at:at + 3], "big")
+            if len(view) < end:
                 break
-            raw = bytes(buffer[at:end])
+            raw = view[at:end]
             frames.append((raw[3], raw[4], int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF, raw[9:], raw))
             at = end
-        del buffer[:at]
+        self.left = bytes(view[at:])
         return passed, frames
 
 
@@ -164,37 +210,37 @@ class Link:
     # --- bytes in -------------------------------------------------------------------------
     def client_bytes(self, data: bytes) -> None:
         passed, frames = self.from_client.feed(data)
-        out = bytearray(passed)
+        out: list[bytes | memoryview] = [passed]
         for kind, flags, stream, payload, raw in frames:
             if kind in (HEADERS, CONTINUATION):
                 whole = self.header_block("client", kind, flags, stream, payload, raw)
                 if whole:
                     stream, flags, block, _ = whole
-                    out += header_frames(stream, flags & END_STREAM, self.request_block(stream, block))
+                    out.append(header_frames(stream, flags & END_STREAM, self.request_block(stream, block)))
                 continue
             self.read_passing(True, kind, flags, stream, payload)
-            out += raw
-        self.send_upstream(out)
+            out.append(raw)
+        self.send_upstream(b"".join(out))
         self.record_ended()
 
     def upstream_bytes(self, data: bytes) -> None:
         _, frames = self.from_upstream.feed(data)
-        out = bytearray()
+        out: list[bytes | memoryview] = []
         for kind, flags, stream, payload, raw in frames:
             if kind == PUSH_PROMISE:  # its header block would go unread; gRPC callers turn push off
                 raise ConnectionError("upstream sent PUSH_PROMISE, which gRPC does not use")
             if kind in (HEADERS, CONTINUATION):
                 whole = self.header_block("upstream", kind, flags, stream, payload, raw)
                 if whole:
-                    out += self.response_block(*whole)
+                    out.append(self.response_block(*whole))
                 continue
             self.read_passing(False, kind, flags, stream, payload)
-            out += raw
+            out.append(raw)
         if out:
-            self.client.write(out)
+            self.client.write(b"".join(out))
         self.record_ended()
 
-    def read_passing(self, from_client: bool, kind: int, flags: int, stream: int, payload: bytes) -> None:
+    def read_passing(self, from_client: bool, kind: int, flags: int, stream: int, payload: memoryview) -> None:
         """What the relay takes from a frame it passes unchanged: a watched call's body, the
         table size one side's encoder is now bound by, a call reset."""
         exchange = self.exchanges.get(stream) if stream else None
@@ -207,7 +253,7 @@ class Link:
             self.end(stream, CANCELLED, "cancelled by the caller" if from_client else "reset by upstream")
 
     # --- header blocks ----------------------------------------------------------------------
-    def header_block(self, side: str, kind: int, flags: int, stream: int, payload: bytes, raw: bytes
+    def header_block(self, side: str, kind: int, flags: int, stream: int, payload: memoryview, raw: memoryview
                      ) -> tuple[int, int, bytes, bytes] | None:
         """The whole block once END_HEADERS arrives: (stream, the HEADERS frame's flags, block, raw frames)."""
         if kind == HEADERS:
@@ -252,12 +298,12 @@ class Link:
         return trailers
 
     # --- calls --------------------------------------------------------------------------
-    def keep(self, exchange: Exchange, body: bytearray, data: bytes) -> None:
+    def keep(self, exchange: Exchange, body: Body, data: memoryview) -> None:
         if len(body) + len(data) > self.relay.watch.max_message_bytes:
             exchange.oversized = True
             body.clear()
         elif not exchange.oversized:
-            body.extend(data)
+            body.add(data)
 
     def end(self, stream: int, status: int, message: str) -> None:
         self.ended.append((self.exchanges.pop(stream), status, message))
@@ -273,7 +319,7 @@ class Link:
                 log.exception("a finished call could not be recorded")
 
     # --- transports ---------------------------------------------------------------------------
-    def send_upstream(self, out: bytes | bytearray) -> None:
+    def send_upstream(self, out: bytes) -> None:
         if not out:
             return
         if self.upstream is None:

@@ -13,8 +13,8 @@ import grpc
 import pytest
 
 from serving.grpc_relay import (
-    CONTINUATION, END_HEADERS, END_STREAM, HEADERS, PREFACE, FrameReader, GrpcRelay, Link, Watch, frame,
-    grpc_message, header_frames,
+    CONTINUATION, DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, Body, FrameReader, GrpcRelay, Link, Watch,
+    frame, grpc_message, header_frames,
 )
 from storage.embedded import free_port
 
@@ -187,6 +187,31 @@ def test_a_header_block_past_one_frame_is_split_into_continuations_and_read_back
         (HEADERS, END_STREAM, 5), (CONTINUATION, END_HEADERS, 5)]
     assert b"".join(payload for _, _, _, payload, _ in frames) == block
     assert b"".join(raw for _, _, _, _, raw in frames) == wire
+
+
+def test_frames_split_anywhere_across_reads_read_back_as_sent() -> None:
+    """Frames are views of the bytes read: one that straddles two reads, its header too, comes
+    back whole, and the views stay good after later reads."""
+    wire = b"".join(frame(DATA, 0, 1, bytes([n]) * (n * 700)) for n in range(1, 30))
+    reader, frames = FrameReader(), []
+    for at in range(0, len(wire), 4_099):  # an odd read size: every cut lands somewhere new
+        frames += reader.feed(wire[at:at + 4_099])[1]
+    assert [bytes(payload) for *_, payload, _ in frames] == [bytes([n]) * (n * 700) for n in range(1, 30)]
+    assert b"".join(raw for *_, raw in frames) == wire and reader.left == b""
+
+
+@pytest.mark.parametrize("cuts", [(), (1,), (3, 4), (5,), (2, 6, 7)])
+def test_a_message_is_read_whole_wherever_its_frames_cut_it(cuts: tuple[int, ...]) -> None:
+    wire = b"\x00" + (9).to_bytes(4, "big") + b"the whole"
+    body = Body()
+    for start, end in zip((0, *cuts), (*cuts, len(wire))):
+        body.add(memoryview(wire)[start:end])
+    assert grpc_message(body, b"identity") == b"the whole"
+    body.add(memoryview(b"!"))  # past the length the prefix gives: not part of the message
+    assert grpc_message(body, b"identity") == b"the whole"
+    short = Body()
+    short.add(memoryview(wire)[:-1])
+    assert grpc_message(short, b"identity") is None
 
 
 class Recorder:
