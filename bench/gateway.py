@@ -27,11 +27,13 @@ ROUNDS = 4  # latency blocks per path, alternating, so drift in the machine hits
 SAMPLED_RATE = 0.1  # the Kubernetes manifest's rate
 
 
-def start_gateway(upstream: str, port: int, env: dict[str, str], sample_rate: float) -> subprocess.Popen:
+def start_gateway(upstream: str, port: int, env: dict[str, str], sample_rate: float,
+                  cwd: Path | None = None) -> subprocess.Popen:
+    """`mnist gateway` as its own process, from ``cwd``'s code (a checkout) or this one's."""
     process = subprocess.Popen([sys.executable, "-m", "flows.cli", "gateway", "--upstream", upstream,
                                 "--port", str(port), "--log-sample-rate", str(sample_rate),
                                 "--log-flush-seconds", "1"], env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True, cwd=cwd)
     if "listening" not in process.stdout.readline():
         raise RuntimeError("mnist gateway did not start")
     return process
