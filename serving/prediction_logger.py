@@ -64,7 +64,7 @@ class PredictionLogger:
     def __init__(self, store: PredictionLogStore, sample_rate: float, registry: CollectorRegistry,
                  to_messages: Callable[[Call], tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]],
                  queue_size: int = 10_000, batch_records: int = 256, flush_seconds: float = 5.0,
-                 batch_bytes: int = 8 << 20):
+                 batch_bytes: int = 32 << 20):
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample rate {sample_rate}: must be within 0-1")
         self.store, self.sample_rate, self.to_messages = store, sample_rate, to_messages

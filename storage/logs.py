@@ -37,7 +37,7 @@ DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 BATCH_PATTERN = re.compile(r"^\d{6}-[0-9a-f]{12}$")
 FEEDBACK_PATTERN = re.compile(r"^[0-9a-f]{64}\.json$")
 MAX_FEEDBACK_INDEX = 8192  # no request carries more images than a gRPC message holds
-# What a reader inflates one log batch to, at most: writers cut batches at 8 MiB, after at most one
+# What a reader inflates one log batch to, at most: writers cut batches at 32 MiB, after at most one
 # more call of a 64 MiB request and its answer (the gateway's message limit).
 MAX_RECORDS_SIZE = 256 << 20
 
