@@ -4,8 +4,8 @@ not ended in a gRPC server and started again in a gRPC client.
 Why code of our own: a second Python gRPC hop (grpcio server plus client) adds 0.85-1.1 ms per
 call at p50 on two cores (`bench/gateway.py`'s bare pass-through), above the 0.5 ms a gateway
 may cost. Relaying frames keeps the call one gRPC call, end to end. Header blocks are read with
-``hpack`` (python-hyper's, under h2 and httpx); the 9-byte frame headers are read here, because
-most frames pass unread and a parsed frame object per frame would cost more than the relay.
+``hpack`` (python-hyper's, under h2 and httpx); the 9-byte frame headers by ``serving/http2.py``,
+because most frames pass unread and a parsed frame object per frame would cost more than the relay.
 
 What the relay changes on the wire, and nothing else:
 - the caller's header blocks are decoded and written again as literals that enter no HPACK
@@ -16,9 +16,9 @@ DATA, SETTINGS, PING, WINDOW_UPDATE, RST_STREAM and GOAWAY pass unchanged, so fl
 deadlines, keepalives and shutdowns stay the two ends' own. The bodies of watched calls are
 kept (up to ``max_message_bytes``) and handed, with the call's status, to ``finished``.
 
-Frames are views of the bytes as read, not copies: a megabyte request crosses the relay as one
-copy out (the frames joined for the socket) and one for its kept body (joined once, when the call
-has ended); slicing and growing buffers frame by frame cost more CPU than the rest of the relay.
+Frames are views of the bytes as read (``serving/http2.py``), not copies: a megabyte request
+crosses the relay as one copy out (the frames joined for the socket) and one for its kept body
+(joined once, when the call has ended).
 """
 
 from __future__ import annotations
@@ -33,15 +33,14 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from hpack import Decoder
-from hpack.hpack import encode_integer
+
+from serving.http2 import (
+    ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, PUSH_PROMISE, RST_STREAM, SETTINGS,
+    FrameReader, header_frames, header_table_size, literal, unpadded,
+)
 
 log = logging.getLogger("mnist.gateway")
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x5, 0x9
-END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
-SETTINGS_HEADER_TABLE_SIZE = 0x1
-FRAME_LIMIT = 16_384  # SETTINGS_MAX_FRAME_SIZE's floor: a frame this size is always allowed
 CANCELLED = 1  # grpc.StatusCode.CANCELLED's number, for a stream reset before its trailers
 
 
@@ -103,43 +102,6 @@ class Watch:
     max_message_bytes: int = 64 << 20
 
 
-def literal(name: bytes, value: bytes) -> bytes:
-    """A header field as "Literal Header Field without Indexing, New Name" (RFC 7541 6.2.2)."""
-    return b"\x00" + encode_integer(len(name), 7) + name + encode_integer(len(value), 7) + value
-
-
-def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
-    return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
-
-
-def header_frames(stream: int, end_stream: int, block: bytes) -> bytes:
-    """A header block as one HEADERS frame and, past the frame size every peer takes, CONTINUATIONs."""
-    pieces = [block[at:at + FRAME_LIMIT] for at in range(0, max(len(block), 1), FRAME_LIMIT)]
-    frames = [frame(HEADERS if index == 0 else CONTINUATION,
-                    (end_stream if index == 0 else 0) | (END_HEADERS if index == len(pieces) - 1 else 0),
-                    stream, piece) for index, piece in enumerate(pieces)]
-    return b"".join(frames)
-
-
-def unpadded(kind: int, flags: int, payload: memoryview) -> memoryview:
-    """A DATA or HEADERS payload without its padding and, for HEADERS, its priority fields."""
-    start, end = 0, len(payload)
-    if flags & PADDED and payload:
-        start, end = 1, len(payload) - payload[0]
-    if kind == HEADERS and flags & PRIORITY:
-        start += 5
-    return payload[start:max(start, end)]
-
-
-def header_table_size(payload: memoryview) -> int | None:
-    """SETTINGS_HEADER_TABLE_SIZE from a SETTINGS payload, if it sets it."""
-    value = None
-    for at in range(0, len(payload) - 5, 6):
-        if int.from_bytes(payload[at:at + 2], "big") == SETTINGS_HEADER_TABLE_SIZE:
-            value = int.from_bytes(payload[at + 2:at + 6], "big")
-    return value
-
-
 def grpc_message(body: Body, encoding: bytes) -> bytes | None:
     """The one message of a unary call's body (gRPC's 5-byte length prefix), decompressed; None
     when it is not whole or not readable."""
@@ -162,35 +124,6 @@ def grpc_message(body: Body, encoding: bytes) -> bytes | None:
     except (OSError, zlib.error, EOFError):
         pass
     return None
-
-
-Frame = tuple[int, int, int, memoryview, memoryview]  # type, flags, stream, payload, its raw bytes
-
-
-class FrameReader:
-    """Whole frames out of a byte stream, as views of the bytes read."""
-
-    def __init__(self, preface: int = 0):
-        self.left = b""  # the start of a frame the last read did not finish
-        self.preface = preface  # bytes to pass before the first frame (the client's connection preface)
-
-    def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
-        view = memoryview(b"".join((self.left, data)) if self.left else data)  # bytes: the views stay valid
-        at, passed = 0, b""
-        if self.preface:
-            passed = bytes(view[:self.preface])
-            at = len(passed)
-            self.preface -= at
-        frames = []
-        while len(view) - at >= 9:
-            end = at + 9 + int.from_bytes(view[at:at + 3], "big")
-            if len(view) < end:
-                break
-            raw = view[at:end]
-            frames.append((raw[3], raw[4], int.from_bytes(raw[5:9], "big") & 0x7FFFFFFF, raw[9:], raw))
-            at = end
-        self.left = bytes(view[at:])
-        return passed, frames
 
 
 class Link:
