@@ -24,16 +24,6 @@ from bench.common import save, table
 REPO = Path(__file__).resolve().parents[1]
 
 
-def timed(args: list[str], env: dict[str, str]) -> tuple[float, str]:
-    started = time.perf_counter()
-    result = subprocess.run([sys.executable, "-m", "flows.cli", *args], cwd=REPO, env=env, capture_output=True,
-                            text=True)
-    seconds = time.perf_counter() - started
-    if result.returncode != 0:
-        raise RuntimeError(f"mnist {' '.join(args)} failed: {result.stderr[-2000:]}")
-    return seconds, result.stdout
-
-
 def timed_lines(args: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[float, list[tuple[float, str]]]:
     """The whole command's seconds, and each line it printed (stderr too) with the seconds to it."""
     started, lines = time.perf_counter(), []
@@ -44,6 +34,12 @@ def timed_lines(args: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple
     if process.wait() != 0:
         raise RuntimeError(f"{cwd}: mnist {' '.join(args)} failed: {lines[-5:]}")
     return time.perf_counter() - started, lines
+
+
+def timed(args: list[str], env: dict[str, str]) -> tuple[float, str]:
+    """The whole command's seconds and what it printed."""
+    seconds, lines = timed_lines(args, env)
+    return seconds, "\n".join(line for _, line in lines)
 
 
 def run_folder(stdout: str) -> Path:

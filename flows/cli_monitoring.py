@@ -126,30 +126,26 @@ def logged_request(logs, request_id: str, days: int) -> dict:
     return {**asdict(entry), "log": key, "answers": answers}
 
 
-def command_logs(args: argparse.Namespace) -> int:
+def show_logged_request(logs, args: argparse.Namespace) -> None:
     from storage.logs import LogNotFound
     from storage.s3 import VerificationFailed
 
-    if args.days < 1:
-        raise CliError(f"--days {args.days}: must be 1 or more", exit_code=2)
-    with reachable_store(traffic_stores) as (logs, _):
-        if args.action == "show":
-            try:
-                shown = logged_request(logs, args.request_id, args.days)
-            except (LogNotFound, VerificationFailed) as error:
-                raise CliError(str(error)) from None
-        else:
-            batches, problems = list_logs(logs, args.days)
-    if args.action == "show":
-        if args.json:
-            print_json(shown)
-            return 0
-        print(f"request {shown['request_id']}: {shown['time']} over {shown['api']}, answered by version "
-              f"{shown['version']}{' (label ' + shown['label'] + ')' if shown['label'] else ''}, "
-              f"{shown['examples']} image(s); in {shown['log']}")
-        for answer in shown["answers"]:
-            print(f"  image {answer['index']}: {answer['digit']} ({answer['confidence']:.3f})")
-        return 0
+    try:
+        shown = logged_request(logs, args.request_id, args.days)
+    except (LogNotFound, VerificationFailed) as error:
+        raise CliError(str(error)) from None
+    if args.json:
+        print_json(shown)
+        return
+    print(f"request {shown['request_id']}: {shown['time']} over {shown['api']}, answered by version "
+          f"{shown['version']}{' (label ' + shown['label'] + ')' if shown['label'] else ''}, "
+          f"{shown['examples']} image(s); in {shown['log']}")
+    for answer in shown["answers"]:
+        print(f"  image {answer['index']}: {answer['digit']} ({answer['confidence']:.3f})")
+
+
+def show_log_batches(logs, args: argparse.Namespace) -> None:
+    batches, problems = list_logs(logs, args.days)
     if args.json:
         print_json({"batches": batches, "problems": problems})
     else:
@@ -162,6 +158,16 @@ def command_logs(args: argparse.Namespace) -> int:
               f"{args.days} day(s) of {logs.uri()}")
     if problems:
         raise CliError(f"{len(problems)} log batch index(es) refused: " + "; ".join(problems[:3]))
+
+
+def command_logs(args: argparse.Namespace) -> int:
+    if args.days < 1:
+        raise CliError(f"--days {args.days}: must be 1 or more", exit_code=2)
+    with reachable_store(traffic_stores) as (logs, _):
+        if args.action == "show":
+            show_logged_request(logs, args)
+        else:
+            show_log_batches(logs, args)
     return 0
 
 
