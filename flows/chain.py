@@ -12,6 +12,8 @@ from typing import Any, Iterator
 from serving.stack import serving_stack
 from storage.embedded import patched_environ, store_environment
 
+LABEL_TIMEOUT = 30.0  # seconds for the served label to follow a published version
+
 
 @contextmanager
 def run_chain(params: Any, state_dir: Path, queries: str = "0:10"
@@ -22,7 +24,7 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10"
     from flows.cli_serving import mnist_test_inputs
     from flows.cli_training import run_training
     from flows.prefect_api import early_prefect_api
-    from mnist_client.client import predict
+    from mnist_client.client import ServingError, Target, predict, wait_for_label
     from storage.models import StoreSettings
 
     with ExitStack() as stack:
@@ -34,7 +36,13 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10"
         stack.enter_context(patched_environ({"MNIST_SERVING_ADDRESS": serving.gateway}))
         result = run_training(params, api_ready)
         ready()  # a start that failed is said here, not as a live check that timed out
+        model_name = StoreSettings().model_name
+        published = (result.get("published") or {}).get("version")
+        # the live check asked for the version; the label follows at the server's next config poll
+        named = wait_for_label(Target(serving.gateway, model_name, label="stable"), published, LABEL_TIMEOUT)
+        if named is None or published not in (None, named):
+            raise ServingError(f"the server did not take label 'stable' for version {published} within "
+                               f"{LABEL_TIMEOUT:g}s (it names version {named})")
         names, images, labels = mnist_test_inputs(queries)
-        answers = predict(images, address=serving.gateway, model_name=StoreSettings().model_name, label="stable",
-                          names=names)
+        answers = predict(images, address=serving.gateway, model_name=model_name, label="stable", names=names)
         yield result, [{**answer, "label": label} for answer, label in zip(answers, labels)]

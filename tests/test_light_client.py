@@ -221,3 +221,29 @@ def test_calls_share_a_channel_ask_the_names_once_and_follow_a_rename(saved_mode
         assert [answer["version"] for answer in predict(images, address=address)] == [2, 2]
     finally:
         again.stop(grace=0)
+
+
+def test_waiting_for_a_label_follows_the_config_that_names_it(saved_model_dir: Path, tmp_path: Path) -> None:
+    """A version answers before its label does (TF Serving takes a label at its next config poll):
+    wait_for_label says None while the server does not know the label, the version it names when
+    that is another, and returns as soon as the label names the version asked for."""
+    from mnist_client.client import Target, wait_for_label, wait_until_available
+    from serving.model_config import single_model_config
+
+    base = tmp_path / "models" / "mnist"
+    shutil.copytree(saved_model_dir, base / "1")
+    server, address = start_model_server(base)
+    stable = Target(address, label="stable")
+    try:
+        assert wait_until_available(Target(address), [1], 60).get(1) == "AVAILABLE"
+        assert wait_for_label(stable, 1, timeout=0.5) is None
+        config = single_model_config("mnist", base.resolve())
+        config.model_config_list.config[0].version_labels["stable"] = 1
+        threading.Timer(1.0, server.manager.apply_config, [config]).start()
+        started = time.monotonic()
+        assert wait_for_label(stable, 1, timeout=30) == 1
+        assert 0.9 < time.monotonic() - started < 10
+        assert wait_for_label(stable, 2, timeout=0.5) == 1
+    finally:
+        server.stop(grace=0)
+

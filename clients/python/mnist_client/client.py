@@ -316,6 +316,22 @@ def model_status(target: Target) -> list[tuple[int, str]]:
             for status in response.model_version_status]
 
 
+def wait_for_label(target: Target, version: int | None, timeout: float) -> int | None:
+    """Poll GetModelMetadata for ``target``'s label until it names ``version`` (any version, if
+    None), or ``timeout`` passes; returns the version the label last named, None if the server did
+    not know it. TF Serving takes a label only once its version is AVAILABLE, at its next config
+    poll: a label asked for in between is "Unrecognized", though the version already answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            named: int | None = signature_io(shared_channel(target), target)[2]
+        except ServingError:
+            named = None  # not known yet, or the server is restarting: keep asking
+        if (named is not None and version in (None, named)) or time.monotonic() > deadline:
+            return named
+        time.sleep(0.2)
+
+
 def wait_until_available(target: Target, versions: list[int], timeout: float) -> dict[int, str]:
     """Poll GetModelStatus until every one of ``versions`` is AVAILABLE, or has ended (END after
     being seen loading or served during this wait: a load that failed after its retries, or an
