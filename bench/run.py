@@ -1,7 +1,8 @@
 """`make bench`: training, flow overhead and serving benchmarks, one after the other.
 
 Each prints its table and writes JSON (with the machine and library versions)
-to bench/results/. Run one with --only training|whole|flow|serving|gateway|light-client|data|transfers.
+to bench/results/. Run one with --only training|whole|flow|serving|gateway|gateway-memory|light-client|
+data|transfers.
 """
 
 from __future__ import annotations
@@ -15,14 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from bench import data, flow_overhead, gateway, light_client, serving, training, transfers, whole_runs  # noqa: E402
+from bench import (  # noqa: E402
+    data, flow_overhead, gateway, gateway_memory, light_client, serving, training, transfers, whole_runs,
+)
 from bench.common import libraries, machine  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "light-client",
-                                                 "data", "transfers"))
+    parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "gateway-memory",
+                                                 "light-client", "data", "transfers"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
@@ -35,6 +38,9 @@ def main() -> None:
     if args.only in (None, "gateway"):
         print("\n== the logging gateway's cost: direct against through the gateway ==")
         gateway.main()
+    if args.only in (None, "gateway-memory"):
+        print("\n== the logging gateway's memory with its store down ==")
+        gateway_memory.main()
     if args.only in (None, "light-client"):
         print("\n== the TensorFlow-free client, installed fresh ==")
         light_client.main()

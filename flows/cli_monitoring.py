@@ -38,11 +38,15 @@ def command_gateway(args: argparse.Namespace) -> int:
     logging.getLogger("botocore").setLevel(logging.WARNING)  # not a line per credential lookup
     if not 0.0 <= args.log_sample_rate <= 1.0:
         raise CliError(f"--log-sample-rate {args.log_sample_rate}: must be within 0-1", exit_code=2)
+    for flag, value in (("--log-queue-size", args.log_queue_size), ("--log-queue-mib", args.log_queue_mib)):
+        if value < 1:
+            raise CliError(f"{flag} {value}: must be at least 1", exit_code=2)
     with reachable_store(lambda: traffic_stores(LOG_RETRY_SECONDS)) as (logs, feedback):
         options = GatewayOptions(upstream=args.upstream, upstream_rest=args.upstream_rest, port=args.port,
                                  rest_port=args.rest_api_port, host=args.host, model_name=logs.settings.model_name,
                                  sample_rate=args.log_sample_rate, batch_records=args.log_batch_records,
-                                 flush_seconds=args.log_flush_seconds, queue_size=args.log_queue_size)
+                                 flush_seconds=args.log_flush_seconds, queue_size=args.log_queue_size,
+                                 queue_bytes=args.log_queue_mib << 20)
         try:
             gateway = Gateway(options, logs, feedback).start()
         except (RuntimeError, OSError) as error:
@@ -246,6 +250,9 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
                          help="longest a logged call waits before its batch is written (default 5)")
     gateway.add_argument("--log-queue-size", type=int, default=10_000,
                          help="calls waiting to be written before new ones are dropped (default 10000)")
+    gateway.add_argument("--log-queue-mib", type=int, default=256,
+                         help="MiB of messages waiting to be written before new ones are dropped: keep it well "
+                              "under the gateway's memory limit (default 256)")
     gateway.add_argument("--drain-seconds", type=float, default=10.0,
                          help="on SIGTERM, how long queued logs may take to be written (default 10)")
     gateway.set_defaults(handler=command_gateway)

@@ -40,7 +40,7 @@ from serving.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.json_document import JsonTensorError, parse_document, read_document
 from serving.json_tensor import dtypes, read_columns, read_predict, read_rows
 from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
-from serving.prediction_logger import Call, PredictionLogger, Unloggable
+from serving.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
 from serving.rest_paths import (
     FEEDBACK_ROUTE, PREDICTION_ROUTE, READY_ROUTE, ModelPath, PathError, fill_spec, model_path,
 )
@@ -71,6 +71,7 @@ class GatewayOptions:
     model_name: str = "mnist"  # whose Predict calls are logged and take feedback
     sample_rate: float = 1.0
     queue_size: int = 10_000
+    queue_bytes: int = 256 << 20
     batch_records: int = 256
     flush_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
@@ -81,7 +82,8 @@ class Gateway:
         self.options, self.logs, self.feedback = options, logs, feedback
         self.metrics = ServingMetrics()
         self.logger = PredictionLogger(logs, options.sample_rate, self.metrics.registry, self.to_messages,
-                                       options.queue_size, options.batch_records, options.flush_seconds)
+                                       options.queue_size, options.batch_records, options.flush_seconds,
+                                       queue_bytes=options.queue_bytes)
         limits = [("grpc.max_receive_message_length", options.max_message_bytes),
                   ("grpc.max_send_message_length", options.max_message_bytes)]
         self.channel = grpc.insecure_channel(options.upstream, options=limits)  # the REST side's metadata calls
@@ -139,7 +141,8 @@ class Gateway:
         self.metrics.observe(spec.name, version, spec.version_label, "Predict", "GRPC",
                              STATUS_NAMES.get(status, "UNKNOWN"), time.perf_counter() - call.started)
         if request_bytes is not None and answer is not None:
-            self.maybe_log(spec.name, Call(call.request_id, "grpc", request, request_bytes, answer, version))
+            self.maybe_log(spec.name, Call(call.request_id, "grpc", request_outline(request), request_bytes, answer,
+                                           version))
 
     def maybe_log(self, model_name: str, call: Call) -> None:
         if model_name != self.options.model_name:

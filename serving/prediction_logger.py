@@ -1,7 +1,8 @@
 """Sampled prediction logging that never blocks or fails a request.
 
 The gateway hands each sampled call to ``PredictionLogger.offer``, which only puts it on a
-bounded queue (a full queue drops the record and counts it). One background thread turns
+queue bounded in calls and in bytes (a full queue drops the record and counts it: a store that is
+down must not grow the gateway past its memory limit). One background thread turns
 calls into TF Serving ``PredictionLog`` records and writes them in batches to the store
 (``storage/logs.py``); when the store is down a batch is dropped and counted, and the
 requests it came from were answered long before. ``close`` flushes within a deadline.
@@ -43,16 +44,26 @@ class Call:
     rest: dict[str, Any] | None = None
     time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
+    @property
+    def size(self) -> int:
+        """Bytes of messages the call holds while it waits to be written."""
+        rest = self.rest or {}
+        return (len(self.request_bytes) + len(self.response_bytes) + len(rest.get("request") or b"")
+                + len(rest.get("response") or b""))
+
 
 class Unloggable(ValueError):
     """A call that cannot be written as a PredictionLog (e.g. a REST body of another shape)."""
 
 
 class LoggerMetrics:
-    def __init__(self, registry: CollectorRegistry, depth: Callable[[], int]):
+    def __init__(self, registry: CollectorRegistry, depth: Callable[[], int], queued_bytes: Callable[[], int]):
         self.queue_depth = Gauge("mnist_gateway_log_queue_depth", "Sampled calls waiting to be written.",
                                  registry=registry)
         self.queue_depth.set_function(depth)
+        self.queue_bytes = Gauge("mnist_gateway_log_queue_bytes", "Bytes of messages waiting to be written.",
+                                 registry=registry)
+        self.queue_bytes.set_function(queued_bytes)
         self.dropped = Counter("mnist_gateway_logs_dropped", "Sampled calls not written, by reason.", ("reason",),
                                registry=registry)
         self.written = Counter("mnist_gateway_logs_written", "PredictionLog records written to the store.",
@@ -64,13 +75,15 @@ class PredictionLogger:
     def __init__(self, store: PredictionLogStore, sample_rate: float, registry: CollectorRegistry,
                  to_messages: Callable[[Call], tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]],
                  queue_size: int = 10_000, batch_records: int = 256, flush_seconds: float = 5.0,
-                 batch_bytes: int = 32 << 20):
+                 batch_bytes: int = 32 << 20, queue_bytes: int = 256 << 20):
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample rate {sample_rate}: must be within 0-1")
         self.store, self.sample_rate, self.to_messages = store, sample_rate, to_messages
         self.batch_records, self.flush_seconds, self.batch_bytes = batch_records, flush_seconds, batch_bytes
         self.queue: queue.Queue[Call] = queue.Queue(maxsize=queue_size)
-        self.metrics = LoggerMetrics(registry, self.queue.qsize)
+        self.queue_bytes = queue_bytes  # a batch-256 call is about a megabyte: 10,000 of them would be 10 GB
+        self.queued_bytes = 0
+        self.metrics = LoggerMetrics(registry, self.queue.qsize, lambda: self.queued_bytes)
         self.uploaded: OrderedDict[str, str] = OrderedDict()  # request id -> index key of its batch
         self.unsampled: OrderedDict[str, None] = OrderedDict()  # answered, not sampled
         self.written_records = 0
@@ -88,10 +101,23 @@ class PredictionLogger:
 
     def offer(self, call: Call) -> None:
         self.metrics.sampled.inc()
+        size = call.size
+        with self.lock:
+            room = self.queued_bytes + size <= self.queue_bytes
+            if room:
+                self.queued_bytes += size
         try:
+            if not room:
+                raise queue.Full
             self.queue.put_nowait(call)
         except queue.Full:
+            if room:
+                self.unqueued(size)
             self.metrics.dropped.labels("queue_full").inc()
+
+    def unqueued(self, size: int) -> None:
+        with self.lock:
+            self.queued_bytes -= size
 
     def skipped(self, request_id: str) -> None:
         with self.lock:
@@ -126,8 +152,9 @@ class PredictionLogger:
                 call = self.queue.get(timeout=min(remaining, 0.1))
             except queue.Empty:
                 continue
+            self.unqueued(call.size)
             batch.append(call)
-            size += len(call.request_bytes) + len(call.response_bytes) + len((call.rest or {}).get("request", b""))
+            size += call.size
         return batch
 
     def record(self, call: Call) -> tuple[LogEntry, list[bytes]]:
@@ -179,7 +206,7 @@ class PredictionLogger:
         left = 0
         while True:
             try:
-                self.queue.get_nowait()
+                self.unqueued(self.queue.get_nowait().size)
                 left += 1
             except queue.Empty:
                 break
@@ -193,6 +220,17 @@ def remember(ids: OrderedDict, request_id: str, value: Any) -> None:
     ids.move_to_end(request_id)
     while len(ids) > REMEMBERED_IDS:
         ids.popitem(last=False)
+
+
+def request_outline(request: predict_pb2.PredictRequest) -> predict_pb2.PredictRequest:
+    """The request's model spec and its inputs' types and shapes, not their values: what a log
+    index needs, where the parsed request would hold a second copy of the payload while it waits."""
+    outline = predict_pb2.PredictRequest()
+    outline.model_spec.CopyFrom(request.model_spec)
+    for name, tensor in request.inputs.items():
+        outline.inputs[name].dtype = tensor.dtype
+        outline.inputs[name].tensor_shape.CopyFrom(tensor.tensor_shape)
+    return outline
 
 
 def examples_in(request: predict_pb2.PredictRequest) -> int:

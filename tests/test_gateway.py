@@ -171,6 +171,45 @@ def test_a_store_that_stops_mid_load_drops_logs_and_fails_no_request(store_env, 
     assert gateway.logger.written_records + sum(dropped.values()) <= 480
 
 
+def test_the_log_queue_holds_no_more_bytes_than_its_budget(store_env, digits: np.ndarray) -> None:
+    """A store that cannot keep up must not grow the gateway past its memory limit: calls of 256
+    digits (about 0.8 MB each) beyond a 2 MiB budget are dropped and counted, though the queue
+    has room for 10,000 calls; those queued are written once the writer runs, logged from the
+    request's outline (its spec and shapes), with every image counted."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.prediction_logger import Call, PredictionLogger, request_outline
+    from storage.logs import days_back
+
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name, request.model_spec.version_label = "mnist", "stable"
+    request.inputs["image"].CopyFrom(to_tensor_proto(np.repeat(digits, 4, axis=0)))
+    response = predict_pb2.PredictResponse()
+    response.model_spec.name, response.model_spec.version.value = "mnist", 1
+    response.outputs["probabilities"].CopyFrom(to_tensor_proto(np.full((256, 10), 0.1, np.float32)))
+    request_bytes, response_bytes = request.SerializeToString(), response.SerializeToString()
+    logs, _ = stores()
+    registry = CollectorRegistry()
+    logger = PredictionLogger(logs, 1.0, registry, to_messages=None, flush_seconds=0.2, queue_bytes=2 << 20)
+    calls = [Call(f"{index:032x}", "grpc", request_outline(request), request_bytes, response_bytes, 1)
+             for index in range(5)]
+    for call in calls:  # the writer is not running yet: as a store that does not answer
+        logger.offer(call)
+    queued = registry.get_sample_value("mnist_gateway_log_queue_bytes")
+    dropped = registry.get_sample_value("mnist_gateway_logs_dropped_total", {"reason": "queue_full"})
+    assert (queued, dropped) == (2 * calls[0].size, 3)
+    assert 2 * calls[0].size <= 2 << 20 < 3 * calls[0].size
+    logger.start()
+    try:
+        wait_for(lambda: logger.written_records == 2)
+    finally:
+        logger.close(5.0)
+    assert registry.get_sample_value("mnist_gateway_log_queue_bytes") == 0
+    entries = [entry for key in logs.batch_keys(days_back(1)) for entry in logs.read_index(key)[1]]
+    assert [(e.request_id, e.examples, e.version, e.label) for e in entries] == \
+        [(calls[i].request_id, 256, 1, "stable") for i in range(2)]
+
+
 def test_sigterm_flushes_the_queued_logs_within_the_deadline(store_env, upstream, digits: np.ndarray,
                                                               tmp_path: Path) -> None:
     _, address, _ = upstream
