@@ -106,14 +106,13 @@ class PredictionLogger:
             room = self.queued_bytes + size <= self.queue_bytes
             if room:
                 self.queued_bytes += size
-        try:
-            if not room:
-                raise queue.Full
-            self.queue.put_nowait(call)
-        except queue.Full:
-            if room:
+        if room:
+            try:
+                self.queue.put_nowait(call)
+                return
+            except queue.Full:
                 self.unqueued(size)
-            self.metrics.dropped.labels("queue_full").inc()
+        self.metrics.dropped.labels("queue_full").inc()
 
     def unqueued(self, size: int) -> None:
         with self.lock:
