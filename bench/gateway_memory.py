@@ -16,36 +16,9 @@ from pathlib import Path
 
 from bench.common import save, table, test_digits
 from bench.gateway import start_gateway
-from bench.serving import make_model, request_for, start_server
+from bench.serving import closed_loop_calls, make_model, request_for, start_server
 
 BUDGETS_MIB = (256, 100_000)  # the default, and none in effect
-
-
-def load(address: str, clients: int, seconds: float) -> tuple[int, int]:
-    """Batch-256 Predict calls from ``clients`` threads for ``seconds``: (answered, failed)."""
-    import grpc
-    from tensorflow_serving.apis import prediction_service_pb2_grpc
-
-    request = request_for(test_digits(256))
-    answered, failed = [0] * clients, [0] * clients
-
-    def client(index: int) -> None:
-        with grpc.insecure_channel(address) as channel:
-            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            deadline = time.perf_counter() + seconds
-            while time.perf_counter() < deadline:
-                try:
-                    stub.Predict(request, timeout=30)
-                    answered[index] += 1
-                except grpc.RpcError:
-                    failed[index] += 1
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    return sum(answered), sum(failed)
 
 
 def peak_rss_while(pid: int, work) -> tuple[int, object]:
@@ -88,7 +61,9 @@ def one_budget(server_address: str, scratch: Path, budget_mib: int, seconds: flo
                             "--rest-api-port", str(rest_port))
     try:
         stop_local_store(state)  # the store goes down; the gateway keeps answering
-        peak, (answered, failed) = peak_rss_while(gateway.pid, lambda: load(f"127.0.0.1:{port}", 2, seconds))
+        request = request_for(test_digits(256))
+        peak, (answered, failed, _) = peak_rss_while(
+            gateway.pid, lambda: closed_loop_calls(f"127.0.0.1:{port}", request, 2, seconds))
         dropped = dropped_logs(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics")
     finally:
         stop_process(gateway.pid)

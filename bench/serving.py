@@ -79,24 +79,31 @@ def latency_ms(address: str, calls: int) -> list[float]:
     return samples
 
 
-def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> float:
-    """Images per second with ``clients`` threads, each with its own channel, for ``seconds``."""
+def closed_loop_calls(address: str, request, clients: int, seconds: float) -> tuple[int, int, float]:
+    """``clients`` threads, each with its own channel, sending ``request`` as Predict one call after
+    another for ``seconds``, after a first call each that is not timed: (calls answered, calls
+    failed, the first calls' failures included, and the seconds taken)."""
     import grpc
     from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-    request = request_for(test_digits(batch))
-    counts = [0] * clients
+    answered, failed = [0] * clients, [0] * clients
     start = threading.Barrier(clients + 1)
 
     def client(index: int) -> None:
         with grpc.insecure_channel(address) as channel:
             stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
-            stub.Predict(request, timeout=30)
+            try:
+                stub.Predict(request, timeout=30)
+            except grpc.RpcError:
+                failed[index] += 1
             start.wait()
             deadline = time.perf_counter() + seconds
             while time.perf_counter() < deadline:
-                stub.Predict(request, timeout=30)
-                counts[index] += batch
+                try:
+                    stub.Predict(request, timeout=30)
+                    answered[index] += 1
+                except grpc.RpcError:
+                    failed[index] += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     for thread in threads:
@@ -105,7 +112,15 @@ def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> f
     began = time.perf_counter()
     for thread in threads:
         thread.join()
-    return sum(counts) / (time.perf_counter() - began)
+    return sum(answered), sum(failed), time.perf_counter() - began
+
+
+def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> float:
+    """Images per second with ``clients`` threads, each with its own channel, for ``seconds``."""
+    answered, failed, elapsed = closed_loop_calls(address, request_for(test_digits(batch)), clients, seconds)
+    if failed:
+        raise RuntimeError(f"{failed} of {answered + failed} Predict calls to {address} failed")
+    return answered * batch / elapsed
 
 
 def rest_body(batch: int) -> bytes:

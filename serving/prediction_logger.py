@@ -151,9 +151,10 @@ class PredictionLogger:
                 call = self.queue.get(timeout=min(remaining, 0.1))
             except queue.Empty:
                 continue
-            self.unqueued(call.size)
+            held = call.size
+            self.unqueued(held)
             batch.append(call)
-            size += call.size
+            size += held
         return batch
 
     def record(self, call: Call) -> tuple[LogEntry, list[bytes]]:
