@@ -9,7 +9,7 @@ import platform
 import statistics
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -70,3 +70,19 @@ def save(name: str, payload: dict[str, Any]) -> Path:
     path.write_text(json.dumps(record, indent=2))
     (RESULTS / f"{name}-latest.json").write_text(json.dumps(record, indent=2))
     return path
+
+
+def process_tree_cpu(*pids: int) -> Callable[[], float]:
+    """The user and system CPU seconds so far of these processes and their children."""
+    import psutil
+
+    def seconds() -> float:
+        processes = [psutil.Process(pid) for pid in pids]
+        processes += [child for process in list(processes) for child in process.children(recursive=True)]
+        return sum(sum(process.cpu_times()[:2]) for process in processes)
+
+    return seconds
+
+
+def own_cpu() -> float:
+    return sum(os.times()[:2])  # this process alone, not the servers it started

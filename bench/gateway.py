@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from bench.common import save, table
+from bench.common import own_cpu, process_tree_cpu, save, table
 from bench.serving import grpc_throughput, latency_ms, make_model, start_server
 
 ROUNDS = 4  # latency blocks per path, alternating, so drift in the machine hits both alike
@@ -66,22 +66,6 @@ def start_passthrough(upstream: str, port: int) -> subprocess.Popen:
     if "listening" not in process.stdout.readline():
         raise RuntimeError("the pass-through did not start")
     return process
-
-
-def process_tree_cpu(*pids: int) -> Callable[[], float]:
-    """The user and system CPU seconds so far of these processes and their children."""
-    import psutil
-
-    def seconds() -> float:
-        processes = [psutil.Process(pid) for pid in pids]
-        processes += [child for process in list(processes) for child in process.children(recursive=True)]
-        return sum(sum(process.cpu_times()[:2]) for process in processes)
-
-    return seconds
-
-
-def own_cpu() -> float:
-    return sum(os.times()[:2])  # this process alone, not the servers it started
 
 
 def costed_throughput(address: str, seconds: float, clocks: dict[str, Callable[[], float]]

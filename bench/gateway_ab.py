@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from bench.gateway import costed_throughput, process_tree_cpu, start_gateway  # noqa: E402
+from bench.common import process_tree_cpu  # noqa: E402
+from bench.gateway import costed_throughput, start_gateway  # noqa: E402
 from bench.serving import make_model, start_server  # noqa: E402
 
 

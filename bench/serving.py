@@ -9,6 +9,7 @@ client httpx on one keep-alive connection.
 from __future__ import annotations
 
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -16,10 +17,11 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from bench.common import save, table, test_digits
+from bench.common import own_cpu, process_tree_cpu, save, table, test_digits
 
 BATCHES = (1, 32, 256)
 CLIENTS = (1, 4)
@@ -123,6 +125,22 @@ def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> f
     return answered * batch / elapsed
 
 
+def costed_single_images(address: str, clients: int, seconds: float, clocks: dict[str, Callable[[], float]]
+                         ) -> tuple[float, dict[str, float]]:
+    """Single images/s from ``clients`` closed-loop clients; the CPU milliseconds each clock's process
+    spent per image answered, and how many cores all of them kept busy (over the whole measure, the
+    clients' first calls and channels included)."""
+    before = {name: clock() for name, clock in clocks.items()}
+    started = time.perf_counter()
+    answered, failed, elapsed = closed_loop_calls(address, request_for(test_digits(1)), clients, seconds)
+    wall = time.perf_counter() - started
+    if failed:
+        raise RuntimeError(f"{failed} of {answered + failed} Predict calls to {address} failed")
+    spent = {name: clock() - before[name] for name, clock in clocks.items()}
+    costs = {name: 1000 * value / answered for name, value in spent.items()}
+    return answered / elapsed, {**costs, "cores busy": sum(spent.values()) / wall}
+
+
 def rest_body(batch: int) -> bytes:
     images = np.random.default_rng(4).random((batch, 28, 28, 1), dtype=np.float32)
     return json.dumps({"instances": images.tolist()}).encode()
@@ -203,14 +221,15 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
 
     image_file = saved.parent.parent / "one-image.npy"
     np.save(image_file, np.random.default_rng(3).random((1, 28, 28, 1), dtype=np.float32))
-    rates, p50, whole, batches = {}, {}, {}, {}
+    rates, cpu, p50, whole, batches = {}, {}, {}, {}, {}
     for name, flags in (("off", ()), ("on", ("--enable-batching", "--batching-parameters-file", str(BATCHING_FILE)))):
         port, rest_port = free_port(), free_port()
         server = start_server(saved.parent, port, *flags, "--rest-api-port", str(rest_port),
                               "--monitoring-config-file", str(MONITORING_FILE))
         try:
             address = f"127.0.0.1:{port}"
-            rates[name] = grpc_throughput(address, 1, clients, seconds)
+            rates[name], cpu[name] = costed_single_images(address, clients, seconds,
+                                                          {"server": process_tree_cpu(server.pid), "clients": own_cpu})
             if name == "on":
                 batches = batch_figures(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics")
             p50[name] = statistics.median(latency_ms(address, latency_calls))
@@ -224,11 +243,15 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
     print(f"the batching server's own metrics for that load: {batches['signature_calls']:.0f} signature calls, "
           f"{batches['mean_batch']:.2f} images per call, {batches['mean_queuing_us']:.0f} us in the queue per request "
           f"(mean; the warm-up call included)")
+    for process in ("server", "clients"):
+        print(f"CPU ms per image, {process}: {cpu['off'][process]:.3f} batching off, {cpu['on'][process]:.3f} on")
+    print(f"cores busy under that load (of {os.cpu_count()}): {cpu['off']['cores busy']:.2f} batching off, "
+          f"{cpu['on']['cores busy']:.2f} on")
     print(f"one client, single image, p50: {p50['off']:.2f} ms batching off, {p50['on']:.2f} ms batching on")
     print(f"whole `mnist predict` of one image, process start to answer (median of 5): {whole['off']:.2f} s "
           f"batching off, {whole['on']:.2f} s batching on")
-    return {"clients": clients, "images_per_s": rates, "single_client_p50_ms": p50, "whole_predict_s": whole,
-            "batching_metrics": batches}
+    return {"clients": clients, "images_per_s": rates, "cpu_ms_per_image": cpu, "single_client_p50_ms": p50,
+            "whole_predict_s": whole, "batching_metrics": batches}
 
 
 def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
