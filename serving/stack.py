@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from storage.embedded import free_port, process_alive, stop_process
+from storage.embedded import free_port, port_free, process_alive, stop_process
 
 MONITORING_CONFIG = Path(__file__).resolve().parent / "deploy" / "monitoring.config"
 
@@ -61,22 +60,14 @@ def running_stack(state_dir: Path) -> Stack | None:
     return stack if process_alive(stack.pid) else None
 
 
-def port_free(port: int) -> bool:
-    with socket.socket() as probe:
-        try:
-            probe.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
 def wait_for_log(process: subprocess.Popen, log_path: Path, ready_text: str, name: str,
                  timeout: float = 180.0) -> None:
     """Until the process's log shows ``ready_text``; StackError if it exits or takes too long."""
     deadline = time.monotonic() + timeout
-    while ready_text not in log_path.read_text():
+    while ready_text not in (log := log_path.read_text()):
         if process.poll() is not None or time.monotonic() > deadline:
-            raise StackError(f"mnist {name} did not start (exit {process.poll()}); see {log_path}")
+            last = next((line for line in reversed(log.splitlines()) if line.strip()), "")
+            raise StackError(f"mnist {name} did not start (exit {process.poll()}): {last[:300]}; see {log_path}")
         time.sleep(0.2)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -54,7 +55,39 @@ class RunningWeed:
         self.process.wait(timeout=10)
 
 
+LOWEST_PICKED_PORT = 10_000  # below it sit the well-known and registered services' defaults
+_port_picker = random.SystemRandom()  # never the seeded module generator: seeded processes would all pick alike
+
+
+def ephemeral_ports() -> tuple[int, int]:
+    """The range the kernel takes outgoing connections' local ports from (Linux's default elsewhere)."""
+    try:
+        low, high = (int(value) for value in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
 def free_port() -> int:
+    """A loopback port nothing listens on, for a process started next to bind. Picked below the
+    ephemeral range: a port the kernel hands out can be taken by any outgoing connection between
+    this check and that bind (a gateway once lost its port so, and a live check waited 120 s on
+    it). The kernel's own pick only where the range leaves no room below it."""
+    low, _ = ephemeral_ports()
+    if low - LOWEST_PICKED_PORT >= 1000:
+        for _ in range(100):
+            port = _port_picker.randrange(LOWEST_PICKED_PORT, low)
+            if port_free(port):
+                return port
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]

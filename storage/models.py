@@ -261,9 +261,9 @@ class ModelStore(ObjectStore):
                      **(event or {})})
         return previous
 
-    def rollback(self, label: str = "stable", event: dict[str, Any] | None = None) -> tuple[int, int]:
-        """Point ``label`` at the version it pointed to before the current one
-        (or, without such a record, the newest complete version below it)."""
+    def rollback_target(self, label: str = "stable") -> int | None:
+        """The version ``label`` pointed to before the current one (or, without such a record, the
+        newest complete version below it); None when there is none. StoreError without the label."""
         current = self.labels().get(label)
         if current is None:
             raise StoreError(f"nothing to roll back: no {label!r} label in {self.uri()}")
@@ -272,9 +272,14 @@ class ModelStore(ObjectStore):
                            if e.get("event") == "label" and e.get("label") == label and e.get("version") is not None]
         candidates = [v for v in reversed(earlier_targets) if v != current and v in complete and v < current]
         candidates += sorted((v for v in complete if v < current), reverse=True)
-        if not candidates:
+        return candidates[0] if candidates else None
+
+    def rollback(self, label: str = "stable", event: dict[str, Any] | None = None) -> tuple[int, int]:
+        """Point ``label`` at the version ``rollback_target`` names; StoreError when it names none."""
+        target = self.rollback_target(label)
+        current = self.labels()[label]
+        if target is None:
             raise StoreError(f"nothing to roll back to: no published version of {self.uri()} before {current}")
-        target = candidates[0]
         self.set_label(label, target, {"reason": "rollback", **(event or {})})
         self.record({"event": "rollback", "label": label, "version": target, "previous": current, **(event or {})})
         return current, target

@@ -189,13 +189,15 @@ def live_check_version(address: str, model_name: str, version: int, saved_model:
     return compare_golden(served, saved_model_predict(saved_model, golden))
 
 
-def undo_publish(store: ModelStore, label: str, flow_run_id: str | None, reason: str) -> None:
-    """Move ``stable`` back (or drop the ``canary`` label) after a failed live check."""
+def undo_publish(store: ModelStore, label: str, flow_run_id: str | None, reason: str) -> str:
+    """After a failed live check, move ``stable`` back, or drop the label (``canary``, or a first
+    ``stable`` with no version before it: no label names a version that failed). Says which."""
     event = {**current_run(), "flow_run_id": flow_run_id, "reason": reason}
-    if label == "stable":
-        store.rollback("stable", event)
-    else:
-        store.set_label(label, None, event)
+    if label == "stable" and store.rollback_target("stable") is not None:
+        previous, current = store.rollback("stable", event)
+        return f"stable moved back from version {previous} to version {current}"
+    store.set_label(label, None, event)
+    return f"label {label} removed"
 
 
 @task(name="live-check", timeout_seconds=900)
@@ -213,7 +215,7 @@ def live_check(published: dict[str, Any], saved_model: str, prepared_path: str, 
         logger.info("live check passed: version %d answers %d golden digits as offline", published["version"],
                     GOLDEN_SIZE)
         return {"passed": True, "summary": f"live check passed at {address}"}
-    logger.error("live check failed: %s; moving %s back", reason, published["label"])
-    undo_publish(store, published["label"], flow_run_id, reason)
+    undone = undo_publish(store, published["label"], flow_run_id, reason)
+    logger.error("live check failed: %s; %s", reason, undone)
     update_registry_overview(store)
-    return {"passed": False, "summary": f"live check failed, {published['label']} moved back: {reason}"}
+    return {"passed": False, "summary": f"live check failed, {undone}: {reason}"}

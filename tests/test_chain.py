@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -51,6 +52,18 @@ def test_failed_live_check_moves_stable_back_and_fails_the_run(prefect_api, pipe
     assert (rollback["previous"], rollback["version"]) == (2, 1) and "AVAILABLE" in rollback["reason"]
 
 
+def test_a_first_version_that_fails_its_live_check_keeps_no_label(store: ModelStore, saved_model_dir: Path) -> None:
+    from tasks.publish import publish_model, undo_publish
+
+    metrics = {"test_accuracy": 0.97, "test_loss": 0.1, "per_class_accuracy": [0.97] * 10}
+    publish_model(store, saved_model_dir, metrics, {"flow_run_id": "first"}, "stable")
+    assert store.rollback_target("stable") is None  # nothing before version 1
+    assert undo_publish(store, "stable", "first", "did not become AVAILABLE") == "label stable removed"
+    assert store.labels() == {} and store.complete_versions() == [1]  # the version stays, unlabelled
+    removal = [e for e in store.history() if e["event"] == "label"][-1]
+    assert (removal["label"], removal["version"], removal["reason"]) == ("stable", None, "did not become AVAILABLE")
+
+
 def test_export_without_publish_is_servable(mnist_dir: Path, cache_dir: Path, tmp_path: Path,
                                             prepared_path: Path) -> None:
     env = {**os.environ, "MNIST_DATA_DIR": str(mnist_dir), "MNIST_CACHE_DIR": str(cache_dir),
@@ -95,5 +108,28 @@ def test_run_chain_publishes_serves_and_answers_over_grpc(prefect_api, pipeline_
     logs = PredictionLogStore(TrafficSettings())
     logged = [entry for key in logs.batch_keys(days_back(1)) for entry, _ in logs.read_batch(key)]
     assert answers[0]["request_id"] in [entry.request_id for entry in logged]  # flushed when the chain stopped
+    leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)
+    assert leftover.stdout == "", "the chain left its server or sync running"
+
+
+def test_run_chain_names_the_part_of_the_stack_that_did_not_start(prefect_api, pipeline_env: Path, store: ModelStore,
+                                                                    tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gateway's port is taken before it binds: the run says so from the gateway's own log, not
+    as the live check's timeout, and the first version it published keeps no label."""
+    import serving.stack
+    from flows.chain import run_chain
+    from serving.stack import StackError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])  # the stack's first pick is the gateway's gRPC port
+        monkeypatch.setattr(serving.stack, "free_port", lambda: next(picks, None) or free_port())
+        monkeypatch.setenv("MNIST_LIVE_CHECK_TIMEOUT", "3")
+        with pytest.raises(StackError, match=r"mnist gateway did not start \(exit 1\): .*address already in use"):
+            with run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries="0:5"):
+                pass
+    assert store.complete_versions() == [1] and store.labels() == {}
     leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)
     assert leftover.stdout == "", "the chain left its server or sync running"

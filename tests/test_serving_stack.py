@@ -4,7 +4,9 @@ through the gateway, says where it is, and stops on SIGTERM leaving no process b
 from __future__ import annotations
 
 import os
+import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -15,6 +17,7 @@ import numpy as np
 
 from mnist_client.client import Target, predict, wait_until_available
 from tasks.data import load_test_set
+from storage.embedded import LOWEST_PICKED_PORT, ephemeral_ports, free_port, port_free
 from tasks.publish import publish_model
 from tests.conftest import REPO
 
@@ -56,3 +59,19 @@ def test_make_serve_comes_up_serves_what_is_published_and_stops_clean(store, sav
     assert "mnist up: stopped" in output and not (state / "serving" / "stack.json").exists()
     leftover = subprocess.run(["pgrep", "-f", str(state)], capture_output=True, text=True)
     assert leftover.stdout == "", "mnist up left a process running"
+
+
+def test_free_ports_come_from_below_the_ephemeral_range_and_are_free() -> None:
+    """An outgoing connection can take an ephemeral port between the pick and the bind; none of
+    these can be taken so."""
+    low, _ = ephemeral_ports()
+    picks = []
+    for _ in range(2):
+        random.seed(0)  # as a seeded training run would: the picks must not follow
+        picks.append([free_port() for _ in range(5)])
+    assert picks[0] != picks[1]
+    assert all(LOWEST_PICKED_PORT <= port < low for port in picks[0] + picks[1])
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", picks[0][0]))
+        listener.listen()
+        assert not port_free(picks[0][0])
