@@ -53,6 +53,38 @@ def start_server(model_dir: Path, port: int, *flags: str) -> subprocess.Popen:
     return process
 
 
+def echo(port: int) -> None:
+    """The floor of any Python gRPC server under this load: Predict answered with fixed bytes (a
+    single image's answer), nothing parsed, nothing run; the thread pool `mnist serve` has."""
+    from concurrent import futures
+
+    import grpc
+    from tensorflow_serving.apis import predict_pb2
+
+    from serving.tensors import to_tensor_proto
+
+    answer = predict_pb2.PredictResponse()
+    answer.model_spec.name, answer.model_spec.version.value = "mnist", 1
+    answer.outputs["probabilities"].CopyFrom(to_tensor_proto(np.full((1, 10), 0.1, np.float32)))
+    reply = answer.SerializeToString()
+    server = grpc.server(futures.ThreadPoolExecutor(4 * (os.cpu_count() or 1)))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", {
+        "Predict": grpc.unary_unary_rpc_method_handler(lambda body, context: reply)})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("listening", flush=True)
+    server.wait_for_termination()
+
+
+def start_echo(port: int) -> subprocess.Popen:
+    process = subprocess.Popen([sys.executable, "-m", "bench.serving", "echo", str(port)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    if "listening" not in process.stdout.readline():
+        raise RuntimeError("the echo server did not start")
+    return process
+
+
 def request_for(images: np.ndarray):
     from tensorflow_serving.apis import predict_pb2
 
@@ -216,7 +248,8 @@ def batch_figures(metrics_url: str) -> dict[str, float]:
 
 def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) -> dict:
     """Single images from ``clients`` concurrent clients, with batching off and on (the production
-    batching_parameters.txt); one client's p50 either way, and the whole `mnist predict` of one image."""
+    batching_parameters.txt), and against a bare gRPC server's fixed answer (the floor under both); one
+    client's p50 either way, and the whole `mnist predict` of one image."""
     from storage.embedded import free_port, stop_process
 
     image_file = saved.parent.parent / "one-image.npy"
@@ -238,6 +271,15 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
             stop_process(server.pid)
             server.wait(timeout=10)
             server.stdout.close()
+    port = free_port()
+    floor = start_echo(port)
+    try:
+        rates["echo"], cpu["echo"] = costed_single_images(f"127.0.0.1:{port}", clients, seconds,
+                                                          {"server": process_tree_cpu(floor.pid), "clients": own_cpu})
+    finally:
+        stop_process(floor.pid)
+        floor.wait(timeout=10)
+        floor.stdout.close()
     print(f"single images from {clients} concurrent clients: {rates['off']:.0f} images/s with batching off, "
           f"{rates['on']:.0f} with batching on ({rates['on'] / rates['off']:.2f}x)")
     print(f"the batching server's own metrics for that load: {batches['signature_calls']:.0f} signature calls, "
@@ -247,6 +289,9 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
         print(f"CPU ms per image, {process}: {cpu['off'][process]:.3f} batching off, {cpu['on'][process]:.3f} on")
     print(f"cores busy under that load (of {os.cpu_count()}): {cpu['off']['cores busy']:.2f} batching off, "
           f"{cpu['on']['cores busy']:.2f} on")
+    print(f"the same load against a bare Python gRPC server answering fixed bytes (no parsing, no model): "
+          f"{rates['echo']:.0f} calls/s; CPU ms per call: server {cpu['echo']['server']:.3f}, clients "
+          f"{cpu['echo']['clients']:.3f}; cores busy {cpu['echo']['cores busy']:.2f}")
     print(f"one client, single image, p50: {p50['off']:.2f} ms batching off, {p50['on']:.2f} ms batching on")
     print(f"whole `mnist predict` of one image, process start to answer (median of 5): {whole['off']:.2f} s "
           f"batching off, {whole['on']:.2f} s batching on")
@@ -295,4 +340,7 @@ def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["echo"]:
+        echo(int(sys.argv[2]))
+    else:
+        main()
