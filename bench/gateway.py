@@ -16,12 +16,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 from bench.common import own_cpu, process_tree_cpu, save, table
-from bench.serving import grpc_throughput, latency_ms, make_model, start_server
+from bench.serving import (costed_calls, grpc_throughput, latency_ms, make_model, serve_prediction_service,
+                           start_bench_server, start_server)
 
 ROUNDS = 4  # latency blocks per path, alternating, so drift in the machine hits both alike
 SAMPLED_RATE = 0.1  # the Kubernetes manifest's rate
@@ -41,41 +40,13 @@ def start_gateway(upstream: str, port: int, env: dict[str, str], sample_rate: fl
 
 def passthrough(port: int, upstream: str) -> None:
     """Forward PredictionService calls as bytes, nothing else."""
-    from concurrent import futures
-
     import grpc
 
     channel = grpc.insecure_channel(upstream)
     methods = {name: channel.unary_unary(f"/tensorflow.serving.PredictionService/{name}")
                for name in ("Predict", "GetModelMetadata")}
-    server = grpc.server(futures.ThreadPoolExecutor(16))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", {
-        name: grpc.unary_unary_rpc_method_handler(
-            lambda body, context, call=call: call(body, timeout=context.time_remaining()))
-        for name, call in methods.items()})])
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    print("listening", flush=True)
-    server.wait_for_termination()
-
-
-def start_passthrough(upstream: str, port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "bench.gateway", "passthrough", str(port), upstream],
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-                               cwd=Path(__file__).resolve().parents[1])
-    if "listening" not in process.stdout.readline():
-        raise RuntimeError("the pass-through did not start")
-    return process
-
-
-def costed_throughput(address: str, seconds: float, clocks: dict[str, Callable[[], float]]
-                      ) -> tuple[float, dict[str, float]]:
-    """Batch-256 images/s with one client, and the CPU milliseconds each process spent per call."""
-    before = {name: clock() for name, clock in clocks.items()}
-    started = time.perf_counter()
-    rate = grpc_throughput(address, 256, 1, seconds)
-    calls = rate * (time.perf_counter() - started) / 256
-    return rate, {name: 1000 * (clock() - before[name]) / calls for name, clock in clocks.items()}
+    serve_prediction_service(port, {name: lambda body, context, call=call: call(body, timeout=context.time_remaining())
+                                    for name, call in methods.items()}, 16)
 
 
 def main(seconds: float = 5.0, calls_per_round: int = 500, sample_rate: float = 1.0) -> dict:
@@ -90,7 +61,7 @@ def main(seconds: float = 5.0, calls_per_round: int = 500, sample_rate: float = 
         server = start_server(saved.parent, server_port)
         gateway = start_gateway(f"127.0.0.1:{server_port}", gateway_port, env, sample_rate)
         sampled = start_gateway(f"127.0.0.1:{server_port}", sampled_port, env, SAMPLED_RATE)
-        bare = start_passthrough(f"127.0.0.1:{server_port}", bare_port)
+        bare = start_bench_server("bench.gateway", "passthrough", str(bare_port), f"127.0.0.1:{server_port}")
         paths = {"direct": f"127.0.0.1:{server_port}", "gateway": f"127.0.0.1:{gateway_port}",
                  "pass-through": f"127.0.0.1:{bare_port}"}
         throughput_paths = {"direct": paths["direct"], "gateway": paths["gateway"],
@@ -104,7 +75,8 @@ def main(seconds: float = 5.0, calls_per_round: int = 500, sample_rate: float = 
                      for clients in (1, 4) for name, address in throughput_paths.items()}
             clocks = {"server": process_tree_cpu(server.pid), "gateway": process_tree_cpu(gateway.pid, sampled.pid),
                       "S3 store": process_tree_cpu(store.pid), "client": own_cpu}
-            costs = {name: costed_throughput(address, seconds, clocks)[1] for name, address in throughput_paths.items()}
+            costs = {name: costed_calls(address, 256, 1, seconds, clocks)[1]
+                     for name, address in throughput_paths.items()}
         finally:
             for process in (bare, sampled, gateway, server):
                 stop_process(process.pid)

@@ -23,8 +23,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from bench.common import process_tree_cpu  # noqa: E402
-from bench.gateway import costed_throughput, start_gateway  # noqa: E402
-from bench.serving import make_model, start_server  # noqa: E402
+from bench.gateway import start_gateway  # noqa: E402
+from bench.serving import costed_calls, make_model, start_server  # noqa: E402
 
 
 def one_round(checkout: Path, server: subprocess.Popen, server_address: str, store_pid: int, env: dict[str, str],
@@ -36,8 +36,8 @@ def one_round(checkout: Path, server: subprocess.Popen, server_address: str, sto
     try:
         clocks = {"server": process_tree_cpu(server.pid), "gateway": process_tree_cpu(gateway.pid),
                   "S3 store": process_tree_cpu(store_pid)}
-        direct, _ = costed_throughput(server_address, seconds, clocks)
-        through, cost = costed_throughput(f"127.0.0.1:{port}", seconds, clocks)
+        direct, _, _ = costed_calls(server_address, 256, 1, seconds, clocks)
+        through, cost, _ = costed_calls(f"127.0.0.1:{port}", 256, 1, seconds, clocks)
     finally:
         stop_process(gateway.pid)
         gateway.wait(timeout=30)

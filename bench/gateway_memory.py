@@ -85,7 +85,8 @@ def main(seconds: float = 20.0) -> dict:
             stop_process(server.pid)
             server.wait(timeout=30)
             server.stdout.close()
-    print(f"the gateway with its store down, {seconds:g} s of batch-256 Predict calls from 2 clients, every call logged:")
+    print(f"the gateway with its store down, {seconds:g} s of batch-256 Predict calls from 2 clients, "
+          "every call logged:")
     print(table(["--log-queue-mib", "peak RSS MiB", "calls answered", "calls failed", "logs dropped"],
                 [[run["log_queue_mib"], run["peak_rss_mib"], run["answered"], run["failed"], run["logs_dropped"]]
                  for run in runs]))

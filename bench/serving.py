@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
@@ -53,12 +53,35 @@ def start_server(model_dir: Path, port: int, *flags: str) -> subprocess.Popen:
     return process
 
 
-def echo(port: int) -> None:
-    """The floor of any Python gRPC server under this load: Predict answered with fixed bytes (a
-    single image's answer), nothing parsed, nothing run; the thread pool `mnist serve` has."""
+def serve_prediction_service(port: int, handlers: dict[str, Callable[[bytes, Any], bytes]], threads: int) -> None:
+    """A bare PredictionService on 127.0.0.1:``port`` whose methods take and answer bytes, never parsed;
+    says "listening" once it does, then serves until stopped."""
     from concurrent import futures
 
     import grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(threads))
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", {
+        name: grpc.unary_unary_rpc_method_handler(handler) for name, handler in handlers.items()})])
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    print("listening", flush=True)
+    server.wait_for_termination()
+
+
+def start_bench_server(module: str, *args: str) -> subprocess.Popen:
+    """``python -m MODULE ARGS`` from this checkout, once it says it is listening."""
+    process = subprocess.Popen([sys.executable, "-m", module, *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+                               cwd=Path(__file__).resolve().parents[1])
+    if "listening" not in process.stdout.readline():
+        raise RuntimeError(f"{module} {' '.join(args)} did not start")
+    return process
+
+
+def echo(port: int) -> None:
+    """The floor of any Python gRPC server under this load: Predict answered with fixed bytes (a
+    single image's answer), nothing parsed, nothing run; the thread pool `mnist serve` has."""
     from tensorflow_serving.apis import predict_pb2
 
     from serving.tensors import to_tensor_proto
@@ -67,22 +90,7 @@ def echo(port: int) -> None:
     answer.model_spec.name, answer.model_spec.version.value = "mnist", 1
     answer.outputs["probabilities"].CopyFrom(to_tensor_proto(np.full((1, 10), 0.1, np.float32)))
     reply = answer.SerializeToString()
-    server = grpc.server(futures.ThreadPoolExecutor(4 * (os.cpu_count() or 1)))
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("tensorflow.serving.PredictionService", {
-        "Predict": grpc.unary_unary_rpc_method_handler(lambda body, context: reply)})])
-    server.add_insecure_port(f"127.0.0.1:{port}")
-    server.start()
-    print("listening", flush=True)
-    server.wait_for_termination()
-
-
-def start_echo(port: int) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "bench.serving", "echo", str(port)], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, text=True, start_new_session=True,
-                               cwd=Path(__file__).resolve().parents[1])
-    if "listening" not in process.stdout.readline():
-        raise RuntimeError("the echo server did not start")
-    return process
+    serve_prediction_service(port, {"Predict": lambda body, context: reply}, 4 * (os.cpu_count() or 1))
 
 
 def request_for(images: np.ndarray):
@@ -149,28 +157,33 @@ def closed_loop_calls(address: str, request, clients: int, seconds: float) -> tu
     return sum(answered), sum(failed), time.perf_counter() - began
 
 
-def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> float:
-    """Images per second with ``clients`` threads, each with its own channel, for ``seconds``."""
-    answered, failed, elapsed = closed_loop_calls(address, request_for(test_digits(batch)), clients, seconds)
+def answered_calls(address: str, request, clients: int, seconds: float) -> tuple[int, float]:
+    """``closed_loop_calls``'s answered calls and seconds; a run with failed calls is refused, never
+    measured on the threads that survived."""
+    answered, failed, elapsed = closed_loop_calls(address, request, clients, seconds)
     if failed:
         raise RuntimeError(f"{failed} of {answered + failed} Predict calls to {address} failed")
+    return answered, elapsed
+
+
+def grpc_throughput(address: str, batch: int, clients: int, seconds: float) -> float:
+    """Images per second with ``clients`` threads, each with its own channel, for ``seconds``."""
+    answered, elapsed = answered_calls(address, request_for(test_digits(batch)), clients, seconds)
     return answered * batch / elapsed
 
 
-def costed_single_images(address: str, clients: int, seconds: float, clocks: dict[str, Callable[[], float]]
-                         ) -> tuple[float, dict[str, float]]:
-    """Single images/s from ``clients`` closed-loop clients; the CPU milliseconds each clock's process
-    spent per image answered, and how many cores all of them kept busy (over the whole measure, the
-    clients' first calls and channels included)."""
+def costed_calls(address: str, batch: int, clients: int, seconds: float, clocks: dict[str, Callable[[], float]]
+                 ) -> tuple[float, dict[str, float], float]:
+    """Images/s from ``clients`` closed-loop clients sending ``batch`` images a call; the CPU
+    milliseconds each clock's process spent per call answered; and how many cores all of them kept
+    busy (over the whole measure, the clients' first calls and channels included)."""
     before = {name: clock() for name, clock in clocks.items()}
     started = time.perf_counter()
-    answered, failed, elapsed = closed_loop_calls(address, request_for(test_digits(1)), clients, seconds)
+    answered, elapsed = answered_calls(address, request_for(test_digits(batch)), clients, seconds)
     wall = time.perf_counter() - started
-    if failed:
-        raise RuntimeError(f"{failed} of {answered + failed} Predict calls to {address} failed")
     spent = {name: clock() - before[name] for name, clock in clocks.items()}
-    costs = {name: 1000 * value / answered for name, value in spent.items()}
-    return answered / elapsed, {**costs, "cores busy": sum(spent.values()) / wall}
+    return (answered * batch / elapsed, {name: 1000 * value / answered for name, value in spent.items()},
+            sum(spent.values()) / wall)
 
 
 def rest_body(batch: int) -> bytes:
@@ -254,15 +267,15 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
 
     image_file = saved.parent.parent / "one-image.npy"
     np.save(image_file, np.random.default_rng(3).random((1, 28, 28, 1), dtype=np.float32))
-    rates, cpu, p50, whole, batches = {}, {}, {}, {}, {}
+    rates, cpu, busy, p50, whole, batches = {}, {}, {}, {}, {}, {}
     for name, flags in (("off", ()), ("on", ("--enable-batching", "--batching-parameters-file", str(BATCHING_FILE)))):
         port, rest_port = free_port(), free_port()
         server = start_server(saved.parent, port, *flags, "--rest-api-port", str(rest_port),
                               "--monitoring-config-file", str(MONITORING_FILE))
         try:
             address = f"127.0.0.1:{port}"
-            rates[name], cpu[name] = costed_single_images(address, clients, seconds,
-                                                          {"server": process_tree_cpu(server.pid), "clients": own_cpu})
+            rates[name], cpu[name], busy[name] = costed_calls(
+                address, 1, clients, seconds, {"server": process_tree_cpu(server.pid), "clients": own_cpu})
             if name == "on":
                 batches = batch_figures(f"http://127.0.0.1:{rest_port}/monitoring/prometheus/metrics")
             p50[name] = statistics.median(latency_ms(address, latency_calls))
@@ -272,10 +285,10 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
             server.wait(timeout=10)
             server.stdout.close()
     port = free_port()
-    floor = start_echo(port)
+    floor = start_bench_server("bench.serving", "echo", str(port))
     try:
-        rates["echo"], cpu["echo"] = costed_single_images(f"127.0.0.1:{port}", clients, seconds,
-                                                          {"server": process_tree_cpu(floor.pid), "clients": own_cpu})
+        rates["echo"], cpu["echo"], busy["echo"] = costed_calls(
+            f"127.0.0.1:{port}", 1, clients, seconds, {"server": process_tree_cpu(floor.pid), "clients": own_cpu})
     finally:
         stop_process(floor.pid)
         floor.wait(timeout=10)
@@ -287,16 +300,15 @@ def batching(saved: Path, seconds: float, latency_calls: int, clients: int = 8) 
           f"(mean; the warm-up call included)")
     for process in ("server", "clients"):
         print(f"CPU ms per image, {process}: {cpu['off'][process]:.3f} batching off, {cpu['on'][process]:.3f} on")
-    print(f"cores busy under that load (of {os.cpu_count()}): {cpu['off']['cores busy']:.2f} batching off, "
-          f"{cpu['on']['cores busy']:.2f} on")
+    print(f"cores busy under that load (of {os.cpu_count()}): {busy['off']:.2f} batching off, {busy['on']:.2f} on")
     print(f"the same load against a bare Python gRPC server answering fixed bytes (no parsing, no model): "
           f"{rates['echo']:.0f} calls/s; CPU ms per call: server {cpu['echo']['server']:.3f}, clients "
-          f"{cpu['echo']['clients']:.3f}; cores busy {cpu['echo']['cores busy']:.2f}")
+          f"{cpu['echo']['clients']:.3f}; cores busy {busy['echo']:.2f}")
     print(f"one client, single image, p50: {p50['off']:.2f} ms batching off, {p50['on']:.2f} ms batching on")
     print(f"whole `mnist predict` of one image, process start to answer (median of 5): {whole['off']:.2f} s "
           f"batching off, {whole['on']:.2f} s batching on")
-    return {"clients": clients, "images_per_s": rates, "cpu_ms_per_image": cpu, "single_client_p50_ms": p50,
-            "whole_predict_s": whole, "batching_metrics": batches}
+    return {"clients": clients, "images_per_s": rates, "cpu_ms_per_image": cpu, "cores_busy": busy,
+            "single_client_p50_ms": p50, "whole_predict_s": whole, "batching_metrics": batches}
 
 
 def main(seconds: float = 5.0, latency_calls: int = 2000) -> dict:
