@@ -36,10 +36,8 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10"
         stack.enter_context(patched_environ({"MNIST_SERVING_ADDRESS": serving.gateway}))
         try:
             result = run_training(params, api_ready)
-        except Exception:
-            ready()  # a part of the stack that did not start is the cause to name, not the live check it failed
-            raise
-        ready()
+        finally:
+            ready()  # a part of the stack that did not start is the cause to name, not a live check it failed
         model_name = StoreSettings().model_name
         published = (result.get("published") or {}).get("version")
         # the live check asked for the version; the label follows at the server's next config poll

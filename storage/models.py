@@ -47,6 +47,10 @@ class StoreSettings(S3Settings):
     gc_grace_seconds: float = Field(3600.0, ge=0, description="an unfinished publish older than this is a leftover")
 
 
+class NothingToRollBack(StoreError):
+    """A label with no earlier version to move back to."""
+
+
 class VersionNotFound(StoreError):
     """No complete version with that number."""
 
@@ -264,6 +268,10 @@ class ModelStore(ObjectStore):
     def rollback_target(self, label: str = "stable") -> int | None:
         """The version ``label`` pointed to before the current one (or, without such a record, the
         newest complete version below it); None when there is none. StoreError without the label."""
+        return self._rollback_plan(label)[1]
+
+    def _rollback_plan(self, label: str) -> tuple[int, int | None]:
+        """The version ``label`` names now, and its ``rollback_target``, from one read of each record."""
         current = self.labels().get(label)
         if current is None:
             raise StoreError(f"nothing to roll back: no {label!r} label in {self.uri()}")
@@ -272,14 +280,13 @@ class ModelStore(ObjectStore):
                            if e.get("event") == "label" and e.get("label") == label and e.get("version") is not None]
         candidates = [v for v in reversed(earlier_targets) if v != current and v in complete and v < current]
         candidates += sorted((v for v in complete if v < current), reverse=True)
-        return candidates[0] if candidates else None
+        return current, candidates[0] if candidates else None
 
     def rollback(self, label: str = "stable", event: dict[str, Any] | None = None) -> tuple[int, int]:
-        """Point ``label`` at the version ``rollback_target`` names; StoreError when it names none."""
-        target = self.rollback_target(label)
-        current = self.labels()[label]
+        """Point ``label`` at its ``rollback_target``; NothingToRollBack when there is none."""
+        current, target = self._rollback_plan(label)
         if target is None:
-            raise StoreError(f"nothing to roll back to: no published version of {self.uri()} before {current}")
+            raise NothingToRollBack(f"nothing to roll back to: no published version of {self.uri()} before {current}")
         self.set_label(label, target, {"reason": "rollback", **(event or {})})
         self.record({"event": "rollback", "label": label, "version": target, "previous": current, **(event or {})})
         return current, target

@@ -9,7 +9,7 @@ from prefect import get_run_logger, task
 from prefect.events import emit_event
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 
-from storage.models import ModelStore, StoreSettings
+from storage.models import ModelStore, NothingToRollBack, StoreSettings
 
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 
@@ -193,9 +193,12 @@ def undo_publish(store: ModelStore, label: str, flow_run_id: str | None, reason:
     """After a failed live check, move ``stable`` back, or drop the label (``canary``, or a first
     ``stable`` with no version before it: no label names a version that failed). Says which."""
     event = {**current_run(), "flow_run_id": flow_run_id, "reason": reason}
-    if label == "stable" and store.rollback_target("stable") is not None:
-        previous, current = store.rollback("stable", event)
-        return f"stable moved back from version {previous} to version {current}"
+    if label == "stable":
+        try:
+            previous, current = store.rollback("stable", event)
+            return f"stable moved back from version {previous} to version {current}"
+        except NothingToRollBack:
+            pass  # a first version: nothing before it for stable to name
     store.set_label(label, None, event)
     return f"label {label} removed"
 

@@ -16,8 +16,8 @@ import httpx
 import numpy as np
 
 from mnist_client.client import Target, predict, wait_until_available
-from tasks.data import load_test_set
 from storage.embedded import LOWEST_PICKED_PORT, ephemeral_ports, free_port, port_free
+from tasks.data import load_test_set
 from tasks.publish import publish_model
 from tests.conftest import REPO
 
