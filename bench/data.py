@@ -26,7 +26,7 @@ PEAK_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.arg
 def run_cli(*args: str, env: dict[str, str]) -> tuple[float, float]:
     """Wall seconds and peak resident memory (MiB) of one whole `mnist` command."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, "-m", "flows.cli", *args], cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, "-m", "cli", *args], cwd=REPO,
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:

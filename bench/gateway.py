@@ -29,7 +29,7 @@ SAMPLED_RATE = 0.1  # the Kubernetes manifest's rate
 def start_gateway(upstream: str, port: int, env: dict[str, str], sample_rate: float,
                   cwd: Path | None = None, *flags: str) -> subprocess.Popen:
     """`mnist gateway` as its own process, from ``cwd``'s code (a checkout) or this one's."""
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "gateway", "--upstream", upstream,
+    process = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--upstream", upstream,
                                 "--port", str(port), "--log-sample-rate", str(sample_rate),
                                 "--log-flush-seconds", "1", *flags], env=env, stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, start_new_session=True, cwd=cwd)

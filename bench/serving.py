@@ -45,7 +45,7 @@ MONITORING_FILE = BATCHING_FILE.parent / "monitoring.config"
 
 
 def start_server(model_dir: Path, port: int, *flags: str) -> subprocess.Popen:
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
                                 "--model-base-path", str(model_dir), *flags], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     if "listening" not in process.stdout.readline():
@@ -237,7 +237,7 @@ def whole_predict_seconds(address: str, image_file: Path, runs: int = 5) -> floa
     times = []
     for _ in range(runs):
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "flows.cli", "predict", "--server", address, str(image_file)],
+        subprocess.run([sys.executable, "-m", "cli", "predict", "--server", address, str(image_file)],
                        check=True, capture_output=True)
         times.append(time.perf_counter() - started)
     return statistics.median(times)

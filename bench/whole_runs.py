@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 def timed_lines(args: list[str], env: dict[str, str], cwd: Path = REPO) -> tuple[float, list[tuple[float, str]]]:
     """The whole command's seconds, and each line it printed (stderr too) with the seconds to it."""
     started, lines = time.perf_counter(), []
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], cwd=cwd, env=env,
+    process = subprocess.Popen([sys.executable, "-m", "cli", *args], cwd=cwd, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     for line in process.stdout:
         lines.append((time.perf_counter() - started, line.rstrip()))

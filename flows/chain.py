@@ -5,9 +5,9 @@ first)."""
 
 from __future__ import annotations
 
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from serving.stack import serving_stack
 from storage.embedded import patched_environ, store_environment
@@ -15,16 +15,44 @@ from storage.embedded import patched_environ, store_environment
 LABEL_TIMEOUT = 30.0  # seconds for the served label to follow a published version
 
 
+class TrainingRunFailed(Exception):
+    """A training run that failed or that its gate rejected: the state's name and message."""
+
+
+def run_training(params: Any, api_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Run the training flow with a reachable store; raise TrainingRunFailed on a failed or rejected
+    run. ``api_ready``: the wait for a Prefect API the caller started (else one is started here, if
+    none is set). The flow's modules import TensorFlow, so they are imported while the API starts."""
+    from flows.prefect_api import early_prefect_api
+    from flows.settings import PipelineSettings
+
+    api = nullcontext(api_ready) if api_ready else early_prefect_api()
+    with api as api_ready:
+        from flows.training import training_flow
+        from tasks.evaluate import REJECTED
+
+        api_ready()
+        if params.publish:
+            with store_environment(PipelineSettings().state_dir):
+                state = training_flow(params, return_state=True)
+        else:
+            state = training_flow(params, return_state=True)
+    if not state.is_completed() or state.name == REJECTED:
+        raise TrainingRunFailed(f"training run {state.name}: {state.message}")
+    return state.result()
+
+
 @contextmanager
-def run_chain(params: Any, state_dir: Path, queries: str = "0:10"
+def run_chain(params: Any, state_dir: Path, queries: tuple[int, int] = (0, 10)
               ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
     """Train and publish with the serving stack running, then query ``stable`` through the gateway.
     Yields the run's result and the answers while all still runs: they are shown before the 2 s or
-    so of stopping it (the gateway's last logs, the store, the Prefect API)."""
-    from flows.cli_serving import mnist_test_inputs
-    from flows.cli_training import run_training
+    so of stopping it (the gateway's last logs, the store, the Prefect API). ``queries``: the
+    MNIST test digits [start, stop) to ask about."""
     from flows.prefect_api import early_prefect_api
+    from flows.settings import PipelineSettings
     from mnist_client.client import ServingError, Target, predict, wait_for_label
+    from tasks.data import mnist_test_digits
     from storage.models import StoreSettings
 
     with ExitStack() as stack:
@@ -45,6 +73,6 @@ def run_chain(params: Any, state_dir: Path, queries: str = "0:10"
         if named is None or published not in (None, named):
             raise ServingError(f"the server did not take label 'stable' for version {published} within "
                                f"{LABEL_TIMEOUT:g}s (it names version {named})")
-        names, images, labels = mnist_test_inputs(queries)
+        names, images, labels = mnist_test_digits(PipelineSettings().data_dir, *queries)
         answers = predict(images, address=serving.gateway, model_name=model_name, label="stable", names=names)
         yield result, [{**answer, "label": label} for answer, label in zip(answers, labels)]

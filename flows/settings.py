@@ -7,12 +7,7 @@ from pathlib import Path
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "mnist"
-
-
-def beside_checkout() -> Path | None:
-    """``../shared/datasets/mnist`` next to this checkout, when it holds MNIST (what make uses)."""
-    return SHARED_MNIST if (SHARED_MNIST / "train-images-idx3-ubyte.gz").is_file() else None
+from tasks.mnist_files import beside_checkout
 
 
 class PipelineSettings(BaseSettings):

@@ -77,7 +77,7 @@ def background_cli(args: list[str], log_path: Path) -> Iterator[subprocess.Popen
     stopped by its pid whatever happens."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "flows.cli", *args], stdout=log,
+        process = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=log,
                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
     try:
         yield process

@@ -29,7 +29,6 @@ LABELS_MAGIC = 0x00000801
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
 
-
 class DataError(ValueError):
     """The MNIST files are missing, corrupt or inconsistent."""
 
@@ -187,6 +186,19 @@ def prepare_dataset(data_dir: Path | None, cache_dir: Path, validation_size: int
         train_part, val_part = split_train_validation(train, validation_size, split_seed, train_limit)
         save_prepared(cached, train_part, val_part, test)
     return cached, fingerprint
+
+
+NO_MNIST = ("needs the MNIST files: set MNIST_DATA_DIR to the folder of the four IDX files "
+            "(make and mnist find ../shared/datasets/mnist beside the checkout by themselves)")
+
+
+def mnist_test_digits(data_dir: Path | None, start: int, stop: int) -> tuple[list[str], np.ndarray, list[int]]:
+    """MNIST test digits [start, stop) as model input, with their names and true labels."""
+    if data_dir is None:
+        raise DataError(f"the MNIST test digits {NO_MNIST}")
+    test, _ = read_split(data_dir, "t10k", MNIST_SHA256)
+    labels = [int(label) for label in test.labels[start:stop]]
+    return [f"mnist-test[{i}]" for i in range(start, stop)], to_model_input(test.images[start:stop]), labels
 
 
 def to_model_input(images: np.ndarray) -> np.ndarray:

@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 600
               ) -> subprocess.CompletedProcess[str]:
     """The ``mnist`` command in a child process, as a user runs it."""
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "cli", *args], capture_output=True, text=True, cwd=REPO,
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 

@@ -69,7 +69,7 @@ def test_export_without_publish_is_servable(mnist_dir: Path, cache_dir: Path, tm
     env = {**os.environ, "MNIST_DATA_DIR": str(mnist_dir), "MNIST_CACHE_DIR": str(cache_dir),
            "MNIST_STATE_DIR": str(tmp_path / "state"), "MNIST_S3_ENDPOINT": "http://127.0.0.1:9"}
     out = tmp_path / "out"
-    trained = subprocess.run([sys.executable, "-m", "flows.cli", "train", "--preset", "smoke", "--threshold", "0.5",
+    trained = subprocess.run([sys.executable, "-m", "cli", "train", "--preset", "smoke", "--threshold", "0.5",
                               "--no-publish", "--output", str(out)], capture_output=True, text=True, env=env,
                              cwd=REPO, timeout=600)
     assert trained.returncode == 0, trained.stderr[-2000:]
@@ -77,7 +77,7 @@ def test_export_without_publish_is_servable(mnist_dir: Path, cache_dir: Path, tm
     assert (out / "mnist" / "1" / "saved_model.pb").is_file() and "published" not in trained.stdout
     assert not (tmp_path / "state").exists()  # S3 untouched: not even the embedded store started
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(port),
+    server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
                                "--model-base-path", str(out / "mnist")], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True, cwd=REPO, env=env, start_new_session=True)
     try:
@@ -95,7 +95,7 @@ def test_run_chain_publishes_serves_and_answers_over_grpc(prefect_api, pipeline_
                                                          tmp_path: Path) -> None:
     from flows.chain import run_chain
 
-    with run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries="0:5") as (result, answers):
+    with run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries=(0, 5)) as (result, answers):
         running = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)
         assert running.stdout.strip(), "the answers came after the stack stopped"
     assert result["published"]["version"] == 1 and store.labels() == {"stable": 1}
@@ -128,7 +128,7 @@ def test_run_chain_names_the_part_of_the_stack_that_did_not_start(prefect_api, p
         monkeypatch.setattr(serving.stack, "free_port", lambda: next(picks, None) or free_port())
         monkeypatch.setenv("MNIST_LIVE_CHECK_TIMEOUT", "3")
         with pytest.raises(StackError, match=r"mnist gateway did not start \(exit 1\): .*address already in use"):
-            with run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries="0:5"):
+            with run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries=(0, 5)):
                 pass
     assert store.complete_versions() == [1] and store.labels() == {}
     leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)

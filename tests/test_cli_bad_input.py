@@ -25,7 +25,7 @@ def test_an_unreachable_store_is_said_at_once_and_a_read_gives_up_soon() -> None
     env = {"MNIST_S3_ENDPOINT": f"http://127.0.0.1:{free_port()}", "AWS_ACCESS_KEY_ID": "x",
            "AWS_SECRET_ACCESS_KEY": "y"}
     env = {**{k: v for k, v in os.environ.items() if k != "MNIST_RETRY_SECONDS"}, **env}
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "registry", "list"], cwd=REPO, env=env,
+    result = subprocess.run([sys.executable, "-m", "cli", "registry", "list"], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 1 and "Traceback" not in result.stderr
@@ -35,7 +35,7 @@ def test_an_unreachable_store_is_said_at_once_and_a_read_gives_up_soon() -> None
 
 def test_serve_names_a_missing_base_path_at_start_and_when_it_appears(tmp_path: Path) -> None:
     base = tmp_path / "not-yet"
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", "--port", str(free_port()),
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(free_port()),
                                 "--model-base-path", str(base), "--file-system-poll-wait-seconds", "0.2"],
                                cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                start_new_session=True)
@@ -59,7 +59,7 @@ def test_tensorflow_start_up_lines_show_only_with_verbose(tmp_path: Path) -> Non
     """A normal command's terminal holds none of TensorFlow's C++ lines; ``mnist -v`` keeps them."""
     seen = {}
     for flags in ((), ("-v",)):
-        process = subprocess.Popen([sys.executable, "-m", "flows.cli", *flags, "serve", "--port", str(free_port()),
+        process = subprocess.Popen([sys.executable, "-m", "cli", *flags, "serve", "--port", str(free_port()),
                                     "--model-base-path", str(tmp_path)], cwd=REPO, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
         try:
@@ -102,13 +102,13 @@ def test_the_served_traffic_commands_refuse_bad_input_in_one_line(tmp_path: Path
 
 ENTRY_WITH = """
 import sys
-import flows.cli as cli
+import cli.app as app
 def main():
     print("answer on a piped stdout")  # block-buffered on a pipe
     print("a last error line", file=sys.stderr)
     {outcome}
-cli.main = main
-cli.run()
+app.main = main
+app.run()
 """
 
 

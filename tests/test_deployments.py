@@ -58,7 +58,7 @@ def client_env(server: dict[str, Any], **extra: str) -> dict[str, str]:
 
 
 def mnist_deploy(server: dict[str, Any]) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "deploy"], cwd=REPO, env=client_env(server),
+    result = subprocess.run([sys.executable, "-m", "cli", "deploy"], cwd=REPO, env=client_env(server),
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     return result
@@ -163,10 +163,10 @@ def worker_runs(deployed: dict[str, Any], s3_server, mnist_dir: Path, cache_dir:
     env = client_env(deployed, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
                      MNIST_OUTPUT_DIR=str(work / "outputs"), MNIST_STATE_DIR=str(work / "state"), **store_env)
     with (work / "stack.log").open("w") as log:
-        stack = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--port", "0", "--rest-api-port", "0"],
+        stack = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", "0", "--rest-api-port", "0"],
                                  cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     with (work / "worker.log").open("w") as log:
-        worker = subprocess.Popen([sys.executable, "-m", "flows.cli", "worker"], cwd=REPO, env=env, stdout=log,
+        worker = subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=REPO, env=env, stdout=log,
                                   stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 120

@@ -215,7 +215,7 @@ def test_sigterm_flushes_the_queued_logs_within_the_deadline(store_env, upstream
     _, address, _ = upstream
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "flows.cli", "gateway", "--upstream", address, "--port", str(port),
+        [sys.executable, "-m", "cli", "gateway", "--upstream", address, "--port", str(port),
          "--log-flush-seconds", "600", "--drain-seconds", "20"],
         cwd=REPO, env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True)

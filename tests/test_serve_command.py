@@ -27,7 +27,7 @@ def test_model_server_answers_without_importing_keras(model_base: Path, saved_mo
 import json, sys
 from pathlib import Path
 import numpy as np
-from flows.cli_serve import without_keras_at_tensorflow_import
+from cli.serve import without_keras_at_tensorflow_import
 without_keras_at_tensorflow_import()
 from mnist_client.client import predict
 from tests.conftest import start_model_server
@@ -46,7 +46,7 @@ print(json.dumps({{"digits": [a["digit"] for a in answers], "keras": "keras" in 
 
 def serve_in_process_group(*flags: str) -> tuple[subprocess.Popen, list[str]]:
     """``mnist serve FLAGS`` in its own process group; its output lines up to "listening on"."""
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve", *flags], cwd=REPO, stdout=subprocess.PIPE,
+    process = subprocess.Popen([sys.executable, "-m", "cli", "serve", *flags], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     deadline = time.monotonic() + 120
@@ -156,7 +156,7 @@ TF_SERVING_FLAGS = (
 
 
 def test_every_tensorflow_model_server_flag_is_taken() -> None:
-    from flows.cli import build_parser
+    from cli.app import build_parser
 
     commands = next(action for action in build_parser()._actions if action.dest == "command")
     taken = {option for action in commands.choices["serve"]._actions for option in action.option_strings}

@@ -25,7 +25,7 @@ from tests.conftest import REPO
 def test_make_serve_comes_up_serves_what_is_published_and_stops_clean(store, saved_model_dir: Path, tmp_path: Path,
                                                                       prepared_path: Path) -> None:
     state = tmp_path / "state"
-    process = subprocess.Popen([sys.executable, "-m", "flows.cli", "up", "--port", "0", "--rest-api-port", "0"],
+    process = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", "0", "--rest-api-port", "0"],
                                cwd=REPO, env={**os.environ, "MNIST_STATE_DIR": str(state)}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []

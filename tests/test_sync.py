@@ -120,7 +120,7 @@ def test_sigterm_stops_the_embedded_store_a_command_started(tmp_path: Path) -> N
     from storage.embedded import process_alive, read_state
 
     env = {**os.environ, "MNIST_STATE_DIR": str(tmp_path / "state"), "MNIST_S3_ENDPOINT": ""}
-    sync = subprocess.Popen([sys.executable, "-m", "flows.cli", "sync", "--model-base-path", str(tmp_path / "m"),
+    sync = subprocess.Popen([sys.executable, "-m", "cli", "sync", "--model-base-path", str(tmp_path / "m"),
                              "--watch", "--interval", "1"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from flows.cli import CliError, pipeline_settings, print_json, reachable_store, registry_store
+from cli.common import CliError, pipeline_settings, print_json, reachable_store, registry_store
 
 
 def command_storage(args: argparse.Namespace) -> int:

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.cli import CliError, stop_on_signals
+from cli.common import CliError, stop_on_signals
 from flows.tf_serving_flags import (
     CPUS, add_foreign_flags, foreign_flag_notes, grpc_channel_arguments, tf_serving_bool, tf_serving_spellings,
 )

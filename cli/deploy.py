@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.cli import CliError, pipeline_settings
+from cli.common import CliError, pipeline_settings
 
 
 def command_deploy(args: argparse.Namespace) -> int:

@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.cli import CliError, print_json, reachable_store, stop_on_signals, store_for_cli
+from cli.common import CliError, print_json, reachable_store, stop_on_signals, store_for_cli
 
 GATEWAY_SWITCH_SECONDS = 0.0005  # see command_gateway
 LOG_RETRY_SECONDS = 5.0  # a down store costs logs, not waiting: the writer gives up on a batch soon
@@ -179,7 +179,7 @@ def command_drift(args: argparse.Namespace) -> int:
     """Run the drift flow once and print each version's verdict."""
     from pydantic import ValidationError
 
-    from flows.cli import pipeline_settings, validation_message
+    from cli.common import pipeline_settings, validation_message
     from flows.drift import drift_flow
     from flows.params import DriftParams
     from storage.embedded import store_environment
@@ -285,7 +285,7 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
         "drift", help="compare logged traffic with each version's reference statistics (the mnist-drift flow)",
         description="Run the mnist-drift flow once: the last window of logged requests against the reference "
                     "statistics published with the version that answered them (scipy.stats two-sample tests).")
-    from flows.cli import add_model_flags
+    from cli.common import add_model_flags
     from flows.params import DriftParams
 
     add_model_flags(drift, DriftParams)

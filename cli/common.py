@@ -1,4 +1,5 @@
-"""The ``mnist`` command: one entry point with subcommands, argparse throughout."""
+"""What every ``mnist`` command group shares: one-line errors, flags from pydantic models,
+store access with one-line errors, JSON output, waiting for a stop signal."""
 
 from __future__ import annotations
 
@@ -10,10 +11,6 @@ from contextlib import contextmanager
 from typing import Any, Callable, Iterator, get_args
 
 from pydantic import ValidationError
-
-# TensorFlow's C++ start-up chatter is noise on a command line.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 
 class CliError(Exception):
@@ -108,30 +105,6 @@ def reachable_store(factory: Callable[[], Any] | None = None) -> Iterator[Any]:
         raise CliError(str(error)) from None
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnist", description=(
-        "Train, gate, publish and serve an MNIST digit classifier (Prefect, Keras, TF Serving)."))
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show TensorFlow's C++ start-up lines (oneDNN, CUDA, CPU features), hidden otherwise")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    # Command groups live in their own modules and build on the shared helpers above.
-    from flows.cli_data import add_data_parser
-    from flows.cli_deploy import add_scheduling_parsers
-    from flows.cli_monitoring import add_monitoring_parsers
-    from flows.cli_serving import add_serving_parsers
-    from flows.cli_store import add_registry_parser, add_storage_parser
-    from flows.cli_training import add_training_parsers
-
-    add_training_parsers(commands)
-    add_storage_parser(commands)
-    add_registry_parser(commands)
-    add_data_parser(commands)
-    add_serving_parsers(commands)
-    add_monitoring_parsers(commands)
-    add_scheduling_parsers(commands)
-    return parser
-
-
 def stop_on_signals() -> Callable[[], None]:
     """From now on SIGTERM and SIGINT end a long-running command's wait rather than the command;
     returns that wait (it returns once either arrives, even if it arrived first).
@@ -150,67 +123,3 @@ def stop_on_signals() -> Callable[[], None]:
         received.get()
 
     return wait
-
-
-def exit_on_sigterm(signum: int, frame: Any) -> None:
-    """SIGTERM ends the command like Ctrl-C does, so cleanup (stopping an embedded
-    store, a server, a worker) runs instead of being skipped."""
-    raise SystemExit(128 + signum)
-
-
-def main(argv: list[str] | None = None) -> int:
-    import signal
-
-    signal.signal(signal.SIGTERM, exit_on_sigterm)
-    args = build_parser().parse_args(argv)
-    if args.verbose:
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
-    else:
-        from flows.native_logs import hold_back_native_logs
-
-        hold_back_native_logs()
-    try:
-        return args.handler(args)
-    except CliError as error:
-        print(f"mnist {args.command}: {error}", file=sys.stderr)
-        return error.exit_code
-    except KeyboardInterrupt:
-        print(f"mnist {args.command}: interrupted", file=sys.stderr)
-        return 130
-
-
-def exit_skipping_teardown(outcome: dict[str, int]) -> None:
-    """The last exit handler: flush, then leave without tearing the interpreter down.
-
-    Finalising the modules TensorFlow loaded takes one to two seconds after a command has
-    answered, and frees nothing a finished process needs. Every other exit handler (Prefect's,
-    the native-log filter's) was registered after this one, so it has already run.
-    """
-    import logging
-
-    logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(outcome["code"])
-
-
-def run() -> None:
-    """The ``mnist`` command's entry point: main(), then a quick exit with its code."""
-    import atexit
-
-    outcome = {"code": 1}  # an uncaught exception's: Python prints it before exit handlers run
-    atexit.register(exit_skipping_teardown, outcome)
-    try:
-        outcome["code"] = main()
-    except SystemExit as stop:  # argparse's usage errors; a message (str) exits 1
-        outcome["code"] = stop.code if isinstance(stop.code, int) else 0 if stop.code is None else 1
-        raise
-    sys.exit(outcome["code"])
-
-
-if __name__ == "__main__":
-    # Run the importable module's entry, not this __main__ copy: command modules such as
-    # flows.cli_data import flows.cli, and its CliError must be the one main() catches.
-    from flows.cli import run as importable_run
-
-    importable_run()

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from flows.cli import CliError, pipeline_settings, print_json, reachable_store, store_for_cli
+from cli.common import CliError, pipeline_settings, print_json, reachable_store, store_for_cli
 
 
 def dataset_store(interactive: bool = True):
@@ -126,7 +126,7 @@ def report_added(result: dict[str, Any], source: str, as_json: bool) -> int:
 
 def add_from_feedback(args: argparse.Namespace) -> int:
     """The feedback on logged predictions since the last time, as one batch through the normal ingest."""
-    from flows.cli_monitoring import traffic_stores
+    from cli.monitoring import traffic_stores
     from tasks.feedback import ingest_feedback
     from tasks.ingest import IngestError
 

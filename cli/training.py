@@ -5,35 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import ValidationError
 
-from flows.cli import CliError, add_model_flags, given_flags, pipeline_settings, validation_message
-
-
-def run_training(params, api_ready: Callable[[], None] | None = None) -> dict[str, Any]:
-    """Run the training flow with a reachable store; raise CliError on a failed run. ``api_ready``:
-    the wait for a Prefect API the caller started (else one is started here, if none is set)."""
-    from flows.prefect_api import early_prefect_api
-
-    api = nullcontext(api_ready) if api_ready else early_prefect_api()  # comes up while TensorFlow imports
-    with api as api_ready:
-        from flows.training import training_flow
-        from storage.embedded import store_environment
-        from tasks.evaluate import REJECTED
-
-        api_ready()
-        if params.publish:
-            with store_environment(pipeline_settings().state_dir):
-                state = training_flow(params, return_state=True)
-        else:
-            state = training_flow(params, return_state=True)
-    if not state.is_completed() or state.name == REJECTED:
-        raise CliError(f"training run {state.name}: {state.message}")
-    return state.result()
+from cli.common import CliError, add_model_flags, given_flags, pipeline_settings, validation_message
 
 
 def print_training_result(result: dict[str, Any]) -> None:
@@ -59,7 +36,12 @@ def print_training_result(result: dict[str, Any]) -> None:
 
 
 def command_train(args: argparse.Namespace) -> int:
-    result = run_training(training_params(args))
+    from flows.chain import TrainingRunFailed, run_training
+
+    try:
+        result = run_training(training_params(args))
+    except TrainingRunFailed as error:
+        raise CliError(str(error)) from None
     print_training_result(result)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -86,18 +68,20 @@ def training_params(args: argparse.Namespace):
 
 def command_run(args: argparse.Namespace) -> int:
     """The main job: train, gate, publish, sync, serve, live-check, query; stop all."""
-    from flows.chain import run_chain
-    from serving.stack import StackError
-    from flows.cli_serving import print_predictions
+    from cli.serving import parse_range, print_predictions
+    from flows.chain import TrainingRunFailed, run_chain
     from mnist_client.client import ServingError
+    from serving.stack import StackError
+    from tasks.data import DataError
 
     params = training_params(args)
     if not params.publish:
         raise CliError("mnist run serves what it publishes: drop --no-publish (or use mnist train)", exit_code=2)
     from storage.s3 import StoreError
 
+    queries = parse_range(args.queries, "--queries")
     try:
-        with run_chain(params, pipeline_settings().state_dir, args.queries) as (result, answers):
+        with run_chain(params, pipeline_settings().state_dir, queries) as (result, answers):
             print_training_result(result)
             print(f"gRPC predictions from the served 'stable' model through the logging gateway "
                   f"(MNIST test digits {args.queries}):")
@@ -105,7 +89,7 @@ def command_run(args: argparse.Namespace) -> int:
             correct = sum(answer["digit"] == answer["label"] for answer in answers)
             print(f"{correct}/{len(answers)} correct")
             print(NEXT_STEPS, flush=True)
-    except (StackError, ServingError, StoreError) as error:
+    except (StackError, ServingError, StoreError, TrainingRunFailed, DataError) as error:
         raise CliError(str(error)) from None
     return 0
 

@@ -1,5 +1,5 @@
 """``mnist up``, ``mnist sync`` and ``mnist predict``: the serving stack, what runs beside the model
-server, and its client (``mnist serve`` itself: ``flows/cli_serve.py``)."""
+server, and its client (``mnist serve`` itself: ``cli/serve.py``)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from flows.cli import CliError, pipeline_settings, print_json, reachable_store, stop_on_signals
-from flows.cli_serve import add_serve_parser
+from cli.common import CliError, pipeline_settings, print_json, reachable_store, stop_on_signals
+from cli.serve import add_serve_parser
 
 
 def command_sync(args: argparse.Namespace) -> int:
@@ -56,30 +56,27 @@ def usable_directory(path: Path, flag: str, create: bool = False) -> None:
         raise CliError(f"{flag} {path}: cannot use it ({error.strerror or error})", exit_code=2) from None
 
 
-def parse_range(text: str) -> tuple[int, int]:
+def parse_range(text: str, flag: str = "--mnist-test") -> tuple[int, int]:
     try:
         start, stop = (int(part) for part in text.split(":"))
     except ValueError:
-        raise CliError(f"--mnist-test takes START:STOP, got {text!r}", exit_code=2) from None
+        raise CliError(f"{flag} takes START:STOP, got {text!r}", exit_code=2) from None
     if not 0 <= start < stop <= 10000:
-        raise CliError(f"--mnist-test {text}: need 0 <= START < STOP <= 10000", exit_code=2)
+        raise CliError(f"{flag} {text}: need 0 <= START < STOP <= 10000", exit_code=2)
     return start, stop
 
 
 def mnist_test_inputs(text: str) -> tuple[list[str], Any, list[int]]:
-    from tasks.data import MNIST_SHA256, DataError, read_split, to_model_input
+    from tasks.data import NO_MNIST, DataError, mnist_test_digits
 
     start, stop = parse_range(text)
     data_dir = pipeline_settings().data_dir
     if data_dir is None:
-        raise CliError("--mnist-test needs the MNIST files: set MNIST_DATA_DIR to the folder of the four IDX files "
-                       "(make and mnist find ../shared/datasets/mnist beside the checkout by themselves)", exit_code=2)
+        raise CliError(f"--mnist-test {NO_MNIST}", exit_code=2)
     try:
-        test, _ = read_split(data_dir, "t10k", MNIST_SHA256)
+        return mnist_test_digits(data_dir, start, stop)
     except DataError as error:
         raise CliError(str(error)) from None
-    labels = [int(label) for label in test.labels[start:stop]]
-    return [f"mnist-test[{i}]" for i in range(start, stop)], to_model_input(test.images[start:stop]), labels
 
 
 def show_model(target) -> int:

@@ -1,0 +1,1 @@
+"""The ``mnist`` command: thin adapters over flows, tasks, storage and serving."""

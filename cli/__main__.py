@@ -1,0 +1,5 @@
+"""``python -m cli``: the ``mnist`` command."""
+
+from cli.app import run
+
+run()
