@@ -63,7 +63,8 @@ def command_gateway(args: argparse.Namespace) -> int:
 
 
 def command_feedback(args: argparse.Namespace) -> int:
-    from tasks.feedback import FeedbackError, read_feedback_csv, record_feedback
+    from storage.feedback import FeedbackError, record_feedback
+    from tasks.feedback import read_feedback_csv
 
     if args.csv:
         if args.request_id or args.label is not None:

@@ -46,7 +46,7 @@ from serving.rest_paths import (
 )
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
 from storage.s3 import StoreError
-from tasks.feedback import FeedbackError, Located, record_feedback
+from storage.feedback import FeedbackError, Located, record_feedback
 
 log = logging.getLogger("mnist.gateway")
 PREDICT = "/tensorflow.serving.PredictionService/Predict"

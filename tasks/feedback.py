@@ -11,61 +11,16 @@ from __future__ import annotations
 import csv
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from mnist_client._generated.tensorflow_serving.apis import prediction_log_pb2
 from mnist_client.images import InputError, as_digit_batch
 from mnist_client.tensors import TensorError, from_tensor_proto
-from storage.logs import (
-    MAX_FEEDBACK_INDEX, FeedbackStore, LogEntry, LogNotFound, PredictionLogStore, valid_request_id,
-)
-from storage.s3 import VerificationFailed, utc_now
-
-FEEDBACK_DAYS = 30  # how far back a request id is looked up
-Located = tuple[str, int, LogEntry]  # (index key of the log batch, position in it, its entry)
-
-
-class FeedbackError(ValueError):
-    """Feedback refused, with the HTTP status it maps to (400 bad input, 404 no such logged request)."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
-
-
-def checked_label(value: Any) -> int:
-    text = str(value).strip()
-    if not (text.isdigit() and len(text) == 1) or isinstance(value, (bool, float)):
-        raise FeedbackError(f"label {value!r} is not a digit 0-9")
-    return int(text)
-
-
-def checked_index(value: Any) -> int:
-    if type(value) is not int or not 0 <= value < MAX_FEEDBACK_INDEX:
-        raise FeedbackError(f"index {value!r}: the image's position in its request, an integer 0-{MAX_FEEDBACK_INDEX - 1}")
-    return value
-
-
-def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_id: str, label: Any, index: Any = 0,
-                    source: str = "api", locate: Callable[[str], Located | None] | None = None) -> dict[str, Any]:
-    """Store the correct ``label`` of image ``index`` of a logged request; the latest label wins."""
-    if not isinstance(request_id, str) or not valid_request_id(request_id):
-        raise FeedbackError(f"request id {request_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
-    digit, position_in_request = checked_label(label), checked_index(index)
-    try:
-        key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_DAYS)
-    except LogNotFound as error:
-        raise FeedbackError(str(error), status=404) from None
-    if position_in_request >= entry.examples:
-        raise FeedbackError(f"request {request_id} has {entry.examples} image(s); index {position_in_request} "
-                            "is out of range")
-    item = {"request_id": request_id, "index": position_in_request, "label": digit, "version": entry.version,
-            "log": key, "position": position, "source": source, "time": utc_now()}
-    feedback.put(item)
-    return item
-
+from storage.feedback import FeedbackError, checked_label
+from storage.logs import FeedbackStore, PredictionLogStore
+from storage.s3 import VerificationFailed
 
 def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
     """``request_id,label[,index]`` rows (a header row is allowed): (request id, label, index)."""

@@ -1,0 +1,57 @@
+"""Feedback records: the correct label of one image of a logged request, checked and stored.
+
+The gateway's feedback route and ``mnist feedback`` both record through here; turning
+accumulated feedback into training data is the feedback stage's (``tasks/feedback.py``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from storage.logs import (
+    MAX_FEEDBACK_INDEX, FeedbackStore, LogEntry, LogNotFound, PredictionLogStore, valid_request_id,
+)
+from storage.s3 import utc_now
+
+FEEDBACK_DAYS = 30  # how far back a request id is looked up
+Located = tuple[str, int, LogEntry]  # (index key of the log batch, position in it, its entry)
+
+
+class FeedbackError(ValueError):
+    """Feedback refused, with the HTTP status it maps to (400 bad input, 404 no such logged request)."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+def checked_label(value: Any) -> int:
+    text = str(value).strip()
+    if not (text.isdigit() and len(text) == 1) or isinstance(value, (bool, float)):
+        raise FeedbackError(f"label {value!r} is not a digit 0-9")
+    return int(text)
+
+
+def checked_index(value: Any) -> int:
+    if type(value) is not int or not 0 <= value < MAX_FEEDBACK_INDEX:
+        raise FeedbackError(f"index {value!r}: the image's position in its request, an integer 0-{MAX_FEEDBACK_INDEX - 1}")
+    return value
+
+
+def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_id: str, label: Any, index: Any = 0,
+                    source: str = "api", locate: Callable[[str], Located | None] | None = None) -> dict[str, Any]:
+    """Store the correct ``label`` of image ``index`` of a logged request; the latest label wins."""
+    if not isinstance(request_id, str) or not valid_request_id(request_id):
+        raise FeedbackError(f"request id {request_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
+    digit, position_in_request = checked_label(label), checked_index(index)
+    try:
+        key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_DAYS)
+    except LogNotFound as error:
+        raise FeedbackError(str(error), status=404) from None
+    if position_in_request >= entry.examples:
+        raise FeedbackError(f"request {request_id} has {entry.examples} image(s); index {position_in_request} "
+                            "is out of range")
+    item = {"request_id": request_id, "index": position_in_request, "label": digit, "version": entry.version,
+            "log": key, "position": position, "source": source, "time": utc_now()}
+    feedback.put(item)
+    return item
