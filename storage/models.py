@@ -27,6 +27,7 @@ from typing import Any
 
 from pydantic import Field
 
+from storage.layout import MANIFEST, SIGNATURE
 from storage.s3 import (
     LocalFile, ObjectStore, S3Settings, StoreAccessDenied, StoreError, VerificationFailed, file_sha256, utc_now,
 )
@@ -34,8 +35,6 @@ from storage.s3 import (
 __all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccessDenied", "UnsafeManifest",
            "VerificationFailed", "VersionNotFound", "local_versions", "scan_saved_model"]
 
-MANIFEST = "assets.extra/manifest.json"
-SIGNATURE = "assets.extra/model.sig"  # written by storage.signing, one more file of the version
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from storage.models import MANIFEST, SIGNATURE  # the manifest is written after signing: not signed
+from storage.layout import MANIFEST, SIGNATURE  # the manifest is written after signing: not signed
 from storage.s3 import VerificationFailed
 
 
