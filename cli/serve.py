@@ -148,7 +148,7 @@ def batching_options(args: argparse.Namespace):
 
 def monitoring_path(args: argparse.Namespace) -> str | None:
     """The Prometheus path from ``--monitoring-config-file``, served on the REST port as TF Serving does."""
-    from serving.monitoring import metrics_path
+    from serving.protocol.monitoring import metrics_path
 
     if not args.monitoring_config_file:
         return None

@@ -26,7 +26,7 @@ import numpy as np
 
 
 if TYPE_CHECKING:
-    from serving.monitoring import BatchingMetrics
+    from serving.protocol.monitoring import BatchingMetrics
 
 Arrays = dict[str, np.ndarray]
 
@@ -44,7 +44,7 @@ def read_batching_parameters(path: Path | None) -> BatchingOptions:
     """TF Serving's BatchingParameters text file (None: its defaults); ValueError naming the problem."""
     if path is None:
         return BatchingOptions()
-    from serving.tf_serving_protos import message_class, read_text_proto
+    from serving.protocol.tf_serving_protos import message_class, read_text_proto
 
     params = read_text_proto(path, message_class("BatchingParameters")())
     defaults = BatchingOptions()

@@ -14,7 +14,7 @@ Seldon pattern, because TF Serving's own request logging is unusable in the open
   or fails a request.
 - ``POST /v1/models/NAME/feedback`` records the correct label of a logged request;
   ``/monitoring/prometheus/metrics`` and ``/v1/models/NAME[...]/ready`` as in
-  ``serving/monitoring.py``.
+  ``serving/protocol/monitoring.py``.
 
 It imports no TensorFlow: its messages are the generated ones of ``mnist_client``.
 """
@@ -36,12 +36,12 @@ from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_p
 from mnist_client.client import REQUEST_ID
 from mnist_client.tensors import to_tensor_proto
 from serving.grpc_relay import Exchange, GrpcRelay, Watch, grpc_message
-from serving.http import JSON, HttpServer, Reply, Request, json_reply
-from serving.json_document import JsonTensorError, parse_document, read_document
-from serving.json_tensor import dtypes, read_columns, read_predict, read_rows
-from serving.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
+from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.protocol.json_document import JsonTensorError, parse_document, read_document
+from serving.protocol.json_tensor import dtypes, read_columns, read_predict, read_rows
+from serving.protocol.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
 from serving.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
-from serving.rest_paths import (
+from serving.protocol.rest_paths import (
     FEEDBACK_ROUTE, PREDICTION_ROUTE, READY_ROUTE, ModelPath, PathError, fill_spec, model_path,
 )
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id

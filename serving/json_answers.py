@@ -14,7 +14,7 @@ import json
 
 import numpy as np
 
-from serving.json_document import JsonTensorError
+from serving.protocol.json_document import JsonTensorError
 
 BYTES_SUFFIX = "_bytes"  # kBytesTensorNameSuffix
 NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}

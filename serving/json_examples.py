@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from serving.json_document import (
+from serving.protocol.json_document import (
     JsonTensorError, decode_base64, float_or_infinity, format_error, is_base64_object, json_type,
 )
 

@@ -36,7 +36,7 @@ from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.batching import Batcher, BatchingOptions
-from serving.monitoring import BatchingMetrics
+from serving.protocol.monitoring import BatchingMetrics
 from serving.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
 from serving.tensors import from_tensor_proto
 

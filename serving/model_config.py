@@ -9,7 +9,7 @@ from pathlib import Path
 import grpc
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.tf_serving_protos import read_text_proto
+from serving.protocol.tf_serving_protos import read_text_proto
 
 SUPPORTED_PLATFORM = "tensorflow"
 

@@ -24,15 +24,15 @@ from tensorflow_serving.apis import (
 )
 
 from serving.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
-from serving.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.json_answers import classify_body, predict_body, regress_body
-from serving.json_document import JsonTensorError, read_document
+from serving.protocol.json_document import JsonTensorError, read_document
 from serving.json_examples import fill_examples_request
-from serving.json_tensor import dtypes, read_predict
+from serving.protocol.json_tensor import dtypes, read_predict
 from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
-from serving.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from serving.monitoring import ServingMetrics, readiness
-from serving.rest_paths import (
+from serving.protocol.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from serving.protocol.monitoring import ServingMetrics, readiness
+from serving.protocol.rest_paths import (
     PREDICTION_ROUTE, READY_ROUTE, STATUS_ROUTE, ModelPath, PathError, fill_spec, model_path,
 )
 from serving.tensors import from_tensor_proto, to_tensor_proto

@@ -28,8 +28,8 @@ from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc
 from serving.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
 from serving.manager import ModelManager, RequestError
 from serving.model_config import ConfigRefused, read_model_config_file
-from serving.monitoring import ServingMetrics
-from serving.tf_serving_protos import message_class, read_text_proto
+from serving.protocol.monitoring import ServingMetrics
+from serving.protocol.tf_serving_protos import message_class, read_text_proto
 
 log = logging.getLogger("mnist.serve")
 

@@ -83,7 +83,7 @@ def test_histograms_count_as_tensorflow_samplers_do() -> None:
     same limits (Buckets::Exponential, then DBL_MAX as +Inf), and each value below its limit."""
     from tensorflow.python.eager import monitoring
 
-    from serving.monitoring import TfSampler, tf_exponential_buckets
+    from serving.protocol.monitoring import TfSampler, tf_exponential_buckets
 
     values = [0.5, 1, 1, 2, 3.5, 4, 31, 32, 33, 8192, 10_000, 99.9, 100, 1e6]
     for scale, growth, count in ((1, 2, 14), (100, 1.2, 52), (10, 1.8, 33)):

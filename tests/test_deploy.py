@@ -10,7 +10,7 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from mnist_client.client import IMAGES_PER_CALL
 from serving.sync import model_config_text
-from serving.tf_serving_protos import message_class
+from serving.protocol.tf_serving_protos import message_class
 
 DEPLOY = Path(__file__).resolve().parents[1] / "serving" / "deploy"
 

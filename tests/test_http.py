@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import httpx
 
-from serving.http import HttpServer, Reply, Request, json_reply
+from serving.protocol.http import HttpServer, Reply, Request, json_reply
 
 
 def test_a_handler_that_fails_answers_500_and_the_connection_lives_on() -> None:

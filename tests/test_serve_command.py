@@ -70,7 +70,7 @@ def test_production_tf_serving_command_line_runs_unchanged(model_base: Path, sav
     import httpx
     import yaml
 
-    from serving.monitoring import metrics_path
+    from serving.protocol.monitoring import metrics_path
     from serving.sync import model_config_text
     from tasks.export import write_warmup_requests
 

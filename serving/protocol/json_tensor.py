@@ -17,7 +17,7 @@ import numpy as np
 
 from mnist_client._generated.tensorflow.core.framework import types_pb2
 from mnist_client.tensors import MAX_RANK, TYPED_FIELDS
-from serving.json_document import (
+from serving.protocol.json_document import (
     JsonTensorError, debug_string, decode_base64, float_or_infinity, format_error, is_base64_object, json_type,
 )
 

@@ -210,7 +210,7 @@ def readiness(version: int | None, reason: str = "") -> tuple[int, dict[str, obj
 def metrics_path(monitoring_config_file: Path) -> str | None:
     """The Prometheus path a TF Serving ``--monitoring_config_file`` enables (None: metrics off).
     Raises ValueError naming the file when it is not a MonitoringConfig text proto."""
-    from serving.tf_serving_protos import message_class, read_text_proto
+    from serving.protocol.tf_serving_protos import message_class, read_text_proto
 
     config = read_text_proto(monitoring_config_file, message_class("MonitoringConfig")())
     if not config.prometheus_config.enable:
