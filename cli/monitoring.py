@@ -27,7 +27,7 @@ def traffic_stores(retry_seconds: float | None = None):
 def command_gateway(args: argparse.Namespace) -> int:
     import logging
 
-    from serving.gateway import Gateway, GatewayOptions
+    from serving.gateway.server import Gateway, GatewayOptions
 
     # The relay's thread waits for the interpreter while another thread holds it (the log writer:
     # boto3 building and signing an upload); Python hands it over every switch interval, 5 ms by

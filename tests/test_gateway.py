@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mnist_client._generated.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from mnist_client.client import ServingError, Target, predict, predict_call
 from mnist_client.tensors import to_tensor_proto
-from serving.gateway import Gateway, GatewayOptions
+from serving.gateway.server import Gateway, GatewayOptions
 from serving.model_config import single_model_config
 from storage.embedded import free_port, start_weed
 from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
@@ -178,7 +178,7 @@ def test_the_log_queue_holds_no_more_bytes_than_its_budget(store_env, digits: np
     request's outline (its spec and shapes), with every image counted."""
     from prometheus_client import CollectorRegistry
 
-    from serving.prediction_logger import Call, PredictionLogger, request_outline
+    from serving.gateway.prediction_logger import Call, PredictionLogger, request_outline
     from storage.logs import days_back
 
     request = predict_pb2.PredictRequest()

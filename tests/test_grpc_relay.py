@@ -12,8 +12,8 @@ from concurrent import futures
 import grpc
 import pytest
 
-from serving.grpc_relay import Body, GrpcRelay, Link, Watch, grpc_message
-from serving.http2 import (
+from serving.gateway.relay import Body, GrpcRelay, Link, Watch, grpc_message
+from serving.gateway.http2 import (
     CONTINUATION, DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, FrameReader, frame, header_frames,
 )
 from storage.embedded import free_port

@@ -2,7 +2,7 @@
 Seldon pattern, because TF Serving's own request logging is unusable in the open-source binary
 (tensorflow/serving#408, #2223, #2677).
 
-- gRPC: the caller's connection is relayed to upstream frame by frame (``serving/grpc_relay.py``):
+- gRPC: the caller's connection is relayed to upstream frame by frame (``serving/gateway/relay.py``):
   every service upstream has passes through, messages byte for byte, the caller's deadline and
   metadata go upstream and upstream's status comes back. Every Predict gets a request id, the
   caller's own ``x-request-id`` if it sent a valid one, sent upstream and returned in the
@@ -35,12 +35,12 @@ from google.protobuf.message import DecodeError
 from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 from mnist_client.client import REQUEST_ID
 from mnist_client.tensors import to_tensor_proto
-from serving.grpc_relay import Exchange, GrpcRelay, Watch, grpc_message
+from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.protocol.json_document import JsonTensorError, parse_document, read_document
 from serving.protocol.json_tensor import dtypes, read_columns, read_predict, read_rows
 from serving.protocol.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
-from serving.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
+from serving.gateway.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
 from serving.protocol.rest_paths import (
     FEEDBACK_ROUTE, PREDICTION_ROUTE, READY_ROUTE, ModelPath, PathError, fill_spec, model_path,
 )

@@ -3,7 +3,7 @@ headers, header blocks split into frames, literal header fields, and whole frame
 byte stream.
 
 Frames come out as views of the bytes read, not copies: slicing and growing buffers frame by
-frame cost more CPU than the rest of the relay (``serving/grpc_relay.py``).
+frame cost more CPU than the rest of the relay (``serving/gateway/relay.py``).
 """
 
 from __future__ import annotations

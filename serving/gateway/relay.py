@@ -4,7 +4,7 @@ not ended in a gRPC server and started again in a gRPC client.
 Why code of our own: a second Python gRPC hop (grpcio server plus client) adds 0.85-1.1 ms per
 call at p50 on two cores (`bench/gateway.py`'s bare pass-through), above the 0.5 ms a gateway
 may cost. Relaying frames keeps the call one gRPC call, end to end. Header blocks are read with
-``hpack`` (python-hyper's, under h2 and httpx); the 9-byte frame headers by ``serving/http2.py``,
+``hpack`` (python-hyper's, under h2 and httpx); the 9-byte frame headers by ``serving/gateway/http2.py``,
 because most frames pass unread and a parsed frame object per frame would cost more than the relay.
 
 What the relay changes on the wire, and nothing else:
@@ -16,7 +16,7 @@ DATA, SETTINGS, PING, WINDOW_UPDATE, RST_STREAM and GOAWAY pass unchanged, so fl
 deadlines, keepalives and shutdowns stay the two ends' own. The bodies of watched calls are
 kept (up to ``max_message_bytes``) and handed, with the call's status, to ``finished``.
 
-Frames are views of the bytes as read (``serving/http2.py``), not copies: a megabyte request
+Frames are views of the bytes as read (``serving/gateway/http2.py``), not copies: a megabyte request
 crosses the relay as one copy out (the frames joined for the socket) and one for its kept body
 (joined once, when the call has ended).
 """
@@ -34,7 +34,7 @@ from typing import Callable
 
 from hpack import Decoder
 
-from serving.http2 import (
+from serving.gateway.http2 import (
     ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, PUSH_PROMISE, RST_STREAM, SETTINGS,
     FrameReader, header_frames, header_table_size, literal, unpadded,
 )
