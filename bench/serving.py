@@ -84,7 +84,7 @@ def echo(port: int) -> None:
     single image's answer), nothing parsed, nothing run; the thread pool `mnist serve` has."""
     from tensorflow_serving.apis import predict_pb2
 
-    from serving.tensors import to_tensor_proto
+    from serving.model_server.tensors import to_tensor_proto
 
     answer = predict_pb2.PredictResponse()
     answer.model_spec.name, answer.model_spec.version.value = "mnist", 1
@@ -96,7 +96,7 @@ def echo(port: int) -> None:
 def request_for(images: np.ndarray):
     from tensorflow_serving.apis import predict_pb2
 
-    from serving.tensors import to_tensor_proto
+    from serving.model_server.tensors import to_tensor_proto
 
     request = predict_pb2.PredictRequest()
     request.model_spec.name = "mnist"

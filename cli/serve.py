@@ -1,5 +1,5 @@
 """``mnist serve``: the local model server, on ``tensorflow_model_server``'s command line (its
-flags as that binary spells them; ``flows/tf_serving_flags.py`` holds the parsing they share)."""
+flags as that binary spells them; ``serving/model_server/flags.py`` holds the parsing they share)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from cli.common import CliError, stop_on_signals
-from flows.tf_serving_flags import (
+from serving.model_server.flags import (
     CPUS, add_foreign_flags, foreign_flag_notes, grpc_channel_arguments, tf_serving_bool, tf_serving_spellings,
 )
 
@@ -29,10 +29,10 @@ def command_serve(args: argparse.Namespace) -> int:
     if args.version:
         return print_version()
     without_keras_at_tensorflow_import()
-    from serving.inference import PredictOptions
-    from serving.manager import ModelManager
-    from serving.model_config import ConfigRefused, read_model_config_file, single_model_config
-    from serving.server import ModelServer, ServerOptions
+    from serving.model_server.inference import PredictOptions
+    from serving.model_server.manager import ModelManager
+    from serving.model_server.model_config import ConfigRefused, read_model_config_file, single_model_config
+    from serving.model_server.server import ModelServer, ServerOptions
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -83,7 +83,7 @@ def load_options(args: argparse.Namespace):
     """How versions load: --saved_model_tags, warmup (--num_request_iterations_for_warmup: 0 is
     TF Serving's "unset", one replay), batching, and --max_num_load_retries with
     --load_retry_interval_micros (a negative interval: no wait, as retrier.cc)."""
-    from serving.manager import LoadOptions, LoadRetries
+    from serving.model_server.manager import LoadOptions, LoadRetries
 
     if args.max_num_load_retries < 0:
         raise CliError(f"--max_num_load_retries must be 0 or more, not {args.max_num_load_retries}", exit_code=2)
@@ -133,7 +133,7 @@ def batching_options(args: argparse.Namespace):
     """--enable-batching with TF Serving's BatchingParameters file (or its defaults); None when off."""
     import sys
 
-    from serving.batching import read_batching_parameters
+    from serving.model_server.batching import read_batching_parameters
 
     if not args.enable_batching:
         if args.batching_parameters_file:

@@ -17,10 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from google.protobuf import text_format
-from tensorflow_serving.config import model_server_config_pb2
 
+# the client's generated copy of TF Serving's config proto: the sidecar installs without TensorFlow
+from mnist_client._generated.tensorflow_serving.config import model_server_config_pb2
 from mnist_client.client import Target, wait_until_available
-from serving.model_config import read_model_config_file
+from serving.protocol.tf_serving_protos import read_text_proto
 from storage.models import ModelStore, VerificationFailed, local_versions
 from storage.signing import verify_directory
 
@@ -93,7 +94,7 @@ def remove_stale_staging(model_base_path: Path) -> None:
 def served_config(config_file: Path) -> tuple[set[int], dict[str, int]]:
     """The versions and labels of the config written last (what the server was told), or nothing."""
     try:
-        config = read_model_config_file(config_file)
+        config = read_text_proto(config_file, model_server_config_pb2.ModelServerConfig())
     except ValueError:
         return set(), {}
     models = config.model_config_list.config

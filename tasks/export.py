@@ -31,7 +31,7 @@ def write_warmup_requests(saved_model_dir: Path, images: np.ndarray, batch_sizes
     which TF Serving and the local server replay with --enable_model_warmup (on by default)."""
     from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-    from serving.tensors import to_tensor_proto
+    from serving.model_server.tensors import to_tensor_proto
 
     path = saved_model_dir / "assets.extra" / "tf_serving_warmup_requests"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from tests.conftest import metric_values, run_mnist, start_model_server
 
 def test_batching_merges_concurrent_requests_and_answers_each_its_own(model_base: Path, saved_model_dir: Path,
                                                                       test_images) -> None:
-    from serving.batching import BatchingOptions
+    from serving.model_server.batching import BatchingOptions
 
     images, _ = test_images
     options = BatchingOptions(max_batch_size=32, batch_timeout_micros=200_000, num_batch_threads=1,
@@ -105,7 +105,7 @@ def batched_calls(answering: int, arrivals: list[float], timeout_micros: int
                   ) -> tuple[list[int], list[np.ndarray], float]:
     """Calls of a Batcher at ``arrivals`` seconds from now, each with its own row; the sizes of
     the merged calls, each caller's answer, and when the last answer came."""
-    from serving.batching import Batcher, BatchingOptions
+    from serving.model_server.batching import Batcher, BatchingOptions
 
     sizes: list[int] = []
 
@@ -149,7 +149,7 @@ def test_batching_closes_a_batch_that_holds_every_request_in_the_server() -> Non
 def test_a_stopped_batcher_answers_what_it_had_queued() -> None:
     """A version unloads while requests wait in its queue: each still gets its answer, as TF
     Serving's queue drains before it goes, and none arriving afterwards waits forever."""
-    from serving.batching import Batcher, BatchingOptions
+    from serving.model_server.batching import Batcher, BatchingOptions
 
     def slow_double(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         time.sleep(0.3)

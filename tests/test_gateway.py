@@ -25,7 +25,7 @@ from mnist_client._generated.tensorflow_serving.apis import predict_pb2, predict
 from mnist_client.client import ServingError, Target, predict, predict_call
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.server import Gateway, GatewayOptions
-from serving.model_config import single_model_config
+from serving.model_server.model_config import single_model_config
 from storage.embedded import free_port, start_weed
 from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
 from tasks.data import load_test_set

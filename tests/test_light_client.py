@@ -182,7 +182,7 @@ def test_calls_share_a_channel_ask_the_names_once_and_follow_a_rename(saved_mode
     import mnist_client.client as client
     from mnist_client import predict
     from mnist_client.client import Target, model_status, wait_until_available
-    from serving.server import PredictionService
+    from serving.model_server.server import PredictionService
 
     asked: list[str] = []
     original = PredictionService.GetModelMetadata
@@ -210,9 +210,9 @@ def test_calls_share_a_channel_ask_the_names_once_and_follow_a_rename(saved_mode
     with pytest.raises(client.ServingError):
         predict(images, address=address, timeout=2)  # the kept channel finds nobody there...
     time.sleep(3)  # ...and is down long enough for gRPC's own reconnect backoff to have grown past 2 s
-    from serving.manager import ModelManager
-    from serving.model_config import single_model_config
-    from serving.server import ModelServer, ServerOptions
+    from serving.model_server.manager import ModelManager
+    from serving.model_server.model_config import single_model_config
+    from serving.model_server.server import ModelServer, ServerOptions
 
     again = ModelServer(ModelManager(single_model_config("mnist", base.resolve())),
                         ServerOptions(port=port, poll_seconds=0.2)).start()
@@ -228,7 +228,7 @@ def test_waiting_for_a_label_follows_the_config_that_names_it(saved_model_dir: P
     wait_for_label says None while the server does not know the label, the version it names when
     that is another, and returns as soon as the label names the version asked for."""
     from mnist_client.client import Target, wait_for_label, wait_until_available
-    from serving.model_config import single_model_config
+    from serving.model_server.model_config import single_model_config
 
     base = tmp_path / "models" / "mnist"
     shutil.copytree(saved_model_dir, base / "1")

@@ -16,8 +16,8 @@ from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from mnist_client.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
 from storage.embedded import free_port
-from serving.model_config import single_model_config
-from serving.tensors import to_tensor_proto
+from serving.model_server.model_config import single_model_config
+from serving.model_server.tensors import to_tensor_proto
 from tasks.export import saved_model_predict
 from tests.conftest import run_mnist, start_model_server
 
@@ -254,7 +254,7 @@ def test_prepared_digit_fits_20x20_and_is_centred_by_mass() -> None:
 def test_version_policies_pick_the_right_versions() -> None:
     from tensorflow_serving.config import model_server_config_pb2
 
-    from serving.model_config import versions_to_serve
+    from serving.model_server.model_config import versions_to_serve
 
     config = model_server_config_pb2.ModelConfig()
     assert versions_to_serve(config, [1, 2, 3]) == {3}  # no policy: latest 1, as TF Serving
@@ -345,9 +345,9 @@ def test_rest_api_answers_like_tf_serving(model_base: Path, saved_model_dir: Pat
 def test_config_file_is_read_once_unless_a_poll_period_is_given(model_base: Path) -> None:
     """TF Serving re-reads --model_config_file only every --model_config_file_poll_wait_seconds;
     without it (0, its default), a later label in the file never takes effect."""
-    from serving.manager import ModelManager
-    from serving.model_config import read_model_config_file
-    from serving.server import ModelServer, ServerOptions
+    from serving.model_server.manager import ModelManager
+    from serving.model_server.model_config import read_model_config_file
+    from serving.model_server.server import ModelServer, ServerOptions
     from serving.sync import model_config_text
 
     config_file = model_base.parent / "models.config"

@@ -9,7 +9,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from flows.serving_check import serving_check_flow
-from serving.model_config import single_model_config
+from serving.model_server.model_config import single_model_config
 from tasks.publish import publish_model
 from tests.conftest import prefect_events, run_mnist, start_model_server
 

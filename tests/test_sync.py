@@ -149,9 +149,9 @@ def test_sync_moves_a_label_only_once_the_server_has_the_version(store: ModelSto
     import numpy as np
 
     from mnist_client.client import Target, predict_probabilities
-    from serving.manager import ModelManager
-    from serving.model_config import read_model_config_file
-    from serving.server import ModelServer, ServerOptions
+    from serving.model_server.manager import ModelManager
+    from serving.model_server.model_config import read_model_config_file
+    from serving.model_server.server import ModelServer, ServerOptions
     from storage.embedded import free_port
 
     base = tmp_path / "models" / "mnist"
@@ -187,7 +187,7 @@ def test_a_version_that_fails_to_load_is_reported_without_waiting_out_the_timeou
     gives up after its retries) settles it at once; an END not seen to begin in this wait may be a
     past life of the version, so it is waited on to the timeout."""
     from mnist_client.client import Target, wait_until_available
-    from serving.manager import LoadRetries
+    from serving.model_server.manager import LoadRetries
     from tests.tf_serving_cases import served_copy
 
     with served_copy(saved_model_dir, tmp_path, retries=LoadRetries(max_retries=1, interval_seconds=1.5)) as (

@@ -18,7 +18,7 @@ import tensorflow as tf
 from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, inference_pb2, predict_pb2, regression_pb2
 
 from mnist_client.client import Target, predict_probabilities
-from serving.tensors import to_tensor_proto
+from serving.model_server.tensors import to_tensor_proto
 from tests.conftest import start_model_server
 from tests.tf_serving_cases import (  # noqa: F401  fixtures, used by name
     half_plus_two, hp2_server, served_copy, mnist_server, image_request, stub, rpc_error, hp2_predict, test_digits,
@@ -40,7 +40,7 @@ def test_predict_answers_in_float_val_as_tf_serving(mnist_server, test_digits) -
 
 
 def test_tensor_content_only_with_the_flag(saved_model_dir: Path, tmp_path: Path, test_digits) -> None:
-    from serving.inference import PredictOptions
+    from serving.model_server.inference import PredictOptions
 
     with served_copy(saved_model_dir, tmp_path, predict=PredictOptions(tensor_content=True)) as (_, address, _):
         output = stub(address).Predict(image_request(test_digits[:2]), timeout=30).outputs["probabilities"]
@@ -102,7 +102,7 @@ def test_typed_values_fill_or_cut_to_the_shape_as_tensor_from_proto(hp2_server) 
 
 
 def test_non_finite_inputs_refused_only_when_asked(saved_model_dir: Path, tmp_path: Path) -> None:
-    from serving.inference import PredictOptions
+    from serving.model_server.inference import PredictOptions
 
     with served_copy(saved_model_dir, tmp_path, predict=PredictOptions(reject_non_finite=True)) as (_, address, _):
         error = rpc_error(stub(address).Predict, image_request(np.full((1, 28, 28, 1), np.nan, dtype=np.float32)))
@@ -276,7 +276,7 @@ def test_metadata_request_checks(hp2_server) -> None:
 def test_signature_method_name_checked_only_with_the_flag(half_plus_two: Path, tmp_path: Path) -> None:
     from tensorflow.core.protobuf import saved_model_pb2
 
-    from serving.inference import PredictOptions
+    from serving.model_server.inference import PredictOptions
 
     base = tmp_path / "models"
     shutil.copytree(half_plus_two, base / "1")

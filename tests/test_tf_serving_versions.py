@@ -15,8 +15,8 @@ import tensorflow as tf
 from tensorflow_serving.apis import get_model_status_pb2, model_management_pb2
 
 from mnist_client.client import Target, predict_probabilities
-from serving.manager import LoadRetries
-from serving.model_config import single_model_config
+from serving.model_server.manager import LoadRetries
+from serving.model_server.model_config import single_model_config
 from storage.embedded import free_port
 from tests.tf_serving_cases import (  # noqa: F401  fixtures, used by name
     served_copy, mnist_server, model_stub, rpc_error, status_of, wait_for, test_digits,
@@ -131,8 +131,8 @@ def test_labels_for_unavailable_models_still_refuse_moving_a_label_in_use(saved_
                                                                        tmp_path: Path) -> None:
     """server_core.cc: with --allow_version_labels_for_unavailable_models a new label may name
     a version still loading, but a label that points elsewhere moves only to an AVAILABLE one."""
-    from serving.manager import ModelManager
-    from serving.model_config import ConfigRefused
+    from serving.model_server.manager import ModelManager
+    from serving.model_server.model_config import ConfigRefused
 
     base = tmp_path / "m"
     shutil.copytree(saved_model_dir, base / "1")
@@ -167,7 +167,7 @@ def counting_model(directory: Path) -> Path:
 
 
 def test_warmup_iterations_and_record_limit_as_tf_serving(tmp_path: Path, test_digits) -> None:
-    from serving.manager import LoadOptions, load_version
+    from serving.model_server.manager import LoadOptions, load_version
     from tasks.export import write_warmup_requests
 
     model = counting_model(tmp_path / "1")
@@ -185,8 +185,8 @@ def test_warmup_iterations_and_record_limit_as_tf_serving(tmp_path: Path, test_d
 def test_a_rest_port_equal_to_the_grpc_port_serves_grpc_alone(saved_model_dir: Path, tmp_path: Path,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """server.cc BuildAndStart: the REST API is skipped, with an error line, and gRPC serves."""
-    from serving.manager import ModelManager
-    from serving.server import ModelServer, ServerOptions
+    from serving.model_server.manager import ModelManager
+    from serving.model_server.server import ModelServer, ServerOptions
 
     base = tmp_path / "models" / "mnist"
     shutil.copytree(saved_model_dir, base / "1")

@@ -53,7 +53,7 @@ def test_export_round_trip_matches_keras(smoke_model, prepared_path: Path, tmp_p
 def test_export_writes_tf_serving_warmup_requests(smoke_model, prepared_path: Path, tmp_path: Path) -> None:
     from tensorflow_serving.apis import prediction_log_pb2
 
-    from serving.tensors import from_tensor_proto
+    from serving.model_server.tensors import from_tensor_proto
 
     x_test, _ = load_test_set(prepared_path)
     exported = export_saved_model(smoke_model, tmp_path / "mnist" / "1", warmup_images=x_test[:32])

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
 
-from serving.tensors import to_tensor_proto
+from serving.model_server.tensors import to_tensor_proto
 from storage.embedded import free_port
 from tests.conftest import start_model_server, wait_for  # noqa: F401  wait_for: for the test modules
 from tests.half_plus_two import export_half_plus_two

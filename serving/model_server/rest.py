@@ -23,19 +23,20 @@ from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
 )
 
-from serving.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
+from serving.model_server.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
 from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
-from serving.json_answers import classify_body, predict_body, regress_body
+from serving.model_server.json_answers import classify_body, predict_body, regress_body
 from serving.protocol.json_document import JsonTensorError, read_document
-from serving.json_examples import fill_examples_request
+from serving.model_server.json_examples import fill_examples_request
 from serving.protocol.json_tensor import dtypes, read_predict
-from serving.manager import DEFAULT_SIGNATURE, ModelManager, RequestError
+from serving.model_server.errors import RequestError
+from serving.model_server.manager import DEFAULT_SIGNATURE, ModelManager
 from serving.protocol.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.protocol.monitoring import ServingMetrics, readiness
 from serving.protocol.rest_paths import (
     PREDICTION_ROUTE, READY_ROUTE, STATUS_ROUTE, ModelPath, PathError, fill_spec, model_path,
 )
-from serving.tensors import from_tensor_proto, to_tensor_proto
+from serving.model_server.tensors import from_tensor_proto, to_tensor_proto
 
 T = TypeVar("T")
 HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.INVALID_ARGUMENT: 400,

@@ -16,8 +16,9 @@ from tensorflow_serving.apis import (
     classification_pb2, get_model_metadata_pb2, get_model_status_pb2, predict_pb2, regression_pb2,
 )
 
-from serving.manager import DEFAULT_SIGNATURE, LoadedVersion, ModelManager, RequestError
-from serving.tensors import TensorError, from_tensor_proto, to_tensor_proto
+from serving.model_server.errors import RequestError
+from serving.model_server.manager import DEFAULT_SIGNATURE, LoadedVersion, ModelManager
+from serving.model_server.tensors import TensorError, from_tensor_proto, to_tensor_proto
 
 PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"

@@ -35,10 +35,11 @@ from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from serving.batching import Batcher, BatchingOptions
+from serving.model_server.batching import Batcher, BatchingOptions
 from serving.protocol.monitoring import BatchingMetrics
-from serving.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
-from serving.tensors import from_tensor_proto
+from serving.model_server.errors import RequestError
+from serving.model_server.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
+from serving.model_server.tensors import from_tensor_proto
 
 log = logging.getLogger("mnist.serve")
 DEFAULT_SIGNATURE = "serving_default"
@@ -59,14 +60,6 @@ class FailedLoad:
     tries: int
     next_try: float  # time.monotonic()
     message: str
-
-
-class RequestError(Exception):
-    """A request problem with the gRPC status code it maps to."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

@@ -3,10 +3,10 @@
 It speaks ``tensorflow.serving.PredictionService`` (Predict, Classify, Regress,
 GetModelMetadata) and ``ModelService`` (GetModelStatus, HandleReloadConfigRequest)
 on the stubs from tensorflow-serving-api, reads TF Serving's layout and
-``models.config`` (``serving/model_config.py``), keeps versions and labels with
-TF Serving's rules (``serving/manager.py``) and answers with its codes
-(``serving/inference.py``). With ``rest_api_port`` it also answers TF Serving's
-REST API (``serving/rest.py``). Production runs the real ``tensorflow/serving``
+``models.config`` (``serving/model_server/model_config.py``), keeps versions and labels with
+TF Serving's rules (``serving/model_server/manager.py``) and answers with its codes
+(``serving/model_server/inference.py``). With ``rest_api_port`` it also answers TF Serving's
+REST API (``serving/model_server/rest.py``). Production runs the real ``tensorflow/serving``
 image on the same files.
 """
 
@@ -25,9 +25,10 @@ from typing import Iterator
 import grpc
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
-from serving.manager import ModelManager, RequestError
-from serving.model_config import ConfigRefused, read_model_config_file
+from serving.model_server.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
+from serving.model_server.errors import RequestError
+from serving.model_server.manager import ModelManager
+from serving.model_server.model_config import ConfigRefused, read_model_config_file
 from serving.protocol.monitoring import ServingMetrics
 from serving.protocol.tf_serving_protos import message_class, read_text_proto
 
@@ -180,7 +181,7 @@ class ModelServer:
             log.error("server_options.http_port cannot be same as grpc_port. Please use a different port for "
                       "HTTP/REST API. Skipped exporting HTTP/REST API.")
         elif options.rest_api_port:
-            from serving.rest import RestServer  # here: rest.py builds on this module
+            from serving.model_server.rest import RestServer  # here: rest.py builds on this module
 
             # JSON spends several bytes per float, so the body limit is a multiple of gRPC's
             self.rest = RestServer(manager, options.host, options.rest_api_port, 8 * options.max_message_bytes,

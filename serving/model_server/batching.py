@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Callable
 import grpc
 import numpy as np
 
+from serving.model_server.errors import RequestError
+
 
 if TYPE_CHECKING:
     from serving.protocol.monitoring import BatchingMetrics
@@ -66,9 +68,7 @@ def read_batching_parameters(path: Path | None) -> BatchingOptions:
 
 
 def refusal(code: grpc.StatusCode, message: str) -> Exception:
-    """The request's status, as the server answers it (imported here: manager.py builds on this module)."""
-    from serving.manager import RequestError
-
+    """The request's status, as the server answers it."""
     return RequestError(code, message)
 
 
