@@ -19,8 +19,15 @@ import tempfile
 from pathlib import Path
 
 from bench.common import own_cpu, process_tree_cpu, save, table
-from bench.serving import (costed_calls, grpc_throughput, latency_ms, make_model, serve_prediction_service,
-                           start_bench_server, start_server)
+from bench.serving import (
+    costed_calls,
+    grpc_throughput,
+    latency_ms,
+    make_model,
+    serve_prediction_service,
+    start_bench_server,
+    start_server,
+)
 
 ROUNDS = 4  # latency blocks per path, alternating, so drift in the machine hits both alike
 SAMPLED_RATE = 0.1  # the Kubernetes manifest's rate

@@ -127,7 +127,8 @@ def main(calls: int = 2000) -> dict:
              ""]]
     print(table(["measure", "value", "target"], rows))
     result = {"installed_mib": installed, "installed_with_numpy_mib": installed_numpy,
-              "installed_with_images_mib": installed_images, "numpy_mib": numpy_mib, "tensorflow_free": tensorflow_free, "import_seconds": import_seconds,
+              "installed_with_images_mib": installed_images, "numpy_mib": numpy_mib,
+              "tensorflow_free": tensorflow_free, "import_seconds": import_seconds,
               "import_process_seconds": statistics.median(processes),
               "import_rss_mib": import_rss, "light_p50_ms": statistics.median(light_samples),
               "predict_per_call_p50_ms": statistics.median(api_samples),

@@ -11,8 +11,14 @@ from pathlib import Path
 
 from cli.common import CliError, stop_on_signals
 from serving.model_server.flags import (
-    CPUS, add_foreign_flags, foreign_flag_notes, grpc_channel_arguments, tf_serving_bool, tf_serving_spellings,
+    CPUS,
+    add_foreign_flags,
+    foreign_flag_notes,
+    grpc_channel_arguments,
+    tf_serving_bool,
+    tf_serving_spellings,
 )
+
 
 def without_keras_at_tensorflow_import() -> None:
     """TensorFlow imports all of Keras (and with it matplotlib) as it is imported, for Keras

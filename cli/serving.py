@@ -227,7 +227,8 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     choice = predict.add_mutually_exclusive_group()
     choice.add_argument("--model-version", type=int, help="ask for this version")
     choice.add_argument("--label", help="ask for the version with this label (stable, canary)")
-    predict.add_argument("--mnist-test", metavar="START:STOP", help="slice of the MNIST test set (MNIST_DATA_DIR, or ../shared/datasets/mnist "
+    predict.add_argument("--mnist-test", metavar="START:STOP",
+                         help="slice of the MNIST test set (MNIST_DATA_DIR, or ../shared/datasets/mnist "
                                                                    "beside the checkout)")
     predict.add_argument("--show-model", action="store_true", help="print the served version and its lineage")
     predict.add_argument("--json", action="store_true", help="one JSON list: input, digit, confidence, top3")

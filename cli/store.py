@@ -145,5 +145,6 @@ def add_registry_parser(commands: argparse._SubParsersAction) -> None:
     gc = actions.add_parser("gc", help="remove old versions and leftovers of interrupted publishes")
     gc.add_argument("--keep", type=int, required=True, help="complete versions to keep (labelled ones always stay)")
     gc.add_argument("--grace-seconds", type=float, default=None,
-                    help="an unfinished publish younger than this is left alone (default: MNIST_GC_GRACE_SECONDS, 3600)")
+                    help="an unfinished publish younger than this is left alone "
+                         "(default: MNIST_GC_GRACE_SECONDS, 3600)")
     registry.set_defaults(handler=command_registry)

@@ -52,8 +52,8 @@ def run_chain(params: Any, state_dir: Path, queries: tuple[int, int] = (0, 10)
     from flows.prefect_api import early_prefect_api
     from flows.settings import PipelineSettings
     from mnist_client.client import ServingError, Target, predict, wait_for_label
-    from tasks.data import mnist_test_digits
     from storage.models import StoreSettings
+    from tasks.data import mnist_test_digits
 
     with ExitStack() as stack:
         # the Prefect API first: the flow waits for it, while the stack needs to answer only at the live

@@ -14,6 +14,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.states import Completed, State
+
 from flows.params import DriftParams
 from flows.settings import PipelineSettings
 
@@ -36,7 +37,8 @@ def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
     paths = {}
     for version in images:
         path = Path(run_dir) / f"traffic-v{version}.npz"
-        np.savez_compressed(path, images=np.concatenate(images[version]), probabilities=np.concatenate(answers[version]))
+        np.savez_compressed(path, images=np.concatenate(images[version]),
+                            probabilities=np.concatenate(answers[version]))
         paths[version] = str(path)
     get_run_logger().info("logged traffic since %s: %s", since.isoformat(timespec="seconds"),
                           {v: len(np.load(p)["probabilities"]) for v, p in paths.items()} or "none")
@@ -46,9 +48,10 @@ def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
 @task(name="version-reference")
 def version_reference(version: int) -> dict[str, Any] | None:
     """The reference statistics published with a version (verified against its manifest), or None."""
+    import json
+
     from storage.models import ModelStore, StoreSettings, check_entry
     from tasks.drift import REFERENCE_FILE, checked_reference
-    import json
 
     store = ModelStore(StoreSettings())
     manifest = store.manifest(version)

@@ -93,7 +93,8 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
         return Failed(message=check["summary"])
     return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir), "gate": verdict["checks"],
             "slices": {source: scores["accuracy"] for source, scores in metrics["slices"].items()},
-            "stable_slices": {source: scores["accuracy"] for source, scores in ((stable or {}).get("slices") or {}).items()},
+            "stable_slices": {source: scores["accuracy"]
+                              for source, scores in ((stable or {}).get("slices") or {}).items()},
             "stable": stable and {"version": stable["version"], "test_accuracy": stable["test_accuracy"]},
             "saved_model": exported["path"], "version": exported["version"], "published": published,
             "outputs": outputs}

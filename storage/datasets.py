@@ -110,7 +110,8 @@ class DatasetStore(ObjectStore):
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / PAYLOAD
             path.write_bytes(payload)
-            entries = self.upload_verified(self.key("batches", digest), [LocalFile(PAYLOAD, path, digest, len(payload))])
+            payload_file = LocalFile(PAYLOAD, path, digest, len(payload))
+            entries = self.upload_verified(self.key("batches", digest), [payload_file])
         manifest = {**metadata, "sha256": digest, "count": int(len(examples.labels)), "files": entries,
                     "label_histogram": np.bincount(examples.labels, minlength=10).tolist(),
                     "split_counts": {name: int((examples.splits == i).sum()) for i, name in enumerate(SPLITS)},

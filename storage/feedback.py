@@ -9,7 +9,12 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from storage.logs import (
-    MAX_FEEDBACK_INDEX, FeedbackStore, LogEntry, LogNotFound, PredictionLogStore, valid_request_id,
+    MAX_FEEDBACK_INDEX,
+    FeedbackStore,
+    LogEntry,
+    LogNotFound,
+    PredictionLogStore,
+    valid_request_id,
 )
 from storage.s3 import utc_now
 
@@ -34,7 +39,8 @@ def checked_label(value: Any) -> int:
 
 def checked_index(value: Any) -> int:
     if type(value) is not int or not 0 <= value < MAX_FEEDBACK_INDEX:
-        raise FeedbackError(f"index {value!r}: the image's position in its request, an integer 0-{MAX_FEEDBACK_INDEX - 1}")
+        raise FeedbackError(f"index {value!r}: the image's position in its request, "
+                            f"an integer 0-{MAX_FEEDBACK_INDEX - 1}")
     return value
 
 

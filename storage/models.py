@@ -29,7 +29,14 @@ from pydantic import Field
 
 from storage.layout import MANIFEST, SIGNATURE
 from storage.s3 import (
-    LocalFile, ObjectStore, S3Settings, StoreAccessDenied, StoreError, VerificationFailed, file_sha256, utc_now,
+    LocalFile,
+    ObjectStore,
+    S3Settings,
+    StoreAccessDenied,
+    StoreError,
+    VerificationFailed,
+    file_sha256,
+    utc_now,
 )
 
 __all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccessDenied", "UnsafeManifest",

@@ -29,9 +29,9 @@ from pathlib import Path
 from typing import Any, BinaryIO, Callable, Iterator, TypeVar
 
 import boto3
-from boto3.s3.transfer import TransferConfig
 import botocore.config
 import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 

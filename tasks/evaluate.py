@@ -120,8 +120,8 @@ import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from prefect import get_run_logger, task  # noqa: E402
-from prefect.states import Completed, State  # noqa: E402
 from prefect.artifacts import create_markdown_artifact, create_table_artifact  # noqa: E402
+from prefect.states import Completed, State  # noqa: E402
 
 
 @task(name="evaluate", timeout_seconds=900)

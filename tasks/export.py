@@ -107,7 +107,6 @@ def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) 
     """Export the next version under ``base_dir/model_name`` and verify it on 100 test images."""
     from tasks.data import load_test_set
     from tasks.drift import REFERENCE_SAMPLE, reference_statistics
-
     from tasks.model import load_saved_model
 
     model = load_saved_model(model_path)

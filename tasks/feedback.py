@@ -22,6 +22,7 @@ from storage.feedback import FeedbackError, checked_label
 from storage.logs import FeedbackStore, PredictionLogStore
 from storage.s3 import VerificationFailed
 
+
 def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
     """``request_id,label[,index]`` rows (a header row is allowed): (request id, label, index)."""
     try:

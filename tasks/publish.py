@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from prefect import get_run_logger, task
-from prefect.events import emit_event
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
+from prefect.events import emit_event
 
 from storage.models import ModelStore, NothingToRollBack, StoreSettings
 

@@ -43,10 +43,10 @@ def start_model_server(base: Path, batching=None, retries=None, **options):
     """The local gRPC server, in process, on a free loopback port, serving ``base`` as
     model ``mnist`` (polling every 0.2 s unless told; ``batching``: BatchingOptions;
     ``retries``: LoadRetries, else a load that fails is not retried); returns it and its address."""
-    from storage.embedded import free_port
     from serving.model_server.manager import LoadOptions, LoadRetries, ModelManager
     from serving.model_server.model_config import single_model_config
     from serving.model_server.server import ModelServer, ServerOptions
+    from storage.embedded import free_port
 
     port = free_port()
     loading = LoadOptions(batching=batching, retries=retries or LoadRetries(max_retries=0))

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from storage.models import ModelStore, StoreSettings
 from serving.sync import sync_once
+from storage.models import ModelStore, StoreSettings
 
 
 def report_and_slow(store, method: str, delay: float) -> None:

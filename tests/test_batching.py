@@ -66,7 +66,8 @@ def assert_batching_session_metrics(page: str, signature_calls: int) -> None:
 
     assert value("input_batch_size_count") == 8 + 1 + 3
     assert value("input_batch_size_sum") == 8 + 33 + 70
-    assert [value("input_batch_size_bucket", le=le) for le in ("1", "2", "8", "32", "64", "+Inf")] == [0, 8, 9, 9, 12, 12]
+    buckets = ("1", "2", "8", "32", "64", "+Inf")
+    assert [value("input_batch_size_bucket", le=le) for le in buckets] == [0, 8, 9, 9, 12, 12]
     assert value("wrapped_run_count") == signature_calls == value("processed_batch_size_count")
     padded = sum(metric_values(page, f"{prefix}padding_size_sum").values())
     assert value("processed_batch_size_sum") - padded == 8 + 70  # the rows that ran

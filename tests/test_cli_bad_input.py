@@ -87,9 +87,12 @@ def test_tensorflow_start_up_lines_show_only_with_verbose(tmp_path: Path) -> Non
 
 def test_the_served_traffic_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
     cases = [(("drift", "--alpha", "2"), "--alpha: Input should be less than 1"),
-             (("gateway", "--upstream", "127.0.0.1:1", "--log-sample-rate", "2"), "--log-sample-rate 2.0: must be within 0-1"),
-             (("gateway", "--upstream", "127.0.0.1:1", "--log-queue-mib", "0"), "--log-queue-mib 0: must be at least 1"),
-             (("gateway", "--upstream", "127.0.0.1:1", "--log-queue-size", "0"), "--log-queue-size 0: must be at least 1"),
+             (("gateway", "--upstream", "127.0.0.1:1", "--log-sample-rate", "2"),
+              "--log-sample-rate 2.0: must be within 0-1"),
+             (("gateway", "--upstream", "127.0.0.1:1", "--log-queue-mib", "0"),
+              "--log-queue-mib 0: must be at least 1"),
+             (("gateway", "--upstream", "127.0.0.1:1", "--log-queue-size", "0"),
+              "--log-queue-size 0: must be at least 1"),
              (("feedback",), "give REQUEST_ID LABEL"),
              (("feedback", "--csv", str(tmp_path / "missing.csv")), "not a readable CSV"),
              (("data", "add", "--from-feedback", str(tmp_path)), "give no PATH"),

@@ -12,7 +12,13 @@ import numpy as np
 import pytest
 
 from tasks.data import (
-    IMAGES_MAGIC, LABELS_MAGIC, MNIST_SHA256, DataError, load_mnist_idx, load_prepared, prepare_dataset,
+    IMAGES_MAGIC,
+    LABELS_MAGIC,
+    MNIST_SHA256,
+    DataError,
+    load_mnist_idx,
+    load_prepared,
+    prepare_dataset,
     split_train_validation,
 )
 

@@ -9,8 +9,8 @@ from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
 from mnist_client.client import IMAGES_PER_CALL
-from serving.sync import model_config_text
 from serving.protocol.tf_serving_protos import message_class
+from serving.sync import model_config_text
 
 DEPLOY = Path(__file__).resolve().parents[1] / "serving" / "deploy"
 
@@ -30,7 +30,8 @@ def test_sync_writes_what_the_real_proto_reads() -> None:
 
 
 def test_batching_and_monitoring_configs_parse() -> None:
-    batching = text_format.Parse((DEPLOY / "batching_parameters.txt").read_text(), message_class("BatchingParameters")())
+    batching_text = (DEPLOY / "batching_parameters.txt").read_text()
+    batching = text_format.Parse(batching_text, message_class("BatchingParameters")())
     assert batching.max_batch_size.value == 256 and batching.batch_timeout_micros.value == 2000
     assert IMAGES_PER_CALL == batching.max_batch_size.value  # the client never sends a call TF Serving refuses
     monitoring = text_format.Parse((DEPLOY / "monitoring.config").read_text(), message_class("MonitoringConfig")())

@@ -109,7 +109,8 @@ def test_sampled_predictions_are_prediction_logs_tensorflow_reads_with_ids_versi
     path.write_bytes(gateway.logs.get_bytes(key))
     stored = tf.data.TFRecordDataset(str(path), compression_type="GZIP")
     first = prediction_log_pb2.PredictionLog.FromString(next(iter(stored)).numpy())
-    assert first.log_metadata.model_spec.version_label == "stable" and first.predict_log.response.model_spec.version.value == 1
+    assert first.log_metadata.model_spec.version_label == "stable"
+    assert first.predict_log.response.model_spec.version.value == 1
     assert first.log_metadata.sampling_config.sampling_rate == 1.0
     sent = tf.make_ndarray(first.predict_log.request.inputs["image"])
     answered = tf.make_ndarray(first.predict_log.response.outputs["probabilities"])
@@ -284,7 +285,7 @@ def test_readiness_flips_when_the_version_and_then_the_label_arrive(store_env, s
             assert httpx.get(f"{url}/ready").status_code == 503
         shutil.copytree(saved_model_dir, base / "1")
         for url in urls:
-            wait_for(lambda: httpx.get(f"{url}/ready").status_code == 200)
+            wait_for(lambda url=url: httpx.get(f"{url}/ready").status_code == 200)
             assert httpx.get(f"{url}/ready").json() == {"ready": True, "version": 1}
             assert "stable" in httpx.get(f"{url}/labels/stable/ready").json()["reason"]
         config = single_model_config("mnist", base.resolve())
@@ -362,7 +363,8 @@ def test_the_servers_rest_headers_and_health_reach_the_caller(store_env, saved_m
         answer = health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{gateway.port}")).Check(check, timeout=10)
         assert answer.status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as off:  # the server has it off, as TF Serving by default
-            health_pb2_grpc.HealthStub(grpc.insecure_channel(f"127.0.0.1:{without_health.port}")).Check(check, timeout=10)
+            channel = grpc.insecure_channel(f"127.0.0.1:{without_health.port}")
+            health_pb2_grpc.HealthStub(channel).Check(check, timeout=10)
         assert off.value.code() == grpc.StatusCode.UNIMPLEMENTED
         root = f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist"
         status = httpx.get(root, timeout=30)

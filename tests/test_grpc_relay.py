@@ -12,10 +12,18 @@ from concurrent import futures
 import grpc
 import pytest
 
-from serving.gateway.relay import Body, GrpcRelay, Link, Watch, grpc_message
 from serving.gateway.http2 import (
-    CONTINUATION, DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, FrameReader, frame, header_frames,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    PREFACE,
+    FrameReader,
+    frame,
+    header_frames,
 )
+from serving.gateway.relay import Body, GrpcRelay, Link, Watch, grpc_message
 from storage.embedded import free_port
 
 WATCHED = "/test.Echo/Predict"

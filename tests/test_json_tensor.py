@@ -10,8 +10,8 @@ import pytest
 
 from mnist_client._generated.tensorflow.core.framework import types_pb2
 from serving.model_server.json_answers import classify_body, predict_body, regress_body
-from serving.protocol.json_document import JsonTensorError, read_document
 from serving.model_server.json_examples import fill_examples_request
+from serving.protocol.json_document import JsonTensorError, read_document
 from serving.protocol.json_tensor import read_columns, read_predict
 
 FLOAT, DOUBLE, INT32, STRING, BOOL = (types_pb2.DT_FLOAT, types_pb2.DT_DOUBLE, types_pb2.DT_INT32,

@@ -12,7 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-
 import pytest
 
 from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2, prediction_log_pb2

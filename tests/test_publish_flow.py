@@ -5,11 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from prefect.client.orchestration import get_client
-from prefect.logging.handlers import APILogHandler
 from prefect.client.schemas.filters import (
-    ArtifactFilter, ArtifactFilterFlowRunId, FlowRunFilter, LogFilter, LogFilterFlowRunId, TaskRunFilter,
+    ArtifactFilter,
+    ArtifactFilterFlowRunId,
+    FlowRunFilter,
+    LogFilter,
+    LogFilterFlowRunId,
+    TaskRunFilter,
 )
 from prefect.client.schemas.sorting import ArtifactSort
+from prefect.logging.handlers import APILogHandler
 
 from flows.params import TrainingParams
 from storage.models import ModelStore

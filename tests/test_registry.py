@@ -15,7 +15,13 @@ import pytest
 
 from storage.embedded import start_weed
 from storage.models import (
-    MANIFEST, ModelStore, StoreAccessDenied, StoreError, StoreSettings, VerificationFailed, VersionNotFound,
+    MANIFEST,
+    ModelStore,
+    StoreAccessDenied,
+    StoreError,
+    StoreSettings,
+    VerificationFailed,
+    VersionNotFound,
 )
 from tests.conftest import REPO, S3_SECRET_KEY, run_mnist
 

@@ -134,7 +134,8 @@ def test_load_retries_follow_tf_serving_flags(tmp_path: Path) -> None:
     finally:
         stop_served(process)
     refused = run_mnist("serve", "--model_base_path", str(broken.parent), "--max_num_load_retries=-1")
-    assert refused.returncode == 2 and refused.stderr.strip() == "mnist serve: --max_num_load_retries must be 0 or more, not -1"
+    assert refused.returncode == 2
+    assert refused.stderr.strip() == "mnist serve: --max_num_load_retries must be 0 or more, not -1"
 
 
 # Every flag of tensorflow_model_server (tensorflow_serving/model_servers/main.cc, 2.21), so any

@@ -15,9 +15,9 @@ import pytest
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 
 from mnist_client.client import ServingError, Target, model_status, predict, predict_probabilities, signature_io
-from storage.embedded import free_port
 from serving.model_server.model_config import single_model_config
 from serving.model_server.tensors import to_tensor_proto
+from storage.embedded import free_port
 from tasks.export import saved_model_predict
 from tests.conftest import run_mnist, start_model_server
 
@@ -145,11 +145,12 @@ def test_version_switch_under_steady_load_fails_no_request(model_base: Path, sav
 
 def self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A server certificate for 127.0.0.1 and an SSLConfig file in TF Serving's format."""
+    import ipaddress
+
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes, serialization
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
-    import ipaddress
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])

@@ -15,9 +15,9 @@ import pytest
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
+from serving.sync import local_versions, sync_once
 from storage.embedded import start_weed
 from storage.models import MANIFEST, ModelStore, StoreSettings
-from serving.sync import local_versions, sync_once
 from tests.conftest import REPO
 
 LINEAGE = {"flow_run_id": "sync-test"}

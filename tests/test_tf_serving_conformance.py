@@ -15,13 +15,27 @@ import httpx
 import numpy as np
 import pytest
 import tensorflow as tf
-from tensorflow_serving.apis import classification_pb2, get_model_metadata_pb2, inference_pb2, predict_pb2, regression_pb2
+from tensorflow_serving.apis import (
+    classification_pb2,
+    get_model_metadata_pb2,
+    inference_pb2,
+    predict_pb2,
+    regression_pb2,
+)
 
 from mnist_client.client import Target, predict_probabilities
 from serving.model_server.tensors import to_tensor_proto
 from tests.conftest import start_model_server
 from tests.tf_serving_cases import (  # noqa: F401  fixtures, used by name
-    half_plus_two, hp2_server, served_copy, mnist_server, image_request, stub, rpc_error, hp2_predict, test_digits,
+    half_plus_two,
+    hp2_predict,
+    hp2_server,
+    image_request,
+    mnist_server,
+    rpc_error,
+    served_copy,
+    stub,
+    test_digits,
 )
 
 

@@ -19,7 +19,13 @@ from serving.model_server.manager import LoadRetries
 from serving.model_server.model_config import single_model_config
 from storage.embedded import free_port
 from tests.tf_serving_cases import (  # noqa: F401  fixtures, used by name
-    served_copy, mnist_server, model_stub, rpc_error, status_of, wait_for, test_digits,
+    mnist_server,
+    model_stub,
+    rpc_error,
+    served_copy,
+    status_of,
+    test_digits,
+    wait_for,
 )
 
 

@@ -12,7 +12,12 @@ from typing import Iterator
 import grpc
 import numpy as np
 import pytest
-from tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 from serving.model_server.tensors import to_tensor_proto
 from storage.embedded import free_port

@@ -35,8 +35,21 @@ from typing import Callable
 from hpack import Decoder
 
 from serving.gateway.http2 import (
-    ACK, CONTINUATION, DATA, END_HEADERS, END_STREAM, HEADERS, PREFACE, PUSH_PROMISE, RST_STREAM, SETTINGS,
-    FrameReader, header_frames, header_table_size, literal, unpadded,
+    ACK,
+    CONTINUATION,
+    DATA,
+    END_HEADERS,
+    END_STREAM,
+    HEADERS,
+    PREFACE,
+    PUSH_PROMISE,
+    RST_STREAM,
+    SETTINGS,
+    FrameReader,
+    header_frames,
+    header_table_size,
+    literal,
+    unpadded,
 )
 
 log = logging.getLogger("mnist.gateway")

@@ -35,18 +35,24 @@ from google.protobuf.message import DecodeError
 from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 from mnist_client.client import REQUEST_ID
 from mnist_client.tensors import to_tensor_proto
+from serving.gateway.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
 from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.protocol.json_document import JsonTensorError, parse_document, read_document
 from serving.protocol.json_tensor import dtypes, read_columns, read_predict, read_rows
 from serving.protocol.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
-from serving.gateway.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
 from serving.protocol.rest_paths import (
-    FEEDBACK_ROUTE, PREDICTION_ROUTE, READY_ROUTE, ModelPath, PathError, fill_spec, model_path,
+    FEEDBACK_ROUTE,
+    PREDICTION_ROUTE,
+    READY_ROUTE,
+    ModelPath,
+    PathError,
+    fill_spec,
+    model_path,
 )
+from storage.feedback import FeedbackError, Located, record_feedback
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
 from storage.s3 import StoreError
-from storage.feedback import FeedbackError, Located, record_feedback
 
 log = logging.getLogger("mnist.gateway")
 PREDICT = "/tensorflow.serving.PredictionService/Predict"

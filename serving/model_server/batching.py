@@ -26,7 +26,6 @@ import numpy as np
 
 from serving.model_server.errors import RequestError
 
-
 if TYPE_CHECKING:
     from serving.protocol.monitoring import BatchingMetrics
 

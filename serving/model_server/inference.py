@@ -13,7 +13,11 @@ import tensorflow as tf
 from tensorflow.core.framework import types_pb2
 from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, predict_pb2, regression_pb2,
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    predict_pb2,
+    regression_pb2,
 )
 
 from serving.model_server.errors import RequestError
@@ -120,8 +124,9 @@ def answer_predict(manager: ModelManager, request: predict_pb2.PredictRequest,
     if signature is None:
         raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, f'Serving signature key "{signature_name}" not found.')
     if options.method_name_check and signature.method_name not in INFERENCE_METHODS:
+        methods = ", ".join(INFERENCE_METHODS)
         raise RequestError(grpc.StatusCode.INTERNAL, "Expected prediction signature method_name to be one of "
-                                                     f"{{{', '.join(INFERENCE_METHODS)}}}. Was: {signature.method_name}")
+                                                     f"{{{methods}}}. Was: {signature.method_name}")
     inputs = read_inputs(signature, request, options)
     aliases = output_aliases(signature, request.output_filter)
     outputs = run_signature(loaded, signature_name, inputs)

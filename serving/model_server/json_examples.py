@@ -7,7 +7,12 @@ from __future__ import annotations
 from typing import Any
 
 from serving.protocol.json_document import (
-    JsonTensorError, decode_base64, float_or_infinity, format_error, is_base64_object, json_type,
+    JsonTensorError,
+    decode_base64,
+    float_or_infinity,
+    format_error,
+    is_base64_object,
+    json_type,
 )
 
 FEATURE_KINDS = {"bytes_list": "bytes", "float_list": "float", "int64_list": "int64"}

@@ -36,10 +36,10 @@ from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_server.batching import Batcher, BatchingOptions
-from serving.protocol.monitoring import BatchingMetrics
 from serving.model_server.errors import RequestError
 from serving.model_server.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
 from serving.model_server.tensors import from_tensor_proto
+from serving.protocol.monitoring import BatchingMetrics
 
 log = logging.getLogger("mnist.serve")
 DEFAULT_SIGNATURE = "serving_default"

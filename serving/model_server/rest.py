@@ -20,23 +20,42 @@ from typing import Any, Callable, TypeVar
 import grpc
 from google.protobuf import json_format
 from tensorflow_serving.apis import (
-    classification_pb2, get_model_metadata_pb2, get_model_status_pb2, model_pb2, predict_pb2, regression_pb2,
+    classification_pb2,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_pb2,
+    predict_pb2,
+    regression_pb2,
 )
 
-from serving.model_server.inference import PredictOptions, classify, invalid, model_metadata, model_status, predict, regress
-from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
-from serving.model_server.json_answers import classify_body, predict_body, regress_body
-from serving.protocol.json_document import JsonTensorError, read_document
-from serving.model_server.json_examples import fill_examples_request
-from serving.protocol.json_tensor import dtypes, read_predict
 from serving.model_server.errors import RequestError
+from serving.model_server.inference import (
+    PredictOptions,
+    classify,
+    invalid,
+    model_metadata,
+    model_status,
+    predict,
+    regress,
+)
+from serving.model_server.json_answers import classify_body, predict_body, regress_body
+from serving.model_server.json_examples import fill_examples_request
 from serving.model_server.manager import DEFAULT_SIGNATURE, ModelManager
+from serving.model_server.tensors import from_tensor_proto, to_tensor_proto
+from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.protocol.json_document import JsonTensorError, read_document
+from serving.protocol.json_tensor import dtypes, read_predict
 from serving.protocol.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from serving.protocol.monitoring import ServingMetrics, readiness
 from serving.protocol.rest_paths import (
-    PREDICTION_ROUTE, READY_ROUTE, STATUS_ROUTE, ModelPath, PathError, fill_spec, model_path,
+    PREDICTION_ROUTE,
+    READY_ROUTE,
+    STATUS_ROUTE,
+    ModelPath,
+    PathError,
+    fill_spec,
+    model_path,
 )
-from serving.model_server.tensors import from_tensor_proto, to_tensor_proto
 
 T = TypeVar("T")
 HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -55,7 +74,8 @@ def path_of(match: re.Match) -> ModelPath:
 
 
 def tf_serving_json(call: Callable[[], T]) -> T:
-    """Run a step of the JSON readers or writers, its refusal as the RequestError (and so HTTP status) TF Serving gives."""
+    """Run a step of the JSON readers or writers, its refusal as the RequestError (and so HTTP status)
+    TF Serving gives."""
     try:
         return call()
     except JsonTensorError as error:
@@ -216,7 +236,9 @@ class RestServer:
             else:
                 status, answer = handle(manager, request.method, request.path, request.body, options, metrics)
                 reply = Reply(status, answer.encode(), JSON)
-            return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, **CORS_HEADERS}) if cors else reply
+            if not cors:
+                return reply
+            return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, **CORS_HEADERS})
 
         self.http = HttpServer(host, port, max_body_bytes, respond, name="rest-api")
         self.port = self.http.port

@@ -25,8 +25,8 @@ from typing import Iterator
 import grpc
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving.model_server.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
 from serving.model_server.errors import RequestError
+from serving.model_server.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
 from serving.model_server.manager import ModelManager
 from serving.model_server.model_config import ConfigRefused, read_model_config_file
 from serving.protocol.monitoring import ServingMetrics
@@ -169,7 +169,9 @@ class ModelServer:
         credentials = server_credentials(options.ssl_config_file) if options.ssl_config_file else None
 
         def listen(address: str) -> int:
-            return self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+            if credentials:
+                return self.grpc.add_secure_port(address, credentials)
+            return self.grpc.add_insecure_port(address)
 
         self.port = listen(f"{options.host}:{options.port}")
         if options.socket_path:

@@ -18,7 +18,13 @@ import numpy as np
 from mnist_client._generated.tensorflow.core.framework import types_pb2
 from mnist_client.tensors import MAX_RANK, TYPED_FIELDS
 from serving.protocol.json_document import (
-    JsonTensorError, debug_string, decode_base64, float_or_infinity, format_error, is_base64_object, json_type,
+    JsonTensorError,
+    debug_string,
+    decode_base64,
+    float_or_infinity,
+    format_error,
+    is_base64_object,
+    json_type,
 )
 
 # the integers rapidjson's IsInt, IsInt64, IsUint, IsUint64 take for each integer dtype

@@ -13,7 +13,8 @@ from urllib.parse import unquote
 SPEC = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
 # kPredictionApiGegex and kModelStatusApiRegex
 PREDICTION_ROUTE = re.compile(rf"(?i)^{SPEC}:(?P<method>classify|regress|predict)$")
-STATUS_ROUTE = re.compile(r"(?i)^/v1/models(?:/(?P<name>[^/:]+))?(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
+STATUS_ROUTE = re.compile(r"(?i)^/v1/models(?:/(?P<name>[^/:]+))?"
+                          r"(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
                           r"(?:/(?P<metadata>metadata))?$")
 # ours: model-aware readiness, and the gateway's feedback
 READY_ROUTE = re.compile(rf"^{SPEC}/ready$")

@@ -9,7 +9,14 @@ turns PNG/JPEG files or .npy arrays into that, prepared the way MNIST's digits w
 """
 
 from mnist_client.client import (
-    Prediction, ServingError, Target, model_status, predict, predict_call, predict_probabilities, signature_io,
+    Prediction,
+    ServingError,
+    Target,
+    model_status,
+    predict,
+    predict_call,
+    predict_probabilities,
+    signature_io,
 )
 
 __all__ = ["Prediction", "ServingError", "Target", "model_status", "predict", "predict_call",

@@ -24,7 +24,11 @@ from typing import Any, Callable, Sequence, TypeVar
 import grpc
 
 from mnist_client._generated.tensorflow_serving.apis import (
-    get_model_metadata_pb2, get_model_status_pb2, model_service_pb2_grpc, predict_pb2, prediction_service_pb2_grpc,
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
 )
 
 try:
