@@ -19,7 +19,7 @@ PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e "clients/python[images]" -e ".[dev]"
+	$(BIN)/python -m pip install --quiet -e "clients/python[images]" -e ".[trainer,dev]"
 	touch $@
 
 install: $(BIN)/.installed
@@ -32,6 +32,7 @@ serve: install
 	$(BIN)/mnist up
 
 test: install chromium
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # The browser test drives Debian's chromium (Playwright cannot download its own offline).
@@ -59,10 +60,12 @@ prefect: install
 deploy: install
 	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/mnist deploy
 
-# The image of the mnist command (training jobs, sync sidecar, gateway) for Docker and Kubernetes pools.
+# Two images: training jobs and mnist serve (Docker and Kubernetes pools), and the TF-free sidecars.
 IMAGE ?= mnist-pipeline:latest
+SIDECAR_IMAGE ?= mnist-sidecar:latest
 image:
-	docker build -f serving/deploy/Dockerfile -t $(IMAGE) .
+	docker build -f serving/deploy/Dockerfile --target trainer -t $(IMAGE) .
+	docker build -f serving/deploy/Dockerfile --target sidecar -t $(SIDECAR_IMAGE) .
 
 worker: install
 	PREFECT_API_URL=$${PREFECT_API_URL:-$(PREFECT_LOCAL_API)} $(BIN)/mnist worker

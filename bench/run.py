@@ -2,7 +2,7 @@
 
 Each prints its table and writes JSON (with the machine and library versions)
 to bench/results/. Run one with --only training|whole|flow|serving|gateway|gateway-memory|light-client|
-data|transfers.
+sidecar|data|transfers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from bench import (  # noqa: E402
-    data, flow_overhead, gateway, gateway_memory, light_client, serving, training, transfers, whole_runs,
+    data,
+    flow_overhead,
+    gateway,
+    gateway_memory,
+    light_client,
+    serving,
+    sidecar,
+    training,
+    transfers,
+    whole_runs,
 )
 from bench.common import libraries, machine  # noqa: E402
 
@@ -25,7 +34,7 @@ from bench.common import libraries, machine  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "gateway-memory",
-                                                 "light-client", "data", "transfers"))
+                                                 "light-client", "sidecar", "data", "transfers"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
@@ -44,6 +53,9 @@ def main() -> None:
     if args.only in (None, "light-client"):
         print("\n== the TensorFlow-free client, installed fresh ==")
         light_client.main()
+    if args.only in (None, "sidecar"):
+        print("\n== the sidecar install (no TensorFlow, no Prefect) against the trainer install ==")
+        sidecar.main()
     if args.only in (None, "flow"):
         print("\n== flow overhead ==")
         flow_overhead.main()

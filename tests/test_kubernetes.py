@@ -3,7 +3,6 @@ schema (kubernetes-validate, a pinned Kubernetes version): no cluster runs here.
 
 from __future__ import annotations
 
-
 import kubernetes_validate
 import pytest
 import yaml
@@ -49,7 +48,7 @@ def test_each_replica_runs_tf_serving_with_the_sync_sidecar_on_a_shared_volume()
     assert "models" in shared
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in sync["env"] if "valueFrom" in e}
     assert secrets == {"mnist-s3-readonly"}
-    assert "mnist-pipeline" in sync["image"] and "Dockerfile" in (MANIFESTS / "serving.yaml").read_text()
+    assert sync["image"].startswith("mnist-sidecar:") and "--target sidecar" in (MANIFESTS / "serving.yaml").read_text()
 
 
 def test_clients_reach_the_model_through_the_logging_gateway() -> None:

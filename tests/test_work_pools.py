@@ -69,9 +69,30 @@ def test_the_docker_deployment_runs_the_image_the_repository_builds() -> None:
     assert variables["image"] == built
     dockerfile = (REPO / "serving" / "deploy" / "Dockerfile").read_text()
     assert "WORKDIR /app" in dockerfile and "ENTRYPOINT" not in dockerfile
-    for copied in ("flows", "tasks", "serving", "storage"):
-        assert f"COPY {copied} ./{copied}" in dockerfile
+    assert "FROM source AS trainer" in dockerfile and '".[trainer]"' in dockerfile
     assert set(variables) <= set(DockerWorker.get_default_base_job_template()["variables"]["properties"])
     assert variables["mem_limit"] and variables["container_create_kwargs"]["nano_cpus"] > 0
     assert variables["volumes"] == ["/etc/mnist/aws:/root/.aws:ro"] and variables["env"]["AWS_PROFILE"] == "mnist"
     assert not any(name.startswith("AWS_SECRET") or name == "AWS_ACCESS_KEY_ID" for name in variables["env"])
+
+
+def test_the_dockerfile_copies_every_package_and_the_sidecar_image_leaves_tensorflow_out() -> None:
+    """No docker engine runs here: the Dockerfile is read as docker would. Every package that
+    pyproject.toml ships is copied (a package left out breaks the mnist command in both images), and
+    the sidecar stage installs the project without the [trainer] extra, which alone brings
+    TensorFlow and Prefect."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    dockerfile = (REPO / "serving" / "deploy" / "Dockerfile").read_text()
+    shipped = {pattern.rstrip("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    copied = set(re.findall(r"^COPY (\S+) \./\1$", dockerfile, re.M))
+    assert shipped <= copied and all((REPO / name).is_dir() for name in copied)
+    stages = dict(re.findall(r"^FROM \S+ AS (\w+)\n(.*?)(?=^FROM |\Z)", dockerfile, re.M | re.S))
+    assert set(stages) == {"source", "sidecar", "trainer"}
+    assert "pip install --no-cache-dir ./clients/python .\n" in stages["sidecar"]
+    heavy = ("tensorflow", "prefect")
+    base = project["project"]["dependencies"]
+    assert not [d for d in base if d.startswith(heavy)], "the base install (the sidecar image) must stay TF-free"
+    assert {d.split("=")[0].split(">")[0] for d in project["project"]["optional-dependencies"]["trainer"]} >= {
+        "tensorflow", "tensorflow-serving-api", "prefect"}
