@@ -4,8 +4,9 @@ Layout (``../shared/DESIGN.md`` §4), beside the model store in the same bucket:
 
     <prefix>/datasets/<name>/batches/<sha256>/examples.bin     images uint8 [N,28,28], then labels, then splits
     <prefix>/datasets/<name>/batches/<sha256>/manifest.json    written last: count, histogram, source, report
-    <prefix>/datasets/<name>/versions/<n>.json                 the batches of version n (written last)
-    <prefix>/datasets/<name>/_registry/claims/<n>              one per number, never deleted
+    <prefix>/datasets/<name>/versions/<n>.json                 the batches of version n (written last,
+                                                               only if absent: the compare-and-swap)
+    <prefix>/datasets/<name>/_registry/claims/<n>              numbers claimed by earlier releases
     <prefix>/datasets/<name>/_registry/history/...             one object per event
 
 A batch is content-addressed: its name is the SHA-256 of its payload, so the same
@@ -23,7 +24,7 @@ import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 from pydantic import Field
@@ -64,6 +65,10 @@ class Examples:
         data = np.frombuffer(raw, dtype=np.uint8)
         images = data[:count * 784].reshape(count, 28, 28)
         return cls(images, data[count * 784:count * 785], data[count * 785:])
+
+
+def version_bytes(manifest: dict[str, Any]) -> bytes:
+    return json.dumps(manifest, indent=2, sort_keys=True).encode()
 
 
 def example_hashes(images: np.ndarray) -> list[str]:
@@ -142,20 +147,52 @@ class DatasetStore(ObjectStore):
         versions = self.versions()
         return self.version(versions[-1]) if versions else None
 
-    def add_version(self, batches: list[str], details: dict[str, Any]) -> dict[str, Any]:
-        """A new numbered version listing ``batches`` (all complete), written last and conditionally."""
-        manifests = [self.batch_manifest(digest) for digest in batches]
-        number = self.claim_number({"batches": batches})
+    def add_batch(self, digest: str, details: dict[str, Any], checked_against: list[str],
+                  check_rebase: Callable[[list[str]], None]) -> dict[str, Any]:
+        """The latest version plus batch ``digest``, as the next version: compare-and-swap on the
+        version sequence. Version ``n`` is created only if absent, so of two writers that read the
+        same latest, one writes ``n`` and the other finds it taken, rebases on it and tries
+        ``n + 1``: every batch of every writer is in the final version, and no version is partial
+        or overwritten. ``check_rebase`` sees each batch beyond ``checked_against`` (the batches
+        the caller already checked ``digest`` against) before it is built on, and may refuse."""
+        manifests = {digest: self.batch_manifest(digest)}
+        known = set(checked_against)
+        while True:
+            latest = self.latest()
+            base = list(latest["batches"]) if latest else []
+            unseen = [batch for batch in base if batch not in known and batch != digest]
+            if unseen:
+                check_rebase(unseen)
+            known.update(base)
+            batches = sorted(set(base) | {digest})
+            for batch in batches:
+                if batch not in manifests:
+                    manifests[batch] = self.batch_manifest(batch)
+            number = self.next_number(latest)
+            manifest = self.version_manifest(number, batches, manifests, {
+                **details, "parent": latest["version"] if latest else None, "added_batch": digest})
+            if self.put_new(self.key("versions", f"{number}.json"), version_bytes(manifest)):
+                return self.recorded(manifest)
+
+    def next_number(self, latest: dict[str, Any] | None) -> int:
+        """One past ``latest`` (the version built on, read once: a second listing could see a
+        version it does not build on) and past every number claimed before versions were
+        compare-and-swapped (``_registry/claims``, never deleted): no number is used twice."""
+        return max([latest["version"] if latest else 0, *self.claimed_numbers()]) + 1
+
+    def version_manifest(self, number: int, batches: list[str], manifests: dict[str, dict[str, Any]],
+                         details: dict[str, Any]) -> dict[str, Any]:
         sources: dict[str, dict[str, int]] = {}
-        for manifest in manifests:
-            counts = sources.setdefault(manifest["source"], {name: 0 for name in SPLITS})
+        for digest in batches:
+            counts = sources.setdefault(manifests[digest]["source"], {name: 0 for name in SPLITS})
             for name in SPLITS:
-                counts[name] += manifest["split_counts"][name]
-        manifest = {**details, "version": number, "batches": sorted(batches), "sources": sources,
-                    "examples": sum(m["count"] for m in manifests), "created_at": utc_now(),
-                    "fingerprint": hashlib.sha256(json.dumps(sorted(batches)).encode()).hexdigest()}
-        self.write_manifest(self.key("versions", f"{number}.json"), manifest)
-        self.record({"event": "dataset-version", "version": number, "batches": len(batches),
+                counts[name] += manifests[digest]["split_counts"][name]
+        return {**details, "version": number, "batches": sorted(batches), "sources": sources,
+                "examples": sum(manifests[digest]["count"] for digest in batches), "created_at": utc_now(),
+                "fingerprint": hashlib.sha256(json.dumps(sorted(batches)).encode()).hexdigest()}
+
+    def recorded(self, manifest: dict[str, Any]) -> dict[str, Any]:
+        self.record({"event": "dataset-version", "version": manifest["version"], "batches": len(manifest["batches"]),
                      "examples": manifest["examples"]})
         return manifest
 

@@ -271,6 +271,14 @@ def ingest_candidates(store: DatasetStore, found: Candidates, source: str, refer
     splits = np.array([split_of(digest) for digest in hashes], dtype=np.uint8)
     batch = store.put_batch(Examples(images, np.array(found.labels, dtype=np.uint8), splits),
                             {"source": source, "validation": report, **details})
-    version = store.add_version(sorted(set(latest["batches"] if latest else []) | {batch["sha256"]}),
-                                {"parent": latest["version"] if latest else None, "added_batch": batch["sha256"]})
+    new = set(hashes)
+
+    def no_duplicates_added_meanwhile(batches: list[str]) -> None:
+        """Another ingest's batch landed first: refuse ours if it repeats any of that batch's examples."""
+        for digest in batches:
+            if new & set(example_hashes(store.read_batch(digest).images)):
+                raise IngestError(f"batch {batch['sha256'][:12]} repeats examples of batch {digest[:12]}, "
+                                  "added by another ingest meanwhile; nothing was versioned")
+
+    version = store.add_batch(batch["sha256"], {}, latest["batches"] if latest else [], no_duplicates_added_meanwhile)
     return {"batch": batch, "version": version, "report": report, "skipped": skipped}
