@@ -126,6 +126,25 @@ def test_two_publishes_at_once_get_distinct_complete_versions(store_env, saved_m
         assert store.verify(version)["version"] == version
 
 
+def test_racing_label_moves_and_publishes_lose_no_label_and_no_event(store: ModelStore, store_env,
+                                                                    saved_model_dir: Path) -> None:
+    """Real processes at once: four `registry label` on different labels and two `registry push`
+    (each moving `canary`): labels.json keeps every label, history every event."""
+    store.publish(saved_model_dir, {"flow_run_id": "race"})
+    commands = [("registry", "label", f"lane-{i}", "1") for i in range(4)]
+    commands += [("registry", "push", str(saved_model_dir), "--label", "canary") for _ in range(2)]
+    processes = [subprocess.Popen([sys.executable, "-m", "cli", *command], cwd=REPO, env={**os.environ, **store_env},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                 for command in commands]
+    outputs = [process.communicate(timeout=300)[0] for process in processes]
+    assert [process.returncode for process in processes] == [0] * len(commands), outputs
+    assert store.complete_versions() == [1, 2, 3]
+    labels = store.labels()
+    assert {f"lane-{i}": 1 for i in range(4)}.items() <= labels.items() and labels["canary"] in (2, 3)
+    events = [event["event"] for event in store.history()]
+    assert events.count("label") == 6 and events.count("published") == 2, events  # the pushes; the first publish is bare
+
+
 def test_labels_history_and_rollback(store: ModelStore, saved_model_dir: Path) -> None:
     from tasks.publish import publish_model
 
