@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+from storage.store_security import security_environment
+
 # Every listener weed mini opens: each gets an explicit free port, because weed
 # silently moves to another port when a default one is taken.
 PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grpc", "filer.port",
@@ -114,10 +116,16 @@ def wait_for_s3(endpoint: str, process: subprocess.Popen, timeout: float) -> Non
     raise LocalStoreError(f"S3 at {endpoint} did not come up within {timeout:.0f}s")
 
 
+def security_dir(data_dir: Path) -> Path:
+    """Where the store's certificates and signing keys live: beside its data, never inside it."""
+    return data_dir.parent / f"{data_dir.name}-security"
+
+
 def start_weed(data_dir: Path, access_key: str, secret_key: str, s3_config: Path | None = None,
                timeout: float = 60.0, ports: dict[str, int] | None = None) -> RunningWeed:
     """Start ``weed mini`` on loopback with free ports (or the given ones, to restart
-    a store at the same address); return the process and the S3 endpoint."""
+    a store at the same address), every port but S3's closed to callers without the store's
+    own certificate (``storage/store_security.py``); return the process and the S3 endpoint."""
     data_dir.mkdir(parents=True, exist_ok=True)
     ports = ports or {flag: free_port() for flag in PORT_FLAGS}
     command = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
@@ -126,7 +134,8 @@ def start_weed(data_dir: Path, access_key: str, secret_key: str, s3_config: Path
                *(f"-{flag}={port}" for flag, port in ports.items())]
     if s3_config:
         command.append(f"-s3.config={s3_config}")
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key}
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
+           **security_environment(security_dir(data_dir))}
     with (data_dir / "weed.log").open("ab") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
