@@ -89,8 +89,11 @@ def command_data(args: argparse.Namespace) -> int:
                     print(f"{row['version']:>7}  {row['examples']:>8}  {row['created_at']:<29}  {sources}")
         elif args.action == "show":
             version = store.version(args.version)
-            print_json({**version, "batch_details": [store.batch_manifest(d) for d in version["batches"]]}
-                       if args.json else version)
+            details = [store.batch_manifest(digest) for digest in version["batches"]]
+            # feedback batches say what the quarantine policy took: trusted, agreed, held back
+            feedback = {d["sha256"][:12]: d["feedback"] for d in details if isinstance(d.get("feedback"), dict)}
+            print_json({**version, "batch_details": details} if args.json
+                       else {**version, **({"feedback_batches": feedback} if feedback else {})})
         elif args.action == "diff":
             difference = diff_versions(store, args.older, args.newer)
             if args.json:
@@ -145,12 +148,19 @@ def add_from_feedback(args: argparse.Namespace) -> int:
         return 0
     for problem in result["problems"]:
         print(f"warning: {problem}", file=sys.stderr)
+    policy = result["policy"]
+    waiting = (f"{policy['quarantined']} image(s) in quarantine and {policy['capped']} held back by the per-caller "
+               "cap (mnist feedback review)")
+    if result["feedback_items"] == 0:
+        print(f"no feedback accepted yet: {waiting}")
+        return 0
     if result["batch"] is None:
         print(f"nothing new: the {result['feedback_items']} feedback images are exact duplicates of known examples")
         return 0
     if not args.json:
-        print(f"{result['feedback_items']} feedback labels, {result['corrections']} of them corrections of the "
-              "served answer")
+        print(f"{result['feedback_items']} feedback labels ({policy['trusted']} trusted, {policy['agreed']} agreed "
+              f"by several callers, training only), {result['corrections']} of them corrections of the served "
+              f"answer; {waiting}")
     return report_added(result, source, args.json)
 
 

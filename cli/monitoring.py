@@ -24,6 +24,18 @@ def traffic_stores(retry_seconds: float | None = None):
     return logs, FeedbackStore(logs.settings, logs.client)
 
 
+def feedback_credentials(path: str | None) -> list:
+    """The callers of --feedback-tokens (or MNIST_FEEDBACK_TOKENS); none: the gateway takes no feedback."""
+    from serving.gateway.callers import CallerFileError, read_token_file
+
+    if not path:
+        return []
+    try:
+        return read_token_file(Path(path))
+    except CallerFileError as error:
+        raise CliError(f"--feedback-tokens {error}", exit_code=2) from None
+
+
 def command_gateway(args: argparse.Namespace) -> int:
     import logging
 
@@ -41,12 +53,16 @@ def command_gateway(args: argparse.Namespace) -> int:
     for flag, value in (("--log-queue-size", args.log_queue_size), ("--log-queue-mib", args.log_queue_mib)):
         if value < 1:
             raise CliError(f"{flag} {value}: must be at least 1", exit_code=2)
+    if args.feedback_per_minute <= 0:
+        raise CliError(f"--feedback-per-minute {args.feedback_per_minute:g}: must be above 0", exit_code=2)
+    credentials = feedback_credentials(args.feedback_tokens)
     with reachable_store(lambda: traffic_stores(LOG_RETRY_SECONDS)) as (logs, feedback):
         options = GatewayOptions(upstream=args.upstream, upstream_rest=args.upstream_rest, port=args.port,
                                  rest_port=args.rest_api_port, host=args.host, model_name=logs.settings.model_name,
                                  sample_rate=args.log_sample_rate, batch_records=args.log_batch_records,
                                  flush_seconds=args.log_flush_seconds, queue_size=args.log_queue_size,
-                                 queue_bytes=args.log_queue_mib << 20)
+                                 queue_bytes=args.log_queue_mib << 20, credentials=tuple(credentials),
+                                 feedback_per_minute=args.feedback_per_minute)
         try:
             gateway = Gateway(options, logs, feedback).start()
         except (RuntimeError, OSError) as error:
@@ -63,21 +79,41 @@ def command_gateway(args: argparse.Namespace) -> int:
 
 
 def command_feedback(args: argparse.Namespace) -> int:
-    from storage.feedback import FeedbackError, record_feedback
+    words = args.words
+    if words[:1] == ["review"]:
+        if len(words) > 1 or args.csv:
+            raise CliError("mnist feedback review takes no other argument", exit_code=2)
+        return review_feedback(args.json)
+    if words[:1] == ["accept"]:
+        if len(words) not in (2, 3) or args.csv:
+            raise CliError("give mnist feedback accept REQUEST_ID [LABEL] [--index N]", exit_code=2)
+        words = [words[1], words[2] if len(words) == 3 else quarantined_label(words[1], args.index)]
+    if args.csv:
+        if words:
+            raise CliError("give REQUEST_ID LABEL or --csv FILE, not both", exit_code=2)
+        rows = feedback_rows(Path(args.csv))
+    elif len(words) == 2:
+        rows = [(words[0], words[1], args.index)]
+    else:
+        raise CliError("give REQUEST_ID LABEL (the id the gateway returned), --csv FILE of request_id,label, "
+                       "review, or accept REQUEST_ID [LABEL]", exit_code=2)
+    return record_rows(rows, args.json)
+
+
+def feedback_rows(path: Path) -> list[tuple[str, str, int]]:
+    from storage.feedback import FeedbackError
     from tasks.feedback import read_feedback_csv
 
-    if args.csv:
-        if args.request_id or args.label is not None:
-            raise CliError("give REQUEST_ID LABEL or --csv FILE, not both", exit_code=2)
-        try:
-            rows = read_feedback_csv(Path(args.csv))
-        except FeedbackError as error:
-            raise CliError(str(error), exit_code=2) from None
-    elif args.request_id and args.label is not None:
-        rows = [(args.request_id, args.label, args.index)]
-    else:
-        raise CliError("give REQUEST_ID LABEL (the id the gateway returned), or --csv FILE of request_id,label",
-                       exit_code=2)
+    try:
+        return read_feedback_csv(path)
+    except FeedbackError as error:
+        raise CliError(str(error), exit_code=2) from None
+
+
+def record_rows(rows: list[tuple[str, str, int]], as_json: bool) -> int:
+    """Labels given with the store's own credentials: an operator's, trusted."""
+    from storage.feedback import FeedbackError, record_feedback
+
     recorded, refused = [], []
     with reachable_store(traffic_stores) as (logs, feedback):
         for request_id, label, index in rows:
@@ -85,7 +121,7 @@ def command_feedback(args: argparse.Namespace) -> int:
                 recorded.append(record_feedback(logs, feedback, request_id, label, index, source="cli"))
             except FeedbackError as error:
                 refused.append(str(error))
-    if args.json:
+    if as_json:
         print_json({"recorded": recorded, "refused": refused})
     else:
         for item in recorded:
@@ -94,6 +130,44 @@ def command_feedback(args: argparse.Namespace) -> int:
     if refused:
         raise CliError(f"{len(refused)} of {len(rows)} refused: " + "; ".join(refused[:5]))
     return 0
+
+
+def pending_decision():
+    from tasks.feedback import decide, pending_feedback
+
+    with reachable_store(traffic_stores) as (_, feedback):
+        return decide(pending_feedback(feedback))
+
+
+def review_feedback(as_json: bool) -> int:
+    """What the next ingest would take, and what waits in quarantine with its votes."""
+    decision = pending_decision()
+    if as_json:
+        print_json({**decision.summary(), "waiting": decision.quarantined})
+        return 0
+    summary = decision.summary()
+    print(f"next ingest takes {summary['trusted']} trusted and {summary['agreed']} agreed label(s); "
+          f"{summary['capped']} agreed held back by the per-caller cap; {summary['quarantined']} image(s) "
+          "in quarantine")
+    for item in decision.quarantined:
+        votes = ", ".join(f"{label} by {' '.join(callers)}" for label, callers in item["votes"].items())
+        print(f"  {item['request_id']} image {item['index']}: {votes}")
+    if decision.quarantined:
+        print("mnist feedback accept REQUEST_ID [LABEL] [--index N] makes a label an operator's")
+    return 0
+
+
+def quarantined_label(request_id: str, index: int) -> str:
+    """The label most callers gave an image in quarantine, when one leads."""
+    waiting = next((item for item in pending_decision().quarantined
+                    if item["request_id"] == request_id and item["index"] == index), None)
+    if waiting is None:
+        raise CliError(f"request {request_id} image {index} has no label in quarantine; give the LABEL", exit_code=2)
+    ranked = sorted(waiting["votes"].items(), key=lambda pair: -len(pair[1]))
+    if len(ranked) > 1 and len(ranked[0][1]) == len(ranked[1][1]):
+        raise CliError(f"request {request_id} image {index}: callers disagree "
+                       f"({', '.join(waiting['votes'])}); give the LABEL", exit_code=2)
+    return ranked[0][0]
 
 
 def batch_summary(key: str, index: dict, entries: list) -> dict:
@@ -254,6 +328,11 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     gateway.add_argument("--log-queue-mib", type=int, default=256,
                          help="MiB of messages waiting to be written before new ones are dropped: keep it well "
                               "under the gateway's memory limit (default 256)")
+    gateway.add_argument("--feedback-tokens", metavar="FILE", default=os.environ.get("MNIST_FEEDBACK_TOKENS"),
+                         help="who may send feedback: 'NAME TOKEN [trusted]' a line (default: MNIST_FEEDBACK_TOKENS; "
+                              "none: feedback is refused with 401)")
+    gateway.add_argument("--feedback-per-minute", type=float, default=60.0,
+                         help="feedback requests a minute per caller before 429 (default 60)")
     gateway.add_argument("--drain-seconds", type=float, default=10.0,
                          help="on SIGTERM, how long queued logs may take to be written (default 10)")
     gateway.set_defaults(handler=command_gateway)
@@ -272,11 +351,15 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     logs.set_defaults(handler=command_logs)
 
     feedback = commands.add_parser(
-        "feedback", help="record the correct label of a logged prediction",
+        "feedback", help="record the correct label of a logged prediction; review and accept quarantined ones",
+        usage="mnist feedback REQUEST_ID LABEL [--index N] | --csv FILE | review | accept REQUEST_ID [LABEL]",
         description="Record the correct digit for a request the gateway logged (its id is in the x-request-id "
-                    "trailer or X-Request-Id header); mnist data add --from-feedback turns the feedback into data.")
-    feedback.add_argument("request_id", nargs="?", metavar="REQUEST_ID")
-    feedback.add_argument("label", nargs="?", metavar="LABEL", help="the correct digit, 0-9")
+                    "trailer or X-Request-Id header), as an operator: trusted. Labels that untrusted callers "
+                    "sent through the gateway wait in quarantine until enough callers agree; 'review' lists them "
+                    "and 'accept' makes one an operator's. mnist data add --from-feedback turns accepted feedback "
+                    "into data.")
+    feedback.add_argument("words", nargs="*", metavar="ARGUMENT",
+                          help="REQUEST_ID LABEL, or review, or accept REQUEST_ID [LABEL]")
     feedback.add_argument("--index", type=int, default=0, help="the image's position in its request (default 0)")
     feedback.add_argument("--csv", metavar="FILE", help="a CSV of request_id,label[,index] rows")
     feedback.add_argument("--json", action="store_true")

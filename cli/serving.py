@@ -179,6 +179,8 @@ def print_stack(stack, endpoint: str | None) -> None:
     print(f"  model server gRPC {stack.server}   REST http://{stack.server_rest}   (metrics at "
           f"/monitoring/prometheus/metrics)")
     print(f"  sync sidecar from {endpoint} into {stack.model_dir}")
+    print(f"  feedback     POST http://{stack.gateway_rest}/v1/models/mnist/feedback with a bearer token from "
+          f"{Path(stack.logs) / 'feedback-tokens'} (add untrusted callers there)")
     print("use it from another shell with:")
     print(f"  export MNIST_SERVING_ADDRESS={stack.gateway}")
     for name in ("MNIST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):

@@ -65,11 +65,17 @@ def feedback_batch(data_dir: str | None) -> str:
                              mnist_reference(train.images, test.images, test.labels))
     if result is None:
         outcome = "no new feedback to learn from"
+    elif result["feedback_items"] == 0:
+        outcome = "no feedback accepted yet"
     elif result["batch"] is None:
         outcome = f"{result['feedback_items']} feedback labels, all on images already known"
     else:
         outcome = (f"{result['batch']['count']} feedback examples ({result['corrections']} corrections) added as "
                    f"dataset version {result['version']['version']}")
+    if result is not None:
+        policy = result["policy"]
+        outcome += (f"; {policy['trusted']} trusted and {policy['agreed']} agreed label(s) taken, "
+                    f"{policy['quarantined']} in quarantine, {policy['capped']} held back by the per-caller cap")
     get_run_logger().info(outcome)
     return outcome
 

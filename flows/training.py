@@ -37,8 +37,9 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     data_dir = params.data_dir or (str(settings.data_dir) if settings.data_dir else None)
     run_dir = new_run_dir(output_dir)
 
+    feedback = None
     if params.ingest_feedback and params.publish:
-        feedback_batch(data_dir)  # corrections of served answers become data before the data is read
+        feedback = feedback_batch(data_dir)  # corrections of served answers become data before the data is read
     # A run that publishes reads the dataset store it publishes beside; one that does not stays
     # off the store (a local experiment) unless a dataset version is asked for.
     data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
@@ -67,7 +68,7 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
                     *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced],
                    return_state=True).result()
     outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage,
-               "slice_notes": slice_notes, "candidates": trained.get("candidates")}
+               "slice_notes": slice_notes, "candidates": trained.get("candidates"), "feedback": feedback}
     if not verdict["passed"]:
         if params.publish:
             record_rejection(verdict["summary"], metrics, lineage)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -44,6 +45,19 @@ class Stack:
     model_dir: str
     logs: str  # where each process logs
     pid: int  # the process that keeps the stack
+
+
+def local_feedback_tokens(root: Path) -> Path:
+    """The local stack's token file: one trusted caller, ``local`` (whoever runs ``mnist up`` is its
+    operator), made once with mode 0600. Add lines for other callers; they are untrusted unless marked."""
+    path = root / "feedback-tokens"
+    if not path.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text("# NAME TOKEN [trusted]: who may POST /v1/models/NAME/feedback "
+                        "(mnist gateway --feedback-tokens)\n"
+                        f"local {secrets.token_urlsafe(24)} trusted\n")
+    return path
 
 
 def stack_file(state_dir: Path) -> Path:
@@ -119,7 +133,8 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
         gateway = processes.enter_context(background_cli(
             ["gateway", "--upstream", server, "--upstream-rest", f"127.0.0.1:{chosen['server_rest']}",
              "--port", str(chosen["gateway"]), "--rest-api-port", str(chosen["gateway_rest"]),
-             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1"], root / "gateway.log"))
+             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1",
+             "--feedback-tokens", str(local_feedback_tokens(root))], root / "gateway.log"))
 
         def ready() -> None:
             wait_for_log(serve, root / "serve.log", "listening on", "serve")

@@ -45,8 +45,11 @@ def checked_index(value: Any) -> int:
 
 
 def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_id: str, label: Any, index: Any = 0,
-                    source: str = "api", locate: Callable[[str], Located | None] | None = None) -> dict[str, Any]:
-    """Store the correct ``label`` of image ``index`` of a logged request; the latest label wins."""
+                    source: str = "api", locate: Callable[[str], Located | None] | None = None,
+                    caller: str = "operator", trusted: bool = True) -> dict[str, Any]:
+    """Store ``caller``'s label for image ``index`` of a logged request (that caller's latest label
+    wins). ``trusted``: whether the label becomes data as it is, or waits in quarantine
+    (``tasks/feedback.py``). The CLI writes with the store's own credentials: an operator, trusted."""
     if not isinstance(request_id, str) or not valid_request_id(request_id):
         raise FeedbackError(f"request id {request_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
     digit, position_in_request = checked_label(label), checked_index(index)
@@ -58,6 +61,7 @@ def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_i
         raise FeedbackError(f"request {request_id} has {entry.examples} image(s); index {position_in_request} "
                             "is out of range")
     item = {"request_id": request_id, "index": position_in_request, "label": digit, "version": entry.version,
-            "log": key, "position": position, "source": source, "time": utc_now()}
+            "log": key, "position": position, "source": source, "time": utc_now(), "caller": caller,
+            "trusted": trusted}
     feedback.put(item)
     return item

@@ -60,12 +60,18 @@ class LogEntry:
     label: str  # the label asked for ("" for a version or the latest)
     api: str  # "grpc" or "rest"
     examples: int  # images in the request
+    client_request_id: str = ""  # the caller's own x-request-id, if any: never the key feedback addresses
 
     @classmethod
     def checked(cls, raw: Any) -> "LogEntry":
-        """An entry read from the bucket, refused unless every field is what the gateway writes."""
-        if not isinstance(raw, dict) or set(raw) != set(cls.__dataclass_fields__):
+        """An entry read from the bucket, refused unless every field is what the gateway writes
+        (entries written before ``client_request_id`` existed lack it)."""
+        fields = set(cls.__dataclass_fields__)
+        if not isinstance(raw, dict) or set(raw) not in (fields, fields - {"client_request_id"}):
             raise VerificationFailed(f"log index entry has unexpected fields: {str(raw)[:120]}")
+        client = raw.get("client_request_id", "")
+        if not (isinstance(client, str) and (client == "" or REQUEST_ID_PATTERN.match(client))):
+            raise VerificationFailed(f"log index entry is malformed: {str(raw)[:120]}")
         version, examples = raw["version"], raw["examples"]
         if not (isinstance(raw["request_id"], str) and REQUEST_ID_PATTERN.match(raw["request_id"])
                 and isinstance(raw["time"], str) and isinstance(raw["label"], str) and len(raw["label"]) <= 64
@@ -183,9 +189,10 @@ class PredictionLogStore(ObjectStore):
                     yield entry, record
 
 
-def feedback_name(request_id: str, index: int) -> str:
-    """The object name of one image's feedback: a hash, never the caller's string itself."""
-    return hashlib.sha256(f"{request_id}#{index}".encode()).hexdigest() + ".json"
+def feedback_name(request_id: str, index: int, caller: str) -> str:
+    """The object name of one caller's label for one image: a hash, never the caller's string itself.
+    One object per caller, so no caller's label replaces another's."""
+    return hashlib.sha256(f"{request_id}#{index}#{caller}".encode()).hexdigest() + ".json"
 
 
 class FeedbackStore(ObjectStore):
@@ -196,8 +203,8 @@ class FeedbackStore(ObjectStore):
                                                         settings.model_name) if p), client)
 
     def put(self, feedback: dict[str, Any]) -> str:
-        """Store (or correct: the latest label wins) the feedback on one logged image."""
-        key = self.key(feedback_name(feedback["request_id"], feedback["index"]))
+        """Store (or correct: that caller's latest label wins) one caller's label for one logged image."""
+        key = self.key(feedback_name(feedback["request_id"], feedback["index"], feedback["caller"]))
         self.call(self.client.put_object, Bucket=self.bucket, Key=key,
                   Body=json.dumps(feedback, sort_keys=True).encode())
         return key

@@ -1,5 +1,12 @@
 """Feedback stage: a correct label for a logged prediction, and accumulated feedback turned into
-labelled digits for the normal ingest path (``tasks/ingest.py``).
+labelled digits for the normal ingest path (``tasks/ingest.py``), through a policy that trusts no
+single caller.
+
+Who labelled what is kept per caller. A trusted caller's label (an operator's, or a token marked
+``trusted``) becomes data as it is. Any other label waits in quarantine until ``quorum`` different
+callers give the same one, or an operator accepts it (``mnist feedback accept``); even then it only
+trains, never lands in a validation or test slice, and no one untrusted caller makes up more than
+``max_caller_share`` of a batch.
 
 Feedback names a request by the id the gateway returned (and, for a request of several images,
 the image's index). It is accepted only for a request that was logged: an id that was not
@@ -10,6 +17,7 @@ from __future__ import annotations
 
 import csv
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +52,81 @@ def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
 
 
 # --- accumulated feedback -> labelled digits --------------------------------------------
+@dataclass(frozen=True)
+class FeedbackPolicy:
+    quorum: int = 2  # untrusted callers that must give the same label before it becomes data
+    max_caller_share: float = 0.25  # of a batch's labels, what may rest on one untrusted caller
+
+
+@dataclass
+class FeedbackDecision:
+    """Pending feedback sorted: labels that become data now (``basis`` trusted or agreed, with the
+    callers it rests on), images still in quarantine with their votes, and agreed labels held back
+    by the per-caller cap (they stay pending)."""
+
+    accepted: list[dict[str, Any]] = field(default_factory=list)
+    quarantined: list[dict[str, Any]] = field(default_factory=list)
+    capped: list[dict[str, Any]] = field(default_factory=list)
+    overruled: list[dict[str, Any]] = field(default_factory=list)  # other labels of an image a trusted caller labelled
+
+    def summary(self) -> dict[str, Any]:
+        callers: dict[str, int] = defaultdict(int)
+        for item in self.accepted:
+            for caller in item["callers"]:
+                callers[caller] += 1
+        return {"trusted": sum(item["basis"] == "trusted" for item in self.accepted),
+                "agreed": sum(item["basis"] == "agreed" for item in self.accepted),
+                "quarantined": len(self.quarantined), "capped": len(self.capped), "callers": dict(callers)}
+
+
+def is_trusted(item: dict[str, Any]) -> bool:
+    """Feedback written before callers were named: the gateway's was anyone's, the CLI's an operator's."""
+    if "trusted" in item:
+        return item["trusted"] is True
+    return item.get("source") != "gateway"
+
+
+def caller_of(item: dict[str, Any]) -> str:
+    return str(item.get("caller") or ("gateway" if item.get("source") == "gateway" else "operator"))
+
+
+def decide(items: list[dict[str, Any]], policy: FeedbackPolicy = FeedbackPolicy()) -> FeedbackDecision:
+    """Which pending labels become data now, which wait in quarantine (see the module's rules)."""
+    by_image: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    for item in items:
+        by_image[(item["request_id"], item["index"])].append(item)
+    decision, agreed = FeedbackDecision(), []
+    for (request_id, index), votes in by_image.items():
+        trusted = [vote for vote in votes if is_trusted(vote)]
+        if trusted:
+            latest = max(trusted, key=lambda vote: vote["time"])
+            decision.accepted.append({**latest, "basis": "trusted", "callers": [caller_of(latest)]})
+            decision.overruled += [vote for vote in votes if vote["label"] != latest["label"]]
+            continue
+        callers_by_label: dict[int, set[str]] = defaultdict(set)
+        for vote in votes:
+            callers_by_label[vote["label"]].add(caller_of(vote))
+        ranked = sorted(callers_by_label.items(), key=lambda pair: -len(pair[1]))
+        label, callers = ranked[0]
+        if len(callers) >= policy.quorum and (len(ranked) == 1 or len(ranked[1][1]) < len(callers)):
+            first = min((vote for vote in votes if vote["label"] == label), key=lambda vote: vote["time"])
+            agreed.append({**first, "basis": "agreed", "callers": sorted(callers)})
+        else:
+            decision.quarantined.append({"request_id": request_id, "index": index,
+                                         "votes": {str(k): sorted(v) for k, v in sorted(callers_by_label.items())},
+                                         "first": min(vote["time"] for vote in votes)})
+    limit = max(1, int(policy.max_caller_share * (len(decision.accepted) + len(agreed))))
+    counts: dict[str, int] = defaultdict(int)
+    for item in sorted(agreed, key=lambda item: item["time"]):
+        if any(counts[caller] >= limit for caller in item["callers"]):
+            decision.capped.append(item)
+            continue
+        for caller in item["callers"]:
+            counts[caller] += 1
+        decision.accepted.append(item)
+    return decision
+
+
 def pending_feedback(feedback: FeedbackStore) -> list[dict[str, Any]]:
     """Feedback not yet turned into a batch (a corrected label counts as new)."""
     done = feedback.ingested()
@@ -103,19 +186,25 @@ def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
 
 
 def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackStore, reference: Any,
-                    source: str = "feedback") -> dict[str, Any] | None:
-    """Pending feedback as one batch through the normal ingest (validation, split; exact repeats
-    left out, not refused), then marked as ingested. None when there is no new feedback; the
-    result's ``batch`` is None when every image was a known one."""
+                    source: str = "feedback", policy: FeedbackPolicy = FeedbackPolicy()) -> dict[str, Any] | None:
+    """The labels the policy accepts, as one batch through the normal ingest (validation, split;
+    exact repeats left out, not refused), then marked as ingested; the rest stays pending. None
+    when nothing is accepted; the result's ``batch`` is None when every image was a known one."""
     from tasks.ingest import Candidates, ingest_candidates, to_uint8
 
-    items = pending_feedback(feedback)
-    if not items:
+    pending = pending_feedback(feedback)
+    if not pending:
         return None
-    names, images, labels, used, problems, corrections = feedback_examples(logs, items)
-    found = Candidates(names, [to_uint8(image) for image in images], labels)
+    decision = decide(pending, policy)
+    if not decision.accepted:
+        return {"batch": None, "version": None, "feedback_items": 0, "corrections": 0, "problems": [],
+                "skipped": [], "policy": decision.summary()}
+    names, images, labels, used, problems, corrections = feedback_examples(logs, decision.accepted)
+    found = Candidates(names, [to_uint8(image) for image in images], labels,
+                       train_only={name for name, item in zip(names, used) if item["basis"] != "trusted"})
     details = {"origin": f"feedback on logged predictions ({logs.uri()})",
-               "feedback": {"items": len(used), "corrections": corrections}}
+               "feedback": {"items": len(used), "corrections": corrections, **decision.summary()}}
     result = ingest_candidates(datasets, found, source, reference, details, skip_duplicates=True)
-    feedback.mark_ingested(used, result["batch"]["sha256"] if result["batch"] else None)
-    return {**result, "feedback_items": len(used), "corrections": corrections, "problems": problems}
+    feedback.mark_ingested(used + decision.overruled, result["batch"]["sha256"] if result["batch"] else None)
+    return {**result, "feedback_items": len(used), "corrections": corrections, "problems": problems,
+            "policy": decision.summary()}

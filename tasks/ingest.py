@@ -37,6 +37,9 @@ class Candidates:
     images: list[np.ndarray] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    # names of examples kept out of the validation and test slices: labels no trusted caller gave
+    # may train, but never gate their own source
+    train_only: set[str] = field(default_factory=set)
 
     def add_image(self, path: Path, label: Any, name: str | None = None) -> None:
         label_value = parse_label(label)
@@ -223,7 +226,7 @@ def refusal(report: dict[str, Any]) -> str:
 def without_duplicates(found: Candidates, forbidden: dict[str, str]) -> tuple[Candidates, list[str]]:
     """``found`` less its exact duplicates (of ``forbidden`` or earlier in itself), and what was left out.
     For feedback: served traffic repeats itself, and a repeat is no reason to refuse the rest."""
-    kept, skipped, seen = Candidates(errors=list(found.errors)), [], set()
+    kept, skipped, seen = Candidates(errors=list(found.errors), train_only=found.train_only), [], set()
     for name, image, label in zip(found.names, found.images, found.labels):
         digest = example_hashes(image[None])[0]
         if digest in forbidden or digest in seen:
@@ -268,7 +271,8 @@ def ingest_candidates(store: DatasetStore, found: Candidates, source: str, refer
     report = validate(found, replace(reference, forbidden=forbidden), images, hashes)
     if report["errors"]:
         raise IngestError(refusal(report))
-    splits = np.array([split_of(digest) for digest in hashes], dtype=np.uint8)
+    splits = np.array([0 if name in found.train_only else split_of(digest)
+                       for name, digest in zip(found.names, hashes)], dtype=np.uint8)
     batch = store.put_batch(Examples(images, np.array(found.labels, dtype=np.uint8), splits),
                             {"source": source, "validation": report, **details})
     new = set(hashes)

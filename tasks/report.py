@@ -227,6 +227,7 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
         "|---|",
         *[f"| {check} |" for check in gate["checks"]],
         *[f"\n{note}" for note in outcome.get("slice_notes", [])],
+        *([f"\n**Feedback ingested first:** {outcome['feedback']}"] if outcome.get("feedback") else []),
         "",
         *slice_lines(metrics, outcome.get("stable")),
         *candidate_lines(outcome.get("candidates")),

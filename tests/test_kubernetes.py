@@ -24,7 +24,7 @@ def by_kind(kind: str) -> list[dict]:
 def test_every_manifest_validates_against_the_pinned_schema() -> None:
     kinds = sorted(doc["kind"] for doc in documents())
     assert kinds == sorted(["ConfigMap", "Deployment", "HorizontalPodAutoscaler", "NetworkPolicy",
-                            "PodDisruptionBudget", "Secret", "Secret", "Service", "Service"])
+                            "PodDisruptionBudget", "Secret", "Secret", "Secret", "Service", "Service"])
     for doc in documents():
         kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
     broken = by_kind("Deployment")[0]
@@ -62,6 +62,12 @@ def test_clients_reach_the_model_through_the_logging_gateway() -> None:
     assert {s["spec"]["ports"][0]["targetPort"] for s in by_kind("Service")} == {"gateway-grpc"}
     secrets = {e["valueFrom"]["secretKeyRef"]["name"] for e in gateway["env"] if "valueFrom" in e}
     assert secrets == {"mnist-s3-traffic"} and {s["metadata"]["name"] for s in by_kind("Secret")} >= secrets
+    # feedback takes a bearer token from a Secret mounted as the file MNIST_FEEDBACK_TOKENS names
+    tokens = next(e["value"] for e in gateway["env"] if e["name"] == "MNIST_FEEDBACK_TOKENS")
+    mount = next(m for m in gateway["volumeMounts"] if tokens.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in pod["volumes"] if v["name"] == mount["name"])
+    secret = next(s for s in by_kind("Secret") if s["metadata"]["name"] == volume["secret"]["secretName"])
+    assert tokens.rsplit("/", 1)[1] in secret["stringData"] and mount["readOnly"]
     [policy] = by_kind("NetworkPolicy")
     client_rule = next(rule for rule in policy["spec"]["ingress"]
                        if {"podSelector": {"matchLabels": {"mnist-client": "true"}}} in rule["from"])

@@ -43,6 +43,7 @@ class Call:
     version: int | None = None
     rest: dict[str, Any] | None = None
     time: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+    client_request_id: str = ""  # the caller's own id, kept beside the gateway's
 
     @property
     def size(self) -> int:
@@ -164,7 +165,7 @@ class PredictionLogger:
             call.request_bytes, call.response_bytes = request.SerializeToString(), response.SerializeToString()
         spec = call.request.model_spec
         entry = LogEntry(call.request_id, call.time.isoformat(timespec="milliseconds"), call.version,
-                         spec.version_label, call.api, examples_in(call.request))
+                         spec.version_label, call.api, examples_in(call.request), call.client_request_id)
         metadata = logging_pb2.LogMetadata()
         metadata.model_spec.CopyFrom(spec)  # as asked (a label, a version or neither)
         if entry.version is not None and not spec.version_label:

@@ -95,8 +95,10 @@ class Body:
 
 @dataclass
 class Exchange:
-    """One watched call: its request id and both bodies as they crossed the wire."""
+    """One watched call: its request id, the caller's own (if it sent one) and both bodies as they
+    crossed the wire."""
     request_id: str
+    client_request_id: str | None = None
     started: float = field(default_factory=time.perf_counter)
     request: Body = field(default_factory=Body)
     response: Body = field(default_factory=Body)
@@ -221,7 +223,7 @@ class Link:
         if stream not in self.exchanges and named.get(b":path") == watch.path:
             given = named.get(watch.id_header)
             request_id = watch.request_id(given.decode("latin-1") if given is not None else None)
-            exchange = self.exchanges[stream] = Exchange(request_id)
+            exchange = self.exchanges[stream] = Exchange(request_id, given.decode("latin-1") if given else None)
             exchange.request_encoding = named.get(b"grpc-encoding", b"identity")
             headers = [(name, value) for name, value in headers if name != watch.id_header]
             headers.append((watch.id_header, request_id.encode()))

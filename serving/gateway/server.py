@@ -4,15 +4,16 @@ Seldon pattern, because TF Serving's own request logging is unusable in the open
 
 - gRPC: the caller's connection is relayed to upstream frame by frame (``serving/gateway/relay.py``):
   every service upstream has passes through, messages byte for byte, the caller's deadline and
-  metadata go upstream and upstream's status comes back. Every Predict gets a request id, the
-  caller's own ``x-request-id`` if it sent a valid one, sent upstream and returned in the
-  trailing metadata.
+  metadata go upstream and upstream's status comes back. Every Predict gets a request id of the
+  gateway's own, sent upstream and returned in the trailing metadata; a caller's ``x-request-id``
+  is kept beside it in the log as ``client_request_id``, never as the key feedback addresses.
 - REST: TF Serving's REST API passes through to ``upstream_rest``; ``:predict`` answers carry
   the id in an ``X-Request-Id`` header.
 - A sampled fraction of the model's Predict calls goes to ``PredictionLogger`` (bounded queue,
   background writer, TF Serving ``PredictionLog`` records in the store): logging never blocks
   or fails a request.
-- ``POST /v1/models/NAME/feedback`` records the correct label of a logged request;
+- ``POST /v1/models/NAME/feedback`` records a caller's label for a logged request: it takes a
+  bearer token from ``--feedback-tokens`` (``serving/gateway/callers.py``), at a rate per caller;
   ``/monitoring/prometheus/metrics`` and ``/v1/models/NAME[...]/ready`` as in
   ``serving/protocol/monitoring.py``.
 
@@ -35,6 +36,7 @@ from google.protobuf.message import DecodeError
 from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 from mnist_client.client import REQUEST_ID
 from mnist_client.tensors import to_tensor_proto
+from serving.gateway.callers import Authenticator, Credential, RateLimit
 from serving.gateway.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
 from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
@@ -81,6 +83,8 @@ class GatewayOptions:
     batch_records: int = 256
     flush_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
+    credentials: tuple[Credential, ...] = ()  # who may send feedback; none: feedback is refused
+    feedback_per_minute: float = 60.0  # per caller
 
 
 class Gateway:
@@ -102,6 +106,8 @@ class Gateway:
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
         self.rest_connections: list[http.client.HTTPConnection] = []
         self.signatures: dict[ModelPath, tuple[float, int, Any]] = {}  # model path -> (when, version, signatures)
+        self.authenticator = Authenticator(list(options.credentials))
+        self.feedback_rate = RateLimit(options.feedback_per_minute)
 
     def start(self) -> "Gateway":
         self.logger.start()
@@ -127,8 +133,9 @@ class Gateway:
 
     # --- gRPC ---------------------------------------------------------------------------
     @staticmethod
-    def request_id(given: str | None) -> str:
-        return given if valid_request_id(given) else new_request_id()
+    def request_id(_given: str | None) -> str:
+        """Always the gateway's own: a caller's id could name another caller's call."""
+        return new_request_id()
 
     def finished(self, call: Exchange, status: int, _message: str) -> None:
         """A relayed Predict ended: counted per version, and offered to the log when it succeeded."""
@@ -148,7 +155,7 @@ class Gateway:
                              STATUS_NAMES.get(status, "UNKNOWN"), time.perf_counter() - call.started)
         if request_bytes is not None and answer is not None:
             self.maybe_log(spec.name, Call(call.request_id, "grpc", request_outline(request), request_bytes, answer,
-                                           version))
+                                           version, client_request_id=client_id(call.client_request_id)))
 
     def maybe_log(self, model_name: str, call: Call) -> None:
         if model_name != self.options.model_name:
@@ -166,7 +173,7 @@ class Gateway:
             if request.method == "GET" and (match := READY_ROUTE.match(request.path)):
                 return json_reply(*self.ready(model_path(match)))
             if request.method == "POST" and (match := FEEDBACK_ROUTE.match(request.path)):
-                return self.take_feedback(model_path(match).name, request.body)
+                return self.take_feedback(model_path(match).name, request)
             if (request.method == "POST" and (match := PREDICTION_ROUTE.match(request.path))
                     and match["method"].lower() == "predict"):
                 return self.rest_predict(model_path(match), request)
@@ -205,15 +212,15 @@ class Gateway:
 
     def rest_predict(self, model: ModelPath, request: Request) -> Reply:
         start = time.perf_counter()
-        given = request.headers.get(REQUEST_ID)
-        request_id = given if valid_request_id(given) else new_request_id()
+        request_id = new_request_id()
         reply = self.forward_rest(request, {"X-Request-Id": request_id})
         version = self.resolved_version(model) if reply.status == 200 else None
         self.metrics.observe(model.name, version, model.label or "", "predict", "REST",
                              HTTP_CODES.get(reply.status, "UNKNOWN"), time.perf_counter() - start)
         if reply.status == 200:
             self.maybe_log(model.name, Call(request_id, "rest", rest={"model": model, "request": request.body,
-                                                                       "response": reply.body}))
+                                                                       "response": reply.body},
+                                            client_request_id=client_id(request.headers.get(REQUEST_ID))))
         return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, "X-Request-Id": request_id})
 
     # --- what the upstream serves ----------------------------------------------------------
@@ -265,7 +272,18 @@ class Gateway:
         return next(((key, position, entry) for position, entry in enumerate(entries)
                      if entry.request_id == request_id), None)
 
-    def take_feedback(self, name: str, body: bytes) -> Reply:
+    def take_feedback(self, name: str, request: Request) -> Reply:
+        caller = self.authenticator.caller(request.headers.get("authorization"))
+        if caller is None:
+            why = ("this gateway takes no feedback: it was started without --feedback-tokens"
+                   if not self.options.credentials else "feedback needs a valid 'Authorization: Bearer TOKEN' header")
+            return json_reply(401, {"error": why}, {"WWW-Authenticate": 'Bearer realm="feedback"'})
+        wait = self.feedback_rate.allow(caller.name)
+        if wait:
+            return json_reply(429, {"error": f"caller {caller.name} sends feedback faster than "
+                                             f"{self.options.feedback_per_minute:g} a minute"},
+                              {"Retry-After": str(max(1, round(wait)))})
+        body = request.body
         if name != self.options.model_name:
             return json_reply(404, {"error": f"feedback is taken for model {self.options.model_name!r}, "
                                              f"not {name!r}"})
@@ -278,7 +296,7 @@ class Gateway:
         request_id = document["request_id"]
         try:
             item = record_feedback(self.logs, self.feedback, request_id, document["label"], document.get("index", 0),
-                                   source="gateway", locate=self.locate)
+                                   source="gateway", locate=self.locate, caller=caller.name, trusted=caller.trusted)
         except FeedbackError as error:
             message = str(error)
             if error.status == 404 and isinstance(request_id, str) and self.logger.was_unsampled(request_id):
@@ -288,6 +306,11 @@ class Gateway:
         except StoreError as error:
             return json_reply(503, {"error": f"the store is unavailable, feedback not recorded: {error}"})
         return json_reply(200, item)
+
+
+def client_id(given: str | None) -> str:
+    """A caller's own request id, kept beside the gateway's when it is one the log can hold."""
+    return given if valid_request_id(given) else ""
 
 
 # --- REST JSON -> TF Serving's messages, for the log -------------------------------------------
