@@ -62,6 +62,7 @@ def command_gateway(args: argparse.Namespace) -> int:
                                  sample_rate=args.log_sample_rate, batch_records=args.log_batch_records,
                                  flush_seconds=args.log_flush_seconds, queue_size=args.log_queue_size,
                                  queue_bytes=args.log_queue_mib << 20, credentials=tuple(credentials),
+                                 ledger=Path(args.log_ledger) if args.log_ledger else None,
                                  feedback_per_minute=args.feedback_per_minute)
         try:
             gateway = Gateway(options, logs, feedback).start()
@@ -328,6 +329,9 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     gateway.add_argument("--log-queue-mib", type=int, default=256,
                          help="MiB of messages waiting to be written before new ones are dropped: keep it well "
                               "under the gateway's memory limit (default 256)")
+    gateway.add_argument("--log-ledger", metavar="FILE", default=os.environ.get("MNIST_GATEWAY_LEDGER"),
+                         help="keep the count of queued, unwritten logs here (every 0.5 s), so the next start reports "
+                              "what a kill lost (default: MNIST_GATEWAY_LEDGER; none: not kept)")
     gateway.add_argument("--feedback-tokens", metavar="FILE", default=os.environ.get("MNIST_FEEDBACK_TOKENS"),
                          help="who may send feedback: 'NAME TOKEN [trusted]' a line (default: MNIST_FEEDBACK_TOKENS; "
                               "none: feedback is refused with 401)")

@@ -510,3 +510,38 @@ def test_no_untrusted_caller_makes_up_more_than_its_share_of_a_batch() -> None:
     taken = [item["request_id"] for item in decision.accepted]
     assert taken == ["r0", "r1", "r2", "r8", "r9", "r10"] and len(decision.capped) == 6  # 3 each: 12 x 0.25
     assert decide(items, FeedbackPolicy(quorum=3)).accepted == []  # no image has three callers
+
+
+def test_a_killed_gateway_is_followed_by_one_that_reports_what_the_kill_lost(store_env, upstream, digits: np.ndarray,
+                                                                             tmp_path: Path) -> None:
+    """The queue is in memory, so SIGKILL loses it; the ledger file lets the next start count it."""
+    _, address, _ = upstream
+    ledger = tmp_path / "ledger.json"
+
+    def gateway_process(port: int) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--upstream", address, "--port", str(port),
+                                 "--rest-api-port", str(free_port()), "--log-flush-seconds", "600",
+                                 "--log-ledger", str(ledger)], cwd=REPO, env={**os.environ},
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+    port = free_port()
+    killed = gateway_process(port)
+    assert "listening on" in killed.stdout.readline()
+    for _ in range(12):
+        predict_call(digits[:1], Target(f"127.0.0.1:{port}"))
+    wait_for(lambda: json.loads(ledger.read_text())["unwritten"] == 12)
+    os.killpg(killed.pid, signal.SIGKILL)
+    killed.wait(timeout=30)
+    killed.stdout.close()
+    restarted = gateway_process(port)
+    try:
+        lines = [restarted.stdout.readline() for _ in range(2)]  # the loss, then the listening line
+        assert "listening on" in lines[1], lines
+        restarted.send_signal(signal.SIGTERM)
+        output = "".join(lines) + restarted.communicate(timeout=30)[0]
+    finally:
+        if restarted.poll() is None:
+            os.killpg(restarted.pid, signal.SIGKILL)
+            restarted.wait(timeout=30)
+    assert "12 sampled calls were lost" in output and f"pid {killed.pid}" in output, output
+    assert json.loads(ledger.read_text())["clean"] is True  # a clean stop leaves nothing to report

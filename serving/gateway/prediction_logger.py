@@ -10,7 +10,9 @@ requests it came from were answered long before. ``close`` flushes within a dead
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import queue
 import random
 import threading
@@ -18,6 +20,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -26,6 +29,7 @@ from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict
 from storage.logs import LogEntry, PredictionLogStore
 
 log = logging.getLogger("mnist.gateway")
+LEDGER_SECONDS = 0.5  # how stale the ledger's count of unwritten calls may be
 REMEMBERED_IDS = 100_000  # ids kept in memory: where a logged one went, that an unlogged one was answered
 
 
@@ -72,11 +76,40 @@ class LoggerMetrics:
         self.sampled = Counter("mnist_gateway_logs_sampled", "Calls sampled for logging.", registry=registry)
 
 
+class Ledger:
+    """The count of sampled calls not yet written, kept in a small file, so that the next start can
+    say what a kill lost. The queue lives in memory: SIGKILL or an OOM kill loses it, and nothing
+    in the dying process can write it out; the count is at most ``LEDGER_SECONDS`` old."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def previous_loss(self) -> dict[str, Any] | None:
+        """What the last gateway on this file left unwritten when it died, or None after a clean stop."""
+        try:
+            last = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(last, dict) or last.get("clean") is not False or type(last.get("unwritten")) is not int:
+            return None
+        return last if last["unwritten"] > 0 else None
+
+    def save(self, unwritten: int, clean: bool) -> None:
+        state = {"pid": os.getpid(), "unwritten": unwritten, "clean": clean, "time": datetime.now(timezone.utc)
+                 .isoformat(timespec="seconds")}
+        scratch = self.path.with_name(f".{self.path.name}.{os.getpid()}")
+        try:
+            scratch.write_text(json.dumps(state))
+            os.replace(scratch, self.path)
+        except OSError as error:
+            log.warning("cannot keep the log ledger %s: %s", self.path, error)
+
+
 class PredictionLogger:
     def __init__(self, store: PredictionLogStore, sample_rate: float, registry: CollectorRegistry,
                  to_messages: Callable[[Call], tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]],
                  queue_size: int = 10_000, batch_records: int = 256, flush_seconds: float = 5.0,
-                 batch_bytes: int = 32 << 20, queue_bytes: int = 256 << 20):
+                 batch_bytes: int = 32 << 20, queue_bytes: int = 256 << 20, ledger: Ledger | None = None):
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample rate {sample_rate}: must be within 0-1")
         self.store, self.sample_rate, self.to_messages = store, sample_rate, to_messages
@@ -88,13 +121,28 @@ class PredictionLogger:
         self.uploaded: OrderedDict[str, str] = OrderedDict()  # request id -> index key of its batch
         self.unsampled: OrderedDict[str, None] = OrderedDict()  # answered, not sampled
         self.written_records = 0
+        self.unwritten = 0  # offered and not yet written or dropped: what a kill would lose
         self.lock = threading.Lock()
         self.stopping = threading.Event()
         self.thread = threading.Thread(target=self.run, name="prediction-logger", daemon=True)
+        self.ledger = ledger
+        self.ledger_thread = threading.Thread(target=self.keep_ledger, name="log-ledger", daemon=True)
 
     def start(self) -> "PredictionLogger":
+        if self.ledger:
+            lost = self.ledger.previous_loss()
+            if lost:
+                self.metrics.dropped.labels("killed").inc(lost["unwritten"])
+                log.warning("the previous gateway (pid %s) stopped without writing its queue: %d sampled calls "
+                            "were lost (its count at %s)", lost.get("pid"), lost["unwritten"], lost.get("time"))
+            self.ledger.save(0, clean=False)
+            self.ledger_thread.start()
         self.thread.start()
         return self
+
+    def keep_ledger(self) -> None:
+        while not self.stopping.wait(LEDGER_SECONDS):
+            self.ledger.save(self.unwritten, clean=False)
 
     # --- the request path: cheap, never raises ---------------------------------------
     def sampled(self) -> bool:
@@ -110,6 +158,8 @@ class PredictionLogger:
         if room:
             try:
                 self.queue.put_nowait(call)
+                with self.lock:
+                    self.unwritten += 1
                 return
             except queue.Full:
                 self.unqueued(size)
@@ -175,6 +225,13 @@ class PredictionLogger:
         return entry, prediction_log(metadata.SerializeToString(), call.request_bytes, call.response_bytes)
 
     def write(self, calls: list[Call]) -> None:
+        try:
+            self.write_batch(calls)
+        finally:
+            with self.lock:
+                self.unwritten -= len(calls)
+
+    def write_batch(self, calls: list[Call]) -> None:
         entries, records = [], []
         for call in calls:
             try:
@@ -211,9 +268,13 @@ class PredictionLogger:
                 left += 1
             except queue.Empty:
                 break
+        with self.lock:
+            self.unwritten -= left
         if left:
             self.metrics.dropped.labels("shutdown").inc(left)
             log.warning("dropped %d prediction logs at shutdown (deadline %gs)", left, deadline_seconds)
+        if self.ledger:
+            self.ledger.save(0, clean=True)  # nothing left that a next start should count as lost
 
 
 def remember(ids: OrderedDict, request_id: str, value: Any) -> None:

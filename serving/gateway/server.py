@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -37,7 +38,7 @@ from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_p
 from mnist_client.client import REQUEST_ID
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.callers import Authenticator, Credential, RateLimit
-from serving.gateway.prediction_logger import Call, PredictionLogger, Unloggable, request_outline
+from serving.gateway.prediction_logger import Call, Ledger, PredictionLogger, Unloggable, request_outline
 from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.protocol.json_document import JsonTensorError, parse_document, read_document
@@ -84,6 +85,7 @@ class GatewayOptions:
     flush_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
     credentials: tuple[Credential, ...] = ()  # who may send feedback; none: feedback is refused
+    ledger: Path | None = None  # where the count of unwritten logs is kept, for the next start to report
     feedback_per_minute: float = 60.0  # per caller
 
 
@@ -93,7 +95,8 @@ class Gateway:
         self.metrics = ServingMetrics()
         self.logger = PredictionLogger(logs, options.sample_rate, self.metrics.registry, self.to_messages,
                                        options.queue_size, options.batch_records, options.flush_seconds,
-                                       queue_bytes=options.queue_bytes)
+                                       queue_bytes=options.queue_bytes,
+                                       ledger=Ledger(options.ledger) if options.ledger else None)
         limits = [("grpc.max_receive_message_length", options.max_message_bytes),
                   ("grpc.max_send_message_length", options.max_message_bytes)]
         self.channel = grpc.insecure_channel(options.upstream, options=limits)  # the REST side's metadata calls
