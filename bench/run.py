@@ -2,7 +2,7 @@
 
 Each prints its table and writes JSON (with the machine and library versions)
 to bench/results/. Run one with --only training|whole|flow|serving|gateway|gateway-memory|light-client|
-sidecar|data|transfers.
+sidecar|backdoor|data|transfers.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from bench import (  # noqa: E402
+    backdoor,
     data,
     flow_overhead,
     gateway,
@@ -34,7 +35,7 @@ from bench.common import libraries, machine  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "gateway-memory",
-                                                 "light-client", "sidecar", "data", "transfers"))
+                                                 "light-client", "sidecar", "backdoor", "data", "transfers"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
@@ -56,6 +57,9 @@ def main() -> None:
     if args.only in (None, "sidecar"):
         print("\n== the sidecar install (no TensorFlow, no Prefect) against the trainer install ==")
         sidecar.main()
+    if args.only in (None, "backdoor"):
+        print("\n== a backdoor taught through labelled data, against the gate ==")
+        backdoor.main()
     if args.only in (None, "flow"):
         print("\n== flow overhead ==")
         flow_overhead.main()

@@ -52,6 +52,12 @@ class TrainingParams(BaseModel):
                                 description="gate: largest allowed drop on a source's slice against stable")
     min_slice_size: int = Field(100, ge=1, le=100000,
                                 description="gate: test examples a slice needs to be gated (smaller: reported)")
+    moved_margin: float = Field(0.003, ge=0.0, le=1.0,
+                                description="gate: largest share of MNIST test digits stable gets right that may "
+                                            "newly be answered as one digit")
+    trigger_margin: float = Field(0.05, ge=0.0, le=1.0,
+                                  description="gate: how much more often than stable's a small patch may flip "
+                                              "the candidate's answers (the backdoor scan)")
     dataset_version: int | None = Field(None, ge=1, description="dataset version to train on (default: latest)")
     new_data_weight: int = Field(4, ge=1, le=50, description="times each new training example is repeated")
     force: bool = Field(False, description="retrain even when data, code and recipe match stable's")

@@ -14,7 +14,16 @@ from flows.params import TrainingParams
 from flows.settings import PipelineSettings, live_check_address
 from storage.models import StoreSettings
 from tasks.data import prepare_data
-from tasks.evaluate import REJECTED, accuracy_gate, champion_checks, evaluate, evaluate_stable, gate, slice_checks
+from tasks.evaluate import (
+    REJECTED,
+    accuracy_gate,
+    champion_checks,
+    evaluate,
+    evaluate_stable,
+    gate,
+    poisoning_checks,
+    slice_checks,
+)
 from tasks.export import export
 from tasks.publish import check_for_changes, live_check, publish, record_rejection
 from tasks.report import outcome_tags, report, tag_run, verdict_line
@@ -65,7 +74,8 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     sliced, slice_notes = slice_checks(metrics, stable, params.slice_threshold, params.slice_margin,
                                        params.min_slice_size)
     verdict = gate([accuracy_gate(metrics, params.threshold),
-                    *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced],
+                    *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced,
+                    *poisoning_checks(metrics, stable, params.moved_margin, params.trigger_margin)],
                    return_state=True).result()
     outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage,
                "slice_notes": slice_notes, "candidates": trained.get("candidates"), "feedback": feedback}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import keras
 import numpy as np
@@ -45,20 +46,76 @@ def evaluate_model(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray) -
 
 @dataclass(frozen=True)
 class GateCheck:
-    """One comparison of the gate: ``value`` must be >= ``limit``."""
+    """One comparison of the gate: ``value`` must be >= ``limit`` (<= with ``at_most``)."""
 
     name: str
     value: float
     limit: float
+    at_most: bool = False
 
     @property
     def passed(self) -> bool:
-        return self.value >= self.limit
+        return self.value <= self.limit if self.at_most else self.value >= self.limit
 
     def describe(self) -> str:
         verdict = "passed" if self.passed else "failed"
-        relation = ">=" if self.passed else "<"
+        relation = {(False, True): ">=", (False, False): "<", (True, True): "<=", (True, False): ">"}[
+            (self.at_most, self.passed)]
         return f"{self.name} {verdict}: {self.value:.4f} {relation} {self.limit:.4f}"
+
+
+# --- poisoning: what accuracy on clean digits cannot see -------------------------------------
+# A backdoor keeps clean accuracy and flips answers when a trigger is present. The scan stamps a
+# small white square in each corner and the centre of trusted test digits and counts how often
+# each model's answer changes; a candidate far more sensitive than stable to one of them is
+# rejected. It also counts answers that moved, on the same trusted digits, to one digit.
+TRIGGER_PATCHES = {"top-left": (1, 1), "top-right": (1, 23), "bottom-left": (23, 1), "bottom-right": (23, 23),
+                   "centre": (12, 12)}
+PATCH_SIZE = 4
+SCAN_IMAGES = 2000  # trusted test digits per patch: enough to see a flip rate of a few percent
+
+
+def patched(images: np.ndarray, corner: tuple[int, int]) -> np.ndarray:
+    """Digits [N,28,28,1] in [0,1] with a white PATCH_SIZE square at ``corner`` (row, column)."""
+    stamped = images.copy()
+    row, column = corner
+    stamped[:, row:row + PATCH_SIZE, column:column + PATCH_SIZE, :] = 1.0
+    return stamped
+
+
+def trigger_flips(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> dict[str, float]:
+    """Per patch, the share of ``images`` whose answer changes when the patch is stamped on."""
+    images = images[:SCAN_IMAGES]
+    clean = predict(images).argmax(axis=1)
+    return {name: float((predict(patched(images, corner)).argmax(axis=1) != clean).mean())
+            for name, corner in TRIGGER_PATCHES.items()}
+
+
+def moved_to_digit(candidate: dict, champion: dict) -> list[float]:
+    """Per digit, the share of trusted test digits that stable answers right and the candidate
+    answers wrong, as this digit: answers pulled towards one digit, as label flipping does."""
+    answers = np.asarray(candidate["predictions"])
+    newly_wrong = np.zeros(len(answers), dtype=bool)
+    newly_wrong[candidate["misclassified"]] = True
+    newly_wrong[champion["misclassified"]] = False
+    return [float((newly_wrong & (answers == digit)).mean()) for digit in range(NUM_CLASSES)]
+
+
+def poisoning_checks(candidate: dict, champion: dict | None, moved_margin: float,
+                     trigger_margin: float) -> list[GateCheck]:
+    """Against ``stable`` on trusted (MNIST test) digits: answers newly wrong as any one digit, at
+    most ``moved_margin`` of them; each trigger patch's flip rate, at most stable's + ``trigger_margin``."""
+    if champion is None or "trigger_flips" not in champion:
+        return []
+    moved = moved_to_digit(candidate, champion)
+    digit = int(np.argmax(moved))
+    checks = [GateCheck(f"MNIST test digits stable v{champion['version']} gets right, newly answered {digit}",
+                        moved[digit], moved_margin, at_most=True)]
+    checks += [GateCheck(f"trigger scan: {name} patch flips answers (stable: {champion['trigger_flips'][name]:.4f}"
+                         f" + {trigger_margin:g})", rate, champion["trigger_flips"][name] + trigger_margin,
+                         at_most=True)
+               for name, rate in candidate["trigger_flips"].items()]
+    return checks
 
 
 def accuracy_gate(metrics: dict, threshold: float) -> GateCheck:
@@ -134,6 +191,7 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     model = load_saved_model(model_path)
     started = time.perf_counter()
     metrics = evaluate_model(model, x_test, y_test)
+    metrics["trigger_flips"] = trigger_flips(lambda images: model.predict(images, batch_size=1024, verbose=0), x_test)
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 3)  # a run's cost outside fit
     metrics["slices"] = {source: slice_accuracy(model.predict(images, batch_size=1024, verbose=0), labels)
                          for source, (images, labels) in load_slices(Path(prepared_path)).items()}
@@ -168,8 +226,10 @@ def evaluate_stable(prepared_path: str) -> dict | None:
         metrics = metrics_from_probabilities(saved_model_predict(Path(scratch), x_test), y_test)
         metrics["slices"] = {source: slice_accuracy(saved_model_predict(Path(scratch), images), labels)
                              for source, (images, labels) in slices.items()}
+        metrics["trigger_flips"] = trigger_flips(lambda images: saved_model_predict(Path(scratch), images), x_test)
     get_run_logger().info("stable v%d scores %.4f on this test set", version, metrics["test_accuracy"])
-    return {"version": version, **{k: metrics[k] for k in ("test_accuracy", "per_class_accuracy", "slices")}}
+    kept = ("test_accuracy", "per_class_accuracy", "slices", "misclassified", "trigger_flips")
+    return {"version": version, **{k: metrics[k] for k in kept}}
 
 
 REJECTED = "Rejected"  # the state name of a gate task and a training run whose candidate was rejected
