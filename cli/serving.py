@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -106,12 +108,31 @@ def show_model(target) -> int:
     return 0
 
 
+def knows_label(target) -> bool:
+    """Whether the server resolves ``target``'s label (TF Serving lists no labels: ask metadata).
+    Any other failure is left for the call itself to report."""
+    from mnist_client.client import ServingError, shared_channel, signature_io
+
+    try:
+        signature_io(shared_channel(target), target)
+    except ServingError as error:
+        return "version label" not in str(error)
+    return True
+
+
 def command_predict(args: argparse.Namespace) -> int:
     from mnist_client.client import ServingError, Target, predict
     from mnist_client.images import InputError, read_inputs
 
-    target = Target(args.server, args.model_name, args.model_version, args.label, args.timeout,
+    # stable unless told otherwise: the version people mean, and the one a rollback moves
+    by_default = args.label is None and not args.latest and args.model_version is None
+    label = None if args.latest or args.model_version is not None else (args.label or "stable")
+    target = Target(args.server, args.model_name, args.model_version, label, args.timeout,
                     tls=args.tls, ca_cert=Path(args.ca_cert) if args.ca_cert else None)
+    if by_default and not knows_label(target):
+        print(f"mnist predict: {target.address} has no 'stable' label for {target.model_name}; asking for the "
+              "newest version it serves", file=sys.stderr)
+        target = replace(target, label=None)
     if args.show_model:
         return show_model(target)
     labels: list[int] | None = None
@@ -228,7 +249,9 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     predict.add_argument("--model-name", default="mnist")
     choice = predict.add_mutually_exclusive_group()
     choice.add_argument("--model-version", type=int, help="ask for this version")
-    choice.add_argument("--label", help="ask for the version with this label (stable, canary)")
+    choice.add_argument("--label", help="ask for the version with this label (default: stable)")
+    choice.add_argument("--latest", action="store_true",
+                        help="name no version or label: the server's answer to such clients (TF Serving's newest)")
     predict.add_argument("--mnist-test", metavar="START:STOP",
                          help="slice of the MNIST test set (MNIST_DATA_DIR, or ../shared/datasets/mnist "
                                                                    "beside the checkout)")

@@ -43,9 +43,14 @@ class SyncError(RuntimeError):
 
 
 def wanted_versions(complete: list[int], labels: dict[str, int]) -> set[int]:
-    """The labelled versions and the newest complete one."""
+    """The labelled versions; the newest complete one only while no label names a version.
+
+    TF Serving answers a request that names no version or label with the newest version it
+    serves, and most clients name none. Serving only the labelled versions makes a rollback or a
+    failed live check (which move ``stable`` back) reach those clients too, instead of leaving
+    them on the newer version the label left."""
     wanted = {version for version in labels.values() if version in complete}
-    if complete:
+    if not wanted and complete:
         wanted.add(max(complete))
     return wanted
 

@@ -291,8 +291,19 @@ def test_reload_config_serves_labels(model_base: Path, saved_model_dir: Path, te
         assert predict(test_images[0][:2], address=address, label="stable")[0]["version"] == 1
         assert predict(test_images[0][:2], address=address, label="canary")[0]["version"] == 2
         assert model_status(Target(address, label="stable")) == [(2, "AVAILABLE"), (1, "AVAILABLE")]
+        # mnist predict asks for stable unless told otherwise, and says which version answered
+        default = run_mnist("predict", "--server", address, "--mnist-test", "0:1")
+        newest = run_mnist("predict", "--server", address, "--mnist-test", "0:1", "--latest")
+        assert default.returncode == 0 and "[v1]" in default.stdout and default.stderr == "", default.stderr
+        assert newest.returncode == 0 and "[v2]" in newest.stdout
     finally:
         server.stop(grace=1)
+
+
+def test_predict_says_so_when_the_server_has_no_stable_label(server: str) -> None:
+    result = run_mnist("predict", "--server", server, "--mnist-test", "0:1")
+    assert result.returncode == 0 and "[v1]" in result.stdout, result.stderr
+    assert result.stderr.strip().endswith("has no 'stable' label for mnist; asking for the newest version it serves")
 
 
 def test_show_model_prints_the_served_version_and_its_lineage(store, store_env, saved_model_dir: Path,

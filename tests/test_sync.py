@@ -33,12 +33,12 @@ def test_sync_mirrors_wanted_versions_and_writes_labels(store: ModelStore, saved
         store.publish(saved_model_dir, LINEAGE)
     store.set_label("stable", 1)
     base = tmp_path / "models" / "mnist"
-    result = sync_once(store, base)
-    assert result.downloaded == [1, 3] and local_versions(base) == [1, 3]
-    assert (base / "3" / MANIFEST).is_file() and (base / "3" / "saved_model.pb").is_file()
+    result = sync_once(store, base)  # only labelled versions are served: an unlabelled request gets stable
+    assert result.downloaded == [1] and local_versions(base) == [1]
+    assert (base / "1" / MANIFEST).is_file() and (base / "1" / "saved_model.pb").is_file()
     config = read_config(tmp_path / "models" / "models.config").model_config_list.config[0]
     assert config.name == "mnist" and config.base_path == str(base.resolve())
-    assert list(config.model_version_policy.specific.versions) == [1, 3]
+    assert list(config.model_version_policy.specific.versions) == [1]
     # TF Serving labels only versions it has loaded: the label comes once an earlier config listed it
     assert dict(config.version_labels) == {} and result.labels_pending
     labelled = sync_once(store, base)
@@ -46,6 +46,8 @@ def test_sync_mirrors_wanted_versions_and_writes_labels(store: ModelStore, saved
     assert dict(read_config(tmp_path / "models" / "models.config").model_config_list.config[0].version_labels) == \
         {"stable": 1}
     store.set_label("stable", 3)
+    moving = sync_once(store, base)  # version 3 first, the label still on 1 until 3 is listed
+    assert moving.downloaded == [3] and local_versions(base) == [1, 3] and moving.labels == {"stable": 1}
     again = sync_once(store, base)
     assert again.downloaded == [] and again.removed == [1] and local_versions(base) == [3]
     assert dict(read_config(tmp_path / "models" / "models.config").model_config_list.config[0].version_labels) == \
@@ -59,6 +61,7 @@ def test_sync_skips_a_version_that_does_not_verify(store: ModelStore, saved_mode
     store.set_label("stable", 1)
     store.client.put_object(Bucket=store.bucket, Key=store.key(1, "saved_model.pb"), Body=b"tampered")
     store.publish(saved_model_dir, LINEAGE)
+    store.set_label("canary", 2)
     base = tmp_path / "mnist"
     result = sync_once(store, base)  # version 1 is refused, version 2 still syncs
     assert set(result.refused) == {1} and "saved_model.pb" in result.refused[1]
@@ -201,3 +204,49 @@ def test_a_version_that_fails_to_load_is_reported_without_waiting_out_the_timeou
         started = time.monotonic()
         assert wait_until_available(Target(address), [2], timeout=2).get(2) == "END"
         assert time.monotonic() - started >= 2  # already END when this wait began
+
+
+def test_a_rollback_reaches_a_stock_client_that_names_no_label(store: ModelStore, saved_model_dir: Path,
+                                                               tmp_path: Path) -> None:
+    """tensorflow-serving-api's own stubs, a PredictRequest naming only the model: TF Serving answers
+    it with the newest version it serves, so the sync serves only labelled versions, and a
+    rollback of ``stable`` moves those clients back too."""
+    import grpc
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+
+    from mnist_client.client import Target
+    from serving.model_server.manager import ModelManager
+    from serving.model_server.model_config import read_model_config_file
+    from serving.model_server.server import ModelServer, ServerOptions
+    from storage.embedded import free_port
+
+    base, config_file = tmp_path / "models" / "mnist", tmp_path / "models" / "models.config"
+    for version in (1, 2):
+        store.publish(saved_model_dir, LINEAGE)
+        store.set_label("stable", version)
+    sync_once(store, base)
+    port = free_port()
+    server = ModelServer(ModelManager(read_model_config_file(config_file)),
+                         ServerOptions(port=port, poll_seconds=0.2, config_poll_seconds=0.2), config_file).start()
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = "mnist"  # no version, no label
+    request.inputs["image"].CopyFrom(tf.make_tensor_proto(np.zeros((1, 28, 28, 1), np.float32)))
+
+    def unlabelled_answer() -> int:
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = prediction_service_pb2_grpc.PredictionServiceStub(channel)
+            return stub.Predict(request, timeout=10).model_spec.version.value
+
+    try:
+        sync_once(store, base, server=Target(f"127.0.0.1:{port}"), load_timeout=60)
+        wait_until(lambda: server.manager.labels == {"mnist": {"stable": 2}})
+        assert unlabelled_answer() == 2
+        assert store.rollback("stable")[1] == 1
+        sync_once(store, base, server=Target(f"127.0.0.1:{port}"), load_timeout=60)
+        wait_until(lambda: server.manager.labels == {"mnist": {"stable": 1}})
+        wait_until(lambda: unlabelled_answer() == 1)
+        assert local_versions(base) == [1] and server.config_refusals == 0
+    finally:
+        server.stop(grace=1)
