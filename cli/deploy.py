@@ -38,19 +38,45 @@ WORKER_HINTS = {
 
 
 def command_worker(args: argparse.Namespace) -> int:
-    """A process worker with the model store reachable (the embedded one when none is set)."""
+    """A process worker with the model store reachable (the embedded one when none is set). SIGTERM
+    or Ctrl-C stops Prefect's worker as Ctrl-C does (SIGINT), waits ``--grace-seconds`` for it
+    and the flow runs it started, then kills what is left of them; exit 0 on a requested stop."""
+    import signal
     import subprocess
 
     from storage.embedded import store_environment
 
+    if args.grace_seconds < 0:
+        raise CliError(f"--grace-seconds {args.grace_seconds:g}: must be 0 or more", exit_code=2)
     with store_environment(pipeline_settings().state_dir):
-        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool])
+        # its own process group: the stop below reaches the worker and every flow run it started
+        worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool],
+                                  start_new_session=True)
         try:
             return worker.wait()
         except (KeyboardInterrupt, SystemExit):
-            worker.terminate()  # let the worker finish its shutdown, then the store stops
-            worker.wait(timeout=60)
+            stop_group(worker, signal.SIGINT, args.grace_seconds)
+            print("mnist worker: stopped", flush=True)
             return 0
+
+
+def stop_group(process, first_signal: int, grace_seconds: float) -> None:
+    """``first_signal`` to the process's group; SIGKILL to it if the process has not ended in time."""
+    import signal
+    import subprocess
+
+    try:
+        os.killpg(process.pid, first_signal)
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        print(f"mnist worker: Prefect's worker did not stop within {grace_seconds:g} s; killing it", flush=True)
+    except ProcessLookupError:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # flow runs it started and left behind, too
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def add_scheduling_parsers(commands: argparse._SubParsersAction) -> None:
@@ -67,4 +93,7 @@ def add_scheduling_parsers(commands: argparse._SubParsersAction) -> None:
                     "MNIST_S3_ENDPOINT pointing at the store (the embedded one, started when needed), so the "
                     "runs it executes can publish.")
     worker.add_argument("--pool", default="mnist-process")
+    worker.add_argument("--grace-seconds", type=float, default=20.0,
+                        help="on SIGTERM or Ctrl-C, how long Prefect's worker may take to stop before it is "
+                             "killed (default 20)")
     worker.set_defaults(handler=command_worker)

@@ -280,3 +280,39 @@ def test_the_runs_list_shows_each_outcome_at_a_glance(worker_runs: dict[str, Any
     assert shot.stat().st_size > 20_000
     for shown in ("published:v1", "published:v2", "rejected", "skipped", "Rejected"):
         assert shown in text, (shown, text[:3000])
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_the_worker_stops_on_request_and_leaves_no_process(deployed: dict[str, Any], s3_server, tmp_path: Path,
+                                                           stop: str) -> None:
+    """mnist worker (make worker) stopped as a supervisor (SIGTERM) or a person (Ctrl-C) stops it:
+    exit 0 within its grace period, no traceback, and Prefect's worker under it gone too."""
+    import signal
+
+    import psutil
+
+    from tests.conftest import S3_ACCESS_KEY, S3_SECRET_KEY
+
+    env = client_env(deployed, MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="worker-stop",
+                     AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY, AWS_REGION="us-east-1",
+                     MNIST_STATE_DIR=str(tmp_path / "state"))
+    worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--grace-seconds", "20"], cwd=REPO, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not [child for child in psutil.Process(worker.pid).children(recursive=True)
+                   if "worker" in " ".join(child.cmdline())]:
+            assert worker.poll() is None and time.monotonic() < deadline
+            time.sleep(0.5)
+        time.sleep(5)  # Prefect's worker up and polling its pool
+        family = psutil.Process(worker.pid).children(recursive=True)
+        started = time.monotonic()
+        worker.send_signal(getattr(signal, stop))
+        output, _ = worker.communicate(timeout=60)
+    finally:
+        if worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGKILL)
+            worker.wait()
+    assert worker.returncode == 0 and time.monotonic() - started < 25, output[-2000:]
+    assert "Traceback" not in output and "mnist worker: stopped" in output, output[-2000:]
+    assert not [process.pid for process in family if process.is_running() and process.status() != "zombie"]
