@@ -1,6 +1,7 @@
-"""The scheduled serving-truth check: the server at MNIST_SERVING_ADDRESS against the registry
-(``serving/truth.py``); ``mnist.serving.mismatch`` and a Failed run when they disagree past the
-grace period. Wiring only."""
+"""The scheduled serving-truth check: the server against the registry (``serving/truth.py``), found
+as a training run's live check finds it (MNIST_SERVING_ADDRESS, else the running ``mnist up``
+stack of the state folder); ``mnist.serving.mismatch`` and a Failed run when they disagree past
+the grace period. Wiring only."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.states import Completed, Failed, State
 
-from flows.settings import PipelineSettings
+from flows.settings import PipelineSettings, live_check_address
 
 
 def mismatch_event(store, address: str, problems: list[str]) -> None:
@@ -24,9 +25,12 @@ def serving_check_flow(grace_seconds: float = 120.0) -> State:
     from serving.truth import check_serving
     from storage.models import ModelStore, StoreSettings
 
-    address = PipelineSettings().serving_address
+    settings = PipelineSettings()
+    address, where = live_check_address(settings)
     if not address:
-        return Completed(message="skipped: MNIST_SERVING_ADDRESS is not set, so there is no server to check")
+        return Completed(message=f"skipped: no server to check (MNIST_SERVING_ADDRESS is not set and no mnist up "
+                                 f"stack runs in {settings.state_dir})")
+    get_run_logger().info("checking the server at %s (%s)", address, where)
     store = ModelStore(StoreSettings())
     problems = check_serving(store, Target(address, store.settings.model_name), grace_seconds)
     if problems:

@@ -4,7 +4,8 @@ TF Serving keeps serving the old version, silently, when a new one fails to load
 (tensorflow/serving#1738), and has no call that lists its labels. This compares what the
 server reports (``GetModelStatus``; each registry label resolved through ``GetModelMetadata``,
 which answers with the version a label points to) with the registry: every label must resolve
-to the registry's version, and the newest published version must be AVAILABLE. A disagreement
+to the registry's version, and every version the sync serves (``serving.sync.wanted_versions``: the
+labelled ones, or the newest while none is labelled) must be AVAILABLE. A disagreement
 counts only once it has lasted ``grace_seconds``: a sync round and a load take time.
 """
 
@@ -15,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from mnist_client.client import ServingError, Target, model_status, open_channel, signature_io
+from serving.sync import wanted_versions
 
 
 def label_version(target: Target, label: str) -> int | str:
@@ -34,12 +36,15 @@ def disagreements(store: Any, target: Target) -> list[str]:
     except ServingError as error:
         return [f"the server at {target.address} does not answer for {target.model_name}: {error}"]
     problems = []
-    if published and statuses.get(published[-1]) != "AVAILABLE":
-        newest = published[-1]
-        state = statuses.get(newest)
-        why = (f"is {state}" + (f" ({failed_load(target, newest)})" if state == "END" else "") if state
+    for version in sorted(wanted_versions(published, labels)):
+        if statuses.get(version) == "AVAILABLE":
+            continue
+        state = statuses.get(version)
+        why = (f"is {state}" + (f" ({failed_load(target, version)})" if state == "END" else "") if state
                else "is unknown to the server (not synced yet, or refused by the sync: see its log)")
-        problems.append(f"version {newest}, the newest published, {why}")
+        named = [label for label, labelled in sorted(labels.items()) if labelled == version]
+        role = f"labelled {', '.join(named)}" if named else "the newest published"
+        problems.append(f"version {version}, {role}, {why}")
     for label, version in sorted(labels.items()):
         served = label_version(target, label)
         if served != version:

@@ -182,11 +182,16 @@ def worker_runs(deployed: dict[str, Any], s3_server, mnist_dir: Path, cache_dir:
         runs = sorted(runs[:2], key=lambda run: run["start_time"] or "") + runs[2:]  # publishing runs, as they ran
         runs += finished(deployed, [api(deployed, "POST", f"/deployments/{training['id']}/create_flow_run",
                                         json={"parameters": SKIPPED_PARAMS})])
+        # the scheduled serving check, as its schedule runs it: it finds make serve's stack too
+        check = deployment(deployed, "mnist-serving-check/every-15-minutes")
+        [checked] = finished(deployed, [api(deployed, "POST", f"/deployments/{check['id']}/create_flow_run",
+                                            json={"parameters": {"grace_seconds": 60}})])
     finally:
         for process in (worker, stack):
             stop_process(process.pid)
             process.wait(timeout=60)
-    return {"runs": runs, "store_env": store_env, "log": work / "worker.log", "stack_log": work / "stack.log"}
+    return {"runs": runs, "store_env": store_env, "log": work / "worker.log", "stack_log": work / "stack.log",
+            "serving_check": checked}
 
 
 def finished(server: dict[str, Any], runs: list[dict[str, Any]], timeout: float = 480) -> list[dict[str, Any]]:
@@ -220,6 +225,12 @@ def test_runs_through_the_worker_publish_and_live_check_on_the_stack(worker_runs
     for run in published:  # make worker found make serve's stack: each run checked what it published
         assert any("live check passed" in message for message in run_logs(deployed, run["id"])), run["name"]
     assert api(deployed, "GET", "/variables/name/mnist_labels")["value"] == {"stable": 2}
+
+
+def test_the_scheduled_serving_check_finds_the_stack_and_checks_it(worker_runs: dict[str, Any]) -> None:
+    checked = worker_runs["serving_check"]
+    assert checked["state_type"] == "COMPLETED", checked["state"]["message"]
+    assert "serves what the registry says" in checked["state"]["message"]
 
 
 def test_a_rejection_ends_rejected_in_one_line_without_a_traceback(worker_runs: dict[str, Any],

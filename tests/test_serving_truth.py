@@ -46,7 +46,7 @@ def test_a_version_that_did_not_load_and_an_unknown_label_are_caught(prefect_api
     finally:
         server.stop(grace=1)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert "version 2, the newest published, is END (failed to load: " in result.stderr
+    assert "version 2, labelled canary, is END (failed to load: " in result.stderr
     assert "label canary: the registry says version 2, the server refuses it" in result.stderr
     assert "label stable" not in result.stderr  # that one agrees
     assert state.is_failed() and "version 2" in state.message
