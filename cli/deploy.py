@@ -15,7 +15,7 @@ def command_deploy(args: argparse.Namespace) -> int:
 
     project = Path(__file__).resolve().parents[1]
     try:
-        result = deploy(project, project / "prefect.yaml", os.environ.get("MNIST_NOTIFY_BLOCK"), args.pool_type)
+        result = deploy(project, os.environ.get("MNIST_NOTIFY_BLOCK"), args.pool_type)
     except MissingExtra as error:
         raise CliError(str(error), exit_code=2) from None
     except Exception as error:  # noqa: BLE001  the API's own message is the useful one

@@ -1,4 +1,4 @@
-"""Apply prefect.yaml to a Prefect server: work pool, deployments, automations.
+"""Apply prefect.yaml (or a pool type's own file) to a Prefect server: work pool, deployments, automations.
 
 ``prefect deploy`` does the deploying. Around it this module makes sure the
 work pools exist, that a redeploy keeps schedules and deployments a person
@@ -226,9 +226,15 @@ def ensure_automations(config: dict[str, Any], project_dir: Path, notify_block: 
     return created
 
 
-def deploy(project_dir: Path, prefect_file: Path, notify_block: str | None = None,
-           pool_type: str = "process") -> dict[str, list[str]]:
-    config = deployments_for(yaml.safe_load(prefect_file.read_text()), pool_type)
+PREFECT_FILES = {"process": "prefect.yaml", "kubernetes": "prefect.kubernetes.yaml", "docker": "prefect.docker.yaml"}
+
+
+def deploy(project_dir: Path, notify_block: str | None = None, pool_type: str = "process") -> dict[str, list[str]]:
+    """The deployments of ``pool_type``'s file, with their pool and the automations."""
+    prefect_file = project_dir / PREFECT_FILES[pool_type]
+    config = yaml.safe_load(prefect_file.read_text())
+    if deployments_for(config, pool_type)["deployments"] != config["deployments"]:
+        raise ValueError(f"{prefect_file.name} holds deployments of another kind of pool than {pool_type}")
     pools = ensure_work_pools(config)
     deployments = run_prefect_deploy(keep_paused(config, project_dir), project_dir)
     return {"deployments": deployments, "created_work_pools": pools,

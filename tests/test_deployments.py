@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +29,14 @@ TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 
 @pytest.fixture(scope="module")
 def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    with running_prefect_server(tmp_path_factory.mktemp("prefect-home")) as server:
+        yield server
+
+
+@contextmanager
+def running_prefect_server(home: Path):
     """``prefect server start`` on a free port and its own SQLite home; stopped by its pid."""
-    home = tmp_path_factory.mktemp("prefect-home")
+    home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "2", "PREFECT_UI_API_URL": f"http://127.0.0.1:{port}/api"}
@@ -48,9 +55,11 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory):
     else:
         stop_process(process.pid)
         pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-    yield {"api": api, "ui": f"http://127.0.0.1:{port}", "home": home}
-    stop_process(process.pid)
-    process.wait(timeout=30)
+    try:
+        yield {"api": api, "ui": f"http://127.0.0.1:{port}", "home": home}
+    finally:
+        stop_process(process.pid)
+        process.wait(timeout=30)
 
 
 def client_env(server: dict[str, Any], **extra: str) -> dict[str, str]:
@@ -327,3 +336,24 @@ def test_the_worker_stops_on_request_and_leaves_no_process(deployed: dict[str, A
     assert worker.returncode == 0 and time.monotonic() - started < 25, output[-2000:]
     assert "Traceback" not in output and "mnist worker: stopped" in output, output[-2000:]
     assert not [process.pid for process in family if process.is_running() and process.status() != "zombie"]
+
+
+def test_prefects_own_cli_deploys_prefect_yaml_on_a_fresh_server(tmp_path: Path) -> None:
+    """What a Prefect user would type, on a server that has nothing yet: the pool, then
+    prefect deploy --all. It schedules the process deployments only, each once."""
+    import yaml
+
+    expected = {f"{flow}/{name}" for flow, name in [
+        ("mnist-training", "weekly-retrain"), ("mnist-rollback", "rollback"), ("mnist-data-ingest", "ingest"),
+        ("mnist-drift", "daily"), ("mnist-serving-check", "every-15-minutes")]}
+    assert len(yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]) == len(expected)
+    with running_prefect_server(tmp_path / "home") as server:
+        env = client_env(server)
+        for command in (["work-pool", "create", "mnist-process", "--type", "process"], ["deploy", "--all"]):
+            done = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *command], cwd=REPO, env=env,
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, (command, done.stdout[-2000:], done.stderr[-2000:])
+        deployments = api(server, "POST", "/deployments/filter", json={"limit": 50})
+        flows = {flow["id"]: flow["name"] for flow in api(server, "POST", "/flows/filter", json={"limit": 50})}
+        assert {f"{flows[d['flow_id']]}/{d['name']}" for d in deployments} == expected
+        assert {d["work_pool_name"] for d in deployments} == {"mnist-process"}

@@ -12,15 +12,16 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from flows.deploy import POOL_TYPES, S3_SECRET, base_job_template, deployments_for
+from flows.deploy import POOL_TYPES, PREFECT_FILES, S3_SECRET, base_job_template, deployments_for
 from tests.conftest import REPO
 from tests.test_kubernetes import KUBERNETES_VERSION
 
-CONFIG = yaml.safe_load((REPO / "prefect.yaml").read_text())
+CONFIGS = {kind: yaml.safe_load((REPO / name).read_text()) for kind, name in PREFECT_FILES.items()}
+CONFIG = {**CONFIGS["process"], "deployments": [d for config in CONFIGS.values() for d in config["deployments"]]}
 
 
 def only(pool_type: str) -> dict:
-    [deployment] = [d for d in deployments_for(CONFIG, pool_type)["deployments"]
+    [deployment] = [d for d in deployments_for(CONFIGS[pool_type], pool_type)["deployments"]
                     if d["entrypoint"].startswith("flows/training.py")]
     return deployment
 
