@@ -23,17 +23,10 @@ from flows.settings import PipelineSettings
 def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
     """The window's logged images and answers, one .npz per version that answered (paths)."""
     from storage.logs import PredictionLogStore, TrafficSettings
-    from tasks.feedback import logged_digits
+    from tasks.drift import served_traffic
 
     since = datetime.now(timezone.utc) - timedelta(hours=window_hours)
-    images: dict[int, list[np.ndarray]] = {}
-    answers: dict[int, list[np.ndarray]] = {}
-    for entry, record in PredictionLogStore(TrafficSettings()).window(since):
-        digits, probabilities = logged_digits(record)
-        if entry.version is None or probabilities is None:
-            continue
-        images.setdefault(entry.version, []).append(digits)
-        answers.setdefault(entry.version, []).append(probabilities)
+    images, answers = served_traffic(PredictionLogStore(TrafficSettings()).window(since))
     paths = {}
     for version in images:
         path = Path(run_dir) / f"traffic-v{version}.npz"

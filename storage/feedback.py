@@ -57,6 +57,8 @@ def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_i
         key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_DAYS)
     except LogNotFound as error:
         raise FeedbackError(str(error), status=404) from None
+    if entry.is_live_check:
+        raise FeedbackError(f"request {request_id} was a publish's live check, not served traffic", status=404)
     if position_in_request >= entry.examples:
         raise FeedbackError(f"request {request_id} has {entry.examples} image(s); index {position_in_request} "
                             "is out of range")

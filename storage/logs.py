@@ -36,6 +36,7 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 BATCH_PATTERN = re.compile(r"^\d{6}-[0-9a-f]{12}$")
 FEEDBACK_PATTERN = re.compile(r"^[0-9a-f]{64}\.json$")
+LIVE_CHECK_PREFIX = "live-check-"  # the client request id a publish's live check sends: not served traffic
 MAX_FEEDBACK_INDEX = 8192  # no request carries more images than a gRPC message holds
 # What a reader inflates one log batch to, at most: writers cut batches at 32 MiB, after at most one
 # more call of a 64 MiB request and its answer (the gateway's message limit).
@@ -61,6 +62,11 @@ class LogEntry:
     api: str  # "grpc" or "rest"
     examples: int  # images in the request
     client_request_id: str = ""  # the caller's own x-request-id, if any: never the key feedback addresses
+
+    @property
+    def is_live_check(self) -> bool:
+        """A publish's own live check through the gateway: kept apart from served traffic."""
+        return self.client_request_id.startswith(LIVE_CHECK_PREFIX)
 
     @classmethod
     def checked(cls, raw: Any) -> "LogEntry":

@@ -16,11 +16,31 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 
 from tasks.digits import ink_statistics
+
+
+def served_traffic(records: Iterable[tuple[Any, bytes]]
+                   ) -> tuple[dict[int, list[np.ndarray]], dict[int, list[np.ndarray]]]:
+    """Logged (entry, record) pairs as the images and answers of each version that answered; a
+    publish's live check through the gateway is left out: it is not traffic the model meets."""
+    from tasks.feedback import logged_digits
+
+    images: dict[int, list[np.ndarray]] = {}
+    answers: dict[int, list[np.ndarray]] = {}
+    for entry, record in records:
+        if entry.is_live_check or entry.version is None:
+            continue
+        digits, probabilities = logged_digits(record)
+        if probabilities is None:
+            continue
+        images.setdefault(entry.version, []).append(digits)
+        answers.setdefault(entry.version, []).append(probabilities)
+    return images, answers
+
 
 REFERENCE_FILE = "assets.extra/reference_stats.json"
 REFERENCE_SAMPLE = 2000

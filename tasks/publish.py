@@ -173,7 +173,8 @@ def compare_golden(served, offline) -> str | None:
 def live_check_version(address: str, model_name: str, version: int, saved_model: Path, golden, timeout: float
                        ) -> str | None:
     """Wait for ``version`` to be served, then compare its answers with the SavedModel's; None if all is well."""
-    from mnist_client.client import ServingError, Target, predict_probabilities, wait_until_available
+    from mnist_client.client import ServingError, Target, predict_call, wait_until_available
+    from storage.logs import LIVE_CHECK_PREFIX
     from tasks.export import saved_model_predict
 
     target = Target(address, model_name, version=version)
@@ -182,8 +183,8 @@ def live_check_version(address: str, model_name: str, version: int, saved_model:
         return f"version {version} ended at {address} without becoming AVAILABLE (a failed load)"
     if state != "AVAILABLE":
         return f"version {version} did not become AVAILABLE at {address} within {timeout:g}s"
-    try:
-        served, _ = predict_probabilities(golden, target)
+    try:  # tagged, so that a logging gateway keeps it out of drift and feedback
+        served = predict_call(golden, target, request_id=f"{LIVE_CHECK_PREFIX}v{version}").probabilities
     except ServingError as error:
         return f"golden-set request to {address} failed: {error}"
     return compare_golden(served, saved_model_predict(saved_model, golden))

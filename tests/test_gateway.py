@@ -545,3 +545,25 @@ def test_a_killed_gateway_is_followed_by_one_that_reports_what_the_kill_lost(sto
             restarted.wait(timeout=30)
     assert "12 sampled calls were lost" in output and f"pid {killed.pid}" in output, output
     assert json.loads(ledger.read_text())["clean"] is True  # a clean stop leaves nothing to report
+
+
+def test_live_check_traffic_stays_out_of_drift_and_feedback(store_env, upstream, digits: np.ndarray,
+                                                            tmp_path: Path) -> None:
+    from storage.logs import LIVE_CHECK_PREFIX
+    from tasks.drift import served_traffic
+
+    _, address, _ = upstream
+    gateway = start_gateway(address)
+    target = Target(f"127.0.0.1:{gateway.port}")
+    try:
+        served = predict_call(digits[:3], target)
+        checked = predict_call(digits[:64], target, request_id=f"{LIVE_CHECK_PREFIX}v1")  # what a publish sends
+        wait_for(lambda: gateway.logger.written_records == 2)
+        feedback = httpx.post(f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/feedback",
+                              json={"request_id": checked.request_id, "label": 1}, headers=bearer(LABELLER))
+    finally:
+        gateway.stop()
+    assert [entry.is_live_check for entry, _ in logged(gateway.logs)] == [False, True]
+    assert feedback.status_code == 404 and "live check" in feedback.json()["error"]
+    images, answers = served_traffic(logged(gateway.logs))  # what the drift flow reads of the window
+    assert list(images) == [served.version] and sum(len(batch) for batch in images[served.version]) == 3
