@@ -10,6 +10,7 @@ from pathlib import Path
 
 from cli.common import CliError, print_json, reachable_store, stop_on_signals, store_for_cli
 
+MAX_LOG_HOURS = 24 * 366
 GATEWAY_SWITCH_SECONDS = 0.0005  # see command_gateway
 LOG_RETRY_SECONDS = 5.0  # a down store costs logs, not waiting: the writer gives up on a batch soon
 
@@ -179,27 +180,35 @@ def batch_summary(key: str, index: dict, entries: list) -> dict:
             "stored_bytes": index["file"]["size"], "records_bytes": index["file"].get("records_size")}
 
 
-def list_logs(logs, days: int) -> tuple[list[dict], list[str]]:
-    """The batches of the last ``days`` days, oldest first, and the indexes that could not be read."""
-    from storage.logs import days_back
+def list_logs(logs, hours: float) -> tuple[list[dict], list[str]]:
+    """The batches with calls in the last ``hours`` hours (their calls from then on), oldest first,
+    and the indexes that could not be read."""
+    from datetime import datetime
+
+    from storage.logs import day_folders, hours_ago
     from storage.s3 import VerificationFailed
 
+    since = hours_ago(hours)
     batches, problems = [], []
-    for key in logs.batch_keys(days_back(days)):
+    for key in logs.batch_keys(day_folders(since)):
         try:
-            batches.append(batch_summary(key, *logs.read_index(key)))
+            index, entries = logs.read_index(key)
         except VerificationFailed as error:
             problems.append(str(error))
+            continue
+        recent = [entry for entry in entries if datetime.fromisoformat(entry.time) >= since]
+        if recent:
+            batches.append(batch_summary(key, index, recent))
     return batches, problems
 
 
-def logged_request(logs, request_id: str, days: int) -> dict:
+def logged_request(logs, request_id: str, hours: float) -> dict:
     """One logged request: its index entry, and each image's answered digit and confidence."""
     from dataclasses import asdict
 
     from tasks.feedback import logged_digits
 
-    key, position, entry = logs.find(request_id, days)
+    key, position, entry = logs.find(request_id, hours)
     _, probabilities = logged_digits(logs.read_batch(key)[position][1])
     answers = [] if probabilities is None else [
         {"index": i, "digit": int(row.argmax()), "confidence": float(row.max())} for i, row in enumerate(probabilities)]
@@ -211,7 +220,7 @@ def show_logged_request(logs, args: argparse.Namespace) -> None:
     from storage.s3 import VerificationFailed
 
     try:
-        shown = logged_request(logs, args.request_id, args.days)
+        shown = logged_request(logs, args.request_id, args.hours)
     except (LogNotFound, VerificationFailed) as error:
         raise CliError(str(error)) from None
     if args.json:
@@ -225,7 +234,7 @@ def show_logged_request(logs, args: argparse.Namespace) -> None:
 
 
 def show_log_batches(logs, args: argparse.Namespace) -> None:
-    batches, problems = list_logs(logs, args.days)
+    batches, problems = list_logs(logs, args.hours)
     if args.json:
         print_json({"batches": batches, "problems": problems})
     else:
@@ -235,14 +244,14 @@ def show_log_batches(logs, args: argparse.Namespace) -> None:
                   f"{','.join(map(str, batch['versions'])) or '-'}  {batch['stored_bytes'] / 1024:.1f} KiB{before}  "
                   f"{batch['key']}")
         print(f"{len(batches)} log batches, {sum(b['records'] for b in batches)} logged requests in the last "
-              f"{args.days} day(s) of {logs.uri()}")
+              f"{args.hours:g} hours of {logs.uri()}")
     if problems:
         raise CliError(f"{len(problems)} log batch index(es) refused: " + "; ".join(problems[:3]))
 
 
 def command_logs(args: argparse.Namespace) -> int:
-    if args.days < 1:
-        raise CliError(f"--days {args.days}: must be 1 or more", exit_code=2)
+    if not 0 < args.hours <= MAX_LOG_HOURS:
+        raise CliError(f"--hours {args.hours:g}: must be above 0 and at most {MAX_LOG_HOURS} (a year)", exit_code=2)
     with reachable_store(traffic_stores) as (logs, _):
         if args.action == "show":
             show_logged_request(logs, args)
@@ -342,15 +351,16 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     gateway.set_defaults(handler=command_gateway)
 
     logs = commands.add_parser(
-        "logs", help="the prediction logs: batches of the last days, or one logged request",
-        description="Read back what the gateway logged: the log batches of the last days (from their indexes), "
+        "logs", help="the prediction logs: batches of the last hours, or one logged request",
+        description="Read back what the gateway logged: the log batches of the last hours (from their indexes), "
                     "or one request by the id the gateway returned, with the digits it was answered.")
     actions = logs.add_subparsers(dest="action", required=True, metavar="ACTION")
-    listing = actions.add_parser("list", help="log batches of the last days, oldest first")
+    listing = actions.add_parser("list", help="log batches of the last hours, oldest first")
     show = actions.add_parser("show", help="one logged request and its answers")
     show.add_argument("request_id", metavar="REQUEST_ID")
     for action in (listing, show):
-        action.add_argument("--days", type=int, default=1, help="how many days back, today included (default 1)")
+        action.add_argument("--hours", type=float, default=24.0,
+                            help="the last H hours, rolling, as mnist drift's --window-hours (default 24)")
         action.add_argument("--json", action="store_true")
     logs.set_defaults(handler=command_logs)
 

@@ -18,7 +18,7 @@ from storage.logs import (
 )
 from storage.s3 import utc_now
 
-FEEDBACK_DAYS = 30  # how far back a request id is looked up
+FEEDBACK_HOURS = 30 * 24  # how far back a request id is looked up
 Located = tuple[str, int, LogEntry]  # (index key of the log batch, position in it, its entry)
 
 
@@ -54,7 +54,7 @@ def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_i
         raise FeedbackError(f"request id {request_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
     digit, position_in_request = checked_label(label), checked_index(index)
     try:
-        key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_DAYS)
+        key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_HOURS)
     except LogNotFound as error:
         raise FeedbackError(str(error), status=404) from None
     if entry.is_live_check:

@@ -95,6 +95,17 @@ def valid_request_id(value: str | None) -> bool:
     return bool(value) and bool(REQUEST_ID_PATTERN.match(value))
 
 
+def day_folders(since: datetime, now: datetime | None = None) -> list[str]:
+    """The day folders a rolling window from ``since`` (UTC) to now touches, newest first: the one
+    rule of ``mnist logs``, feedback look-ups and the drift flow."""
+    now = now or datetime.now(timezone.utc)
+    return days_back(max((now.date() - since.date()).days + 1, 1), now.date())
+
+
+def hours_ago(hours: float) -> datetime:
+    return datetime.now(timezone.utc) - timedelta(hours=hours)
+
+
 def days_back(days: int, today: date | None = None) -> list[str]:
     today = today or datetime.now(timezone.utc).date()
     return [(today - timedelta(days=offset)).isoformat() for offset in range(days)]
@@ -175,21 +186,21 @@ class PredictionLogStore(ObjectStore):
             raise VerificationFailed(f"{key}: {len(records)} records but {len(entries)} index entries")
         return list(zip(entries, records))
 
-    def find(self, request_id: str, days: int) -> tuple[str, int, LogEntry]:
-        """(index key, position, entry) of a logged request within the last ``days`` days."""
+    def find(self, request_id: str, hours: float) -> tuple[str, int, LogEntry]:
+        """(index key, position, entry) of a request logged within the last ``hours`` hours."""
         if not valid_request_id(request_id):
             raise LogNotFound(f"{request_id!r} is not a request id (1-128 of A-Z a-z 0-9 . _ : -)")
-        for key in reversed(self.batch_keys(days_back(days))):
+        since = hours_ago(hours)
+        for key in reversed(self.batch_keys(day_folders(since))):
             for position, entry in enumerate(self.read_index(key)[1]):
-                if entry.request_id == request_id:
+                if entry.request_id == request_id and datetime.fromisoformat(entry.time) >= since:
                     return key, position, entry
-        raise LogNotFound(f"request {request_id} is not in the prediction logs of the last {days} days "
+        raise LogNotFound(f"request {request_id} is not in the prediction logs of the last {hours:g} hours "
                           "(not sampled for logging, not yet uploaded, or unknown)")
 
     def window(self, since: datetime) -> Iterator[tuple[LogEntry, bytes]]:
         """Every logged record since ``since`` (UTC), batch by batch."""
-        days = (datetime.now(timezone.utc).date() - since.date()).days + 1
-        for key in self.batch_keys(days_back(max(days, 1))):
+        for key in self.batch_keys(day_folders(since)):
             for entry, record in self.read_batch(key):
                 if datetime.fromisoformat(entry.time) >= since:
                     yield entry, record

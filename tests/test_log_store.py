@@ -8,7 +8,7 @@ import gzip
 import hashlib
 import json
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -153,5 +153,21 @@ def test_mnist_logs_lists_the_batches_and_shows_a_request_with_its_answers(logs:
     missing = run_mnist("logs", "show", "never-logged")
     assert missing.returncode == 1 and "never-logged is not in the prediction logs" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1
-    refused = run_mnist("logs", "list", "--days", "0")
-    assert refused.returncode == 2 and "--days 0: must be 1 or more" in refused.stderr
+    refused = run_mnist("logs", "list", "--hours", "0")
+    assert refused.returncode == 2 and "--hours 0: must be above 0" in refused.stderr
+
+
+def test_logs_windows_are_rolling_hours_across_midnight(logs: PredictionLogStore, logged_calls) -> None:
+    """A call 25 hours old sits in an earlier day folder: out of the default 24 hours, in 26, as
+    mnist drift's --window-hours counts; calendar days no longer decide."""
+    from storage.logs import day_folders
+
+    old = (datetime.now(timezone.utc) - timedelta(hours=25)).isoformat(timespec="milliseconds")
+    logs.write_batch([replace(logged_calls[0][0], request_id="yesterday-1", time=old)], logged_calls[1][:1])
+    assert run_mnist("logs", "show", "yesterday-1").returncode == 1
+    shown = run_mnist("logs", "show", "yesterday-1", "--hours", "26")
+    assert shown.returncode == 0, shown.stderr
+    listed = json.loads(run_mnist("logs", "list", "--hours", "26", "--json").stdout)["batches"]
+    assert [batch["records"] for batch in listed] == [1]
+    late, early = datetime(2026, 12, 6, 1, 0, tzinfo=timezone.utc), datetime(2026, 12, 5, 23, 0, tzinfo=timezone.utc)
+    assert day_folders(early, late) == ["2026-12-06", "2026-12-05"] and day_folders(late, late) == ["2026-12-06"]
