@@ -15,7 +15,7 @@ from cli.common import CliError, add_model_flags, given_flags, pipeline_settings
 
 def print_training_result(result: dict[str, Any]) -> None:
     if "skipped" in result:
-        print(f"{result['skipped']} (--force retrains)")
+        print(result["skipped"])
         return
     print("gate:")
     for check in result["gate"]:

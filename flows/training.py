@@ -39,7 +39,12 @@ def new_run_dir(output_dir: Path) -> Path:
 
 
 @flow(name="mnist-training", log_prints=True, validate_parameters=True)
-def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
+def training_flow(params: TrainingParams = TrainingParams(), force: bool = False) -> dict | State:
+    """``force``: retrain even when nothing changed since stable, a checkbox of its own in the run
+    form (also ``prefect deployment run ... --param force=true``), so forcing a scheduled run does
+    not mean passing the whole ``params`` object."""
+    if force:
+        params = params.model_copy(update={"force": True})
     settings = PipelineSettings()
     config = params.train_config()
     output_dir = Path(params.output_dir) if params.output_dir else settings.output_dir
@@ -61,7 +66,7 @@ def training_flow(params: TrainingParams = TrainingParams()) -> dict | State:
     if params.publish and not params.force:
         skip = check_for_changes(lineage, params.min_new_examples)
         if skip is not None:
-            tag_run(["skipped"])
+            tag_run(["skipped", "compared-with-stable", "force-retrains"])
             return Completed(message=skip, data={"skipped": skip, "run_dir": str(run_dir)})
     if params.candidates > 1:
         from flows.candidates import train_candidates  # Dask only when asked for

@@ -89,6 +89,7 @@ def update_registry_overview(store: ModelStore) -> str | None:
 
 # What a retrain must differ in from stable's lineage to be worth its cost.
 CHANGE_KEYS = ("data_fingerprint", "code_version", "config")
+HOW_TO_FORCE = "force=true retrains anyway (prefect deployment run ... --param force=true, or mnist train --force)"
 
 
 def reason_to_skip(store: ModelStore, lineage: dict[str, Any], min_new_examples: int = 0) -> str | None:
@@ -99,10 +100,12 @@ def reason_to_skip(store: ModelStore, lineage: dict[str, Any], min_new_examples:
         return None
     manifest = store.manifest(version)
     if all(manifest.get(key) == lineage.get(key) for key in CHANGE_KEYS):
-        return f"skipped: nothing changed since version {version}"
+        return (f"skipped: nothing changed since version {version} (stable): the same data fingerprint, code "
+                f"version and training config; {HOW_TO_FORCE}")
     new = ((lineage.get("dataset") or {}).get("examples") or 0) - ((manifest.get("dataset") or {}).get("examples") or 0)
     if min_new_examples and new < min_new_examples:
-        return f"skipped: {new} new examples since version {version}, fewer than {min_new_examples}"
+        return (f"skipped: {new} new examples since version {version}, fewer than {min_new_examples} "
+                f"(min_new_examples); {HOW_TO_FORCE}")
     return None
 
 
@@ -113,9 +116,8 @@ def check_for_changes(lineage: dict[str, Any], min_new_examples: int = 0) -> str
     store.ensure_bucket()
     reason = reason_to_skip(store, lineage, min_new_examples)
     if reason is not None:
-        get_run_logger().info("%s (force=true retrains)", reason)
-        create_markdown_artifact(f"# Skipped\n\n{reason}. Set `force` to retrain anyway.\n", key="mnist-report",
-                                 description="Training run report")
+        get_run_logger().info(reason)
+        create_markdown_artifact(f"# Skipped\n\n{reason}\n", key="mnist-report", description="Training run report")
     return reason
 
 

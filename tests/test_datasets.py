@@ -226,12 +226,14 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
     first = training_flow(params, return_state=True)
     assert first.is_completed() and first.result()["published"]["version"] == 1
     again = training_flow(params, return_state=True)
-    assert again.is_completed() and again.message == "skipped: nothing changed since version 1"
+    assert again.is_completed() and again.message.startswith("skipped: nothing changed since version 1 (stable): "
+                                                              "the same data fingerprint, code version and training")
+    assert "force=true retrains anyway" in again.message
     assert again.result()["skipped"] == again.message and ModelStore(StoreSettings()).complete_versions() == [1]
     np.savez(tmp_path / "new.npz", **new_digits(mnist_raw, 3000, 3300))
     ingest(datasets, tmp_path / "new.npz", "tablet", reference)
     too_few = training_flow(params.model_copy(update={"min_new_examples": 1000}), return_state=True)
-    assert too_few.message == "skipped: 300 new examples since version 1, fewer than 1000"
+    assert too_few.message.startswith("skipped: 300 new examples since version 1, fewer than 1000 (min_new_examples)")
     retrained = training_flow(params.model_copy(update={**LOOSE_CHAMPION_CHECKS,
                                                          "slice_margin": 1.0}), return_state=True)
     assert retrained.is_completed(), retrained.message
@@ -239,8 +241,8 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
     assert result["published"]["version"] == 2 and set(result["slices"]) == {"tablet"}
     manifest = ModelStore(StoreSettings()).manifest(2)
     assert manifest["dataset"]["version"] == 1 and manifest["dataset"]["sources"]["tablet"]["test"] > 0
-    forced = training_flow(params.model_copy(update={"force": True, **LOOSE_CHAMPION_CHECKS,
-                                                      "slice_margin": 1.0}), return_state=True)
+    forced = training_flow(params.model_copy(update={**LOOSE_CHAMPION_CHECKS, "slice_margin": 1.0}),
+                           force=True, return_state=True)  # the run form's own checkbox
     assert forced.is_completed() and "skipped" not in forced.result()
     overview = latest_artifact("mnist-registry")
     assert "| version | labels | dataset version | MNIST test | tablet |" in overview

@@ -136,6 +136,15 @@ def wait_for_scheduled(server: dict[str, Any], deployment_id: str) -> list[dict[
     pytest.fail("the scheduler created no scheduled runs")
 
 
+def test_forcing_a_scheduled_retrain_is_one_parameter(deployed: dict[str, Any]) -> None:
+    """force is a parameter of its own (a checkbox in the run form, --param force=true on the CLI),
+    not a key inside the params object that --param would replace whole."""
+    training = deployment(deployed)
+    schema = training["parameter_openapi_schema"]["properties"]
+    assert schema["force"]["type"] == "boolean" and training["parameters"]["force"] is False
+    assert "force" in training["parameters"] and "params" in training["parameters"]
+
+
 def test_redeploy_neither_duplicates_runs_nor_resumes_a_paused_schedule(deployed: dict[str, Any]) -> None:
     training = deployment(deployed)
     before = wait_for_scheduled(deployed, training["id"])
