@@ -96,6 +96,7 @@ def command_feedback(args: argparse.Namespace) -> int:
         rows = feedback_rows(Path(args.csv))
     elif len(words) == 2:
         rows = [(words[0], words[1], args.index)]
+        checked_rows(rows)
     else:
         raise CliError("give REQUEST_ID LABEL (the id the gateway returned), --csv FILE of request_id,label, "
                        "review, or accept REQUEST_ID [LABEL]", exit_code=2)
@@ -107,9 +108,22 @@ def feedback_rows(path: Path) -> list[tuple[str, str, int]]:
     from tasks.feedback import read_feedback_csv
 
     try:
-        return read_feedback_csv(path)
+        return checked_rows(read_feedback_csv(path))
     except FeedbackError as error:
         raise CliError(str(error), exit_code=2) from None
+
+
+def checked_rows(rows: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]:
+    """Labels and indexes checked before the store is reached: bad input is refused at once."""
+    from storage.feedback import FeedbackError, checked_index, checked_label
+
+    try:
+        for _, label, index in rows:
+            checked_label(label)
+            checked_index(index)
+    except FeedbackError as error:
+        raise CliError(str(error), exit_code=2) from None
+    return rows
 
 
 def record_rows(rows: list[tuple[str, str, int]], as_json: bool) -> int:

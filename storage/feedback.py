@@ -30,16 +30,31 @@ class FeedbackError(ValueError):
         self.status = status
 
 
+DIGITS = "0123456789"
+
+
+def shown(value: Any) -> str:
+    """A caller's value in an error: its type for anything but a short string or a small int."""
+    if isinstance(value, str):
+        return repr(value[:20] + ("..." if len(value) > 20 else ""))
+    if type(value) is int and -10**6 < value < 10**6:
+        return str(value)
+    return f"a {type(value).__name__}"
+
+
 def checked_label(value: Any) -> int:
-    text = str(value).strip()
-    if not (text.isdigit() and len(text) == 1) or isinstance(value, (bool, float)):
-        raise FeedbackError(f"label {value!r} is not a digit 0-9")
-    return int(text)
+    """0-9 as an int or a one-character string of an ASCII digit; anything else is refused (a
+    superscript '²' is a digit to str.isdigit, and a 5,000-digit int cannot even be printed)."""
+    if type(value) is int and 0 <= value <= 9:
+        return value
+    if isinstance(value, str) and len(value.strip()) == 1 and value.strip() in DIGITS:
+        return int(value.strip())
+    raise FeedbackError(f"label {shown(value)} is not a digit 0-9")
 
 
 def checked_index(value: Any) -> int:
     if type(value) is not int or not 0 <= value < MAX_FEEDBACK_INDEX:
-        raise FeedbackError(f"index {value!r}: the image's position in its request, "
+        raise FeedbackError(f"index {shown(value)}: the image's position in its request, "
                             f"an integer 0-{MAX_FEEDBACK_INDEX - 1}")
     return value
 
@@ -51,7 +66,7 @@ def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_i
     wins). ``trusted``: whether the label becomes data as it is, or waits in quarantine
     (``tasks/feedback.py``). The CLI writes with the store's own credentials: an operator, trusted."""
     if not isinstance(request_id, str) or not valid_request_id(request_id):
-        raise FeedbackError(f"request id {request_id!r}: 1-128 of A-Z a-z 0-9 . _ : -")
+        raise FeedbackError(f"request id {shown(request_id)}: 1-128 of A-Z a-z 0-9 . _ : -")
     digit, position_in_request = checked_label(label), checked_index(index)
     try:
         key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_HOURS)

@@ -36,17 +36,20 @@ def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
     try:
         with path.open(newline="") as handle:
             rows = [row for row in csv.reader(handle) if row and any(cell.strip() for cell in row)]
-    except (OSError, UnicodeDecodeError) as error:
-        raise FeedbackError(f"{path}: not a readable CSV ({error})") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        reason = getattr(error, "strerror", None) or type(error).__name__  # never the file's own bytes
+        raise FeedbackError(f"{path}: not a readable CSV ({reason})") from None
     if rows and rows[0][0].strip().lower() == "request_id":
         rows = rows[1:]
+    if not rows:
+        raise FeedbackError(f"{path}: no rows of request_id,label[,index]")
     parsed = []
     for number, row in enumerate(rows, start=1):
         if len(row) not in (2, 3):
-            raise FeedbackError(f"{path}:{number}: expected 'request_id,label[,index]', got {row}")
+            raise FeedbackError(f"{path}:{number}: expected 'request_id,label[,index]', got {len(row)} columns")
         index = row[2].strip() if len(row) == 3 else "0"
-        if not index.isdigit():
-            raise FeedbackError(f"{path}:{number}: index {index!r} is not a non-negative integer")
+        if not (index.isascii() and index.isdigit() and len(index) <= 6):
+            raise FeedbackError(f"{path}:{number}: index is not a non-negative integer")
         parsed.append((row[0].strip(), row[1].strip(), int(index)))
     return parsed
 

@@ -94,6 +94,8 @@ def test_the_served_traffic_commands_refuse_bad_input_in_one_line(tmp_path: Path
              (("gateway", "--upstream", "127.0.0.1:1", "--log-queue-size", "0"),
               "--log-queue-size 0: must be at least 1"),
              (("feedback",), "give REQUEST_ID LABEL"),
+             (("feedback", "some-id", "\u00b2"), "label '\u00b2' is not a digit 0-9"),
+             (("feedback", "--csv", "/dev/null"), "no rows of request_id,label"),
              (("feedback", "--csv", str(tmp_path / "missing.csv")), "not a readable CSV"),
              (("data", "add", "--from-feedback", str(tmp_path)), "give no PATH"),
              (("train", "--candidates", "2", "--validation-size", "0"), "chosen by validation accuracy")]

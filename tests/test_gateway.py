@@ -567,3 +567,41 @@ def test_live_check_traffic_stays_out_of_drift_and_feedback(store_env, upstream,
     assert feedback.status_code == 404 and "live check" in feedback.json()["error"]
     images, answers = served_traffic(logged(gateway.logs))  # what the drift flow reads of the window
     assert list(images) == [served.version] and sum(len(batch) for batch in images[served.version]) == 3
+
+
+def test_hostile_feedback_bodies_get_400_in_one_line_and_no_traceback(store_env, upstream, digits: np.ndarray,
+                                                                      tmp_path: Path) -> None:
+    _, address, _ = upstream
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"labeller {LABELLER.token.decode()} trusted\n")
+    port, rest_port = free_port(), free_port()
+    gateway = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--upstream", address, "--port", str(port),
+                                "--rest-api-port", str(rest_port), "--feedback-tokens", str(tokens)], cwd=REPO,
+                               env={**os.environ}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True)
+    try:
+        assert "listening on" in gateway.stdout.readline()
+        request_id = predict_call(digits[:1], Target(f"127.0.0.1:{port}")).request_id
+        url = f"http://127.0.0.1:{rest_port}/v1/models/mnist/feedback"
+        bodies = {"deeply nested": b"[" * 2000 + b"]" * 2000,
+                  "a 4,000-digit label": f'{{"request_id": "{request_id}", "label": {"7" * 4000}}}'.encode(),
+                  "a superscript digit": json.dumps({"request_id": request_id, "label": "\u00b2"}).encode(),
+                  "a 4,000-digit request id": f'{{"request_id": {"1" * 4000}, "label": 1}}'.encode(),
+                  "a float index": json.dumps({"request_id": request_id, "label": 1, "index": 0.5}).encode(),
+                  "not JSON": b"\xff\xfe{",
+                  "a list": b"[1, 2]"}
+        replies = {name: httpx.post(url, content=body, headers={**bearer(LABELLER), "content-type": "application/json"})
+                   for name, body in bodies.items()}
+        too_big = httpx.post(url, content=f'{{"request_id": "{request_id}", "label": {"7" * 5000}}}'.encode(),
+                             headers=bearer(LABELLER))  # the 5,000-digit label: refused before it is read
+        gateway.send_signal(signal.SIGTERM)
+        output, _ = gateway.communicate(timeout=30)
+    finally:
+        if gateway.poll() is None:
+            os.killpg(gateway.pid, signal.SIGKILL)
+            gateway.wait()
+    for name, reply in replies.items():
+        assert reply.status_code == 400, (name, reply.status_code, reply.text[:200])
+        assert len(reply.json()["error"]) < 300 and "\n" not in reply.json()["error"], name
+    assert too_big.status_code == 413
+    assert "Traceback" not in output and "Error" not in output.replace("Errno", ""), output[-3000:]

@@ -67,6 +67,7 @@ HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length"
 REPLY_SETS = HOP_HEADERS | {"content-type", "date", "server"}  # what the gateway's own reply sets
 HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED",
               499: "CANCELLED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+MAX_FEEDBACK_BODY = 4096  # {"request_id", "label", "index"}: far less; more is not feedback
 SIGNATURE_TTL = 1.0  # seconds a resolved (version, signatures) is reused for REST metrics and logs
 
 
@@ -287,13 +288,16 @@ class Gateway:
                                              f"{self.options.feedback_per_minute:g} a minute"},
                               {"Retry-After": str(max(1, round(wait)))})
         body = request.body
+        if len(body) > MAX_FEEDBACK_BODY:
+            return json_reply(413, {"error": f"a feedback body is at most {MAX_FEEDBACK_BODY} bytes"})
         if name != self.options.model_name:
             return json_reply(404, {"error": f"feedback is taken for model {self.options.model_name!r}, "
                                              f"not {name!r}"})
         try:
             document = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            return json_reply(400, {"error": f"the body must be JSON: {error}"})
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as error:
+            why = "nested too deeply" if isinstance(error, RecursionError) else str(error)[:200]
+            return json_reply(400, {"error": f"the body must be JSON: {why}"})
         if not isinstance(document, dict) or "request_id" not in document or "label" not in document:
             return json_reply(400, {"error": 'expected {"request_id": "...", "label": 0-9, "index": 0}'})
         request_id = document["request_id"]
