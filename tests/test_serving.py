@@ -197,6 +197,33 @@ def test_cli_against_a_stopped_server_exits_non_zero(mnist_dir: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` grey pixels, with one row of data."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * (width + 1)))
+            + chunk(b"IEND", b""))
+
+
+def test_an_image_bomb_is_refused_before_decoding_wherever_images_are_read(tmp_path: Path) -> None:
+    """The client's reader is the one mnist data add uses too (tasks/ingest.py)."""
+    from tasks.ingest import read_source
+
+    folder = tmp_path / "scans" / "3"
+    folder.mkdir(parents=True)
+    (folder / "bomb.png").write_bytes(png_header(12000, 12000))  # 144 Mpx: Pillow alone would decode it
+    found = read_source(tmp_path / "scans")
+    assert found.images == [] and len(found.errors) == 1
+    assert "bomb.png: 144,000,000 pixels, more than the limit of 24,000,000" in found.errors[0]
+    (folder / "bomb.png").write_bytes(png_header(6000, 5000))  # 30 Mpx: under Pillow's limit, over ours
+    assert "bomb.png: 6000x5000 pixels, more than the limit" in read_source(tmp_path / "scans").errors[0]
+
+
 def test_cli_bad_files_get_one_clear_line(server: str, tmp_path: Path) -> None:
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
@@ -210,6 +237,9 @@ def test_cli_bad_files_get_one_clear_line(server: str, tmp_path: Path) -> None:
     Image.new("L", (64, 64), 255).save(truncated)
     truncated.write_bytes(truncated.read_bytes()[:60])
     cases[str(truncated)] = "not a readable image"
+    bomb = tmp_path / "bomb.png"  # 20000x20000 declared: 400 Mpx, refused from its header, never decoded
+    bomb.write_bytes(png_header(20000, 20000))
+    cases[str(bomb)] = "bomb.png: 400,000,000 pixels, more than the limit of 24,000,000"
     for path, expected in cases.items():
         result = run_mnist("predict", "--server", server, path)
         assert result.returncode == 1 and expected in result.stderr, (path, result.stderr[-500:])

@@ -7,6 +7,8 @@ centre of mass sits at the centre.
 
 from __future__ import annotations
 
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +19,9 @@ except ImportError as missing:  # the client's core needs no Pillow; image files
     raise ImportError("mnist_client.images needs Pillow: pip install 'mnist-client[images]'") from missing
 
 INK_THRESHOLD = 0.2  # of the brightest ink value: below is background noise
+# A photo of a digit needs no more (6000x4000, a 24 Mpx camera); Pillow's own bomb limit is about
+# 179 Mpx, where a 144 Mpx RGB image it lets through costs about 2 GB to decode.
+MAX_PIXELS = 24_000_000
 
 
 class InputError(ValueError):
@@ -67,12 +72,26 @@ def read_image(path: Path) -> np.ndarray:
     """A PNG or JPEG (any size, RGB or grayscale) as one prepared [28,28,1] digit."""
     check_readable(path)
     try:
-        with Image.open(path) as image:
-            image.load()
-            gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+        with warnings.catch_warnings():
+            # Pillow's own check (in open, far above ours) warns before it refuses: both refuse here
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only: the size is known before decoding
+                width, height = image.size
+                if width * height > MAX_PIXELS:
+                    raise too_large(path, f"{width}x{height} pixels")
+                image.load()
+                gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        pixels = re.search(r"\((\d+) pixels\)", str(error))
+        raise too_large(path, f"{int(pixels[1]):,} pixels" if pixels else "too many pixels") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as error:
         raise InputError(f"{path}: not a readable image ({error})") from None
     return prepare_digit(gray, str(path))
+
+
+def too_large(path: Path, size: str) -> InputError:
+    return InputError(f"{path}: {size}, more than the limit of {MAX_PIXELS:,} "
+                      "(a decompression bomb, or a photo to scale down first)")
 
 
 def read_npy(path: Path) -> np.ndarray:
