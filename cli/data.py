@@ -70,7 +70,8 @@ def command_data(args: argparse.Namespace) -> int:
         reference = mnist_reference()  # before the store: a missing MNIST folder is refused without waiting
         with reachable_store(lambda: dataset_store(interactive=False)) as store:
             try:
-                result = ingest(store, Path(args.path), args.source, reference)
+                result = ingest(store, Path(args.path), args.source, reference,
+                                allow_outside=args.allow_paths_outside)
             except IngestError as error:
                 raise CliError(str(error)) from None
         return report_added(result, args.source, args.json)
@@ -176,6 +177,8 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
                                       "--from-feedback)")
     add.add_argument("--from-feedback", action="store_true",
                      help="the feedback on logged predictions since the last time, as one batch (mnist feedback)")
+    add.add_argument("--allow-paths-outside", action="store_true",
+                     help="let a CSV name images outside its own folder (refused otherwise)")
     add.add_argument("--json", action="store_true", help="print the batch, the version and the report as JSON")
     listing = actions.add_parser("list", help="dataset versions with their sources and counts")
     listing.add_argument("--json", action="store_true")

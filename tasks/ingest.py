@@ -92,9 +92,11 @@ def read_folder(folder: Path) -> Candidates:
     return found
 
 
-def read_csv(path: Path) -> Candidates:
-    """``path,label`` rows (a header row is allowed), paths relative to the CSV's folder."""
+def read_csv(path: Path, allow_outside: bool = False) -> Candidates:
+    """``path,label`` rows (a header row is allowed), paths relative to the CSV's folder and, unless
+    ``allow_outside``, inside it: a CSV must not make any file of the machine training data."""
     found = Candidates()
+    folder = path.parent.resolve()
     seen: set[str] = set()
     with path.open(newline="") as handle:
         rows = list(csv.reader(handle))
@@ -112,6 +114,10 @@ def read_csv(path: Path) -> Candidates:
             continue
         seen.add(relative)
         image_path = (path.parent / relative)
+        if not allow_outside and not image_path.resolve().is_relative_to(folder):
+            found.errors.append(f"{path}:{number}: {relative} is outside the CSV's folder {folder} "
+                                "(--allow-paths-outside takes it)")
+            continue
         if not image_path.is_file():
             found.errors.append(f"{path}:{number}: {relative} does not exist (the files disagree with the CSV)")
             continue
@@ -146,13 +152,13 @@ def read_npz(path: Path) -> Candidates:
     return found
 
 
-def read_source(path: Path) -> Candidates:
+def read_source(path: Path, allow_outside: bool = False) -> Candidates:
     if path.is_dir():
         return read_folder(path)
     if not path.is_file():
         raise IngestError(f"{path}: no such file or folder (give a folder of 0-9 sub-folders, a .csv or a .npz)")
     if path.suffix.lower() == ".csv":
-        return read_csv(path)
+        return read_csv(path, allow_outside)
     if path.suffix.lower() == ".npz":
         return read_npz(path)
     raise IngestError(f"{path}: unsupported source; give a folder of 0-9 sub-folders, a .csv or a .npz")
@@ -240,11 +246,12 @@ def without_duplicates(found: Candidates, forbidden: dict[str, str]) -> tuple[Ca
 
 
 def ingest(store: DatasetStore, source_path: Path, source: str, reference: Reference,
-           details: dict[str, Any] | None = None) -> dict[str, Any]:
+           details: dict[str, Any] | None = None, allow_outside: bool = False) -> dict[str, Any]:
     """Validate, split by hash and store a batch, then a new dataset version with it.
-    Raises IngestError (nothing written) on any hard error."""
+    Raises IngestError (nothing written) on any hard error. ``allow_outside``: a CSV may name
+    files outside its own folder."""
     check_source_name(source)
-    return ingest_candidates(store, read_source(source_path), source, reference,
+    return ingest_candidates(store, read_source(source_path, allow_outside), source, reference,
                              {"origin": str(source_path), **(details or {})})
 
 

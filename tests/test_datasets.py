@@ -166,6 +166,25 @@ def test_concurrent_data_adds_lose_no_batch(datasets: DatasetStore, mnist_raw, s
     assert sorted(latest["batches"]) == datasets.complete_batches()
 
 
+def test_a_csv_names_only_files_in_its_own_folder_unless_allowed(mnist_raw, tmp_path: Path) -> None:
+    from tasks.ingest import read_source
+
+    outside = scans(mnist_raw, tmp_path / "elsewhere", 400, 2)
+    folder = tmp_path / "batch"
+    scans(mnist_raw, folder, 500, 1)
+    inside = next(folder.rglob("*.png")).relative_to(folder).as_posix()
+    absolute, climbing = sorted(outside.rglob("*.png"))
+    (folder / "link.png").symlink_to(absolute)  # a link inside that points outside is outside too
+    listing = folder / "labels.csv"
+    listing.write_text(f"path,label\n{inside},{inside[0]}\n{absolute},{absolute.parent.name}\n"
+                       f"../elsewhere/{climbing.relative_to(outside).as_posix()},{climbing.parent.name}\n"
+                       f"link.png,{absolute.parent.name}\n")
+    confined = read_source(listing)
+    assert len(confined.images) == 1 and len(confined.errors) == 3
+    assert all("is outside the CSV's folder" in error for error in confined.errors)
+    assert len(read_source(listing, allow_outside=True).images) == 4
+
+
 def test_the_hash_split_does_not_move_as_data_grows(datasets: DatasetStore, mnist_raw, reference,
                                                     tmp_path: Path) -> None:
     np.savez(tmp_path / "a.npz", **new_digits(mnist_raw, 1000, 1200))
