@@ -210,7 +210,9 @@ def list_logs(logs, hours: float) -> tuple[list[dict], list[str]]:
         except VerificationFailed as error:
             problems.append(str(error))
             continue
-        recent = [entry for entry in entries if datetime.fromisoformat(entry.time) >= since]
+        recent = [entry for entry in entries if entry and datetime.fromisoformat(entry.time) >= since]
+        if None in entries:  # the rest of the batch reads: said, not fatal
+            print(f"mnist logs: {key}: {entries.count(None)} malformed entries skipped", file=sys.stderr)
         if recent:
             batches.append(batch_summary(key, index, recent))
     return batches, problems

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import uuid
 from dataclasses import asdict, dataclass
@@ -32,12 +33,16 @@ from pydantic import Field
 from storage import tfrecord
 from storage.s3 import ObjectStore, S3Settings, StoreError, VerificationFailed, utc_now
 
+log = logging.getLogger("mnist.logs")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 BATCH_PATTERN = re.compile(r"^\d{6}-[0-9a-f]{12}$")
 FEEDBACK_PATTERN = re.compile(r"^[0-9a-f]{64}\.json$")
 LIVE_CHECK_PREFIX = "live-check-"  # the client request id a publish's live check sends: not served traffic
-MAX_FEEDBACK_INDEX = 8192  # no request carries more images than a gRPC message holds
+# The most images one logged call can hold: the gateway's 64 MiB message limit at one byte a pixel.
+# The writer logs no call above it and the reader takes every entry up to it: they agree.
+MAX_LOGGED_EXAMPLES = (64 << 20) // 784
+MAX_FEEDBACK_INDEX = MAX_LOGGED_EXAMPLES
 # What a reader inflates one log batch to, at most: writers cut batches at 32 MiB, after at most one
 # more call of a 64 MiB request and its answer (the gateway's message limit).
 MAX_RECORDS_SIZE = 256 << 20
@@ -82,9 +87,22 @@ class LogEntry:
         if not (isinstance(raw["request_id"], str) and REQUEST_ID_PATTERN.match(raw["request_id"])
                 and isinstance(raw["time"], str) and isinstance(raw["label"], str) and len(raw["label"]) <= 64
                 and raw["api"] in ("grpc", "rest") and (version is None or type(version) is int)
-                and type(examples) is int and 0 <= examples <= MAX_FEEDBACK_INDEX):
+                and type(examples) is int and 0 <= examples <= MAX_LOGGED_EXAMPLES):
             raise VerificationFailed(f"log index entry is malformed: {str(raw)[:120]}")
         return cls(**raw)
+
+
+def readable_entries(key: str, raw_entries: list[Any]) -> list[LogEntry | None]:
+    """A batch index's entries, each checked on its own: one malformed entry is None (skipped and
+    counted by its readers), not a batch that no reader can use."""
+    entries: list[LogEntry | None] = []
+    for raw in raw_entries:
+        try:
+            entries.append(LogEntry.checked(raw))
+        except VerificationFailed as error:
+            log.warning("%s: %s; skipped", key, error)
+            entries.append(None)
+    return entries
 
 
 def new_request_id() -> str:
@@ -168,10 +186,11 @@ class PredictionLogStore(ObjectStore):
                                              and 0 < payload["records_size"] <= MAX_RECORDS_SIZE):
             raise VerificationFailed(f"{key}: compression {str(payload['compression'])[:20]!r} of "
                                      f"{str(payload.get('records_size'))[:20]} bytes is not one this store reads")
-        return index, [LogEntry.checked(raw) for raw in index["records"]]
+        return index, readable_entries(key, index["records"])
 
-    def read_batch(self, key: str) -> list[tuple[LogEntry, bytes]]:
-        """(entry, serialized PredictionLog) for every record, verified against the index."""
+    def read_batch(self, key: str) -> list[tuple[LogEntry | None, bytes]]:
+        """(entry, serialized PredictionLog) for every record, verified against the index; an entry
+        the index holds malformed is None, its record kept in place (positions are what feedback names)."""
         index, entries = self.read_index(key)
         file = index["file"]
         compressed = "compression" in file  # GZIP, read_index made sure
@@ -193,7 +212,7 @@ class PredictionLogStore(ObjectStore):
         since = hours_ago(hours)
         for key in reversed(self.batch_keys(day_folders(since))):
             for position, entry in enumerate(self.read_index(key)[1]):
-                if entry.request_id == request_id and datetime.fromisoformat(entry.time) >= since:
+                if entry and entry.request_id == request_id and datetime.fromisoformat(entry.time) >= since:
                     return key, position, entry
         raise LogNotFound(f"request {request_id} is not in the prediction logs of the last {hours:g} hours "
                           "(not sampled for logging, not yet uploaded, or unknown)")
@@ -202,7 +221,7 @@ class PredictionLogStore(ObjectStore):
         """Every logged record since ``since`` (UTC), batch by batch."""
         for key in self.batch_keys(day_folders(since)):
             for entry, record in self.read_batch(key):
-                if datetime.fromisoformat(entry.time) >= since:
+                if entry and datetime.fromisoformat(entry.time) >= since:
                     yield entry, record
 
 

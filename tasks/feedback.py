@@ -167,7 +167,7 @@ def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
         for item in batch_items:
             position, index = item.get("position"), item.get("index")
             if type(position) is not int or not 0 <= position < len(records) or type(index) is not int \
-                    or records[position][0].request_id != item.get("request_id"):
+                    or records[position][0] is None or records[position][0].request_id != item.get("request_id"):
                 problems.append(f"feedback on {str(item.get('request_id'))[:64]} does not match its log record")
                 continue
             try:

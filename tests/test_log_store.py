@@ -171,3 +171,26 @@ def test_logs_windows_are_rolling_hours_across_midnight(logs: PredictionLogStore
     assert [batch["records"] for batch in listed] == [1]
     late, early = datetime(2026, 12, 6, 1, 0, tzinfo=timezone.utc), datetime(2026, 12, 5, 23, 0, tzinfo=timezone.utc)
     assert day_folders(early, late) == ["2026-12-06", "2026-12-05"] and day_folders(late, late) == ["2026-12-06"]
+
+
+def test_one_large_call_and_one_bad_entry_leave_the_days_logs_readable(logs: PredictionLogStore,
+                                                                        logged_calls) -> None:
+    """A call of 10,000 images is an entry the reader takes (writer and reader share the bound); an
+    entry the index holds malformed is skipped and counted, and the rest of its batch still reads."""
+    from storage.logs import MAX_LOGGED_EXAMPLES
+
+    now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    entries = [replace(entry, time=now) for entry in logged_calls[0]]
+    entries[0] = replace(entries[0], examples=10_000)
+    key = logs.write_batch(entries, logged_calls[1])
+    assert [entry.examples for entry, _ in logs.read_batch(key)] == [10_000, 64, 64] and MAX_LOGGED_EXAMPLES > 10_000
+    index = stored_index(logs, key)
+    index["records"][1]["examples"] = MAX_LOGGED_EXAMPLES + 1  # what no writer writes
+    logs.client.put_object(Bucket=logs.bucket, Key=key, Body=json.dumps(index).encode())
+    assert [entry and entry.request_id for entry, _ in logs.read_batch(key)] == ["call-0", None, "call-2"]
+    assert logs.find("call-2", 1)[1] == 2  # its position in the batch, as feedback names it
+    listed = run_mnist("logs", "list", "--json")
+    assert listed.returncode == 0 and "1 malformed entries skipped" in listed.stderr
+    assert [batch["records"] for batch in json.loads(listed.stdout)["batches"]] == [2]
+    shown = run_mnist("logs", "show", "call-2")
+    assert shown.returncode == 0, shown.stderr

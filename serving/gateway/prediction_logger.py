@@ -26,7 +26,7 @@ from typing import Any, Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2
-from storage.logs import LogEntry, PredictionLogStore
+from storage.logs import MAX_LOGGED_EXAMPLES, LogEntry, PredictionLogStore
 
 log = logging.getLogger("mnist.gateway")
 LEDGER_SECONDS = 0.5  # how stale the ledger's count of unwritten calls may be
@@ -214,8 +214,11 @@ class PredictionLogger:
             call.request, call.version = request, response.model_spec.version.value
             call.request_bytes, call.response_bytes = request.SerializeToString(), response.SerializeToString()
         spec = call.request.model_spec
+        examples = examples_in(call.request)
+        if examples > MAX_LOGGED_EXAMPLES:  # no reader would take its entry: not logged, and counted
+            raise Unloggable(f"{examples} images, more than the {MAX_LOGGED_EXAMPLES} a log entry holds")
         entry = LogEntry(call.request_id, call.time.isoformat(timespec="milliseconds"), call.version,
-                         spec.version_label, call.api, examples_in(call.request), call.client_request_id)
+                         spec.version_label, call.api, examples, call.client_request_id)
         metadata = logging_pb2.LogMetadata()
         metadata.model_spec.CopyFrom(spec)  # as asked (a label, a version or neither)
         if entry.version is not None and not spec.version_label:

@@ -274,7 +274,7 @@ class Gateway:
             return None
         entries = self.logs.read_index(key)[1]
         return next(((key, position, entry) for position, entry in enumerate(entries)
-                     if entry.request_id == request_id), None)
+                     if entry and entry.request_id == request_id), None)
 
     def take_feedback(self, name: str, request: Request) -> Reply:
         caller = self.authenticator.caller(request.headers.get("authorization"))
