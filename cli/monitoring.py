@@ -54,6 +54,8 @@ def command_gateway(args: argparse.Namespace) -> int:
     for flag, value in (("--log-queue-size", args.log_queue_size), ("--log-queue-mib", args.log_queue_mib)):
         if value < 1:
             raise CliError(f"{flag} {value}: must be at least 1", exit_code=2)
+    if args.rest_max_body_mib < 1:
+        raise CliError(f"--rest-max-body-mib {args.rest_max_body_mib}: must be at least 1", exit_code=2)
     if args.feedback_per_minute <= 0:
         raise CliError(f"--feedback-per-minute {args.feedback_per_minute:g}: must be above 0", exit_code=2)
     credentials = feedback_credentials(args.feedback_tokens)
@@ -64,7 +66,8 @@ def command_gateway(args: argparse.Namespace) -> int:
                                  flush_seconds=args.log_flush_seconds, queue_size=args.log_queue_size,
                                  queue_bytes=args.log_queue_mib << 20, credentials=tuple(credentials),
                                  ledger=Path(args.log_ledger) if args.log_ledger else None,
-                                 feedback_per_minute=args.feedback_per_minute)
+                                 feedback_per_minute=args.feedback_per_minute,
+                                 rest_max_body_bytes=args.rest_max_body_mib << 20)
         try:
             gateway = Gateway(options, logs, feedback).start()
         except (RuntimeError, OSError) as error:
@@ -360,6 +363,8 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     gateway.add_argument("--feedback-tokens", metavar="FILE", default=os.environ.get("MNIST_FEEDBACK_TOKENS"),
                          help="who may send feedback: 'NAME TOKEN [trusted]' a line (default: MNIST_FEEDBACK_TOKENS; "
                               "none: feedback is refused with 401)")
+    gateway.add_argument("--rest-max-body-mib", type=int, default=16,
+                         help="largest REST body, as sent and after gzip (413 past it; default 16, as mnist serve)")
     gateway.add_argument("--feedback-per-minute", type=float, default=60.0,
                          help="feedback requests a minute per caller before 429 (default 60)")
     gateway.add_argument("--drain-seconds", type=float, default=10.0,

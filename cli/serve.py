@@ -34,6 +34,8 @@ def command_serve(args: argparse.Namespace) -> int:
 
     if args.version:
         return print_version()
+    if args.max_images_per_request < 0 or args.rest_max_body_mib < 1:
+        raise CliError("--max-images-per-request must be 0 or more and --rest-max-body-mib 1 or more", exit_code=2)
     without_keras_at_tensorflow_import()
     from serving.model_server.inference import PredictOptions
     from serving.model_server.manager import ModelManager
@@ -58,6 +60,7 @@ def command_serve(args: argparse.Namespace) -> int:
     options = ServerOptions(port=args.port, host=args.host, poll_seconds=args.file_system_poll_wait_seconds,
                             config_poll_seconds=args.model_config_file_poll_wait_seconds,
                             max_message_bytes=args.max_message_bytes, rest_api_port=args.rest_api_port,
+                            rest_max_body_bytes=args.rest_max_body_mib << 20,
                             ssl_config_file=Path(args.ssl_config_file) if args.ssl_config_file else None,
                             workers=args.grpc_max_threads, socket_path=args.grpc_socket_path,
                             channel_arguments=args.grpc_channel_arguments,
@@ -65,7 +68,8 @@ def command_serve(args: argparse.Namespace) -> int:
                             cors=args.rest_api_enable_cors_support,
                             predict=PredictOptions(args.enable_serialization_as_tensor_content,
                                                    args.reject_non_finite_inputs,
-                                                   args.enable_signature_method_name_check),
+                                                   args.enable_signature_method_name_check,
+                                                   args.max_images_per_request),
                             metrics_path=monitoring_path(args))
     loading = load_options(args)
     use_tensorflow_threads(args)  # the last check: it logs what it set
@@ -234,6 +238,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument(*tf_serving_spellings("enable_serialization_as_tensor_content"),
                        **tf_serving_bool(False),
                        help="answer Predict in packed tensor_content instead of float_val, as TF Serving's flag")
+    serve.add_argument("--max-images-per-request", type=int, default=4096,
+                       help="refuse (INVALID_ARGUMENT, REST 400) a Predict whose inputs declare more rows, before "
+                            "decoding it (default 4096; 0: no limit, as TF Serving)")
+    serve.add_argument("--rest-max-body-mib", type=int, default=16,
+                       help="largest REST body, as sent and after gzip (413 past it; default 16: JSON costs about "
+                            "60 times its size to parse)")
     serve.add_argument("--reject-non-finite-inputs", action="store_true",
                        help="refuse inputs holding NaN or infinity (TF Serving runs them through; off by default)")
     serve.set_defaults(handler=command_serve)

@@ -408,3 +408,43 @@ def test_config_file_is_read_once_unless_a_poll_period_is_given(model_base: Path
             assert server.manager.labels.get("mnist", {}) == expected, period
         finally:
             server.stop(grace=1)
+
+
+def test_a_gzip_bomb_and_too_many_images_are_refused_before_the_work(model_base: Path) -> None:
+    """The REST bomb that cost 3.2 GB (0.19 MB gzipped, 47.6 MB of JSON, 10,000 images) gets 413
+    at the inflate limit; a request declaring more images than allowed is refused from its shape,
+    over gRPC (INVALID_ARGUMENT) and REST (400), in one line naming the limit."""
+    import gzip
+
+    import grpc
+    import httpx
+
+    from mnist_client._generated.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from mnist_client.tensors import to_tensor_proto
+
+    rest_port = free_port()
+    server, address = start_model_server(model_base, rest_api_port=rest_port)
+    url = f"http://127.0.0.1:{rest_port}/v1/models/mnist:predict"
+    try:
+        row = "[" + ",".join(["[0.5]"] * 28) + "]"
+        image = "[" + ",".join([row] * 28) + "]"
+        bomb = gzip.compress(('{"instances": [' + ",".join([image] * 10_000) + "]}").encode(), 9)
+        assert len(bomb) < 400_000
+        exploded = httpx.post(url, content=bomb, headers={"Content-Encoding": "gzip"}, timeout=60)
+        small = "[" + ",".join(["[" + ",".join(["[0]"] * 28) + "]"] * 28) + "]"  # 3 KB a digit: 4200 fit in 16 MiB
+        many = ('{"instances": [' + ",".join([small] * 4200) + "]}").encode()
+        refused_rest = httpx.post(url, content=many, timeout=60)
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = "mnist"
+        request.inputs["image"].CopyFrom(to_tensor_proto(np.zeros((5000, 28, 28, 1), np.float32)))
+        with grpc.insecure_channel(address, options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+            with pytest.raises(grpc.RpcError) as refused_grpc:
+                prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict(request, timeout=30)
+        fine = httpx.post(url, json={"instances": [[[[0.5]] * 28] * 28] * 2}, timeout=30)
+    finally:
+        server.stop(grace=1)
+    assert exploded.status_code == 413 and "larger than 16777216 bytes decompressed" in exploded.json()["error"]
+    assert refused_rest.status_code == 400 and "4200 rows, more than the 4096 images" in refused_rest.json()["error"]
+    assert refused_grpc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "5000 rows, more than the 4096 images" in refused_grpc.value.details()
+    assert fine.status_code == 200 and len(fine.json()["predictions"]) == 2

@@ -85,6 +85,7 @@ class GatewayOptions:
     batch_records: int = 256
     flush_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
+    rest_max_body_bytes: int = 16 << 20  # REST bodies, as sent and inflated: the gateway parses them to log them
     credentials: tuple[Credential, ...] = ()  # who may send feedback; none: feedback is refused
     ledger: Path | None = None  # where the count of unwritten logs is kept, for the next start to report
     feedback_per_minute: float = 60.0  # per caller
@@ -105,7 +106,7 @@ class Gateway:
         self.relay = GrpcRelay(options.host, options.port, options.upstream,
                                Watch(PREDICT.encode(), REQUEST_ID.encode(), self.request_id, self.finished,
                                      options.max_message_bytes))
-        self.rest = (HttpServer(options.host, options.rest_port, 8 * options.max_message_bytes, self.respond,
+        self.rest = (HttpServer(options.host, options.rest_port, options.rest_max_body_bytes, self.respond,
                                 name="gateway-rest") if options.rest_port else None)
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
         self.rest_connections: list[http.client.HTTPConnection] = []

@@ -35,6 +35,18 @@ class PredictOptions:
     tensor_content: bool = False  # --enable_serialization_as_tensor_content
     reject_non_finite: bool = False  # opt-in: TF Serving runs NaN and infinity through
     method_name_check: bool = False  # --enable_signature_method_name_check
+    max_images: int = 4096  # --max-images-per-request: the first dimension of any input, checked before decoding
+
+
+def check_request_size(request, max_images: int) -> None:
+    """Refuse a request whose inputs declare more than ``max_images`` rows, from their shapes
+    alone (a request's memory goes into decoding it, so the check comes first)."""
+    for name, tensor in request.inputs.items():
+        rows = tensor.tensor_shape.dim[0].size if tensor.tensor_shape.dim else 1
+        if max_images and rows > max_images:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"input '{name}' has {rows} rows, more than the {max_images} images one request may "
+                               "carry (--max-images-per-request); split it")
 
 
 def require_model_spec(request) -> None:
@@ -127,6 +139,7 @@ def answer_predict(manager: ModelManager, request: predict_pb2.PredictRequest,
         methods = ", ".join(INFERENCE_METHODS)
         raise RequestError(grpc.StatusCode.INTERNAL, "Expected prediction signature method_name to be one of "
                                                      f"{{{methods}}}. Was: {signature.method_name}")
+    check_request_size(request, options.max_images)
     inputs = read_inputs(signature, request, options)
     aliases = output_aliases(signature, request.output_filter)
     outputs = run_signature(loaded, signature_name, inputs)

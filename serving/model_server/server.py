@@ -123,6 +123,7 @@ class ServerOptions:
     # --model_config_file_poll_wait_seconds: 0 reads the config file once, at start, as TF Serving
     config_poll_seconds: float = 0.0
     max_message_bytes: int = 64 * 1024 * 1024  # a batch of 1024 images is 3.2 MB
+    rest_max_body_bytes: int = 16 << 20  # REST bodies, as sent and inflated: JSON costs ~60x its size to parse
     ssl_config_file: Path | None = None
     workers: int = 4 * (os.cpu_count() or 1)  # --grpc_max_threads, TF Serving's default
     socket_path: str = ""  # --grpc_socket_path: gRPC on this UNIX socket too
@@ -186,7 +187,7 @@ class ModelServer:
             from serving.model_server.rest import RestServer  # here: rest.py builds on this module
 
             # JSON spends several bytes per float, so the body limit is a multiple of gRPC's
-            self.rest = RestServer(manager, options.host, options.rest_api_port, 8 * options.max_message_bytes,
+            self.rest = RestServer(manager, options.host, options.rest_api_port, options.rest_max_body_bytes,
                                    options.predict, self.metrics, options.metrics_path, options.cors)
 
     def reload_config_if_changed(self) -> None:
