@@ -2,7 +2,7 @@
 
 Each prints its table and writes JSON (with the machine and library versions)
 to bench/results/. Run one with --only training|whole|flow|serving|gateway|gateway-memory|light-client|
-sidecar|backdoor|data|transfers.
+sidecar|backdoor|hostile|data|transfers.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from bench import (  # noqa: E402
     flow_overhead,
     gateway,
     gateway_memory,
+    hostile,
     light_client,
     serving,
     sidecar,
@@ -35,7 +36,7 @@ from bench.common import libraries, machine  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "gateway-memory",
-                                                 "light-client", "sidecar", "backdoor", "data", "transfers"))
+                                                 "light-client", "sidecar", "backdoor", "hostile", "data", "transfers"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
@@ -57,6 +58,9 @@ def main() -> None:
     if args.only in (None, "sidecar"):
         print("\n== the sidecar install (no TensorFlow, no Prefect) against the trainer install ==")
         sidecar.main()
+    if args.only in (None, "hostile"):
+        print("\n== hostile requests: a gzip bomb and the largest allowed request, beside a one-image client ==")
+        hostile.main()
     if args.only in (None, "backdoor"):
         print("\n== a backdoor taught through labelled data, against the gate ==")
         backdoor.main()

@@ -184,7 +184,8 @@ def command_up(args: argparse.Namespace) -> int:
     wait_for_stop = stop_on_signals()
     try:
         with store_environment(state_dir) as endpoint, \
-                serving_stack(state_dir, ports, args.log_sample_rate) as (stack, _):
+                serving_stack(state_dir, ports, args.log_sample_rate, supervise=True,
+                              say=lambda line: print(line, flush=True)) as (stack, _):
             print_stack(stack, endpoint)
             wait_for_stop()
             print("mnist up: stopping (the gateway writes its queued logs first)", flush=True)

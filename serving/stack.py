@@ -11,9 +11,10 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
-from contextlib import ExitStack, contextmanager
-from dataclasses import asdict, dataclass
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -85,28 +86,101 @@ def wait_for_log(process: subprocess.Popen, log_path: Path, ready_text: str, nam
         time.sleep(0.2)
 
 
-@contextmanager
-def background_cli(args: list[str], log_path: Path) -> Iterator[subprocess.Popen]:
-    """Run ``mnist ARGS`` in its own process group for the block, logging to ``log_path``;
-    stopped by its pid whatever happens."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
-        process = subprocess.Popen([sys.executable, "-m", "cli", *args], stdout=log,
-                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-    try:
-        yield process
-    finally:
-        stop_process(process.pid)
-        process.wait(timeout=30)
+RESTART_LIMIT = 5  # restarts of one part within RESTART_WINDOW before the stack gives up on it
+RESTART_WINDOW = 600.0
+MAX_BACKOFF = 30.0
+
+
+@dataclass
+class Part:
+    """One process of the stack: ``mnist ARGS``, logging to ``log_path``."""
+
+    name: str
+    args: list[str]
+    log_path: Path
+    process: subprocess.Popen | None = None
+    restarts: list[float] = field(default_factory=list)  # monotonic times of recent restarts
+
+    def start(self) -> subprocess.Popen:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("a") as log:  # a restart goes on in the same log
+            self.process = subprocess.Popen([sys.executable, "-m", "cli", *self.args], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                            start_new_session=True)
+        return self.process
+
+    def stop(self) -> None:
+        if self.process is not None:
+            stop_process(self.process.pid)
+            self.process.wait(timeout=30)
+
+
+def backoff(restarts_in_window: int) -> float | None:
+    """Seconds to wait before the next restart, or None once the part has restarted too often."""
+    if restarts_in_window >= RESTART_LIMIT:
+        return None
+    return min(MAX_BACKOFF, 2.0 ** restarts_in_window)
+
+
+class Supervisor:
+    """The stack's parts, each restarted with a back-off when it dies on its own (at most
+    RESTART_LIMIT times in RESTART_WINDOW seconds), and every restart said on ``say``; stopped
+    last-started first (the gateway before the server, so it writes its queued logs)."""
+
+    def __init__(self, say: Callable[[str], None]):
+        self.parts: list[Part] = []
+        self.say = say
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.watch, name="stack-supervisor", daemon=True)
+
+    def start(self, part: Part) -> subprocess.Popen:
+        self.parts.append(part)
+        return part.start()
+
+    def watch(self) -> None:
+        pending: dict[str, float] = {}  # part name -> when its restart is due
+        while not self.stopping.wait(0.5):
+            now = time.monotonic()
+            for part in self.parts:
+                if part.process is None or part.process.poll() is None:
+                    continue
+                if part.name not in pending:
+                    part.restarts = [t for t in part.restarts if now - t < RESTART_WINDOW]
+                    delay = backoff(len(part.restarts))
+                    if delay is None:
+                        self.say(f"mnist up: the {part.name} died {RESTART_LIMIT + 1} times in "
+                                 f"{RESTART_WINDOW / 60:g} minutes; not restarting it again (see {part.log_path})")
+                        part.process = None
+                        continue
+                    self.say(f"mnist up: the {part.name} exited (code {part.process.returncode}); restarting it in "
+                             f"{delay:g} s (restart {len(part.restarts) + 1} of at most {RESTART_LIMIT})")
+                    pending[part.name] = now + delay
+                elif now >= pending[part.name] and not self.stopping.is_set():
+                    del pending[part.name]
+                    part.restarts.append(now)
+                    part.start()
+                    self.say(f"mnist up: the {part.name} restarted (pid {part.process.pid})")
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+        for part in reversed(self.parts):
+            part.stop()
+
+    def restarts(self) -> dict[str, int]:
+        return {part.name: len(part.restarts) for part in self.parts}
 
 
 @contextmanager
 def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate: float = 1.0,
-                  sync_interval: float = 1.0, wait: bool = True) -> Iterator[tuple[Stack, Callable[[], None]]]:
+                  sync_interval: float = 1.0, wait: bool = True, supervise: bool = False,
+                  say: Callable[[str], None] = print) -> Iterator[tuple[Stack, Callable[[], None]]]:
     """Start server, sync and gateway on the store the environment names; yield where they are and
     a wait until the server and the gateway listen (already waited for, unless ``wait`` is False:
-    a training run can go on while they start); stop them, the gateway first, flushing its logs,
-    when the block ends."""
+    a training run can go on while they start); with ``supervise``, restart a part that dies
+    (``Supervisor``), saying so on ``say``; stop them, the gateway first, flushing its logs, when
+    the block ends."""
     from serving.sync import sync_once
     from storage.models import ModelStore, StoreSettings
 
@@ -120,21 +194,24 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
     model_dir = root / store.settings.model_name
     sync_once(store, model_dir)  # the server starts on what is already published
     server = f"127.0.0.1:{chosen['server']}"
-    with ExitStack() as processes:
-        serve = processes.enter_context(background_cli(
-            ["serve", "--port", str(chosen["server"]), "--rest-api-port", str(chosen["server_rest"]),
-             "--model-config-file", str(root / "models.config"), "--monitoring-config-file", str(MONITORING_CONFIG),
-             "--model-config-file-poll-wait-seconds", "1",  # as production's 10, shorter: the sync runs every second
-             "--allow-version-labels-for-unavailable-models"],  # restarts on a config with labels, as in production
+    for name in ("serve", "sync", "gateway"):
+        (root / f"{name}.log").unlink(missing_ok=True)  # each stack's logs start fresh; a restart appends
+    parts = Supervisor(say)
+    try:
+        serve = parts.start(Part("model server", [
+            "serve", "--port", str(chosen["server"]), "--rest-api-port", str(chosen["server_rest"]),
+            "--model-config-file", str(root / "models.config"), "--monitoring-config-file", str(MONITORING_CONFIG),
+            "--model-config-file-poll-wait-seconds", "1",  # as production's 10, shorter: the sync runs every second
+            "--allow-version-labels-for-unavailable-models"],  # restarts on a config with labels, as in production
             root / "serve.log"))
-        processes.enter_context(background_cli(
-            ["sync", "--model-base-path", str(model_dir), "--watch", "--interval", str(sync_interval),
-             "--server", server], root / "sync.log"))
-        gateway = processes.enter_context(background_cli(
-            ["gateway", "--upstream", server, "--upstream-rest", f"127.0.0.1:{chosen['server_rest']}",
-             "--port", str(chosen["gateway"]), "--rest-api-port", str(chosen["gateway_rest"]),
-             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1",
-             "--feedback-tokens", str(local_feedback_tokens(root)), "--log-ledger", str(root / "gateway-ledger.json")],
+        parts.start(Part("sync sidecar", [
+            "sync", "--model-base-path", str(model_dir), "--watch", "--interval", str(sync_interval),
+            "--server", server], root / "sync.log"))
+        gateway = parts.start(Part("gateway", [
+            "gateway", "--upstream", server, "--upstream-rest", f"127.0.0.1:{chosen['server_rest']}",
+            "--port", str(chosen["gateway"]), "--rest-api-port", str(chosen["gateway_rest"]),
+            "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1",
+            "--feedback-tokens", str(local_feedback_tokens(root)), "--log-ledger", str(root / "gateway-ledger.json")],
             root / "gateway.log"))
 
         def ready() -> None:
@@ -143,6 +220,8 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
 
         if wait:
             ready()
+        if supervise:
+            parts.thread.start()
         stack = Stack(f"127.0.0.1:{chosen['gateway']}", f"127.0.0.1:{chosen['gateway_rest']}", server,
                       f"127.0.0.1:{chosen['server_rest']}", str(model_dir), str(root), os.getpid())
         stack_file(state_dir).write_text(json.dumps(asdict(stack)))
@@ -150,3 +229,5 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
             yield stack, ready
         finally:
             stack_file(state_dir).unlink(missing_ok=True)
+    finally:
+        parts.stop()

@@ -22,6 +22,49 @@ from tasks.publish import publish_model
 from tests.conftest import REPO
 
 
+def test_make_serve_restarts_a_part_that_dies_and_says_so(store, saved_model_dir: Path, tmp_path: Path) -> None:
+    """SIGKILL of the gateway: mnist up says so and restarts it on the same port, with a back-off
+    and a limit (serving.stack.backoff); the restarted gateway counts what the kill lost (its ledger)."""
+    import psutil
+
+    from serving.stack import RESTART_LIMIT, backoff
+
+    assert [backoff(n) for n in range(RESTART_LIMIT + 1)] == [1, 2, 4, 8, 16, None]
+    publish_model(store, saved_model_dir, {"test_accuracy": 0.5, "test_loss": 1.0, "per_class_accuracy": [0.5] * 10},
+                  {}, "stable")
+    state = tmp_path / "state"
+    process = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", "0", "--rest-api-port", "0"],
+                               cwd=REPO, env={**os.environ, "MNIST_STATE_DIR": str(state)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+
+    def read_until(text: str) -> None:
+        while not any(text in line for line in lines):
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+
+    try:
+        read_until("export MNIST_SERVING_ADDRESS=")
+        gateway = next(line for line in lines if "export MNIST_SERVING_ADDRESS=" in line).split("=", 1)[1].strip()
+        assert wait_until_available(Target(gateway), [1], 120) == {1: "AVAILABLE"}
+        [first] = [child for child in psutil.Process(process.pid).children(recursive=True)
+                   if "gateway" in child.cmdline()]
+        first.kill()
+        read_until("the gateway restarted")
+        assert any("the gateway exited (code -9); restarting it in 1 s" in line for line in lines), "".join(lines)
+        assert wait_until_available(Target(gateway), [1], 60) == {1: "AVAILABLE"}  # the same address serves again
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
+    assert process.returncode == 0 and "mnist up: stopped" in output, "".join(lines) + output
+    assert not first.is_running() and "listening on" in (state / "serving" / "gateway.log").read_text()
+
+
 def test_make_serve_comes_up_serves_what_is_published_and_stops_clean(store, saved_model_dir: Path, tmp_path: Path,
                                                                       prepared_path: Path) -> None:
     state = tmp_path / "state"
