@@ -107,14 +107,21 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
     api_url = f"http://127.0.0.1:{port}/api"
     ready = start_in_background(api_url, process)
     try:
-        from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+            PREFECT_UI_URL,
+            temporary_settings,
+        )
 
         if PREFECT_API_URL.value():  # set in a Prefect profile or prefect.toml rather than the environment
             yield lambda: None
             return
         # Heartbeats let a server that outlives a run see it crash; this one ends with the command, and
-        # the heartbeat thread, sleeping in 1 s steps, is joined at every flow run's end.
-        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        # the heartbeat thread, sleeping in 1 s steps, is joined at every flow run's end. No UI URL: a
+        # "View at" link to this API would be dead by the time a person reads it.
+        with temporary_settings(updates={PREFECT_API_URL: api_url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+                                         PREFECT_UI_URL: ""}):
             yield ready
             drain_to_api()
     finally:

@@ -18,8 +18,11 @@ from flows.prefect_api import early_prefect_api
 with early_prefect_api() as ready:
     ready()
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    from prefect.utilities.urls import url_for
     url = PREFECT_API_URL.value()
-    print(url, httpx.get(url + "/health", timeout=5).status_code, PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value(), flush=True)
+    link = url_for("flow-run", obj_id="00000000-0000-0000-0000-000000000000")  # what "View at" would print
+    print(url, httpx.get(url + "/health", timeout=5).status_code, PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value(), link,
+          flush=True)
 print(url)
 """
 
@@ -38,9 +41,10 @@ def test_a_first_run_gets_a_temporary_api_that_answers_and_is_gone_after(tmp_pat
                             timeout=180)
     assert result.returncode == 0, result.stderr[-2000:]
     inside, after = result.stdout.splitlines()
-    url, status, heartbeat = inside.split()
+    url, status, heartbeat, link = inside.split()
     assert url.startswith("http://127.0.0.1:") and status == "200"
     assert heartbeat == "None"  # nothing outlives this server to watch them, and each costs a flow up to 1 s
+    assert link == "None"  # no "View at" link to a UI that is gone by the time the run's answers print
     assert not port_open(after)
 
 
