@@ -100,11 +100,21 @@ def plot_accuracy_trend(rows: list[dict], path: Path) -> Path:
         axis.plot(versions, [row["slices"].get(source, np.nan) for row in rows], marker="s", label=source)
     axis.set_xlabel("version")
     axis.set_ylabel("test accuracy")
+    axis.set_ylim(*trend_limits([value for line in axis.get_lines() for value in line.get_ydata()]))
     axis.set_xticks(versions)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     axis.set_title("accuracy per published version")
     return save_figure(figure, path)
+
+
+def trend_limits(values: list[float]) -> tuple[float, float]:
+    """A y range that shows the differences between versions, and never goes past 1.0."""
+    known = [float(value) for value in values if value == value]  # NaN: a slice a version lacks
+    if not known:
+        return 0.0, 1.0
+    spread = max(max(known) - min(known), 0.002)
+    return max(0.0, min(known) - spread), min(1.0, max(known) + spread)
 
 
 def registry_markdown(rows: list[dict], history: list[dict], scratch: Path) -> str:

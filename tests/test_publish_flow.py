@@ -92,4 +92,5 @@ def test_worse_challenger_is_rejected_and_recorded(prefect_api, pipeline_env: Pa
     assert store.complete_versions() == [1] and store.labels() == {"stable": 1}
     rejected = [event for event in store.history() if event["event"] == "rejected"]
     assert len(rejected) == 1 and rejected[0]["flow_run_id"] == str(state.state_details.flow_run_id)
+    assert rejected[0]["reason"] == state.message  # said once: the history prints "rejected: <reason>"
     assert not (pipeline_env / "mnist").exists()

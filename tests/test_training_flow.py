@@ -128,3 +128,11 @@ def test_lineage_reads_as_settings_not_python_dicts() -> None:
     shown = readable(config)
     assert shown == "epochs `3`, model (filters_1 `32`, dropout `0.25`), train_limit none"
     assert "{" not in shown and "'" not in shown and readable({}) == "none"
+
+
+def test_the_accuracy_trend_shows_differences_and_stops_at_one() -> None:
+    from tasks.report import trend_limits
+
+    low, high = trend_limits([0.9921, 0.9934, float("nan"), 0.9928])
+    assert 0.99 < low < 0.9921 and 0.9934 < high <= 1.0
+    assert trend_limits([1.0, 1.0]) == (0.998, 1.0) and trend_limits([]) == (0.0, 1.0)
