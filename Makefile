@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
-.PHONY: install run serve test chromium bench prefect deploy worker image demo-data clean
+.PHONY: install run serve test docs chromium bench prefect deploy worker image demo-data clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -33,7 +33,12 @@ serve: install
 
 test: install chromium
 	$(BIN)/ruff check .
+	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The reference pages under docs/ as a site in build/site (strict: a broken link fails).
+docs: install
+	$(BIN)/mkdocs build --strict
 
 # The browser test drives Debian's chromium (Playwright cannot download its own offline).
 chromium:

@@ -185,3 +185,14 @@ def test_sidecar_modules_are_free_of_tensorflow_at_import(module: str) -> None:
     code = WITHOUT_HEAVY_IMPORTS.replace("from cli.app import run\nrun()", f"import {module}")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_readme_is_short_and_its_folder_map_matches_the_tree() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 220 and readme.index("## Two commands") < 1500
+    block = readme.split("## How it is built", 1)[1].split("```")[1]
+    named = [line.split()[0] for line in block.splitlines() if line and not line.startswith(" ")]
+    assert all((REPO / path).exists() for path in named), [path for path in named if not (REPO / path).exists()]
+    packages = {path.parent.relative_to(REPO).as_posix() + "/" for path in REPO.glob("*/__init__.py")}
+    packages |= {path.parent.relative_to(REPO).as_posix() + "/" for path in REPO.glob("serving/*/__init__.py")}
+    assert packages - {"tests/", "serving/"} <= set(named), sorted(packages - set(named))  # serving/: by its parts
