@@ -6,7 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 
-def export_half_plus_two(directory: Path) -> Path:
+def export_half_plus_two(directory: Path, as_tf_serving_testdata: bool = False) -> Path:
+    """``as_tf_serving_testdata``: also the shapes and method names of TF Serving's own testdata that
+    its tests rely on: ``x_column`` takes x as [-1, 1] (saved_model_half_plus_two_cpu's), and
+    ``classify_tf2`` / ``regress_tf2`` are example signatures named tensorflow/serving/predict, as a
+    TF2 export names every signature (saved_model_half_plus_two_tf2_cpu's)."""
     import tensorflow as tf
 
     v1 = tf.compat.v1
@@ -28,6 +32,16 @@ def export_half_plus_two(directory: Path) -> Path:
             "regress_x_to_y": build({constants.REGRESS_INPUTS: info(serialized)},
                                     {constants.REGRESS_OUTPUTS: info(y_examples)}, constants.REGRESS_METHOD_NAME),
         }
+        if as_tf_serving_testdata:
+            column = v1.placeholder(tf.float32, [None, 1], name="x_column")
+            signatures["x_column"] = build({"x": info(column)}, {"y": info(tf.identity(a * column + b))},
+                                           constants.PREDICT_METHOD_NAME)
+            signatures["classify_tf2"] = build({constants.CLASSIFY_INPUTS: info(serialized)},
+                                               {constants.CLASSIFY_OUTPUT_SCORES: info(y_examples)},
+                                               constants.PREDICT_METHOD_NAME)
+            signatures["regress_tf2"] = build({constants.REGRESS_INPUTS: info(serialized)},
+                                              {constants.REGRESS_OUTPUTS: info(y_examples)},
+                                              constants.PREDICT_METHOD_NAME)
         session.run(v1.global_variables_initializer())
         builder = v1.saved_model.Builder(str(directory))
         builder.add_meta_graph_and_variables(session, [v1.saved_model.tag_constants.SERVING],

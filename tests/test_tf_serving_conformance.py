@@ -25,6 +25,7 @@ from tensorflow_serving.apis import (
 
 from mnist_client.client import Target, predict_probabilities
 from serving.model_server.tensors import to_tensor_proto
+from storage.embedded import free_port
 from tests.conftest import start_model_server
 from tests.tf_serving_cases import (  # noqa: F401  fixtures, used by name
     half_plus_two,
@@ -171,12 +172,12 @@ def test_classify_and_regress_on_grpc_and_rest(hp2_server, caplog: pytest.LogCap
     predict_only = rpc_error(stub(address).Classify, example_request(classification_pb2.ClassificationRequest,
                                                                      "serving_default", 2.0))
     assert predict_only.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "Expected classification signature method_name to be tensorflow/serving/classify" in predict_only.details()
+    assert "No classification inputs found in SignatureDef" in predict_only.details()  # classifier.cc
     unknown = rpc_error(stub(address).Regress, example_request(regression_pb2.RegressionRequest, "regress_x_to_y",
                                                                2.0, name="fashion"))
     assert unknown.code() == grpc.StatusCode.NOT_FOUND
     multi = rpc_error(stub(address).MultiInference, inference_pb2.MultiInferenceRequest())
-    assert multi.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert multi.code() == grpc.StatusCode.INVALID_ARGUMENT  # no task names a model (multi_inference.cc)
     assert not [r for r in caplog.records if r.exc_info], "no traceback in the server log for any request"
 
 
@@ -310,3 +311,70 @@ def test_signature_method_name_checked_only_with_the_flag(half_plus_two: Path, t
                                        "custom/method")
         finally:
             server.stop(grace=1)
+
+
+# --- 7. What TF Serving's own tensorflow_model_server_test.py relies on ---------------------------------
+@pytest.fixture(scope="module")
+def tf_serving_testdata(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.half_plus_two import export_half_plus_two
+
+    return export_half_plus_two(tmp_path_factory.mktemp("hp2-testdata") / "model" / "1", as_tf_serving_testdata=True)
+
+
+@pytest.fixture()
+def testdata_server(tf_serving_testdata: Path, tmp_path: Path):
+    base = tmp_path / "testdata"
+    shutil.copytree(tf_serving_testdata, base / "1")
+    rest_port = free_port()
+    server, address = start_model_server(base, rest_api_port=rest_port)
+    yield address, f"http://127.0.0.1:{rest_port}/v1/models/mnist"
+    server.stop(grace=1)
+
+
+def test_request_shapes_are_left_to_the_model_as_tf_serving_leaves_them(testdata_server) -> None:
+    """testPredictSavedModel, testPredictREST, testPredictColumnarREST, testGoodModelConfig...: x as
+    shape [3] into a signature declaring [-1, 1]. predict_util.cc checks names, sizes and dtypes,
+    never shapes against the TensorInfo; the graph runs it."""
+    address, rest = testdata_server
+    request = hp2_predict([2.0, 3.0, 4.0])
+    request.model_spec.signature_name = "x_column"
+    answered = stub(address).Predict(request, timeout=30)
+    assert list(answered.outputs["y"].float_val) == [3.0, 3.5, 4.0]
+    columnar = httpx.post(f"{rest}:predict", json={"signature_name": "x_column", "inputs": [2.0, 3.0, 4.0]},
+                          timeout=30)
+    assert columnar.status_code == 200 and columnar.json() == {"outputs": [3.0, 3.5, 4.0]}
+
+
+def test_classify_and_regress_on_tf2_signatures_named_predict(testdata_server) -> None:
+    """testClassifyTf2, testRegressTf2 (classifier.cc, regressor.cc): the method name is checked only
+    with --enable_signature_method_name_check; without it, the signature's shape decides."""
+    address, _ = testdata_server
+    classified = stub(address).Classify(example_request(classification_pb2.ClassificationRequest, "classify_tf2",
+                                                        2.0), timeout=30)
+    regressed = stub(address).Regress(example_request(regression_pb2.RegressionRequest, "regress_tf2", 2.0),
+                                      timeout=30)
+    assert classified.result.classifications[0].classes[0].score == 3.0 and regressed.result.regressions[0].value == 3.0
+
+
+def test_multi_inference_answers_classify_and_regress_tasks_together(testdata_server) -> None:
+    """testMultiInference, testMultiInferenceTf2 (multi_inference.cc): tasks on one model's version,
+    one input of examples; the same signature twice, or two models, are refused."""
+    address, _ = testdata_server
+    request = inference_pb2.MultiInferenceRequest()
+    for signature, method in (("regress_x_to_y", "tensorflow/serving/regress"),
+                              ("classify_tf2", "tensorflow/serving/classify")):
+        task = request.tasks.add()
+        task.model_spec.name, task.model_spec.signature_name, task.method_name = "mnist", signature, method
+    request.input.example_list.examples.add().features.feature["x"].float_list.value.append(2.0)
+    answered = stub(address).MultiInference(request, timeout=30)
+    assert answered.results[0].regression_result.regressions[0].value == 3.0
+    assert answered.results[1].classification_result.classifications[0].classes[0].score == 3.0
+    assert [(r.model_spec.signature_name, r.model_spec.version.value) for r in answered.results] == [
+        ("regress_x_to_y", 1), ("classify_tf2", 1)]
+    request.tasks[1].model_spec.signature_name = "regress_x_to_y"
+    twice = rpc_error(stub(address).MultiInference, request)
+    assert twice.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert twice.details() == "Duplicate evaluation of signature: regress_x_to_y"
+    request.tasks[1].model_spec.signature_name, request.tasks[1].model_spec.name = "classify_tf2", "other"
+    other = rpc_error(stub(address).MultiInference, request)
+    assert other.details() == "All ModelSpecs in a MultiInferenceRequest must access the same model name."

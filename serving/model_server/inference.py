@@ -5,6 +5,7 @@ Each raises RequestError with the code TF Serving answers."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +17,7 @@ from tensorflow_serving.apis import (
     classification_pb2,
     get_model_metadata_pb2,
     get_model_status_pb2,
+    inference_pb2,
     predict_pb2,
     regression_pb2,
 )
@@ -28,6 +30,7 @@ PREDICT_METHOD = "tensorflow/serving/predict"
 CLASSIFY_METHOD = "tensorflow/serving/classify"
 REGRESS_METHOD = "tensorflow/serving/regress"
 INFERENCE_METHODS = (PREDICT_METHOD, CLASSIFY_METHOD, REGRESS_METHOD)  # predict_util.cc VerifySignature
+EXAMPLE_INPUTS = "inputs"  # kClassifyInputs, kRegressInputs: the serialized tf.Examples
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ def check_request_size(request, max_images: int) -> None:
     alone (a request's memory goes into decoding it, so the check comes first)."""
     for name, tensor in request.inputs.items():
         rows = tensor.tensor_shape.dim[0].size if tensor.tensor_shape.dim else 1
+        if math.prod(dim.size for dim in tensor.tensor_shape.dim if dim.size) >= 2**63:
+            continue  # a shape no tensor can have (TensorShape overflows): the parser refuses it in TF's words
         if max_images and rows > max_images:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
                                f"input '{name}' has {rows} rows, more than the {max_images} images one request may "
@@ -84,7 +89,10 @@ def shape_fits(required: list[int], shape: tuple[int, ...]) -> bool:
 
 
 def read_inputs(signature: meta_graph_pb2.SignatureDef, request: predict_pb2.PredictRequest,
-                options: PredictOptions) -> dict[str, np.ndarray]:
+                options: PredictOptions, check_shapes: bool = True) -> dict[str, np.ndarray]:
+    """The request's inputs as arrays. TF Serving checks names, sizes and dtypes (predict_util.cc)
+    and leaves shapes to the graph; ``check_shapes`` also holds them to the signature, for the
+    functions that cannot be left to find out (``LoadedVersion.runs_as_a_session``)."""
     check_input_count(signature, request)
     arrays = {}
     for name, proto in request.inputs.items():
@@ -100,7 +108,7 @@ def read_inputs(signature: meta_graph_pb2.SignatureDef, request: predict_pb2.Pre
             raise invalid(f"Expects arg '{name}' to be {types_pb2.DataType.Name(info.dtype)} but "
                           f"{types_pb2.DataType.Name(proto.dtype)} is provided")
         required = [dim.size for dim in info.tensor_shape.dim]
-        if not info.tensor_shape.unknown_rank and not shape_fits(required, array.shape):
+        if check_shapes and not info.tensor_shape.unknown_rank and not shape_fits(required, array.shape):
             raise invalid(f"input '{name}' has shape {list(array.shape)}, incompatible with the signature's "
                           f"{required}")
         if options.reject_non_finite and array.dtype.kind == "f" and not np.isfinite(array).all():
@@ -140,7 +148,7 @@ def answer_predict(manager: ModelManager, request: predict_pb2.PredictRequest,
         raise RequestError(grpc.StatusCode.INTERNAL, "Expected prediction signature method_name to be one of "
                                                      f"{{{methods}}}. Was: {signature.method_name}")
     check_request_size(request, options.max_images)
-    inputs = read_inputs(signature, request, options)
+    inputs = read_inputs(signature, request, options, check_shapes=not loaded.runs_as_a_session(signature_name))
     aliases = output_aliases(signature, request.output_filter)
     outputs = run_signature(loaded, signature_name, inputs)
     response = predict_pb2.PredictResponse()
@@ -167,18 +175,24 @@ def serialized_examples(request) -> np.ndarray:
     return np.array([context + example.SerializeToString() for example in examples], dtype=object)
 
 
-def example_signature(manager: ModelManager, request, method: str, kind: str
+def example_signature(manager: ModelManager, request, method: str, kind: str, method_name_check: bool
                       ) -> tuple[str, LoadedVersion, str, meta_graph_pb2.SignatureDef]:
+    """The signature a Classify or Regress names, checked as TF Serving checks it
+    (classifier.cc / regressor.cc ``GetClassificationSignatureDef``, ``PreProcess*``): its
+    method_name only with --enable_signature_method_name_check (TF2 SavedModels name every
+    signature tensorflow/serving/predict), else its shape: one input, named ``inputs``."""
     require_model_spec(request)
     name, loaded = manager.resolve(request.model_spec)
     signature_name = request.model_spec.signature_name or DEFAULT_SIGNATURE
     signature = loaded.signature_defs.get(signature_name)
     if signature is None:
         raise invalid(f"No signature was found with the name: {signature_name}")
-    if signature.method_name != method:
+    if method_name_check and signature.method_name != method:
         raise invalid(f"Expected {kind} signature method_name to be {method}. Was: {signature.method_name}")
     if len(signature.inputs) != 1:
         raise invalid("Expected one input Tensor.")
+    if EXAMPLE_INPUTS not in signature.inputs:
+        raise invalid(f"No {kind} inputs found in SignatureDef: {signature}")
     return name, loaded, signature_name, signature
 
 
@@ -187,9 +201,10 @@ def fill_model_spec(spec, name: str, signature_name: str, version: int) -> None:
     spec.version.value = version
 
 
-def classify(manager: ModelManager, request: classification_pb2.ClassificationRequest
-             ) -> classification_pb2.ClassificationResponse:
-    name, loaded, signature_name, signature = example_signature(manager, request, CLASSIFY_METHOD, "classification")
+def classify(manager: ModelManager, request: classification_pb2.ClassificationRequest,
+             options: PredictOptions = PredictOptions()) -> classification_pb2.ClassificationResponse:
+    name, loaded, signature_name, signature = example_signature(manager, request, CLASSIFY_METHOD, "classification",
+                                                                options.method_name_check)
     if not {"classes", "scores"} & set(signature.outputs):
         raise invalid('Expected classification signature outputs to contain at least one of "classes" or "scores".')
     examples = serialized_examples(request)
@@ -213,10 +228,14 @@ def classify(manager: ModelManager, request: classification_pb2.ClassificationRe
     return response
 
 
-def regress(manager: ModelManager, request: regression_pb2.RegressionRequest) -> regression_pb2.RegressionResponse:
-    name, loaded, signature_name, signature = example_signature(manager, request, REGRESS_METHOD, "regression")
+def regress(manager: ModelManager, request: regression_pb2.RegressionRequest,
+            options: PredictOptions = PredictOptions()) -> regression_pb2.RegressionResponse:
+    name, loaded, signature_name, signature = example_signature(manager, request, REGRESS_METHOD, "regression",
+                                                                options.method_name_check)
     if len(signature.outputs) != 1:
         raise invalid("Expected one output Tensor.")
+    if "outputs" not in signature.outputs:
+        raise invalid(f"No regression outputs found in SignatureDef: {signature}")
     examples = serialized_examples(request)
     outputs = run_signature(loaded, signature_name, {next(iter(signature.inputs)): examples})
     values = next(iter(outputs.values()))
@@ -227,6 +246,48 @@ def regress(manager: ModelManager, request: regression_pb2.RegressionRequest) ->
     fill_model_spec(response.model_spec, name, signature_name, loaded.version)
     for value in values.reshape(-1):
         response.result.regressions.add().value = float(value)
+    return response
+
+
+def multi_inference(manager: ModelManager, request: inference_pb2.MultiInferenceRequest,
+                    options: PredictOptions = PredictOptions()) -> inference_pb2.MultiInferenceResponse:
+    """TF Serving's MultiInference (multi_inference.cc, multi_inference_helper.cc): Classify and
+    Regress tasks on one input of examples, all on one model and the version the first task's
+    model spec resolves to, each signature at most once, answered together."""
+    model_name, signatures = "", set()
+    for task in request.tasks:
+        if not task.model_spec.name:
+            raise invalid("Found ModelSpec with an empty model name.")
+        if model_name and task.model_spec.name != model_name:
+            raise invalid("All ModelSpecs in a MultiInferenceRequest must access the same model name.")
+        model_name = task.model_spec.name
+        signature_name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        if signature_name in signatures:
+            raise invalid(f"Duplicate evaluation of signature: {signature_name}")
+        signatures.add(signature_name)
+    if not request.tasks:
+        raise invalid("Found ModelSpec with an empty model name.")
+    name, loaded = manager.resolve(request.tasks[0].model_spec)
+    response = inference_pb2.MultiInferenceResponse()
+    for task in request.tasks:
+        signature_name = task.model_spec.signature_name or DEFAULT_SIGNATURE
+        if signature_name not in loaded.signature_defs:
+            raise invalid(f"Requested signature not found in model graph: {signature_name}")
+        if task.method_name not in (CLASSIFY_METHOD, REGRESS_METHOD):
+            raise RequestError(grpc.StatusCode.UNIMPLEMENTED, f"Unsupported signature method_name: {task.method_name}")
+        single = (classification_pb2.ClassificationRequest() if task.method_name == CLASSIFY_METHOD
+                  else regression_pb2.RegressionRequest())
+        single.model_spec.name, single.model_spec.signature_name = name, task.model_spec.signature_name
+        single.model_spec.version.value = loaded.version  # every task on the one version resolved
+        single.input.CopyFrom(request.input)
+        result = response.results.add()
+        if task.method_name == CLASSIFY_METHOD:
+            answer = classify(manager, single, options)
+            result.classification_result.CopyFrom(answer.result)
+        else:
+            answer = regress(manager, single, options)
+            result.regression_result.CopyFrom(answer.result)
+        result.model_spec.CopyFrom(answer.model_spec)
     return response
 
 

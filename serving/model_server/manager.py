@@ -77,6 +77,14 @@ class LoadedVersion:
     def function(self, name: str):
         return self.module.signatures[name]
 
+    def runs_as_a_session(self, name: str) -> bool:
+        """A TF1 SavedModel's signature (a pruned graph, as Session::Run feeds it): it takes any
+        shape its graph takes, as TF Serving's Session does. A TF2 function's own input spec must
+        be met before the call: a rank TensorFlow's eager kernels do not expect can abort the process."""
+        from tensorflow.python.eager.wrap_function import WrappedFunction
+
+        return isinstance(self.function(name), WrappedFunction)
+
     def call(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the signature on these arrays."""
         outputs = self.function(name)(**{key: tf.constant(value) for key, value in inputs.items()})

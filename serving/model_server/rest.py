@@ -153,9 +153,9 @@ def dispatch(manager: ModelManager, method: str, path: str, body: bytes, options
             return predict_json(response, rows), response.model_spec.version.value
         if action == "classify":
             request = example_request(document, model, classification_pb2.ClassificationRequest())
-            response = classify(manager, request)
+            response = classify(manager, request, options)
             return classify_json(response), response.model_spec.version.value
-        response = regress(manager, example_request(document, model, regression_pb2.RegressionRequest()))
+        response = regress(manager, example_request(document, model, regression_pb2.RegressionRequest()), options)
         return regress_json(response), response.model_spec.version.value
     if method == "GET" and (match := STATUS_ROUTE.match(path)):
         model = path_of(match)

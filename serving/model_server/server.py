@@ -26,7 +26,15 @@ import grpc
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
 from serving.model_server.errors import RequestError
-from serving.model_server.inference import PredictOptions, classify, model_metadata, model_status, predict, regress
+from serving.model_server.inference import (
+    PredictOptions,
+    classify,
+    model_metadata,
+    model_status,
+    multi_inference,
+    predict,
+    regress,
+)
 from serving.model_server.manager import ModelManager
 from serving.model_server.model_config import ConfigRefused, read_model_config_file
 from serving.protocol.monitoring import ServingMetrics
@@ -43,13 +51,14 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
         return self.counted("Predict", request, context, lambda: predict(self.manager, request, self.options))
 
     def Classify(self, request, context):
-        return self.counted("Classify", request, context, lambda: classify(self.manager, request))
+        return self.counted("Classify", request, context, lambda: classify(self.manager, request, self.options))
 
     def Regress(self, request, context):
-        return self.counted("Regress", request, context, lambda: regress(self.manager, request))
+        return self.counted("Regress", request, context, lambda: regress(self.manager, request, self.options))
 
     def MultiInference(self, request, context):
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "MultiInference is not implemented by mnist serve")
+        with request_errors(context):
+            return multi_inference(self.manager, request, self.options)
 
     def GetModelMetadata(self, request, context):
         with request_errors(context):
