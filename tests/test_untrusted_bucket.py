@@ -40,6 +40,7 @@ def test_a_crafted_manifest_entry_refuses_the_version_and_writes_nothing_outside
     store.publish(saved_model_dir, LINEAGE)
     store.publish(saved_model_dir, LINEAGE)
     store.set_label("stable", 1)
+    store.set_label("canary", 2)  # served, so the sync reads its manifest
     craft(store, 2, {entry: b"payload"})
     outside_before = sorted(p.name for p in tmp_path.iterdir())
     base = tmp_path / "serving" / "mnist"
