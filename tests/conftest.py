@@ -23,6 +23,22 @@ def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 60
                           env={**os.environ, **(env or {})}, timeout=timeout)
 
 
+def stopped_by_sigterm(process: subprocess.Popen, timeout: float = 60) -> str:
+    """SIGTERM a started ``mnist`` process, as a supervisor stops it, and return its output;
+    SIGKILL its process group if it outlives ``timeout``."""
+    import signal
+
+    try:
+        process.send_signal(signal.SIGTERM)
+        return process.communicate(timeout=timeout)[0]
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
 def metric_values(page: str, name: str) -> dict[tuple, float]:
     """The samples named ``name`` on a Prometheus page, by their sorted (label, value) pairs."""
     from prometheus_client.parser import text_string_to_metric_families

@@ -30,7 +30,7 @@ from serving.model_server.model_config import single_model_config
 from storage.embedded import free_port, start_weed
 from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
 from tasks.data import load_test_set
-from tests.conftest import REPO, metric_values, run_mnist, start_model_server
+from tests.conftest import REPO, metric_values, run_mnist, start_model_server, stopped_by_sigterm
 from tests.conftest import wait_for as conftest_wait_for
 
 
@@ -594,12 +594,8 @@ def test_hostile_feedback_bodies_get_400_in_one_line_and_no_traceback(store_env,
                    for name, body in bodies.items()}
         too_big = httpx.post(url, content=f'{{"request_id": "{request_id}", "label": {"7" * 5000}}}'.encode(),
                              headers=bearer(LABELLER))  # the 5,000-digit label: refused before it is read
-        gateway.send_signal(signal.SIGTERM)
-        output, _ = gateway.communicate(timeout=30)
     finally:
-        if gateway.poll() is None:
-            os.killpg(gateway.pid, signal.SIGKILL)
-            gateway.wait()
+        output = stopped_by_sigterm(gateway, timeout=30)
     for name, reply in replies.items():
         assert reply.status_code == 400, (name, reply.status_code, reply.text[:200])
         assert len(reply.json()["error"]) < 300 and "\n" not in reply.json()["error"], name

@@ -19,7 +19,7 @@ from mnist_client.client import Target, predict, wait_until_available
 from storage.embedded import LOWEST_PICKED_PORT, ephemeral_ports, free_port, port_free
 from tasks.data import load_test_set
 from tasks.publish import publish_model
-from tests.conftest import REPO
+from tests.conftest import REPO, stopped_by_sigterm
 
 
 def test_make_serve_restarts_a_part_that_dies_and_says_so(store, saved_model_dir: Path, tmp_path: Path) -> None:
@@ -54,13 +54,8 @@ def test_make_serve_restarts_a_part_that_dies_and_says_so(store, saved_model_dir
         read_until("the gateway restarted")
         assert any("the gateway exited (code -9); restarting it in 1 s" in line for line in lines), "".join(lines)
         assert wait_until_available(Target(gateway), [1], 60) == {1: "AVAILABLE"}  # the same address serves again
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=60)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-        process.stdout.close()
+        output = stopped_by_sigterm(process)
     assert process.returncode == 0 and "mnist up: stopped" in output, "".join(lines) + output
     assert not first.is_running() and "listening on" in (state / "serving" / "gateway.log").read_text()
 

@@ -25,7 +25,6 @@ from tensorflow_serving.apis import (
 
 from mnist_client.client import Target, predict_probabilities
 from serving.model_server.tensors import to_tensor_proto
-from storage.embedded import free_port
 from tests.conftest import start_model_server
 from tests.tf_serving_cases import (  # noqa: F401  fixtures, used by name
     half_plus_two,
@@ -323,12 +322,10 @@ def tf_serving_testdata(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def testdata_server(tf_serving_testdata: Path, tmp_path: Path):
-    base = tmp_path / "testdata"
-    shutil.copytree(tf_serving_testdata, base / "1")
-    rest_port = free_port()
-    server, address = start_model_server(base, rest_api_port=rest_port)
-    yield address, f"http://127.0.0.1:{rest_port}/v1/models/mnist"
-    server.stop(grace=1)
+    from tests.tf_serving_cases import served_with_rest
+
+    with served_with_rest(tf_serving_testdata, tmp_path / "testdata") as (_, address, rest):
+        yield address, rest
 
 
 def test_request_shapes_are_left_to_the_model_as_tf_serving_leaves_them(testdata_server) -> None:

@@ -32,12 +32,21 @@ def half_plus_two(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture()
 def hp2_server(half_plus_two: Path, tmp_path: Path):
-    base = tmp_path / "hp2"
-    shutil.copytree(half_plus_two, base / "1")
+    with served_with_rest(half_plus_two, tmp_path / "hp2") as served:
+        yield served
+
+
+@contextmanager
+def served_with_rest(saved_model: Path, base: Path) -> Iterator[tuple[object, str, str]]:
+    """``saved_model`` as version 1 of model ``mnist`` in ``base``, served over gRPC and REST:
+    (server, gRPC address, the model's REST URL)."""
+    shutil.copytree(saved_model, base / "1")
     rest_port = free_port()
     server, address = start_model_server(base, rest_api_port=rest_port)
-    yield server, address, f"http://127.0.0.1:{rest_port}/v1/models/mnist"
-    server.stop(grace=1)
+    try:
+        yield server, address, f"http://127.0.0.1:{rest_port}/v1/models/mnist"
+    finally:
+        server.stop(grace=1)
 
 
 @contextmanager
