@@ -209,3 +209,14 @@ def test_grpc_and_rest_flags_behave_as_tf_serving(model_base: Path, test_images,
         assert httpx.options(f"{rest}:predict", timeout=30).status_code == 400  # no Origin
     finally:
         stop_served(process)
+
+
+def test_the_drop_in_name_takes_tf_servings_command_line() -> None:
+    """tensorflow_model_server (a console script of this project) is mnist serve under TF Serving's
+    name: what TF Serving's own test harness and launch scripts start."""
+    binary = Path(sys.executable).parent / "tensorflow_model_server"
+    version = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=120)
+    assert version.returncode == 0 and version.stdout.startswith("TensorFlow ModelServer: mnist serve")
+    refused = subprocess.run([str(binary), "--port", "1", "--no_such_flag"], capture_output=True, text=True,
+                             timeout=120)
+    assert refused.returncode == 2 and "no_such_flag" in refused.stderr
