@@ -108,7 +108,7 @@ def test_the_served_traffic_commands_refuse_bad_input_in_one_line(tmp_path: Path
 ENTRY_WITH = """
 import sys
 import cli.app as app
-def main():
+def main(argv=None):
     print("answer on a piped stdout")  # block-buffered on a pipe
     print("a last error line", file=sys.stderr)
     {outcome}
