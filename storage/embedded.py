@@ -131,6 +131,9 @@ def start_weed(data_dir: Path, access_key: str, secret_key: str, s3_config: Path
     command = [weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
                "-webdav=false", "-admin.ui=false", "-s3.port.iceberg=0", "-s3.port.lance=0",
                "-volume.preStopSeconds=0",  # no load balancer to drain: a second less at every stop
+               # each bucket takes volumes of its own; mini's limit (free disk / a 1 GiB volume) ran out
+               # at about 70 buckets. Volumes are not preallocated: the count costs no disk.
+               "-volume.max=1000",
                *(f"-{flag}={port}" for flag, port in ports.items())]
     if s3_config:
         command.append(f"-s3.config={s3_config}")
