@@ -85,12 +85,13 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
     outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage,
                "slice_notes": slice_notes, "candidates": trained.get("candidates"), "feedback": feedback}
     if not verdict["passed"]:
+        reason = verdict["summary"].removeprefix("rejected: ")  # the state and the event say "rejected"
         if params.publish:
-            record_rejection(verdict["summary"], metrics, lineage)
+            record_rejection(reason, metrics, lineage)
         report(str(run_dir), data["prepared_path"], metrics, outcome)
         tag_run(outcome_tags(None, True, metrics["test_accuracy"]))
         # nothing is exported or published; an expected outcome, so no traceback in the run's log
-        return Completed(name=REJECTED, message=verdict["summary"].removeprefix("rejected: "))
+        return Completed(name=REJECTED, message=reason)
 
     exported = export(trained["model_path"], data["prepared_path"], str(output_dir), StoreSettings().model_name)
     published = publish(exported["path"], metrics, lineage, params.publish_label) if params.publish else None

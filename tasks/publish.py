@@ -143,7 +143,6 @@ def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, An
     """Rejections go into the registry history too: it answers what was tried, not only what shipped."""
     store = ModelStore(StoreSettings())
     summary = metric_summary(metrics)
-    reason = reason.removeprefix("rejected: ")  # the event says rejected: its reason need not again
     store.record({"event": "rejected", "reason": reason, **run_of(lineage), "metrics": summary})
     emit_event("mnist.model.rejected", resource=model_resource(store), payload={"reason": reason, "metrics": summary})
     update_registry_overview(store)
