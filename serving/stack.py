@@ -168,9 +168,6 @@ class Supervisor:
         for part in reversed(self.parts):
             part.stop()
 
-    def restarts(self) -> dict[str, int]:
-        return {part.name: len(part.restarts) for part in self.parts}
-
 
 @contextmanager
 def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate: float = 1.0,
