@@ -109,12 +109,12 @@ def show_model(target) -> int:
 
 
 def knows_label(target) -> bool:
-    """Whether the server resolves ``target``'s label (TF Serving lists no labels: ask metadata).
-    Any other failure is left for the call itself to report."""
-    from mnist_client.client import ServingError, shared_channel, signature_io
+    """Whether the server resolves ``target``'s label (TF Serving lists no labels: ask metadata, the
+    answer the client keeps for the call that follows). Any other failure is left for that call."""
+    from mnist_client.client import ServingError, shared_channel, tensor_names
 
     try:
-        signature_io(shared_channel(target), target)
+        tensor_names(shared_channel(target), target)
     except ServingError as error:
         return "version label" not in str(error)
     return True
