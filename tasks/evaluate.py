@@ -211,7 +211,7 @@ def evaluate_stable(prepared_path: str) -> dict | None:
 
     from storage.models import ModelStore, StoreSettings
     from tasks.data import load_slices, load_test_set
-    from tasks.export import saved_model_predict
+    from tasks.export import saved_model_predictor
 
     store = ModelStore(StoreSettings())
     store.ensure_bucket()
@@ -223,10 +223,11 @@ def evaluate_stable(prepared_path: str) -> dict | None:
     slices = load_slices(Path(prepared_path))
     with tempfile.TemporaryDirectory() as scratch:
         store.download(version, Path(scratch))
-        metrics = metrics_from_probabilities(saved_model_predict(Path(scratch), x_test), y_test)
-        metrics["slices"] = {source: slice_accuracy(saved_model_predict(Path(scratch), images), labels)
+        predict = saved_model_predictor(Path(scratch))  # loaded once for the test set, the slices and the scan
+        metrics = metrics_from_probabilities(predict(x_test), y_test)
+        metrics["slices"] = {source: slice_accuracy(predict(images), labels)
                              for source, (images, labels) in slices.items()}
-        metrics["trigger_flips"] = trigger_flips(lambda images: saved_model_predict(Path(scratch), images), x_test)
+        metrics["trigger_flips"] = trigger_flips(predict, x_test)
     get_run_logger().info("stable v%d scores %.4f on this test set", version, metrics["test_accuracy"])
     kept = ("test_accuracy", "per_class_accuracy", "slices", "misclassified", "trigger_flips")
     return {"version": version, **{k: metrics[k] for k in kept}}

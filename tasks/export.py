@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import keras
 import numpy as np
@@ -76,10 +77,14 @@ def export_saved_model(model: keras.Model, destination: Path, warmup_images: np.
     return destination
 
 
+def saved_model_predictor(saved_model_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
+    """The SavedModel's serving signature, loaded once, as images -> probabilities."""
+    signature = tf.saved_model.load(str(saved_model_dir)).signatures[SIGNATURE_NAME]
+    return lambda images: signature(**{INPUT_NAME: tf.constant(images, dtype=tf.float32)})[OUTPUT_NAME].numpy()
+
+
 def saved_model_predict(saved_model_dir: Path, images: np.ndarray) -> np.ndarray:
-    loaded = tf.saved_model.load(str(saved_model_dir))
-    signature = loaded.signatures[SIGNATURE_NAME]
-    return signature(**{INPUT_NAME: tf.constant(images, dtype=tf.float32)})[OUTPUT_NAME].numpy()
+    return saved_model_predictor(saved_model_dir)(images)
 
 
 def verify_round_trip(model: keras.Model, saved_model_dir: Path, images: np.ndarray,
