@@ -28,9 +28,11 @@ from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
 TRAINING_FLOW = "mnist-training"
-# a gate rejection ends a run in the state named Rejected (type COMPLETED): an outcome, not a crash
+# a gate rejection ends a run in the state named Rejected: COMPLETED for the engine, then FAILED
+# on the server (flows/training.py); the automation fires once, on the second
 FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut",
                  "prefect.flow-run.Rejected"}
+FAILED_STATE_TYPES = ["FAILED", "CRASHED"]
 
 
 @cache
@@ -180,28 +182,39 @@ def retrain_on_drift(training_deployment_id: str) -> Automation:
                                parameters={"params": {"ingest_feedback": True}})])
 
 
+def who_hears(notify_block: str | None) -> str:
+    """The end of a notifying automation's description: its action box alone does not say it."""
+    if notify_block:
+        return f" Notifies through the block {notify_block}."
+    return (" Notifies nobody yet (MNIST_NOTIFY_BLOCK is unset, so its action does nothing): it shows in the event "
+            "feed; name a notification block, e.g. MNIST_NOTIFY_BLOCK=slack-webhook/ops, and run make deploy again.")
+
+
 def automations(training_deployment_id: str, notify_block: str | None) -> list[Automation]:
-    action = notification_action(notify_block)
+    action, heard = notification_action(notify_block), who_hears(notify_block)
     return [
         retrain_on_new_data(training_deployment_id, int(os.environ.get("MNIST_RETRAIN_MIN_NEW", "500"))),
         retrain_on_drift(training_deployment_id),
         Automation(
             name="mnist: training run failed",
-            description="A run of the training flow failed, crashed, timed out or was rejected by the gate.",
+            description="A run of the training flow failed, crashed, timed out or was rejected by the gate." + heard,
             trigger=EventTrigger(expect=FAILED_EVENTS, posture=Posture.Reactive, threshold=1,
+                                 match={"prefect.resource.id": "prefect.flow-run.*",
+                                        "prefect.state-type": FAILED_STATE_TYPES},
                                  match_related={"prefect.resource.role": "flow",
                                                 "prefect.resource.name": TRAINING_FLOW}),
             actions=[action]),
         Automation(
             name="mnist: serving disagrees with the registry",
             description="The serving-truth check found the server not serving what the registry says (a version "
-                        "that failed to load, a label the server does not know) for longer than its grace period.",
+                        "that failed to load, a label the server does not know) for longer than its grace period."
+                        + heard,
             trigger=EventTrigger(expect={"mnist.serving.mismatch"}, posture=Posture.Reactive, threshold=1,
                                  within=timedelta(hours=1), match={"prefect.resource.id": "mnist.model.*"}),
             actions=[action]),
         Automation(
             name="mnist: weekly retrain missed",
-            description="The scheduled training deployment has not completed a run in 8 days.",
+            description="The scheduled training deployment has not completed a run in 8 days." + heard,
             trigger=EventTrigger(expect={"prefect.flow-run.Completed"}, posture=Posture.Proactive, threshold=1,
                                  within=timedelta(days=8),
                                  match_related={"prefect.resource.role": "deployment",

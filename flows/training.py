@@ -38,7 +38,19 @@ def new_run_dir(output_dir: Path) -> Path:
     return run_dir
 
 
-@flow(name="mnist-training", log_prints=True, validate_parameters=True)
+def show_rejection_as_failure(flow, flow_run, state: State) -> None:
+    """On the server, a Rejected run becomes a FAILED-type state of the same name and message, so
+    the UI's badge is red rather than success's green. The flow itself ends COMPLETED (an outcome,
+    not a crash): a returned Failed state makes Prefect's engine raise it and log a traceback."""
+    if state.name != REJECTED:
+        return
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.set_flow_run_state(flow_run.id, Failed(name=REJECTED, message=state.message), force=True)
+
+
+@flow(name="mnist-training", log_prints=True, validate_parameters=True, on_completion=[show_rejection_as_failure])
 def training_flow(params: TrainingParams = TrainingParams(), force: bool = False) -> dict | State:
     """``force``: retrain even when nothing changed since stable, a checkbox of its own in the run
     form (also ``prefect deployment run ... --param force=true``), so forcing a scheduled run does
@@ -82,10 +94,10 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
                     *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced,
                     *poisoning_checks(metrics, stable, params.moved_margin, params.trigger_margin)],
                    return_state=True).result()
-    outcome = {"verdict": verdict["summary"], "gate": verdict, "stable": stable, "lineage": lineage,
+    outcome = {"verdict": f"rejected: {verdict['reason']}", "gate": verdict, "stable": stable, "lineage": lineage,
                "slice_notes": slice_notes, "candidates": trained.get("candidates"), "feedback": feedback}
     if not verdict["passed"]:
-        reason = verdict["summary"].removeprefix("rejected: ")  # the state and the event say "rejected"
+        reason = verdict["reason"]  # short: the report tables every check
         if params.publish:
             record_rejection(reason, metrics, lineage)
         report(str(run_dir), data["prepared_path"], metrics, outcome)

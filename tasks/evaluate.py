@@ -163,6 +163,15 @@ def slice_checks(candidate: dict, champion: dict | None, threshold: float, margi
     return checks, notes
 
 
+def short_reason(checks: list[GateCheck], shown: int = 2) -> str:
+    """The failing checks in one short line, for a state message and the runs list; the report
+    tables every check. Empty when nothing failed."""
+    failed = [check.describe() for check in checks if not check.passed]
+    more = len(failed) - shown
+    return "; ".join(failed[:shown]) + (f"; and {more} more failing check{'s' * (more > 1)} (see the report)"
+                                        if more > 0 else "")
+
+
 def enforce_gate(checks: list[GateCheck]) -> str:
     """Raise GateFailed naming every failed check; return the summary otherwise."""
     failed = [check.describe() for check in checks if not check.passed]
@@ -250,14 +259,18 @@ def gate(checks: list[GateCheck]) -> dict[str, object] | State:
     except GateFailed as rejection:
         summary, passed = f"rejected: {rejection}", False
     (logger.info if passed else logger.warning)("gate %s", summary)
+    failing_first = sorted(checks, key=lambda check: check.passed)
     table = "\n".join(f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'pass' if c.passed else 'FAIL'} |"
-                      for c in checks)
+                      for c in failing_first)
     create_table_artifact([{"check": c.name, "value": round(c.value, 5), "limit": round(c.limit, 5),
-                            "verdict": "pass" if c.passed else "FAIL"} for c in checks],
+                            "verdict": "pass" if c.passed else "FAIL"} for c in failing_first],
                           key="mnist-gate-checks", description="Gate checks, including the comparison with stable")
     create_markdown_artifact(
-        f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary}\n\n"
+        f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary if passed else short_reason(checks)}\n\n"
         f"| check | value | limit | verdict |\n|---|---|---|---|\n{table}\n",
         key="mnist-gate", description="Gate verdict")
-    verdict = {"passed": passed, "summary": summary, "checks": [c.describe() for c in checks]}
-    return verdict if passed else Completed(name=REJECTED, message=summary.removeprefix("rejected: "), data=verdict)
+    verdict = {"passed": passed, "summary": summary, "reason": short_reason(checks),
+               "checks": [c.describe() for c in checks],
+               "failed": [{"check": c.name, "value": c.value, "limit": c.limit, "at_most": c.at_most}
+                          for c in checks if not c.passed]}
+    return verdict if passed else Completed(name=REJECTED, message=verdict["reason"], data=verdict)

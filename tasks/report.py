@@ -168,6 +168,16 @@ def verdict_line(published: dict | None, live_check: dict | None) -> str:
     return "passed the gate; exported, not published"
 
 
+def failing_checks_lines(gate: dict) -> list[str]:
+    """A rejected run's failing checks, first in its report: what failed, by how much."""
+    if gate["passed"] or not gate.get("failed"):
+        return []
+    lines = ["| failing check | value | limit |", "|---|---|---|"]
+    lines += [f"| {check['check']} | {check['value']:.4f} | {'<=' if check['at_most'] else '>='} {check['limit']:.4f} |"
+              for check in gate["failed"]]
+    return lines + [""]
+
+
 def slice_lines(metrics: dict, stable: dict | None) -> list[str]:
     """The table of slices, candidate against stable on the same images, and each slice's confusion matrix."""
     slices = metrics.get("slices") or {}
@@ -216,6 +226,7 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
         "",
         f"**Verdict:** {outcome['verdict']}",
         "",
+        *failing_checks_lines(gate),
         "| test accuracy | test loss | misclassified | epochs run |",
         "|---|---|---|---|",
         f"| {metrics['test_accuracy']:.4f} | {metrics['test_loss']:.4f} | "

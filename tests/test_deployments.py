@@ -112,6 +112,10 @@ def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: di
     assert api(deployed, "GET", "/work_pools/mnist-process")["type"] == "process"
     created = {a["name"]: a for a in api(deployed, "POST", "/automations/filter", json={})}
     assert {"mnist: training run failed", "mnist: weekly retrain missed", "mnist: retrain on new data"} <= set(created)
+    assert all(a["description"] for a in created.values())  # the UI shows a custom trigger's description only
+    failed = created["mnist: training run failed"]
+    assert failed["actions"][0]["type"] == "do-nothing" and "Notifies nobody yet" in failed["description"]
+    assert failed["trigger"]["match"]["prefect.state-type"] == ["FAILED", "CRASHED"]  # a rejection alerts once
     retrain = created["mnist: retrain on new data"]
     assert retrain["trigger"]["expect"] == ["mnist.data.added"]
     [action] = retrain["actions"]
@@ -254,7 +258,8 @@ def test_the_scheduled_serving_check_finds_the_stack_and_checks_it(worker_runs: 
 def test_a_rejection_ends_rejected_in_one_line_without_a_traceback(worker_runs: dict[str, Any],
                                                                     deployed: dict[str, Any]) -> None:
     rejected = worker_runs["runs"][2]
-    assert rejected["state_name"] == "Rejected", rejected["state"]
+    # a rejection ends COMPLETED for the engine (no traceback) and FAILED on the server (a red badge)
+    assert (rejected["state_type"], rejected["state_name"]) == ("FAILED", "Rejected"), rejected["state"]
     message = rejected["state"]["message"]
     assert message.startswith("accuracy gate") and "0.9999" in message and "\n" not in message
     logs = run_logs(deployed, rejected["id"])
@@ -305,10 +310,29 @@ def test_the_runs_list_shows_each_outcome_at_a_glance(worker_runs: dict[str, Any
     from tests.ui_screenshot import screenshot_runs_list
 
     shot = REPO / "outputs" / "screenshots" / "runs-list.png"
-    text = screenshot_runs_list(deployed["ui"], [run["name"] for run in worker_runs["runs"]], shot)
+    text, badges = screenshot_runs_list(deployed["ui"], [run["name"] for run in worker_runs["runs"]], shot)
     assert shot.stat().st_size > 20_000
     for shown in ("published:v1", "published:v2", "rejected", "skipped", "Rejected"):
         assert shown in text, (shown, text[:3000])
+    # told apart by colour too: the rejected run's badge is the failure's, not success's
+    assert ["Rejected", "state--failed"] in badges and ["Completed", "state--completed"] in badges, badges
+    assert ["Rejected", "state--completed"] not in badges, badges
+
+
+@pytest.mark.browser
+def test_a_rejection_and_the_registry_read_at_a_glance(worker_runs: dict[str, Any], deployed: dict[str, Any]) -> None:
+    """The rejected run's report opens with its short reason and the failing checks as a table;
+    the registry artifact shows every label and the accuracy trend. Both screenshots go to the docs."""
+    from tests.ui_screenshot import screenshot_artifact, screenshot_report
+
+    shots = REPO / "outputs" / "screenshots"
+    seen = screenshot_report(deployed["ui"], worker_runs["runs"][2]["id"], shots / "rejected-run-report.png")
+    text = seen["text"]
+    assert "Verdict: rejected: accuracy gate" in text, text[:3000]
+    assert text.index("failing check") < text.index("Per-class accuracy") < text.index("Gate"), text[:3000]
+    registry = screenshot_artifact(deployed["ui"], "mnist-registry", "Model registry", shots / "registry.png")
+    assert "Serving: stable -> version 2" in registry["text"] and registry["plots_loaded"] == 1, registry
+    assert "rejected" in registry["text"].split("Last events:")[1], registry["text"][-2000:]
 
 
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])

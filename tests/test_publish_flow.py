@@ -89,6 +89,11 @@ def test_worse_challenger_is_rejected_and_recorded(prefect_api, pipeline_env: Pa
     state = training_flow(TrainingParams(**SMOKE), return_state=True)
     assert state.name == "Rejected"
     assert "not worse than stable v1" in state.message and "failed" in state.message
+    # short, for the state badge's tooltip and the runs list; the report tables every failing check
+    assert len(state.message) < 300 and "more failing checks (see the report)" in state.message, state.message
+    report = next((pipeline_env / "runs").iterdir()).joinpath("report.md").read_text()
+    verdict, failing = report.split("| failing check | value | limit |")[0], report.split("## Gate")[0]
+    assert "**Verdict:** rejected: " in verdict and failing.count("| digit ") >= 3, report[:1500]
     assert store.complete_versions() == [1] and store.labels() == {"stable": 1}
     rejected = [event for event in store.history() if event["event"] == "rejected"]
     assert len(rejected) == 1 and rejected[0]["flow_run_id"] == str(state.state_details.flow_run_id)

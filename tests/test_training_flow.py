@@ -77,6 +77,11 @@ def test_flow_below_threshold_fails_and_exports_nothing(prefect_api, pipeline_en
     state = training_flow(TrainingParams(preset="smoke", threshold=0.999, publish=False), return_state=True)
     assert state.name == "Rejected" and state.is_completed()  # an outcome, not a crash
     assert "accuracy gate" in state.message and "0.9990" in state.message
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:  # the UI's badge: red, not success's green
+        shown = client.read_flow_run(state.state_details.flow_run_id).state
+    assert (shown.type.value, shown.name, shown.message) == ("FAILED", "Rejected", state.message)
     assert not (pipeline_env / "mnist").exists()
     run_dir = next((pipeline_env / "runs").iterdir())
     assert (run_dir / "report.md").is_file() and "rejected" in (run_dir / "report.md").read_text()

@@ -17,6 +17,11 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
+# each state badge on the page: its text and its colour class (state--completed, state--failed, ...)
+STATE_BADGES = ("() => [...document.querySelectorAll('.state-badge')].map(b => [b.innerText.trim(),"
+                " [...b.classList].find(c => c.startsWith('state--')) || ''])")
+
+
 @contextmanager
 def browser_page(width: int, height: int, timeout_ms: int) -> Iterator[Any]:
     """A page in headless Debian chromium, closed with its browser after the block."""
@@ -56,17 +61,33 @@ def screenshot_report(ui: str, flow_run_id: str, path: Path, timeout_ms: int = 6
     with browser_page(1400, 1000, timeout_ms) as page:
         open_report_artifact(page, f"{ui}/runs/flow-run/{flow_run_id}", path)
         page.get_by_text("MNIST training run").first.wait_for()
-        page.wait_for_function("() => [...document.images].filter(i => i.src.startsWith('data:image/png'))"
-                               ".every(i => i.complete && i.naturalWidth > 0)")
-        # The UI scrolls inside an inner element, so a full-page shot would stop at the
-        # viewport: grow the viewport to the content instead.
-        height = page.evaluate("() => Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
-        page.set_viewport_size({"width": 1400, "height": min(int(height) + 100, 8000)})
-        page.wait_for_timeout(500)
-        page.screenshot(path=str(path), full_page=True)
-        plots_loaded = page.evaluate("() => [...document.images].filter(i => i.src.startsWith('data:image/png')"
-                                     " && i.naturalWidth > 0).length")
-        return {"text": page.inner_text("body"), "plots_loaded": plots_loaded, "url": page.url}
+        return whole_page(page, path)
+
+
+def whole_page(page: Any, path: Path, width: int = 1400) -> dict[str, Any]:
+    """Once its embedded plots have loaded, the page in one screenshot; its text, how many plots
+    loaded, and the state types its state badges show (``state--failed`` is the red badge)."""
+    page.wait_for_function("() => [...document.images].filter(i => i.src.startsWith('data:image/png'))"
+                           ".every(i => i.complete && i.naturalWidth > 0)")
+    # The UI scrolls inside an inner element, so a full-page shot would stop at the
+    # viewport: grow the viewport to the content instead.
+    height = page.evaluate("() => Math.max(...[...document.querySelectorAll('*')].map(e => e.scrollHeight))")
+    page.set_viewport_size({"width": width, "height": min(int(height) + 100, 8000)})
+    page.wait_for_timeout(500)
+    page.screenshot(path=str(path), full_page=True)
+    plots_loaded = page.evaluate("() => [...document.images].filter(i => i.src.startsWith('data:image/png')"
+                                 " && i.naturalWidth > 0).length")
+    badges = page.evaluate(STATE_BADGES)
+    return {"text": page.inner_text("body"), "plots_loaded": plots_loaded, "url": page.url, "badges": badges}
+
+
+def screenshot_artifact(ui: str, key: str, expect: str, path: Path, timeout_ms: int = 60_000) -> dict[str, Any]:
+    """The newest artifact of ``key`` (the UI's Artifacts page, by key), once ``expect`` shows."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with browser_page(1400, 1000, timeout_ms) as page:
+        page.goto(f"{ui}/artifacts/key/{key}")
+        page.get_by_text(expect).first.wait_for()
+        return whole_page(page, path)
 
 
 def open_links(links: list[str], expect: str, timeout_ms: int = 60_000) -> dict[str, str]:
@@ -80,8 +101,9 @@ def open_links(links: list[str], expect: str, timeout_ms: int = 60_000) -> dict[
     return opened
 
 
-def screenshot_runs_list(ui: str, run_names: list[str], path: Path, timeout_ms: int = 60_000) -> str:
-    """The Prefect UI's runs list once every named run shows in it; a screenshot, and its text."""
+def screenshot_runs_list(ui: str, run_names: list[str], path: Path,
+                         timeout_ms: int = 60_000) -> tuple[str, list[list[str]]]:
+    """The Prefect UI's runs list once every named run shows in it; a screenshot, its text and its state badges."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with browser_page(1600, 1200, timeout_ms) as page:
         page.goto(f"{ui}/runs")
@@ -89,4 +111,4 @@ def screenshot_runs_list(ui: str, run_names: list[str], path: Path, timeout_ms: 
             page.get_by_text(name).first.wait_for()
         page.wait_for_timeout(500)
         page.screenshot(path=str(path), full_page=True)
-        return page.inner_text("body")
+        return page.inner_text("body"), page.evaluate(STATE_BADGES)
