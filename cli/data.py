@@ -76,6 +76,8 @@ def command_data(args: argparse.Namespace) -> int:
                 raise CliError(str(error)) from None
         return report_added(result, args.source, args.json)
     with reachable_store(dataset_store) as store:
+        if args.action == "compact":
+            return compact_latest(store, args.pack_examples, args.json)
         if args.action == "list":
             rows = version_rows(store)
             if args.json:
@@ -107,6 +109,28 @@ def command_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def compact_latest(store, pack_examples: int | None, as_json: bool) -> int:
+    """Pack the latest version's small batches, the last unfilled group too."""
+    from storage.datasets import PACK_EXAMPLES
+
+    version = store.latest()
+    if version is None:
+        print(f"no dataset versions in {store.uri()}: nothing to pack")
+        return 0
+    try:
+        packs = store.compact(version, pack_examples or PACK_EXAMPLES)
+    except ValueError as error:
+        raise CliError(f"--pack-examples: {error}", exit_code=2) from None
+    if as_json:
+        print_json(packs)
+    elif not packs:
+        print(f"dataset version {version['version']}: no two small batches left outside a pack")
+    for pack in [] if as_json else packs:
+        print(f"packed {len(pack['batches'])} batches ({pack['count']} examples) as pack {pack['sha256'][:12]}: "
+              f"{pack['files']['pack.bin.z']['size']:,} bytes compressed from {pack['bytes']:,}")
+    return 0
+
+
 def report_added(result: dict[str, Any], source: str, as_json: bool) -> int:
     batch, version = result["batch"], result["version"]
     if os.environ.get("PREFECT_API_URL"):  # a server's automations may retrain on it
@@ -123,6 +147,8 @@ def report_added(result: dict[str, Any], source: str, as_json: bool) -> int:
           f"{len(version['batches'])} batches")
     for warning in result["report"]["warnings"]:
         print(f"warning: {warning}")
+    if result.get("packed"):
+        print(f"packed the small batches into {len(result['packed'])} pack(s) (mnist data compact)")
     if result.get("skipped"):
         print(f"left out {len(result['skipped'])} exact duplicates of known examples, e.g. {result['skipped'][0]}")
     return 0
@@ -180,6 +206,11 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--allow-paths-outside", action="store_true",
                      help="let a CSV name images outside its own folder (refused otherwise)")
     add.add_argument("--json", action="store_true", help="print the batch, the version and the report as JSON")
+    compact = actions.add_parser("compact", help="pack the latest version's small batches into a few large, "
+                                                 "compressed objects (data add does so once a pack is full)")
+    compact.add_argument("--pack-examples", type=int, default=None, metavar="N",
+                         help="examples per pack (default 50,000: about 8 MB compressed)")
+    compact.add_argument("--json", action="store_true", help="print the new packs' manifests")
     listing = actions.add_parser("list", help="dataset versions with their sources and counts")
     listing.add_argument("--json", action="store_true")
     show = actions.add_parser("show", help="one dataset version and its batches")

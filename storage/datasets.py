@@ -6,6 +6,9 @@ Layout (``../shared/DESIGN.md`` §4), beside the model store in the same bucket:
     <prefix>/datasets/<name>/batches/<sha256>/manifest.json    written last: count, histogram, source, report
     <prefix>/datasets/<name>/versions/<n>.json                 the batches of version n (written last,
                                                                only if absent: the compare-and-swap)
+    <prefix>/datasets/<name>/packs/<sha256>/pack.bin.z         small batches compacted: their payloads, in order,
+                                                               zlib-compressed (the name: SHA-256 uncompressed)
+    <prefix>/datasets/<name>/packs/<sha256>/manifest.json      written last: each batch's offset, size and digest
     <prefix>/datasets/<name>/_registry/claims/<n>              numbers claimed by earlier releases
     <prefix>/datasets/<name>/_registry/history/...             one object per event
 
@@ -14,6 +17,12 @@ examples always make the same batch, and a batch never changes. It is visible on
 once its manifest exists; a version only once its file exists, and it lists only
 complete batches. The MNIST base is part of every version by its IDX digests, so
 offline runs still read it from ``MNIST_DATA_DIR``.
+
+A pack holds many small batches (a year of daily feedback is thousands of them) so that a
+machine with an empty cache reads a version in a few large, compressed objects, not one request
+per batch. Packs change nothing a version says: a version still names its batches, and every
+batch read from a pack is checked against its own content digest. A pack is visible only once
+its manifest exists, so a compaction killed at any point leaves nothing partial visible.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import hashlib
 import json
 import re
 import tempfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -32,6 +42,10 @@ from pydantic import Field
 from storage.s3 import LocalFile, ObjectStore, S3Settings, StoreError, VerificationFailed, utc_now
 
 PAYLOAD = "examples.bin"
+PACK = "pack.bin.z"
+PACK_EXAMPLES = 50_000  # a pack's size: 39 MB of examples, about 8 MB compressed
+EXAMPLE_BYTES = 28 * 28 + 2  # pixels, label, split
+MAX_PACK_BYTES = 8 * PACK_EXAMPLES * EXAMPLE_BYTES  # what a pack may inflate to: bigger is not ours
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation", "test")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
@@ -208,3 +222,78 @@ class DatasetStore(ObjectStore):
         for _, examples in self.examples(version) if version else []:
             known.update(example_hashes(examples.images))
         return known
+
+    # --- packs: small batches compacted ---------------------------------------------
+    def packs(self) -> dict[str, dict[str, Any]]:
+        """Every complete pack's manifest, by the pack's digest."""
+        prefix = self.key("packs", "")
+        names = (item["Key"][len(prefix):].split("/") for item in self.list_keys(prefix))
+        digests = sorted(parts[0] for parts in names if parts[-1] == MANIFEST and SHA256_PATTERN.match(parts[0]))
+        return {digest: self.get_json(self.key("packs", digest, MANIFEST)) for digest in digests}
+
+    def pack_index(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """Batch digest -> (pack digest, pack manifest), for every batch a complete pack holds."""
+        return {entry["sha256"]: (digest, manifest) for digest, manifest in self.packs().items()
+                for entry in manifest["batches"]}
+
+    def compact(self, version: dict[str, Any], target: int = PACK_EXAMPLES,
+                full_only: bool = False) -> list[dict[str, Any]]:
+        """Pack the version's batches that are smaller than ``target`` examples and in no pack yet,
+        in the version's order, into packs of up to ``target`` examples; a group of one stays as
+        it is, and with ``full_only`` (at ingest) so does the last, unfilled group. The same
+        batches always make the same pack, so two compactions at once write the same objects.
+        Returns the new packs' manifests."""
+        if not 2 <= target <= MAX_PACK_BYTES // EXAMPLE_BYTES:
+            raise ValueError(f"pack size {target}: must be 2-{MAX_PACK_BYTES // EXAMPLE_BYTES} examples")
+        packed = self.pack_index()
+        loose = [(digest, manifest) for digest in version["batches"] if digest not in packed
+                 for manifest in [self.batch_manifest(digest)] if manifest["count"] < target]
+        groups: list[list[tuple[str, dict[str, Any]]]] = [[]]
+        for digest, manifest in loose:
+            if groups[-1] and sum(m["count"] for _, m in groups[-1]) + manifest["count"] > target:
+                groups.append([])
+            groups[-1].append((digest, manifest))
+        return [self.write_pack(group) for group in (groups[:-1] if full_only else groups) if len(group) > 1]
+
+    def write_pack(self, group: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+        """One pack: the payload (compressed, server-checked, read back), then its manifest."""
+        entries, parts, offset = [], [], 0
+        for digest, manifest in group:
+            raw = self.fetch_verified(self.key("batches", digest, PAYLOAD), manifest["files"][PAYLOAD],
+                                      f"batch {digest[:12]}: {PAYLOAD}")
+            entries.append({"sha256": digest, "count": manifest["count"], "offset": offset, "bytes": len(raw),
+                            "source": manifest["source"], "split_counts": manifest["split_counts"]})
+            parts.append(raw)
+            offset += len(raw)
+        payload = b"".join(parts)
+        digest = hashlib.sha256(payload).hexdigest()
+        existing = self.get_json(self.key("packs", digest, MANIFEST))
+        if existing is not None:
+            return existing
+        compressed = zlib.compress(payload, 6)
+        with tempfile.TemporaryDirectory() as scratch:
+            path = Path(scratch) / PACK
+            path.write_bytes(compressed)
+            files = self.upload_verified(self.key("packs", digest), [
+                LocalFile(PACK, path, hashlib.sha256(compressed).hexdigest(), len(compressed))])
+        manifest = {"sha256": digest, "bytes": len(payload), "count": sum(e["count"] for e in entries),
+                    "batches": entries, "files": files, "packed_at": utc_now()}
+        self.write_manifest(self.key("packs", digest, MANIFEST), manifest)
+        return manifest
+
+    def read_pack(self, digest: str, manifest: dict[str, Any]) -> Iterator[tuple[str, Examples]]:
+        """(batch digest, examples) of every batch in a pack, each checked against its own digest.
+        The decompressed size is bounded by the manifest before anything is inflated."""
+        if not SHA256_PATTERN.match(digest) or not 0 < manifest["bytes"] <= MAX_PACK_BYTES:
+            raise VerificationFailed(f"pack {digest[:12]}: not a pack this store writes")
+        compressed = self.fetch_verified(self.key("packs", digest, PACK), manifest["files"][PACK],
+                                         f"pack {digest[:12]}: {PACK}")
+        inflater = zlib.decompressobj()
+        payload = inflater.decompress(compressed, manifest["bytes"] + 1)
+        if len(payload) != manifest["bytes"] or hashlib.sha256(payload).hexdigest() != digest:
+            raise VerificationFailed(f"pack {digest[:12]}: its payload does not match its name")
+        for entry in manifest["batches"]:
+            piece = payload[entry["offset"]:entry["offset"] + entry["bytes"]]
+            if hashlib.sha256(piece).hexdigest() != entry["sha256"]:
+                raise VerificationFailed(f"pack {digest[:12]}: batch {entry['sha256'][:12]} does not match its digest")
+            yield entry["sha256"], Examples.from_payload(piece, entry["count"])

@@ -18,6 +18,7 @@ import numpy as np
 
 from mnist_client.images import InputError, as_digit_batch, prepare_digit, read_image
 from storage.datasets import SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
+from storage.s3 import StoreError
 from tasks.digits import ink_statistics
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
@@ -292,4 +293,15 @@ def ingest_candidates(store: DatasetStore, found: Candidates, source: str, refer
                                   "added by another ingest meanwhile; nothing was versioned")
 
     version = store.add_batch(batch["sha256"], {}, latest["batches"] if latest else [], no_duplicates_added_meanwhile)
-    return {"batch": batch, "version": version, "report": report, "skipped": skipped}
+    return {"batch": batch, "version": version, "report": report, "skipped": skipped,
+            "packed": pack_when_full(store, version, report)}
+
+
+def pack_when_full(store: DatasetStore, version: dict[str, Any], report: dict[str, Any]) -> list[str]:
+    """Once small batches add up to a whole pack, pack them (``DatasetStore.compact``). The version
+    is written already: a failed compaction is a warning, and the next ingest tries again."""
+    try:
+        return [pack["sha256"] for pack in store.compact(version, full_only=True)]
+    except StoreError as error:
+        report["warnings"].append(f"small batches not packed this time: {error}")
+        return []

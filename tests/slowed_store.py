@@ -4,6 +4,7 @@ a child process so a test can SIGKILL it between any two calls:
     python -m tests.slowed_store publish SAVED_MODEL_DIR
     python -m tests.slowed_store sync MODEL_BASE_PATH
     python -m tests.slowed_store ingest SOURCE
+    python -m tests.slowed_store compact PACK_EXAMPLES
 """
 
 from __future__ import annotations
@@ -40,6 +41,12 @@ if __name__ == "__main__":
         datasets = DatasetStore(DatasetSettings())
         report_and_slow(datasets, "put_object", 0.2)
         ingest(datasets, path, "killed", Reference(np.full(10, 0.1), 0.16, 300.0, {}))
+    elif action == "compact":
+        from storage.datasets import DatasetSettings, DatasetStore
+
+        datasets = DatasetStore(DatasetSettings())
+        report_and_slow(datasets, "put_object", 0.2)
+        datasets.compact(datasets.latest(), int(sys.argv[2]))
     elif action == "publish":
         report_and_slow(store, "put_object", 0.2)
         store.publish(path, {"flow_run_id": "killed"})
