@@ -39,6 +39,9 @@ class TrainingParams(BaseModel):
     label_smoothing: float | None = Field(None, ge=0.0, lt=1.0, description="share of each target spread over all "
                                                                             "classes")
     augment: bool | None = Field(None, description="random shifts, rotations and zoom of training digits")
+    epoch_examples: int | None = Field(None, ge=1, le=100_000_000,
+                                       description="examples an epoch samples from MNIST plus a dataset version "
+                                                   "(default: all, each new one new_data_weight times)")
     candidates: int = Field(1, ge=1, le=16, description="models trained at once on Dask (seeds seed, seed+1, ...); "
                                                        "the best by validation accuracy goes to the gate")
     threshold: float = Field(0.99, ge=0.0, le=1.0, description="gate: minimum test accuracy")
@@ -59,7 +62,8 @@ class TrainingParams(BaseModel):
                                   description="gate: how much more often than stable's a small patch may flip "
                                               "the candidate's answers (the backdoor scan)")
     dataset_version: int | None = Field(None, ge=1, description="dataset version to train on (default: latest)")
-    new_data_weight: int = Field(4, ge=1, le=50, description="times each new training example is repeated")
+    new_data_weight: int = Field(4, ge=1, le=50, description="times each new training example is seen per epoch, "
+                                                            "in expectation (sampled, not copied)")
     force: bool = Field(False, description="retrain even when data, code and recipe match stable's")
     min_new_examples: int = Field(0, ge=0, le=10_000_000,
                                   description="skip unless this many new examples arrived since stable (0: any change)")

@@ -12,7 +12,7 @@ import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -218,18 +218,26 @@ def load_prepared(path: Path) -> PreparedData:
 
 def load_test_set(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Only MNIST's test split: evaluation and plots need nothing else."""
-    with np.load(path) as arrays:
+    with np.load(base_arrays(path)) as arrays:
         return to_model_input(arrays["x_test"]), arrays["y_test"].astype(np.int64)
 
 
-def load_slices(path: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """The test slice of every new source (name -> images, labels); empty for MNIST alone."""
-    with np.load(path) as arrays:
-        if "slice_source" not in arrays:
-            return {}
-        names, sources = arrays["slice_names"].tolist(), arrays["slice_source"]
-        images, labels = to_model_input(arrays["x_slice"]), arrays["y_slice"].astype(np.int64)
-    return {name: (images[sources == index], labels[sources == index]) for index, name in enumerate(names)}
+def base_arrays(path: Path) -> Path:
+    """MNIST's prepared .npz: ``path`` itself, or the one a dataset version's plan builds on."""
+    from tasks.shards import is_plan, read_plan
+
+    return read_plan(path).base if is_plan(path) else path
+
+
+def slice_batches(path: Path) -> Iterator[tuple[str, np.ndarray, np.ndarray]]:
+    """The test slice of every new source as (source, model input, labels), a chunk at a time;
+    nothing for MNIST alone. Never the whole slice in memory."""
+    from tasks.shards import is_plan, read_plan, slice_chunks
+
+    if not is_plan(path):
+        return
+    for source, images, labels in slice_chunks(read_plan(path)):
+        yield source, to_model_input(images), labels
 
 
 # --- MNIST plus a dataset version -----------------------------------------------------------
@@ -241,48 +249,21 @@ def combined_fingerprint(base: str, dataset: dict | None, weight: int) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def add_new_data(base_path: Path, dataset: dict, batches, weight: int, destination: Path) -> None:
-    """MNIST's prepared splits plus every batch of ``dataset``: new training examples repeated
-    ``weight`` times, new validation examples added to validation, and each source's test
-    examples kept apart as its slice (never trained on). Arrays are sized from the version's
-    counts and filled batch by batch, so no batch is held after it is copied."""
-    counts = {split: sum(c[split] for c in dataset["sources"].values()) for split in ("train", "validation", "test")}
-    names = sorted(dataset["sources"])
-    with np.load(base_path) as base:
-        x_train = np.empty((len(base["y_train"]) + weight * counts["train"], 28, 28), np.uint8)
-        y_train = np.empty(len(x_train), np.uint8)
-        x_val = np.empty((len(base["y_val"]) + counts["validation"], 28, 28), np.uint8)
-        y_val = np.empty(len(x_val), np.uint8)
-        x_train[:len(base["y_train"])], y_train[:len(base["y_train"])] = base["x_train"], base["y_train"]
-        x_val[:len(base["y_val"])], y_val[:len(base["y_val"])] = base["x_val"], base["y_val"]
-        at_train, at_val = len(base["y_train"]), len(base["y_val"])
-        x_test, y_test = base["x_test"], base["y_test"]
-    x_slice = np.empty((counts["test"], 28, 28), np.uint8)
-    y_slice, slice_source = np.empty(counts["test"], np.uint8), np.empty(counts["test"], np.uint8)
-    at_slice = 0
-    for source, examples in batches:
-        for split, take in ((0, "train"), (1, "validation"), (2, "test")):
-            chosen = examples.splits == split
-            images, labels, n = examples.images[chosen], examples.labels[chosen], int(chosen.sum())
-            if take == "train":
-                for _ in range(weight):
-                    x_train[at_train:at_train + n], y_train[at_train:at_train + n] = images, labels
-                    at_train += n
-            elif take == "validation":
-                x_val[at_val:at_val + n], y_val[at_val:at_val + n] = images, labels
-                at_val += n
-            else:
-                x_slice[at_slice:at_slice + n], y_slice[at_slice:at_slice + n] = images, labels
-                slice_source[at_slice:at_slice + n] = names.index(source)
-                at_slice += n
-    if (at_train, at_val, at_slice) != (len(y_train), len(y_val), len(y_slice)):
-        raise DataError(f"dataset version {dataset['version']}: batches disagree with the version's counts")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.{os.getpid()}.partial")
-    with partial.open("wb") as handle:
-        np.savez(handle, x_train=x_train, y_train=y_train, x_val=x_val, y_val=y_val, x_test=x_test, y_test=y_test,
-                 x_slice=x_slice, y_slice=y_slice, slice_source=slice_source, slice_names=np.array(names))
-    partial.replace(destination)
+def plan_dataset(base_path: Path, dataset: dict, store: Any, cache_dir: Path, weight: int,
+                 destination: Path) -> tuple[Path, int]:
+    """MNIST's prepared splits plus every batch of ``dataset``, as a plan that training and
+    evaluation stream from: each batch is fetched into the shard cache unless it is there already
+    (keyed by its content digest), and nothing is copied per weight. Returns the plan's path and
+    how many objects (packs or batches) were read from the store."""
+    from tasks.shards import ShardCache, write_plan
+
+    cache = ShardCache(cache_dir / "shards")
+    indexes, fetched = cache.ensure(store, dataset["batches"])
+    for split, name in (("train", "train"), ("validation", "validation"), ("test", "test")):
+        expected = sum(counts[name] for counts in dataset["sources"].values())
+        if sum(index["counts"][split] for index in indexes) != expected:
+            raise DataError(f"dataset version {dataset['version']}: batches disagree with the version's counts")
+    return write_plan(destination, base_path, dataset["version"], weight, cache, indexes), fetched
 
 
 # --- Prefect task -------------------------------------------------------------
@@ -306,16 +287,15 @@ def prepare_data(data_dir: str | None, cache_dir: str, validation_size: int, spl
         get_run_logger().info("training on MNIST alone (no dataset version in the store)")
         return {"prepared_path": str(path), "data_fingerprint": fingerprint, "dataset": None}
     combined = combined_fingerprint(fingerprint, dataset, new_data_weight)
-    destination = Path(cache_dir) / f"mnist-{combined[:16]}.npz"
-    if not destination.exists():
-        from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetSettings, DatasetStore
 
-        store = DatasetStore(DatasetSettings())
-        add_new_data(path, dataset, store.examples(dataset), new_data_weight, destination)
-    get_run_logger().info("training on MNIST plus dataset version %d (%d new examples, sources %s)",
-                          dataset["version"], dataset["examples"], sorted(dataset["sources"]))
+    plan, fetched = plan_dataset(path, dataset, DatasetStore(DatasetSettings()), Path(cache_dir), new_data_weight,
+                                 Path(cache_dir) / f"mnist-{combined[:16]}.plan.json")
+    get_run_logger().info("training on MNIST plus dataset version %d (%d new examples in %d batches, sources %s; "
+                          "%d objects read from the store, the rest from the local cache)", dataset["version"],
+                          dataset["examples"], len(dataset["batches"]), sorted(dataset["sources"]), fetched)
     summary = {key: dataset[key] for key in ("version", "fingerprint", "examples", "sources")}
-    return {"prepared_path": str(destination), "data_fingerprint": combined, "dataset": summary}
+    return {"prepared_path": str(plan), "data_fingerprint": combined, "dataset": summary}
 
 
 def dataset_to_use(version: int | None) -> dict | None:

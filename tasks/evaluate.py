@@ -138,11 +138,27 @@ def champion_checks(candidate: dict, champion: dict | None, accuracy_margin: flo
 
 def slice_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> dict:
     """A new source's test slice: size, accuracy, per-class accuracy and confusion matrix."""
-    predicted = probabilities.argmax(axis=1)
-    matrix = confusion_matrix(labels, predicted)
-    return {"num_examples": int(len(labels)), "accuracy": float((predicted == labels).mean()) if len(labels) else 0.0,
+    return scores_of(confusion_matrix(labels, probabilities.argmax(axis=1)))
+
+
+def scores_of(matrix: np.ndarray) -> dict:
+    """Size, accuracy, per-class accuracy and the matrix itself, from a confusion matrix."""
+    count = int(matrix.sum())
+    return {"num_examples": count, "accuracy": float(matrix.trace() / count) if count else 0.0,
             "per_class_accuracy": [float(v) for v in matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)],
             "confusion_matrix": matrix.tolist()}
+
+
+def slice_scores(predict: Callable[[np.ndarray], np.ndarray], prepared_path: Path) -> dict[str, dict]:
+    """Every new source's test slice scored a chunk at a time: confusion matrices add up, so
+    the slice is never whole in memory, however large it grows."""
+    from tasks.data import slice_batches
+
+    matrices: dict[str, np.ndarray] = {}
+    for source, images, labels in slice_batches(prepared_path):
+        chunk = confusion_matrix(labels, predict(images).argmax(axis=1))
+        matrices[source] = matrices[source] + chunk if source in matrices else chunk
+    return {source: scores_of(matrix) for source, matrix in sorted(matrices.items())}
 
 
 def slice_checks(candidate: dict, champion: dict | None, threshold: float, margin: float,
@@ -193,7 +209,7 @@ from prefect.states import Completed, State  # noqa: E402
 @task(name="evaluate", timeout_seconds=900)
 def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     """Test-set metrics, saved as JSON; the test set is used here and nowhere in training."""
-    from tasks.data import load_slices, load_test_set
+    from tasks.data import load_test_set
     from tasks.model import load_saved_model
 
     x_test, y_test = load_test_set(Path(prepared_path))
@@ -202,8 +218,8 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str) -> dict:
     metrics = evaluate_model(model, x_test, y_test)
     metrics["trigger_flips"] = trigger_flips(lambda images: model.predict(images, batch_size=1024, verbose=0), x_test)
     metrics["evaluation_seconds"] = round(time.perf_counter() - started, 3)  # a run's cost outside fit
-    metrics["slices"] = {source: slice_accuracy(model.predict(images, batch_size=1024, verbose=0), labels)
-                         for source, (images, labels) in load_slices(Path(prepared_path)).items()}
+    metrics["slices"] = slice_scores(lambda images: model.predict(images, batch_size=1024, verbose=0),
+                                     Path(prepared_path))
     Path(run_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2))
     logger = get_run_logger()
     logger.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
@@ -219,7 +235,7 @@ def evaluate_stable(prepared_path: str) -> dict | None:
     import tempfile
 
     from storage.models import ModelStore, StoreSettings
-    from tasks.data import load_slices, load_test_set
+    from tasks.data import load_test_set
     from tasks.export import saved_model_predictor
 
     store = ModelStore(StoreSettings())
@@ -229,13 +245,11 @@ def evaluate_stable(prepared_path: str) -> dict | None:
         get_run_logger().info("no stable version yet: the absolute gate alone decides")
         return None
     x_test, y_test = load_test_set(Path(prepared_path))
-    slices = load_slices(Path(prepared_path))
     with tempfile.TemporaryDirectory() as scratch:
         store.download(version, Path(scratch))
         predict = saved_model_predictor(Path(scratch))  # loaded once for the test set, the slices and the scan
         metrics = metrics_from_probabilities(predict(x_test), y_test)
-        metrics["slices"] = {source: slice_accuracy(predict(images), labels)
-                             for source, (images, labels) in slices.items()}
+        metrics["slices"] = slice_scores(predict, Path(prepared_path))
         metrics["trigger_flips"] = trigger_flips(predict, x_test)
     get_run_logger().info("stable v%d scores %.4f on this test set", version, metrics["test_accuracy"])
     kept = ("test_accuracy", "per_class_accuracy", "slices", "misclassified", "trigger_flips")

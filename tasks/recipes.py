@@ -41,6 +41,9 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0, description="share of each target spread over all classes")
     augment: bool = Field(False, description="random shifts (2 px), rotations (10 deg) and zoom (10%) of training "
                                              "digits, fresh every epoch")
+    epoch_examples: int | None = Field(None, ge=1, le=100_000_000,
+                                       description="examples an epoch samples from MNIST plus a dataset version "
+                                                   "(default: all, each new one new_data_weight times)")
     model: ModelConfig = ModelConfig()
 
 

@@ -6,6 +6,7 @@ import json
 import math
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -106,52 +107,105 @@ def float32_copy(model: keras.Model, config: TrainConfig) -> keras.Model:
     return copy
 
 
-def train_model(data: PreparedData, config: TrainConfig,
+@dataclass(frozen=True)
+class FitInputs:
+    """What ``model.fit`` reads: arrays with their batch size, or a stream of batches with the
+    number of steps an epoch is; ``examples`` is how many an epoch sees (the schedule's length)."""
+
+    x: Any
+    y: Any = None
+    batch_size: int | None = None
+    shuffle: bool = False
+    steps_per_epoch: int | None = None
+    validation: Any = None
+    examples: int = 0
+
+
+def in_memory_inputs(data: PreparedData, config: TrainConfig) -> FitInputs:
+    """MNIST alone: the prepared arrays, held in memory (the fastest for 55,000 digits)."""
+    targets = keras.utils.to_categorical(data.y_train, NUM_CLASSES)
+    validation = ((data.x_val, keras.utils.to_categorical(data.y_val, NUM_CLASSES)) if len(data.y_val) else None)
+    if config.augment:
+        return FitInputs(augmented_batches(data.x_train, targets, config), validation=validation,
+                         examples=len(data.y_train))
+    return FitInputs(data.x_train, targets, config.batch_size, True, validation=validation,
+                     examples=len(data.y_train))
+
+
+def streamed_inputs(plan: Any, config: TrainConfig) -> FitInputs:
+    """MNIST plus a dataset version: MNIST's records held in memory, the new ones read from the
+    shard cache through tf.data, sampled at their weighted share, decoded (and augmented) a batch
+    at a time. Memory does not grow with the number of new examples."""
+    import tensorflow as tf
+
+    from tasks.shards import base_records, decode_batch, training_stream, validation_stream
+
+    examples = config.epoch_examples or base_records(plan, "train")[1] + plan.weight * plan.count("train")
+
+    def to_input(records):
+        images, labels = decode_batch(records)
+        return images, tf.one_hot(labels, NUM_CLASSES)
+
+    batches = training_stream(plan, config.seed).batch(config.batch_size).map(
+        to_input, num_parallel_calls=tf.data.AUTOTUNE)
+    if config.augment:
+        augment = augmentation(config.seed)
+        batches = batches.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+    validation = validation_stream(plan)
+    has_validation = int(validation.cardinality()) > 0  # validation_size 0 and no new validation examples
+    validation = validation.batch(1024).map(to_input).prefetch(2) if has_validation else None
+    return FitInputs(batches.prefetch(tf.data.AUTOTUNE), steps_per_epoch=math.ceil(examples / config.batch_size),
+                     validation=validation, examples=examples)
+
+
+def train_model(data: PreparedData | FitInputs, config: TrainConfig,
                 extra_callbacks: list[keras.callbacks.Callback] | None = None
                 ) -> tuple[keras.Model, dict[str, list[float]]]:
     """Seeded Keras fit on the training split, validating on the held-out split.
     Returns a float32 model whatever the training arithmetic was."""
     keras.utils.set_random_seed(config.seed)
+    inputs = data if isinstance(data, FitInputs) else in_memory_inputs(data, config)
     dtype = training_dtype(config)
     model = build_model(config.model, NUM_CLASSES, dtype=dtype)
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate_for(config, len(data.y_train))),
+        optimizer=keras.optimizers.Adam(learning_rate_for(config, inputs.examples)),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
         steps_per_execution=config.steps_per_execution,
     )
-    has_validation = len(data.y_val) > 0
-    targets = keras.utils.to_categorical(data.y_train, NUM_CLASSES)
-    inputs = augmented_batches(data.x_train, targets, config) if config.augment else data.x_train
     history = model.fit(
-        inputs,
-        None if config.augment else targets,
-        batch_size=None if config.augment else config.batch_size,
-        shuffle=not config.augment,  # the augmented pipeline shuffles itself
+        inputs.x,
+        inputs.y,
+        batch_size=inputs.batch_size,
+        shuffle=inputs.shuffle,
+        steps_per_epoch=inputs.steps_per_epoch,
         epochs=config.epochs,
-        validation_data=(data.x_val, keras.utils.to_categorical(data.y_val, NUM_CLASSES))
-        if has_validation else None,
-        callbacks=fit_callbacks(config, has_validation) + (extra_callbacks or []),
+        validation_data=inputs.validation,
+        callbacks=fit_callbacks(config, inputs.validation is not None) + (extra_callbacks or []),
         verbose=0,
     )
     history_lists = {name: [float(v) for v in values] for name, values in history.history.items()}
     return (model if dtype == "float32" else float32_copy(model, config)), history_lists
 
 
-def augmented_batches(images: np.ndarray, targets: np.ndarray, config: TrainConfig):
-    """Shuffled training batches, each digit shifted (up to 2 px), rotated (up to 10 degrees) and
-    zoomed (up to 10%) afresh every epoch, with Keras' own preprocessing layers; the model that is
-    trained, exported and served has no augmentation in it."""
-    import tensorflow as tf
-
-    seed = config.seed
-    augment = keras.Sequential([
+def augmentation(seed: int) -> keras.Sequential:
+    """Each digit shifted (up to 2 px), rotated (up to 10 degrees) and zoomed (up to 10%) afresh
+    every epoch, with Keras' own preprocessing layers; the model that is trained, exported and
+    served has no augmentation in it."""
+    return keras.Sequential([
         keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant", seed=seed),
         keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed + 1),
         keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
     ])
+
+
+def augmented_batches(images: np.ndarray, targets: np.ndarray, config: TrainConfig):
+    """Shuffled, augmented training batches of in-memory digits."""
+    import tensorflow as tf
+
+    augment = augmentation(config.seed)
     return (tf.data.Dataset.from_tensor_slices((images, targets))
-            .shuffle(len(images), seed=seed, reshuffle_each_iteration=True)
+            .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
             .batch(config.batch_size)
             .map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
             .prefetch(tf.data.AUTOTUNE))
@@ -185,12 +239,20 @@ class PrefectProgress(keras.callbacks.Callback):
         update_progress_artifact(self.artifact_id, progress=100.0 * (epoch + 1) / self.epochs)
 
 
+def training_inputs(prepared_path: Path, config: TrainConfig) -> FitInputs:
+    """MNIST alone from its prepared arrays; with a dataset version, streamed from its plan."""
+    from tasks.data import load_prepared
+    from tasks.shards import is_plan, read_plan
+
+    if is_plan(prepared_path):
+        return streamed_inputs(read_plan(prepared_path), config)
+    return in_memory_inputs(load_prepared(prepared_path), config)
+
+
 @task(name="train", timeout_seconds=3600)
 def train(prepared_path: str, config: TrainConfig, run_dir: str) -> dict[str, object]:
     """Fit the CNN; save the Keras model and its history; return their paths."""
-    from tasks.data import load_prepared
-
-    data = load_prepared(Path(prepared_path))
+    data = training_inputs(Path(prepared_path), config)
     started = time.perf_counter()
     model, history = train_model(data, config, [PrefectProgress(config.epochs)])
     fit_seconds = time.perf_counter() - started
@@ -200,7 +262,7 @@ def train(prepared_path: str, config: TrainConfig, run_dir: str) -> dict[str, ob
     write_json(Path(run_dir) / "history.json", history)
     write_json(Path(run_dir) / "training.json",
                {"config": config.model_dump(), "library_versions": library_versions(),
-                "epochs_run": len(history["loss"]), "train_size": len(data.y_train),
+                "epochs_run": len(history["loss"]), "examples_per_epoch": data.examples,
                 "fit_seconds": round(fit_seconds, 3)})
     return {"model_path": str(model_path), "history_path": str(Path(run_dir) / "history.json"), "seed": config.seed,
             "val_accuracy": history["val_accuracy"][-1] if history.get("val_accuracy") else None}

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from storage.datasets import DatasetSettings, DatasetStore, example_hashes, split_of
+from storage.s3 import StoreError
 from tasks.ingest import IngestError, Reference, ingest, mnist_reference
 from tests.conftest import REPO, run_mnist
 
@@ -199,21 +200,129 @@ def test_the_hash_split_does_not_move_as_data_grows(datasets: DatasetStore, mnis
     assert 0.7 < shares[0] < 0.9 and 0.04 < shares[1] < 0.17 and 0.04 < shares[2] < 0.17
 
 
+def plan_of(datasets: DatasetStore, version: dict, prepared_path: Path, cache: Path, weight: int = 3):
+    from tasks.data import plan_dataset
+    from tasks.shards import read_plan
+
+    path, fetched = plan_dataset(prepared_path, version, datasets, cache, weight, cache / "plan.plan.json")
+    return read_plan(path), fetched
+
+
+def hashes_of_records(files: list[str]) -> set[str]:
+    from tasks.shards import read_records
+
+    return {h for name in files for images, _ in read_records(name) for h in example_hashes(images)}
+
+
 def test_test_slice_examples_never_train(datasets: DatasetStore, mnist_raw, reference, prepared_path: Path,
                                          tmp_path: Path) -> None:
-    from tasks.data import add_new_data, load_prepared, load_slices
+    from tasks.data import slice_batches
 
     np.savez(tmp_path / "new.npz", **new_digits(mnist_raw, 2000, 2400))
     version = ingest(datasets, tmp_path / "new.npz", "new", reference)["version"]
-    combined = tmp_path / "combined.npz"
-    add_new_data(prepared_path, version, datasets.examples(version), 3, combined)
-    data, slices = load_prepared(combined), load_slices(combined)
-    slice_images, _ = slices["new"]
+    plan, _ = plan_of(datasets, version, prepared_path, tmp_path / "cache")
+    plan_path = tmp_path / "cache" / "plan.plan.json"
+    sliced = [(source, images, labels) for source, images, labels in slice_batches(plan_path)]
+    assert {source for source, _, _ in sliced} == {"new"}
+    slice_images = np.concatenate([images for _, images, _ in sliced])
     assert len(slice_images) == version["sources"]["new"]["test"] > 0
-    as_bytes = lambda images: set(example_hashes(np.round(images[..., 0] * 255)))  # noqa: E731
-    assert not as_bytes(slice_images) & (as_bytes(data.x_train) | as_bytes(data.x_val))
-    base = load_prepared(prepared_path)
-    assert len(data.y_train) == len(base.y_train) + 3 * version["sources"]["new"]["train"]
+    assert plan.count("train") == version["sources"]["new"]["train"] and plan.weight == 3
+    trained = hashes_of_records(plan.files("train") + plan.files("validation"))
+    assert not set(example_hashes(np.round(slice_images[..., 0] * 255))) & trained
+    assert len(trained) == version["sources"]["new"]["train"] + version["sources"]["new"]["validation"]
+
+
+def test_a_second_run_reads_no_batch_from_the_store(datasets: DatasetStore, mnist_raw, reference,
+                                                    prepared_path: Path, tmp_path: Path) -> None:
+    """The shard cache is keyed by content: once a batch is cached, its payload is never fetched
+    again, here shown by deleting every payload from the bucket before the second run."""
+    from tasks.shards import CacheError
+
+    np.savez(tmp_path / "a.npz", **new_digits(mnist_raw, 5000, 5300))
+    np.savez(tmp_path / "b.npz", **new_digits(mnist_raw, 5300, 5500))
+    ingest(datasets, tmp_path / "a.npz", "a", reference)
+    version = ingest(datasets, tmp_path / "b.npz", "b", reference)["version"]
+    cache = tmp_path / "cache"
+    first, fetched = plan_of(datasets, version, prepared_path, cache)
+    assert fetched == 2 and first.sources == ["a", "b"]
+    for key in bucket_keys(datasets):
+        if key.endswith("/examples.bin"):
+            datasets.client.delete_object(Bucket=datasets.bucket, Key=key)
+    second, fetched = plan_of(datasets, version, prepared_path, cache)
+    assert fetched == 0 and second.shards == first.shards
+    # a cached file cut after it was written is named, not trained on
+    other = version["batches"][1]
+    path = cache / "shards" / f"{other}.validation.rec"
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-10])
+    with pytest.raises(CacheError, match=f"cached batch {other[:12]}: {other}.validation.rec holds"):
+        plan_of(datasets, version, prepared_path, cache)
+    path.write_bytes(whole)
+    # a write killed before its index leaves the batch uncached: the next run fetches it whole
+    digest = version["batches"][0]
+    (cache / "shards" / f"{digest}.json").unlink()
+    (cache / "shards" / f"{digest}.train.rec").write_bytes(b"cut short")
+    with pytest.raises(StoreError, match=f"batch {digest[:12]}: examples.bin is missing"):
+        plan_of(datasets, version, prepared_path, cache)  # the payload is gone from the bucket: fetched, not faked
+
+
+def test_packs_hold_small_batches_and_a_killed_compaction_shows_nothing(datasets: DatasetStore, mnist_raw,
+                                                                         reference, store_env, prepared_path: Path,
+                                                                         tmp_path: Path) -> None:
+    """Three small batches packed into one compressed object: killed after its payload (before
+    its manifest) no pack is visible; finished, a machine with an empty cache reads the version
+    in one object, and the examples are the same bytes as the batches' own."""
+    for index in range(3):
+        np.savez(tmp_path / f"{index}.npz", **new_digits(mnist_raw, 6000 + 40 * index, 6040 + 40 * index))
+        version = ingest(datasets, tmp_path / f"{index}.npz", f"desk-{index}", reference)["version"]
+    assert datasets.packs() == {}  # 120 examples fill no pack of 50,000: ingest packs only full ones
+    killed = subprocess.Popen([sys.executable, "-m", "tests.slowed_store", "compact", "100"], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, **store_env})
+    first = killed.stdout.readline()  # the pack's payload is written; its manifest is not, yet
+    assert first.startswith("put_object ") and "/packs/" in first and first.strip().endswith("pack.bin.z"), first
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    killed.stdout.close()
+    assert datasets.packs() == {}, "a pack whose manifest was never written is not visible"
+    unpacked, reads = plan_of(datasets, version, prepared_path, tmp_path / "unpacked")
+    assert reads == 3
+    cli = run_mnist("data", "compact", "--pack-examples", "100", env=store_env)
+    assert cli.returncode == 0 and "packed 2 batches (80 examples) as pack" in cli.stdout, cli.stdout + cli.stderr
+    [(digest, pack)] = datasets.packs().items()
+    assert pack["count"] == 80 and pack["files"]["pack.bin.z"]["size"] < pack["bytes"] / 2  # compressed
+    packed, reads = plan_of(datasets, version, prepared_path, tmp_path / "packed")
+    assert reads == 2  # the pack, and the third batch that did not fit in it
+    for before, after in zip(unpacked.shards, packed.shards):
+        for split in ("train", "validation", "test"):
+            assert Path(before["files"][split]).read_bytes() == Path(after["files"][split]).read_bytes()
+    again = run_mnist("data", "compact", "--pack-examples", "100", env=store_env)
+    assert again.returncode == 0 and "no two small batches left outside a pack" in again.stdout
+
+
+def test_weighted_sampling_gives_new_examples_their_share(tmp_path: Path) -> None:
+    """Weight w sees each new training example w times per epoch in expectation, by sampling:
+    the share of new examples in the stream is w * new / (mnist + w * new), within 2 points."""
+    import tensorflow as tf
+
+    from tasks.shards import DataPlan, ShardCache, decode_batch, new_example_share, training_stream
+
+    rng = np.random.default_rng(0)
+    cache = ShardCache(tmp_path)
+    shards = []
+    for number in range(3):  # three batches: the stream interleaves files
+        images = rng.integers(1, 256, (400, 28, 28), dtype=np.uint8)  # never all-zero, unlike the base here
+        index = cache.add(f"{number:064x}", "new", images, rng.integers(0, 10, 400, dtype=np.uint8),
+                          np.zeros(400, np.uint8))
+        shards.append({**index, "files": {s: str(p) for s, p in cache.files(index["sha256"]).items()}})
+    base = tmp_path / "base.npz"  # MNIST's place, all-zero digits here
+    np.savez(base, x_train=np.zeros((3000, 28, 28), np.uint8), y_train=np.zeros(3000, np.uint8))
+    plan = DataPlan(base, 4, 1, shards)
+    expected = new_example_share(3000, 1200, 4)
+    assert abs(expected - 4800 / 7800) < 1e-9
+    seen = np.concatenate([images.numpy().reshape(len(images), -1).max(axis=1) > 0 for images, _ in
+                           training_stream(plan, seed=1, shuffle_buffer=512).batch(1000).map(decode_batch).take(20)])
+    assert abs(seen.mean() - expected) < 0.02, (seen.mean(), expected)
+    assert tf.data.experimental.cardinality(training_stream(plan, 1)) < 0  # endless
 
 
 def test_sliced_gate_rejects_a_candidate_worse_on_a_new_slice_though_better_on_mnist() -> None:
