@@ -21,20 +21,19 @@ from flows.settings import PipelineSettings
 
 @task(name="collect-traffic", timeout_seconds=1800)
 def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
-    """The window's logged images and answers, one .npz per version that answered (paths)."""
+    """The window's logged traffic, summarised per version that answered as it is read (counts,
+    and a bounded sample of per-image statistics: ``tasks.drift.TrafficSummary``), one .npz each."""
     from storage.logs import PredictionLogStore, TrafficSettings
     from tasks.drift import served_traffic
 
     since = datetime.now(timezone.utc) - timedelta(hours=window_hours)
-    images, answers = served_traffic(PredictionLogStore(TrafficSettings()).window(since))
-    paths = {}
-    for version in images:
+    paths, counts = {}, {}
+    for version, summary in served_traffic(PredictionLogStore(TrafficSettings()).window(since)).items():
         path = Path(run_dir) / f"traffic-v{version}.npz"
-        np.savez_compressed(path, images=np.concatenate(images[version]),
-                            probabilities=np.concatenate(answers[version]))
-        paths[version] = str(path)
-    get_run_logger().info("logged traffic since %s: %s", since.isoformat(timespec="seconds"),
-                          {v: len(np.load(p)["probabilities"]) for v, p in paths.items()} or "none")
+        arrays = summary.arrays()
+        np.savez_compressed(path, **arrays)
+        paths[version], counts[version] = str(path), int(arrays["count"])
+    get_run_logger().info("logged traffic since %s: %s", since.isoformat(timespec="seconds"), counts or "none")
     return paths
 
 
@@ -63,12 +62,13 @@ def compare_traffic(version: int, traffic_path: str, reference: dict[str, Any], 
     from tasks.drift import DriftThresholds, compare, plot_drift
     from tasks.report import embedded_png
 
-    traffic = np.load(traffic_path)
+    with np.load(traffic_path) as stored:
+        traffic = dict(stored)
     thresholds = DriftThresholds(params.alpha, params.min_effect, params.min_requests)
-    result = compare(reference, traffic["images"], traffic["probabilities"], thresholds)
+    result = compare(reference, traffic, thresholds)
     if not result["scores"]:
         return result, None
-    plot = plot_drift(reference, traffic["images"], traffic["probabilities"], Path(run_dir) / f"drift-v{version}.png",
+    plot = plot_drift(reference, traffic, Path(run_dir) / f"drift-v{version}.png",
                       f"version {version}: reference ({reference['source']}) against served traffic")
     return result, embedded_png(plot)
 

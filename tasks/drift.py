@@ -14,7 +14,7 @@ requests a trivial difference is significant, and a verdict must mean something.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,24 +22,96 @@ import numpy as np
 
 from tasks.digits import ink_statistics
 
+DRIFT_SAMPLE = 100_000  # rows kept per version for the tests: a day of a busy service stays this size
+FLUSH = 4096  # logged images summarised at a time
 
-def served_traffic(records: Iterable[tuple[Any, bytes]]
-                   ) -> tuple[dict[int, list[np.ndarray]], dict[int, list[np.ndarray]]]:
-    """Logged (entry, record) pairs as the images and answers of each version that answered; a
+
+class Reservoir:
+    """A uniform random sample of at most ``size`` of the rows added, in bounded memory: every row
+    gets a random key and the rows of the ``size`` smallest keys are kept (a bottom-k sample)."""
+
+    def __init__(self, size: int, seed: int = 0):
+        self.size, self.rng = size, np.random.default_rng(seed)
+        self.keys: list[np.ndarray] = []
+        self.columns: dict[str, list[np.ndarray]] = {}
+        self.buffered = 0
+
+    def add(self, **columns: np.ndarray) -> None:
+        count = len(next(iter(columns.values())))
+        self.keys.append(self.rng.random(count))
+        for name, values in columns.items():
+            self.columns.setdefault(name, []).append(values)
+        self.buffered += count
+        if self.buffered > 2 * self.size:
+            self.shrink()
+
+    def shrink(self) -> None:
+        keys = np.concatenate(self.keys) if self.keys else np.empty(0)
+        keep = np.argpartition(keys, self.size)[:self.size] if len(keys) > self.size else np.arange(len(keys))
+        self.keys = [keys[keep]]
+        self.columns = {name: [np.concatenate(parts)[keep]] for name, parts in self.columns.items()}
+        self.buffered = len(keep)
+
+    def sample(self) -> dict[str, np.ndarray]:
+        self.shrink()
+        return {name: parts[0] for name, parts in self.columns.items()}
+
+
+@dataclass
+class TrafficSummary:
+    """One version's served traffic as drift needs it: every request counted (images and predicted
+    classes exactly), the per-image statistics and confidences of a uniform sample of at most
+    DRIFT_SAMPLE images. Neither the images nor anything per request beyond the sample is kept."""
+
+    count: int = 0
+    class_counts: np.ndarray = field(default_factory=lambda: np.zeros(10, np.int64))
+    reservoir: Reservoir = field(default_factory=lambda: Reservoir(DRIFT_SAMPLE))
+    pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def add(self, images: np.ndarray, probabilities: np.ndarray) -> None:
+        self.pending.append((images, probabilities))
+        if sum(len(p) for _, p in self.pending) >= FLUSH:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        images = np.concatenate([i for i, _ in self.pending])
+        probabilities = np.concatenate([p for _, p in self.pending])
+        self.pending = []
+        features = ink_statistics(to_uint8(images))
+        self.count += len(probabilities)
+        self.class_counts += np.bincount(probabilities.argmax(axis=1), minlength=10)
+        self.reservoir.add(confidence=probabilities.max(axis=1),
+                           **{name: features[name] for name in INPUT_FEATURES})
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """What the drift tests read: the sample's columns, the class counts and the count."""
+        self.flush()
+        return {**self.reservoir.sample(), "class_counts": self.class_counts, "count": np.asarray(self.count)}
+
+
+def summarise(images: np.ndarray, probabilities: np.ndarray) -> dict[str, np.ndarray]:
+    """One batch of images and answers as ``TrafficSummary.arrays`` gives them."""
+    summary = TrafficSummary()
+    summary.add(images, probabilities)
+    return summary.arrays()
+
+
+def served_traffic(records: Iterable[tuple[Any, bytes]]) -> dict[int, TrafficSummary]:
+    """Logged (entry, record) pairs summarised per version that answered, a record at a time; a
     publish's live check through the gateway is left out: it is not traffic the model meets."""
     from tasks.feedback import logged_digits
 
-    images: dict[int, list[np.ndarray]] = {}
-    answers: dict[int, list[np.ndarray]] = {}
+    summaries: dict[int, TrafficSummary] = {}
     for entry, record in records:
         if entry.is_live_check or entry.version is None:
             continue
         digits, probabilities = logged_digits(record)
         if probabilities is None:
             continue
-        images.setdefault(entry.version, []).append(digits)
-        answers.setdefault(entry.version, []).append(probabilities)
-    return images, answers
+        summaries.setdefault(entry.version, TrafficSummary()).add(digits, probabilities)
+    return summaries
 
 
 REFERENCE_FILE = "assets.extra/reference_stats.json"
@@ -102,10 +174,10 @@ def ks_score(reference: list[float], live: np.ndarray, thresholds: DriftThreshol
             "drift": p_value < thresholds.alpha and statistic >= thresholds.min_effect}
 
 
-def class_score(reference: list[float], predicted: np.ndarray, thresholds: DriftThresholds) -> dict[str, Any]:
+def class_score(reference: list[float], class_counts: np.ndarray, thresholds: DriftThresholds) -> dict[str, Any]:
     from scipy import stats
 
-    observed = np.bincount(predicted, minlength=10).astype(np.float64)
+    observed = np.asarray(class_counts, dtype=np.float64)
     expected_share = (np.asarray(reference, dtype=np.float64) + 1e-3) / (np.sum(reference) + 1e-2)
     result = stats.chisquare(observed, expected_share * observed.sum())
     distance = 0.5 * float(np.abs(observed / observed.sum() - np.asarray(reference)).sum())
@@ -114,31 +186,28 @@ def class_score(reference: list[float], predicted: np.ndarray, thresholds: Drift
             and distance >= thresholds.min_effect}
 
 
-def compare(reference: dict[str, Any], images: np.ndarray, probabilities: np.ndarray,
-            thresholds: DriftThresholds) -> dict[str, Any]:
-    """Scores of the live ``images`` (float [N,28,28,1]) and ``probabilities`` [N,10] against a
-    version's reference; the verdict says ``not enough data`` below ``min_requests`` images."""
-    count = int(len(images))
+def compare(reference: dict[str, Any], traffic: dict[str, np.ndarray], thresholds: DriftThresholds) -> dict[str, Any]:
+    """Scores of a version's summarised traffic (``TrafficSummary.arrays``) against its
+    reference; the verdict says ``not enough data`` below ``min_requests`` images."""
+    count = int(traffic["count"])
     if count < thresholds.min_requests:
         return {"images": count, "verdict": "not enough data", "drifted": [], "scores": {},
                 "reason": f"{count} logged images, fewer than {thresholds.min_requests} needed for a verdict"}
-    features = ink_statistics(to_uint8(images))
-    scores = {name: ks_score(reference["inputs"][name], features[name], thresholds) for name in INPUT_FEATURES}
-    scores["confidence"] = ks_score(reference["confidence"], probabilities.max(axis=1), thresholds)
-    scores["predicted_class"] = class_score(reference["predicted_class"], probabilities.argmax(axis=1), thresholds)
+    scores = {name: ks_score(reference["inputs"][name], traffic[name], thresholds) for name in INPUT_FEATURES}
+    scores["confidence"] = ks_score(reference["confidence"], traffic["confidence"], thresholds)
+    scores["predicted_class"] = class_score(reference["predicted_class"], traffic["class_counts"], thresholds)
     drifted = [name for name, score in scores.items() if score["drift"]]
     return {"images": count, "verdict": "drift" if drifted else "no drift", "drifted": drifted, "scores": scores,
-            "live_predicted_class": (np.bincount(probabilities.argmax(axis=1), minlength=10) / count).tolist()}
+            "sampled": int(len(traffic["confidence"])),
+            "live_predicted_class": (traffic["class_counts"] / count).tolist()}
 
 
-def plot_drift(reference: dict[str, Any], images: np.ndarray, probabilities: np.ndarray, path: Path,
-               title: str) -> Path:
+def plot_drift(reference: dict[str, Any], traffic: dict[str, np.ndarray], path: Path, title: str) -> Path:
     """Reference against live: a histogram per input statistic and the confidence, bars per class."""
     from tasks.report import plt, save_figure
 
-    features = ink_statistics(to_uint8(images))
-    panels = [(name, reference["inputs"][name], features[name]) for name in INPUT_FEATURES]
-    panels.append(("confidence", reference["confidence"], probabilities.max(axis=1)))
+    panels = [(name, reference["inputs"][name], traffic[name]) for name in INPUT_FEATURES]
+    panels.append(("confidence", reference["confidence"], traffic["confidence"]))
     figure, axes = plt.subplots(2, 3, figsize=(13, 7))
     for axis, (name, ref, live) in zip(axes.flat, panels):
         edges = np.histogram_bin_edges(np.concatenate([np.asarray(ref), live]), bins=30)
@@ -147,7 +216,7 @@ def plot_drift(reference: dict[str, Any], images: np.ndarray, probabilities: np.
         axis.set_title(name.replace("_", " "))
         axis.legend(fontsize=8)
     classes = np.arange(10)
-    live_share = np.bincount(probabilities.argmax(axis=1), minlength=10) / max(len(probabilities), 1)
+    live_share = traffic["class_counts"] / max(int(traffic["count"]), 1)
     axes.flat[5].bar(classes - 0.2, reference["predicted_class"], width=0.4, label="reference")
     axes.flat[5].bar(classes + 0.2, live_share, width=0.4, label="served")
     axes.flat[5].set_xticks(classes)

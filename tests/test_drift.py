@@ -16,7 +16,7 @@ from flows.drift import drift_flow
 from flows.params import DriftParams
 from mnist_client.client import Target, predict_call
 from tasks.data import load_test_set
-from tasks.drift import REFERENCE_FILE, DriftThresholds, compare, reference_statistics
+from tasks.drift import REFERENCE_FILE, DriftThresholds, compare, reference_statistics, summarise
 from tasks.export import export_saved_model
 from tasks.publish import publish_model
 from tests.conftest import prefect_events, start_model_server
@@ -107,7 +107,33 @@ def test_a_statistic_must_be_both_significant_and_large_to_count() -> None:
     images[:, 8:20, 10:18] = 1.0
     probabilities = np.full((300, 10), 0.0, np.float32)
     probabilities[np.arange(300), np.arange(300) % 10] = rng.uniform(0.9, 1.0, 300)
-    result = compare(reference, images, probabilities, DriftThresholds())
+    result = compare(reference, summarise(images, probabilities), DriftThresholds())
     assert result["scores"]["predicted_class"]["drift"] is False  # uniform classes, as the reference
     assert result["scores"]["confidence"]["drift"] is False  # drawn as the reference's
     assert result["scores"]["ink_fraction"]["drift"] is True  # 96 ink pixels: 0.12 against 0.2 +- 0.05
+
+
+def test_a_busy_day_is_summarised_in_bounded_memory() -> None:
+    """250,000 logged images summarised a record at a time: the count and the predicted classes
+    exact, the statistics a uniform sample of at most DRIFT_SAMPLE, never more rows held at once."""
+    from tasks.drift import Reservoir, TrafficSummary
+
+    rng = np.random.default_rng(0)
+    summary = TrafficSummary(reservoir=Reservoir(10_000, seed=1))
+    image = np.zeros((1, 28, 28, 1), np.float32)
+    image[0, 8:20, 10:18] = 1.0
+    classes = np.zeros(10, np.int64)
+    largest = 0
+    for chunk in range(250):
+        # the confidence says which part of the day a row came from: 0.5 + chunk / 1000
+        answers = np.eye(10, dtype=np.float32)[rng.integers(0, 10, 1000)] * np.float32(0.5 + chunk / 1000)
+        classes += np.bincount(answers.argmax(axis=1), minlength=10)
+        summary.add(np.repeat(image, 1000, axis=0), answers)
+        largest = max(largest, summary.reservoir.buffered)
+    arrays = summary.arrays()
+    assert int(arrays["count"]) == 250_000 and arrays["class_counts"].tolist() == classes.tolist()
+    assert len(arrays["confidence"]) == 10_000 and largest <= 2 * 10_000 + 4096
+    assert np.allclose(arrays["ink_fraction"], 96 / 784)
+    # uniform over the day: as many sampled rows from its first half as from its second
+    first_half = (arrays["confidence"] < 0.625).mean()
+    assert 0.47 < first_half < 0.53, first_half

@@ -357,5 +357,5 @@ def test_live_check_traffic_stays_out_of_drift_and_feedback(store_env, upstream,
         gateway.stop()
     assert [entry.is_live_check for entry, _ in logged(gateway.logs)] == [False, True]
     assert feedback.status_code == 404 and "live check" in feedback.json()["error"]
-    images, answers = served_traffic(logged(gateway.logs))  # what the drift flow reads of the window
-    assert list(images) == [served.version] and sum(len(batch) for batch in images[served.version]) == 3
+    summaries = served_traffic(logged(gateway.logs))  # what the drift flow reads of the window
+    assert list(summaries) == [served.version] and int(summaries[served.version].arrays()["count"]) == 3
