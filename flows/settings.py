@@ -12,7 +12,7 @@ from tasks.mnist_files import beside_checkout
 
 class PipelineSettings(BaseSettings):
     """``MNIST_DATA_DIR``, ``MNIST_OUTPUT_DIR``, ``MNIST_CACHE_DIR``, ``MNIST_STATE_DIR``,
-    ``MNIST_SERVING_ADDRESS``, ``MNIST_LIVE_CHECK_TIMEOUT``."""
+    ``MNIST_SERVING_ADDRESS``, ``MNIST_LIVE_CHECK_TIMEOUT``, ``MNIST_DASK_SLICE_EXAMPLES``."""
 
     model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
 
@@ -24,6 +24,8 @@ class PipelineSettings(BaseSettings):
     state_dir: Path = Path(".state")  # embedded S3 store's data, credentials and pid
     serving_address: str | None = None  # HOST:PORT of TF Serving: enables the live check after publish
     live_check_timeout: float = 120.0  # seconds to wait for the new version to become AVAILABLE
+    # test-slice examples from which a run scores them on Dask (flows/slices.py), not in its process
+    dask_slice_examples: int = Field(1_000_000, ge=1)
 
 
 def live_check_address(settings: PipelineSettings) -> tuple[str | None, str]:

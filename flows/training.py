@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -36,6 +37,10 @@ def new_run_dir(output_dir: Path) -> Path:
     run_dir = output_dir / "runs" / f"{stamp}-{flow_run.name or 'local'}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+def test_slice_examples(dataset: dict | None) -> int:
+    return sum(counts["test"] for counts in (dataset or {}).get("sources", {}).values())
 
 
 def show_rejection_as_failure(flow, flow_run, state: State) -> None:
@@ -86,7 +91,12 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
         trained = train_candidates(data["prepared_path"], config, str(run_dir), params.candidates)
     else:
         trained = train(data["prepared_path"], config, str(run_dir))
-    metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir))
+    slices = None
+    if test_slice_examples(data["dataset"]) >= settings.dask_slice_examples:
+        from flows.slices import score_slices_on_dask  # Dask only when the slices outgrow this process
+
+        slices = score_slices_on_dask(trained["model_path"], data["prepared_path"], os.cpu_count() or 1)
+    metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir), slices)
     stable = evaluate_stable(data["prepared_path"]) if params.publish else None
     sliced, slice_notes = slice_checks(metrics, stable, params.slice_threshold, params.slice_margin,
                                        params.min_slice_size)

@@ -5,6 +5,7 @@ and the retrain that happens only when something changed."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -401,3 +402,33 @@ def test_ingest_flow_reports_the_batch(prefect_api, pipeline_env: Path, store_en
     assert "Ingested 30 digits from `scanner-c`" in report and "data:image/png;base64," in report
     refused = ingest_flow(str(folder), "scanner-c", return_state=True)
     assert refused.is_failed() and "exact duplicate" in refused.message
+
+
+def test_slices_that_outgrow_one_process_are_scored_on_dask(prefect_api, pipeline_env: Path, store_env,
+                                                            datasets: DatasetStore, mnist_raw, reference,
+                                                            monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Past MNIST_DASK_SLICE_EXAMPLES test-slice examples the run scores its slices on a local Dask
+    cluster, a group of cached shards per worker; the scores are those of scoring them in process."""
+    from flows.params import TrainingParams
+    from flows.training import training_flow
+    from tasks.evaluate import slice_scores
+    from tasks.model import load_saved_model
+    from tests.test_candidates import child_flow_names
+
+    for index in range(3):  # three batches: three test shards across two workers
+        np.savez(tmp_path / f"{index}.npz", **new_digits(mnist_raw, 7000 + 200 * index, 7200 + 200 * index))
+        ingest(datasets, tmp_path / f"{index}.npz", ("tablet", "scanner", "tablet")[index], reference)
+    monkeypatch.setenv("MNIST_DASK_SLICE_EXAMPLES", "1")
+    monkeypatch.setenv("MNIST_CACHE_DIR", str(tmp_path / "cache"))  # this run's plan, alone in it
+    state = training_flow(TrainingParams(preset="smoke", threshold=0.0, slice_threshold=0.0, publish=False,
+                                         dataset_version=3), return_state=True)
+    assert state.is_completed(), state.message
+    assert child_flow_names(state.state_details.flow_run_id) == ["mnist-slice-scoring"]
+    result = state.result()
+    run_dir = Path(result["run_dir"])
+    model = load_saved_model(str(run_dir / "model.keras"))
+    [plan] = (tmp_path / "cache").glob("mnist-*.plan.json")
+    local = slice_scores(lambda images: model.predict(images, batch_size=1024, verbose=0), plan)
+    assert set(local) == {"scanner", "tablet"} and result["slices"] == {s: v["accuracy"] for s, v in local.items()}
+    evaluation = json.loads((run_dir / "evaluation.json").read_text())
+    assert evaluation["slices"] == local
