@@ -67,10 +67,12 @@ class TrafficSummary:
     class_counts: np.ndarray = field(default_factory=lambda: np.zeros(10, np.int64))
     reservoir: Reservoir = field(default_factory=lambda: Reservoir(DRIFT_SAMPLE))
     pending: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
+    pending_images: int = 0
 
     def add(self, images: np.ndarray, probabilities: np.ndarray) -> None:
         self.pending.append((images, probabilities))
-        if sum(len(p) for _, p in self.pending) >= FLUSH:
+        self.pending_images += len(probabilities)
+        if self.pending_images >= FLUSH:
             self.flush()
 
     def flush(self) -> None:
@@ -78,7 +80,7 @@ class TrafficSummary:
             return
         images = np.concatenate([i for i, _ in self.pending])
         probabilities = np.concatenate([p for _, p in self.pending])
-        self.pending = []
+        self.pending, self.pending_images = [], 0
         features = ink_statistics(to_uint8(images))
         self.count += len(probabilities)
         self.class_counts += np.bincount(probabilities.argmax(axis=1), minlength=10)
