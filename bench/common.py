@@ -7,9 +7,10 @@ import json
 import os
 import platform
 import statistics
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -86,3 +87,23 @@ def process_tree_cpu(*pids: int) -> Callable[[], float]:
 
 def own_cpu() -> float:
     return sum(os.times()[:2])  # this process alone, not the servers it started
+
+
+STORE_VARIABLES = ("MNIST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION")
+
+
+@contextmanager
+def scratch_store(root: Path) -> Iterator[dict[str, str]]:
+    """An embedded S3 store under ``root`` for one benchmark, stopped after the block; yields the
+    environment a whole `mnist` command runs in against it (outputs and cache under ``root`` too)."""
+    from flows.settings import PipelineSettings
+    from storage.embedded import start_weed
+
+    weed = start_weed(root / "s3", "bench", "bench-secret-key")
+    try:
+        yield {**os.environ, "MNIST_S3_ENDPOINT": weed.endpoint, "AWS_ACCESS_KEY_ID": "bench",
+               "AWS_SECRET_ACCESS_KEY": "bench-secret-key", "AWS_REGION": "us-east-1",
+               "MNIST_OUTPUT_DIR": str(root / "outputs"), "MNIST_CACHE_DIR": str(root / "cache"),
+               "MNIST_DATA_DIR": str(PipelineSettings().data_dir)}
+    finally:
+        weed.stop()

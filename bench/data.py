@@ -4,7 +4,6 @@ examples against MNIST alone: wall time and the child's peak resident memory."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import save, table
+from bench.common import save, scratch_store, table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,31 +47,20 @@ def extra_examples(train_images: np.ndarray, train_labels: np.ndarray, count: in
 
 def main() -> dict:
     from flows.settings import PipelineSettings
-    from storage.embedded import start_weed
     from tasks.data import load_mnist_idx
     from tasks.synthetic import write_source
 
-    data_dir = PipelineSettings().data_dir
-    train, _, _ = load_mnist_idx(data_dir)
-    with tempfile.TemporaryDirectory() as scratch:
+    train, _, _ = load_mnist_idx(PipelineSettings().data_dir)
+    with tempfile.TemporaryDirectory() as scratch, scratch_store(Path(scratch)) as env:
         root = Path(scratch)
-        weed = start_weed(root / "s3", "bench", "bench-secret-key")
-        env = {**os.environ, "MNIST_S3_ENDPOINT": weed.endpoint, "AWS_ACCESS_KEY_ID": "bench",
-               "AWS_SECRET_ACCESS_KEY": "bench-secret-key", "AWS_REGION": "us-east-1",
-               "MNIST_OUTPUT_DIR": str(root / "outputs"), "MNIST_CACHE_DIR": str(root / "cache"),
-               "MNIST_DATA_DIR": str(data_dir)}
-        try:
-            write_source(train.images[:10000], train.labels[:10000], root / "folder")
-            ingest_seconds, ingest_peak = run_cli("data", "add", str(root / "folder"), "--source", "folder",
-                                                  env=env)
-            np.savez(root / "extra.npz", **extra_examples(train.images, train.labels, 90_000))
-            run_cli("data", "add", str(root / "extra.npz"), "--source", "extra", env=env)
-            base_env = {k: v for k, v in env.items() if k != "MNIST_S3_ENDPOINT"}  # MNIST alone
-            base_seconds, base_peak = run_cli("train", "--no-publish", env=base_env)
-            grown_seconds, grown_peak = run_cli("train", "--no-publish", "--dataset-version", "2",
-                                                "--new-data-weight", "1", env=env)
-        finally:
-            weed.stop()
+        write_source(train.images[:10000], train.labels[:10000], root / "folder")
+        ingest_seconds, ingest_peak = run_cli("data", "add", str(root / "folder"), "--source", "folder", env=env)
+        np.savez(root / "extra.npz", **extra_examples(train.images, train.labels, 90_000))
+        run_cli("data", "add", str(root / "extra.npz"), "--source", "extra", env=env)
+        base_env = {k: v for k, v in env.items() if k != "MNIST_S3_ENDPOINT"}  # MNIST alone
+        base_seconds, base_peak = run_cli("train", "--no-publish", env=base_env)
+        grown_seconds, grown_peak = run_cli("train", "--no-publish", "--dataset-version", "2",
+                                            "--new-data-weight", "1", env=env)
     rows = [["mnist data add (10,000 PNG files)", round(ingest_seconds, 1), round(10000 / ingest_seconds),
              round(ingest_peak)],
             ["mnist train --no-publish, MNIST alone", round(base_seconds, 1), "-", round(base_peak)],

@@ -2,7 +2,7 @@
 
 Each prints its table and writes JSON (with the machine and library versions)
 to bench/results/. Run one with --only training|whole|flow|serving|gateway|gateway-memory|light-client|
-sidecar|backdoor|hostile|data|transfers.
+sidecar|backdoor|hostile|data|scale|transfers.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from bench import (  # noqa: E402
     gateway_memory,
     hostile,
     light_client,
+    scale,
     serving,
     sidecar,
     training,
@@ -36,10 +37,14 @@ from bench.common import libraries, machine  # noqa: E402
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "gateway-memory",
-                                                 "light-client", "sidecar", "backdoor", "hostile", "data", "transfers"))
+                                                 "light-client", "sidecar", "backdoor", "hostile", "data", "scale",
+                                                 "transfers"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
+    parser.add_argument("--before", type=Path, default=None, metavar="CHECKOUT",
+                        help="an earlier checkout to run beside this one where a benchmark compares (scale: "
+                             "mnist drift over a day of logs)")
     args = parser.parse_args()
     print(f"machine: {machine()}")
     print(f"libraries: {libraries()}")
@@ -70,6 +75,9 @@ def main() -> None:
     if args.only in (None, "data"):
         print("\n== growing data: ingest and training with 100,000 new examples ==")
         data.main()
+    if args.only in (None, "scale"):
+        print("\n== data past memory: 0.1 M, 1 M and 3 M new examples, one epoch each, against MNIST alone ==")
+        scale.main(args.before)
     if args.only in (None, "transfers"):
         print("\n== streaming transfers: publish, verify and sync of a 1 GiB SavedModel ==")
         transfers.main()
