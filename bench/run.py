@@ -2,7 +2,8 @@
 
 Each prints its table and writes JSON (with the machine and library versions)
 to bench/results/. Run one with --only training|whole|flow|serving|gateway|gateway-memory|light-client|
-sidecar|backdoor|hostile|data|scale|transfers.
+sidecar|backdoor|hostile|data|scale|transfers|make-run
+(make-run only when asked for, with --before).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from bench import (  # noqa: E402
     gateway_memory,
     hostile,
     light_client,
+    make_run_ab,
     scale,
     serving,
     sidecar,
@@ -38,7 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "gateway-memory",
                                                  "light-client", "sidecar", "backdoor", "hostile", "data", "scale",
-                                                 "transfers"))
+                                                 "transfers", "make-run"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
@@ -78,6 +80,9 @@ def main() -> None:
     if args.only in (None, "scale"):
         print("\n== data past memory: 0.1 M, 1 M and 3 M new examples, one epoch each, against MNIST alone ==")
         scale.main(args.before)
+    if args.only == "make-run":
+        print("\n== make run's whole command, this checkout beside an earlier one ==")
+        make_run_ab.main(args.before)
     if args.only in (None, "transfers"):
         print("\n== streaming transfers: publish, verify and sync of a 1 GiB SavedModel ==")
         transfers.main()
