@@ -330,7 +330,7 @@ def test_a_rejection_and_the_registry_read_at_a_glance(worker_runs: dict[str, An
     text = seen["text"]
     assert "Verdict: rejected: accuracy gate" in text, text[:3000]
     assert text.index("failing check") < text.index("Per-class accuracy") < text.index("Gate"), text[:3000]
-    registry = screenshot_artifact(deployed["ui"], "mnist-registry", "Model registry", shots / "registry.png")
+    registry = screenshot_artifact(deployed["ui"], "mnist-registry", "Serving:", shots / "registry.png")
     assert "Serving: stable -> version 2" in registry["text"] and registry["plots_loaded"] == 1, registry
     assert "rejected" in registry["text"].split("Last events:")[1], registry["text"][-2000:]
 

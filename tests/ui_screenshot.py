@@ -82,10 +82,12 @@ def whole_page(page: Any, path: Path, width: int = 1400) -> dict[str, Any]:
 
 
 def screenshot_artifact(ui: str, key: str, expect: str, path: Path, timeout_ms: int = 60_000) -> dict[str, Any]:
-    """The newest artifact of ``key`` (the UI's Artifacts page, by key), once ``expect`` shows."""
+    """The newest artifact of ``key`` as a person finds it: Artifacts, the key, its newest entry
+    (the top of the key's timeline); once ``expect`` shows."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with browser_page(1400, 1000, timeout_ms) as page:
         page.goto(f"{ui}/artifacts/key/{key}")
+        page.locator("a[href*='/artifacts/artifact/']").first.click()
         page.get_by_text(expect).first.wait_for()
         return whole_page(page, path)
 
