@@ -6,9 +6,9 @@ A training run on MNIST plus a dataset version no longer copies every example (n
 manifest, and split into three files of fixed-length records (label byte, then the 784 pixel
 bytes): ``<sha256>.train.rec``, ``.validation.rec`` and ``.test.rec``. An index file
 ``<sha256>.json`` is written last, so a batch is in the cache only once all three files are
-whole; a killed download leaves only ``.partial`` files, which the next run overwrites. The
-cache is keyed by the batch's content digest, so a second run of the same version reads nothing
-from the store.
+whole; a killed download leaves only ``.partial`` files, which nothing reads, and two runs
+filling the cache at once each rename whole files into place. The cache is keyed by the batch's
+content digest, so a second run of the same version reads nothing from the store.
 
 The plan (``mnist-<fingerprint>.plan.json`` beside MNIST's prepared ``.npz``) names MNIST's
 prepared splits, the weight and every cached batch; training samples new examples from it with
