@@ -353,6 +353,29 @@ def test_classify_and_regress_on_tf2_signatures_named_predict(testdata_server) -
     assert classified.result.classifications[0].classes[0].score == 3.0 and regressed.result.regressions[0].value == 3.0
 
 
+def test_a_tf_1_0_saved_model_is_served_through_a_session_as_tf_serving_serves_it(tmp_path: Path) -> None:
+    """testGoodModelConfig, testModelConfigReload (saved_model_half_plus_three, written by TF 1.0):
+    an empty placeholder shape meant "unknown" then and means a scalar now, so tf.saved_model.load
+    refuses the graph (ParseExample wants a vector); TF Serving loads every SavedModel into a
+    Session (saved_model_bundle_factory.cc), which imports it, and so does this server for a TF1
+    SavedModel that tf.saved_model.load refuses."""
+    import tensorflow as tf
+
+    from tests.half_plus_two import export_half_plus_three_as_tf_1_0
+    from tests.tf_serving_cases import served_with_rest
+
+    model = export_half_plus_three_as_tf_1_0(tmp_path / "hp3" / "123")
+    with pytest.raises(ValueError, match="rank"):  # a TensorInfo without a shape read as a scalar
+        tf.saved_model.load(str(model))
+    with served_with_rest(model, tmp_path / "served") as (_, address, rest):
+        assert list(stub(address).Predict(hp2_predict([2.0]), timeout=30).outputs["y"].float_val) == [4.0]
+        regressed = stub(address).Regress(example_request(regression_pb2.RegressionRequest, "regress_x_to_y", 2.0),
+                                          timeout=30)
+        assert regressed.result.regressions[0].value == 4.0
+        assert httpx.post(f"{rest}:predict", json={"instances": [[2.0], [6.0]]}, timeout=30).json() == {
+            "predictions": [[4.0], [6.0]]}
+
+
 def test_multi_inference_answers_classify_and_regress_tasks_together(testdata_server) -> None:
     """testMultiInference, testMultiInferenceTf2 (multi_inference.cc): tasks on one model's version,
     one input of examples; the same signature twice, or two models, are refused."""

@@ -38,6 +38,7 @@ from tensorflow_serving.config import model_server_config_pb2
 from serving.model_server.batching import Batcher, BatchingOptions
 from serving.model_server.errors import RequestError
 from serving.model_server.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
+from serving.model_server.session_model import SessionModel, SessionSignature, load_saved_model
 from serving.model_server.tensors import from_tensor_proto
 from serving.protocol.monitoring import BatchingMetrics
 
@@ -83,12 +84,12 @@ class LoadedVersion:
         be met before the call: a rank TensorFlow's eager kernels do not expect can abort the process."""
         from tensorflow.python.eager.wrap_function import WrappedFunction
 
-        return isinstance(self.function(name), WrappedFunction)
+        return isinstance(self.function(name), (WrappedFunction, SessionSignature))
 
     def call(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the signature on these arrays."""
         outputs = self.function(name)(**{key: tf.constant(value) for key, value in inputs.items()})
-        return {key: tensor.numpy() for key, tensor in outputs.items()}
+        return {key: value.numpy() if hasattr(value, "numpy") else value for key, value in outputs.items()}
 
     def run(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The signature on these arrays: merged with concurrent calls when batching is on."""
@@ -103,6 +104,8 @@ class LoadedVersion:
     def unload(self) -> None:
         for batcher in self.batchers.values():
             batcher.stop()
+        if isinstance(self.module, SessionModel):
+            self.module.close()
 
 
 @dataclass
@@ -160,7 +163,7 @@ def warm_up(loaded: LoadedVersion, iterations: int) -> int:
 def load_version(path: Path, version: int, options: LoadOptions = LoadOptions(),
                  answering: Callable[[], int] = lambda: 0, batch_metrics: BatchingMetrics | None = None
                  ) -> LoadedVersion:
-    module = tf.saved_model.load(str(path), tags=sorted(options.tags))
+    module = load_saved_model(path, sorted(options.tags))
     loaded = LoadedVersion(version, path, module, read_signature_defs(path, options.tags), options.batching,
                            answering, batch_metrics)
     replayed = warm_up(loaded, options.warmup_iterations)

@@ -1,0 +1,79 @@
+"""A TF1 SavedModel run the way TF Serving runs every SavedModel: loaded into a Session, each
+signature a Session.run feeding and fetching its SignatureDef's tensor names.
+
+``tf.saved_model.load`` turns a TF1 MetaGraph into functions whose inputs take the shapes the
+SignatureDef records, and it refuses a graph whose recorded shapes its ops reject at import (TF
+Serving's own ``saved_model_half_plus_three``: a scalar ``tf_example`` feeding ParseExample).
+A Session imports the graph as TF Serving's does, without those checks; the server falls back to
+it only when ``tf.saved_model.load`` refuses a model that has no TF2 object graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.protobuf import meta_graph_pb2
+
+
+class SessionSignature:
+    """One SignatureDef as a call: keyword arrays in, a dict of arrays out (Session.run)."""
+
+    def __init__(self, session: Any, signature: meta_graph_pb2.SignatureDef):
+        graph = session.graph
+        self.session = session
+        self.feeds = {name: graph.get_tensor_by_name(info.name) for name, info in signature.inputs.items()}
+        self.fetches = {name: graph.get_tensor_by_name(info.name) for name, info in signature.outputs.items()}
+
+    def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
+        unknown = set(inputs) - set(self.feeds)
+        if unknown:
+            raise ValueError(f"unknown inputs {sorted(unknown)}; the signature takes {sorted(self.feeds)}")
+        # Session.run's Python wrapper refuses a feed whose shape differs from the placeholder's
+        # recorded one ([1] for (None, 1)); TF Serving's C++ Session::Run feeds it, and the graph's
+        # ops judge it. The wrapper's own lower call does the same as C++.
+        feed = {self.feeds[name]._as_tf_output(): np.asarray(value.numpy() if hasattr(value, "numpy") else value,
+                                                            dtype=self.feeds[name].dtype.as_numpy_dtype)
+                for name, value in inputs.items()}
+        names = list(self.fetches)
+        values = self.session._call_tf_sessionrun(None, feed, [self.fetches[n]._as_tf_output() for n in names], [],
+                                                  None)
+        return dict(zip(names, values))
+
+
+class SessionModel:
+    """A SavedModel loaded into its own graph and Session; ``signatures`` as a loaded TF2 module has."""
+
+    def __init__(self, path: Path, tags: list[str]):
+        graph = tf.Graph()
+        self.session = tf.compat.v1.Session(graph=graph)
+        with graph.as_default():
+            meta_graph = tf.compat.v1.saved_model.loader.load(self.session, tags, str(path))
+        self.signatures = {name: SessionSignature(self.session, signature)
+                           for name, signature in meta_graph.signature_def.items()}
+
+    def close(self) -> None:
+        self.session.close()
+
+
+def is_tf1_saved_model(path: Path, tags: list[str]) -> bool:
+    """Whether a MetaGraph with exactly these tags exists and has no TF2 object graph (a TF1 export)."""
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    saved_model = saved_model_pb2.SavedModel()
+    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
+    return any(set(meta.meta_info_def.tags) == set(tags) and not meta.object_graph_def.nodes
+               for meta in saved_model.meta_graphs)
+
+
+def load_saved_model(path: Path, tags: list[str]) -> Any:
+    """``tf.saved_model.load``; for a TF1 SavedModel it refuses, a Session as TF Serving's. Any
+    other refusal (tags that name no MetaGraph, a broken TF2 export) stands."""
+    try:
+        return tf.saved_model.load(str(path), tags=tags)
+    except ValueError:
+        if not is_tf1_saved_model(path, tags):
+            raise
+        return SessionModel(path, tags)
