@@ -48,6 +48,9 @@ def command_worker(args: argparse.Namespace) -> int:
 
     if args.grace_seconds < 0:
         raise CliError(f"--grace-seconds {args.grace_seconds:g}: must be 0 or more", exit_code=2)
+    # a job started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # Python then never raises KeyboardInterrupt: SIGINT stops this worker however it was started
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with store_environment(pipeline_settings().state_dir):
         # its own process group: the stop below reaches the worker and every flow run it started
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool],

@@ -335,9 +335,9 @@ def test_a_rejection_and_the_registry_read_at_a_glance(worker_runs: dict[str, An
     assert "rejected" in registry["text"].split("Last events:")[1], registry["text"][-2000:]
 
 
-@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("stop, started_in_background", [("SIGTERM", False), ("SIGINT", False), ("SIGINT", True)])
 def test_the_worker_stops_on_request_and_leaves_no_process(deployed: dict[str, Any], s3_server, tmp_path: Path,
-                                                           stop: str) -> None:
+                                                           stop: str, started_in_background: bool) -> None:
     """mnist worker (make worker) stopped as a supervisor (SIGTERM) or a person (Ctrl-C) stops it:
     exit 0 within its grace period, no traceback, and Prefect's worker under it gone too."""
     import signal
@@ -349,8 +349,11 @@ def test_the_worker_stops_on_request_and_leaves_no_process(deployed: dict[str, A
     env = client_env(deployed, MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="worker-stop",
                      AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY, AWS_REGION="us-east-1",
                      MNIST_STATE_DIR=str(tmp_path / "state"))
+    # started_in_background: as `make worker &` in a script starts it, with SIGINT ignored
+    ignore_sigint = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if started_in_background else None
     worker = subprocess.Popen([sys.executable, "-m", "cli", "worker", "--grace-seconds", "20"], cwd=REPO, env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                              preexec_fn=ignore_sigint)
     try:
         deadline = time.monotonic() + 120
         while not [child for child in psutil.Process(worker.pid).children(recursive=True)
