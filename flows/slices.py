@@ -19,17 +19,14 @@ from flows.candidates import dask_runner
 def score_shards(model_path: str, shards: list[tuple[str, str]]) -> dict[str, list[list[int]]]:
     """The confusion matrix of each source over one group of (source, test record file)."""
     from tasks.data import to_model_input
-    from tasks.evaluate import confusion_matrix
+    from tasks.evaluate import confusion_by_source
     from tasks.model import load_saved_model
     from tasks.shards import read_records
 
     model = load_saved_model(model_path)
-    matrices: dict[str, np.ndarray] = {}
-    for source, path in shards:
-        for images, labels in read_records(path):
-            predicted = model.predict(to_model_input(images), batch_size=1024, verbose=0).argmax(axis=1)
-            chunk = confusion_matrix(labels, predicted)
-            matrices[source] = matrices[source] + chunk if source in matrices else chunk
+    chunks = ((source, to_model_input(images), labels) for source, path in shards
+              for images, labels in read_records(path))
+    matrices = confusion_by_source(lambda images: model.predict(images, batch_size=1024, verbose=0), chunks)
     return {source: matrix.tolist() for source, matrix in matrices.items()}
 
 

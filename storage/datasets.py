@@ -113,7 +113,11 @@ class DatasetStore(ObjectStore):
         return manifest
 
     def complete_batches(self) -> list[str]:
-        prefix = self.key("batches", "")
+        return self.complete_items("batches")
+
+    def complete_items(self, folder: str) -> list[str]:
+        """The digests under ``folder`` (batches or packs) whose manifest exists: the complete ones."""
+        prefix = self.key(folder, "")
         names = (item["Key"][len(prefix):].split("/") for item in self.list_keys(prefix))
         return sorted(parts[0] for parts in names if parts[-1] == MANIFEST and SHA256_PATTERN.match(parts[0]))
 
@@ -226,10 +230,7 @@ class DatasetStore(ObjectStore):
     # --- packs: small batches compacted ---------------------------------------------
     def packs(self) -> dict[str, dict[str, Any]]:
         """Every complete pack's manifest, by the pack's digest."""
-        prefix = self.key("packs", "")
-        names = (item["Key"][len(prefix):].split("/") for item in self.list_keys(prefix))
-        digests = sorted(parts[0] for parts in names if parts[-1] == MANIFEST and SHA256_PATTERN.match(parts[0]))
-        return {digest: self.get_json(self.key("packs", digest, MANIFEST)) for digest in digests}
+        return {digest: self.get_json(self.key("packs", digest, MANIFEST)) for digest in self.complete_items("packs")}
 
     def pack_index(self) -> dict[str, tuple[str, dict[str, Any]]]:
         """Batch digest -> (pack digest, pack manifest), for every batch a complete pack holds."""

@@ -255,12 +255,12 @@ def plan_dataset(base_path: Path, dataset: dict, store: Any, cache_dir: Path, we
     evaluation stream from: each batch is fetched into the shard cache unless it is there already
     (keyed by its content digest), and nothing is copied per weight. Returns the plan's path and
     how many objects (packs or batches) were read from the store."""
-    from tasks.shards import ShardCache, write_plan
+    from tasks.shards import SPLITS, ShardCache, write_plan
 
     cache = ShardCache(cache_dir / "shards")
     indexes, fetched = cache.ensure(store, dataset["batches"])
-    for split, name in (("train", "train"), ("validation", "validation"), ("test", "test")):
-        expected = sum(counts[name] for counts in dataset["sources"].values())
+    for split in SPLITS:
+        expected = sum(counts[split] for counts in dataset["sources"].values())
         if sum(index["counts"][split] for index in indexes) != expected:
             raise DataError(f"dataset version {dataset['version']}: batches disagree with the version's counts")
     return write_plan(destination, base_path, dataset["version"], weight, cache, indexes), fetched

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable
 
 import keras
 import numpy as np
@@ -149,15 +149,22 @@ def scores_of(matrix: np.ndarray) -> dict:
             "confusion_matrix": matrix.tolist()}
 
 
-def slice_scores(predict: Callable[[np.ndarray], np.ndarray], prepared_path: Path) -> dict[str, dict]:
-    """Every new source's test slice scored a chunk at a time: confusion matrices add up, so
-    the slice is never whole in memory, however large it grows."""
-    from tasks.data import slice_batches
-
+def confusion_by_source(predict: Callable[[np.ndarray], np.ndarray],
+                        chunks: Iterable[tuple[str, np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Each source's confusion matrix over (source, model input, labels) chunks: matrices add up,
+    so a slice is never whole in memory, however large it grows."""
     matrices: dict[str, np.ndarray] = {}
-    for source, images, labels in slice_batches(prepared_path):
+    for source, images, labels in chunks:
         chunk = confusion_matrix(labels, predict(images).argmax(axis=1))
         matrices[source] = matrices[source] + chunk if source in matrices else chunk
+    return matrices
+
+
+def slice_scores(predict: Callable[[np.ndarray], np.ndarray], prepared_path: Path) -> dict[str, dict]:
+    """Every new source's test slice scored a chunk at a time."""
+    from tasks.data import slice_batches
+
+    matrices = confusion_by_source(predict, slice_batches(prepared_path))
     return {source: scores_of(matrix) for source, matrix in sorted(matrices.items())}
 
 

@@ -91,7 +91,8 @@ class ShardCache:
         """Each batch's index, in order; the batches the cache lacks are fetched from ``store``
         (verified), from a pack when one holds them, else one by one. Also returns how many
         objects were read from the store for it."""
-        missing = {digest for digest in digests if self.cached(digest) is None}
+        indexes = {digest: self.cached(digest) for digest in digests}
+        missing = {digest for digest, index in indexes.items() if index is None}
         reads = 0
         if missing:
             packs = {pack: manifest for batch, (pack, manifest) in store.pack_index().items() if batch in missing}
@@ -99,15 +100,17 @@ class ShardCache:
                 sources = {entry["sha256"]: entry["source"] for entry in manifest["batches"]}
                 for digest, examples in store.read_pack(pack, manifest):
                     if digest in missing:
-                        self.add(digest, sources[digest], examples.images, examples.labels, examples.splits)
+                        indexes[digest] = self.add(digest, sources[digest], examples.images, examples.labels,
+                                                   examples.splits)
                         missing.discard(digest)
                 reads += 1
             for digest in sorted(missing):
                 manifest = store.batch_manifest(digest)
                 examples = store.read_batch(digest, manifest)
-                self.add(digest, manifest["source"], examples.images, examples.labels, examples.splits)
+                indexes[digest] = self.add(digest, manifest["source"], examples.images, examples.labels,
+                                           examples.splits)
                 reads += 1
-        return [self.cached(digest) for digest in digests], reads
+        return [indexes[digest] for digest in digests], reads
 
 
 # --- the plan: MNIST's prepared splits plus a dataset version's cached batches ---------------

@@ -149,8 +149,7 @@ def streamed_inputs(plan: Any, config: TrainConfig) -> FitInputs:
     batches = training_stream(plan, config.seed).batch(config.batch_size).map(
         to_input, num_parallel_calls=tf.data.AUTOTUNE)
     if config.augment:
-        augment = augmentation(config.seed)
-        batches = batches.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        batches = augmented(batches, config.seed)
     validation = validation_stream(plan)
     has_validation = int(validation.cardinality()) > 0  # validation_size 0 and no new validation examples
     validation = validation.batch(1024).map(to_input).prefetch(2) if has_validation else None
@@ -188,27 +187,28 @@ def train_model(data: PreparedData | FitInputs, config: TrainConfig,
     return (model if dtype == "float32" else float32_copy(model, config)), history_lists
 
 
-def augmentation(seed: int) -> keras.Sequential:
-    """Each digit shifted (up to 2 px), rotated (up to 10 degrees) and zoomed (up to 10%) afresh
-    every epoch, with Keras' own preprocessing layers; the model that is trained, exported and
-    served has no augmentation in it."""
-    return keras.Sequential([
+def augmented(batches, seed: int):
+    """Batches of (images, targets) with each digit shifted (up to 2 px), rotated (up to 10
+    degrees) and zoomed (up to 10%) afresh every epoch, with Keras' own preprocessing layers; the
+    model that is trained, exported and served has no augmentation in it."""
+    import tensorflow as tf
+
+    augment = keras.Sequential([
         keras.layers.RandomTranslation(2 / 28, 2 / 28, fill_mode="constant", seed=seed),
         keras.layers.RandomRotation(10 / 360, fill_mode="constant", seed=seed + 1),
         keras.layers.RandomZoom(0.1, fill_mode="constant", seed=seed + 2),
     ])
+    return batches.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
 
 
 def augmented_batches(images: np.ndarray, targets: np.ndarray, config: TrainConfig):
     """Shuffled, augmented training batches of in-memory digits."""
     import tensorflow as tf
 
-    augment = augmentation(config.seed)
-    return (tf.data.Dataset.from_tensor_slices((images, targets))
-            .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
-            .batch(config.batch_size)
-            .map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-            .prefetch(tf.data.AUTOTUNE))
+    batches = (tf.data.Dataset.from_tensor_slices((images, targets))
+               .shuffle(len(images), seed=config.seed, reshuffle_each_iteration=True)
+               .batch(config.batch_size))
+    return augmented(batches, config.seed).prefetch(tf.data.AUTOTUNE)
 
 
 def write_json(path: Path, payload: Any) -> Path:

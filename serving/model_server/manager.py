@@ -31,14 +31,19 @@ from typing import Callable, Iterator
 import grpc
 import numpy as np
 import tensorflow as tf
-from tensorflow.core.protobuf import meta_graph_pb2, saved_model_pb2
+from tensorflow.core.protobuf import meta_graph_pb2
 from tensorflow_serving.apis import get_model_status_pb2, prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.model_server.batching import Batcher, BatchingOptions
 from serving.model_server.errors import RequestError
 from serving.model_server.model_config import ConfigRefused, validate_model_config_list, versions_to_serve
-from serving.model_server.session_model import SessionModel, SessionSignature, load_saved_model
+from serving.model_server.session_model import (
+    SessionModel,
+    SessionSignature,
+    load_saved_model,
+    meta_graph_with_tags,
+)
 from serving.model_server.tensors import from_tensor_proto
 from serving.protocol.monitoring import BatchingMetrics
 
@@ -133,12 +138,10 @@ class LoadOptions:
 
 def read_signature_defs(path: Path, tags: frozenset[str]) -> dict[str, meta_graph_pb2.SignatureDef]:
     """Every SignatureDef of the MetaGraph with these tags, as TF Serving's GetModelMetadata lists them."""
-    saved_model = saved_model_pb2.SavedModel()
-    saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
-    for meta_graph in saved_model.meta_graphs:
-        if set(meta_graph.meta_info_def.tags) == tags:
-            return dict(meta_graph.signature_def.items())
-    raise ValueError(f"{path}: no MetaGraph with tags {{{', '.join(sorted(tags))}}}")
+    meta_graph = meta_graph_with_tags(path, tags)
+    if meta_graph is None:
+        raise ValueError(f"{path}: no MetaGraph with tags {{{', '.join(sorted(tags))}}}")
+    return dict(meta_graph.signature_def.items())
 
 
 def warm_up(loaded: LoadedVersion, iterations: int) -> int:

@@ -58,14 +58,19 @@ class SessionModel:
         self.session.close()
 
 
-def is_tf1_saved_model(path: Path, tags: list[str]) -> bool:
-    """Whether a MetaGraph with exactly these tags exists and has no TF2 object graph (a TF1 export)."""
+def meta_graph_with_tags(path: Path, tags) -> meta_graph_pb2.MetaGraphDef | None:
+    """The SavedModel's MetaGraph whose tags are exactly ``tags``, read from its saved_model.pb."""
     from tensorflow.core.protobuf import saved_model_pb2
 
     saved_model = saved_model_pb2.SavedModel()
     saved_model.ParseFromString((path / "saved_model.pb").read_bytes())
-    return any(set(meta.meta_info_def.tags) == set(tags) and not meta.object_graph_def.nodes
-               for meta in saved_model.meta_graphs)
+    return next((meta for meta in saved_model.meta_graphs if set(meta.meta_info_def.tags) == set(tags)), None)
+
+
+def is_tf1_saved_model(path: Path, tags: list[str]) -> bool:
+    """Whether a MetaGraph with exactly these tags exists and has no TF2 object graph (a TF1 export)."""
+    meta_graph = meta_graph_with_tags(path, tags)
+    return meta_graph is not None and not meta_graph.object_graph_def.nodes
 
 
 def load_saved_model(path: Path, tags: list[str]) -> Any:
