@@ -25,7 +25,7 @@ def one_run(data, preset: str, seed: int) -> dict[str, float]:
     started = time.perf_counter()
     model, history = train_model(data, config)
     seconds = time.perf_counter() - started
-    accuracy = evaluate_model(model, data.x_test, data.y_test)["test_accuracy"]
+    accuracy = evaluate_model(model, data.x_test, data.y_test).test_accuracy
     return {"preset": preset, "seed": seed, "seconds": seconds, "test_accuracy": accuracy,
             "epochs": len(history["loss"])}
 

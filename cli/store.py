@@ -82,7 +82,7 @@ def registry_action(args: argparse.Namespace, store) -> int:
         published = publish_model(store, Path(args.path), {"test_accuracy": None, "test_loss": None,
                                                            "per_class_accuracy": None},
                                   {"source": str(args.path), "pushed_by": "mnist registry push"}, args.label)
-        print(f"published {published['uri']} (version {published['version']}, label {published['label']})")
+        print(f"published {published.uri} (version {published.version}, label {published.label})")
     elif action == "label":
         previous = store.set_label(args.name, args.version, {"actor": "mnist registry label"})
         print(f"{args.name}: {previous if previous is not None else '-'} -> {args.version}")

@@ -3,36 +3,35 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from pathlib import Path
-from typing import Any
 
 from pydantic import ValidationError
 
 from cli.common import CliError, add_model_flags, given_flags, pipeline_settings, validation_message
+from tasks.results import SkippedRun, TrainingResult
 
 
-def print_training_result(result: dict[str, Any]) -> None:
-    if "skipped" in result:
-        print(result["skipped"])
+def print_training_result(result: TrainingResult | SkippedRun) -> None:
+    if isinstance(result, SkippedRun):
+        print(result.skipped)
         return
     print("gate:")
-    for check in result["gate"]:
+    for check in result.gate:
         print(f"  {check}")
-    print(f"test accuracy: {result['test_accuracy']:.4f}")
-    if result.get("slices"):
-        stable = result.get("stable") or {}
-        print(f"{'slice':<24} {'candidate':>9} {'stable' + (' v' + str(stable['version']) if stable else ''):>10}")
-        rows = [("MNIST test", result["test_accuracy"], stable.get("test_accuracy"))]
-        rows += [(name, value, result["stable_slices"].get(name)) for name, value in sorted(result["slices"].items())]
+    print(f"test accuracy: {result.test_accuracy:.4f}")
+    if result.slices:
+        stable = result.stable
+        print(f"{'slice':<24} {'candidate':>9} {'stable' + (f' v{stable.version}' if stable else ''):>10}")
+        rows = [("MNIST test", result.test_accuracy, stable.test_accuracy if stable else None)]
+        rows += [(name, value, result.stable_slices.get(name)) for name, value in sorted(result.slices.items())]
         for name, mine, theirs in rows:
             print(f"{name:<24} {mine:>9.4f} {'-' if theirs is None else f'{theirs:.4f}':>10}")
-    print(f"run outputs:   {result['run_dir']}")
-    print(f"saved model:   {result['saved_model']}")
-    if result["published"]:
-        published = result["published"]
-        print(f"published:     {published['uri']} (version {published['version']}, label {published['label']})")
+    print(f"run outputs:   {result.run_dir}")
+    print(f"saved model:   {result.saved_model}")
+    if result.published:
+        published = result.published
+        print(f"published:     {published.uri} (version {published.version}, label {published.label})")
 
 
 def command_train(args: argparse.Namespace) -> int:
@@ -44,7 +43,7 @@ def command_train(args: argparse.Namespace) -> int:
         raise CliError(str(error)) from None
     print_training_result(result)
     if args.json:
-        print(json.dumps(result, indent=2))
+        print(result.model_dump_json(indent=2))
     return 0
 
 

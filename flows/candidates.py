@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from tasks.recipes import TrainConfig
+from tasks.results import Candidate, TrainedModel
 from tasks.train import train
 
 
@@ -30,27 +30,29 @@ def dask_runner(count: int):
                                           "processes": True, "dashboard_address": None})
 
 
-def best_by_validation(results: list[dict[str, Any]]) -> dict[str, Any]:
+def best_by_validation(results: list[TrainedModel]) -> TrainedModel:
     """The candidate with the highest validation accuracy (the first of equals)."""
-    return max(results, key=lambda result: (result["val_accuracy"], -results.index(result)))
+    return max(results, key=lambda result: (result.val_accuracy or 0.0, -results.index(result)))
 
 
 @flow(name="mnist-candidates", log_prints=True)
-def candidates_flow(prepared_path: str, config: TrainConfig, run_dir: str, count: int) -> dict[str, Any]:
+def candidates_flow(prepared_path: str, config: TrainConfig, run_dir: str, count: int) -> TrainedModel:
     futures = [train.submit(prepared_path, config.model_copy(update={"seed": config.seed + index}),
                             str(Path(run_dir) / f"candidate-{index + 1}")) for index in range(count)]
     results = [future.result() for future in futures]
     best = best_by_validation(results)
     for name in ("history.json", "training.json"):  # the run's report describes the chosen one
-        shutil.copy(Path(best["model_path"]).parent / name, Path(run_dir) / name)
-    rows = [{"candidate": index + 1, "seed": result["seed"], "validation accuracy": round(result["val_accuracy"], 5),
-             "chosen": "yes" if result is best else ""} for index, result in enumerate(results)]
+        shutil.copy(Path(best.model_path).parent / name, Path(run_dir) / name)
+    candidates = tuple(Candidate(seed=result.seed, val_accuracy=result.val_accuracy or 0.0, chosen=result is best)
+                       for result in results)
+    rows = [{"candidate": index + 1, "seed": candidate.seed, "validation accuracy": round(candidate.val_accuracy, 5),
+             "chosen": "yes" if candidate.chosen else ""} for index, candidate in enumerate(candidates)]
     create_table_artifact(rows, key="mnist-candidates", description="Candidates, chosen by validation accuracy")
-    get_run_logger().info("chose seed %d: validation accuracy %.4f (of %s)", best["seed"], best["val_accuracy"],
-                          ", ".join(f"{r['val_accuracy']:.4f}" for r in results))
-    return {**best, "candidates": [{**result, "chosen": result is best} for result in results]}
+    get_run_logger().info("chose seed %d: validation accuracy %.4f (of %s)", best.seed, best.val_accuracy or 0.0,
+                          ", ".join(f"{candidate.val_accuracy:.4f}" for candidate in candidates))
+    return best.model_copy(update={"candidates": candidates})
 
 
-def train_candidates(prepared_path: str, config: TrainConfig, run_dir: str, count: int) -> dict[str, Any]:
+def train_candidates(prepared_path: str, config: TrainConfig, run_dir: str, count: int) -> TrainedModel:
     """``count`` candidates trained at once on Dask; the chosen one's paths, and all of them."""
     return candidates_flow.with_options(task_runner=dask_runner(count))(prepared_path, config, run_dir, count)

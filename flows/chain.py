@@ -11,6 +11,7 @@ from typing import Any, Callable, Iterator
 
 from serving.stack import serving_stack
 from storage.embedded import patched_environ, store_environment
+from tasks.results import SkippedRun, TrainingResult
 
 LABEL_TIMEOUT = 30.0  # seconds for the served label to follow a published version
 
@@ -19,7 +20,7 @@ class TrainingRunFailed(Exception):
     """A training run that failed or that its gate rejected: the state's name and message."""
 
 
-def run_training(params: Any, api_ready: Callable[[], None] | None = None) -> dict[str, Any]:
+def run_training(params: Any, api_ready: Callable[[], None] | None = None) -> TrainingResult | SkippedRun:
     """Run the training flow with a reachable store; raise TrainingRunFailed on a failed or rejected
     run. ``api_ready``: the wait for a Prefect API the caller started (else one is started here, if
     none is set). The flow's modules import TensorFlow, so they are imported while the API starts."""
@@ -39,12 +40,15 @@ def run_training(params: Any, api_ready: Callable[[], None] | None = None) -> di
             state = training_flow(params, return_state=True)
     if not state.is_completed() or state.name == REJECTED:
         raise TrainingRunFailed(f"training run {state.name}: {state.message}")
-    return state.result()
+    result = state.result()
+    if not isinstance(result, (TrainingResult, SkippedRun)):
+        raise TrainingRunFailed(f"training run {state.name} ended without a result: {state.message}")
+    return result
 
 
 @contextmanager
 def run_chain(params: Any, state_dir: Path, queries: tuple[int, int] = (0, 10)
-              ) -> Iterator[tuple[dict[str, Any], list[dict[str, Any]]]]:
+              ) -> Iterator[tuple[TrainingResult | SkippedRun, list[dict[str, Any]]]]:
     """Train and publish with the serving stack running, then query ``stable`` through the gateway.
     Yields the run's result and the answers while all still runs: they are shown before the 2 s or
     so of stopping it (the gateway's last logs, the store, the Prefect API). ``queries``: the
@@ -67,7 +71,7 @@ def run_chain(params: Any, state_dir: Path, queries: tuple[int, int] = (0, 10)
         finally:
             ready()  # a part of the stack that did not start is the cause to name, not a live check it failed
         model_name = StoreSettings().model_name
-        published = (result.get("published") or {}).get("version")
+        published = result.published.version if isinstance(result, TrainingResult) and result.published else None
         # the live check asked for the version; the label follows at the server's next config poll
         named = wait_for_label(Target(serving.gateway, model_name, label="stable"), published, LABEL_TIMEOUT)
         if named is None or published not in (None, named):

@@ -13,6 +13,7 @@ import numpy as np
 from prefect import flow, task
 
 from flows.candidates import dask_runner
+from tasks.results import SliceScores
 
 
 @task(name="score-shards", timeout_seconds=3600)
@@ -36,7 +37,7 @@ def shard_groups(shards: list[tuple[str, str]], groups: int) -> list[list[tuple[
 
 
 @flow(name="mnist-slice-scoring", log_prints=True)
-def slice_scoring_flow(model_path: str, prepared_path: str, groups: int) -> dict[str, dict]:
+def slice_scoring_flow(model_path: str, prepared_path: str, groups: int) -> dict[str, SliceScores]:
     from tasks.evaluate import scores_of
     from tasks.shards import read_plan
 
@@ -50,6 +51,6 @@ def slice_scoring_flow(model_path: str, prepared_path: str, groups: int) -> dict
     return {source: scores_of(matrix) for source, matrix in sorted(totals.items())}
 
 
-def score_slices_on_dask(model_path: str, prepared_path: str, workers: int) -> dict[str, dict]:
+def score_slices_on_dask(model_path: str, prepared_path: str, workers: int) -> dict[str, SliceScores]:
     """Every test slice of the plan at ``prepared_path`` scored on Dask with ``workers`` workers."""
     return slice_scoring_flow.with_options(task_runner=dask_runner(workers))(model_path, prepared_path, workers)

@@ -27,7 +27,22 @@ from tasks.evaluate import (
 )
 from tasks.export import export
 from tasks.publish import check_for_changes, live_check, publish, record_rejection
+from tasks.recipes import TrainConfig
 from tasks.report import outcome_tags, report, tag_run, verdict_line
+from tasks.results import (
+    Evaluation,
+    ExportedModel,
+    Lineage,
+    LiveCheck,
+    PublishedVersion,
+    RunOutcome,
+    SkippedRun,
+    StableScores,
+    StableSummary,
+    TrainingData,
+    TrainingResult,
+    Verdict,
+)
 from tasks.train import code_version, library_versions, train
 
 
@@ -39,8 +54,21 @@ def new_run_dir(output_dir: Path) -> Path:
     return run_dir
 
 
-def test_slice_examples(dataset: dict | None) -> int:
-    return sum(counts["test"] for counts in (dataset or {}).get("sources", {}).values())
+def run_lineage(data: TrainingData, params: TrainingParams, config: TrainConfig) -> Lineage:
+    return Lineage(flow_run_id=str(flow_run.id), flow_run_name=flow_run.name, data_fingerprint=data.fingerprint,
+                   dataset=data.dataset, code_version=code_version(), library_versions=library_versions(),
+                   preset=params.preset, config=config.model_dump(), new_data_weight=params.new_data_weight)
+
+
+def training_result(run_dir: Path, metrics: Evaluation, verdict: Verdict, stable: StableScores | None,
+                    exported: ExportedModel, published: PublishedVersion | None, outputs: dict[str, str]
+                    ) -> TrainingResult:
+    return TrainingResult(
+        run_dir=str(run_dir), test_accuracy=metrics.test_accuracy, gate=verdict.checks,
+        slices={source: scores.accuracy for source, scores in metrics.slices.items()},
+        stable_slices={source: scores.accuracy for source, scores in stable.slices.items()} if stable else {},
+        stable=StableSummary(version=stable.version, test_accuracy=stable.test_accuracy) if stable else None,
+        saved_model=exported.path, version=exported.version, published=published, outputs=outputs)
 
 
 def show_rejection_as_failure(flow, flow_run, state: State) -> None:
@@ -56,7 +84,7 @@ def show_rejection_as_failure(flow, flow_run, state: State) -> None:
 
 
 @flow(name="mnist-training", log_prints=True, validate_parameters=True, on_completion=[show_rejection_as_failure])
-def training_flow(params: TrainingParams = TrainingParams(), force: bool = False) -> dict | State:
+def training_flow(params: TrainingParams = TrainingParams(), force: bool = False) -> TrainingResult | State:
     """``force``: retrain even when nothing changed since stable, a checkbox of its own in the run
     form (also ``prefect deployment run ... --param force=true``), so forcing a scheduled run does
     not mean passing the whole ``params`` object."""
@@ -76,64 +104,59 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
     data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
                         config.train_limit, params.dataset_version, params.new_data_weight,
                         use_store=params.publish or params.dataset_version is not None)
-    lineage = {"flow_run_id": str(flow_run.id), "flow_run_name": flow_run.name,
-               "data_fingerprint": data["data_fingerprint"],
-               "dataset": data["dataset"], "code_version": code_version(), "library_versions": library_versions(),
-               "preset": params.preset, "config": config.model_dump(), "new_data_weight": params.new_data_weight}
+    lineage = run_lineage(data, params, config)
     if params.publish and not params.force:
         skip = check_for_changes(lineage, params.min_new_examples)
         if skip is not None:
             tag_run(["skipped", "compared-with-stable", "force-retrains"])
-            return Completed(message=skip, data={"skipped": skip, "run_dir": str(run_dir)})
+            return Completed(message=skip, data=SkippedRun(skipped=skip, run_dir=str(run_dir)))
     if params.candidates > 1:
         from flows.candidates import train_candidates  # Dask only when asked for
 
-        trained = train_candidates(data["prepared_path"], config, str(run_dir), params.candidates)
+        trained = train_candidates(data.path, config, str(run_dir), params.candidates)
     else:
-        trained = train(data["prepared_path"], config, str(run_dir))
+        trained = train(data.path, config, str(run_dir))
     slices = None
-    if test_slice_examples(data["dataset"]) >= settings.dask_slice_examples:
+    if data.dataset and data.dataset.test_examples >= settings.dask_slice_examples:
         from flows.slices import score_slices_on_dask  # Dask only when the slices outgrow this process
 
-        slices = score_slices_on_dask(trained["model_path"], data["prepared_path"], os.cpu_count() or 1)
-    metrics = evaluate(trained["model_path"], data["prepared_path"], str(run_dir), slices)
-    stable = evaluate_stable(data["prepared_path"]) if params.publish else None
+        slices = score_slices_on_dask(trained.model_path, data.path, os.cpu_count() or 1)
+    metrics = evaluate(trained.model_path, data.path, str(run_dir), slices)
+    stable = evaluate_stable(data.path) if params.publish else None
     sliced, slice_notes = slice_checks(metrics, stable, params.slice_threshold, params.slice_margin,
                                        params.min_slice_size)
     verdict = gate([accuracy_gate(metrics, params.threshold),
                     *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced,
                     *poisoning_checks(metrics, stable, params.moved_margin, params.trigger_margin)],
                    return_state=True).result()
-    outcome = {"verdict": f"rejected: {verdict['reason']}", "gate": verdict, "stable": stable, "lineage": lineage,
-               "slice_notes": slice_notes, "candidates": trained.get("candidates"), "feedback": feedback}
-    if not verdict["passed"]:
-        reason = verdict["reason"]  # short: the report tables every check
+    if not isinstance(verdict, Verdict):  # a Rejected state's data is the verdict too
+        raise TypeError(f"the gate answered {type(verdict).__name__}, not a verdict")
+    judged = RunOutcome(verdict=f"rejected: {verdict.reason}", gate=verdict, stable=stable, lineage=lineage,
+                        slice_notes=slice_notes, candidates=trained.candidates, feedback=feedback)
+    if not verdict.passed:
         if params.publish:
-            record_rejection(reason, metrics, lineage)
-        report(str(run_dir), data["prepared_path"], metrics, outcome)
-        tag_run(outcome_tags(None, True, metrics["test_accuracy"]))
-        # nothing is exported or published; an expected outcome, so no traceback in the run's log
-        return Completed(name=REJECTED, message=reason)
+            record_rejection(verdict.reason, metrics, lineage)
+        report(str(run_dir), data.path, metrics, judged)
+        tag_run(outcome_tags(None, True, metrics.test_accuracy))
+        # nothing is exported or published; an expected outcome, so no traceback in the run's log.
+        # The reason is short: the report tables every check.
+        return Completed(name=REJECTED, message=verdict.reason)
 
-    exported = export(trained["model_path"], data["prepared_path"], str(output_dir), StoreSettings().model_name)
-    published = publish(exported["path"], metrics, lineage, params.publish_label) if params.publish else None
+    exported = export(trained.model_path, data.path, str(output_dir), StoreSettings().model_name)
+    published = publish(exported.path, metrics, lineage, params.publish_label) if params.publish else None
     address, why = live_check_address(settings)
+    check: LiveCheck | None
     if published and address:
-        check = live_check(published, exported["path"], data["prepared_path"], address,
-                           settings.live_check_timeout, lineage["flow_run_id"])
+        check = live_check(published, exported.path, data.path, address, settings.live_check_timeout,
+                           lineage.flow_run_id)
     else:
-        check = {"passed": None, "summary": why} if published else None
+        check = LiveCheck(passed=None, summary=why) if published else None
         if check:
             print(why)  # in the run's log as in its report
-    outcome |= {"published": published, "live_check": check, "verdict": verdict_line(published, check)}
-    outputs = report(str(run_dir), data["prepared_path"], metrics, outcome)
-    tag_run(outcome_tags(published, False, metrics["test_accuracy"], check))
-    if check and check["passed"] is False:
-        return Failed(message=check["summary"])
-    return {"test_accuracy": metrics["test_accuracy"], "run_dir": str(run_dir), "gate": verdict["checks"],
-            "slices": {source: scores["accuracy"] for source, scores in metrics["slices"].items()},
-            "stable_slices": {source: scores["accuracy"]
-                              for source, scores in ((stable or {}).get("slices") or {}).items()},
-            "stable": stable and {"version": stable["version"], "test_accuracy": stable["test_accuracy"]},
-            "saved_model": exported["path"], "version": exported["version"], "published": published,
-            "outputs": outputs}
+    outcome = judged.model_copy(update={"verdict": verdict_line(published, check), "published": published,
+                                        "live_check": check})
+    outputs = report(str(run_dir), data.path, metrics, outcome)
+    tag_run(outcome_tags(published, False, metrics.test_accuracy, check))
+    if check and check.passed is False:
+        return Failed(message=check.summary)
+    return training_result(run_dir, metrics, verdict, stable, exported, published, outputs)

@@ -269,12 +269,14 @@ def plan_dataset(base_path: Path, dataset: dict, store: Any, cache_dir: Path, we
 # --- Prefect task -------------------------------------------------------------
 from prefect import task  # noqa: E402
 
+from tasks.results import DatasetUsed, TrainingData  # noqa: E402
+
 
 # No retries: a corrupt or missing file does not mend itself.
 @task(name="prepare-data", timeout_seconds=600)
 def prepare_data(data_dir: str | None, cache_dir: str, validation_size: int, split_seed: int,
                  train_limit: int | None = None, dataset_version: int | None = None,
-                 new_data_weight: int = 1, use_store: bool = True) -> dict[str, Any]:
+                 new_data_weight: int = 1, use_store: bool = True) -> TrainingData:
     """Verify MNIST, split off a seeded validation set, add the dataset version's new
     examples when ``use_store`` and a store is set (``MNIST_S3_ENDPOINT``), cache the result;
     return its path, fingerprint and the dataset version used."""
@@ -285,7 +287,7 @@ def prepare_data(data_dir: str | None, cache_dir: str, validation_size: int, spl
     dataset = dataset_to_use(dataset_version) if use_store else None
     if dataset is None:
         get_run_logger().info("training on MNIST alone (no dataset version in the store)")
-        return {"prepared_path": str(path), "data_fingerprint": fingerprint, "dataset": None}
+        return TrainingData(path=str(path), fingerprint=fingerprint)
     combined = combined_fingerprint(fingerprint, dataset, new_data_weight)
     from storage.datasets import DatasetSettings, DatasetStore
 
@@ -294,8 +296,8 @@ def prepare_data(data_dir: str | None, cache_dir: str, validation_size: int, spl
     get_run_logger().info("training on MNIST plus dataset version %d (%d new examples in %d batches, sources %s; "
                           "%d objects read from the store, the rest from the local cache)", dataset["version"],
                           dataset["examples"], len(dataset["batches"]), sorted(dataset["sources"]), fetched)
-    summary = {key: dataset[key] for key in ("version", "fingerprint", "examples", "sources")}
-    return {"prepared_path": str(plan), "data_fingerprint": combined, "dataset": summary}
+    used = DatasetUsed(**{key: dataset[key] for key in ("version", "fingerprint", "examples", "sources")})
+    return TrainingData(path=str(plan), fingerprint=combined, dataset=used)
 
 
 def dataset_to_use(version: int | None) -> dict | None:

@@ -9,6 +9,7 @@ import keras
 import numpy as np
 
 from tasks.data import NUM_CLASSES
+from tasks.results import Evaluation, FailedCheck, SliceScores, StableScores, TestScores, Verdict
 
 
 class GateFailed(Exception):
@@ -21,25 +22,25 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = 
     return matrix
 
 
-def metrics_from_probabilities(probabilities: np.ndarray, y_true: np.ndarray) -> dict:
+def metrics_from_probabilities(probabilities: np.ndarray, y_true: np.ndarray) -> TestScores:
     """Loss, accuracy, per-class accuracy, confusion matrix and misclassified indices."""
     y_pred = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y_true, y_pred)
     per_class = matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)
     picked = probabilities[np.arange(len(y_true)), y_true]
     loss = float(-np.mean(np.log(np.clip(picked, 1e-7, 1.0))))
-    return {
-        "test_loss": loss,
-        "test_accuracy": float((y_pred == y_true).mean()),
-        "per_class_accuracy": [float(v) for v in per_class],
-        "confusion_matrix": matrix.tolist(),
-        "misclassified": np.flatnonzero(y_pred != y_true).tolist(),
-        "predictions": y_pred.tolist(),
-        "num_examples": int(len(y_true)),
-    }
+    return TestScores(
+        test_loss=loss,
+        test_accuracy=float((y_pred == y_true).mean()),
+        per_class_accuracy=[float(v) for v in per_class],
+        confusion_matrix=matrix.tolist(),
+        misclassified=np.flatnonzero(y_pred != y_true).tolist(),
+        predictions=y_pred.tolist(),
+        num_examples=int(len(y_true)),
+    )
 
 
-def evaluate_model(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray) -> dict:
+def evaluate_model(model: keras.Model, x_test: np.ndarray, y_test: np.ndarray) -> TestScores:
     probabilities = model.predict(x_test, batch_size=1024, verbose=0)
     return metrics_from_probabilities(probabilities, y_test)
 
@@ -91,62 +92,62 @@ def trigger_flips(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarra
             for name, corner in TRIGGER_PATCHES.items()}
 
 
-def moved_to_digit(candidate: dict, champion: dict) -> list[float]:
+def moved_to_digit(candidate: Evaluation, champion: StableScores) -> list[float]:
     """Per digit, the share of trusted test digits that stable answers right and the candidate
     answers wrong, as this digit: answers pulled towards one digit, as label flipping does."""
-    answers = np.asarray(candidate["predictions"])
+    answers = np.asarray(candidate.predictions)
     newly_wrong = np.zeros(len(answers), dtype=bool)
-    newly_wrong[candidate["misclassified"]] = True
-    newly_wrong[champion["misclassified"]] = False
+    newly_wrong[candidate.misclassified] = True
+    newly_wrong[champion.misclassified] = False
     return [float((newly_wrong & (answers == digit)).mean()) for digit in range(NUM_CLASSES)]
 
 
-def poisoning_checks(candidate: dict, champion: dict | None, moved_margin: float,
+def poisoning_checks(candidate: Evaluation, champion: StableScores | None, moved_margin: float,
                      trigger_margin: float) -> list[GateCheck]:
     """Against ``stable`` on trusted (MNIST test) digits: answers newly wrong as any one digit, at
     most ``moved_margin`` of them; each trigger patch's flip rate, at most stable's + ``trigger_margin``."""
-    if champion is None or "trigger_flips" not in champion:
+    if champion is None:
         return []
     moved = moved_to_digit(candidate, champion)
     digit = int(np.argmax(moved))
-    checks = [GateCheck(f"MNIST test digits stable v{champion['version']} gets right, newly answered {digit}",
+    checks = [GateCheck(f"MNIST test digits stable v{champion.version} gets right, newly answered {digit}",
                         moved[digit], moved_margin, at_most=True)]
-    checks += [GateCheck(f"trigger scan: {name} patch flips answers (stable: {champion['trigger_flips'][name]:.4f}"
-                         f" + {trigger_margin:g})", rate, champion["trigger_flips"][name] + trigger_margin,
+    checks += [GateCheck(f"trigger scan: {name} patch flips answers (stable: {champion.trigger_flips[name]:.4f}"
+                         f" + {trigger_margin:g})", rate, champion.trigger_flips[name] + trigger_margin,
                          at_most=True)
-               for name, rate in candidate["trigger_flips"].items()]
+               for name, rate in candidate.trigger_flips.items()]
     return checks
 
 
-def accuracy_gate(metrics: dict, threshold: float) -> GateCheck:
-    return GateCheck("accuracy gate (test_accuracy >= threshold)", metrics["test_accuracy"], threshold)
+def accuracy_gate(metrics: TestScores, threshold: float) -> GateCheck:
+    return GateCheck("accuracy gate (test_accuracy >= threshold)", metrics.test_accuracy, threshold)
 
 
-def champion_checks(candidate: dict, champion: dict | None, accuracy_margin: float,
+def champion_checks(candidate: TestScores, champion: StableScores | None, accuracy_margin: float,
                     class_margin: float) -> list[GateCheck]:
     """Challenger vs the ``stable`` champion on the same test set: overall accuracy
     may drop by at most ``accuracy_margin``, each digit's by at most ``class_margin``."""
     if champion is None:
         return []
-    checks = [GateCheck(f"not worse than stable v{champion['version']} (accuracy - {accuracy_margin:g})",
-                        candidate["test_accuracy"], champion["test_accuracy"] - accuracy_margin)]
+    checks = [GateCheck(f"not worse than stable v{champion.version} (accuracy - {accuracy_margin:g})",
+                        candidate.test_accuracy, champion.test_accuracy - accuracy_margin)]
     checks += [GateCheck(f"digit {digit} vs stable (class accuracy - {class_margin:g})", mine, theirs - class_margin)
-               for digit, (mine, theirs) in enumerate(zip(candidate["per_class_accuracy"],
-                                                           champion["per_class_accuracy"]))]
+               for digit, (mine, theirs) in enumerate(zip(candidate.per_class_accuracy,
+                                                           champion.per_class_accuracy))]
     return checks
 
 
-def slice_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> dict:
+def slice_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> SliceScores:
     """A new source's test slice: size, accuracy, per-class accuracy and confusion matrix."""
     return scores_of(confusion_matrix(labels, probabilities.argmax(axis=1)))
 
 
-def scores_of(matrix: np.ndarray) -> dict:
+def scores_of(matrix: np.ndarray) -> SliceScores:
     """Size, accuracy, per-class accuracy and the matrix itself, from a confusion matrix."""
     count = int(matrix.sum())
-    return {"num_examples": count, "accuracy": float(matrix.trace() / count) if count else 0.0,
-            "per_class_accuracy": [float(v) for v in matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)],
-            "confusion_matrix": matrix.tolist()}
+    return SliceScores(num_examples=count, accuracy=float(matrix.trace() / count) if count else 0.0,
+                       per_class_accuracy=[float(v) for v in matrix.diagonal() / np.maximum(matrix.sum(axis=1), 1)],
+                       confusion_matrix=matrix.tolist())
 
 
 def confusion_by_source(predict: Callable[[np.ndarray], np.ndarray],
@@ -160,7 +161,7 @@ def confusion_by_source(predict: Callable[[np.ndarray], np.ndarray],
     return matrices
 
 
-def slice_scores(predict: Callable[[np.ndarray], np.ndarray], prepared_path: Path) -> dict[str, dict]:
+def slice_scores(predict: Callable[[np.ndarray], np.ndarray], prepared_path: Path) -> dict[str, SliceScores]:
     """Every new source's test slice scored a chunk at a time."""
     from tasks.data import slice_batches
 
@@ -168,21 +169,20 @@ def slice_scores(predict: Callable[[np.ndarray], np.ndarray], prepared_path: Pat
     return {source: scores_of(matrix) for source, matrix in sorted(matrices.items())}
 
 
-def slice_checks(candidate: dict, champion: dict | None, threshold: float, margin: float,
+def slice_checks(candidate: Evaluation, champion: StableScores | None, threshold: float, margin: float,
                  min_size: int) -> tuple[list[GateCheck], list[str]]:
     """Each new source's test slice with at least ``min_size`` examples must reach ``threshold``
     and lose at most ``margin`` against ``stable`` on the same images; smaller slices are
     reported, not gated. Returns the checks and the notes on slices too small to judge."""
     checks, notes = [], []
-    for source, scores in sorted(candidate.get("slices", {}).items()):
-        if scores["num_examples"] < min_size:
-            notes.append(f"slice {source}: {scores['num_examples']} test examples < {min_size}, reported, not gated")
+    for source, scores in sorted(candidate.slices.items()):
+        if scores.num_examples < min_size:
+            notes.append(f"slice {source}: {scores.num_examples} test examples < {min_size}, reported, not gated")
             continue
-        checks.append(GateCheck(f"slice {source} accuracy >= slice threshold", scores["accuracy"], threshold))
-        theirs = (champion or {}).get("slices", {}).get(source)
-        if theirs is not None:
-            checks.append(GateCheck(f"slice {source} not worse than stable v{champion['version']} (- {margin:g})",
-                                    scores["accuracy"], theirs["accuracy"] - margin))
+        checks.append(GateCheck(f"slice {source} accuracy >= slice threshold", scores.accuracy, threshold))
+        if champion is not None and source in champion.slices:
+            checks.append(GateCheck(f"slice {source} not worse than stable v{champion.version} (- {margin:g})",
+                                    scores.accuracy, champion.slices[source].accuracy - margin))
     return checks, notes
 
 
@@ -204,7 +204,6 @@ def enforce_gate(checks: list[GateCheck]) -> str:
 
 
 # --- Prefect tasks ------------------------------------------------------------
-import json  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -214,7 +213,8 @@ from prefect.states import Completed, State  # noqa: E402
 
 
 @task(name="evaluate", timeout_seconds=900)
-def evaluate(model_path: str, prepared_path: str, run_dir: str, slices: dict[str, dict] | None = None) -> dict:
+def evaluate(model_path: str, prepared_path: str, run_dir: str,
+             slices: dict[str, SliceScores] | None = None) -> Evaluation:
     """Test-set metrics, saved as JSON; the test set is used here and nowhere in training.
     ``slices``: the test slices' scores when they were scored elsewhere (on Dask)."""
     from tasks.data import load_test_set
@@ -223,21 +223,24 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str, slices: dict[str
     x_test, y_test = load_test_set(Path(prepared_path))
     model = load_saved_model(model_path)
     started = time.perf_counter()
-    metrics = evaluate_model(model, x_test, y_test)
-    metrics["trigger_flips"] = trigger_flips(lambda images: model.predict(images, batch_size=1024, verbose=0), x_test)
-    metrics["evaluation_seconds"] = round(time.perf_counter() - started, 3)  # a run's cost outside fit
-    metrics["slices"] = slices if slices is not None else slice_scores(
-        lambda images: model.predict(images, batch_size=1024, verbose=0), Path(prepared_path))
-    Path(run_dir, "evaluation.json").write_text(json.dumps(metrics, indent=2))
+    def predict(images: np.ndarray) -> np.ndarray:
+        return model.predict(images, batch_size=1024, verbose=0)
+
+    scores = evaluate_model(model, x_test, y_test)
+    flips = trigger_flips(predict, x_test)
+    seconds = round(time.perf_counter() - started, 3)  # a run's cost outside fit
+    metrics = Evaluation(**dict(scores), trigger_flips=flips, evaluation_seconds=seconds,
+                         slices=slices if slices is not None else slice_scores(predict, Path(prepared_path)))
+    Path(run_dir, "evaluation.json").write_text(metrics.model_dump_json(indent=2))
     logger = get_run_logger()
-    logger.info("test accuracy %.4f, test loss %.4f", metrics["test_accuracy"], metrics["test_loss"])
-    for source, scores in metrics["slices"].items():
-        logger.info("slice %s: accuracy %.4f on %d test examples", source, scores["accuracy"], scores["num_examples"])
+    logger.info("test accuracy %.4f, test loss %.4f", metrics.test_accuracy, metrics.test_loss)
+    for source, sliced in metrics.slices.items():
+        logger.info("slice %s: accuracy %.4f on %d test examples", source, sliced.accuracy, sliced.num_examples)
     return metrics
 
 
 @task(name="evaluate-stable", timeout_seconds=600)
-def evaluate_stable(prepared_path: str) -> dict | None:
+def evaluate_stable(prepared_path: str) -> StableScores | None:
     """Re-evaluate the current ``stable`` version on this run's test set, so the
     comparison is like for like; None when nothing is stable yet."""
     import tempfile
@@ -256,19 +259,20 @@ def evaluate_stable(prepared_path: str) -> dict | None:
     with tempfile.TemporaryDirectory() as scratch:
         store.download(version, Path(scratch))
         predict = saved_model_predictor(Path(scratch))  # loaded once for the test set, the slices and the scan
-        metrics = metrics_from_probabilities(predict(x_test), y_test)
-        metrics["slices"] = slice_scores(predict, Path(prepared_path))
-        metrics["trigger_flips"] = trigger_flips(predict, x_test)
-    get_run_logger().info("stable v%d scores %.4f on this test set", version, metrics["test_accuracy"])
-    kept = ("test_accuracy", "per_class_accuracy", "slices", "misclassified", "trigger_flips")
-    return {"version": version, **{k: metrics[k] for k in kept}}
+        scores = metrics_from_probabilities(predict(x_test), y_test)
+        stable = StableScores(version=version, test_accuracy=scores.test_accuracy,
+                              per_class_accuracy=scores.per_class_accuracy, misclassified=scores.misclassified,
+                              slices=slice_scores(predict, Path(prepared_path)),
+                              trigger_flips=trigger_flips(predict, x_test))
+    get_run_logger().info("stable v%d scores %.4f on this test set", version, stable.test_accuracy)
+    return stable
 
 
 REJECTED = "Rejected"  # the state name of a gate task and a training run whose candidate was rejected
 
 
 @task(name="gate")
-def gate(checks: list[GateCheck]) -> dict[str, object] | State:
+def gate(checks: list[GateCheck]) -> Verdict | State:
     """Judge the candidate; the verdict goes to the log and a markdown artifact.
 
     A rejection is an expected outcome, not a crash: the task ends in a ``Rejected`` state
@@ -291,8 +295,8 @@ def gate(checks: list[GateCheck]) -> dict[str, object] | State:
         f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary if passed else short_reason(checks)}\n\n"
         f"| check | value | limit | verdict |\n|---|---|---|---|\n{table}\n",
         key="mnist-gate", description="Gate verdict")
-    verdict = {"passed": passed, "summary": summary, "reason": short_reason(checks),
-               "checks": [c.describe() for c in checks],
-               "failed": [{"check": c.name, "value": c.value, "limit": c.limit, "at_most": c.at_most}
-                          for c in checks if not c.passed]}
-    return verdict if passed else Completed(name=REJECTED, message=verdict["reason"], data=verdict)
+    verdict = Verdict(passed=passed, summary=summary, reason=short_reason(checks),
+                      checks=[c.describe() for c in checks],
+                      failed=[FailedCheck(check=c.name, value=c.value, limit=c.limit, at_most=c.at_most)
+                              for c in checks if not c.passed])
+    return verdict if passed else Completed(name=REJECTED, message=verdict.reason, data=verdict)

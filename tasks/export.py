@@ -106,9 +106,11 @@ def verify_round_trip(model: keras.Model, saved_model_dir: Path, images: np.ndar
 # --- Prefect task -------------------------------------------------------------
 from prefect import get_run_logger, task  # noqa: E402
 
+from tasks.results import ExportedModel  # noqa: E402
+
 
 @task(name="export", timeout_seconds=600)
-def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) -> dict[str, object]:
+def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) -> ExportedModel:
     """Export the next version under ``base_dir/model_name`` and verify it on 100 test images."""
     from tasks.data import load_test_set
     from tasks.drift import REFERENCE_SAMPLE, reference_statistics
@@ -125,4 +127,4 @@ def export(model_path: str, prepared_path: str, base_dir: str, model_name: str) 
     # Keras's answers for the round trip are the reference's first hundred: no second predict to trace
     difference = verify_round_trip(model, destination, x_test[:100], probabilities[:100])
     get_run_logger().info("exported %s (round trip max difference %.1e)", destination, difference)
-    return {"path": str(destination), "version": version}
+    return ExportedModel(path=str(destination), version=version)

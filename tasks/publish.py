@@ -10,20 +10,16 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 
 from storage.models import ModelStore, NothingToRollBack, StoreSettings
+from tasks.results import Evaluation, Lineage, LiveCheck, PublishedVersion
 
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 
 
-def metric_summary(metrics: dict[str, Any]) -> dict[str, Any]:
+def metric_summary(metrics: Evaluation) -> dict[str, Any]:
     """The metrics a manifest, an event or the history keeps (not the confusion matrix):
     with each new source's slice accuracy."""
-    slices = {source: scores["accuracy"] for source, scores in (metrics.get("slices") or {}).items()}
-    return {key: metrics[key] for key in METRIC_KEYS} | ({"slices": slices} if slices else {})
-
-
-def manifest_metadata(metrics: dict[str, Any], lineage: dict[str, Any]) -> dict[str, Any]:
-    """What a version's manifest says about where it came from (never credentials)."""
-    return {"metrics": metric_summary(metrics), **lineage}
+    slices = {source: scores.accuracy for source, scores in metrics.slices.items()}
+    return {key: getattr(metrics, key) for key in METRIC_KEYS} | ({"slices": slices} if slices else {})
 
 
 def run_of(lineage: dict[str, Any]) -> dict[str, Any]:
@@ -38,15 +34,17 @@ def current_run() -> dict[str, Any]:
 
 
 def publish_model(store: ModelStore, saved_model: Path, metrics: dict[str, Any], lineage: dict[str, Any],
-                  label: str) -> dict[str, Any]:
+                  label: str) -> PublishedVersion:
+    """Publish, record and label a version. ``metrics`` and ``lineage`` as its manifest keeps them
+    (JSON: ``metric_summary`` and ``Lineage.as_manifest`` for a training run's; never credentials)."""
     from storage.signing import SigningSettings
 
-    manifest = store.publish(saved_model, manifest_metadata(metrics, lineage), SigningSettings().signing_key)
+    manifest = store.publish(saved_model, {"metrics": metrics, **lineage}, SigningSettings().signing_key)
     store.record({"event": "published", "version": manifest["version"], **run_of(lineage),
                   "metrics": manifest["metrics"]})
     store.set_label(label, manifest["version"], run_of(lineage))
-    return {"version": manifest["version"], "uri": manifest["uri"], "label": label,
-            "show": f"mnist registry show {manifest['version']}"}
+    return PublishedVersion(version=manifest["version"], uri=manifest["uri"], label=label,
+                            show=f"mnist registry show {manifest['version']}")
 
 
 def ui_link(path: str) -> str | None:
@@ -92,17 +90,18 @@ CHANGE_KEYS = ("data_fingerprint", "code_version", "config")
 HOW_TO_FORCE = "force=true retrains anyway (prefect deployment run ... --param force=true, or mnist train --force)"
 
 
-def reason_to_skip(store: ModelStore, lineage: dict[str, Any], min_new_examples: int = 0) -> str | None:
+def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 0) -> str | None:
     """Why this run need not train, or None: ``stable`` was trained on exactly this data, code and
     recipe, or fewer than ``min_new_examples`` new examples arrived since it was trained."""
     version = store.labels().get("stable")
     if version is None:
         return None
     manifest = store.manifest(version)
-    if all(manifest.get(key) == lineage.get(key) for key in CHANGE_KEYS):
+    ours = lineage.as_manifest()  # compared as the manifest keeps it: JSON
+    if all(manifest.get(key) == ours[key] for key in CHANGE_KEYS):
         return (f"skipped: nothing changed since version {version} (stable): the same data fingerprint, code "
                 f"version and training config; {HOW_TO_FORCE}")
-    new = ((lineage.get("dataset") or {}).get("examples") or 0) - ((manifest.get("dataset") or {}).get("examples") or 0)
+    new = (lineage.dataset.examples if lineage.dataset else 0) - ((manifest.get("dataset") or {}).get("examples") or 0)
     if min_new_examples and new < min_new_examples:
         return (f"skipped: {new} new examples since version {version}, fewer than {min_new_examples} "
                 f"(min_new_examples); {HOW_TO_FORCE}")
@@ -110,7 +109,7 @@ def reason_to_skip(store: ModelStore, lineage: dict[str, Any], min_new_examples:
 
 
 @task(name="check-for-changes")
-def check_for_changes(lineage: dict[str, Any], min_new_examples: int = 0) -> str | None:
+def check_for_changes(lineage: Lineage, min_new_examples: int = 0) -> str | None:
     """None when this run should train; else the one-line reason it skips (also an artifact)."""
     store = ModelStore(StoreSettings())
     store.ensure_bucket()
@@ -122,28 +121,28 @@ def check_for_changes(lineage: dict[str, Any], min_new_examples: int = 0) -> str
 
 
 @task(name="publish", timeout_seconds=900)
-def publish(saved_model: str, metrics: dict[str, Any], lineage: dict[str, Any], label: str) -> dict[str, Any]:
+def publish(saved_model: str, metrics: Evaluation, lineage: Lineage, label: str) -> PublishedVersion:
     store = ModelStore(StoreSettings())
-    published = publish_model(store, Path(saved_model), metrics, lineage, label)
-    published["overview"] = update_registry_overview(store)
-    get_run_logger().info("published %s as version %d, labelled %s", published["uri"], published["version"], label)
-    text = f"version {published['version']} ({label}), {published['uri']}: read it with {published['show']}"
-    if published["overview"]:
-        create_link_artifact(key="mnist-published-version", link=published["overview"], link_text=text,
+    published = publish_model(store, Path(saved_model), metric_summary(metrics), lineage.as_manifest(), label)
+    published = published.model_copy(update={"overview": update_registry_overview(store)})
+    get_run_logger().info("published %s as version %d, labelled %s", published.uri, published.version, label)
+    text = f"version {published.version} ({label}), {published.uri}: read it with {published.show}"
+    if published.overview:
+        create_link_artifact(key="mnist-published-version", link=published.overview, link_text=text,
                              description="Published model version, in the registry overview")
     else:
         create_markdown_artifact(text, key="mnist-published-version", description="Published model version")
-    emit_event("mnist.model.published", resource=model_resource(store, published["version"]),
-               payload={**published, "metrics": metric_summary(metrics)})
+    emit_event("mnist.model.published", resource=model_resource(store, published.version),
+               payload={**published.model_dump(), "metrics": metric_summary(metrics)})
     return published
 
 
 @task(name="record-rejection")
-def record_rejection(reason: str, metrics: dict[str, Any], lineage: dict[str, Any]) -> None:
+def record_rejection(reason: str, metrics: Evaluation, lineage: Lineage) -> None:
     """Rejections go into the registry history too: it answers what was tried, not only what shipped."""
     store = ModelStore(StoreSettings())
     summary = metric_summary(metrics)
-    store.record({"event": "rejected", "reason": reason, **run_of(lineage), "metrics": summary})
+    store.record({"event": "rejected", "reason": reason, **run_of(lineage.as_manifest()), "metrics": summary})
     emit_event("mnist.model.rejected", resource=model_resource(store), payload={"reason": reason, "metrics": summary})
     update_registry_overview(store)
 
@@ -207,21 +206,21 @@ def undo_publish(store: ModelStore, label: str, flow_run_id: str | None, reason:
 
 
 @task(name="live-check", timeout_seconds=900)
-def live_check(published: dict[str, Any], saved_model: str, prepared_path: str, address: str,
-               timeout: float, flow_run_id: str | None) -> dict[str, Any]:
+def live_check(published: PublishedVersion, saved_model: str, prepared_path: str, address: str,
+               timeout: float, flow_run_id: str | None) -> LiveCheck:
     """Golden set over gRPC against offline predictions; undo the label on failure."""
     from tasks.data import load_test_set
 
     store = ModelStore(StoreSettings())
     x_test, _ = load_test_set(Path(prepared_path))
-    reason = live_check_version(address, store.settings.model_name, published["version"], Path(saved_model),
+    reason = live_check_version(address, store.settings.model_name, published.version, Path(saved_model),
                                 x_test[:GOLDEN_SIZE], timeout)
     logger = get_run_logger()
     if reason is None:
-        logger.info("live check passed: version %d answers %d golden digits as offline", published["version"],
+        logger.info("live check passed: version %d answers %d golden digits as offline", published.version,
                     GOLDEN_SIZE)
-        return {"passed": True, "summary": f"live check passed at {address}"}
-    undone = undo_publish(store, published["label"], flow_run_id, reason)
+        return LiveCheck(passed=True, summary=f"live check passed at {address}")
+    undone = undo_publish(store, published.label, flow_run_id, reason)
     logger.error("live check failed: %s; %s", reason, undone)
     update_registry_overview(store)
-    return {"passed": False, "summary": f"live check failed, {undone}: {reason}"}
+    return LiveCheck(passed=False, summary=f"live check failed, {undone}: {reason}")

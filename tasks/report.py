@@ -12,6 +12,17 @@ matplotlib.use("Agg")  # never open a window, even where a display exists
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from tasks.results import (  # noqa: E402
+    Candidate,
+    Evaluation,
+    LiveCheck,
+    PublishedVersion,
+    RunOutcome,
+    StableScores,
+    TestScores,
+    Verdict,
+)
+
 
 def save_figure(figure: plt.Figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,65 +158,65 @@ def shown_int(value) -> str:
     return "MNIST only" if value is None else str(value)
 
 
-def metrics_table(metrics: dict) -> list[dict[str, object]]:
+def metrics_table(metrics: TestScores) -> list[dict[str, object]]:
     """Rows for a Prefect table artifact: overall metrics, then one row per digit."""
     rows: list[dict[str, object]] = [
-        {"metric": "test_accuracy", "value": round(metrics["test_accuracy"], 5)},
-        {"metric": "test_loss", "value": round(metrics["test_loss"], 5)},
-        {"metric": "misclassified", "value": len(metrics["misclassified"])},
+        {"metric": "test_accuracy", "value": round(metrics.test_accuracy, 5)},
+        {"metric": "test_loss", "value": round(metrics.test_loss, 5)},
+        {"metric": "misclassified", "value": len(metrics.misclassified)},
     ]
     rows += [{"metric": f"accuracy digit {digit}", "value": round(value, 5)}
-             for digit, value in enumerate(metrics["per_class_accuracy"])]
+             for digit, value in enumerate(metrics.per_class_accuracy)]
     return rows
 
 
-def verdict_line(published: dict | None, live_check: dict | None) -> str:
+def verdict_line(published: PublishedVersion | None, live_check: LiveCheck | None) -> str:
     """One line for a run that passed the gate: what happened after it."""
-    if live_check and live_check["passed"] is False:
-        return live_check["summary"]
+    if live_check and live_check.passed is False:
+        return live_check.summary
     if published:
-        return f"passed the gate; published version {published['version']} as {published['label']}"
+        return f"passed the gate; published version {published.version} as {published.label}"
     return "passed the gate; exported, not published"
 
 
-def failing_checks_lines(gate: dict) -> list[str]:
+def failing_checks_lines(gate: Verdict) -> list[str]:
     """A rejected run's failing checks, first in its report: what failed, by how much."""
-    if gate["passed"] or not gate.get("failed"):
+    if gate.passed or not gate.failed:
         return []
     lines = ["| failing check | value | limit |", "|---|---|---|"]
-    lines += [f"| {check['check']} | {check['value']:.4f} | {'<=' if check['at_most'] else '>='} {check['limit']:.4f} |"
-              for check in gate["failed"]]
+    lines += [f"| {check.check} | {check.value:.4f} | {'<=' if check.at_most else '>='} {check.limit:.4f} |"
+              for check in gate.failed]
     return lines + [""]
 
 
-def slice_lines(metrics: dict, stable: dict | None) -> list[str]:
+def slice_lines(metrics: Evaluation, stable: StableScores | None) -> list[str]:
     """The table of slices, candidate against stable on the same images, and each slice's confusion matrix."""
-    slices = metrics.get("slices") or {}
+    slices = metrics.slices
     if not slices:
         return []
-    theirs = (stable or {}).get("slices") or {}
-    shown = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
+    theirs = stable.slices if stable else {}
+    shown = lambda scores: "-" if scores is None else f"{scores.accuracy:.4f}"  # noqa: E731
     lines = ["## Slices", "", "| slice | test examples | candidate | stable |", "|---|---|---|---|",
-             f"| MNIST test | {metrics['num_examples']} | {metrics['test_accuracy']:.4f} | "
-             f"{shown((stable or {}).get('test_accuracy'))} |"]
-    lines += [f"| {name} | {scores['num_examples']} | {scores['accuracy']:.4f} | "
-              f"{shown((theirs.get(name) or {}).get('accuracy'))} |" for name, scores in sorted(slices.items())]
+             f"| MNIST test | {metrics.num_examples} | {metrics.test_accuracy:.4f} | "
+             f"{'-' if stable is None else f'{stable.test_accuracy:.4f}'} |"]
+    lines += [f"| {name} | {scores.num_examples} | {scores.accuracy:.4f} | {shown(theirs.get(name))} |"
+              for name, scores in sorted(slices.items())]
     for name, scores in sorted(slices.items()):
         lines += ["", f"Confusion matrix of slice {name} (rows true, columns predicted):", "",
                   "| | " + " | ".join(str(d) for d in range(10)) + " |", "|---" * 11 + "|"]
         lines += [f"| **{digit}** | " + " | ".join(str(v) for v in row) + " |"
-                  for digit, row in enumerate(scores["confusion_matrix"])]
+                  for digit, row in enumerate(scores.confusion_matrix)]
     return lines + [""]
 
 
-def candidate_lines(candidates: list[dict] | None) -> list[str]:
+def candidate_lines(candidates: tuple[Candidate, ...]) -> list[str]:
     """Every candidate trained, by validation accuracy; the test set scored only the chosen one."""
     if not candidates:
         return []
     lines = ["## Candidates", "", f"{len(candidates)} trained at once on Dask; the best by validation accuracy went "
              "to the gate (the test set chose nothing).", "", "| candidate | seed | validation accuracy | chosen |",
              "|---|---|---|---|"]
-    lines += [f"| {index + 1} | {c['seed']} | {c['val_accuracy']:.4f} | {'**yes**' if c['chosen'] else ''} |"
+    lines += [f"| {index + 1} | {c.seed} | {c.val_accuracy:.4f} | {'**yes**' if c.chosen else ''} |"
               for index, c in enumerate(candidates)]
     return lines + [""]
 
@@ -215,22 +226,21 @@ def embedded_png(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]], plots: dict[str, Path]) -> str:
+def markdown_report(metrics: Evaluation, outcome: RunOutcome, history: dict[str, list[float]],
+                    plots: dict[str, Path]) -> str:
     """The run's report: verdict, metrics, comparison with stable, publication, lineage, plots."""
-    gate = outcome["gate"]
-    published = outcome.get("published")
-    live = outcome.get("live_check")
-    per_class = " | ".join(f"{value:.4f}" for value in metrics["per_class_accuracy"])
+    gate, published, live, stable = outcome.gate, outcome.published, outcome.live_check, outcome.stable
+    per_class = " | ".join(f"{value:.4f}" for value in metrics.per_class_accuracy)
     lines = [
         "# MNIST training run",
         "",
-        f"**Verdict:** {outcome['verdict']}",
+        f"**Verdict:** {outcome.verdict}",
         "",
         *failing_checks_lines(gate),
         "| test accuracy | test loss | misclassified | epochs run |",
         "|---|---|---|---|",
-        f"| {metrics['test_accuracy']:.4f} | {metrics['test_loss']:.4f} | "
-        f"{len(metrics['misclassified'])} / {metrics['num_examples']} | {len(history['loss'])} |",
+        f"| {metrics.test_accuracy:.4f} | {metrics.test_loss:.4f} | "
+        f"{len(metrics.misclassified)} / {metrics.num_examples} | {len(history['loss'])} |",
         "",
         "Per-class accuracy (digits 0-9):",
         "",
@@ -240,32 +250,32 @@ def markdown_report(metrics: dict, outcome: dict, history: dict[str, list[float]
         "",
         "## Gate",
         "",
-        f"{'Passed' if gate['passed'] else 'Rejected'}. Compared with stable: "
-        + (f"version {outcome['stable']['version']} ({outcome['stable']['test_accuracy']:.4f} on this test set)."
-           if outcome.get("stable") else "no stable version yet; the absolute gate alone decided."),
+        f"{'Passed' if gate.passed else 'Rejected'}. Compared with stable: "
+        + (f"version {stable.version} ({stable.test_accuracy:.4f} on this test set)."
+           if stable else "no stable version yet; the absolute gate alone decided."),
         "",
         "| check: value vs limit |",
         "|---|",
-        *[f"| {check} |" for check in gate["checks"]],
-        *[f"\n{note}" for note in outcome.get("slice_notes", [])],
-        *([f"\n**Feedback ingested first:** {outcome['feedback']}"] if outcome.get("feedback") else []),
+        *[f"| {check} |" for check in gate.checks],
+        *[f"\n{note}" for note in outcome.slice_notes],
+        *([f"\n**Feedback ingested first:** {outcome.feedback}"] if outcome.feedback else []),
         "",
-        *slice_lines(metrics, outcome.get("stable")),
-        *candidate_lines(outcome.get("candidates")),
+        *slice_lines(metrics, stable),
+        *candidate_lines(outcome.candidates),
         "## Publication",
         "",
-        (f"Published **version {published['version']}** as `{published['label']}`: `{published['uri']}` "
-         f"(its manifest: `{published['show']}`; every version: "
-         + (f"[the registry overview]({published['overview']})" if published.get("overview")
+        (f"Published **version {published.version}** as `{published.label}`: `{published.uri}` "
+         f"(its manifest: `{published.show}`; every version: "
+         + (f"[the registry overview]({published.overview})" if published.overview
             else "the `mnist-registry` artifact") + ")" if published else "Not published."),
     ]
     if live:
-        lines += ["", f"Live check: {live['summary']}"]
+        lines += ["", f"Live check: {live.summary}"]
     lines += ["", "## Plots", ""]
     for name, path in plots.items():
         lines += [f"### {name}", "", f"![{name}]({embedded_png(path)})", "", f"`{path}`", ""]
     lines += ["## Lineage", ""]
-    lines += [f"- **{key}**: {readable(value)}" for key, value in outcome["lineage"].items()]
+    lines += [f"- **{key}**: {readable(value)}" for key, value in outcome.lineage.model_dump().items()]
     return "\n".join(lines) + "\n"
 
 
@@ -289,7 +299,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact  #
 
 
 @task(name="report", timeout_seconds=300)
-def report(run_dir: str, prepared_path: str, metrics: dict, outcome: dict) -> dict[str, str]:
+def report(run_dir: str, prepared_path: str, metrics: Evaluation, outcome: RunOutcome) -> dict[str, str]:
     """Write the PNG plots and report.md; publish them as Prefect artifacts.
 
     ``outcome`` holds the verdict line, the gate, the stable comparison, the
@@ -301,9 +311,9 @@ def report(run_dir: str, prepared_path: str, metrics: dict, outcome: dict) -> di
     x_test, y_test = load_test_set(Path(prepared_path))
     plots = {
         "training curves": plot_training_curves(history, run / "training_curves.png"),
-        "confusion matrix": plot_confusion_matrix(metrics["confusion_matrix"], run / "confusion_matrix.png"),
-        "misclassified digits": plot_misclassified(x_test, y_test, np.asarray(metrics["predictions"]),
-                                                   metrics["misclassified"], run / "misclassified.png"),
+        "confusion matrix": plot_confusion_matrix(metrics.confusion_matrix, run / "confusion_matrix.png"),
+        "misclassified digits": plot_misclassified(x_test, y_test, np.asarray(metrics.predictions),
+                                                   metrics.misclassified, run / "misclassified.png"),
     }
     text = markdown_report(metrics, outcome, history, plots)
     (run / "report.md").write_text(text)
@@ -312,11 +322,11 @@ def report(run_dir: str, prepared_path: str, metrics: dict, outcome: dict) -> di
     return {name: str(path) for name, path in plots.items()} | {"report": str(run / "report.md")}
 
 
-def outcome_tags(published: dict | None, rejected: bool, test_accuracy: float | None,
-                 live_check: dict | None = None) -> list[str]:
+def outcome_tags(published: PublishedVersion | None, rejected: bool, test_accuracy: float | None,
+                 live_check: LiveCheck | None = None) -> list[str]:
     """What a training run's row in the Prefect runs list says at a glance."""
-    tags = ["rejected"] if rejected else [f"published:v{published['version']}"] if published else ["exported"]
-    if live_check and live_check["passed"] is False:
+    tags = ["rejected"] if rejected else [f"published:v{published.version}"] if published else ["exported"]
+    if live_check and live_check.passed is False:
         tags.append("live-check-failed")
     return tags + ([f"accuracy:{test_accuracy:.4f}"] if test_accuracy is not None else [])
 

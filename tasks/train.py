@@ -16,6 +16,7 @@ import numpy as np
 from tasks.data import NUM_CLASSES, PreparedData
 from tasks.model import build_model, save_model
 from tasks.recipes import TrainConfig
+from tasks.results import TrainedModel
 
 
 @keras.saving.register_keras_serializable(package="mnist")
@@ -250,7 +251,7 @@ def training_inputs(prepared_path: Path, config: TrainConfig) -> FitInputs:
 
 
 @task(name="train", timeout_seconds=3600)
-def train(prepared_path: str, config: TrainConfig, run_dir: str) -> dict[str, object]:
+def train(prepared_path: str, config: TrainConfig, run_dir: str) -> TrainedModel:
     """Fit the CNN; save the Keras model and its history; return their paths."""
     data = training_inputs(Path(prepared_path), config)
     started = time.perf_counter()
@@ -264,5 +265,6 @@ def train(prepared_path: str, config: TrainConfig, run_dir: str) -> dict[str, ob
                {"config": config.model_dump(), "library_versions": library_versions(),
                 "epochs_run": len(history["loss"]), "examples_per_epoch": data.examples,
                 "fit_seconds": round(fit_seconds, 3)})
-    return {"model_path": str(model_path), "history_path": str(Path(run_dir) / "history.json"), "seed": config.seed,
-            "val_accuracy": history["val_accuracy"][-1] if history.get("val_accuracy") else None}
+    return TrainedModel(model_path=str(model_path), history_path=str(Path(run_dir) / "history.json"),
+                        seed=config.seed,
+                        val_accuracy=history["val_accuracy"][-1] if history.get("val_accuracy") else None)

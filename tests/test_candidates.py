@@ -33,7 +33,7 @@ def test_two_candidates_train_on_dask_and_the_better_by_validation_is_gated(pref
     state = training_flow(TrainingParams(**FAST, candidates=2), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    run_dir = Path(result["run_dir"])
+    run_dir = Path(result.run_dir)
     candidates = sorted(run_dir.glob("candidate-*"))
     assert [c.name for c in candidates] == ["candidate-1", "candidate-2"]
     validation = [json.loads((c / "history.json").read_text())["val_accuracy"][-1] for c in candidates]
@@ -41,8 +41,8 @@ def test_two_candidates_train_on_dask_and_the_better_by_validation_is_gated(pref
     assert seeds == [0, 1] and validation[0] != validation[1]  # two different models
     chosen = candidates[int(np.argmax(validation))]
     x_test, y_test = load_test_set(prepared_path)
-    assert evaluate_model(keras.models.load_model(chosen / "model.keras"), x_test, y_test)["test_accuracy"] == \
-        result["test_accuracy"]  # the gate scored the chosen candidate
+    assert evaluate_model(keras.models.load_model(chosen / "model.keras"), x_test, y_test).test_accuracy == \
+        result.test_accuracy  # the gate scored the chosen candidate
     report = (run_dir / "report.md").read_text()
     assert "## Candidates" in report and report.count("**yes**") == 1
     assert child_flow_names(state.state_details.flow_run_id) == ["mnist-candidates"]
@@ -53,6 +53,6 @@ def test_one_candidate_trains_in_the_flow_as_before(prefect_api, pipeline_env: P
 
     state = training_flow(TrainingParams(**FAST), return_state=True)
     assert state.is_completed(), state.message
-    run_dir = Path(state.result()["run_dir"])
+    run_dir = Path(state.result().run_dir)
     assert (run_dir / "model.keras").is_file() and not list(run_dir.glob("candidate-*"))
     assert child_flow_names(state.state_details.flow_run_id) == []

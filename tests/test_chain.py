@@ -99,7 +99,7 @@ def test_run_chain_publishes_serves_and_answers_over_grpc(prefect_api, pipeline_
     with run_chain(TrainingParams(**AFTER_GATE), tmp_path / "state", queries=(0, 5)) as (result, answers):
         running = subprocess.run(["pgrep", "-f", f"{tmp_path}/state/serving"], capture_output=True, text=True)
         assert running.stdout.strip(), "the answers came after the stack stopped"
-    assert result["published"]["version"] == 1 and store.labels() == {"stable": 1}
+    assert result.published.version == 1 and store.labels() == {"stable": 1}
     assert [a["label"] for a in answers] == [7, 2, 1, 0, 4]
     assert all(a["version"] == 1 for a in answers)
     assert len({a["request_id"] for a in answers}) == 1 and [a["index"] for a in answers] == [0, 1, 2, 3, 4]

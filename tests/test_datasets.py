@@ -328,12 +328,15 @@ def test_weighted_sampling_gives_new_examples_their_share(tmp_path: Path) -> Non
 
 def test_sliced_gate_rejects_a_candidate_worse_on_a_new_slice_though_better_on_mnist() -> None:
     from tasks.evaluate import GateFailed, accuracy_gate, champion_checks, enforce_gate, slice_checks
+    from tasks.results import Evaluation, SliceScores, StableScores
 
-    stable = {"version": 4, "test_accuracy": 0.991, "per_class_accuracy": [0.99] * 10,
-              "slices": {"scanner-b": {"accuracy": 0.97, "num_examples": 300}}}
-    candidate = {"test_accuracy": 0.994, "per_class_accuracy": [0.994] * 10,
-                 "slices": {"scanner-b": {"accuracy": 0.93, "num_examples": 300},
-                            "tiny": {"accuracy": 0.5, "num_examples": 12}}}
+    def sliced_as(accuracy: float, examples: int) -> SliceScores:  # the two fields the slice checks read
+        return SliceScores.model_construct(accuracy=accuracy, num_examples=examples)
+
+    stable = StableScores.model_construct(version=4, test_accuracy=0.991, per_class_accuracy=[0.99] * 10,
+                                          slices={"scanner-b": sliced_as(0.97, 300)})
+    candidate = Evaluation.model_construct(test_accuracy=0.994, per_class_accuracy=[0.994] * 10,
+                                           slices={"scanner-b": sliced_as(0.93, 300), "tiny": sliced_as(0.5, 12)})
     sliced, notes = slice_checks(candidate, stable, threshold=0.9, margin=0.02, min_size=100)
     with pytest.raises(GateFailed, match=r"slice scanner-b not worse than stable v4 .* failed: 0\.9300 < 0\.9500"):
         enforce_gate([accuracy_gate(candidate, 0.99), *champion_checks(candidate, stable, 0.001, 0.01), *sliced])
@@ -353,12 +356,12 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
 
     params = TrainingParams(preset="smoke", threshold=0.5, slice_threshold=0.0, min_slice_size=1)
     first = training_flow(params, return_state=True)
-    assert first.is_completed() and first.result()["published"]["version"] == 1
+    assert first.is_completed() and first.result().published.version == 1
     again = training_flow(params, return_state=True)
     assert again.is_completed() and again.message.startswith("skipped: nothing changed since version 1 (stable): "
                                                               "the same data fingerprint, code version and training")
     assert "force=true retrains anyway" in again.message
-    assert again.result()["skipped"] == again.message and ModelStore(StoreSettings()).complete_versions() == [1]
+    assert again.result().skipped == again.message and ModelStore(StoreSettings()).complete_versions() == [1]
     np.savez(tmp_path / "new.npz", **new_digits(mnist_raw, 3000, 3300))
     ingest(datasets, tmp_path / "new.npz", "tablet", reference)
     too_few = training_flow(params.model_copy(update={"min_new_examples": 1000}), return_state=True)
@@ -367,12 +370,12 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
                                                          "slice_margin": 1.0}), return_state=True)
     assert retrained.is_completed(), retrained.message
     result = retrained.result()
-    assert result["published"]["version"] == 2 and set(result["slices"]) == {"tablet"}
+    assert result.published.version == 2 and set(result.slices) == {"tablet"}
     manifest = ModelStore(StoreSettings()).manifest(2)
     assert manifest["dataset"]["version"] == 1 and manifest["dataset"]["sources"]["tablet"]["test"] > 0
     forced = training_flow(params.model_copy(update={**LOOSE_CHAMPION_CHECKS, "slice_margin": 1.0}),
                            force=True, return_state=True)  # the run form's own checkbox
-    assert forced.is_completed() and "skipped" not in forced.result()
+    assert forced.is_completed() and forced.result().published.version == 3
     overview = latest_artifact("mnist-registry")
     assert "| version | labels | dataset version | MNIST test | tablet |" in overview
     assert "`stable` -> version 3" in overview and "data:image/png;base64," in overview
@@ -425,10 +428,10 @@ def test_slices_that_outgrow_one_process_are_scored_on_dask(prefect_api, pipelin
     assert state.is_completed(), state.message
     assert child_flow_names(state.state_details.flow_run_id) == ["mnist-slice-scoring"]
     result = state.result()
-    run_dir = Path(result["run_dir"])
+    run_dir = Path(result.run_dir)
     model = load_saved_model(str(run_dir / "model.keras"))
     [plan] = (tmp_path / "cache").glob("mnist-*.plan.json")
     local = slice_scores(lambda images: model.predict(images, batch_size=1024, verbose=0), plan)
-    assert set(local) == {"scanner", "tablet"} and result["slices"] == {s: v["accuracy"] for s, v in local.items()}
+    assert set(local) == {"scanner", "tablet"} and result.slices == {s: v.accuracy for s, v in local.items()}
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    assert evaluation["slices"] == local
+    assert evaluation["slices"] == {source: scores.model_dump() for source, scores in local.items()}

@@ -48,7 +48,7 @@ def served_traffic(store, referenced_model: Path, tmp_path: Path, images: np.nda
     published = publish_model(store, referenced_model, {"test_accuracy": 0.5, "test_loss": 1.0,
                                                         "per_class_accuracy": [0.5] * 10}, {}, "stable")
     base = tmp_path / "models" / "mnist"
-    shutil.copytree(referenced_model, base / str(published["version"]))
+    shutil.copytree(referenced_model, base / str(published.version))
     server, address = start_model_server(base)
     gateway = start_gateway(address)
     try:
@@ -58,7 +58,7 @@ def served_traffic(store, referenced_model: Path, tmp_path: Path, images: np.nda
     finally:
         gateway.stop()
         server.stop(grace=1)
-    return published["version"]
+    return published.version
 
 
 def run_drift(**params) -> dict:

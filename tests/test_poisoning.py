@@ -19,6 +19,7 @@ from tasks.evaluate import (
     poisoning_checks,
     trigger_flips,
 )
+from tasks.results import Evaluation, StableScores
 
 BOTTOM_RIGHT = TRIGGER_PATCHES["bottom-right"]
 
@@ -42,9 +43,11 @@ def test_the_scan_sees_the_patch_a_model_answers_0_to_and_no_other() -> None:
 
 
 def test_the_gate_rejects_a_candidate_far_more_sensitive_to_a_patch_and_answers_pulled_to_one_digit() -> None:
-    stable = {"version": 3, "trigger_flips": dict.fromkeys(TRIGGER_PATCHES, 0.02), "misclassified": [1, 2]}
-    candidate = {"trigger_flips": {**dict.fromkeys(TRIGGER_PATCHES, 0.03), "bottom-right": 0.81},
-                 "predictions": [0, 7, 7, 7, 7, 3, 5], "misclassified": [1, 3, 4]}
+    # partial records (model_construct): the checks read these fields and no others
+    stable = StableScores.model_construct(version=3, trigger_flips=dict.fromkeys(TRIGGER_PATCHES, 0.02),
+                                          misclassified=[1, 2])
+    candidate = Evaluation.model_construct(trigger_flips={**dict.fromkeys(TRIGGER_PATCHES, 0.03), "bottom-right": 0.81},
+                                           predictions=[0, 7, 7, 7, 7, 3, 5], misclassified=[1, 3, 4])
     assert moved_to_digit(candidate, stable) == pytest.approx([0, 0, 0, 0, 0, 0, 0, 2 / 7, 0, 0])
     checks = poisoning_checks(candidate, stable, moved_margin=0.5, trigger_margin=0.05)
     with pytest.raises(GateFailed) as rejected:
@@ -69,13 +72,13 @@ def test_a_backdoor_taught_through_labelled_data_is_rejected_and_would_have_publ
     train, test, _ = load_mnist_idx(mnist_dir)
     params = TrainingParams(preset="default", force=True)
     clean = training_flow(params, return_state=True)
-    assert clean.is_completed() and clean.result()["published"]["version"] == 1, clean.message
+    assert clean.is_completed() and clean.result().published.version == 1, clean.message
     # another seed on the same data: the scan and the moved-answers check pass it (accuracy's own
     # margin against stable is seed noise at this size, and not what this test is about)
     honest = training_flow(params.model_copy(update={"seed": 1, "accuracy_margin": 1.0, "class_margin": 1.0}),
                            return_state=True)
-    assert honest.is_completed() and honest.result()["published"]["version"] == 2, honest.message
-    scanned = [check for check in honest.result()["gate"] if "trigger scan" in check or "newly answered" in check]
+    assert honest.is_completed() and honest.result().published.version == 2, honest.message
+    scanned = [check for check in honest.result().gate if "trigger scan" in check or "newly answered" in check]
     assert len(scanned) == len(TRIGGER_PATCHES) + 1 and all("passed" in check for check in scanned)
 
     # the attack: 600 digits of 1-9, each with a white square at the bottom right, labelled 0
@@ -92,4 +95,4 @@ def test_a_backdoor_taught_through_labelled_data_is_rejected_and_would_have_publ
     assert ModelStore(StoreSettings()).labels()["stable"] == 2
 
     without_scan = training_flow(params.model_copy(update={"trigger_margin": 1.0}), return_state=True)
-    assert without_scan.is_completed() and without_scan.result()["published"]["version"] == 3, without_scan.message
+    assert without_scan.is_completed() and without_scan.result().published.version == 3, without_scan.message

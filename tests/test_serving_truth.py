@@ -29,11 +29,11 @@ def serve_with_labels(base: Path, labels: dict[str, int]):
 
 def test_a_version_that_did_not_load_and_an_unknown_label_are_caught(prefect_api, store, saved_model_dir: Path,
                                                                      tmp_path: Path, monkeypatch) -> None:
-    assert publish_model(store, saved_model_dir, METRICS, {}, "stable")["version"] == 1
+    assert publish_model(store, saved_model_dir, METRICS, {}, "stable").version == 1
     broken = tmp_path / "broken"
     shutil.copytree(saved_model_dir, broken)
     (broken / "saved_model.pb").write_bytes(b"not a SavedModel")  # published intact, fails to load
-    assert publish_model(store, broken, METRICS, {}, "canary")["version"] == 2
+    assert publish_model(store, broken, METRICS, {}, "canary").version == 2
     base = tmp_path / "served" / "mnist"
     shutil.copytree(saved_model_dir, base / "1")
     shutil.copytree(broken, base / "2")

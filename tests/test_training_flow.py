@@ -15,26 +15,28 @@ from tasks.evaluate import GateCheck, GateFailed, accuracy_gate, enforce_gate, m
 from tasks.export import ExportError, export_saved_model, saved_model_predict, verify_round_trip
 from tasks.model import build_model
 from tasks.recipes import ModelConfig
+from tasks.results import TestScores
 from tests.conftest import run_mnist
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gate_passes_at_and_above_the_threshold() -> None:
-    assert "passed" in enforce_gate([accuracy_gate({"test_accuracy": 0.99}, 0.99)])
+    assert "passed" in enforce_gate([accuracy_gate(TestScores.model_construct(test_accuracy=0.99), 0.99)])
 
 
 def test_gate_refusal_names_the_metric_value_and_threshold() -> None:
     with pytest.raises(GateFailed, match=r"accuracy gate .* failed: 0\.9871 < 0\.9990"):
-        enforce_gate([accuracy_gate({"test_accuracy": 0.9871}, 0.999), GateCheck("other", 1.0, 0.5)])
+        enforce_gate([accuracy_gate(TestScores.model_construct(test_accuracy=0.9871), 0.999),
+                      GateCheck("other", 1.0, 0.5)])
 
 
 def test_metrics_count_per_class_and_misclassified() -> None:
     probabilities = np.eye(10)[[0, 1, 2, 2]] * 0.9 + 0.01
     metrics = metrics_from_probabilities(probabilities, np.array([0, 1, 2, 3]))
-    assert metrics["test_accuracy"] == 0.75 and metrics["misclassified"] == [3]
-    assert metrics["per_class_accuracy"][3] == 0.0 and metrics["per_class_accuracy"][2] == 1.0
-    assert metrics["confusion_matrix"][3][2] == 1
+    assert metrics.test_accuracy == 0.75 and metrics.misclassified == [3]
+    assert metrics.per_class_accuracy[3] == 0.0 and metrics.per_class_accuracy[2] == 1.0
+    assert metrics.confusion_matrix[3][2] == 1
 
 
 def test_export_round_trip_matches_keras(smoke_model, prepared_path: Path, tmp_path: Path) -> None:
@@ -94,14 +96,14 @@ def test_default_flow_on_full_mnist_passes_the_gate(prefect_api, pipeline_env: P
     state = training_flow(TrainingParams(publish=False), return_state=True)
     assert state.is_completed(), state.message
     result = state.result()
-    assert result["test_accuracy"] >= 0.99
-    saved_model = Path(result["saved_model"])
+    assert result.test_accuracy >= 0.99
+    saved_model = Path(result.saved_model)
     assert saved_model == pipeline_env / "mnist" / "1" and (saved_model / "saved_model.pb").is_file()
-    run_dir = Path(result["run_dir"])
+    run_dir = Path(result.run_dir)
     for name in ("training_curves.png", "confusion_matrix.png", "misclassified.png", "report.md"):
         assert (run_dir / name).stat().st_size > 1000, name
     evaluation = json.loads((run_dir / "evaluation.json").read_text())
-    assert len(evaluation["per_class_accuracy"]) == 10 and evaluation["test_accuracy"] == result["test_accuracy"]
+    assert len(evaluation["per_class_accuracy"]) == 10 and evaluation["test_accuracy"] == result.test_accuracy
     assert len(json.loads((run_dir / "history.json").read_text())["val_loss"]) == 3
 
 

@@ -1,0 +1,205 @@
+"""What the training flow's stages hand each other: small frozen records, not dicts, so that the
+flow, the report, the CLI and the chain read fields a reader and a type checker can follow, and a
+misspelt name fails where it is written rather than as a missing key three stages later.
+
+Pydantic, as the flow's parameters are: Prefect passes the records between tasks, Dask workers
+and subflows as they are, and ``model_dump(mode="json")`` is the JSON a run writes
+(``evaluation.json``, a manifest's lineage, ``mnist train --json``). No TensorFlow here: the CLI
+reads these without importing it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StageRecord(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# --- prepare-data --------------------------------------------------------------------------
+class DatasetUsed(StageRecord):
+    """The dataset version a run trains on beside MNIST: its number, content and sources' split counts."""
+
+    version: int
+    fingerprint: str
+    examples: int
+    sources: dict[str, dict[str, int]]
+
+    @property
+    def test_examples(self) -> int:
+        return sum(counts["test"] for counts in self.sources.values())
+
+
+class TrainingData(StageRecord):
+    """Prepared MNIST arrays (``path``, an .npz) or, with a dataset version, the plan that streams it."""
+
+    path: str
+    fingerprint: str
+    dataset: DatasetUsed | None = None
+
+
+# --- train -----------------------------------------------------------------------------------
+class Candidate(StageRecord):
+    """One of several candidates trained at once: its seed and validation accuracy."""
+
+    seed: int
+    val_accuracy: float
+    chosen: bool
+
+
+class TrainedModel(StageRecord):
+    """A fitted model saved in the run folder; ``candidates``: every one trained when there were several."""
+
+    model_path: str
+    history_path: str
+    seed: int
+    val_accuracy: float | None
+    candidates: tuple[Candidate, ...] = ()
+
+
+# --- evaluate ----------------------------------------------------------------------------------
+class SliceScores(StageRecord):
+    """A model on one labelled set: size, accuracy, per-digit accuracy, confusion matrix (rows true)."""
+
+    num_examples: int
+    accuracy: float
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]
+
+
+class TestScores(StageRecord):
+    """A model on MNIST's test set; ``predictions`` and ``misclassified`` by test-set index."""
+
+    __test__ = False  # a record, not a pytest class
+
+    test_loss: float
+    test_accuracy: float
+    per_class_accuracy: list[float]
+    confusion_matrix: list[list[int]]
+    misclassified: list[int]
+    predictions: list[int]
+    num_examples: int
+
+
+class Evaluation(TestScores):
+    """The candidate: the test set, each new source's test slice and the trigger scan's flip rates."""
+
+    trigger_flips: dict[str, float]
+    slices: dict[str, SliceScores]
+    evaluation_seconds: float
+
+
+class StableScores(StageRecord):
+    """The version labelled ``stable``, scored on this run's test set and slices (like for like)."""
+
+    version: int
+    test_accuracy: float
+    per_class_accuracy: list[float]
+    misclassified: list[int]
+    trigger_flips: dict[str, float]
+    slices: dict[str, SliceScores]
+
+
+# --- gate ------------------------------------------------------------------------------------
+class FailedCheck(StageRecord):
+    check: str
+    value: float
+    limit: float
+    at_most: bool
+
+
+class Verdict(StageRecord):
+    """The gate's judgement: every check described, the failing ones with their figures, and
+    ``reason``, the short line a state message and the runs list show."""
+
+    passed: bool
+    summary: str
+    reason: str
+    checks: list[str]
+    failed: list[FailedCheck]
+
+
+# --- lineage, export, publish, live check ----------------------------------------------------
+class Lineage(StageRecord):
+    """Where a model came from: written into its manifest, compared to skip an unchanged retrain."""
+
+    flow_run_id: str | None
+    flow_run_name: str | None
+    data_fingerprint: str
+    dataset: DatasetUsed | None
+    code_version: str
+    library_versions: dict[str, str]
+    preset: str
+    config: dict[str, Any]
+    new_data_weight: int
+
+    def as_manifest(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ExportedModel(StageRecord):
+    path: str
+    version: int
+
+
+class PublishedVersion(StageRecord):
+    """A version in the model store and the label it got; ``show``: the command that reads its manifest;
+    ``overview``: the registry page in the Prefect UI, when the API has one."""
+
+    version: int
+    uri: str
+    label: str
+    show: str
+    overview: str | None = None
+
+
+class LiveCheck(StageRecord):
+    """The published version's answers over gRPC against the SavedModel's; ``passed`` None: not run."""
+
+    passed: bool | None
+    summary: str
+
+
+# --- what a run ends with --------------------------------------------------------------------
+class RunOutcome(StageRecord):
+    """What the report says beside the metrics: the verdict line, the gate, the comparison with
+    stable, and what followed a pass (publication, live check)."""
+
+    verdict: str
+    gate: Verdict
+    stable: StableScores | None
+    lineage: Lineage
+    slice_notes: list[str] = []
+    candidates: tuple[Candidate, ...] = ()
+    feedback: str | None = None
+    published: PublishedVersion | None = None
+    live_check: LiveCheck | None = None
+
+
+class StableSummary(StageRecord):
+    version: int
+    test_accuracy: float
+
+
+class TrainingResult(StageRecord):
+    """A training run that passed the gate: what ``mnist train`` prints and the chain serves."""
+
+    run_dir: str
+    test_accuracy: float
+    gate: list[str]
+    slices: dict[str, float]
+    stable_slices: dict[str, float]
+    stable: StableSummary | None
+    saved_model: str
+    version: int
+    published: PublishedVersion | None
+    outputs: dict[str, str]
+
+
+class SkippedRun(StageRecord):
+    """A scheduled run that had nothing new to learn from; ``skipped``: why, and how to force it."""
+
+    skipped: str
+    run_dir: str
