@@ -287,6 +287,7 @@ def command_drift(args: argparse.Namespace) -> int:
     from flows.drift import drift_flow
     from flows.params import DriftParams
     from storage.embedded import store_environment
+    from tasks.results import DriftRun
 
     values = {name: getattr(args, name) for name in DriftParams.model_fields if getattr(args, name) is not None}
     try:
@@ -298,20 +299,22 @@ def command_drift(args: argparse.Namespace) -> int:
     if not state.is_completed():
         raise CliError(f"drift run {state.name}: {state.message}")
     result = state.result()
+    if not isinstance(result, DriftRun):
+        raise CliError(f"drift run {state.name} ended without a result: {state.message}")
     if args.json:
-        print_json(result)
+        print_json(result.model_dump(mode="json"))
         return 0
-    for version, verdict in sorted(result["results"].items()):
-        drifted = f": {', '.join(verdict['drifted'])}" if verdict["drifted"] else ""
-        print(f"version {version}: {verdict['verdict']}{drifted} ({verdict['images']} logged images)")
-        for name, score in verdict["scores"].items():
-            print(f"  {name:<16} effect {score['statistic']:.3f}  p {score['p_value']:.1e}"
-                  f"{'  DRIFT' if score['drift'] else ''}")
-    for note in result["notes"]:
+    for version, verdict in sorted(result.results.items()):
+        drifted = f": {', '.join(verdict.drifted)}" if verdict.drifted else ""
+        print(f"version {version}: {verdict.verdict}{drifted} ({verdict.images} logged images)")
+        for name, score in verdict.scores.items():
+            print(f"  {name:<16} effect {score.statistic:.3f}  p {score.p_value:.1e}"
+                  f"{'  DRIFT' if score.drift else ''}")
+    for note in result.notes:
         print(note)
-    if not result["results"] and not result["notes"]:
+    if not result.results and not result.notes:
         print(state.message)
-    print(f"report: {result['report_dir']} (and the mnist-drift artifact in the Prefect UI)")
+    print(f"report: {result.report_dir} (and the mnist-drift artifact in the Prefect UI)")
     return 0
 
 

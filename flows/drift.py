@@ -17,6 +17,7 @@ from prefect.states import Completed, State
 
 from flows.params import DriftParams
 from flows.settings import PipelineSettings
+from tasks.results import DriftRun, DriftVerdict
 
 
 @task(name="collect-traffic", timeout_seconds=1800)
@@ -57,7 +58,7 @@ def version_reference(version: int) -> dict[str, Any] | None:
 
 @task(name="compare-traffic")
 def compare_traffic(version: int, traffic_path: str, reference: dict[str, Any], params: DriftParams,
-                    run_dir: str) -> tuple[dict[str, Any], str | None]:
+                    run_dir: str) -> tuple[DriftVerdict, str | None]:
     """The version's verdict and, when there was enough traffic, its plot (embedded PNG)."""
     from tasks.drift import DriftThresholds, compare, plot_drift
     from tasks.report import embedded_png
@@ -66,22 +67,22 @@ def compare_traffic(version: int, traffic_path: str, reference: dict[str, Any], 
         traffic = dict(stored)
     thresholds = DriftThresholds(params.alpha, params.min_effect, params.min_requests)
     result = compare(reference, traffic, thresholds)
-    if not result["scores"]:
+    if not result.scores:
         return result, None
     plot = plot_drift(reference, traffic, Path(run_dir) / f"drift-v{version}.png",
                       f"version {version}: reference ({reference['source']}) against served traffic")
     return result, embedded_png(plot)
 
 
-def drift_event(version: int, result: dict[str, Any], window_hours: float) -> None:
+def drift_event(version: int, result: DriftVerdict, window_hours: float) -> None:
     from storage.models import ModelStore, StoreSettings
     from tasks.publish import model_resource
 
-    scores = {name: {"statistic": round(score["statistic"], 4), "p_value": score["p_value"]}
-              for name, score in result["scores"].items()}
+    scores = {name: {"statistic": round(score.statistic, 4), "p_value": score.p_value}
+              for name, score in result.scores.items()}
     emit_event("mnist.drift.detected", resource=model_resource(ModelStore(StoreSettings()), version),
-               payload={"version": version, "drifted": result["drifted"], "scores": scores,
-                        "images": result["images"], "window_hours": window_hours})
+               payload={"version": version, "drifted": result.drifted, "scores": scores,
+                        "images": result.images, "window_hours": window_hours})
 
 
 @flow(name="mnist-drift", log_prints=True, validate_parameters=True)
@@ -90,7 +91,7 @@ def drift_flow(params: DriftParams = DriftParams()) -> State:
     run_dir = PipelineSettings().output_dir / "drift" / stamp
     run_dir.mkdir(parents=True, exist_ok=True)
     traffic = collect_traffic(params.window_hours, str(run_dir))
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, DriftVerdict] = {}
     plots: dict[int, str] = {}
     notes: list[str] = []
     for version, path in sorted(traffic.items()):
@@ -108,9 +109,9 @@ def drift_flow(params: DriftParams = DriftParams()) -> State:
 
     create_markdown_artifact(drift_markdown(results, window, plots, notes), key="mnist-drift",
                              description="Served traffic against each version's reference statistics")
-    drifted = {version: result for version, result in results.items() if result["verdict"] == "drift"}
+    drifted = {version: result for version, result in results.items() if result.verdict == "drift"}
     for version, result in drifted.items():
         drift_event(version, result, params.window_hours)
-    summary = "; ".join(f"version {v}: {r['verdict']}" + (f" ({', '.join(r['drifted'])})" if r["drifted"] else "")
+    summary = "; ".join(f"version {v}: {r.verdict}" + (f" ({', '.join(r.drifted)})" if r.drifted else "")
                         for v, r in sorted(results.items())) or "not enough data: no logged traffic with a reference"
-    return Completed(message=summary, data={"results": results, "notes": notes, "report_dir": str(run_dir)})
+    return Completed(message=summary, data=DriftRun(results=results, notes=notes, report_dir=str(run_dir)))

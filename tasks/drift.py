@@ -21,6 +21,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from tasks.digits import ink_statistics
+from tasks.results import DriftScore, DriftVerdict
 
 DRIFT_SAMPLE = 100_000  # rows kept per version for the tests: a day of a busy service stays this size
 FLUSH = 4096  # logged images summarised at a time
@@ -167,41 +168,41 @@ def checked_reference(raw: Any) -> dict[str, Any]:
     return raw
 
 
-def ks_score(reference: list[float], live: np.ndarray, thresholds: DriftThresholds) -> dict[str, Any]:
+def ks_score(reference: list[float], live: np.ndarray, thresholds: DriftThresholds) -> DriftScore:
     from scipy import stats  # a second to import: the export writes references without it
 
     result = stats.ks_2samp(np.asarray(reference, dtype=np.float64), live)
     statistic, p_value = float(result.statistic), float(result.pvalue)
-    return {"test": "kolmogorov-smirnov", "statistic": statistic, "p_value": p_value,
-            "drift": p_value < thresholds.alpha and statistic >= thresholds.min_effect}
+    return DriftScore(test="kolmogorov-smirnov", statistic=statistic, p_value=p_value,
+                      drift=p_value < thresholds.alpha and statistic >= thresholds.min_effect)
 
 
-def class_score(reference: list[float], class_counts: np.ndarray, thresholds: DriftThresholds) -> dict[str, Any]:
+def class_score(reference: list[float], class_counts: np.ndarray, thresholds: DriftThresholds) -> DriftScore:
     from scipy import stats
 
     observed = np.asarray(class_counts, dtype=np.float64)
     expected_share = (np.asarray(reference, dtype=np.float64) + 1e-3) / (np.sum(reference) + 1e-2)
     result = stats.chisquare(observed, expected_share * observed.sum())
     distance = 0.5 * float(np.abs(observed / observed.sum() - np.asarray(reference)).sum())
-    return {"test": "chi-square", "statistic": distance, "chi2": float(result.statistic),
-            "p_value": float(result.pvalue), "drift": float(result.pvalue) < thresholds.alpha
-            and distance >= thresholds.min_effect}
+    return DriftScore(test="chi-square", statistic=distance, chi2=float(result.statistic),
+                      p_value=float(result.pvalue),
+                      drift=float(result.pvalue) < thresholds.alpha and distance >= thresholds.min_effect)
 
 
-def compare(reference: dict[str, Any], traffic: dict[str, np.ndarray], thresholds: DriftThresholds) -> dict[str, Any]:
+def compare(reference: dict[str, Any], traffic: dict[str, np.ndarray], thresholds: DriftThresholds) -> DriftVerdict:
     """Scores of a version's summarised traffic (``TrafficSummary.arrays``) against its
     reference; the verdict says ``not enough data`` below ``min_requests`` images."""
     count = int(traffic["count"])
     if count < thresholds.min_requests:
-        return {"images": count, "verdict": "not enough data", "drifted": [], "scores": {},
-                "reason": f"{count} logged images, fewer than {thresholds.min_requests} needed for a verdict"}
+        return DriftVerdict(images=count, verdict="not enough data",
+                            reason=f"{count} logged images, fewer than {thresholds.min_requests} needed for a verdict")
     scores = {name: ks_score(reference["inputs"][name], traffic[name], thresholds) for name in INPUT_FEATURES}
     scores["confidence"] = ks_score(reference["confidence"], traffic["confidence"], thresholds)
     scores["predicted_class"] = class_score(reference["predicted_class"], traffic["class_counts"], thresholds)
-    drifted = [name for name, score in scores.items() if score["drift"]]
-    return {"images": count, "verdict": "drift" if drifted else "no drift", "drifted": drifted, "scores": scores,
-            "sampled": int(len(traffic["confidence"])),
-            "live_predicted_class": (traffic["class_counts"] / count).tolist()}
+    drifted = [name for name, score in scores.items() if score.drift]
+    return DriftVerdict(images=count, verdict="drift" if drifted else "no drift", drifted=drifted, scores=scores,
+                        sampled=int(len(traffic["confidence"])),
+                        live_predicted_class=(traffic["class_counts"] / count).tolist())
 
 
 def plot_drift(reference: dict[str, Any], traffic: dict[str, np.ndarray], path: Path, title: str) -> Path:
@@ -228,18 +229,18 @@ def plot_drift(reference: dict[str, Any], traffic: dict[str, np.ndarray], path: 
     return save_figure(figure, path)
 
 
-def drift_markdown(results: dict[int, dict[str, Any]], window: str, plots: dict[int, str],
+def drift_markdown(results: dict[int, DriftVerdict], window: str, plots: dict[int, str],
                    notes: list[str]) -> str:
     lines = [f"# Drift of served traffic ({window})", ""]
     for version, result in sorted(results.items()):
-        lines += [f"## Version {version}: **{result['verdict']}** ({result['images']} logged images)", ""]
-        if not result["scores"]:
-            lines += [result["reason"], ""]
+        lines += [f"## Version {version}: **{result.verdict}** ({result.images} logged images)", ""]
+        if not result.scores:
+            lines += [result.reason or "", ""]
             continue
         lines += ["| statistic | test | effect | p-value | drift |", "|---|---|---|---|---|"]
-        for name, score in result["scores"].items():
-            lines.append(f"| {name.replace('_', ' ')} | {score['test']} | {score['statistic']:.3f} | "
-                         f"{score['p_value']:.2e} | {'**yes**' if score['drift'] else 'no'} |")
+        for name, score in result.scores.items():
+            lines.append(f"| {name.replace('_', ' ')} | {score.test} | {score.statistic:.3f} | "
+                         f"{score.p_value:.2e} | {'**yes**' if score.drift else 'no'} |")
         lines += ["", f"![drift of version {version}]({plots[version]})", ""] if version in plots else [""]
     lines += [f"- {note}" for note in notes]
     return "\n".join(lines) + "\n"

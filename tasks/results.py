@@ -1,6 +1,6 @@
-"""What the training flow's stages hand each other: small frozen records, not dicts, so that the
-flow, the report, the CLI and the chain read fields a reader and a type checker can follow, and a
-misspelt name fails where it is written rather than as a missing key three stages later.
+"""What the flows' stages hand each other: small frozen records, not dicts, so that the flows, the
+report, the CLI and the chain read fields a reader and a type checker can follow, and a misspelt
+name fails where it is written rather than as a missing key three stages later.
 
 Pydantic, as the flow's parameters are: Prefect passes the records between tasks, Dask workers
 and subflows as they are, and ``model_dump(mode="json")`` is the JSON a run writes
@@ -9,7 +9,7 @@ reads these without importing it."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -203,3 +203,35 @@ class SkippedRun(StageRecord):
 
     skipped: str
     run_dir: str
+
+
+# --- drift ------------------------------------------------------------------------------------
+class DriftScore(StageRecord):
+    """One statistic of served traffic against the reference: the test, its effect size
+    (``statistic``: KS distance, or half the L1 distance of class shares) and p-value."""
+
+    test: Literal["kolmogorov-smirnov", "chi-square"]
+    statistic: float
+    p_value: float
+    drift: bool
+    chi2: float | None = None
+
+
+class DriftVerdict(StageRecord):
+    """A version's logged traffic against its reference; ``reason`` when there was too little for a verdict."""
+
+    images: int
+    verdict: Literal["drift", "no drift", "not enough data"]
+    drifted: list[str] = []
+    scores: dict[str, DriftScore] = {}
+    reason: str | None = None
+    sampled: int | None = None
+    live_predicted_class: list[float] | None = None
+
+
+class DriftRun(StageRecord):
+    """What the drift flow found: a verdict per version that answered, notes, and where its report is."""
+
+    results: dict[int, DriftVerdict]
+    notes: list[str]
+    report_dir: str

@@ -19,6 +19,7 @@ from tasks.data import load_test_set
 from tasks.drift import REFERENCE_FILE, DriftThresholds, compare, reference_statistics, summarise
 from tasks.export import export_saved_model
 from tasks.publish import publish_model
+from tasks.results import DriftRun
 from tests.conftest import prefect_events, start_model_server
 from tests.test_gateway import start_gateway, wait_for
 
@@ -61,10 +62,10 @@ def served_traffic(store, referenced_model: Path, tmp_path: Path, images: np.nda
     return published.version
 
 
-def run_drift(**params) -> dict:
+def run_drift(**params) -> tuple[str, DriftRun]:
     state = drift_flow(DriftParams(window_hours=1, **params), return_state=True)
     assert state.is_completed(), state.message
-    return {"message": state.message, **state.result()}
+    return state.message, state.result()
 
 
 def test_thickened_digits_raise_the_drift_event(prefect_api, store, pipeline_env, referenced_model: Path,
@@ -72,10 +73,10 @@ def test_thickened_digits_raise_the_drift_event(prefect_api, store, pipeline_env
     assert (referenced_model / REFERENCE_FILE).is_file()
     since = datetime.now(timezone.utc) - timedelta(seconds=5)
     version = served_traffic(store, referenced_model, tmp_path, thickened(test_digits[2000:2400]))
-    result = run_drift()
-    verdict = result["results"][version]
-    assert verdict["verdict"] == "drift" and "ink_fraction" in verdict["drifted"], verdict
-    assert verdict["images"] == 400 and result["message"].startswith(f"version {version}: drift")
+    message, result = run_drift()
+    verdict = result.results[version]
+    assert verdict.verdict == "drift" and "ink_fraction" in verdict.drifted, verdict
+    assert verdict.images == 400 and message.startswith(f"version {version}: drift")
     events = prefect_events("mnist.drift.detected", since)
     assert events, "mnist.drift.detected did not reach the Prefect API"
     payload = events[0]["payload"]
@@ -89,11 +90,11 @@ def test_unshifted_traffic_is_no_drift_and_too_little_is_no_verdict(prefect_api,
                                                                     tmp_path: Path) -> None:
     since = datetime.now(timezone.utc)  # the other test's event must not count
     version = served_traffic(store, referenced_model, tmp_path, test_digits[2000:2400])
-    verdict = run_drift()["results"][version]
-    assert verdict["verdict"] == "no drift", verdict
-    assert all(score["statistic"] < 0.1 for score in verdict["scores"].values())
-    too_few = run_drift(min_requests=1000)["results"][version]
-    assert too_few["verdict"] == "not enough data" and "400 logged images" in too_few["reason"]
+    verdict = run_drift()[1].results[version]
+    assert verdict.verdict == "no drift", verdict
+    assert all(score.statistic < 0.1 for score in verdict.scores.values())
+    too_few = run_drift(min_requests=1000)[1].results[version]
+    assert too_few.verdict == "not enough data" and "400 logged images" in (too_few.reason or "")
     time.sleep(2)
     assert prefect_events("mnist.drift.detected", since, expect=False) == []
 
@@ -108,9 +109,9 @@ def test_a_statistic_must_be_both_significant_and_large_to_count() -> None:
     probabilities = np.full((300, 10), 0.0, np.float32)
     probabilities[np.arange(300), np.arange(300) % 10] = rng.uniform(0.9, 1.0, 300)
     result = compare(reference, summarise(images, probabilities), DriftThresholds())
-    assert result["scores"]["predicted_class"]["drift"] is False  # uniform classes, as the reference
-    assert result["scores"]["confidence"]["drift"] is False  # drawn as the reference's
-    assert result["scores"]["ink_fraction"]["drift"] is True  # 96 ink pixels: 0.12 against 0.2 +- 0.05
+    assert result.scores["predicted_class"].drift is False  # uniform classes, as the reference
+    assert result.scores["confidence"].drift is False  # drawn as the reference's
+    assert result.scores["ink_fraction"].drift is True  # 96 ink pixels: 0.12 against 0.2 +- 0.05
 
 
 def test_a_busy_day_is_summarised_in_bounded_memory() -> None:
