@@ -10,7 +10,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, get_args
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 
 class CliError(Exception):
@@ -29,7 +29,7 @@ def scalar_type(annotation: Any) -> Callable[[str], Any]:
     return str
 
 
-def add_model_flags(parser: argparse.ArgumentParser, model: type, skip: tuple[str, ...] = ()) -> None:
+def add_model_flags(parser: argparse.ArgumentParser, model: type[BaseModel], skip: tuple[str, ...] = ()) -> None:
     """One ``--flag`` per pydantic field, so the CLI and the flow form never drift apart."""
     for name, field in model.model_fields.items():
         if name in skip:
@@ -49,7 +49,7 @@ def validation_message(error: ValidationError) -> str:
     return "invalid settings: " + "; ".join(problems)
 
 
-def given_flags(args: argparse.Namespace, model: type) -> dict[str, Any]:
+def given_flags(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, Any]:
     return {name: getattr(args, name) for name in model.model_fields
             if getattr(args, name, None) is not None}
 

@@ -151,9 +151,8 @@ def command_predict(args: argparse.Namespace) -> int:
                           names=names)
     except ServingError as error:
         raise CliError(str(error)) from None
-    for result, label in zip(results, labels or [None] * len(results)):
-        if label is not None:
-            result["label"] = label
+    for result, label in zip(results, labels or []):  # the true digits, when the inputs are MNIST's
+        result["label"] = label
     print_predictions(results, args.json)
     return 0
 

@@ -22,11 +22,11 @@ def command_storage(args: argparse.Namespace) -> int:
     elif args.action == "down":
         print("stopped" if stop_local_store(state_dir) else "no embedded S3 store was running")
     else:
-        store = read_state(state_dir)
-        if store is None:
+        running = read_state(state_dir)
+        if running is None:
             print("no embedded S3 store running (mnist storage up starts one)")
             return 3
-        print(f"running at {store.endpoint} (pid {store.pid}, data in {store.data_dir})")
+        print(f"running at {running.endpoint} (pid {running.pid}, data in {running.data_dir})")
     return 0
 
 

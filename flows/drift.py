@@ -31,7 +31,7 @@ def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
     paths, counts = {}, {}
     for version, summary in served_traffic(PredictionLogStore(TrafficSettings()).window(since)).items():
         path = Path(run_dir) / f"traffic-v{version}.npz"
-        arrays = summary.arrays()
+        arrays: dict[str, Any] = summary.arrays()
         np.savez_compressed(path, **arrays)
         paths[version], counts[version] = str(path), int(arrays["count"])
     get_run_logger().info("logged traffic since %s: %s", since.isoformat(timespec="seconds"), counts or "none")

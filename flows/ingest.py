@@ -55,11 +55,11 @@ def feedback_batch(data_dir: str | None) -> str:
     """The feedback collected since the last time, as a dataset batch; the one-line outcome."""
     from storage.datasets import DatasetSettings, DatasetStore
     from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
-    from tasks.data import load_mnist_idx
+    from tasks.data import load_mnist
     from tasks.feedback import ingest_feedback
     from tasks.ingest import mnist_reference
 
-    train, test, _ = load_mnist_idx(Path(data_dir) if data_dir else PipelineSettings().data_dir)
+    train, test, _ = load_mnist(Path(data_dir) if data_dir else PipelineSettings().data_dir)
     traffic = TrafficSettings()
     result = ingest_feedback(DatasetStore(DatasetSettings()), PredictionLogStore(traffic), FeedbackStore(traffic),
                              mnist_reference(train.images, test.images, test.labels))

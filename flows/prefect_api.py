@@ -35,7 +35,7 @@ def api_status(api_url: str, method: str, path: str, body: bytes | None = None) 
     """One request to the temporary API: http.client, as httpx builds an SSL context per call
     (~40 ms of CPU, taken from the imports this overlaps with)."""
     address = urlsplit(api_url)
-    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=5)
+    connection = http.client.HTTPConnection(address.hostname or "127.0.0.1", address.port, timeout=5)
     try:
         connection.request(method, f"{address.path}{path}", body=body, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -141,7 +141,10 @@ def api_configured() -> bool:
 
 
 def spawn_server(port: int) -> subprocess.Popen:
-    prefect_root = Path(importlib.util.find_spec("prefect").submodule_search_locations[0]).parent
+    spec = importlib.util.find_spec("prefect")  # found, not imported: that is seconds of this process's start
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("prefect is not installed: the Prefect API comes with the [trainer] install")
+    prefect_root = Path(spec.submodule_search_locations[0]).parent
     return subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_root), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),

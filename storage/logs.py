@@ -26,7 +26,7 @@ import re
 import uuid
 from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
-from typing import Any, Iterator
+from typing import Any, Iterator, TypeGuard
 
 from pydantic import Field
 
@@ -109,8 +109,8 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-def valid_request_id(value: str | None) -> bool:
-    return bool(value) and bool(REQUEST_ID_PATTERN.match(value))
+def valid_request_id(value: str | None) -> TypeGuard[str]:
+    return value is not None and bool(REQUEST_ID_PATTERN.match(value))
 
 
 def day_folders(since: datetime, now: datetime | None = None) -> list[str]:
@@ -174,7 +174,8 @@ class PredictionLogStore(ObjectStore):
             raise VerificationFailed(f"{key[:200]!r} is not a log batch of {self.uri()}")
         return key
 
-    def read_index(self, key: str) -> tuple[dict[str, Any], list[LogEntry]]:
+    def read_index(self, key: str) -> tuple[dict[str, Any], list[LogEntry | None]]:
+        """A batch's index and its entries; a malformed entry is None (see ``readable_entries``)."""
         index = self.get_json(self.checked_key(key))
         payload = index.get("file") if isinstance(index, dict) else None
         if not isinstance(index.get("records") if isinstance(index, dict) else None, list) \

@@ -141,12 +141,11 @@ def open_new(path: Path, version: int, relative: str):
 class ModelStore(ObjectStore):
     """One model's versions, labels and history in an S3 bucket."""
 
+    settings: StoreSettings  # the bucket's settings, and which model
+
     def __init__(self, settings: StoreSettings, client: Any = None):
         super().__init__(settings, "/".join(part for part in (settings.s3_prefix.strip("/"), settings.model_name)
                                             if part), client)
-
-    def uri(self, version: int | None = None) -> str:
-        return super().uri() if version is None else super().uri(version)
 
     # --- versions ---------------------------------------------------------
     def stored_version_dirs(self) -> dict[int, list[dict[str, Any]]]:

@@ -139,6 +139,11 @@ def load_mnist_keras() -> tuple[RawSplit, RawSplit, dict[str, str]]:
     return RawSplit(x_train, y_train), RawSplit(x_test, y_test), digests
 
 
+def load_mnist(data_dir: Path | None) -> tuple[RawSplit, RawSplit, dict[str, str]]:
+    """The verified IDX files in ``data_dir``; without one, Keras's download (needs internet)."""
+    return load_mnist_idx(data_dir) if data_dir else load_mnist_keras()
+
+
 def data_fingerprint(digests: dict[str, str], validation_size: int, split_seed: int,
                      train_limit: int | None) -> str:
     """One digest naming exactly which data and which split a model saw."""
@@ -179,7 +184,7 @@ def prepare_dataset(data_dir: Path | None, cache_dir: Path, validation_size: int
 
     Returns the prepared ``.npz`` path and the data fingerprint.
     """
-    train, test, digests = load_mnist_idx(data_dir) if data_dir else load_mnist_keras()
+    train, test, digests = load_mnist(data_dir)
     fingerprint = data_fingerprint(digests, validation_size, split_seed, train_limit)
     cached = cache_dir / f"mnist-{fingerprint[:16]}.npz"
     if not cached.exists():

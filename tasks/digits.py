@@ -13,7 +13,7 @@ def ink_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     bounding box's height, width and area in pixels."""
     images = np.asarray(images)
     ink = images >= INK_LEVEL
-    rows, cols = ink.any(axis=2), ink.any(axis=1)
+    rows, cols = np.asarray(ink.any(axis=2)), np.asarray(ink.any(axis=1))
     height = np.where(rows.any(axis=1), 28 - rows[:, ::-1].argmax(axis=1) - rows.argmax(axis=1), 0)
     width = np.where(cols.any(axis=1), 28 - cols[:, ::-1].argmax(axis=1) - cols.argmax(axis=1), 0)
     ink_pixels = ink.sum(axis=(1, 2))

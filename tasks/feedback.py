@@ -165,13 +165,15 @@ def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
             problems.append(f"{len(batch_items)} feedback item(s) skipped: {error}")
             continue
         for item in batch_items:
-            position, index = item.get("position"), item.get("index")
-            if type(position) is not int or not 0 <= position < len(records) or type(index) is not int \
-                    or records[position][0] is None or records[position][0].request_id != item.get("request_id"):
+            position, index = item.get("position"), item.get("index")  # read back from the bucket: checked
+            record = (records[position] if isinstance(position, int) and not isinstance(position, bool)
+                      and 0 <= position < len(records) else None)
+            if record is None or record[0] is None or type(index) is not int or index < 0 \
+                    or record[0].request_id != item.get("request_id"):
                 problems.append(f"feedback on {str(item.get('request_id'))[:64]} does not match its log record")
                 continue
             try:
-                digits, probabilities = logged_digits(records[position][1])
+                digits, probabilities = logged_digits(record[1])
             except (InputError, TensorError, ValueError) as error:
                 problems.append(f"request {item['request_id']}: {error}")
                 continue

@@ -79,8 +79,8 @@ class ShardCache:
         """Write one batch's record files, then its index (last: the batch is cached from then on)."""
         self.root.mkdir(parents=True, exist_ok=True)
         counts = {}
-        for index, (split, path) in enumerate(self.files(digest).items()):
-            chosen = splits == index
+        for number, (split, path) in enumerate(self.files(digest).items()):
+            chosen = splits == number
             write_atomically(path, records(images[chosen], labels[chosen]))
             counts[split] = int(chosen.sum())
         index = {"sha256": digest, "source": source, "counts": counts}
@@ -91,8 +91,8 @@ class ShardCache:
         """Each batch's index, in order; the batches the cache lacks are fetched from ``store``
         (verified), from a pack when one holds them, else one by one. Also returns how many
         objects were read from the store for it."""
-        indexes = {digest: self.cached(digest) for digest in digests}
-        missing = {digest for digest, index in indexes.items() if index is None}
+        indexes = {digest: index for digest in digests if (index := self.cached(digest)) is not None}
+        missing = set(digests) - indexes.keys()
         reads = 0
         if missing:
             packs = {pack: manifest for batch, (pack, manifest) in store.pack_index().items() if batch in missing}

@@ -237,7 +237,7 @@ class PrefectProgress(keras.callbacks.Callback):
         shown = ", ".join(f"{name} {value:.4f}" for name, value in (logs or {}).items()
                           if name != "learning_rate")
         self.logger.info("epoch %d/%d: %s", epoch + 1, self.epochs, shown)
-        update_progress_artifact(self.artifact_id, progress=100.0 * (epoch + 1) / self.epochs)
+        update_progress_artifact(self.artifact_id, progress=100.0 * (epoch + 1) / self.epochs)  # type: ignore[arg-type]  # called synchronously: a UUID, not a coroutine
 
 
 def training_inputs(prepared_path: Path, config: TrainConfig) -> FitInputs:

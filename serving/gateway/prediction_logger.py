@@ -21,7 +21,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
@@ -141,7 +141,8 @@ class PredictionLogger:
         return self
 
     def keep_ledger(self) -> None:
-        while not self.stopping.wait(LEDGER_SECONDS):
+        """Started only with a ledger."""
+        while self.ledger is not None and not self.stopping.wait(LEDGER_SECONDS):
             self.ledger.save(self.unwritten, clean=False)
 
     # --- the request path: cheap, never raises ---------------------------------------
@@ -213,6 +214,8 @@ class PredictionLogger:
             request, response = self.to_messages(call)
             call.request, call.version = request, response.model_spec.version.value
             call.request_bytes, call.response_bytes = request.SerializeToString(), response.SerializeToString()
+        if call.request is None:
+            raise ValueError("a gRPC call without its parsed request")
         spec = call.request.model_spec
         examples = examples_in(call.request)
         if examples > MAX_LOGGED_EXAMPLES:  # no reader would take its entry: not logged, and counted
@@ -235,7 +238,8 @@ class PredictionLogger:
                 self.unwritten -= len(calls)
 
     def write_batch(self, calls: list[Call]) -> None:
-        entries, records = [], []
+        entries: list[LogEntry] = []
+        records: list[Sequence[bytes]] = []
         for call in calls:
             try:
                 entry, record = self.record(call)

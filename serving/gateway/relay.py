@@ -30,7 +30,7 @@ import threading
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, cast
 
 from hpack import Decoder
 
@@ -218,7 +218,8 @@ class Link:
 
     def request_block(self, stream: int, block: bytes) -> bytes:
         """The caller's block, written again as literals; a watched call gets its request id."""
-        headers = self.client_table.decode(block, raw=True)
+        decoded = self.client_table.decode(block, raw=True)
+        headers: list[tuple[bytes, bytes]] = [(name, value) for name, value in decoded]
         watch, named = self.relay.watch, dict(headers)
         if stream not in self.exchanges and named.get(b":path") == watch.path:
             given = named.get(watch.id_header)
@@ -298,14 +299,16 @@ class Link:
 
 
 class ClientSide(asyncio.Protocol):
+    link: Link  # from connection_made, which asyncio calls before any other callback
+
     def __init__(self, relay: "GrpcRelay"):
         self.relay = relay
-        self.link: Link | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.link = Link(self.relay, transport)  # type: ignore[arg-type]
+        stream = cast(asyncio.Transport, transport)  # a TCP server's transport: it reads and writes
+        self.link = Link(self.relay, stream)
         self.relay.links.add(self.link)
-        transport.pause_reading()  # until upstream answers: nothing to buffer meanwhile
+        stream.pause_reading()  # until upstream answers: nothing to buffer meanwhile
         asyncio.get_running_loop().create_task(self.relay.connect_upstream(self.link))
 
     def data_received(self, data: bytes) -> None:
@@ -352,14 +355,15 @@ class GrpcRelay:
     """Listens on ``host:port`` and relays each connection to ``upstream`` (HOST:PORT), on an
     asyncio loop of its own thread."""
 
+    loop: asyncio.AbstractEventLoop  # with server, from start()
+    server: asyncio.base_events.Server
+
     def __init__(self, host: str, port: int, upstream: str, watch: Watch):
         self.host, self.requested_port, self.watch = host, port, watch
         host, _, upstream_port = upstream.rpartition(":")
         self.upstream_host, self.upstream_port = host.strip("[]"), int(upstream_port)  # [::1]:8500 too
         self.links: set[Link] = set()
-        self.loop: asyncio.AbstractEventLoop | None = None  # with its thread, from start()
         self.thread: threading.Thread | None = None
-        self.server: asyncio.base_events.Server | None = None
         self.port = 0
 
     def start(self) -> "GrpcRelay":
@@ -380,7 +384,7 @@ class GrpcRelay:
                         self.upstream_port, error)
             link.close()
             return
-        link.upstream_connected(transport)  # type: ignore[arg-type]
+        link.upstream_connected(cast(asyncio.Transport, transport))
 
     def in_flight(self) -> int:
         async def count() -> int:  # on the loop, which alone changes the links

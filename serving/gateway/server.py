@@ -264,8 +264,11 @@ class Gateway:
 
     def to_messages(self, call: Call) -> tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]:
         """A REST call as TF Serving's messages, built from its JSON."""
-        resolved, signatures = self.signature_map(call.rest["model"])
-        return rest_messages(call.rest["request"], call.rest["response"], call.rest["model"], resolved, signatures)
+        rest = call.rest
+        if rest is None:
+            raise ValueError("a gRPC call has its messages already")
+        resolved, signatures = self.signature_map(rest["model"])
+        return rest_messages(rest["request"], rest["response"], rest["model"], resolved, signatures)
 
     # --- feedback ---------------------------------------------------------------------------
     def locate(self, request_id: str) -> Located | None:

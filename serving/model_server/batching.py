@@ -139,6 +139,8 @@ class Batcher:
             task.done.wait()
         if task.error is not None:
             raise task.error
+        if task.outputs is None:  # a batch gives every task its rows or its error
+            raise RuntimeError("a batched task ended without outputs or an error")
         return task.outputs
 
     def collect(self, first: Task) -> list[Task]:

@@ -215,7 +215,10 @@ def classify(manager: ModelManager, request: classification_pb2.ClassificationRe
             raise invalid(f"Expected Tensor shape: [batch_size num_classes] but got {list(tensor.shape)}")
     response = classification_pb2.ClassificationResponse()
     fill_model_spec(response.model_spec, name, signature_name, loaded.version)
-    width = (classes if classes is not None else scores).shape[1]
+    present = classes if classes is not None else scores
+    if present is None:  # the signature names one; its function must return it
+        raise invalid('Expected classification signature outputs to contain at least one of "classes" or "scores".')
+    width = present.shape[1]
     for row in range(len(examples)):
         classifications = response.result.classifications.add()
         for column in range(width):

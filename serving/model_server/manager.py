@@ -26,7 +26,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import grpc
 import numpy as np
@@ -72,7 +72,7 @@ class FailedLoad:
 class LoadedVersion:
     version: int
     path: Path
-    module: object
+    module: Any  # a TF2 SavedModel's loaded object, or a SessionModel for a TF1 one: both have .signatures
     signature_defs: dict[str, meta_graph_pb2.SignatureDef]
     batching: BatchingOptions | None = None  # --enable_batching
     answering: Callable[[], int] = lambda: 0  # how many requests the server is answering, for the batcher

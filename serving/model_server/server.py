@@ -20,7 +20,7 @@ from concurrent import futures
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import grpc
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
@@ -223,16 +223,16 @@ class ModelServer:
         """Each chore on its own period, as TF Serving's two poll threads: the config file
         (``--model_config_file_poll_wait_seconds``) and the model directories
         (``--file_system_poll_wait_seconds``). A period of 0 means done once, at start."""
-        chores = [[period, chore, time.monotonic()]
-                  for period, chore in ((self.options.config_poll_seconds, self.reload_config_if_changed),
-                                        (self.options.poll_seconds, self.manager.poll)) if period > 0]
-        tick = min((period for period, _, _ in chores), default=1.0)
+        chores: list[tuple[float, Callable[[], object]]] = [
+            (period, chore) for period, chore in ((self.options.config_poll_seconds, self.reload_config_if_changed),
+                                                  (self.options.poll_seconds, self.manager.poll)) if period > 0]
+        last_done = [time.monotonic()] * len(chores)
+        tick = min((period for period, _ in chores), default=1.0)
         while not self.stopping.wait(tick):
-            for entry in chores:
-                period, chore, last_done = entry
-                if time.monotonic() - last_done < period:
+            for index, (period, chore) in enumerate(chores):
+                if time.monotonic() - last_done[index] < period:
                     continue
-                entry[2] = time.monotonic()
+                last_done[index] = time.monotonic()
                 try:
                     chore()
                 except Exception:  # noqa: BLE001  keep polling whatever one round hit

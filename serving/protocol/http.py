@@ -9,6 +9,7 @@ bytes and no Content-Encoding."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import socket
@@ -53,7 +54,7 @@ class BodyError(Exception):
         self.status = status
 
 
-def read_chunked(stream: BinaryIO, limit: int) -> bytes:
+def read_chunked(stream: BinaryIO | io.BufferedIOBase, limit: int) -> bytes:
     """A ``Transfer-Encoding: chunked`` body (RFC 9112, 7.1) of at most ``limit`` bytes; trailer
     fields are read and dropped. Written here: http.server reads no chunked request bodies."""
     parts, size = [], 0

@@ -34,7 +34,7 @@ from mnist_client._generated.tensorflow_serving.apis import (
 try:
     import numpy as np
 except ImportError:  # the core needs no numpy: nested lists in, lists of rows out (mnist_client.plain)
-    np = None
+    np = None  # type: ignore[assignment]  # checked before use: numpy is optional here
 
 T = TypeVar("T")
 DEFAULT_SIGNATURE = "serving_default"
@@ -270,7 +270,7 @@ def predict_probabilities(images: Any, target: Target, channel: grpc.Channel | N
     return answer.probabilities, answer.version
 
 
-def predict(images: Any, *, address: str, model_name: str = "mnist", version: int | None = None,
+def predict(images: Any, *, address: str | Sequence[str], model_name: str = "mnist", version: int | None = None,
             label: str | None = None, timeout: float = 10.0, tls: bool = False,
             ca_cert: Path | None = None, names: list[str] | None = None,
             request_id: str | None = None, images_per_call: int = IMAGES_PER_CALL) -> list[dict[str, Any]]:
