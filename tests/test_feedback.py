@@ -224,3 +224,28 @@ def test_hostile_feedback_bodies_get_400_in_one_line_and_no_traceback(store_env,
         assert len(reply.json()["error"]) < 300 and "\n" not in reply.json()["error"], name
     assert too_big.status_code == 413
     assert "Traceback" not in output and "Error" not in output.replace("Errno", ""), output[-3000:]
+
+
+def test_feedback_items_altered_in_the_bucket_are_refused_one_by_one(store_env, upstream,
+                                                                     digits: np.ndarray) -> None:
+    """Items are read back from the bucket, which anyone holding its keys can write: a position
+    or image index that is not a whole number in range is one refused item, never an image read
+    from elsewhere in the batch (a negative index would read from its end)."""
+    from storage.feedback import FEEDBACK_HOURS
+    from tasks.feedback import feedback_examples
+
+    _, address, _ = upstream
+    gateway = start_gateway(address, sample_rate=1.0)
+    try:
+        request_id = predict_call(np.roll(digits[:3], 2, axis=2), Target(f"127.0.0.1:{gateway.port}")).request_id
+        wait_for(lambda: gateway.logger.written_records == 1)
+    finally:
+        gateway.stop()
+    logs, _ = stores()
+    key, position, _ = logs.find(request_id, FEEDBACK_HOURS)
+    good = {"request_id": request_id, "log": key, "position": position, "index": 2, "label": 4}
+    altered = [{**good, "index": -1}, {**good, "index": True}, {**good, "index": 3}, {**good, "position": -1},
+               {**good, "position": float(position)}, {**good, "position": 99}, {**good, "request_id": "other"}]
+    names, images, labels, used, problems, _ = feedback_examples(logs, [good, *altered])
+    assert names == [f"feedback:{request_id}#2"] and labels == [4] and used == [good]
+    assert len(problems) == len(altered), problems
