@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.common import CliError, pipeline_settings, print_json, reachable_store, store_for_cli
+from tasks.results import Ingested
 
 
 def dataset_store(interactive: bool = True):
@@ -74,7 +75,7 @@ def command_data(args: argparse.Namespace) -> int:
                                 allow_outside=args.allow_paths_outside)
             except IngestError as error:
                 raise CliError(str(error)) from None
-        return report_added(result, args.source, args.json)
+        return report_added(result, args.source, result.model_dump(mode="json") if args.json else None)
     with reachable_store(dataset_store) as store:
         if args.action == "compact":
             return compact_latest(store, args.pack_examples, args.json)
@@ -131,26 +132,27 @@ def compact_latest(store, pack_examples: int | None, as_json: bool) -> int:
     return 0
 
 
-def report_added(result: dict[str, Any], source: str, as_json: bool) -> int:
-    batch, version = result["batch"], result["version"]
+def report_added(result: Ingested, source: str, json_document: dict[str, Any] | None) -> int:
+    """What was added; ``json_document``: print it instead (``--json``)."""
+    batch, version = result.batch, result.version
     if os.environ.get("PREFECT_API_URL"):  # a server's automations may retrain on it
         from flows.ingest import data_added_event
 
         data_added_event(result, source)
-    if as_json:
-        print_json(result)
+    if json_document is not None:
+        print_json(json_document)
         return 0
     print(f"added {batch['count']} examples from {source} as batch {batch['sha256'][:12]} "
           f"(train {batch['split_counts']['train']}, validation {batch['split_counts']['validation']}, "
           f"test {batch['split_counts']['test']})")
     print(f"dataset version {version['version']}: {version['examples']} examples in "
           f"{len(version['batches'])} batches")
-    for warning in result["report"]["warnings"]:
+    for warning in result.report.warnings:
         print(f"warning: {warning}")
-    if result.get("packed"):
-        print(f"packed the small batches into {len(result['packed'])} pack(s) (mnist data compact)")
-    if result.get("skipped"):
-        print(f"left out {len(result['skipped'])} exact duplicates of known examples, e.g. {result['skipped'][0]}")
+    if result.packed:
+        print(f"packed the small batches into {len(result.packed)} pack(s) (mnist data compact)")
+    if result.skipped:
+        print(f"left out {len(result.skipped)} exact duplicates of known examples, e.g. {result.skipped[0]}")
     return 0
 
 
@@ -173,22 +175,22 @@ def add_from_feedback(args: argparse.Namespace) -> int:
     if result is None:
         print("no new feedback since the last mnist data add --from-feedback")
         return 0
-    for problem in result["problems"]:
+    for problem in result.problems:
         print(f"warning: {problem}", file=sys.stderr)
-    policy = result["policy"]
-    waiting = (f"{policy['quarantined']} image(s) in quarantine and {policy['capped']} held back by the per-caller "
+    policy = result.policy
+    waiting = (f"{policy.quarantined} image(s) in quarantine and {policy.capped} held back by the per-caller "
                "cap (mnist feedback review)")
-    if result["feedback_items"] == 0:
+    if result.feedback_items == 0:
         print(f"no feedback accepted yet: {waiting}")
         return 0
-    if result["batch"] is None:
-        print(f"nothing new: the {result['feedback_items']} feedback images are exact duplicates of known examples")
+    if result.ingested is None:
+        print(f"nothing new: the {result.feedback_items} feedback images are exact duplicates of known examples")
         return 0
     if not args.json:
-        print(f"{result['feedback_items']} feedback labels ({policy['trusted']} trusted, {policy['agreed']} agreed "
-              f"by several callers, training only), {result['corrections']} of them corrections of the served "
+        print(f"{result.feedback_items} feedback labels ({policy.trusted} trusted, {policy.agreed} agreed "
+              f"by several callers, training only), {result.corrections} of them corrections of the served "
               f"answer; {waiting}")
-    return report_added(result, source, args.json)
+    return report_added(result.ingested, source, result.as_json() if args.json else None)
 
 
 def add_data_parser(commands: argparse._SubParsersAction) -> None:

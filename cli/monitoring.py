@@ -162,11 +162,11 @@ def review_feedback(as_json: bool) -> int:
     """What the next ingest would take, and what waits in quarantine with its votes."""
     decision = pending_decision()
     if as_json:
-        print_json({**decision.summary(), "waiting": decision.quarantined})
+        print_json({**decision.summary().model_dump(), "waiting": decision.quarantined})
         return 0
     summary = decision.summary()
-    print(f"next ingest takes {summary['trusted']} trusted and {summary['agreed']} agreed label(s); "
-          f"{summary['capped']} agreed held back by the per-caller cap; {summary['quarantined']} image(s) "
+    print(f"next ingest takes {summary.trusted} trusted and {summary.agreed} agreed label(s); "
+          f"{summary.capped} agreed held back by the per-caller cap; {summary.quarantined} image(s) "
           "in quarantine")
     for item in decision.quarantined:
         votes = ", ".join(f"{label} by {' '.join(callers)}" for label, callers in item["votes"].items())

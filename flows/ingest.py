@@ -5,7 +5,6 @@ that the retrain-on-new-data automation listens for. Wiring only: the work is ``
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -13,11 +12,12 @@ from prefect.events import emit_event
 from prefect.states import Failed, State
 
 from flows.settings import PipelineSettings
+from tasks.results import BatchAdded, Ingested
 
 
-def data_added_event(result: dict[str, Any], source: str) -> None:
+def data_added_event(result: Ingested, source: str) -> None:
     """``mnist.data.added`` with count, source and dataset version, on the dataset's resource."""
-    batch, version = result["batch"], result["version"]
+    batch, version = result.batch, result.version
     emit_event("mnist.data.added", resource={"prefect.resource.id": "mnist.dataset.mnist",
                                              "prefect.resource.name": "mnist dataset"},
                payload={"count": batch["count"], "source": source, "dataset_version": version["version"],
@@ -25,22 +25,22 @@ def data_added_event(result: dict[str, Any], source: str) -> None:
 
 
 @task(name="ingest-report")
-def ingest_report(result: dict[str, Any], source_path: str) -> str:
+def ingest_report(result: Ingested, source_path: str) -> str:
     """A markdown artifact: counts, warnings, the label histogram and a grid of sample digits."""
     import tempfile
 
     from storage.datasets import DatasetSettings, DatasetStore
     from tasks.report import embedded_png, plot_samples
 
-    batch = result["batch"]
+    batch, version = result.batch, result.version
     examples = DatasetStore(DatasetSettings()).read_batch(batch["sha256"])
     with tempfile.TemporaryDirectory() as scratch:
         grid = embedded_png(plot_samples(examples.images, examples.labels, Path(scratch) / "samples.png"))
     histogram = " | ".join(str(count) for count in batch["label_histogram"])
-    warnings = "\n".join(f"- {w}" for w in result["report"]["warnings"]) or "- none"
+    warnings = "\n".join(f"- {w}" for w in result.report.warnings) or "- none"
     text = (f"# Ingested {batch['count']} digits from `{batch['source']}`\n\n"
             f"Batch `{batch['sha256'][:12]}` from `{source_path}` is in dataset version "
-            f"**{result['version']['version']}** ({result['version']['examples']} new examples in all).\n\n"
+            f"**{version['version']}** ({version['examples']} new examples in all).\n\n"
             f"| split | train | validation | test |\n|---|---|---|---|\n| examples | "
             f"{batch['split_counts']['train']} | {batch['split_counts']['validation']} | "
             f"{batch['split_counts']['test']} |\n\n"
@@ -65,23 +65,23 @@ def feedback_batch(data_dir: str | None) -> str:
                              mnist_reference(train.images, test.images, test.labels))
     if result is None:
         outcome = "no new feedback to learn from"
-    elif result["feedback_items"] == 0:
+    elif result.feedback_items == 0:
         outcome = "no feedback accepted yet"
-    elif result["batch"] is None:
-        outcome = f"{result['feedback_items']} feedback labels, all on images already known"
+    elif result.ingested is None:
+        outcome = f"{result.feedback_items} feedback labels, all on images already known"
     else:
-        outcome = (f"{result['batch']['count']} feedback examples ({result['corrections']} corrections) added as "
-                   f"dataset version {result['version']['version']}")
+        outcome = (f"{result.ingested.batch['count']} feedback examples ({result.corrections} corrections) "
+                   f"added as dataset version {result.ingested.version['version']}")
     if result is not None:
-        policy = result["policy"]
-        outcome += (f"; {policy['trusted']} trusted and {policy['agreed']} agreed label(s) taken, "
-                    f"{policy['quarantined']} in quarantine, {policy['capped']} held back by the per-caller cap")
+        policy = result.policy
+        outcome += (f"; {policy.trusted} trusted and {policy.agreed} agreed label(s) taken, "
+                    f"{policy.quarantined} in quarantine, {policy.capped} held back by the per-caller cap")
     get_run_logger().info(outcome)
     return outcome
 
 
 @flow(name="mnist-data-ingest", log_prints=True)
-def ingest_flow(source_path: str, source: str) -> dict[str, Any] | State:
+def ingest_flow(source_path: str, source: str) -> BatchAdded | State:
     """Ingest a folder of 0-9 sub-folders, a CSV of path,label or an .npz as source ``source``."""
     from storage.datasets import DatasetSettings, DatasetStore
     from tasks.data import load_mnist_idx
@@ -98,5 +98,5 @@ def ingest_flow(source_path: str, source: str) -> dict[str, Any] | State:
         return Failed(message=str(error))
     ingest_report(result, source_path)
     data_added_event(result, source)
-    return {"batch": result["batch"]["sha256"], "dataset_version": result["version"]["version"],
-            "count": result["batch"]["count"], "warnings": result["report"]["warnings"]}
+    return BatchAdded(batch=result.batch["sha256"], dataset_version=result.version["version"],
+                      count=result.batch["count"], warnings=result.report.warnings)

@@ -29,6 +29,7 @@ from mnist_client.tensors import TensorError, from_tensor_proto
 from storage.feedback import FeedbackError, checked_label
 from storage.logs import FeedbackStore, PredictionLogStore
 from storage.s3 import VerificationFailed
+from tasks.results import FeedbackIngested, PolicySummary
 
 
 def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
@@ -72,14 +73,14 @@ class FeedbackDecision:
     capped: list[dict[str, Any]] = field(default_factory=list)
     overruled: list[dict[str, Any]] = field(default_factory=list)  # other labels of an image a trusted caller labelled
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self) -> PolicySummary:
         callers: dict[str, int] = defaultdict(int)
         for item in self.accepted:
             for caller in item["callers"]:
                 callers[caller] += 1
-        return {"trusted": sum(item["basis"] == "trusted" for item in self.accepted),
-                "agreed": sum(item["basis"] == "agreed" for item in self.accepted),
-                "quarantined": len(self.quarantined), "capped": len(self.capped), "callers": dict(callers)}
+        return PolicySummary(trusted=sum(item["basis"] == "trusted" for item in self.accepted),
+                             agreed=sum(item["basis"] == "agreed" for item in self.accepted),
+                             quarantined=len(self.quarantined), capped=len(self.capped), callers=dict(callers))
 
 
 def is_trusted(item: dict[str, Any]) -> bool:
@@ -191,7 +192,7 @@ def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
 
 
 def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackStore, reference: Any,
-                    source: str = "feedback", policy: FeedbackPolicy = FeedbackPolicy()) -> dict[str, Any] | None:
+                    source: str = "feedback", policy: FeedbackPolicy = FeedbackPolicy()) -> FeedbackIngested | None:
     """The labels the policy accepts, as one batch through the normal ingest (validation, split;
     exact repeats left out, not refused), then marked as ingested; the rest stays pending. None
     when nothing is accepted; the result's ``batch`` is None when every image was a known one."""
@@ -202,14 +203,14 @@ def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackS
         return None
     decision = decide(pending, policy)
     if not decision.accepted:
-        return {"batch": None, "version": None, "feedback_items": 0, "corrections": 0, "problems": [],
-                "skipped": [], "policy": decision.summary()}
+        return FeedbackIngested(ingested=None, feedback_items=0, corrections=0, problems=[],
+                                policy=decision.summary())
     names, images, labels, used, problems, corrections = feedback_examples(logs, decision.accepted)
     found = Candidates(names, [to_uint8(image) for image in images], labels,
                        train_only={name for name, item in zip(names, used) if item["basis"] != "trusted"})
     details = {"origin": f"feedback on logged predictions ({logs.uri()})",
-               "feedback": {"items": len(used), "corrections": corrections, **decision.summary()}}
+               "feedback": {"items": len(used), "corrections": corrections, **decision.summary().model_dump()}}
     result = ingest_candidates(datasets, found, source, reference, details, skip_duplicates=True)
-    feedback.mark_ingested(used + decision.overruled, result["batch"]["sha256"] if result["batch"] else None)
-    return {**result, "feedback_items": len(used), "corrections": corrections, "problems": problems,
-            "policy": decision.summary()}
+    feedback.mark_ingested(used + decision.overruled, result.batch["sha256"] if result else None)
+    return FeedbackIngested(ingested=result, feedback_items=len(used), corrections=corrections, problems=problems,
+                            policy=decision.summary())

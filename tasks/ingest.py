@@ -20,6 +20,7 @@ from mnist_client.images import InputError, as_digit_batch, prepare_digit, read_
 from storage.datasets import SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
 from storage.s3 import StoreError
 from tasks.digits import ink_statistics
+from tasks.results import Ingested, ValidationReport
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 NEAR_EMPTY_INK = 0.01  # fraction of ink pixels below which a digit is near-empty
@@ -192,7 +193,7 @@ def stacked(found: Candidates) -> np.ndarray:
     return np.stack(found.images) if found.images else np.zeros((0, 28, 28), np.uint8)
 
 
-def validate(found: Candidates, reference: Reference, images: np.ndarray, hashes: list[str]) -> dict[str, Any]:
+def validate(found: Candidates, reference: Reference, images: np.ndarray, hashes: list[str]) -> ValidationReport:
     """The validation report of ``found`` (stacked as ``images``, with their ``hashes``);
     ``errors`` refuse the batch, ``warnings`` are recorded."""
     errors = list(found.errors)
@@ -219,12 +220,13 @@ def validate(found: Candidates, reference: Reference, images: np.ndarray, hashes
         near_empty = [name for name, ink in zip(found.names, stats["ink_fraction"]) if ink < NEAR_EMPTY_INK]
         if near_empty:
             warnings.append(f"{len(near_empty)} near-empty images, e.g. {near_empty[:3]}")
-    return {"examples": len(images), "errors": errors, "warnings": warnings,
-            "label_histogram": np.bincount(found.labels, minlength=10).tolist() if found.labels else [0] * 10}
+    return ValidationReport(examples=len(images), errors=errors, warnings=warnings,
+                            label_histogram=np.bincount(found.labels, minlength=10).tolist() if found.labels
+                            else [0] * 10)
 
 
-def refusal(report: dict[str, Any]) -> str:
-    errors = report["errors"]
+def refusal(report: ValidationReport) -> str:
+    errors = report.errors
     more = f" (and {len(errors) - MAX_LISTED} more)" if len(errors) > MAX_LISTED else ""
     return f"batch refused, nothing written: {len(errors)} problem(s): " + "; ".join(errors[:MAX_LISTED]) + more
 
@@ -247,13 +249,16 @@ def without_duplicates(found: Candidates, forbidden: dict[str, str]) -> tuple[Ca
 
 
 def ingest(store: DatasetStore, source_path: Path, source: str, reference: Reference,
-           details: dict[str, Any] | None = None, allow_outside: bool = False) -> dict[str, Any]:
+           details: dict[str, Any] | None = None, allow_outside: bool = False) -> Ingested:
     """Validate, split by hash and store a batch, then a new dataset version with it.
     Raises IngestError (nothing written) on any hard error. ``allow_outside``: a CSV may name
     files outside its own folder."""
     check_source_name(source)
-    return ingest_candidates(store, read_source(source_path, allow_outside), source, reference,
-                             {"origin": str(source_path), **(details or {})})
+    added = ingest_candidates(store, read_source(source_path, allow_outside), source, reference,
+                              {"origin": str(source_path), **(details or {})})
+    if added is None:  # only with skip_duplicates: a duplicate is an error here
+        raise IngestError("batch refused, nothing written: every example is a known one")
+    return added
 
 
 def check_source_name(source: str) -> None:
@@ -262,9 +267,10 @@ def check_source_name(source: str) -> None:
 
 
 def ingest_candidates(store: DatasetStore, found: Candidates, source: str, reference: Reference,
-                      details: dict[str, Any], skip_duplicates: bool = False) -> dict[str, Any]:
+                      details: dict[str, Any], skip_duplicates: bool = False) -> Ingested | None:
     """The checks, split and writes of ``ingest`` for examples already read. With ``skip_duplicates``
-    exact duplicates are left out (and listed in the result's ``skipped``) instead of refusing the batch."""
+    exact duplicates are left out (and listed in the result's ``skipped``) instead of refusing the
+    batch; None when that leaves nothing to add."""
     check_source_name(source)
     latest = store.latest()
     known = {digest: f"dataset version {latest['version']}" for digest in store.known_hashes(latest)} if latest else {}
@@ -273,16 +279,16 @@ def ingest_candidates(store: DatasetStore, found: Candidates, source: str, refer
     if skip_duplicates:
         found, skipped = without_duplicates(found, forbidden)
         if skipped and not found.images and not found.errors:
-            return {"batch": None, "version": None, "report": None, "skipped": skipped}
+            return None
     images = stacked(found)
     hashes = example_hashes(images)  # once: duplicates and the split both use them
     report = validate(found, replace(reference, forbidden=forbidden), images, hashes)
-    if report["errors"]:
+    if report.errors:
         raise IngestError(refusal(report))
     splits = np.array([0 if name in found.train_only else split_of(digest)
                        for name, digest in zip(found.names, hashes)], dtype=np.uint8)
     batch = store.put_batch(Examples(images, np.array(found.labels, dtype=np.uint8), splits),
-                            {"source": source, "validation": report, **details})
+                            {"source": source, "validation": report.model_dump(), **details})
     new = set(hashes)
 
     def no_duplicates_added_meanwhile(batches: list[str]) -> None:
@@ -293,15 +299,15 @@ def ingest_candidates(store: DatasetStore, found: Candidates, source: str, refer
                                   "added by another ingest meanwhile; nothing was versioned")
 
     version = store.add_batch(batch["sha256"], {}, latest["batches"] if latest else [], no_duplicates_added_meanwhile)
-    return {"batch": batch, "version": version, "report": report, "skipped": skipped,
-            "packed": pack_when_full(store, version, report)}
+    packed, warnings = pack_when_full(store, version)
+    return Ingested(batch=batch, version=version, skipped=skipped, packed=packed,
+                    report=report.model_copy(update={"warnings": [*report.warnings, *warnings]}))
 
 
-def pack_when_full(store: DatasetStore, version: dict[str, Any], report: dict[str, Any]) -> list[str]:
-    """Once small batches add up to a whole pack, pack them (``DatasetStore.compact``). The version
-    is written already: a failed compaction is a warning, and the next ingest tries again."""
+def pack_when_full(store: DatasetStore, version: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """Once small batches add up to a whole pack, pack them (``DatasetStore.compact``); the packs
+    made, and a warning when that failed. The version is written already: the next ingest tries again."""
     try:
-        return [pack["sha256"] for pack in store.compact(version, full_only=True)]
+        return [pack["sha256"] for pack in store.compact(version, full_only=True)], []
     except StoreError as error:
-        report["warnings"].append(f"small batches not packed this time: {error}")
-        return []
+        return [], [f"small batches not packed this time: {error}"]

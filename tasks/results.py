@@ -235,3 +235,62 @@ class DriftRun(StageRecord):
     results: dict[int, DriftVerdict]
     notes: list[str]
     report_dir: str
+
+
+# --- ingest -----------------------------------------------------------------------------------
+class ValidationReport(StageRecord):
+    """A batch's checks: ``errors`` refuse it (nothing is written), ``warnings`` are kept with it."""
+
+    examples: int
+    errors: list[str]
+    warnings: list[str]
+    label_histogram: list[int]
+
+
+class Ingested(StageRecord):
+    """A batch stored and versioned. ``batch`` and ``version``: its manifest and the dataset
+    version's, as the store keeps them (store documents stay JSON, checked when read);
+    ``skipped``: exact duplicates left out; ``packed``: packs it completed."""
+
+    batch: dict[str, Any]
+    version: dict[str, Any]
+    report: ValidationReport
+    skipped: list[str] = []
+    packed: list[str] = []
+
+
+class PolicySummary(StageRecord):
+    """Pending feedback sorted by the quarantine: labels taken (``trusted``, ``agreed``), images still
+    waiting (``quarantined``), agreed labels held back by the per-caller cap, and takes per caller."""
+
+    trusted: int
+    agreed: int
+    quarantined: int
+    capped: int
+    callers: dict[str, int]
+
+
+class FeedbackIngested(StageRecord):
+    """Feedback's labels as a batch (``ingested``; None when no label was taken or every image was
+    a known one): ``feedback_items`` taken, of which ``corrections`` differ from the served
+    answer; ``problems``: items refused one by one."""
+
+    ingested: Ingested | None
+    feedback_items: int
+    corrections: int
+    problems: list[str]
+    policy: PolicySummary
+
+    def as_json(self) -> dict[str, Any]:
+        """One flat document: the batch's fields beside the feedback's, as ``mnist data add --json`` prints."""
+        return {**(self.ingested.model_dump(mode="json") if self.ingested else {}),
+                **self.model_dump(mode="json", exclude={"ingested"})}
+
+
+class BatchAdded(StageRecord):
+    """The ingest flow's result: the batch's digest, the dataset version it made, its size and warnings."""
+
+    batch: str
+    dataset_version: int
+    count: int
+    warnings: list[str]

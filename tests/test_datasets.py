@@ -61,9 +61,9 @@ def test_each_format_is_ingested_split_and_versioned(datasets: DatasetStore, mni
                                                       tmp_path: Path) -> None:
     folder = scans(mnist_raw, tmp_path / "folder", 0)
     first = ingest(datasets, folder, "scanner-b", reference)
-    assert first["batch"]["count"] == 40 and first["version"]["version"] == 1
-    assert sum(first["batch"]["split_counts"].values()) == 40 and first["batch"]["source"] == "scanner-b"
-    assert first["batch"]["label_histogram"] == np.bincount(mnist_raw[0].labels[:40], minlength=10).tolist()
+    assert first.batch["count"] == 40 and first.version["version"] == 1
+    assert sum(first.batch["split_counts"].values()) == 40 and first.batch["source"] == "scanner-b"
+    assert first.batch["label_histogram"] == np.bincount(mnist_raw[0].labels[:40], minlength=10).tolist()
 
     other = scans(mnist_raw, tmp_path / "for-csv", 100)
     listing = tmp_path / "for-csv" / "labels.csv"
@@ -73,14 +73,14 @@ def test_each_format_is_ingested_split_and_versioned(datasets: DatasetStore, mni
         for path in sorted(other.rglob("*.png")):
             writer.writerow([path.relative_to(other).as_posix(), path.parent.name])
     second = ingest(datasets, listing, "forms", reference)
-    assert second["batch"]["count"] == 40 and second["version"]["version"] == 2
+    assert second.batch["count"] == 40 and second.version["version"] == 2
 
     arrays = tmp_path / "digits.npz"
     np.savez(arrays, **new_digits(mnist_raw, 200, 230))
     third = ingest(datasets, arrays, "tablet", reference)
-    assert third["version"]["version"] == 3 and third["version"]["examples"] == 110
-    assert set(third["version"]["sources"]) == {"scanner-b", "forms", "tablet"}
-    stored = datasets.read_batch(third["batch"]["sha256"])
+    assert third.version["version"] == 3 and third.version["examples"] == 110
+    assert set(third.version["sources"]) == {"scanner-b", "forms", "tablet"}
+    stored = datasets.read_batch(third.batch["sha256"])
     assert np.array_equal(stored.images, new_digits(mnist_raw, 200, 230)["x"])  # 28x28 arrays are taken as they are
     listed = run_mnist("data", "list", "--json", env={})
     assert listed.returncode == 0 and [row["version"] for row in __import__("json").loads(listed.stdout)] == [1, 2, 3]
@@ -193,7 +193,7 @@ def test_the_hash_split_does_not_move_as_data_grows(datasets: DatasetStore, mnis
     np.savez(tmp_path / "b.npz", **new_digits(mnist_raw, 1200, 1500))
     first = ingest(datasets, tmp_path / "a.npz", "a", reference)
     ingest(datasets, tmp_path / "b.npz", "b", reference)
-    batch = datasets.read_batch(first["batch"]["sha256"])
+    batch = datasets.read_batch(first.batch["sha256"])
     assert [split_of(h) for h in example_hashes(batch.images)] == batch.splits.tolist()
     together = new_digits(mnist_raw, 1000, 1500)["x"]
     assert [split_of(h) for h in example_hashes(together)][:200] == batch.splits.tolist()
@@ -220,7 +220,7 @@ def test_test_slice_examples_never_train(datasets: DatasetStore, mnist_raw, refe
     from tasks.data import slice_batches
 
     np.savez(tmp_path / "new.npz", **new_digits(mnist_raw, 2000, 2400))
-    version = ingest(datasets, tmp_path / "new.npz", "new", reference)["version"]
+    version = ingest(datasets, tmp_path / "new.npz", "new", reference).version
     plan, _ = plan_of(datasets, version, prepared_path, tmp_path / "cache")
     plan_path = tmp_path / "cache" / "plan.plan.json"
     sliced = [(source, images, labels) for source, images, labels in slice_batches(plan_path)]
@@ -242,7 +242,7 @@ def test_a_second_run_reads_no_batch_from_the_store(datasets: DatasetStore, mnis
     np.savez(tmp_path / "a.npz", **new_digits(mnist_raw, 5000, 5300))
     np.savez(tmp_path / "b.npz", **new_digits(mnist_raw, 5300, 5500))
     ingest(datasets, tmp_path / "a.npz", "a", reference)
-    version = ingest(datasets, tmp_path / "b.npz", "b", reference)["version"]
+    version = ingest(datasets, tmp_path / "b.npz", "b", reference).version
     cache = tmp_path / "cache"
     first, fetched = plan_of(datasets, version, prepared_path, cache)
     assert fetched == 2 and first.sources == ["a", "b"]
@@ -275,7 +275,7 @@ def test_packs_hold_small_batches_and_a_killed_compaction_shows_nothing(datasets
     in one object, and the examples are the same bytes as the batches' own."""
     for index in range(3):
         np.savez(tmp_path / f"{index}.npz", **new_digits(mnist_raw, 6000 + 40 * index, 6040 + 40 * index))
-        version = ingest(datasets, tmp_path / f"{index}.npz", f"desk-{index}", reference)["version"]
+        version = ingest(datasets, tmp_path / f"{index}.npz", f"desk-{index}", reference).version
     assert datasets.packs() == {}  # 120 examples fill no pack of 50,000: ingest packs only full ones
     killed = subprocess.Popen([sys.executable, "-m", "tests.slowed_store", "compact", "100"], cwd=REPO,
                               stdout=subprocess.PIPE, text=True, env={**os.environ, **store_env})
@@ -400,7 +400,7 @@ def test_ingest_flow_reports_the_batch(prefect_api, pipeline_env: Path, store_en
     folder = scans(mnist_raw, tmp_path / "flow", 4000, 30)
     state = ingest_flow(str(folder), "scanner-c", return_state=True)
     assert state.is_completed(), state.message
-    assert state.result()["dataset_version"] == 1 and state.result()["count"] == 30
+    assert state.result().dataset_version == 1 and state.result().count == 30
     report = latest_artifact("mnist-ingest")
     assert "Ingested 30 digits from `scanner-c`" in report and "data:image/png;base64," in report
     refused = ingest_flow(str(folder), "scanner-c", return_state=True)
