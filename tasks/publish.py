@@ -10,7 +10,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 
 from storage.models import ModelStore, NothingToRollBack, StoreSettings
-from tasks.results import Evaluation, Lineage, LiveCheck, PublishedVersion
+from tasks.results import Evaluation, LabelMoved, Lineage, LiveCheck, PublishedVersion
 
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 
@@ -148,12 +148,12 @@ def record_rejection(reason: str, metrics: Evaluation, lineage: Lineage) -> None
 
 
 @task(name="rollback")
-def rollback_label(label: str, flow_run_id: str | None) -> dict[str, int]:
+def rollback_label(label: str, flow_run_id: str | None) -> LabelMoved:
     store = ModelStore(StoreSettings())
     previous, current = store.rollback(label, {**current_run(), "flow_run_id": flow_run_id})
     update_registry_overview(store)
     get_run_logger().info("%s moved back from version %d to version %d", label, previous, current)
-    return {"from": previous, "to": current}
+    return LabelMoved(label=label, previous=previous, current=current)
 
 
 # --- live check after publish ---------------------------------------------------

@@ -178,6 +178,14 @@ class RunOutcome(StageRecord):
     live_check: LiveCheck | None = None
 
 
+class LabelMoved(StageRecord):
+    """A rollback: ``label`` moved from version ``previous`` back to ``current``."""
+
+    label: str
+    previous: int
+    current: int
+
+
 class StableSummary(StageRecord):
     version: int
     test_accuracy: float

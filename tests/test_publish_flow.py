@@ -100,3 +100,20 @@ def test_worse_challenger_is_rejected_and_recorded(prefect_api, pipeline_env: Pa
     assert len(rejected) == 1 and rejected[0]["flow_run_id"] == str(state.state_details.flow_run_id)
     assert rejected[0]["reason"] == state.message  # said once: the history prints "rejected: <reason>"
     assert not (pipeline_env / "mnist").exists()
+
+
+def test_the_rollback_flow_moves_stable_back_and_says_from_where(prefect_api, pipeline_env: Path, store: ModelStore,
+                                                                 saved_model_dir: Path) -> None:
+    from flows.rollback import rollback_flow
+    from tasks.publish import publish_model
+    from tasks.results import LabelMoved
+
+    metrics = {"test_accuracy": 0.97, "test_loss": 0.1, "per_class_accuracy": [0.97] * 10}
+    for run in ("first", "second"):
+        publish_model(store, saved_model_dir, metrics, {"flow_run_id": run}, "stable")
+    state = rollback_flow(return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result() == LabelMoved(label="stable", previous=2, current=1)
+    assert store.labels() == {"stable": 1}
+    event = store.history()[-1]
+    assert (event["event"], event["flow_run_id"]) == ("rollback", str(state.state_details.flow_run_id))
