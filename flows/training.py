@@ -131,6 +131,7 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
                    return_state=True).result()
     if not isinstance(verdict, Verdict):  # a Rejected state's data is the verdict too
         raise TypeError(f"the gate answered {type(verdict).__name__}, not a verdict")
+    # the report's account, worded as a rejection; a pass replaces the verdict line with what followed
     judged = RunOutcome(verdict=f"rejected: {verdict.reason}", gate=verdict, stable=stable, lineage=lineage,
                         slice_notes=slice_notes, candidates=trained.candidates, feedback=feedback)
     if not verdict.passed:
