@@ -137,11 +137,6 @@ def champion_checks(candidate: TestScores, champion: StableScores | None, accura
     return checks
 
 
-def slice_accuracy(probabilities: np.ndarray, labels: np.ndarray) -> SliceScores:
-    """A new source's test slice: size, accuracy, per-class accuracy and confusion matrix."""
-    return scores_of(confusion_matrix(labels, probabilities.argmax(axis=1)))
-
-
 def scores_of(matrix: np.ndarray) -> SliceScores:
     """Size, accuracy, per-class accuracy and the matrix itself, from a confusion matrix."""
     count = int(matrix.sum())
