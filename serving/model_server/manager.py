@@ -94,7 +94,7 @@ class LoadedVersion:
     def call(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One call of the signature on these arrays."""
         outputs = self.function(name)(**{key: tf.constant(value) for key, value in inputs.items()})
-        return {key: value.numpy() if hasattr(value, "numpy") else value for key, value in outputs.items()}
+        return {key: tensor.numpy() for key, tensor in outputs.items()}
 
     def run(self, name: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """The signature on these arrays: merged with concurrent calls when batching is on."""

@@ -19,7 +19,8 @@ from tensorflow.core.protobuf import meta_graph_pb2
 
 
 class SessionSignature:
-    """One SignatureDef as a call: keyword arrays in, a dict of arrays out (Session.run)."""
+    """One SignatureDef as a call, as a loaded TF2 signature is called: keyword tensors (or arrays)
+    in, a dict of tensors out (Session.run between them)."""
 
     def __init__(self, session: Any, signature: meta_graph_pb2.SignatureDef):
         graph = session.graph
@@ -27,20 +28,19 @@ class SessionSignature:
         self.feeds = {name: graph.get_tensor_by_name(info.name) for name, info in signature.inputs.items()}
         self.fetches = {name: graph.get_tensor_by_name(info.name) for name, info in signature.outputs.items()}
 
-    def __call__(self, **inputs: Any) -> dict[str, np.ndarray]:
+    def __call__(self, **inputs: Any) -> dict[str, tf.Tensor]:
         unknown = set(inputs) - set(self.feeds)
         if unknown:
             raise ValueError(f"unknown inputs {sorted(unknown)}; the signature takes {sorted(self.feeds)}")
         # Session.run's Python wrapper refuses a feed whose shape differs from the placeholder's
         # recorded one ([1] for (None, 1)); TF Serving's C++ Session::Run feeds it, and the graph's
         # ops judge it. The wrapper's own lower call does the same as C++.
-        feed = {self.feeds[name]._as_tf_output(): np.asarray(value.numpy() if hasattr(value, "numpy") else value,
-                                                            dtype=self.feeds[name].dtype.as_numpy_dtype)
-                for name, value in inputs.items()}
+        feed = {self.feeds[name]._as_tf_output(): np.asarray(value, dtype=self.feeds[name].dtype.as_numpy_dtype)
+                for name, value in inputs.items()}  # eager tensors read as arrays, without a copy
         names = list(self.fetches)
         values = self.session._call_tf_sessionrun(None, feed, [self.fetches[n]._as_tf_output() for n in names], [],
                                                   None)
-        return dict(zip(names, values))
+        return {name: tf.constant(value) for name, value in zip(names, values)}
 
 
 class SessionModel:
