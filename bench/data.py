@@ -22,15 +22,22 @@ PEAK_WRAPPER = ("import resource, subprocess, sys; code = subprocess.run(sys.arg
                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, file=sys.stderr); sys.exit(code)")
 
 
-def run_cli(*args: str, env: dict[str, str]) -> tuple[float, float]:
-    """Wall seconds and peak resident memory (MiB) of one whole `mnist` command."""
+def measured_cli(*args: str, env: dict[str, str], checkout: Path = REPO) -> tuple[float, float, str]:
+    """Wall seconds, peak resident memory (MiB) and the output of one whole `mnist` command, as
+    ``checkout``'s code runs it."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, "-m", "cli", *args], cwd=REPO,
+    done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, "-m", "cli", *args], cwd=checkout,
                           env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"mnist {' '.join(args)} failed: {done.stderr[-2000:]}")
-    return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024  # ru_maxrss is in KiB on Linux
+        raise RuntimeError(f"mnist {' '.join(args)} in {checkout} failed: {done.stderr[-2000:]}")
+    return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024, done.stdout  # ru_maxrss is in KiB on Linux
+
+
+def run_cli(*args: str, env: dict[str, str]) -> tuple[float, float]:
+    """Wall seconds and peak resident memory (MiB) of one whole `mnist` command."""
+    seconds, peak, _ = measured_cli(*args, env=env)
+    return seconds, peak
 
 
 def extra_examples(train_images: np.ndarray, train_labels: np.ndarray, count: int) -> dict[str, np.ndarray]:

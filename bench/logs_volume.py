@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import STORE_VARIABLES, mnist_test_images, save, scratch_store, table
-from bench.data import PEAK_WRAPPER, run_cli
+from bench.data import measured_cli, run_cli
 
 REQUESTS = 1_000_000
 BATCH = 256  # records per log object, as the gateway writes them
@@ -58,18 +58,10 @@ def write_day(logs, requests: int) -> float:
 
 
 def run_drift(checkout: Path, env: dict[str, str]) -> tuple[float, float, str]:
-    """The whole `mnist drift` of ``checkout``: seconds, peak RSS (MiB) and its last output line."""
-    import subprocess
-    import sys
-
-    started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, sys.executable, "-m", "cli", "drift"],
-                          cwd=checkout, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise RuntimeError(f"mnist drift in {checkout} failed: {done.stderr[-2000:]}")
-    verdicts = [line for line in done.stdout.splitlines() if line.startswith("version ")]
-    return seconds, int(done.stderr.strip().splitlines()[-1]) / 1024, verdicts[0] if verdicts else done.stdout[-200:]
+    """The whole `mnist drift` of ``checkout``: seconds, peak RSS (MiB) and its first verdict line."""
+    seconds, peak, output = measured_cli("drift", env=env, checkout=checkout)
+    verdicts = [line for line in output.splitlines() if line.startswith("version ")]
+    return seconds, peak, verdicts[0] if verdicts else output[-200:]
 
 
 def main(before: Path | None = None) -> dict:
