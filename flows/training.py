@@ -42,6 +42,7 @@ from tasks.results import (
     TrainingData,
     TrainingResult,
     Verdict,
+    slice_accuracies,
 )
 from tasks.train import code_version, library_versions, train
 
@@ -65,8 +66,7 @@ def training_result(run_dir: Path, metrics: Evaluation, verdict: Verdict, stable
                     ) -> TrainingResult:
     return TrainingResult(
         run_dir=str(run_dir), test_accuracy=metrics.test_accuracy, gate=verdict.checks,
-        slices={source: scores.accuracy for source, scores in metrics.slices.items()},
-        stable_slices={source: scores.accuracy for source, scores in stable.slices.items()} if stable else {},
+        slices=slice_accuracies(metrics.slices), stable_slices=slice_accuracies(stable.slices) if stable else {},
         stable=StableSummary(version=stable.version, test_accuracy=stable.test_accuracy) if stable else None,
         saved_model=exported.path, version=exported.version, published=published, outputs=outputs)
 

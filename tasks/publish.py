@@ -10,7 +10,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 
 from storage.models import ModelStore, NothingToRollBack, StoreSettings
-from tasks.results import Evaluation, LabelMoved, Lineage, LiveCheck, PublishedVersion
+from tasks.results import Evaluation, LabelMoved, Lineage, LiveCheck, PublishedVersion, slice_accuracies
 
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 
@@ -18,7 +18,7 @@ METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
 def metric_summary(metrics: Evaluation) -> dict[str, Any]:
     """The metrics a manifest, an event or the history keeps (not the confusion matrix):
     with each new source's slice accuracy."""
-    slices = {source: scores.accuracy for source, scores in metrics.slices.items()}
+    slices = slice_accuracies(metrics.slices)
     return {key: getattr(metrics, key) for key in METRIC_KEYS} | ({"slices": slices} if slices else {})
 
 
@@ -123,7 +123,8 @@ def check_for_changes(lineage: Lineage, min_new_examples: int = 0) -> str | None
 @task(name="publish", timeout_seconds=900)
 def publish(saved_model: str, metrics: Evaluation, lineage: Lineage, label: str) -> PublishedVersion:
     store = ModelStore(StoreSettings())
-    published = publish_model(store, Path(saved_model), metric_summary(metrics), lineage.as_manifest(), label)
+    summary = metric_summary(metrics)
+    published = publish_model(store, Path(saved_model), summary, lineage.as_manifest(), label)
     published = published.model_copy(update={"overview": update_registry_overview(store)})
     get_run_logger().info("published %s as version %d, labelled %s", published.uri, published.version, label)
     text = f"version {published.version} ({label}), {published.uri}: read it with {published.show}"
@@ -133,7 +134,7 @@ def publish(saved_model: str, metrics: Evaluation, lineage: Lineage, label: str)
     else:
         create_markdown_artifact(text, key="mnist-published-version", description="Published model version")
     emit_event("mnist.model.published", resource=model_resource(store, published.version),
-               payload={**published.model_dump(), "metrics": metric_summary(metrics)})
+               payload={**published.model_dump(), "metrics": summary})
     return published
 
 

@@ -69,6 +69,11 @@ class SliceScores(StageRecord):
     confusion_matrix: list[list[int]]
 
 
+def slice_accuracies(slices: dict[str, SliceScores]) -> dict[str, float]:
+    """Each slice's accuracy alone: what a manifest, the CLI and the run's result keep of it."""
+    return {source: scores.accuracy for source, scores in slices.items()}
+
+
 class TestScores(StageRecord):
     """A model on MNIST's test set; ``predictions`` and ``misclassified`` by test-set index."""
 
