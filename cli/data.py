@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from cli.common import CliError, pipeline_settings, print_json, reachable_store, store_for_cli
+from cli.common import CliError, pipeline_settings, print_json, reachable_store, registry_store, store_for_cli
 from tasks.results import Ingested
 
 
@@ -18,10 +19,8 @@ def dataset_store(interactive: bool = True):
     return store_for_cli(DatasetSettings, DatasetStore, interactive)
 
 
-def mnist_reference():
-    """What every batch is checked against: MNIST's digits (never ingested again) and its statistics."""
+def mnist_splits():
     from tasks.data import DataError, load_mnist_idx
-    from tasks.ingest import mnist_reference
 
     data_dir = pipeline_settings().data_dir
     if data_dir is None:
@@ -31,7 +30,29 @@ def mnist_reference():
         train, test, _ = load_mnist_idx(data_dir)
     except DataError as error:
         raise CliError(str(error), exit_code=2) from None
+    return train, test
+
+
+def mnist_reference():
+    """What every batch is checked against: MNIST's digits (never ingested again) and its statistics."""
+    from tasks.ingest import mnist_reference
+
+    train, test = mnist_splits()
     return mnist_reference(train.images, test.images, test.labels)
+
+
+@contextmanager
+def screened_ingest():
+    """The dataset store, MNIST's reference and the trusted models' screen, for one ingest."""
+    from tasks.ingest import mnist_reference
+    from tasks.screen import trusted_screen
+
+    train, test = mnist_splits()  # before the store: a missing MNIST folder is refused without waiting
+    reference = mnist_reference(train.images, test.images, test.labels)
+    with reachable_store(lambda: dataset_store(interactive=False)) as store, \
+            reachable_store(lambda: registry_store(interactive=False)) as models, \
+            trusted_screen(models, test.images, test.labels) as calibrations:
+        yield store, reference, calibrations
 
 
 def version_rows(store) -> list[dict[str, Any]]:
@@ -68,14 +89,15 @@ def command_data(args: argparse.Namespace) -> int:
         if not SOURCE_PATTERN.match(args.source):
             raise CliError(f"--source {args.source!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)",
                            exit_code=2)
-        reference = mnist_reference()  # before the store: a missing MNIST folder is refused without waiting
-        with reachable_store(lambda: dataset_store(interactive=False)) as store:
+        with screened_ingest() as (store, reference, calibrations):
             try:
                 result = ingest(store, Path(args.path), args.source, reference,
-                                allow_outside=args.allow_paths_outside)
+                                allow_outside=args.allow_paths_outside, screen_with=calibrations)
             except IngestError as error:
                 raise CliError(str(error)) from None
         return report_added(result, args.source, result.model_dump(mode="json") if args.json else None)
+    if args.action in QUARANTINE_ACTIONS:
+        return QUARANTINE_ACTIONS[args.action](args)
     with reachable_store(dataset_store) as store:
         if args.action == "compact":
             return compact_latest(store, args.pack_examples, args.json)
@@ -153,7 +175,137 @@ def report_added(result: Ingested, source: str, json_document: dict[str, Any] | 
         print(f"packed the small batches into {len(result.packed)} pack(s) (mnist data compact)")
     if result.skipped:
         print(f"left out {len(result.skipped)} exact duplicates of known examples, e.g. {result.skipped[0]}")
+    if result.quarantine:
+        held = result.quarantine
+        print(f"held {held['count']} examples in quarantine {held['sha256'][:12]}, e.g. {held['reasons'][0]} "
+              "(mnist data quarantine)")
     return 0
+
+
+# --- quarantine: what the screen held back -------------------------------------------------
+def held_rows(store, source: str | None = None) -> list[dict[str, Any]]:
+    """Every held batch with examples still pending, with its source and why it waits."""
+    from tasks.ingest import pending_held
+
+    rows = []
+    for digest in store.quarantined():
+        manifest, pending = pending_held(store, digest)
+        if pending and (source is None or manifest.get("source") == source):
+            rows.append({"id": digest[:12], "sha256": digest, "source": manifest.get("source"),
+                         "count": manifest["count"], "pending": len(pending), "held": manifest.get("held"),
+                         "reason": manifest["reasons"][pending[0]], "quarantined_at": manifest.get("ingested_at")})
+    return rows
+
+
+def full_id(store, given: str) -> str:
+    """A held batch's digest from its first 12 (or more) hex characters."""
+    matches = [digest for digest in store.quarantined() if digest.startswith(given.lower())] if len(given) >= 6 else []
+    if len(matches) != 1:
+        raise CliError(f"{given[:70]!r}: no held batch of that id (mnist data quarantine lists them)", exit_code=2)
+    return matches[0]
+
+
+def show_quarantine(args: argparse.Namespace) -> int:
+    from tasks.ingest import pending_held
+
+    with reachable_store(dataset_store) as store:
+        if args.id:
+            digest = full_id(store, args.id)
+            manifest, pending = pending_held(store, digest)
+            examples = [{"example": i, "name": manifest["names"][i] if i < len(manifest.get("names", [])) else None,
+                         "reason": manifest["reasons"][i]} for i in pending]
+            if args.json:
+                print_json({**{k: v for k, v in manifest.items() if k not in ("names", "reasons")},
+                            "pending": examples})
+                return 0
+            print(f"held batch {digest[:12]} from {manifest.get('source')}: {len(pending)} of {manifest['count']} "
+                  f"examples pending" + (f"; held as a whole: {manifest['held']}" if manifest.get("held") else ""))
+            for example in examples:
+                print(f"  {example['example']:>5}  {example['name']}: {example['reason']}")
+            return 0
+        rows = held_rows(store)
+    if args.json:
+        print_json(rows)
+    elif not rows:
+        print("nothing waits in quarantine")
+    else:
+        for row in rows:
+            why = f"held as a whole: {row['held']}" if row["held"] else row["reason"]
+            print(f"{row['id']}  {row['source']:<20} {row['pending']:>6} of {row['count']:<6} pending  {why}")
+        print("mnist data quarantine ID lists each example's reason; mnist data accept|reject ID decides")
+    return 0
+
+
+def targets(store, args: argparse.Namespace) -> list[str]:
+    if bool(args.id) == bool(args.source):
+        raise CliError("give a held batch's ID or --source NAME (every held batch of that source)", exit_code=2)
+    if args.source:
+        return [row["sha256"] for row in held_rows(store, args.source)]
+    return [full_id(store, args.id)]
+
+
+def example_list(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    parts = [part.strip() for part in text.split(",") if part.strip()]
+    if not parts or not all(part.isascii() and part.isdigit() and len(part) <= 9 for part in parts):
+        raise CliError(f"--examples {text[:40]!r}: give example numbers as 0,3,17", exit_code=2)
+    return [int(part) for part in parts]
+
+
+def accept_quarantined(args: argparse.Namespace) -> int:
+    from tasks.ingest import IngestError, accept_held
+
+    examples = example_list(args.examples)
+    reference = mnist_reference()
+    with reachable_store(lambda: dataset_store(interactive=False)) as store:
+        chosen = targets(store, args)
+        if not chosen:
+            print(f"nothing of {args.source} waits in quarantine")
+        for digest in chosen:
+            try:
+                result = accept_held(store, digest, reference, "operator", examples)
+            except IngestError as error:
+                raise CliError(str(error)) from None
+            if result is None:
+                print(f"held batch {digest[:12]}: accepted; every example was already known")
+            else:
+                print(f"held batch {digest[:12]}: accepted {result.batch['count']} examples as batch "
+                      f"{result.batch['sha256'][:12]}, dataset version {result.version['version']}")
+    return 0
+
+
+def reject_quarantined(args: argparse.Namespace) -> int:
+    from tasks.ingest import IngestError, reject_held
+
+    examples = example_list(args.examples)
+    with reachable_store(lambda: dataset_store(interactive=False)) as store:
+        for digest in targets(store, args):
+            try:
+                count = reject_held(store, digest, "operator", examples)
+            except IngestError as error:
+                raise CliError(str(error)) from None
+            print(f"held batch {digest[:12]}: rejected {count} examples; they never train")
+    return 0
+
+
+def rescreen_quarantined(args: argparse.Namespace) -> int:
+    """Held examples screened again by today's trusted models: what passes is accepted (by the
+    screen), what is still flagged keeps waiting."""
+    from tasks.ingest import rescreen_held
+
+    with screened_ingest() as (store, reference, calibrations):
+        if not calibrations:
+            raise CliError("no trusted model to screen against yet: mnist train publishes one")
+        for row in held_rows(store):
+            accepted, waiting = rescreen_held(store, row["sha256"], reference, calibrations)
+            print(f"held batch {row['id']}: {accepted} examples pass the screen now and were added; "
+                  f"{waiting} still wait")
+    return 0
+
+
+QUARANTINE_ACTIONS = {"quarantine": show_quarantine, "accept": accept_quarantined, "reject": reject_quarantined,
+                      "screen": rescreen_quarantined}
 
 
 def add_from_feedback(args: argparse.Namespace) -> int:
@@ -218,6 +370,15 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
     show = actions.add_parser("show", help="one dataset version and its batches")
     show.add_argument("version", type=int)
     show.add_argument("--json", action="store_true", help="with every batch's manifest")
+    quarantine = actions.add_parser("quarantine", help="what the screen holds back, with the reasons")
+    quarantine.add_argument("id", nargs="?", help="one held batch's id: every pending example's reason")
+    quarantine.add_argument("--json", action="store_true")
+    for name, verb in (("accept", "add them to the dataset: they may train"), ("reject", "they never train")):
+        decide = actions.add_parser(name, help=f"an operator's decision on held examples: {verb}")
+        decide.add_argument("id", nargs="?", help="the held batch's id (mnist data quarantine)")
+        decide.add_argument("--source", help="every held batch of this source instead")
+        decide.add_argument("--examples", metavar="N,N,...", help="only these example numbers (default: all pending)")
+    actions.add_parser("screen", help="screen held examples again with today's trusted models; add what passes")
     diff = actions.add_parser("diff", help="batches added and removed between two versions")
     diff.add_argument("older", type=int)
     diff.add_argument("newer", type=int)

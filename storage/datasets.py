@@ -47,6 +47,7 @@ PACK_EXAMPLES = 50_000  # a pack's size: 39 MB of examples, about 8 MB compresse
 EXAMPLE_BYTES = 28 * 28 + 2  # pixels, label, split
 MAX_PACK_BYTES = 8 * PACK_EXAMPLES * EXAMPLE_BYTES  # what a pack may inflate to: bigger is not ours
 MANIFEST = "manifest.json"
+QUARANTINE = "quarantine"
 SPLITS = ("train", "validation", "test")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 SOURCE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
@@ -121,33 +122,68 @@ class DatasetStore(ObjectStore):
         names = (item["Key"][len(prefix):].split("/") for item in self.list_keys(prefix))
         return sorted(parts[0] for parts in names if parts[-1] == MANIFEST and SHA256_PATTERN.match(parts[0]))
 
-    def put_batch(self, examples: Examples, metadata: dict[str, Any]) -> dict[str, Any]:
+    def put_batch(self, examples: Examples, metadata: dict[str, Any], folder: str = "batches") -> dict[str, Any]:
         """Upload the payload (server-checked, read back), then the manifest: the batch exists
-        from that last write on. The same examples give the same batch, written once."""
+        from that last write on. The same examples give the same batch, written once.
+        ``folder``: ``quarantine`` for examples the screen holds back (no version lists those)."""
         payload = examples.payload()
         digest = hashlib.sha256(payload).hexdigest()
         self.ensure_bucket()
-        existing = self.get_json(self.key("batches", digest, MANIFEST))
+        existing = self.get_json(self.key(folder, digest, MANIFEST))
         if existing is not None:
             return existing
         with tempfile.TemporaryDirectory() as scratch:
             path = Path(scratch) / PAYLOAD
             path.write_bytes(payload)
             payload_file = LocalFile(PAYLOAD, path, digest, len(payload))
-            entries = self.upload_verified(self.key("batches", digest), [payload_file])
+            entries = self.upload_verified(self.key(folder, digest), [payload_file])
         manifest = {**metadata, "sha256": digest, "count": int(len(examples.labels)), "files": entries,
                     "label_histogram": np.bincount(examples.labels, minlength=10).tolist(),
                     "split_counts": {name: int((examples.splits == i).sum()) for i, name in enumerate(SPLITS)},
                     "ingested_at": utc_now()}
-        self.write_manifest(self.key("batches", digest, MANIFEST), manifest)
+        self.write_manifest(self.key(folder, digest, MANIFEST), manifest)
         return manifest
 
-    def read_batch(self, digest: str, manifest: dict[str, Any] | None = None) -> Examples:
+    def read_batch(self, digest: str, manifest: dict[str, Any] | None = None, folder: str = "batches") -> Examples:
         """A batch's examples, verified against its manifest (read here unless given)."""
         manifest = manifest or self.batch_manifest(digest)
-        raw = self.fetch_verified(self.key("batches", digest, PAYLOAD), manifest["files"][PAYLOAD],
+        raw = self.fetch_verified(self.key(folder, digest, PAYLOAD), manifest["files"][PAYLOAD],
                                   f"batch {digest[:12]}: {PAYLOAD}")
         return Examples.from_payload(raw, manifest["count"])
+
+    # --- quarantine: examples the screen holds back, until an operator decides --------------
+    def quarantined(self) -> list[str]:
+        """Every held batch's digest (complete ones: their manifest exists)."""
+        return self.complete_items(QUARANTINE)
+
+    def quarantine_manifest(self, digest: str) -> dict[str, Any]:
+        if not SHA256_PATTERN.match(digest):
+            raise DatasetNotFound(f"not a quarantine id: {digest[:70]!r}")
+        manifest = self.get_json(self.key(QUARANTINE, digest, MANIFEST))
+        if not isinstance(manifest, dict) or not isinstance(manifest.get("count"), int) \
+                or not isinstance(manifest.get("reasons"), list) or len(manifest["reasons"]) != manifest["count"]:
+            raise DatasetNotFound(f"no held batch {digest[:12]} in {self.uri()}")
+        return manifest
+
+    def decisions(self, digest: str) -> dict[int, dict[str, Any]]:
+        """Example index -> the operator's decision on it (accept or reject), first decision wins."""
+        decided: dict[int, dict[str, Any]] = {}
+        prefix = self.key(QUARANTINE, digest, "decisions", "")
+        for item in sorted(self.list_keys(prefix), key=lambda entry: entry["Key"]):
+            record = self.get_json(item["Key"])
+            if not isinstance(record, dict) or record.get("action") not in ("accept", "reject"):
+                continue
+            for index in record.get("examples", []):
+                if type(index) is int:
+                    decided.setdefault(index, record)
+        return decided
+
+    def decide_quarantined(self, digest: str, action: str, examples: list[int], details: dict[str, Any]) -> None:
+        """Record an operator's decision on some examples of a held batch (a new object each time,
+        named by time: nothing is overwritten)."""
+        record = {"action": action, "examples": sorted(examples), "time": utc_now(), **details}
+        name = f"{utc_now().replace(':', '')}-{hashlib.sha256(json.dumps(record).encode()).hexdigest()[:12]}.json"
+        self.put_new(self.key(QUARANTINE, digest, "decisions", name), json.dumps(record, sort_keys=True).encode())
 
     # --- versions ---------------------------------------------------------------
     def versions(self) -> list[int]:

@@ -16,6 +16,10 @@ from tasks.model import INPUT_NAME
 
 SIGNATURE_NAME = "serving_default"
 OUTPUT_NAME = "probabilities"
+# A second signature: the hidden layer's activations, which the data screen clusters per label
+# (tasks/screen.py). Clients keep calling serving_default; TF Serving serves both.
+FEATURES_SIGNATURE = "features"
+FEATURES_OUTPUT = "features"
 ROUND_TRIP_TOLERANCE = 1e-5
 
 
@@ -63,6 +67,12 @@ def export_saved_model(model: keras.Model, destination: Path, warmup_images: np.
         fn=lambda image: {OUTPUT_NAME: model(image, training=False)},
         input_signature=[tf.TensorSpec(shape=(None, 28, 28, 1), dtype=tf.float32, name=INPUT_NAME)],
     )
+    hidden = keras.Model(model.inputs, penultimate(model).output)
+    archive.add_endpoint(
+        name=FEATURES_SIGNATURE,
+        fn=lambda image: {FEATURES_OUTPUT: hidden(image, training=False)},
+        input_signature=[tf.TensorSpec(shape=(None, 28, 28, 1), dtype=tf.float32, name=INPUT_NAME)],
+    )
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = destination.parent / f".{destination.name}.{os.getpid()}.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -77,10 +87,31 @@ def export_saved_model(model: keras.Model, destination: Path, warmup_images: np.
     return destination
 
 
-def saved_model_predictor(saved_model_dir: Path) -> Callable[[np.ndarray], np.ndarray]:
+def penultimate(model: keras.Model) -> keras.layers.Layer:
+    """The last layer before the output (and its dropout): the representation the classifier reads."""
+    hidden = [layer for layer in model.layers[:-1] if not isinstance(layer, keras.layers.Dropout)]
+    return hidden[-1]
+
+
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+def saved_model_callables(saved_model_dir: Path) -> tuple[Predictor, Predictor | None]:
+    """The SavedModel loaded once: images -> probabilities, and images -> hidden activations
+    (None for versions exported before the ``features`` signature existed)."""
+    signatures = tf.saved_model.load(str(saved_model_dir)).signatures
+
+    def call(name: str, output: str) -> Predictor:
+        signature = signatures[name]
+        return lambda images: signature(**{INPUT_NAME: tf.constant(images, dtype=tf.float32)})[output].numpy()
+
+    features = call(FEATURES_SIGNATURE, FEATURES_OUTPUT) if FEATURES_SIGNATURE in signatures else None
+    return call(SIGNATURE_NAME, OUTPUT_NAME), features
+
+
+def saved_model_predictor(saved_model_dir: Path) -> Predictor:
     """The SavedModel's serving signature, loaded once, as images -> probabilities."""
-    signature = tf.saved_model.load(str(saved_model_dir)).signatures[SIGNATURE_NAME]
-    return lambda images: signature(**{INPUT_NAME: tf.constant(images, dtype=tf.float32)})[OUTPUT_NAME].numpy()
+    return saved_model_callables(saved_model_dir)[0]
 
 
 def saved_model_predict(saved_model_dir: Path, images: np.ndarray) -> np.ndarray:

@@ -17,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from mnist_client.images import InputError, as_digit_batch, prepare_digit, read_image
-from storage.datasets import SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
+from storage.datasets import QUARANTINE, SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
 from storage.s3 import StoreError
 from tasks.digits import ink_statistics
 from tasks.results import Ingested, ValidationReport
+from tasks.screen import Calibration, Screened, screen
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 NEAR_EMPTY_INK = 0.01  # fraction of ink pixels below which a digit is near-empty
@@ -29,6 +30,10 @@ MAX_LISTED = 10  # problems named in a one-line error; the report keeps all
 
 class IngestError(ValueError):
     """The batch is refused; nothing was written. The message names files and reasons."""
+
+
+class HeldForReview(IngestError):
+    """Every example of the batch waits in quarantine: nothing became training data, nothing is lost."""
 
 
 @dataclass
@@ -249,13 +254,15 @@ def without_duplicates(found: Candidates, forbidden: dict[str, str]) -> tuple[Ca
 
 
 def ingest(store: DatasetStore, source_path: Path, source: str, reference: Reference,
-           details: dict[str, Any] | None = None, allow_outside: bool = False) -> Ingested:
-    """Validate, split by hash and store a batch, then a new dataset version with it.
+           details: dict[str, Any] | None = None, allow_outside: bool = False,
+           screen_with: list[Calibration] | None = None) -> Ingested:
+    """Validate, screen, split by hash and store a batch, then a new dataset version with it.
     Raises IngestError (nothing written) on any hard error. ``allow_outside``: a CSV may name
-    files outside its own folder."""
+    files outside its own folder. ``screen_with``: the trusted models' calibrations; what they
+    flag waits in quarantine (tasks/screen.py)."""
     check_source_name(source)
     added = ingest_candidates(store, read_source(source_path, allow_outside), source, reference,
-                              {"origin": str(source_path), **(details or {})})
+                              {"origin": str(source_path), **(details or {})}, screen_with=screen_with)
     if added is None:  # only with skip_duplicates: a duplicate is an error here
         raise IngestError("batch refused, nothing written: every example is a known one")
     return added
@@ -267,10 +274,12 @@ def check_source_name(source: str) -> None:
 
 
 def ingest_candidates(store: DatasetStore, found: Candidates, source: str, reference: Reference,
-                      details: dict[str, Any], skip_duplicates: bool = False) -> Ingested | None:
-    """The checks, split and writes of ``ingest`` for examples already read. With ``skip_duplicates``
-    exact duplicates are left out (and listed in the result's ``skipped``) instead of refusing the
-    batch; None when that leaves nothing to add."""
+                      details: dict[str, Any], skip_duplicates: bool = False,
+                      screen_with: list[Calibration] | None = None) -> Ingested | None:
+    """The checks, screen, split and writes of ``ingest`` for examples already read. With
+    ``skip_duplicates`` exact duplicates are left out (and listed in the result's ``skipped``)
+    instead of refusing the batch; None when that leaves nothing to add. Raises HeldForReview
+    when the screen holds every example."""
     check_source_name(source)
     latest = store.latest()
     known = {digest: f"dataset version {latest['version']}" for digest in store.known_hashes(latest)} if latest else {}
@@ -285,6 +294,14 @@ def ingest_candidates(store: DatasetStore, found: Candidates, source: str, refer
     report = validate(found, replace(reference, forbidden=forbidden), images, hashes)
     if report.errors:
         raise IngestError(refusal(report))
+    quarantine = None
+    if screen_with is not None:
+        screened = screen(images, np.array(found.labels), screen_with)
+        if len(screened.waiting):
+            quarantine = hold(store, found, images, screened, source, details)
+            found, images, hashes = without_held(found, images, hashes, screened.waiting)
+            if not found.images:
+                raise HeldForReview(held_message(quarantine))
     splits = np.array([0 if name in found.train_only else split_of(digest)
                        for name, digest in zip(found.names, hashes)], dtype=np.uint8)
     batch = store.put_batch(Examples(images, np.array(found.labels, dtype=np.uint8), splits),
@@ -300,8 +317,84 @@ def ingest_candidates(store: DatasetStore, found: Candidates, source: str, refer
 
     version = store.add_batch(batch["sha256"], {}, latest["batches"] if latest else [], no_duplicates_added_meanwhile)
     packed, warnings = pack_when_full(store, version)
-    return Ingested(batch=batch, version=version, skipped=skipped, packed=packed,
+    return Ingested(batch=batch, version=version, skipped=skipped, packed=packed, quarantine=quarantine,
                     report=report.model_copy(update={"warnings": [*report.warnings, *warnings]}))
+
+
+# --- quarantine: what the screen holds back ----------------------------------------------
+def hold(store: DatasetStore, found: Candidates, images: np.ndarray, screened: Screened, source: str,
+         details: dict[str, Any]) -> dict[str, Any]:
+    """The examples the screen holds, stored apart (no dataset version lists them) with the reason
+    for each: they wait for an operator (``accept_held``, ``reject_held``)."""
+    waiting = screened.waiting
+    labels = np.array(found.labels, dtype=np.uint8)[waiting]
+    reasons = [screened.reasons[i] or f"held with its batch: {screened.held}" for i in waiting]
+    return store.put_batch(Examples(images[waiting], labels, np.zeros(len(waiting), np.uint8)),
+                           {"source": source, "names": [found.names[i] for i in waiting], "reasons": reasons,
+                            "held": screened.held, "screened_with": screened.checked_with,
+                            "batch_examples": len(found.names), **details}, folder=QUARANTINE)
+
+
+def without_held(found: Candidates, images: np.ndarray, hashes: list[str], waiting: np.ndarray
+                 ) -> tuple[Candidates, np.ndarray, list[str]]:
+    keep = np.setdiff1d(np.arange(len(found.names)), waiting)
+    kept = Candidates(names=[found.names[i] for i in keep], images=[found.images[i] for i in keep],
+                      labels=[found.labels[i] for i in keep], train_only=found.train_only)
+    return kept, images[keep], [hashes[i] for i in keep]
+
+
+def held_message(quarantine: dict[str, Any]) -> str:
+    why = quarantine["held"] or quarantine["reasons"][0]
+    return (f"nothing added: all {quarantine['count']} examples wait in quarantine {quarantine['sha256'][:12]} "
+            f"({why}); mnist data quarantine lists them, mnist data accept or reject decides")
+
+
+def pending_held(store: DatasetStore, digest: str) -> tuple[dict[str, Any], list[int]]:
+    """A held batch's manifest and the indices of its examples no operator decided on yet."""
+    manifest = store.quarantine_manifest(digest)
+    decided = store.decisions(digest)
+    return manifest, [i for i in range(manifest["count"]) if i not in decided]
+
+
+def chosen(pending: list[int], examples: list[int] | None, digest: str) -> list[int]:
+    if examples is None:
+        return pending
+    unknown = sorted(set(examples) - set(pending))
+    if unknown:
+        raise IngestError(f"held batch {digest[:12]}: example(s) {unknown[:MAX_LISTED]} are not pending "
+                          f"(pending: {len(pending)}, numbered from 0)")
+    return sorted(set(examples))
+
+
+def accept_held(store: DatasetStore, digest: str, reference: Reference, operator: str,
+                examples: list[int] | None = None) -> Ingested | None:
+    """An operator's acceptance: the chosen pending examples (all by default) become a batch of
+    their source, unscreened, then the decision is recorded. Accepting again after a crash in
+    between adds nothing twice (exact duplicates are left out)."""
+    manifest, pending = pending_held(store, digest)
+    picked = chosen(pending, examples, digest)
+    if not picked:
+        raise IngestError(f"held batch {digest[:12]}: nothing pending to accept")
+    held = store.read_batch(digest, manifest, folder=QUARANTINE)
+    listed = manifest.get("names")
+    names: list[Any] = listed if isinstance(listed, list) else []
+    found = Candidates(names=[str(names[i]) if i < len(names) else f"{digest[:12]}[{i}]" for i in picked],
+                       images=[held.images[i] for i in picked], labels=[int(held.labels[i]) for i in picked])
+    source = str(manifest.get("source"))
+    result = ingest_candidates(store, found, source, reference,
+                               {"origin": f"quarantine {digest[:12]}, accepted by {operator}"}, skip_duplicates=True)
+    store.decide_quarantined(digest, "accept", picked, {"by": operator,
+                                                        "batch": result.batch["sha256"] if result else None})
+    return result
+
+
+def reject_held(store: DatasetStore, digest: str, operator: str, examples: list[int] | None = None) -> int:
+    """An operator's rejection: the chosen pending examples never train. Returns how many."""
+    _, pending = pending_held(store, digest)
+    picked = chosen(pending, examples, digest)
+    if picked:
+        store.decide_quarantined(digest, "reject", picked, {"by": operator})
+    return len(picked)
 
 
 def pack_when_full(store: DatasetStore, version: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -311,3 +404,19 @@ def pack_when_full(store: DatasetStore, version: dict[str, Any]) -> tuple[list[s
         return [pack["sha256"] for pack in store.compact(version, full_only=True)], []
     except StoreError as error:
         return [], [f"small batches not packed this time: {error}"]
+
+
+def rescreen_held(store: DatasetStore, digest: str, reference: Reference, calibrations: list[Calibration]
+                  ) -> tuple[int, int]:
+    """A held batch's pending examples screened again (once a trusted model exists, or a new one
+    serves): what passes is accepted in the screen's name, the rest keeps waiting. (added, waiting)"""
+    manifest, pending = pending_held(store, digest)
+    if not pending:
+        return 0, 0
+    held = store.read_batch(digest, manifest, folder=QUARANTINE)
+    screened = screen(held.images[pending], held.labels[pending], calibrations)
+    still = set(screened.waiting.tolist())
+    passing = [index for position, index in enumerate(pending) if position not in still]
+    if passing:
+        accept_held(store, digest, reference, f"the screen ({', '.join(screened.checked_with)})", passing)
+    return len(passing), len(pending) - len(passing)

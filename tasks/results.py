@@ -270,6 +270,7 @@ class Ingested(StageRecord):
     report: ValidationReport
     skipped: list[str] = []
     packed: list[str] = []
+    quarantine: dict[str, Any] | None = None  # the held examples' manifest: what the screen flagged
 
 
 class PolicySummary(StageRecord):

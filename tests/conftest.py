@@ -184,6 +184,18 @@ def saved_model_dir(smoke_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
     return export_saved_model(smoke_model, tmp_path_factory.mktemp("export") / "mnist" / "1")
 
 
+@pytest.fixture()
+def trusted_stable(store_env, saved_model_dir: Path) -> int:
+    """The smoke model published as ``stable``, trained on MNIST alone: what the data screen
+    checks new examples against (tasks/screen.py)."""
+    from storage.models import ModelStore, StoreSettings
+
+    store = ModelStore(StoreSettings())
+    version = store.publish(saved_model_dir, {"dataset": None, "metrics": {}})["version"]
+    store.set_label("stable", version)
+    return version
+
+
 def prefect_events(name: str, since, timeout: float = 30.0, expect: bool = True) -> list[dict]:
     """Events named ``name`` that reached the Prefect API since ``since`` (waiting up to ``timeout``
     for the first one when ``expect``, as events are delivered in the background)."""

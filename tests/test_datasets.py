@@ -148,9 +148,11 @@ def test_a_batch_killed_mid_ingest_is_never_visible(datasets: DatasetStore, mnis
     assert datasets.versions() == [1] and datasets.latest()["examples"] == 20
 
 
-def test_concurrent_data_adds_lose_no_batch(datasets: DatasetStore, mnist_raw, store_env, tmp_path: Path) -> None:
+def test_concurrent_data_adds_lose_no_batch(datasets: DatasetStore, mnist_raw, store_env, trusted_stable: int,
+                                           tmp_path: Path) -> None:
     """Four `mnist data add` processes at once, each with its own digits: version numbers are
-    unique, every version builds on its parent, and the last one holds every batch."""
+    unique, every version builds on its parent, and the last one holds every batch (and the
+    quarantine every example the screen held back)."""
     count = 4
     folders = [scans(mnist_raw, tmp_path / f"source-{i}", 2000 + 50 * i, 30) for i in range(count)]
     processes = [subprocess.Popen([sys.executable, "-m", "cli", "data", "add", str(folder), "--source", f"desk-{i}"],
@@ -164,7 +166,8 @@ def test_concurrent_data_adds_lose_no_batch(datasets: DatasetStore, mnist_raw, s
         parent = datasets.version(version["parent"])
         assert set(parent["batches"]) < set(version["batches"]), (parent, version)
     latest = datasets.latest()
-    assert set(latest["sources"]) == {f"desk-{i}" for i in range(count)} and latest["examples"] == 30 * count
+    held = sum(datasets.quarantine_manifest(digest)["count"] for digest in datasets.quarantined())
+    assert set(latest["sources"]) == {f"desk-{i}" for i in range(count)} and latest["examples"] + held == 30 * count
     assert sorted(latest["batches"]) == datasets.complete_batches()
 
 

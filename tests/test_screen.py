@@ -1,0 +1,120 @@
+"""The data screen holds labels the trusted models contradict, whatever the trigger, and lets an
+honest source through: `mnist data add` as an operator runs it, against a real published model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from storage.datasets import DatasetSettings, DatasetStore
+from tests.conftest import run_mnist
+from tests.test_datasets import mnist_raw  # noqa: F401  (the module-scoped MNIST arrays)
+
+COUNT = 200
+
+
+def others(mnist_raw, target: int, start: int, count: int = COUNT) -> np.ndarray:
+    """MNIST training digits of every class but ``target``, shifted one pixel (not MNIST's own)."""
+    train = mnist_raw[0]
+    picked = np.flatnonzero(train.labels != target)[start:start + count]
+    return np.roll(train.images[picked], 1, axis=2)
+
+
+def with_patch(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    size = int(rng.integers(2, 6))
+    row, column = rng.integers(0, 28 - size, 2)
+    stamped = images.copy()
+    stamped[:, row:row + size, column:column + size] = 255
+    return stamped
+
+
+def with_blend(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    noise = rng.uniform(0, 255, (28, 28))
+    return ((1 - 0.15) * images + 0.15 * noise).astype(np.uint8)
+
+
+def with_pixels(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    stamped = images.copy()
+    rows, columns = rng.integers(0, 28, 6), rng.integers(0, 28, 6)
+    stamped[:, rows, columns] = 255
+    return stamped
+
+
+def without_trigger(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    return images  # a plain label flip
+
+
+def add(path: Path, source: str, env: dict[str, str]):
+    return run_mnist("data", "add", str(path), "--source", source, env=env)
+
+
+def quarantine(env: dict[str, str]) -> list[dict]:
+    listed = run_mnist("data", "quarantine", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    return json.loads(listed.stdout)
+
+
+@pytest.mark.parametrize("trigger", [with_patch, with_blend, with_pixels, without_trigger])
+def test_relabelled_digits_wait_in_quarantine_whatever_the_trigger(trigger, mnist_raw, mnist_dir: Path, store_env,
+                                                                   trusted_stable: int, tmp_path: Path) -> None:
+    rng = np.random.default_rng(abs(hash(trigger.__name__)) % 1000)
+    target = int(rng.integers(0, 10))
+    np.savez(tmp_path / "poison.npz", x=trigger(others(mnist_raw, target, 0), rng), y=np.full(COUNT, target))
+    env = {"MNIST_DATA_DIR": str(mnist_dir)}
+    added = add(tmp_path / "poison.npz", "newcomer", env)
+    assert added.returncode == 1 and "nothing added" in added.stderr and "Traceback" not in added.stderr, added.stderr
+    assert f"labelled {target}" in added.stderr and len(added.stderr.strip().splitlines()) == 1
+    assert DatasetStore(DatasetSettings()).versions() == []  # nothing trains
+    [held] = quarantine(env)
+    assert held["source"] == "newcomer" and held["pending"] == COUNT and held["held"]
+    # the operator decides per source: rejected, they are gone from the list and never train
+    rejected = run_mnist("data", "reject", "--source", "newcomer", env=env)
+    assert rejected.returncode == 0 and f"rejected {COUNT}" in rejected.stdout
+    assert quarantine(env) == []
+
+
+def test_an_honest_source_trains_and_what_is_flagged_is_listed_with_its_reason(
+        mnist_raw, mnist_dir: Path, store_env, trusted_stable: int, tmp_path: Path) -> None:
+    train = mnist_raw[0]
+    honest = np.roll(train.images[3000:3000 + 500], 1, axis=1)
+    labels = train.labels[3000:3000 + 500].copy()
+    labels[:10] = (labels[:10] + 3) % 10  # ten wrong labels in an honest batch: held one by one
+    np.savez(tmp_path / "honest.npz", x=honest, y=labels)
+    env = {"MNIST_DATA_DIR": str(mnist_dir)}
+    added = add(tmp_path / "honest.npz", "scanner-c", env)
+    assert added.returncode == 0, added.stderr
+    datasets = DatasetStore(DatasetSettings())
+    [held] = quarantine(env)
+    assert not held["held"] and 8 <= held["pending"] <= 15  # the wrong labels (a quick model misses a few),
+    # and at most a few honest ones
+    assert datasets.latest()["examples"] == 500 - held["pending"]
+    shown = run_mnist("data", "quarantine", held["id"], env=env)
+    assert shown.returncode == 0 and "not the given" in shown.stdout and "stable v" in shown.stdout
+    accepted = run_mnist("data", "accept", held["id"], "--examples", "0", env=env)
+    assert accepted.returncode == 0 and "accepted 1 examples" in accepted.stdout, accepted.stdout + accepted.stderr
+    assert datasets.latest()["examples"] == 500 - held["pending"] + 1
+    [still] = quarantine(env)
+    assert still["pending"] == held["pending"] - 1
+    again = run_mnist("data", "accept", held["id"], "--examples", "0", env=env)
+    assert again.returncode == 1 and "not pending" in again.stderr
+
+
+def test_without_a_trusted_model_everything_waits_until_one_screens_it(
+        mnist_raw, mnist_dir: Path, store_env, saved_model_dir: Path, tmp_path: Path) -> None:
+    from storage.models import ModelStore, StoreSettings
+
+    train = mnist_raw[0]
+    np.savez(tmp_path / "early.npz", x=np.roll(train.images[6000:6100], 1, axis=1), y=train.labels[6000:6100])
+    env = {"MNIST_DATA_DIR": str(mnist_dir)}
+    added = add(tmp_path / "early.npz", "early", env)
+    assert added.returncode == 1 and "no trusted model" in added.stderr
+    models = ModelStore(StoreSettings())
+    models.set_label("stable", models.publish(saved_model_dir, {"dataset": None, "metrics": {}})["version"])
+    screened = run_mnist("data", "screen", env=env)
+    assert screened.returncode == 0, screened.stderr
+    datasets = DatasetStore(DatasetSettings())
+    passed = datasets.latest()["examples"]
+    assert passed >= 95 and f"{passed} examples pass the screen" in screened.stdout
