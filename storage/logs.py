@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterator, TypeGuard
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from storage import tfrecord
 from storage.s3 import ObjectStore, S3Settings, StoreError, VerificationFailed, utc_now
@@ -50,6 +50,9 @@ MAX_RECORDS_SIZE = 256 << 20
 
 class TrafficSettings(S3Settings):
     model_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    # MNIST_LIVE_CHECK_KEY: what a publish's live check is signed with, in place of the key derived
+    # from the store's S3 secret (``storage/live_check.py``). Checked there: an error here would show it.
+    live_check_key: SecretStr | None = None
 
 
 class LogNotFound(StoreError):
