@@ -38,7 +38,6 @@ REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 DATE_PATTERN = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 BATCH_PATTERN = re.compile(r"^\d{6}-[0-9a-f]{12}$")
 FEEDBACK_PATTERN = re.compile(r"^[0-9a-f]{64}\.json$")
-LIVE_CHECK_PREFIX = "live-check-"  # the client request id a publish's live check sends: not served traffic
 # The most images one logged call can hold: the gateway's 64 MiB message limit at one byte a pixel.
 # The writer logs no call above it and the reader takes every entry up to it: they agree.
 MAX_LOGGED_EXAMPLES = (64 << 20) // 784
@@ -70,11 +69,7 @@ class LogEntry:
     api: str  # "grpc" or "rest"
     examples: int  # images in the request
     client_request_id: str = ""  # the caller's own x-request-id, if any: never the key feedback addresses
-
-    @property
-    def is_live_check(self) -> bool:
-        """A publish's own live check through the gateway: kept apart from served traffic."""
-        return self.client_request_id.startswith(LIVE_CHECK_PREFIX)
+    # (a publish's live check is told apart by it only when it verifies: storage/live_check.py)
 
     @classmethod
     def checked(cls, raw: Any) -> "LogEntry":
