@@ -58,6 +58,8 @@ def command_gateway(args: argparse.Namespace) -> int:
         raise CliError(f"--rest-max-body-mib {args.rest_max_body_mib}: must be at least 1", exit_code=2)
     if args.feedback_per_minute <= 0:
         raise CliError(f"--feedback-per-minute {args.feedback_per_minute:g}: must be above 0", exit_code=2)
+    from storage.live_check import live_check_key
+
     credentials = feedback_credentials(args.feedback_tokens)
     with reachable_store(lambda: traffic_stores(LOG_RETRY_SECONDS)) as (logs, feedback):
         options = GatewayOptions(upstream=args.upstream, upstream_rest=args.upstream_rest, port=args.port,
@@ -67,7 +69,8 @@ def command_gateway(args: argparse.Namespace) -> int:
                                  queue_bytes=args.log_queue_mib << 20, credentials=tuple(credentials),
                                  ledger=Path(args.log_ledger) if args.log_ledger else None,
                                  feedback_per_minute=args.feedback_per_minute,
-                                 rest_max_body_bytes=args.rest_max_body_mib << 20)
+                                 rest_max_body_bytes=args.rest_max_body_mib << 20,
+                                 live_check_key=live_check_key(logs.settings))
         try:
             gateway = Gateway(options, logs, feedback).start()
         except (RuntimeError, OSError) as error:
@@ -132,12 +135,15 @@ def checked_rows(rows: list[tuple[str, str, int]]) -> list[tuple[str, str, int]]
 def record_rows(rows: list[tuple[str, str, int]], as_json: bool) -> int:
     """Labels given with the store's own credentials: an operator's, trusted."""
     from storage.feedback import FeedbackError, record_feedback
+    from storage.live_check import live_check_key
 
     recorded, refused = [], []
     with reachable_store(traffic_stores) as (logs, feedback):
+        key = live_check_key(logs.settings)
         for request_id, label, index in rows:
             try:
-                recorded.append(record_feedback(logs, feedback, request_id, label, index, source="cli"))
+                recorded.append(record_feedback(logs, feedback, request_id, label, index, source="cli",
+                                                live_check_key=key))
             except FeedbackError as error:
                 refused.append(str(error))
     if as_json:

@@ -24,17 +24,21 @@ from tasks.results import DriftRun, DriftVerdict
 def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
     """The window's logged traffic, summarised per version that answered as it is read (counts,
     and a bounded sample of per-image statistics: ``tasks.drift.TrafficSummary``), one .npz each."""
+    from storage.live_check import FirstLiveChecks, key_note, live_check_key
     from storage.logs import PredictionLogStore, TrafficSettings
     from tasks.drift import served_traffic
 
     since = datetime.now(timezone.utc) - timedelta(hours=window_hours)
+    settings = TrafficSettings()
+    live_checks = FirstLiveChecks(live_check_key(settings))
     paths, counts = {}, {}
-    for version, summary in served_traffic(PredictionLogStore(TrafficSettings()).window(since)).items():
+    for version, summary in served_traffic(PredictionLogStore(settings).window(since), live_checks).items():
         path = Path(run_dir) / f"traffic-v{version}.npz"
         arrays: dict[str, Any] = summary.arrays()
         np.savez_compressed(path, **arrays)
         paths[version], counts[version] = str(path), int(arrays["count"])
-    get_run_logger().info("logged traffic since %s: %s", since.isoformat(timespec="seconds"), counts or "none")
+    get_run_logger().info("logged traffic since %s: %s; %s, %d left out", since.isoformat(timespec="seconds"),
+                          counts or "none", key_note(live_checks.key), len(live_checks.seen))
     return paths
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from storage.live_check import LiveCheckKey
 from storage.logs import (
     MAX_FEEDBACK_INDEX,
     FeedbackStore,
@@ -61,10 +62,14 @@ def checked_index(value: Any) -> int:
 
 def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_id: str, label: Any, index: Any = 0,
                     source: str = "api", locate: Callable[[str], Located | None] | None = None,
-                    caller: str = "operator", trusted: bool = True) -> dict[str, Any]:
+                    caller: str = "operator", trusted: bool = True, *,
+                    live_check_key: LiveCheckKey | None) -> dict[str, Any]:
     """Store ``caller``'s label for image ``index`` of a logged request (that caller's latest label
     wins). ``trusted``: whether the label becomes data as it is, or waits in quarantine
-    (``tasks/feedback.py``). The CLI writes with the store's own credentials: an operator, trusted."""
+    (``tasks/feedback.py``). The CLI writes with the store's own credentials: an operator, trusted.
+    A publish's live check (its golden digits are MNIST test digits) takes no feedback, as
+    ``live_check_key`` tells it (``storage/live_check.py``); an id that only looks like one is
+    traffic as any other. With no key, no request is a live check."""
     if not isinstance(request_id, str) or not valid_request_id(request_id):
         raise FeedbackError(f"request id {shown(request_id)}: 1-128 of A-Z a-z 0-9 . _ : -")
     digit, position_in_request = checked_label(label), checked_index(index)
@@ -72,7 +77,7 @@ def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_i
         key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_HOURS)
     except LogNotFound as error:
         raise FeedbackError(str(error), status=404) from None
-    if entry.is_live_check:
+    if live_check_key is not None and live_check_key.marks(entry):
         raise FeedbackError(f"request {request_id} was a publish's live check, not served traffic", status=404)
     if position_in_request >= entry.examples:
         raise FeedbackError(f"request {request_id} has {entry.examples} image(s); index {position_in_request} "

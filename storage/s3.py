@@ -133,6 +133,16 @@ def s3_client(settings: S3Settings) -> Any:
             request_checksum_calculation="when_required", response_checksum_validation="when_required"))
 
 
+def long_lived_secret() -> str | None:
+    """The secret access key ``s3_client``'s clients sign with, found the same standard boto3 way;
+    None without credentials, or with temporary ones (a session token: roles rotate them)."""
+    credentials = boto3.session.Session().get_credentials()
+    if credentials is None:
+        return None
+    frozen = credentials.get_frozen_credentials()
+    return None if frozen.token or not frozen.secret_key else frozen.secret_key
+
+
 class ObjectStore:
     """A bucket and a root prefix, with the crash-safe primitives the registries share."""
 

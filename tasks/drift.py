@@ -16,12 +16,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
 from tasks.digits import ink_statistics
 from tasks.results import DriftScore, DriftVerdict
+
+if TYPE_CHECKING:
+    from storage.live_check import FirstLiveChecks
 
 DRIFT_SAMPLE = 100_000  # rows kept per version for the tests: a day of a busy service stays this size
 FLUSH = 4096  # logged images summarised at a time
@@ -101,14 +104,16 @@ def summarise(images: np.ndarray, probabilities: np.ndarray) -> dict[str, np.nda
     return summary.arrays()
 
 
-def served_traffic(records: Iterable[tuple[Any, bytes]]) -> dict[int, TrafficSummary]:
-    """Logged (entry, record) pairs summarised per version that answered, a record at a time; a
-    publish's live check through the gateway is left out: it is not traffic the model meets."""
+def served_traffic(records: Iterable[tuple[Any, bytes]], live_checks: FirstLiveChecks) -> dict[int, TrafficSummary]:
+    """Logged (entry, record) pairs, in the order they were logged, summarised per version that
+    answered, a record at a time. A publish's live check through the gateway is left out (it is not
+    traffic the model meets), but only as ``live_checks`` tells it: signed with the key, for the
+    version that answered, the first use of its id. Nothing else a caller sends leaves it out."""
     from tasks.feedback import logged_digits
 
     summaries: dict[int, TrafficSummary] = {}
     for entry, record in records:
-        if entry.is_live_check or entry.version is None:
+        if entry.version is None or live_checks.take(entry):
             continue
         digits, probabilities = logged_digits(record)
         if probabilities is None:

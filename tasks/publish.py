@@ -9,6 +9,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 
+from storage.live_check import LiveCheckKey, key_note, live_check_key
+from storage.logs import TrafficSettings
 from storage.models import ModelStore, NothingToRollBack, StoreSettings
 from tasks.results import Evaluation, LabelMoved, Lineage, LiveCheck, PublishedVersion, slice_accuracies
 
@@ -172,11 +174,12 @@ def compare_golden(served, offline) -> str | None:
     return None
 
 
-def live_check_version(address: str, model_name: str, version: int, saved_model: Path, golden, timeout: float
-                       ) -> str | None:
-    """Wait for ``version`` to be served, then compare its answers with the SavedModel's; None if all is well."""
+def live_check_version(address: str, model_name: str, version: int, saved_model: Path, golden, timeout: float,
+                       key: LiveCheckKey | None) -> str | None:
+    """Wait for ``version`` to be served, then compare its answers with the SavedModel's; None if all is well.
+    The request carries an id signed with ``key`` (``storage/live_check.py``), so that a logging
+    gateway's readers keep it out of drift and feedback; with no key it is served traffic."""
     from mnist_client.client import ServingError, Target, predict_call, wait_until_available
-    from storage.logs import LIVE_CHECK_PREFIX
     from tasks.export import saved_model_predict
 
     target = Target(address, model_name, version=version)
@@ -185,8 +188,8 @@ def live_check_version(address: str, model_name: str, version: int, saved_model:
         return f"version {version} ended at {address} without becoming AVAILABLE (a failed load)"
     if state != "AVAILABLE":
         return f"version {version} did not become AVAILABLE at {address} within {timeout:g}s"
-    try:  # tagged, so that a logging gateway keeps it out of drift and feedback
-        served = predict_call(golden, target, request_id=f"{LIVE_CHECK_PREFIX}v{version}").probabilities
+    try:
+        served = predict_call(golden, target, request_id=key.request_id(version) if key else None).probabilities
     except ServingError as error:
         return f"golden-set request to {address} failed: {error}"
     return compare_golden(served, saved_model_predict(saved_model, golden))
@@ -213,10 +216,12 @@ def live_check(published: PublishedVersion, saved_model: str, prepared_path: str
     from tasks.data import load_test_set
 
     store = ModelStore(StoreSettings())
+    key = live_check_key(TrafficSettings())
+    logger = get_run_logger()
+    logger.info("%s", key_note(key))
     x_test, _ = load_test_set(Path(prepared_path))
     reason = live_check_version(address, store.settings.model_name, published.version, Path(saved_model),
-                                x_test[:GOLDEN_SIZE], timeout)
-    logger = get_run_logger()
+                                x_test[:GOLDEN_SIZE], timeout, key)
     if reason is None:
         logger.info("live check passed: version %d answers %d golden digits as offline", published.version,
                     GOLDEN_SIZE)

@@ -341,21 +341,29 @@ def test_a_killed_gateway_is_followed_by_one_that_reports_what_the_kill_lost(sto
 
 def test_live_check_traffic_stays_out_of_drift_and_feedback(store_env, upstream, digits: np.ndarray,
                                                             tmp_path: Path) -> None:
-    from storage.logs import LIVE_CHECK_PREFIX
+    """Only the id a publish signs (``storage/live_check.py``) keeps a call out of drift and
+    feedback; a caller's own ``live-check-`` id is served traffic."""
+    from storage.live_check import FirstLiveChecks, live_check_key
+    from storage.logs import TrafficSettings
     from tasks.drift import served_traffic
 
     _, address, _ = upstream
-    gateway = start_gateway(address)
+    key = live_check_key(TrafficSettings())  # as mnist gateway and the publisher find it: the store's secret
+    assert key is not None
+    gateway = start_gateway(address, live_check_key=key)
     target = Target(f"127.0.0.1:{gateway.port}")
+    feedback_url = f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/feedback"
     try:
         served = predict_call(digits[:3], target)
-        checked = predict_call(digits[:64], target, request_id=f"{LIVE_CHECK_PREFIX}v1")  # what a publish sends
-        wait_for(lambda: gateway.logger.written_records == 2)
-        feedback = httpx.post(f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/feedback",
-                              json={"request_id": checked.request_id, "label": 1}, headers=bearer(LABELLER))
+        posing = predict_call(digits[:5], target, request_id="live-check-v1")  # a caller's choice
+        checked = predict_call(digits[:64], target, request_id=key.request_id(1))  # what a publish sends
+        wait_for(lambda: gateway.logger.written_records == 3)
+        feedback = [httpx.post(feedback_url, json={"request_id": call.request_id, "label": 1},
+                               headers=bearer(LABELLER)) for call in (checked, posing)]
     finally:
         gateway.stop()
-    assert [entry.is_live_check for entry, _ in logged(gateway.logs)] == [False, True]
-    assert feedback.status_code == 404 and "live check" in feedback.json()["error"]
-    summaries = served_traffic(logged(gateway.logs))  # what the drift flow reads of the window
-    assert list(summaries) == [served.version] and int(summaries[served.version].arrays()["count"]) == 3
+    assert [key.marks(entry) for entry, _ in logged(gateway.logs)] == [False, False, True]
+    assert feedback[0].status_code == 404 and "live check" in feedback[0].json()["error"]
+    assert feedback[1].status_code == 200
+    summaries = served_traffic(logged(gateway.logs), FirstLiveChecks(key))  # what the drift flow reads of the window
+    assert list(summaries) == [served.version] and int(summaries[served.version].arrays()["count"]) == 3 + 5

@@ -54,6 +54,7 @@ from serving.protocol.rest_paths import (
     model_path,
 )
 from storage.feedback import FeedbackError, Located, record_feedback
+from storage.live_check import LiveCheckKey
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
 from storage.s3 import StoreError
 
@@ -89,6 +90,8 @@ class GatewayOptions:
     credentials: tuple[Credential, ...] = ()  # who may send feedback; none: feedback is refused
     ledger: Path | None = None  # where the count of unwritten logs is kept, for the next start to report
     feedback_per_minute: float = 60.0  # per caller
+    # what tells a publish's live check (which takes no feedback) from traffic; None: nothing does
+    live_check_key: LiveCheckKey | None = None
 
 
 class Gateway:
@@ -307,7 +310,8 @@ class Gateway:
         request_id = document["request_id"]
         try:
             item = record_feedback(self.logs, self.feedback, request_id, document["label"], document.get("index", 0),
-                                   source="gateway", locate=self.locate, caller=caller.name, trusted=caller.trusted)
+                                   source="gateway", locate=self.locate, caller=caller.name, trusted=caller.trusted,
+                                   live_check_key=self.options.live_check_key)
         except FeedbackError as error:
             message = str(error)
             if error.status == 404 and isinstance(request_id, str) and self.logger.was_unsampled(request_id):
