@@ -6,7 +6,7 @@ Who labelled what is kept per caller. A trusted caller's label (an operator's, o
 ``trusted``) becomes data as it is. Any other label waits in quarantine until ``quorum`` different
 callers give the same one, or an operator accepts it (``mnist feedback accept``); even then it only
 trains, never lands in a validation or test slice, and no one untrusted caller makes up more than
-``max_caller_share`` of a batch.
+``max_caller_share`` of the agreed labels a batch takes.
 
 Feedback names a request by the id the gateway returned (and, for a request of several images,
 the image's index). It is accepted only for a request that was logged: an id that was not
@@ -16,7 +16,7 @@ sampled, not yet uploaded or is unknown gets a clear error, since there is no im
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,10 +56,13 @@ def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
 
 
 # --- accumulated feedback -> labelled digits --------------------------------------------
+Item = dict[str, Any]
+
+
 @dataclass(frozen=True)
 class FeedbackPolicy:
     quorum: int = 2  # untrusted callers that must give the same label before it becomes data
-    max_caller_share: float = 0.25  # of a batch's labels, what may rest on one untrusted caller
+    max_caller_share: float = 0.25  # of a batch's agreed labels, what may rest on one untrusted caller
 
 
 @dataclass
@@ -68,10 +71,10 @@ class FeedbackDecision:
     callers it rests on), images still in quarantine with their votes, and agreed labels held back
     by the per-caller cap (they stay pending)."""
 
-    accepted: list[dict[str, Any]] = field(default_factory=list)
-    quarantined: list[dict[str, Any]] = field(default_factory=list)
-    capped: list[dict[str, Any]] = field(default_factory=list)
-    overruled: list[dict[str, Any]] = field(default_factory=list)  # other labels of an image a trusted caller labelled
+    accepted: list[Item] = field(default_factory=list)
+    quarantined: list[Item] = field(default_factory=list)
+    capped: list[Item] = field(default_factory=list)
+    overruled: list[Item] = field(default_factory=list)  # other labels of an image a trusted caller labelled
 
     def summary(self) -> PolicySummary:
         callers: dict[str, int] = defaultdict(int)
@@ -83,51 +86,103 @@ class FeedbackDecision:
                              quarantined=len(self.quarantined), capped=len(self.capped), callers=dict(callers))
 
 
-def is_trusted(item: dict[str, Any]) -> bool:
+def is_trusted(item: Item) -> bool:
     """Feedback written before callers were named: the gateway's was anyone's, the CLI's an operator's."""
     if "trusted" in item:
         return item["trusted"] is True
     return item.get("source") != "gateway"
 
 
-def caller_of(item: dict[str, Any]) -> str:
+def caller_of(item: Item) -> str:
     return str(item.get("caller") or ("gateway" if item.get("source") == "gateway" else "operator"))
 
 
-def decide(items: list[dict[str, Any]], policy: FeedbackPolicy = FeedbackPolicy()) -> FeedbackDecision:
+def trusted_label(votes: list[Item]) -> tuple[Item, list[Item]]:
+    """The latest trusted label of an image, and the other labels it overrules."""
+    latest = max((vote for vote in votes if is_trusted(vote)), key=lambda vote: vote["time"])
+    overruled = [vote for vote in votes if vote["label"] != latest["label"]]
+    return {**latest, "basis": "trusted", "callers": [caller_of(latest)]}, overruled
+
+
+def agreed_label(votes: list[Item], quorum: int) -> Item | None:
+    """The label at least ``quorum`` untrusted callers gave and more than gave any other, or None."""
+    callers_by_label: dict[int, set[str]] = defaultdict(set)
+    for vote in votes:
+        callers_by_label[vote["label"]].add(caller_of(vote))
+    ranked = sorted(callers_by_label.items(), key=lambda pair: -len(pair[1]))
+    label, callers = ranked[0]
+    if len(callers) < quorum or (len(ranked) > 1 and len(ranked[1][1]) == len(callers)):
+        return None
+    first = min((vote for vote in votes if vote["label"] == label), key=lambda vote: vote["time"])
+    return {**first, "basis": "agreed", "callers": sorted(callers)}
+
+
+def waiting(request_id: str, index: int, votes: list[Item]) -> Item:
+    """An image in quarantine: its votes by label, and when the first came."""
+    callers_by_label: dict[int, set[str]] = defaultdict(set)
+    for vote in votes:
+        callers_by_label[vote["label"]].add(caller_of(vote))
+    return {"request_id": request_id, "index": index,
+            "votes": {str(k): sorted(v) for k, v in sorted(callers_by_label.items())},
+            "first": min(vote["time"] for vote in votes)}
+
+
+def share_limit(share: float, batch: int) -> int:
+    """The most labels one caller may rest on in a batch of ``batch`` agreed labels: rounded down,
+    at least 1 (a batch of one label rests wholly on its callers)."""
+    return max(1, int(share * batch))
+
+
+def taken_in_order(agreed: list[Item], limit: int, most: int) -> list[Item]:
+    """Agreed labels in the given order, each taken unless a caller it rests on is at ``limit``;
+    at most ``most``."""
+    counts: Counter[str] = Counter()
+    taken: list[Item] = []
+    for item in agreed:
+        if len(taken) >= most:
+            break
+        if all(counts[caller] < limit for caller in item["callers"]):
+            counts.update(item["callers"])
+            taken.append(item)
+    return taken
+
+
+def within_share(agreed: list[Item], share: float) -> list[Item]:
+    """The agreed labels (given oldest first) one ingest takes, earliest first, with no caller on
+    more than ``share`` of the batch taken.
+
+    The share is of the batch that results, so its size is found, not assumed: take oldest first
+    under the cap a batch of ``size`` allows; when fewer than ``size`` fit, the batch is smaller and
+    its cap lower, so try again at that size. The size only shrinks; it stops at a batch of exactly
+    ``size`` labels, none of whose callers is on more than share_limit(size) of them."""
+    size = len(agreed)
+    while True:
+        taken = taken_in_order(agreed, share_limit(share, size), size)
+        if len(taken) == size:
+            return taken
+        size = len(taken)
+
+
+def decide(items: list[Item], policy: FeedbackPolicy = FeedbackPolicy()) -> FeedbackDecision:
     """Which pending labels become data now, which wait in quarantine (see the module's rules)."""
-    by_image: dict[tuple[str, int], list[dict[str, Any]]] = defaultdict(list)
+    by_image: dict[tuple[str, int], list[Item]] = defaultdict(list)
     for item in items:
         by_image[(item["request_id"], item["index"])].append(item)
     decision, agreed = FeedbackDecision(), []
     for (request_id, index), votes in by_image.items():
-        trusted = [vote for vote in votes if is_trusted(vote)]
-        if trusted:
-            latest = max(trusted, key=lambda vote: vote["time"])
-            decision.accepted.append({**latest, "basis": "trusted", "callers": [caller_of(latest)]})
-            decision.overruled += [vote for vote in votes if vote["label"] != latest["label"]]
-            continue
-        callers_by_label: dict[int, set[str]] = defaultdict(set)
-        for vote in votes:
-            callers_by_label[vote["label"]].add(caller_of(vote))
-        ranked = sorted(callers_by_label.items(), key=lambda pair: -len(pair[1]))
-        label, callers = ranked[0]
-        if len(callers) >= policy.quorum and (len(ranked) == 1 or len(ranked[1][1]) < len(callers)):
-            first = min((vote for vote in votes if vote["label"] == label), key=lambda vote: vote["time"])
-            agreed.append({**first, "basis": "agreed", "callers": sorted(callers)})
+        if any(is_trusted(vote) for vote in votes):  # trusted labels: data as they come
+            label, overruled = trusted_label(votes)
+            decision.accepted.append(label)
+            decision.overruled += overruled
+        elif (candidate := agreed_label(votes, policy.quorum)) is not None:
+            agreed.append(candidate)
         else:
-            decision.quarantined.append({"request_id": request_id, "index": index,
-                                         "votes": {str(k): sorted(v) for k, v in sorted(callers_by_label.items())},
-                                         "first": min(vote["time"] for vote in votes)})
-    limit = max(1, int(policy.max_caller_share * (len(decision.accepted) + len(agreed))))
-    counts: dict[str, int] = defaultdict(int)
-    for item in sorted(agreed, key=lambda item: item["time"]):
-        if any(counts[caller] >= limit for caller in item["callers"]):
-            decision.capped.append(item)
-            continue
-        for caller in item["callers"]:
-            counts[caller] += 1
-        decision.accepted.append(item)
+            decision.quarantined.append(waiting(request_id, index, votes))
+    agreed.sort(key=lambda item: item["time"])
+    taken = within_share(agreed, policy.max_caller_share)
+    decision.accepted += taken
+    chosen = {id(item) for item in taken}
+    decision.capped += [item for item in agreed if id(item) not in chosen]
     return decision
 
 
