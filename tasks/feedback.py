@@ -100,7 +100,8 @@ def caller_of(item: Item) -> str:
 def trusted_label(votes: list[Item]) -> tuple[Item, list[Item]]:
     """The latest trusted label of an image, and the other labels it overrules."""
     latest = max((vote for vote in votes if is_trusted(vote)), key=lambda vote: vote["time"])
-    overruled = [vote for vote in votes if vote["label"] != latest["label"]]
+    overruled = [{**vote, "basis": "overruled", "callers": [caller_of(vote)]}
+                 for vote in votes if vote["label"] != latest["label"]]
     return {**latest, "basis": "trusted", "callers": [caller_of(latest)]}, overruled
 
 
