@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -34,6 +34,8 @@ from storage.feedback import FeedbackError, checked_label
 from storage.logs import FeedbackStore, IngestRecord, PredictionLogStore
 from storage.s3 import VerificationFailed
 from tasks.results import FeedbackIngested, PolicySummary
+
+T = TypeVar("T")
 
 
 def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
@@ -296,14 +298,14 @@ def logged_digits(record: bytes) -> tuple[np.ndarray, np.ndarray | None]:
 
 
 def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
-                      ) -> tuple[list[str], list[np.ndarray], list[int], list[dict[str, Any]], list[str], int]:
-    """(names, float digits [28,28,1], labels, the feedback used, problems, corrections): the logged
-    image of every feedback item, read once per log batch. ``corrections`` counts labels that differ
-    from what the model answered."""
+                      ) -> tuple[list[str], list[np.ndarray], list[int], list[dict[str, Any]], list[str], list[bool]]:
+    """(names, float digits [28,28,1], labels, the feedback used, problems, corrected): the logged
+    image of every feedback item, read once per log batch. ``corrected``: per item used, whether
+    its label differs from what the model answered."""
     by_batch: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in items:
         by_batch[str(item.get("log"))].append(item)
-    names, images, labels, used, problems, corrections = [], [], [], [], [], 0
+    names, images, labels, used, problems, corrected = [], [], [], [], [], []
     for key, batch_items in sorted(by_batch.items()):
         try:
             records = logs.read_batch(key)
@@ -327,13 +329,26 @@ def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
                 problems.append(f"request {item['request_id']}: no image {index}")
                 continue
             label = checked_label(item.get("label"))
-            if probabilities is not None and len(probabilities) > index:
-                corrections += int(int(np.argmax(probabilities[index])) != label)
+            corrected.append(probabilities is not None and len(probabilities) > index
+                             and int(np.argmax(probabilities[index])) != label)
             names.append(f"feedback:{item['request_id']}#{index}")
             images.append(digits[index])
             labels.append(label)
             used.append(item)
-    return names, images, labels, used, problems, corrections
+    return names, images, labels, used, problems, corrected
+
+
+def kept_within_share(items: list[Item], share: float) -> list[bool]:
+    """Which of the labels about to be ingested stay, so that the share holds on the agreed ones
+    actually ingested after others were left out on the way (an unreadable log, a screen); every
+    trusted one stays. Nothing is left out when nothing was: ``decide`` took a batch the share allows."""
+    agreed = sorted((item for item in items if item["basis"] == "agreed"), key=lambda item: item["time"])
+    kept = {id(item) for item in within_budget_and_share(agreed, share, lambda _: len(agreed), len(agreed))}
+    return [item["basis"] != "agreed" or id(item) in kept for item in items]
+
+
+def only(column: list[T], keep: list[bool]) -> list[T]:
+    return [value for value, kept in zip(column, keep) if kept]
 
 
 def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackStore, reference: Any,
@@ -342,7 +357,7 @@ def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackS
     """The labels the policy accepts at ``now`` (UTC), as one batch through the normal ingest
     (validation, split; exact repeats left out, not refused), then marked as ingested; the rest
     stays pending. None when nothing is accepted; the result's ``batch`` is None when every image
-    was a known one. Only what is marked ingested counts against the budgets."""
+    was a known one. Only what is ingested is recorded as admitted: the budgets count what trained."""
     from tasks.ingest import Candidates, ingest_candidates, to_uint8
 
     now = now or datetime.now(timezone.utc)
@@ -354,12 +369,21 @@ def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackS
     if not decision.accepted:
         return FeedbackIngested(ingested=None, feedback_items=0, corrections=0, problems=[],
                                 policy=decision.summary())
-    names, images, labels, used, problems, corrections = feedback_examples(logs, decision.accepted)
+    names, images, labels, used, problems, corrected = feedback_examples(logs, decision.accepted)
+    # Whatever leaves images out after decide() (unreadable logs above, a screen sending flagged
+    # images back to quarantine) goes before this line: the share is checked on what remains.
+    keep = kept_within_share(used, policy.max_caller_share)
+    for item in only(used, [not kept for kept in keep]):
+        decision.accepted.remove(item)
+        decision.capped.append({**item, "reason": "over its callers' share of the batch once others were left out"})
+    names, images, labels, used, corrected = (only(names, keep), only(images, keep), only(labels, keep),
+                                              only(used, keep), only(corrected, keep))
     found = Candidates(names, [to_uint8(image) for image in images], labels,
                        train_only={name for name, item in zip(names, used) if item["basis"] != "trusted"})
+    summary = decision.summary()
     details = {"origin": f"feedback on logged predictions ({logs.uri()})",
-               "feedback": {"items": len(used), "corrections": corrections, **decision.summary().model_dump()}}
+               "feedback": {"items": len(used), "corrections": sum(corrected), **summary.model_dump()}}
     result = ingest_candidates(datasets, found, source, reference, details, skip_duplicates=True)
     feedback.mark_ingested(used + decision.overruled, result.batch["sha256"] if result else None, now)
-    return FeedbackIngested(ingested=result, feedback_items=len(used), corrections=corrections, problems=problems,
-                            policy=decision.summary())
+    return FeedbackIngested(ingested=result, feedback_items=len(used), corrections=sum(corrected),
+                            problems=problems, policy=summary)

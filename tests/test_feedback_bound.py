@@ -11,7 +11,14 @@ from datetime import datetime, timedelta, timezone
 import numpy as np
 
 from storage.logs import IngestRecord, ingest_record
-from tasks.feedback import Admitted, FeedbackDecision, FeedbackPolicy, admitted_in_window, decide
+from tasks.feedback import (
+    Admitted,
+    FeedbackDecision,
+    FeedbackPolicy,
+    admitted_in_window,
+    decide,
+    kept_within_share,
+)
 
 START = datetime(2026, 12, 6, tzinfo=timezone.utc)
 
@@ -74,6 +81,19 @@ def test_agreeing_pairs_drain_no_more_than_the_bound_over_a_window_of_ingests() 
         assert max(Counter(c for item in taken for c in item["callers"]).values()) == policy.caller_budget
         later = ingest([v for v in items if key(v) not in done], policy, records, START + timedelta(days=7, hours=1))
         assert len(agreed(later)) == first  # a week after the first ingest, what it took is back in the budget
+
+
+def test_the_share_holds_on_what_is_ingested_after_some_were_left_out() -> None:
+    """Four pairs two labels each: each caller on a quarter of the 8. Leave one out after decide()
+    (its log does not read, a screen sends it back) and two callers are on 2 of 7: the batch is cut
+    again to what the share allows of what is left; a trusted label stays regardless."""
+    items = [vote(i, caller) for i in range(8) for caller in (f"app-{2 * (i % 4)}", f"app-{2 * (i % 4) + 1}")]
+    decision = decide(items + [vote(9, "operator", trusted=True)])
+    assert len(agreed(decision)) == 8
+    left = [item for item in decision.accepted if item["request_id"] != "r7"]
+    keep = kept_within_share(left, FeedbackPolicy().max_caller_share)
+    assert [item["request_id"] for item, kept in zip(left, keep) if kept] == ["r9", "r0", "r1", "r2", "r3"]
+    assert kept_within_share(decision.accepted, 0.25) == [True] * 9  # nothing left out: nothing cut
 
 
 def test_trusted_labels_are_admitted_past_spent_budgets() -> None:
