@@ -9,6 +9,7 @@ trains, never lands in a validation or test slice, no one untrusted caller makes
 ``max_caller_share`` of the agreed labels a batch takes, and budgets over a window (``window_days``)
 limit what is admitted per caller (``caller_budget``) and in all (``untrusted_budget``), counted
 from what earlier ingests recorded as admitted: waiting does not drain a backlog into training.
+What that bounds a set of colluding tokens to is ``SYBIL_BOUND``.
 
 Feedback names a request by the id the gateway returned (and, for a request of several images,
 the image's index). It is accepted only for a request that was logged: an id that was not
@@ -64,6 +65,17 @@ def read_feedback_csv(path: Path) -> list[tuple[str, str, int]]:
 # --- accumulated feedback -> labelled digits --------------------------------------------
 Item = dict[str, Any]
 
+SYBIL_BOUND = """With quorum q, a per-caller budget B and a total budget G of untrusted labels per
+window W, k colluding tokens can place at most min(G, floor(k*B/q)) labels in training per window
+(and so in any one retrain that follows the previous one within W; none at all when k < q).
+
+Why the code enforces it: a label the k tokens place without honest help rests on at least q of
+them (``agreed_label``); every admitted label counts against every caller it rests on
+(``admitted_in_window``); each ingest takes for a caller only what its budget has left after the
+W before it, and for all untrusted labels only what G has left (``within_budget_and_share``). So
+in any stretch of W no caller rests on more than B admitted labels and no more than G are
+admitted: each label the tokens place spends q of the k*B they have between them."""
+
 
 @dataclass(frozen=True)
 class FeedbackPolicy:
@@ -74,7 +86,7 @@ class FeedbackPolicy:
     window_days: float = 7.0
 
     def most_placed(self, colluders: int) -> int:
-        """The most labels ``colluders`` tokens can place in training per window: min(G, floor(k*B/q))."""
+        """The most labels ``colluders`` tokens can place in training per window (``SYBIL_BOUND``)."""
         return min(self.untrusted_budget, colluders * self.caller_budget // self.quorum)
 
 

@@ -5,13 +5,20 @@ labels are outside them. Pure ``decide()`` logic, then the same through a real S
 from __future__ import annotations
 
 import json
+import math
+import random
 from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
+from hypothesis import HealthCheck, given, settings, target
+from hypothesis import strategies as st
 
 from storage.logs import IngestRecord, ingest_record
 from tasks.feedback import (
+    SYBIL_BOUND,
     Admitted,
     FeedbackDecision,
     FeedbackPolicy,
@@ -21,6 +28,7 @@ from tasks.feedback import (
 )
 
 START = datetime(2026, 12, 6, tzinfo=timezone.utc)
+REPO = Path(__file__).resolve().parents[1]
 
 
 def vote(request: int, caller: str, label: int = 1, trusted: bool = False) -> dict:
@@ -105,6 +113,15 @@ def test_trusted_labels_are_admitted_past_spent_budgets() -> None:
     assert "untrusted labels have used their budget of 100" in decision.over_budget[0]["reason"]
 
 
+def test_the_bound_is_the_one_the_docs_state() -> None:
+    policy = FeedbackPolicy()
+    assert [policy.most_placed(k) for k in range(1, 9)] == [10, 20, 30, 40, 50, 60, 70, 80]
+    assert FeedbackPolicy(quorum=3, caller_budget=7, untrusted_budget=12).most_placed(4) == 9
+    assert FeedbackPolicy(quorum=3, caller_budget=7, untrusted_budget=8).most_placed(4) == 8
+    assert "min(G, floor(k*B/q))" in SYBIL_BOUND
+    assert "min(G, floor(k*B/q))" in (REPO / "docs" / "feedback-loop.md").read_text()
+
+
 def test_records_are_read_conservatively() -> None:
     """What ``_ingested`` records say is the bucket's, which others can write: a record from before
     bases were kept, an entry without readable callers, one that does not read at all, count
@@ -122,6 +139,121 @@ def test_records_are_read_conservatively() -> None:
     assert admitted.of("app-c") == 4
     unreadable = admitted_in_window([IngestRecord.checked("not a record")], policy, now)
     assert unreadable.total >= policy.untrusted_budget and unreadable.of("anyone") >= policy.caller_budget
+
+
+# --- the property -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Scenario:
+    policy: FeedbackPolicy
+    colluders: int
+    honest: int
+    votes: int
+    prior: int
+    ingests: int
+    seed: int
+
+
+policies = st.one_of(st.just(FeedbackPolicy()), st.builds(
+    FeedbackPolicy, quorum=st.integers(1, 3), max_caller_share=st.sampled_from([0.1, 0.25, 1 / 3, 0.5, 1.0]),
+    caller_budget=st.integers(1, 30), untrusted_budget=st.integers(1, 150)))
+scenarios = st.builds(Scenario, policies, st.integers(1, 12), st.integers(0, 5), st.integers(0, 3000),
+                      st.integers(0, 150), st.integers(1, 6), st.integers(0, 2**32 - 1))
+
+
+def backlog(scenario: Scenario, colluders: list[str], honest: list[str], rng: random.Random) -> list[dict]:
+    """Votes on images, each with the ingest it arrives before: the colluders (some of them)
+    agreeing on their label, honest callers mostly right, anyone on anything, trusted labels."""
+    votes: list[dict] = []
+    image = 0
+    while len(votes) < scenario.votes:
+        image, truth, kind = image + 1, rng.randrange(10), rng.random()
+        if kind < 0.5:
+            ballot = {caller: (truth + 1) % 10 for caller in rng.sample(colluders, rng.randint(1, len(colluders)))}
+            if honest and rng.random() < 0.2:
+                ballot[rng.choice(honest)] = truth
+        elif kind < 0.8 and honest:
+            ballot = {caller: truth if rng.random() < 0.9 else rng.randrange(10)
+                      for caller in rng.sample(honest, rng.randint(1, len(honest)))}
+        elif kind < 0.9:
+            everyone = colluders + honest
+            ballot = {caller: rng.randrange(10) for caller in rng.sample(everyone, rng.randint(1, len(everyone)))}
+        else:
+            ballot = {"operator": truth, **{caller: rng.randrange(10) for caller in rng.sample(colluders, 1)}}
+            if rng.random() < 0.3:
+                ballot["lab"] = rng.randrange(10)
+        for caller, label in ballot.items():
+            votes.append({"request_id": f"r{image // 3}", "index": image % 3, "label": label, "caller": caller,
+                          "trusted": caller in ("operator", "lab"), "arrival": rng.randrange(scenario.ingests),
+                          "time": (START - timedelta(seconds=rng.randrange(86400), microseconds=len(votes))
+                                   ).isoformat(timespec="microseconds")})  # distinct: the latest trusted is one
+    return votes[:scenario.votes]
+
+
+def prior_records(scenario: Scenario, untrusted: list[str], rng: random.Random, start: datetime, window: timedelta
+                  ) -> tuple[list[IngestRecord], list[list[str]]]:
+    """Earlier ingests' records: some in the stretch of one window the test's ingests end in,
+    admitted within the budgets as they were, and older ones past any budget, which must not count."""
+    policy, counts, in_window = scenario.policy, Counter[str](), []
+    records = []
+    for number in range(scenario.prior):
+        callers = rng.sample(untrusted, min(len(untrusted), rng.randint(max(policy.quorum, 1), policy.quorum + 2)))
+        item = {"request_id": f"old{number}", "index": 0, "label": 1, "basis": "agreed", "callers": callers}
+        old = rng.random() < 0.3
+        if not old and (len(in_window) >= policy.untrusted_budget
+                        or any(counts[c] >= policy.caller_budget for c in callers)):
+            continue
+        if not old:
+            counts.update(callers)
+            in_window.append(callers)
+        when = start - (2 * window if old else rng.random() * window / 2)
+        records.append(IngestRecord.checked(json.loads(json.dumps(ingest_record([item], None, when)))))
+    return records, in_window
+
+
+def check_batch(decision: FeedbackDecision, pending: list[dict], policy: FeedbackPolicy, admitted: Admitted) -> None:
+    taken = agreed(decision)
+    counts = Counter(caller for item in taken for caller in item["callers"])
+    if taken:  # the share, of the agreed labels this batch takes
+        assert max(counts.values()) <= max(1, math.floor(policy.max_caller_share * len(taken)))
+    trusted = {(v["request_id"], v["index"]): v for v in sorted(pending, key=lambda v: v["time"]) if v["trusted"]}
+    accepted = {(item["request_id"], item["index"]): item for item in decision.accepted}
+    for image, latest in trusted.items():  # trusted labels: always, as the latest trusted caller gave them
+        assert accepted[image]["basis"] == "trusted" and accepted[image]["label"] == latest["label"]
+    images = [(item["request_id"], item["index"]) for part in
+              (decision.accepted, decision.quarantined, decision.capped, decision.over_budget) for item in part]
+    assert sorted(images) == sorted({(v["request_id"], v["index"]) for v in pending})  # each image once
+    assert not decision.capped or taken  # the share alone never leaves a batch empty
+    for item in decision.over_budget:  # held by a budget only when one is spent
+        assert admitted.total + len(taken) >= policy.untrusted_budget or any(
+            admitted.of(c) + counts[c] >= policy.caller_budget for c in item["callers"]), item
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios)
+def test_colluders_never_place_more_than_the_bound_in_a_window(scenario: Scenario) -> None:
+    policy, rng = scenario.policy, random.Random(scenario.seed)
+    colluders = [f"sybil-{i}" for i in range(scenario.colluders)]
+    honest = [f"user-{i}" for i in range(scenario.honest)]
+    votes = backlog(scenario, colluders, honest, rng)
+    window = timedelta(days=policy.window_days)
+    records, in_window = prior_records(scenario, colluders + honest, rng, START, window)
+    done: set[tuple[str, int, int]] = set()
+    for number in range(scenario.ingests):  # all within half a window of START: one window with the prior ones
+        now = START + window / 2 * number / scenario.ingests
+        pending = [v for v in votes if v["arrival"] <= number and key(v) not in done]
+        admitted = admitted_in_window(records, policy, now)
+        decision = ingest(pending, policy, records, now)
+        check_batch(decision, pending, policy, admitted)
+        done |= {key(item) for item in decision.accepted + decision.overruled}
+        in_window += [item["callers"] for item in agreed(decision)]
+        per_caller = Counter(caller for callers in in_window for caller in callers)
+        assert len(in_window) <= policy.untrusted_budget
+        assert max(per_caller.values(), default=0) <= policy.caller_budget
+        placed = sum(len(set(callers) & set(colluders)) >= policy.quorum for callers in in_window)
+        assert placed <= policy.most_placed(len(colluders))
+        assert placed <= min(policy.untrusted_budget,
+                             math.floor(len(colluders) * policy.caller_budget / policy.quorum))
+    target(placed / max(1, policy.most_placed(len(colluders))), label="share of the bound placed")  # seek the edge
 
 
 # --- through the real store ----------------------------------------------------------------
