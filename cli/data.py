@@ -330,8 +330,8 @@ def add_from_feedback(args: argparse.Namespace) -> int:
     for problem in result.problems:
         print(f"warning: {problem}", file=sys.stderr)
     policy = result.policy
-    waiting = (f"{policy.quarantined} image(s) in quarantine and {policy.capped} held back by the per-caller "
-               "cap (mnist feedback review)")
+    waiting = (f"{policy.quarantined} image(s) in quarantine, {policy.capped} held back by the per-caller "
+               f"cap and {policy.over_budget} by the window budgets (mnist feedback review)")
     if result.feedback_items == 0:
         print(f"no feedback accepted yet: {waiting}")
         return 0

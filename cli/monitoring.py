@@ -158,10 +158,10 @@ def record_rows(rows: list[tuple[str, str, int]], as_json: bool) -> int:
 
 
 def pending_decision():
-    from tasks.feedback import decide, pending_feedback
+    from tasks.feedback import pending_decision as decided_now
 
     with reachable_store(traffic_stores) as (_, feedback):
-        return decide(pending_feedback(feedback))
+        return decided_now(feedback)
 
 
 def review_feedback(as_json: bool) -> int:
@@ -172,8 +172,8 @@ def review_feedback(as_json: bool) -> int:
         return 0
     summary = decision.summary()
     print(f"next ingest takes {summary.trusted} trusted and {summary.agreed} agreed label(s); "
-          f"{summary.capped} agreed held back by the per-caller cap; {summary.quarantined} image(s) "
-          "in quarantine")
+          f"{summary.capped} agreed held back by the per-caller cap and {summary.over_budget} by the window "
+          f"budgets; {summary.quarantined} image(s) in quarantine")
     for item in decision.quarantined:
         votes = ", ".join(f"{label} by {' '.join(callers)}" for label, callers in item["votes"].items())
         print(f"  {item['request_id']} image {item['index']}: {votes}")

@@ -75,7 +75,8 @@ def feedback_batch(data_dir: str | None) -> str:
     if result is not None:
         policy = result.policy
         outcome += (f"; {policy.trusted} trusted and {policy.agreed} agreed label(s) taken, "
-                    f"{policy.quarantined} in quarantine, {policy.capped} held back by the per-caller cap")
+                    f"{policy.quarantined} in quarantine, {policy.capped} held back by the per-caller cap, "
+                    f"{policy.over_budget} by the window budgets")
     get_run_logger().info(outcome)
     return outcome
 

@@ -8,7 +8,8 @@ Layout (``../shared/DESIGN.md`` §4), beside the model and dataset stores::
                                                                       compression, and per record its request id,
                                                                       time, version, label
     <prefix>/feedback/<model>/<sha256>.json                     a correct label for one logged image
-    <prefix>/feedback/<model>/_ingested/<batch sha256>.json     the feedback a dataset batch was made of
+    <prefix>/feedback/<model>/_ingested/<batch sha256>.json     the feedback a dataset batch was made of: each
+                                                                label's basis and callers, and when
 
 A log batch counts only once its index exists (manifest last, as everywhere in the
 bucket). PredictionLog has no field for a request id, so the index carries it, in
@@ -230,6 +231,80 @@ def feedback_name(request_id: str, index: int, caller: str) -> str:
     return hashlib.sha256(f"{request_id}#{index}#{caller}".encode()).hexdigest() + ".json"
 
 
+INGESTED_BASES = ("trusted", "agreed", "overruled")  # what the feedback policy made of a label
+CALLER_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+@dataclass(frozen=True)
+class IngestedLabel:
+    """One label an ``_ingested`` record names. ``basis``: one of ``INGESTED_BASES``, else
+    "unknown" (a record from before bases were recorded, or one that says something else);
+    ``callers``: the callers it rested on, () when they do not read."""
+
+    request_id: str
+    index: int
+    label: int
+    basis: str
+    callers: tuple[str, ...]
+
+    @classmethod
+    def checked(cls, raw: Any) -> "IngestedLabel | None":
+        """The entry, or None when not even which label it names reads."""
+        if not (isinstance(raw, dict) and isinstance(raw.get("request_id"), str)
+                and REQUEST_ID_PATTERN.match(raw["request_id"])
+                and type(raw.get("index")) is int and 0 <= raw["index"] < MAX_FEEDBACK_INDEX
+                and type(raw.get("label")) is int and 0 <= raw["label"] <= 9):
+            return None
+        callers = raw.get("callers")
+        if not (isinstance(callers, list) and 0 < len(callers) <= 1000
+                and all(isinstance(c, str) and CALLER_PATTERN.match(c) for c in callers)):
+            callers = []
+        basis = raw.get("basis")
+        return cls(raw["request_id"], raw["index"], raw["label"], basis if basis in INGESTED_BASES else "unknown",
+                   tuple(callers))
+
+
+@dataclass(frozen=True)
+class IngestRecord:
+    """One ``_ingested`` record as read back: when (its own time, else the object's; None when
+    neither reads), the labels it names, and how many of its entries did not read (None: the
+    record itself did not, so how many labels it admitted is unknown)."""
+
+    time: datetime | None
+    labels: tuple[IngestedLabel, ...] = ()
+    unreadable: int | None = 0
+
+    @classmethod
+    def checked(cls, raw: Any, last_modified: Any = None) -> "IngestRecord":
+        stamp = aware(raw.get("time")) if isinstance(raw, dict) else None
+        time = stamp or (last_modified if isinstance(last_modified, datetime) else None)
+        entries = raw.get("feedback") if isinstance(raw, dict) else None
+        if not isinstance(entries, list):
+            return cls(time, (), None)
+        labels = [IngestedLabel.checked(entry) for entry in entries]
+        return cls(time, tuple(label for label in labels if label), labels.count(None))
+
+
+def ingest_record(feedback: list[dict[str, Any]], batch_sha256: str | None, time: datetime | None = None
+                  ) -> dict[str, Any]:
+    """An ``_ingested`` record as written: each label with its basis and callers, and the time."""
+    items = [{**{key: item[key] for key in ("request_id", "index", "label", "basis")},
+              "callers": list(item["callers"])} for item in feedback]
+    return {"batch": batch_sha256, "feedback": items,  # to the microsecond: the window's edge is where it says
+            "time": (time or datetime.now(timezone.utc)).isoformat(timespec="microseconds")}
+
+
+def aware(value: Any) -> datetime | None:
+    """An ISO 8601 time read back, in UTC when it names no zone; None when it is not one."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        stamp = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)
+
+
 class FeedbackStore(ObjectStore):
     """Correct labels for logged requests, waiting to become a dataset batch."""
 
@@ -249,16 +324,28 @@ class FeedbackStore(ObjectStore):
         return [self.get_json(item["Key"]) for item in self.list_keys(prefix)
                 if FEEDBACK_PATTERN.match(item["Key"][len(prefix):])]
 
-    def ingested(self) -> set[tuple[str, int, int]]:
-        """(request id, index, label) of every feedback already turned into a batch."""
-        done: set[tuple[str, int, int]] = set()
+    def ingest_records(self) -> list[IngestRecord]:
+        """Every ``_ingested`` record, read back as the untrusted bucket's data it is: a record or
+        an entry that does not read is said so (``IngestRecord``), never a crash of the ingest."""
+        records = []
         for item in self.list_keys(self.key("_ingested", "")):
-            for entry in (self.get_json(item["Key"]) or {}).get("feedback", []):
-                done.add((str(entry["request_id"]), int(entry["index"]), int(entry["label"])))
-        return done
+            try:
+                raw = self.get_json(item["Key"])
+            except (ValueError, RecursionError):
+                raw = "not JSON"  # a record that does not read: how much it admitted is unknown
+            if raw is not None:  # None: removed since it was listed
+                records.append(IngestRecord.checked(raw, item.get("LastModified")))
+        return records
 
-    def mark_ingested(self, feedback: list[dict[str, Any]], batch_sha256: str | None) -> None:
-        """Record what a batch was made of (None: nothing new, every image a known one)."""
-        items = [{key: item[key] for key in ("request_id", "index", "label")} for item in feedback]
+    def ingested(self, records: list[IngestRecord] | None = None) -> set[tuple[str, int, int]]:
+        """(request id, index, label) of every feedback already turned into a batch."""
+        return {(label.request_id, label.index, label.label)
+                for record in (self.ingest_records() if records is None else records) for label in record.labels}
+
+    def mark_ingested(self, feedback: list[dict[str, Any]], batch_sha256: str | None,
+                      time: datetime | None = None) -> None:
+        """Record what a batch was made of (None: nothing new, every image a known one): each
+        label with its ``basis`` and the ``callers`` it rests on, and when (now unless told), which
+        the feedback policy's window budgets count."""
         self.put_new(self.key("_ingested", f"{batch_sha256 or 'none-' + uuid.uuid4().hex}.json"),
-                     json.dumps({"batch": batch_sha256, "feedback": items, "time": utc_now()}).encode())
+                     json.dumps(ingest_record(feedback, batch_sha256, time)).encode())

@@ -275,12 +275,14 @@ class Ingested(StageRecord):
 
 class PolicySummary(StageRecord):
     """Pending feedback sorted by the quarantine: labels taken (``trusted``, ``agreed``), images still
-    waiting (``quarantined``), agreed labels held back by the per-caller cap, and takes per caller."""
+    waiting (``quarantined``), agreed labels held back by the per-batch share (``capped``) and by
+    the window budgets (``over_budget``), and takes per caller."""
 
     trusted: int
     agreed: int
     quarantined: int
     capped: int
+    over_budget: int = 0
     callers: dict[str, int]
 
 
