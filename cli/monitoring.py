@@ -231,7 +231,7 @@ def logged_request(logs, request_id: str, hours: float) -> dict:
     """One logged request: its index entry, and each image's answered digit and confidence."""
     from dataclasses import asdict
 
-    from tasks.feedback import logged_digits
+    from tasks.digits import logged_digits
 
     key, position, entry = logs.find(request_id, hours)
     _, probabilities = logged_digits(logs.read_batch(key)[position][1])

@@ -1,9 +1,15 @@
-"""Statistics of prepared digits (uint8 [N,28,28]), shared by ingest validation (is a new batch
-like MNIST?) and drift detection (is served traffic like what the model was trained for?)."""
+"""Digits as the pipeline reads them: statistics of prepared digits (uint8 [N,28,28]), shared by
+ingest validation (is a new batch like MNIST?) and drift detection (is served traffic like what
+the model was trained for?), and the digits of a logged request, read by drift, feedback and
+monitoring."""
 
 from __future__ import annotations
 
 import numpy as np
+
+from mnist_client._generated.tensorflow_serving.apis import prediction_log_pb2
+from mnist_client.images import InputError, as_digit_batch
+from mnist_client.tensors import from_tensor_proto
 
 INK_LEVEL = 51  # uint8: what counts as ink (0.2 of full scale, as the client's crop)
 
@@ -21,3 +27,14 @@ def ink_statistics(images: np.ndarray) -> dict[str, np.ndarray]:
     return {"ink_fraction": ink.mean(axis=(1, 2)), "intensity": intensity.astype(np.float64),
             "box_height": height.astype(np.float64), "box_width": width.astype(np.float64),
             "box_area": (height * width).astype(np.float64)}
+
+
+def logged_digits(record: bytes) -> tuple[np.ndarray, np.ndarray | None]:
+    """The request's images (float [N,28,28,1]) and, when logged, the answered probabilities [N,10]."""
+    log = prediction_log_pb2.PredictionLog.FromString(record)
+    inputs = list(log.predict_log.request.inputs.values())
+    if len(inputs) != 1:
+        raise InputError(f"the logged request has {len(inputs)} inputs, expected one image tensor")
+    images = as_digit_batch(from_tensor_proto(inputs[0]), "logged request")
+    outputs = list(log.predict_log.response.outputs.values())
+    return images, (from_tensor_proto(outputs[0]) if len(outputs) == 1 else None)

@@ -109,7 +109,7 @@ def served_traffic(records: Iterable[tuple[Any, bytes]], live_checks: FirstLiveC
     answered, a record at a time. A publish's live check through the gateway is left out (it is not
     traffic the model meets), but only as ``live_checks`` tells it: signed with the key, for the
     version that answered, the first use of its id. Nothing else a caller sends leaves it out."""
-    from tasks.feedback import logged_digits
+    from tasks.digits import logged_digits
 
     summaries: dict[int, TrafficSummary] = {}
     for entry, record in records:

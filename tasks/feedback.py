@@ -28,12 +28,12 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from mnist_client._generated.tensorflow_serving.apis import prediction_log_pb2
-from mnist_client.images import InputError, as_digit_batch
-from mnist_client.tensors import TensorError, from_tensor_proto
+from mnist_client.images import InputError
+from mnist_client.tensors import TensorError
 from storage.feedback import FeedbackError, checked_label
 from storage.logs import FeedbackStore, IngestRecord, PredictionLogStore
 from storage.s3 import VerificationFailed
+from tasks.digits import logged_digits
 from tasks.results import FeedbackIngested, PolicySummary
 
 T = TypeVar("T")
@@ -296,17 +296,6 @@ def pending_decision(feedback: FeedbackStore, policy: FeedbackPolicy = FeedbackP
     records = feedback.ingest_records()
     return decide(pending_feedback(feedback, records), policy,
                   admitted_in_window(records, policy, now or datetime.now(timezone.utc)))
-
-
-def logged_digits(record: bytes) -> tuple[np.ndarray, np.ndarray | None]:
-    """The request's images (float [N,28,28,1]) and, when logged, the answered probabilities [N,10]."""
-    log = prediction_log_pb2.PredictionLog.FromString(record)
-    inputs = list(log.predict_log.request.inputs.values())
-    if len(inputs) != 1:
-        raise InputError(f"the logged request has {len(inputs)} inputs, expected one image tensor")
-    images = as_digit_batch(from_tensor_proto(inputs[0]), "logged request")
-    outputs = list(log.predict_log.response.outputs.values())
-    return images, (from_tensor_proto(outputs[0]) if len(outputs) == 1 else None)
 
 
 def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
