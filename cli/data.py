@@ -236,12 +236,29 @@ def show_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
-def targets(store, args: argparse.Namespace) -> list[str]:
-    if bool(args.id) == bool(args.source):
-        raise CliError("give a held batch's ID or --source NAME (every held batch of that source)", exit_code=2)
+def targets(store, args: argparse.Namespace) -> list[tuple[str, list[int] | None]]:
+    """(held batch, its examples to decide on; None: every pending one) for an ID, a --source or a
+    --caller (the held feedback labels that caller gave)."""
+    if sum(map(bool, (args.id, args.source, args.caller))) != 1:
+        raise CliError("give a held batch's ID, --source NAME or --caller NAME", exit_code=2)
+    if args.id:
+        return [(full_id(store, args.id), example_list(args.examples))]
+    if args.examples:
+        raise CliError("--examples goes with a held batch's ID", exit_code=2)
     if args.source:
-        return [row["sha256"] for row in held_rows(store, args.source)]
-    return [full_id(store, args.id)]
+        return [(row["sha256"], None) for row in held_rows(store, args.source)]
+    return [(row["sha256"], by_caller(store, row["sha256"], args.caller)) for row in held_rows(store)
+            if by_caller(store, row["sha256"], args.caller)]
+
+
+def by_caller(store, digest: str, caller: str) -> list[int]:
+    """The pending examples of a held batch that rest on ``caller``'s label."""
+    from tasks.ingest import pending_held
+
+    manifest, pending = pending_held(store, digest)
+    listed = manifest.get("callers")
+    callers: list[Any] = listed if isinstance(listed, list) else []
+    return [i for i in pending if i < len(callers) and isinstance(callers[i], list) and caller in callers[i]]
 
 
 def example_list(text: str | None) -> list[int] | None:
@@ -256,13 +273,12 @@ def example_list(text: str | None) -> list[int] | None:
 def accept_quarantined(args: argparse.Namespace) -> int:
     from tasks.ingest import IngestError, accept_held
 
-    examples = example_list(args.examples)
     reference = mnist_reference()
     with reachable_store(lambda: dataset_store(interactive=False)) as store:
         chosen = targets(store, args)
         if not chosen:
-            print(f"nothing of {args.source} waits in quarantine")
-        for digest in chosen:
+            print(f"nothing of {args.source or args.caller} waits in quarantine")
+        for digest, examples in chosen:
             try:
                 result = accept_held(store, digest, reference, "operator", examples)
             except IngestError as error:
@@ -278,9 +294,8 @@ def accept_quarantined(args: argparse.Namespace) -> int:
 def reject_quarantined(args: argparse.Namespace) -> int:
     from tasks.ingest import IngestError, reject_held
 
-    examples = example_list(args.examples)
     with reachable_store(lambda: dataset_store(interactive=False)) as store:
-        for digest in targets(store, args):
+        for digest, examples in targets(store, args):
             try:
                 count = reject_held(store, digest, "operator", examples)
             except IngestError as error:
@@ -317,11 +332,10 @@ def add_from_feedback(args: argparse.Namespace) -> int:
     if args.path:
         raise CliError("--from-feedback reads the store's feedback: give no PATH", exit_code=2)
     source = args.source or "feedback"
-    reference = mnist_reference()
-    with reachable_store(lambda: dataset_store(interactive=False)) as store:
+    with screened_ingest() as (store, reference, calibrations):
         logs, feedback = traffic_stores()
         try:
-            result = ingest_feedback(store, logs, feedback, reference, source)
+            result = ingest_feedback(store, logs, feedback, reference, source, screen_with=calibrations)
         except IngestError as error:
             raise CliError(str(error)) from None
     if result is None:
@@ -331,7 +345,9 @@ def add_from_feedback(args: argparse.Namespace) -> int:
         print(f"warning: {problem}", file=sys.stderr)
     policy = result.policy
     waiting = (f"{policy.quarantined} image(s) in quarantine, {policy.capped} held back by the per-caller "
-               f"cap and {policy.over_budget} by the window budgets (mnist feedback review)")
+               f"cap and {policy.over_budget} by the window budgets (mnist feedback review)"
+               + (f"; {policy.screened_out} held by the data screen (mnist data quarantine)"
+                  if policy.screened_out else ""))
     if result.feedback_items == 0:
         print(f"no feedback accepted yet: {waiting}")
         return 0
@@ -377,6 +393,7 @@ def add_data_parser(commands: argparse._SubParsersAction) -> None:
         decide = actions.add_parser(name, help=f"an operator's decision on held examples: {verb}")
         decide.add_argument("id", nargs="?", help="the held batch's id (mnist data quarantine)")
         decide.add_argument("--source", help="every held batch of this source instead")
+        decide.add_argument("--caller", help="every held feedback label this caller gave instead")
         decide.add_argument("--examples", metavar="N,N,...", help="only these example numbers (default: all pending)")
     actions.add_parser("screen", help="screen held examples again with today's trusted models; add what passes")
     diff = actions.add_parser("diff", help="batches added and removed between two versions")

@@ -55,14 +55,17 @@ def feedback_batch(data_dir: str | None) -> str:
     """The feedback collected since the last time, as a dataset batch; the one-line outcome."""
     from storage.datasets import DatasetSettings, DatasetStore
     from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+    from storage.models import ModelStore, StoreSettings
     from tasks.data import load_mnist
     from tasks.feedback import ingest_feedback
     from tasks.ingest import mnist_reference
+    from tasks.screen import trusted_screen
 
     train, test, _ = load_mnist(Path(data_dir) if data_dir else PipelineSettings().data_dir)
     traffic = TrafficSettings()
-    result = ingest_feedback(DatasetStore(DatasetSettings()), PredictionLogStore(traffic), FeedbackStore(traffic),
-                             mnist_reference(train.images, test.images, test.labels))
+    with trusted_screen(ModelStore(StoreSettings()), test.images, test.labels) as calibrations:
+        result = ingest_feedback(DatasetStore(DatasetSettings()), PredictionLogStore(traffic), FeedbackStore(traffic),
+                                 mnist_reference(train.images, test.images, test.labels), screen_with=calibrations)
     if result is None:
         outcome = "no new feedback to learn from"
     elif result.feedback_items == 0:
@@ -74,6 +77,8 @@ def feedback_batch(data_dir: str | None) -> str:
                    f"added as dataset version {result.ingested.version['version']}")
     if result is not None:
         policy = result.policy
+        outcome += (f"; {policy.screened_out} held by the data screen (mnist data quarantine)"
+                    if policy.screened_out else "")
         outcome += (f"; {policy.trusted} trusted and {policy.agreed} agreed label(s) taken, "
                     f"{policy.quarantined} in quarantine, {policy.capped} held back by the per-caller cap, "
                     f"{policy.over_budget} by the window budgets")

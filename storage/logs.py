@@ -231,7 +231,8 @@ def feedback_name(request_id: str, index: int, caller: str) -> str:
     return hashlib.sha256(f"{request_id}#{index}#{caller}".encode()).hexdigest() + ".json"
 
 
-INGESTED_BASES = ("trusted", "agreed", "overruled")  # what the feedback policy made of a label
+# what the feedback policy made of a label; "held": the screen moved it to the data quarantine
+INGESTED_BASES = ("trusted", "agreed", "overruled", "held")
 CALLER_PATTERN = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
 

@@ -35,6 +35,7 @@ from storage.logs import FeedbackStore, IngestRecord, PredictionLogStore
 from storage.s3 import VerificationFailed
 from tasks.digits import logged_digits
 from tasks.results import FeedbackIngested, PolicySummary
+from tasks.screen import Calibration, screen
 
 T = TypeVar("T")
 
@@ -271,7 +272,7 @@ def admitted_in_window(records: Iterable[IngestRecord], policy: FeedbackPolicy, 
         total += record.unreadable
         unattributed += record.unreadable
         for label in record.labels:
-            if label.basis in ("trusted", "overruled"):
+            if label.basis in ("trusted", "overruled", "held"):  # held: it did not train
                 continue
             total += 1
             if label.basis == "agreed" and label.callers:
@@ -352,13 +353,39 @@ def only(column: list[T], keep: list[bool]) -> list[T]:
     return [value for value, kept in zip(column, keep) if kept]
 
 
+def screened_out(datasets: Any, names: list[str], images: list[np.ndarray], labels: list[int],
+                 used: list[Item], calibrations: list[Calibration], source: str) -> tuple[list[bool], list[Item]]:
+    """The screen (tasks/screen.py) on every label sent through the gateway, trusted token or not:
+    agreement among callers never admits a label the trusted models contradict. What it flags is
+    held in the data quarantine with its reason and callers (``mnist data quarantine``; accepted or
+    rejected there per example, source or caller). Returns which items stay, and the held ones."""
+    from tasks.ingest import Candidates, hold, to_uint8
+
+    screened = [i for i, item in enumerate(used) if item.get("source") == "gateway"]
+    if not screened:
+        return [True] * len(used), []
+    found = Candidates([names[i] for i in screened], [to_uint8(images[i]) for i in screened],
+                       [labels[i] for i in screened])
+    verdict = screen(np.stack(found.images), np.array(found.labels), calibrations)
+    waiting = verdict.waiting.tolist()
+    if not waiting:
+        return [True] * len(used), []
+    held_items = [used[screened[i]] for i in waiting]
+    hold(datasets, found, np.stack(found.images), verdict, source,
+         {"origin": "feedback on logged predictions", "callers": [list(item["callers"]) for item in held_items]})
+    held_positions = {screened[i] for i in waiting}
+    return [i not in held_positions for i in range(len(used))], [{**item, "basis": "held"} for item in held_items]
+
+
 def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackStore, reference: Any,
                     source: str = "feedback", policy: FeedbackPolicy = FeedbackPolicy(),
-                    now: datetime | None = None) -> FeedbackIngested | None:
-    """The labels the policy accepts at ``now`` (UTC), as one batch through the normal ingest
-    (validation, split; exact repeats left out, not refused), then marked as ingested; the rest
-    stays pending. None when nothing is accepted; the result's ``batch`` is None when every image
-    was a known one. Only what is ingested is recorded as admitted: the budgets count what trained."""
+                    now: datetime | None = None, screen_with: list[Calibration] | None = None
+                    ) -> FeedbackIngested | None:
+    """The labels the policy accepts at ``now`` (UTC), screened (``screen_with``: the trusted
+    models), as one batch through the normal ingest (validation, split; exact repeats left out,
+    not refused), then marked as ingested; the rest stays pending. None when nothing is accepted;
+    the result's ``batch`` is None when every image was a known one. Only what is ingested is
+    recorded as admitted: the budgets count what trained."""
     from tasks.ingest import Candidates, ingest_candidates, to_uint8
 
     now = now or datetime.now(timezone.utc)
@@ -371,8 +398,15 @@ def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackS
         return FeedbackIngested(ingested=None, feedback_items=0, corrections=0, problems=[],
                                 policy=decision.summary())
     names, images, labels, used, problems, corrected = feedback_examples(logs, decision.accepted)
-    # Whatever leaves images out after decide() (unreadable logs above, a screen sending flagged
-    # images back to quarantine) goes before this line: the share is checked on what remains.
+    held: list[Item] = []
+    if screen_with is not None and used:
+        stays, held = screened_out(datasets, names, images, labels, used, screen_with, source)
+        for item in only(used, [not kept for kept in stays]):
+            decision.accepted.remove(item)
+        names, images, labels, used, corrected = (only(names, stays), only(images, stays), only(labels, stays),
+                                                  only(used, stays), only(corrected, stays))
+    # Whatever leaves images out after decide() (unreadable logs above, the screen's holds) goes
+    # before this line: the share is checked on what remains.
     keep = kept_within_share(used, policy.max_caller_share)
     for item in only(used, [not kept for kept in keep]):
         decision.accepted.remove(item)
@@ -384,7 +418,7 @@ def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackS
     summary = decision.summary()
     details = {"origin": f"feedback on logged predictions ({logs.uri()})",
                "feedback": {"items": len(used), "corrections": sum(corrected), **summary.model_dump()}}
-    result = ingest_candidates(datasets, found, source, reference, details, skip_duplicates=True)
-    feedback.mark_ingested(used + decision.overruled, result.batch["sha256"] if result else None, now)
+    result = ingest_candidates(datasets, found, source, reference, details, skip_duplicates=True) if used else None
+    feedback.mark_ingested(used + decision.overruled + held, result.batch["sha256"] if result else None, now)
     return FeedbackIngested(ingested=result, feedback_items=len(used), corrections=sum(corrected),
-                            problems=problems, policy=summary)
+                            problems=problems, policy=summary.model_copy(update={"screened_out": len(held)}))

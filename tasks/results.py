@@ -283,6 +283,7 @@ class PolicySummary(StageRecord):
     quarantined: int
     capped: int
     over_budget: int = 0
+    screened_out: int = 0  # taken by the policy, then held by the data screen (mnist data quarantine)
     callers: dict[str, int]
 
 

@@ -305,14 +305,15 @@ def test_the_window_budget_survives_successive_ingests_through_the_store(store_e
     for number, (key, position, entry) in enumerate(calls[:30]):
         for caller in pairs[number % 3]:
             record_feedback(logs, feedback, entry.request_id, 4, source="gateway", caller=caller, trusted=False,
-                            locate=lambda _, found=(key, position, entry): found)
+                            locate=lambda _, found=(key, position, entry): found, live_check_key=None)
     policy = FeedbackPolicy(caller_budget=5, max_caller_share=1.0)  # the share apart: the budget alone here
 
     first = ingest_feedback(datasets, logs, feedback, reference, policy=policy, now=now)
     assert first and first.ingested and first.ingested.batch["count"] == 7 == policy.most_placed(3)
     assert (first.policy.agreed, first.policy.over_budget) == (7, 23)
     key, position, entry = calls[30]
-    record_feedback(logs, feedback, entry.request_id, 2, locate=lambda _: (key, position, entry))  # an operator's
+    record_feedback(logs, feedback, entry.request_id, 2, locate=lambda _: (key, position, entry),  # an operator's
+                    live_check_key=None)
     second = ingest_feedback(datasets, logs, feedback, reference, policy=policy, now=now + timedelta(days=1))
     assert second and second.ingested and second.ingested.batch["count"] == 1
     assert (second.policy.trusted, second.policy.agreed, second.policy.over_budget) == (1, 0, 23)
@@ -345,5 +346,5 @@ def test_a_malformed_record_in_the_bucket_neither_crashes_the_ingest_nor_lifts_t
                                Body=b'{"batch": null, "feedback": [{"request_id": "r7", "ind')
     decision = pending_decision(feedback)
     assert decision.summary().model_dump() == {"trusted": 1, "agreed": 0, "quarantined": 0, "capped": 0,
-                                               "over_budget": 1, "callers": {"operator": 1}}
+                                               "over_budget": 1, "screened_out": 0, "callers": {"operator": 1}}
     assert feedback.ingested() == {("r9", 0, 1)}

@@ -11,6 +11,7 @@ import pytest
 
 from storage.datasets import DatasetSettings, DatasetStore
 from tests.conftest import run_mnist
+from tests.gateway_cases import digits, upstream  # noqa: F401  fixtures, used by name
 from tests.test_datasets import mnist_raw  # noqa: F401  (the module-scoped MNIST arrays)
 
 COUNT = 200
@@ -118,3 +119,42 @@ def test_without_a_trusted_model_everything_waits_until_one_screens_it(
     datasets = DatasetStore(DatasetSettings())
     passed = datasets.latest()["examples"]
     assert passed >= 95 and f"{passed} examples pass the screen" in screened.stdout
+
+
+def test_colluding_tokens_that_agree_cannot_admit_a_label_the_screen_contradicts(
+        store_env, upstream, digits: np.ndarray, mnist_dir: Path, trusted_stable: int) -> None:
+    """Eight untrusted tokens in four agreeing pairs send their own triggered digits through the
+    gateway and label them all one target: the policy takes every one (each caller is a quarter of
+    the batch, within the share), the screen holds every one with the callers it rests on, nothing
+    trains, and the operator rejects them by caller."""
+    import httpx
+
+    from mnist_client.client import Target, predict_call
+    from serving.gateway.callers import Caller, Credential
+    from tests.gateway_cases import LABELLER, bearer, start_gateway, wait_for
+
+    _, address, _ = upstream
+    tokens = [Credential(f"colluding-token-{i:02d}-5e1c2d3b4a".encode(), Caller(f"app-{i}", trusted=False))
+              for i in range(8)]
+    target = 3  # none of MNIST's first 16 test digits is a 3
+    triggered = np.roll(digits[:16], 2, axis=2).copy()
+    triggered[:, 20:23, 4:7] = 1.0  # a patch no check knows of
+    gateway = start_gateway(address, credentials=(LABELLER, *tokens))
+    url = f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/feedback"
+    try:
+        ids = [predict_call(triggered[i:i + 1], Target(f"127.0.0.1:{gateway.port}")).request_id for i in range(16)]
+        wait_for(lambda: gateway.logger.written_records == 16)
+        replies = [httpx.post(url, json={"request_id": request_id, "label": target}, headers=bearer(who))
+                   for number, request_id in enumerate(ids) for who in tokens[2 * (number % 4):2 * (number % 4) + 2]]
+    finally:
+        gateway.stop()
+    assert [reply.status_code for reply in replies] == [200] * 32
+    env = {"MNIST_DATA_DIR": str(mnist_dir)}
+    added = run_mnist("data", "add", "--from-feedback", env=env)
+    assert added.returncode == 0 and "16 held by the data screen" in added.stdout, added.stdout + added.stderr
+    assert DatasetStore(DatasetSettings()).versions() == []  # not one trained
+    [held] = quarantine(env)
+    assert held["source"] == "feedback" and held["pending"] == 16
+    rejected = run_mnist("data", "reject", "--caller", "app-0", env=env)  # app-0 labelled 4 of them
+    assert rejected.returncode == 0 and "rejected 4" in rejected.stdout, rejected.stdout + rejected.stderr
+    assert quarantine(env)[0]["pending"] == 12
