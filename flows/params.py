@@ -58,9 +58,10 @@ class TrainingParams(BaseModel):
     moved_margin: float = Field(0.003, ge=0.0, le=1.0,
                                 description="gate: largest share of MNIST test digits stable gets right that may "
                                             "newly be answered as one digit")
-    trigger_margin: float = Field(0.05, ge=0.0, le=1.0,
-                                  description="gate: how much more often than stable's a small patch may flip "
-                                              "the candidate's answers (the backdoor scan)")
+    shortcut_follow: float = Field(0.1, ge=0.0, le=1.0,
+                                   description="gate: least share of what each shortcut reverse-engineered from "
+                                               "the candidate does to it that stable must follow too (the backdoor "
+                                               "inspection; 0 turns it off)")
     dataset_version: int | None = Field(None, ge=1, description="dataset version to train on (default: latest)")
     new_data_weight: int = Field(4, ge=1, le=50, description="times each new training example is seen per epoch, "
                                                             "in expectation (sampled, not copied)")

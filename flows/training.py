@@ -121,13 +121,14 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
         from flows.slices import score_slices_on_dask  # Dask only when the slices outgrow this process
 
         slices = score_slices_on_dask(trained.model_path, data.path, os.cpu_count() or 1)
-    metrics = evaluate(trained.model_path, data.path, str(run_dir), slices)
-    stable = evaluate_stable(data.path) if params.publish else None
+    metrics = evaluate(trained.model_path, data.path, str(run_dir), slices,
+                       inspect=params.publish and params.shortcut_follow > 0)
+    stable = evaluate_stable(data.path, metrics.triggers_path) if params.publish else None
     sliced, slice_notes = slice_checks(metrics, stable, params.slice_threshold, params.slice_margin,
                                        params.min_slice_size)
     verdict = gate([accuracy_gate(metrics, params.threshold),
                     *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced,
-                    *poisoning_checks(metrics, stable, params.moved_margin, params.trigger_margin)],
+                    *poisoning_checks(metrics, stable, params.moved_margin, params.shortcut_follow)],
                    return_state=True).result()
     if not isinstance(verdict, Verdict):  # a Rejected state's data is the verdict too
         raise TypeError(f"the gate answered {type(verdict).__name__}, not a verdict")

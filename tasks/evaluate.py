@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import keras
 import numpy as np
@@ -66,30 +66,10 @@ class GateCheck:
 
 
 # --- poisoning: what accuracy on clean digits cannot see -------------------------------------
-# A backdoor keeps clean accuracy and flips answers when a trigger is present. The scan stamps a
-# small white square in each corner and the centre of trusted test digits and counts how often
-# each model's answer changes; a candidate far more sensitive than stable to one of them is
-# rejected. It also counts answers that moved, on the same trusted digits, to one digit.
-TRIGGER_PATCHES = {"top-left": (1, 1), "top-right": (1, 23), "bottom-left": (23, 1), "bottom-right": (23, 23),
-                   "centre": (12, 12)}
-PATCH_SIZE = 4
-SCAN_IMAGES = 2000  # trusted test digits per patch: enough to see a flip rate of a few percent
-
-
-def patched(images: np.ndarray, corner: tuple[int, int]) -> np.ndarray:
-    """Digits [N,28,28,1] in [0,1] with a white PATCH_SIZE square at ``corner`` (row, column)."""
-    stamped = images.copy()
-    row, column = corner
-    stamped[:, row:row + PATCH_SIZE, column:column + PATCH_SIZE, :] = 1.0
-    return stamped
-
-
-def trigger_flips(predict: Callable[[np.ndarray], np.ndarray], images: np.ndarray) -> dict[str, float]:
-    """Per patch, the share of ``images`` whose answer changes when the patch is stamped on."""
-    images = images[:SCAN_IMAGES]
-    clean = predict(images).argmax(axis=1)
-    return {name: float((predict(patched(images, corner)).argmax(axis=1) != clean).mean())
-            for name, corner in TRIGGER_PATCHES.items()}
+# A backdoor keeps clean accuracy and sends digits to one target when a trigger is present; a
+# label flip pulls answers towards one digit. Both are judged on trusted (MNIST test) digits,
+# against stable: answers newly pulled to one digit, and shortcuts reverse-engineered from the
+# candidate that stable does not follow (tasks/backdoor.py), whatever the trigger looks like.
 
 
 def moved_to_digit(candidate: Evaluation, champion: StableScores) -> list[float]:
@@ -102,20 +82,40 @@ def moved_to_digit(candidate: Evaluation, champion: StableScores) -> list[float]
     return [float((newly_wrong & (answers == digit)).mean()) for digit in range(NUM_CLASSES)]
 
 
+def weakest_follow(candidate: Evaluation, champion: StableScores) -> tuple[int, float]:
+    """The digit whose shortcut stable follows least, as a share of how far the candidate follows
+    it, among the candidate's small shortcuts: those that work on it (FOLLOW_ABOVE) with a change
+    no larger than its median digit's. A backdoor is a small change by nature; a large one draws
+    much of the digit, and how far another model follows a drawing is no evidence. (digit, 1.0)
+    when no shortcut qualifies."""
+    from tasks.backdoor import FOLLOW_ABOVE
+
+    typical = float(np.median(candidate.shortcut_sizes))
+    ratios = [(followed / sent if sent >= FOLLOW_ABOVE and size <= typical else 1.0)
+              for sent, followed, size in zip(candidate.shortcuts, champion.shortcuts_followed,
+                                              candidate.shortcut_sizes)]
+    digit = int(np.argmin(ratios))
+    return digit, float(ratios[digit])
+
+
 def poisoning_checks(candidate: Evaluation, champion: StableScores | None, moved_margin: float,
-                     trigger_margin: float) -> list[GateCheck]:
+                     shortcut_follow: float) -> list[GateCheck]:
     """Against ``stable`` on trusted (MNIST test) digits: answers newly wrong as any one digit, at
-    most ``moved_margin`` of them; each trigger patch's flip rate, at most stable's + ``trigger_margin``."""
+    most ``moved_margin`` of them; each digit's reverse-engineered shortcut, followed by stable on
+    at least ``shortcut_follow`` of what it does to the candidate."""
     if champion is None:
         return []
     moved = moved_to_digit(candidate, champion)
     digit = int(np.argmax(moved))
     checks = [GateCheck(f"MNIST test digits stable v{champion.version} gets right, newly answered {digit}",
                         moved[digit], moved_margin, at_most=True)]
-    checks += [GateCheck(f"trigger scan: {name} patch flips answers (stable: {champion.trigger_flips[name]:.4f}"
-                         f" + {trigger_margin:g})", rate, champion.trigger_flips[name] + trigger_margin,
-                         at_most=True)
-               for name, rate in candidate.trigger_flips.items()]
+    if not candidate.shortcuts:  # not inspected: the check is off
+        return checks
+    target, follow = weakest_follow(candidate, champion)
+    size, typical = candidate.shortcut_sizes[target], float(np.median(candidate.shortcut_sizes))
+    checks.append(GateCheck(f"backdoor inspection: the shortcut to {target} ({size:.0f} pixels changed, median"
+                            f" {typical:.0f}) sends {candidate.shortcuts[target]:.2f} of other digits there; stable"
+                            f" v{champion.version} follows it on (share of that)", follow, shortcut_follow))
     return checks
 
 
@@ -209,9 +209,11 @@ from prefect.states import Completed, State  # noqa: E402
 
 @task(name="evaluate", timeout_seconds=900)
 def evaluate(model_path: str, prepared_path: str, run_dir: str,
-             slices: dict[str, SliceScores] | None = None) -> Evaluation:
+             slices: dict[str, SliceScores] | None = None, inspect: bool = True) -> Evaluation:
     """Test-set metrics, saved as JSON; the test set is used here and nowhere in training.
-    ``slices``: the test slices' scores when they were scored elsewhere (on Dask)."""
+    ``slices``: the test slices' scores when they were scored elsewhere (on Dask). ``inspect``:
+    reverse-engineer the candidate's shortcuts for the backdoor inspection (a run with a stable
+    to compare with)."""
     from tasks.data import load_test_set
     from tasks.model import load_saved_model
 
@@ -222,9 +224,12 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str,
         return model.predict(images, batch_size=1024, verbose=0)
 
     scores = evaluate_model(model, x_test, y_test)
-    flips = trigger_flips(predict, x_test)
+    triggers_path = Path(run_dir, "triggers.npz")
+    shortcuts, sizes = (inspect_for_backdoor(model, predict, x_test, y_test, triggers_path) if inspect
+                        else ([], []))
     seconds = round(time.perf_counter() - started, 3)  # a run's cost outside fit
-    metrics = Evaluation(**dict(scores), trigger_flips=flips, evaluation_seconds=seconds,
+    metrics = Evaluation(**dict(scores), shortcuts=shortcuts, shortcut_sizes=sizes,
+                         triggers_path=str(triggers_path) if inspect else "", evaluation_seconds=seconds,
                          slices=slices if slices is not None else slice_scores(predict, Path(prepared_path)))
     Path(run_dir, "evaluation.json").write_text(metrics.model_dump_json(indent=2))
     logger = get_run_logger()
@@ -234,13 +239,27 @@ def evaluate(model_path: str, prepared_path: str, run_dir: str,
     return metrics
 
 
+def inspect_for_backdoor(model: Any, predict: Callable[[np.ndarray], np.ndarray], x_test: np.ndarray,
+                         y_test: np.ndarray, triggers_path: Path) -> tuple[list[float], list[float]]:
+    """Reverse-engineer the candidate's shortcut to each digit on trusted digits and save them for
+    stable to be tried on. Returns how far the candidate follows each on digits not used, and the
+    size of each change (pixels)."""
+    from tasks.backdoor import MEASURE_ON, OPTIMISE_ON, reverse_engineer, sent_to_digit
+
+    triggers = reverse_engineer(model, x_test[OPTIMISE_ON], y_test[OPTIMISE_ON])
+    triggers.save(triggers_path)
+    return sent_to_digit(predict, x_test[MEASURE_ON], y_test[MEASURE_ON], triggers), triggers.norms
+
+
 @task(name="evaluate-stable", timeout_seconds=600)
-def evaluate_stable(prepared_path: str) -> StableScores | None:
+def evaluate_stable(prepared_path: str, triggers_path: str) -> StableScores | None:
     """Re-evaluate the current ``stable`` version on this run's test set, so the
-    comparison is like for like; None when nothing is stable yet."""
+    comparison is like for like, and try the candidate's shortcuts (``triggers_path``; "" when
+    not inspected) on it; None when nothing is stable yet."""
     import tempfile
 
     from storage.models import ModelStore, StoreSettings
+    from tasks.backdoor import MEASURE_ON, Triggers, sent_to_digit
     from tasks.data import load_test_set
     from tasks.export import saved_model_predictor
 
@@ -253,12 +272,14 @@ def evaluate_stable(prepared_path: str) -> StableScores | None:
     x_test, y_test = load_test_set(Path(prepared_path))
     with tempfile.TemporaryDirectory() as scratch:
         store.download(version, Path(scratch))
-        predict = saved_model_predictor(Path(scratch))  # loaded once for the test set, the slices and the scan
+        predict = saved_model_predictor(Path(scratch))  # loaded once for the test set, slices and shortcuts
         scores = metrics_from_probabilities(predict(x_test), y_test)
         stable = StableScores(version=version, test_accuracy=scores.test_accuracy,
                               per_class_accuracy=scores.per_class_accuracy, misclassified=scores.misclassified,
                               slices=slice_scores(predict, Path(prepared_path)),
-                              trigger_flips=trigger_flips(predict, x_test))
+                              shortcuts_followed=sent_to_digit(predict, x_test[MEASURE_ON], y_test[MEASURE_ON],
+                                                               Triggers.load(Path(triggers_path)))
+                              if triggers_path else [])
     get_run_logger().info("stable v%d scores %.4f on this test set", version, stable.test_accuracy)
     return stable
 

@@ -89,9 +89,13 @@ class TestScores(StageRecord):
 
 
 class Evaluation(TestScores):
-    """The candidate: the test set, each new source's test slice and the trigger scan's flip rates."""
+    """The candidate: the test set, each new source's test slice and the backdoor inspection
+    (``tasks/backdoor.py``): per digit, the share of other trusted digits its reverse-engineered
+    shortcut sends there, and where those shortcuts are saved for stable to be tried on."""
 
-    trigger_flips: dict[str, float]
+    shortcuts: list[float]
+    shortcut_sizes: list[float]  # pixels each digit's shortcut changes (the mask's L1 norm)
+    triggers_path: str
     slices: dict[str, SliceScores]
     evaluation_seconds: float
 
@@ -103,7 +107,7 @@ class StableScores(StageRecord):
     test_accuracy: float
     per_class_accuracy: list[float]
     misclassified: list[int]
-    trigger_flips: dict[str, float]
+    shortcuts_followed: list[float]  # per digit, the candidate's shortcut tried on stable (Evaluation.shortcuts)
     slices: dict[str, SliceScores]
 
 

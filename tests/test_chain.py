@@ -22,7 +22,7 @@ from tests.conftest import REPO, start_model_server
 
 # Champion margins wide open: these tests are about what happens after the gate.
 AFTER_GATE = {"preset": "smoke", "threshold": 0.5, "accuracy_margin": 1.0, "class_margin": 1.0, "moved_margin": 1.0,
-              "trigger_margin": 1.0}
+              "shortcut_follow": 0.0}
 
 
 def test_golden_comparison_catches_disagreement() -> None:

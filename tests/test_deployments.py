@@ -22,7 +22,7 @@ from tests.conftest import REPO
 TRAINING = "mnist-training/weekly-retrain"
 # force: both runs train (two identical runs would otherwise end in "skipped: nothing changed")
 FAST_PARAMS = {"params": {"preset": "smoke", "threshold": 0.5, "accuracy_margin": 1.0, "class_margin": 1.0,
-                               "moved_margin": 1.0, "trigger_margin": 1.0,
+                               "moved_margin": 1.0, "shortcut_follow": 0.0,
                           "force": True}}
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
 

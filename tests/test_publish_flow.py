@@ -66,7 +66,7 @@ def test_flow_publishes_then_labels_canary_without_leaking_credentials(prefect_a
     # kernels: 0.72 then 0.76 here once, with digit 6 down 0.05): wide margins keep the champion
     # checks in the gate without this test turning on that noise
     second = training_flow(TrainingParams(**SMOKE, publish_label="canary", force=True, accuracy_margin=1.0,
-                                          class_margin=1.0, slice_margin=1.0, moved_margin=1.0, trigger_margin=1.0),
+                                          class_margin=1.0, slice_margin=1.0, moved_margin=1.0, shortcut_follow=0.0),
                            return_state=True)
     assert second.is_completed(), second.message
     assert any("not worse than stable v1" in check for check in second.result().gate)
