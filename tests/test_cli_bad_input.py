@@ -82,7 +82,9 @@ def test_tensorflow_start_up_lines_show_only_with_verbose(tmp_path: Path) -> Non
     assert "listening on" in seen[()] and "does not exist" not in seen[()]  # an empty base path is fine
     for native in ("I0000", "E0000", "oneDNN", "cuda", "absl::InitializeLog", "rebuild TensorFlow"):
         assert native not in seen[()], seen[()]
-    assert "oneDNN custom operations" in seen[("-v",)]
+    # which native lines TensorFlow prints depends on the machine (oneDNN's only where it is on by
+    # default, CUDA's only without a GPU): -v keeps whichever it printed, glog-prefixed
+    assert any(prefix in seen[("-v",)] for prefix in ("I0000", "W0000", "E0000")), seen[("-v",)]
 
 
 def test_the_served_traffic_commands_refuse_bad_input_in_one_line(tmp_path: Path) -> None:
