@@ -23,6 +23,7 @@ from tasks.evaluate import (
     evaluate_stable,
     gate,
     poisoning_checks,
+    skipped_checks,
     slice_checks,
 )
 from tasks.export import export
@@ -65,7 +66,8 @@ def training_result(run_dir: Path, metrics: Evaluation, verdict: Verdict, stable
                     exported: ExportedModel, published: PublishedVersion | None, outputs: dict[str, str]
                     ) -> TrainingResult:
     return TrainingResult(
-        run_dir=str(run_dir), test_accuracy=metrics.test_accuracy, gate=verdict.checks,
+        run_dir=str(run_dir), test_accuracy=metrics.test_accuracy,
+        gate=[*verdict.checks, *(f"not checked: {why}" for why in verdict.skipped)],
         slices=slice_accuracies(metrics.slices), stable_slices=slice_accuracies(stable.slices) if stable else {},
         stable=StableSummary(version=stable.version, test_accuracy=stable.test_accuracy) if stable else None,
         saved_model=exported.path, version=exported.version, published=published, outputs=outputs)
@@ -129,7 +131,7 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
     verdict = gate([accuracy_gate(metrics, params.threshold),
                     *champion_checks(metrics, stable, params.accuracy_margin, params.class_margin), *sliced,
                     *poisoning_checks(metrics, stable, params.moved_margin, params.shortcut_follow)],
-                   return_state=True).result()
+                   skipped_checks(stable, params.publish, params.shortcut_follow), return_state=True).result()
     if not isinstance(verdict, Verdict):  # a Rejected state's data is the verdict too
         raise TypeError(f"the gate answered {type(verdict).__name__}, not a verdict")
     # the report's account, worded as a rejection; a pass replaces the verdict line with what followed

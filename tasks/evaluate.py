@@ -119,6 +119,18 @@ def poisoning_checks(candidate: Evaluation, champion: StableScores | None, moved
     return checks
 
 
+STABLE_COMPARISONS = "the comparisons with stable (accuracy, each digit, slices, answers moved, backdoor inspection)"
+
+
+def skipped_checks(champion: StableScores | None, publishing: bool, shortcut_follow: float) -> list[str]:
+    """What the gate did not check and why, said in its verdict rather than left to be noticed."""
+    if not publishing:
+        return [f"{STABLE_COMPARISONS}: a run that does not publish is compared with nothing"]
+    if champion is None:
+        return [f"{STABLE_COMPARISONS}: no version is stable yet, the accuracy gate alone judges the first"]
+    return ["the backdoor inspection: --shortcut-follow 0"] if shortcut_follow == 0 else []
+
+
 def accuracy_gate(metrics: TestScores, threshold: float) -> GateCheck:
     return GateCheck("accuracy gate (test_accuracy >= threshold)", metrics.test_accuracy, threshold)
 
@@ -288,8 +300,9 @@ REJECTED = "Rejected"  # the state name of a gate task and a training run whose 
 
 
 @task(name="gate")
-def gate(checks: list[GateCheck]) -> Verdict | State:
-    """Judge the candidate; the verdict goes to the log and a markdown artifact.
+def gate(checks: list[GateCheck], skipped: list[str] | None = None) -> Verdict | State:
+    """Judge the candidate; the verdict goes to the log and a markdown artifact, with what was
+    ``skipped`` and why.
 
     A rejection is an expected outcome, not a crash: the task ends in a ``Rejected`` state
     (of type COMPLETED) holding the verdict, and logs a warning, so its state and its log say
@@ -301,6 +314,9 @@ def gate(checks: list[GateCheck]) -> Verdict | State:
     except GateFailed as rejection:
         summary, passed = f"rejected: {rejection}", False
     (logger.info if passed else logger.warning)("gate %s", summary)
+    not_checked = "".join(f"\n\nNot checked: {why}." for why in skipped or [])
+    for why in skipped or []:
+        logger.info("gate: not checked: %s", why)
     failing_first = sorted(checks, key=lambda check: check.passed)
     table = "\n".join(f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'pass' if c.passed else 'FAIL'} |"
                       for c in failing_first)
@@ -308,11 +324,12 @@ def gate(checks: list[GateCheck]) -> Verdict | State:
                             "verdict": "pass" if c.passed else "FAIL"} for c in failing_first],
                           key="mnist-gate-checks", description="Gate checks, including the comparison with stable")
     create_markdown_artifact(
-        f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary if passed else short_reason(checks)}\n\n"
+        f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary if passed else short_reason(checks)}"
+        f"{not_checked}\n\n"
         f"| check | value | limit | verdict |\n|---|---|---|---|\n{table}\n",
         key="mnist-gate", description="Gate verdict")
     verdict = Verdict(passed=passed, summary=summary, reason=short_reason(checks),
-                      checks=[c.describe() for c in checks],
+                      checks=[c.describe() for c in checks], skipped=list(skipped or []),
                       failed=[FailedCheck(check=c.name, value=c.value, limit=c.limit, at_most=c.at_most)
                               for c in checks if not c.passed])
     return verdict if passed else Completed(name=REJECTED, message=verdict.reason, data=verdict)

@@ -127,6 +127,7 @@ class Verdict(StageRecord):
     summary: str
     reason: str
     checks: list[str]
+    skipped: list[str] = []  # what was not checked, and why (the first version has no stable)
     failed: list[FailedCheck]
 
 
