@@ -10,10 +10,27 @@ from pathlib import Path
 from cli.common import CliError, pipeline_settings
 
 
+def wait_for_configured_api(seconds: float) -> None:
+    """The API PREFECT_API_URL names, waited for a bounded time: ``make deploy`` right after
+    ``make prefect`` meets a server still starting."""
+    from flows.prefect_api import ApiUnreachable, wait_for_api
+
+    api_url = os.environ.get("PREFECT_API_URL")
+    if not api_url:
+        return
+    if seconds < 0:
+        raise CliError(f"--wait {seconds:g}: must be 0 or more", exit_code=2)
+    try:
+        wait_for_api(api_url.rstrip("/"), seconds)
+    except ApiUnreachable as error:
+        raise CliError(str(error)) from None
+
+
 def command_deploy(args: argparse.Namespace) -> int:
     from flows.deploy import MissingExtra, deploy
 
     project = Path(__file__).resolve().parents[1]
+    wait_for_configured_api(args.wait)
     try:
         result = deploy(project, os.environ.get("MNIST_NOTIFY_BLOCK"), args.pool_type)
     except MissingExtra as error:
@@ -51,6 +68,7 @@ def command_worker(args: argparse.Namespace) -> int:
     # a job started in the background by a non-interactive shell inherits SIGINT ignored, and
     # Python then never raises KeyboardInterrupt: SIGINT stops this worker however it was started
     signal.signal(signal.SIGINT, signal.default_int_handler)
+    wait_for_configured_api(args.wait)
     with store_environment(pipeline_settings().state_dir):
         # its own process group: the stop below reaches the worker and every flow run it started
         worker = subprocess.Popen([sys.executable, "-m", "prefect", "worker", "start", "--pool", args.pool],
@@ -89,6 +107,8 @@ def add_scheduling_parsers(commands: argparse._SubParsersAction) -> None:
     deploy.add_argument("--pool-type", choices=("process", "kubernetes", "docker"), default="process",
                         help="where the runs execute: a process worker here (make worker; default), a Kubernetes "
                              "cluster (extra [kubernetes]) or a Docker host (extra [docker])")
+    deploy.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the Prefect API to answer (default 60)")
     deploy.set_defaults(handler=command_deploy)
     worker = commands.add_parser(
         "worker", help="start a Prefect process worker with the model store reachable",
@@ -99,4 +119,6 @@ def add_scheduling_parsers(commands: argparse._SubParsersAction) -> None:
     worker.add_argument("--grace-seconds", type=float, default=20.0,
                         help="on SIGTERM or Ctrl-C, how long Prefect's worker may take to stop before it is "
                              "killed (default 20)")
+    worker.add_argument("--wait", type=float, default=60.0, metavar="SECONDS",
+                        help="how long to wait for the Prefect API to answer (default 60)")
     worker.set_defaults(handler=command_worker)

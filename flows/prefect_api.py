@@ -59,6 +59,31 @@ def wait_healthy(api_url: str, process: subprocess.Popen, timeout: float = START
     raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f}s")
 
 
+class ApiUnreachable(RuntimeError):
+    """The configured Prefect API did not answer within the wait."""
+
+
+def wait_for_api(api_url: str, timeout: float, say: Callable[[str], None] = print) -> None:
+    """Wait up to ``timeout`` seconds for the Prefect API at ``api_url`` to answer its health
+    check (a server just started takes seconds), saying once that it waits; raise ApiUnreachable
+    naming the URL when it gives up."""
+    deadline, said = time.monotonic() + timeout, False
+    while True:
+        try:
+            if api_status(api_url, "GET", "/health") == 200:
+                return
+            problem = "it answers, but not as a Prefect API"
+        except OSError as error:
+            problem = f"{error.strerror or error}"
+        if time.monotonic() >= deadline:
+            raise ApiUnreachable(f"the Prefect API at {api_url} did not answer within {timeout:.0f} s ({problem});"
+                                 " start it with make prefect, or set PREFECT_API_URL")
+        if not said:
+            say(f"waiting up to {timeout:.0f} s for the Prefect API at {api_url} ({problem})")
+            said = True
+        time.sleep(0.5)
+
+
 def warm_up(api_url: str) -> None:
     """Make the server do now, while this process imports, the work it defers to its first requests.
 

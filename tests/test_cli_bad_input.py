@@ -129,3 +129,45 @@ def test_the_entry_point_keeps_every_exit_code_and_every_line() -> None:
         assert result.stdout == "answer on a piped stdout\n", outcome
         assert "a last error line" in result.stderr, outcome
     assert "RuntimeError: a bug" in results["raise RuntimeError('a bug')"].stderr.splitlines()[-1]
+
+
+def test_deploy_and_worker_wait_for_the_prefect_api_and_name_it_when_they_give_up() -> None:
+    api_url = f"http://127.0.0.1:{free_port()}/api"
+    for command in ("deploy", "worker"):
+        started = time.monotonic()
+        result = run_mnist(command, "--wait", "2", env={"PREFECT_API_URL": api_url})
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+        assert lines[-1] == (f"mnist {command}: the Prefect API at {api_url} did not answer within 2 s "
+                             "(Connection refused); start it with make prefect, or set PREFECT_API_URL"), lines
+        assert f"waiting up to 2 s for the Prefect API at {api_url}" in result.stdout
+        assert 2 <= time.monotonic() - started < 60
+
+
+def test_the_wait_for_the_prefect_api_ends_when_a_late_server_answers() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    from flows.prefect_api import wait_for_api
+
+    class Health(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200 if self.path == "/api/health" else 404)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    port, said = free_port(), []
+    server: list[HTTPServer] = []
+    late = threading.Timer(1.5, lambda: (server.append(HTTPServer(("127.0.0.1", port), Health)),
+                                         threading.Thread(target=server[0].serve_forever, daemon=True).start()))
+    late.start()
+    try:
+        started = time.monotonic()
+        wait_for_api(f"http://127.0.0.1:{port}/api", 30, said.append)
+        assert 1.5 <= time.monotonic() - started < 10 and len(said) == 1 and "waiting up to 30 s" in said[0]
+    finally:
+        late.join()
+        server[0].shutdown()
+        server[0].server_close()
