@@ -38,7 +38,7 @@ INITIAL_COST = 1e-2        # weight of the mask's L1 norm against the cross-entr
 COST_STEP = 1.5            # the weight's multiplier, up or down, every ADAPT_EVERY steps
 ADAPT_EVERY = 5
 SUCCESS = 0.9              # share of a step's other-class digits a change must send to its digit to count
-FOLLOW_ABOVE = 0.5         # a change the candidate follows less than this is no shortcut: not compared
+FOLLOW_ABOVE = 0.3         # a change the candidate follows less than this is no shortcut: not compared
 
 Predict = Callable[[np.ndarray], np.ndarray]  # images [N,28,28,1] in [0,1] -> probabilities [N,10]
 

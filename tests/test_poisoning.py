@@ -17,7 +17,7 @@ from tasks.results import Evaluation, StableScores
 
 def test_the_gate_rejects_a_shortcut_stable_does_not_follow_and_answers_pulled_to_one_digit() -> None:
     # partial records (model_construct): the checks read these fields and no others
-    shortcuts = [0.9, 0.85, 0.8, 0.86, 0.3, 0.9, 0.9, 0.9, 0.9, 0.9]
+    shortcuts = [0.9, 0.85, 0.8, 0.86, 0.2, 0.9, 0.9, 0.9, 0.9, 0.9]
     followed = [0.6, 0.10, 0.7, 0.02, 0.0, 0.9, 0.8, 0.5, 0.7, 0.9]  # 4: the candidate itself hardly follows it
     sizes = [70.0, 160.0, 55.0, 23.0, 80.0, 100.0, 75.0, 90.0, 40.0, 115.0]  # 1: a large change, drawing a 1
     stable = StableScores.model_construct(version=3, shortcuts_followed=followed, misclassified=[1, 2])
@@ -27,7 +27,7 @@ def test_the_gate_rejects_a_shortcut_stable_does_not_follow_and_answers_pulled_t
     assert weakest_follow(candidate, stable) == (3, pytest.approx(0.02 / 0.86))
     with pytest.raises(GateFailed) as rejected:
         enforce_gate(poisoning_checks(candidate, stable, moved_margin=0.5, shortcut_follow=0.1))
-    assert str(rejected.value) == ("backdoor inspection: the shortcut to 3 (23 pixels changed, median 72) sends 0.86"
+    assert str(rejected.value) == ("backdoor inspection: the shortcut to 3 (23 pixels changed, median 78) sends 0.86"
                                    " of other digits there; stable v3 follows it on (share of that) failed: "
                                    "0.0233 < 0.1000")
     assert not [c for c in poisoning_checks(candidate, stable, 0.2, 0.1) if "newly answered 7" in c.name and c.passed]
