@@ -6,7 +6,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 from prefect.states import Completed, Failed, State
 
@@ -27,7 +27,7 @@ from tasks.evaluate import (
     slice_checks,
 )
 from tasks.export import export
-from tasks.publish import check_for_changes, live_check, publish, record_rejection
+from tasks.publish import check_for_changes, forced_repeat, live_check, publish, record_rejection
 from tasks.recipes import TrainConfig
 from tasks.report import outcome_tags, report, tag_run, verdict_line
 from tasks.results import (
@@ -54,6 +54,13 @@ def new_run_dir(output_dir: Path) -> Path:
     run_dir = output_dir / "runs" / f"{stamp}-{flow_run.name or 'local'}"
     run_dir.mkdir(parents=True, exist_ok=False)
     return run_dir
+
+
+def another_seed(seed: int) -> int:
+    """A random seed other than ``seed``, for a forced retrain that would otherwise repeat stable."""
+    import secrets
+
+    return (seed + 1 + secrets.randbelow(2**31 - 2)) % (2**31 - 1)
 
 
 def run_lineage(data: TrainingData, params: TrainingParams, config: TrainConfig) -> Lineage:
@@ -107,6 +114,20 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
                         config.train_limit, params.dataset_version, params.new_data_weight,
                         use_store=params.publish or params.dataset_version is not None)
     lineage = run_lineage(data, params, config)
+    if params.publish and params.force and (repeat := forced_repeat(lineage)) is not None:
+        # the same data, code, recipe and seed as stable: training would publish the same model again
+        if params.seed is not None:
+            message = (f"skipped: forced, but seed {config.seed} on the same data, code and recipe would reproduce "
+                       f"version {repeat} (stable); give another --seed, or none for a new one")
+            tag_run(["skipped", "would-reproduce-stable"])
+            return Completed(message=message, data=SkippedRun(skipped=message, run_dir=str(run_dir)))
+        params = params.model_copy(update={"seed": another_seed(config.seed)})
+        get_run_logger().info("forced retrain of what stable v%d was trained on: seed %d instead of %d, so that it "
+                              "trains a new model (--seed chooses one)", repeat, params.seed, config.seed)
+        config = params.train_config()
+        data = prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
+                            config.train_limit, params.dataset_version, params.new_data_weight, use_store=True)
+        lineage = run_lineage(data, params, config)
     if params.publish and not params.force:
         skip = check_for_changes(lineage, params.min_new_examples)
         if skip is not None:

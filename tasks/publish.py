@@ -92,6 +92,12 @@ CHANGE_KEYS = ("data_fingerprint", "code_version", "config")
 HOW_TO_FORCE = "force=true retrains anyway (prefect deployment run ... --param force=true, or mnist train --force)"
 
 
+def same_training(manifest: dict[str, Any], lineage: Lineage) -> bool:
+    """Whether a version (its manifest) was trained on this run's data, code and recipe, seed included."""
+    ours = lineage.as_manifest()  # compared as the manifest keeps it: JSON
+    return all(manifest.get(key) == ours[key] for key in CHANGE_KEYS)
+
+
 def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 0) -> str | None:
     """Why this run need not train, or None: ``stable`` was trained on exactly this data, code and
     recipe, or fewer than ``min_new_examples`` new examples arrived since it was trained."""
@@ -99,8 +105,7 @@ def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 
     if version is None:
         return None
     manifest = store.manifest(version)
-    ours = lineage.as_manifest()  # compared as the manifest keeps it: JSON
-    if all(manifest.get(key) == ours[key] for key in CHANGE_KEYS):
+    if same_training(manifest, lineage):
         return (f"skipped: nothing changed since version {version} (stable): the same data fingerprint, code "
                 f"version and training config; {HOW_TO_FORCE}")
     new = (lineage.dataset.examples if lineage.dataset else 0) - ((manifest.get("dataset") or {}).get("examples") or 0)
@@ -108,6 +113,15 @@ def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 
         return (f"skipped: {new} new examples since version {version}, fewer than {min_new_examples} "
                 f"(min_new_examples); {HOW_TO_FORCE}")
     return None
+
+
+@task(name="check-for-a-repeat")
+def forced_repeat(lineage: Lineage) -> int | None:
+    """For a forced retrain: the stable version it would reproduce as it stands, or None."""
+    store = ModelStore(StoreSettings())
+    store.ensure_bucket()
+    version = store.labels().get("stable")
+    return version if version is not None and same_training(store.manifest(version), lineage) else None
 
 
 @task(name="check-for-changes")

@@ -379,6 +379,13 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
     forced = training_flow(params.model_copy(update={**LOOSE_CHAMPION_CHECKS, "slice_margin": 1.0}),
                            force=True, return_state=True)  # the run form's own checkbox
     assert forced.is_completed() and forced.result().published.version == 3
+    # forced on what stable was trained on: a new seed, or, with that very seed asked for, a skip
+    seeds = [ModelStore(StoreSettings()).manifest(version)["config"]["seed"] for version in (2, 3)]
+    assert seeds[0] != seeds[1], seeds
+    repeat = training_flow(params.model_copy(update={"seed": seeds[1]}), force=True, return_state=True)
+    assert repeat.message == (f"skipped: forced, but seed {seeds[1]} on the same data, code and recipe would "
+                              "reproduce version 3 (stable); give another --seed, or none for a new one")
+    assert ModelStore(StoreSettings()).complete_versions() == [1, 2, 3]
     overview = latest_artifact("mnist-registry")
     assert "| version | labels | dataset version | MNIST test | tablet |" in overview
     assert "`stable` -> version 3" in overview and "data:image/png;base64," in overview
