@@ -7,8 +7,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cli.common import CliError, print_json, reachable_store, stop_on_signals, store_for_cli
+
+if TYPE_CHECKING:
+    from serving.gateway.server import Gateway
 
 MAX_LOG_HOURS = 24 * 366
 GATEWAY_SWITCH_SECONDS = 0.0005  # see command_gateway
@@ -35,6 +39,16 @@ def feedback_credentials(path: str | None) -> list:
         return read_token_file(Path(path))
     except CallerFileError as error:
         raise CliError(f"--feedback-tokens {error}", exit_code=2) from None
+
+
+def reload_tokens_on_sighup(gateway: "Gateway") -> None:
+    """SIGHUP reads --feedback-tokens again (as a change to the file does by itself), in a thread:
+    the handler must not wait for a request that holds the file's lock."""
+    import signal
+    import threading
+
+    signal.signal(signal.SIGHUP, lambda signum, frame: threading.Thread(
+        target=gateway.authenticator.reload, kwargs={"force": True}, daemon=True).start())
 
 
 def command_gateway(args: argparse.Namespace) -> int:
@@ -67,6 +81,7 @@ def command_gateway(args: argparse.Namespace) -> int:
                                  sample_rate=args.log_sample_rate, batch_records=args.log_batch_records,
                                  flush_seconds=args.log_flush_seconds, queue_size=args.log_queue_size,
                                  queue_bytes=args.log_queue_mib << 20, credentials=tuple(credentials),
+                                 tokens_file=Path(args.feedback_tokens) if args.feedback_tokens else None,
                                  ledger=Path(args.log_ledger) if args.log_ledger else None,
                                  feedback_per_minute=args.feedback_per_minute,
                                  rest_max_body_bytes=args.rest_max_body_mib << 20,
@@ -77,6 +92,7 @@ def command_gateway(args: argparse.Namespace) -> int:
             raise CliError(f"cannot start the gateway: {error}") from None
         rest = f", REST on {args.host}:{gateway.rest.port}" if gateway.rest else ""
         wait_for_stop = stop_on_signals()  # before the line a supervisor may answer with SIGTERM at once
+        reload_tokens_on_sighup(gateway)
         print(f"mnist gateway: listening on {args.host}:{gateway.port}{rest}, forwarding to {args.upstream}"
               f"{' (REST ' + args.upstream_rest + ')' if args.upstream_rest else ''}; logging "
               f"{args.log_sample_rate:.0%} of {options.model_name}'s Predict calls to {logs.uri()}", flush=True)

@@ -253,3 +253,47 @@ def test_feedback_items_altered_in_the_bucket_are_refused_one_by_one(store_env, 
     names, images, labels, used, problems, _ = feedback_examples(logs, [good, *altered])
     assert names == [f"feedback:{request_id}#2"] and labels == [4] and used == [good]
     assert len(problems) == len(altered), problems
+
+
+def test_callers_are_added_and_revoked_without_a_restart(store_env, upstream, digits: np.ndarray,
+                                                        tmp_path: Path) -> None:
+    """The token file read again when it changes: a new caller is let in, a removed one refused,
+    and a file that no longer reads keeps the callers before (said on stderr, not a 500)."""
+    from serving.gateway.callers import read_token_file
+
+    _, address, _ = upstream
+    tokens = tmp_path / "feedback-tokens"
+    tokens.write_text(f"app-a {APP_A.token.decode()}\n")
+    gateway = start_gateway(address, credentials=tuple(read_token_file(tokens)), tokens_file=tokens)
+    url = f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist/feedback"
+    try:
+        request_id = predict_call(digits[:1], Target(f"127.0.0.1:{gateway.port}")).request_id
+        wait_for(lambda: gateway.logger.written_records == 1)
+        body = {"request_id": request_id, "label": 3}
+        before = [httpx.post(url, json=body, headers=bearer(who)).status_code for who in (APP_A, APP_B)]
+        tokens.write_text(f"app-b {APP_B.token.decode()}\n")  # app-b added, app-a revoked
+        after = [httpx.post(url, json=body, headers=bearer(who)).status_code for who in (APP_A, APP_B)]
+        tokens.write_text("app-b short\n")  # a mistake while editing: app-b stays
+        broken = httpx.post(url, json=body, headers=bearer(APP_B)).status_code
+    finally:
+        gateway.stop()
+    assert (before, after, broken) == ([200, 401], [401, 200], 200)
+
+
+def test_sighup_makes_the_gateway_read_its_token_file_again(store_env, upstream, tmp_path: Path) -> None:
+    import signal
+
+    _, address, _ = upstream
+    tokens = tmp_path / "feedback-tokens"
+    tokens.write_text(f"app-a {APP_A.token.decode()}\napp-b {APP_B.token.decode()} trusted\n")
+    process = subprocess.Popen([sys.executable, "-m", "cli", "gateway", "--upstream", address, "--port", "0",
+                                "--rest-api-port", str(free_port()), "--feedback-tokens", str(tokens)],
+                               cwd=REPO, env={**os.environ, **store_env}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in process.stdout.readline()
+        process.send_signal(signal.SIGHUP)
+        assert process.stderr.readline().strip() == "mnist gateway: --feedback-tokens reloaded: 2 callers"
+        assert process.poll() is None  # SIGHUP does not stop it
+    finally:
+        assert stopped_by_sigterm(process)

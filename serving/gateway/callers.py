@@ -2,7 +2,8 @@
 rate per caller.
 
 The file (``mnist gateway --feedback-tokens FILE``, a Kubernetes Secret mounted as a file) has one
-caller a line: ``NAME TOKEN`` or ``NAME TOKEN trusted``; ``#`` starts a comment. A trusted caller's
+caller a line: ``NAME TOKEN`` or ``NAME TOKEN trusted``; ``#`` starts a comment; a token has at
+least MIN_TOKEN_CHARS characters. The gateway reads it again when it changes, or on SIGHUP. A trusted caller's
 labels become training data as they come; anyone else's wait in quarantine until enough other
 callers agree or an operator accepts them (``storage/feedback.py``). Reads of predictions stay as
 open as TF Serving's own: only the gateway's write path, feedback, asks for a token.
@@ -12,10 +13,12 @@ from __future__ import annotations
 
 import hmac
 import re
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 MIN_TOKEN_CHARS = 24  # secrets.token_urlsafe(18) and up: not guessable within any rate limit
@@ -63,12 +66,41 @@ def read_token_file(path: Path) -> list[Credential]:
 
 
 class Authenticator:
-    """A request's caller from its ``Authorization: Bearer TOKEN`` header, or None."""
+    """A request's caller from its ``Authorization: Bearer TOKEN`` header, or None. With
+    ``source``, the token file is read again when it changes (checked at each request: a stat) or
+    on ``reload()`` (SIGHUP): callers are added and revoked without a restart. A file that no longer
+    reads keeps the callers it had, and says why once."""
 
-    def __init__(self, credentials: list[Credential]):
-        self.credentials = credentials
+    def __init__(self, credentials: list[Credential], source: Path | None = None,
+                 warn: Callable[[str], None] = lambda line: print(line, file=sys.stderr, flush=True)):
+        self.credentials, self.source, self.warn = credentials, source, warn
+        self.lock = threading.Lock()
+        self.seen = self.stamp()
+
+    def stamp(self) -> tuple[int, int, int] | None:
+        try:
+            stat = self.source.stat() if self.source else None
+        except OSError:
+            return None
+        return (stat.st_ino, stat.st_size, stat.st_mtime_ns) if stat else None
+
+    def reload(self, force: bool = False) -> None:
+        if self.source is None:
+            return
+        with self.lock:
+            stamp = self.stamp()
+            if stamp == self.seen and not force:
+                return
+            self.seen = stamp
+            try:
+                self.credentials = read_token_file(self.source)
+            except CallerFileError as error:
+                self.warn(f"mnist gateway: --feedback-tokens not reloaded, the callers before stay: {error}")
+                return
+            self.warn(f"mnist gateway: --feedback-tokens reloaded: {len(self.credentials)} callers")
 
     def caller(self, authorization: str | None) -> Caller | None:
+        self.reload()
         scheme, _, token = (authorization or "").partition(" ")
         offered = token.strip().encode()
         found = None

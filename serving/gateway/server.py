@@ -88,6 +88,7 @@ class GatewayOptions:
     max_message_bytes: int = 64 << 20
     rest_max_body_bytes: int = 16 << 20  # REST bodies, as sent and inflated: the gateway parses them to log them
     credentials: tuple[Credential, ...] = ()  # who may send feedback; none: feedback is refused
+    tokens_file: Path | None = None  # where they were read: read again when it changes
     ledger: Path | None = None  # where the count of unwritten logs is kept, for the next start to report
     feedback_per_minute: float = 60.0  # per caller
     # what tells a publish's live check (which takes no feedback) from traffic; None: nothing does
@@ -114,7 +115,7 @@ class Gateway:
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
         self.rest_connections: list[http.client.HTTPConnection] = []
         self.signatures: dict[ModelPath, tuple[float, int, Any]] = {}  # model path -> (when, version, signatures)
-        self.authenticator = Authenticator(list(options.credentials))
+        self.authenticator = Authenticator(list(options.credentials), options.tokens_file)
         self.feedback_rate = RateLimit(options.feedback_per_minute)
 
     def start(self) -> "Gateway":
@@ -286,8 +287,9 @@ class Gateway:
     def take_feedback(self, name: str, request: Request) -> Reply:
         caller = self.authenticator.caller(request.headers.get("authorization"))
         if caller is None:
-            why = ("this gateway takes no feedback: it was started without --feedback-tokens"
-                   if not self.options.credentials else "feedback needs a valid 'Authorization: Bearer TOKEN' header")
+            without_tokens = not self.options.credentials and not self.options.tokens_file
+            why = ("this gateway takes no feedback: it was started without --feedback-tokens" if without_tokens
+                   else "feedback needs a valid 'Authorization: Bearer TOKEN' header")
             return json_reply(401, {"error": why}, {"WWW-Authenticate": 'Bearer realm="feedback"'})
         wait = self.feedback_rate.allow(caller.name)
         if wait:
