@@ -69,7 +69,7 @@ def main() -> None:
         print("\n== hostile requests: a gzip bomb and the largest allowed request, beside a one-image client ==")
         hostile.main()
     if args.only in (None, "backdoor"):
-        print("\n== a backdoor taught through labelled data, against the gate ==")
+        print("\n== poisoning attacks against the data screen and the backdoor inspection ==")
         backdoor.main()
     if args.only in (None, "flow"):
         print("\n== flow overhead ==")
