@@ -46,7 +46,8 @@ class TrainingParams(BaseModel):
                                                        "the best by validation accuracy goes to the gate")
     threshold: float = Field(0.99, ge=0.0, le=1.0, description="gate: minimum test accuracy")
     accuracy_margin: float = Field(0.001, ge=0.0, le=1.0,
-                                   description="gate: largest allowed test-accuracy drop against stable")
+                                   description="gate: largest allowed test-accuracy drop against stable, "
+                                               "beyond the paired noise of two seeds")
     class_margin: float = Field(0.01, ge=0.0, le=1.0,
                                 description="gate: largest allowed drop of any digit's accuracy against stable")
     slice_threshold: float = Field(0.95, ge=0.0, le=1.0,

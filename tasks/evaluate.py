@@ -135,14 +135,32 @@ def accuracy_gate(metrics: TestScores, threshold: float) -> GateCheck:
     return GateCheck("accuracy gate (test_accuracy >= threshold)", metrics.test_accuracy, threshold)
 
 
+NONINFERIORITY_Z = 1.645  # one-sided 95%: the candidate is rejected when confidently worse
+
+
+def paired_noise(candidate: TestScores, champion: StableScores) -> float:
+    """How far two equally good models' accuracies differ on the same test digits by chance: 1.645
+    standard errors of the paired difference (only digits one model gets right and the other wrong
+    count, as McNemar's test). Two default seeds differ by 10-20 of 10,000 digits this way."""
+    mine, theirs = set(candidate.misclassified), set(champion.misclassified)
+    newly_wrong, newly_right, count = len(mine - theirs), len(theirs - mine), candidate.num_examples
+    difference = (newly_wrong - newly_right) / count
+    variance = ((newly_wrong + newly_right) / count - difference ** 2) / count
+    return NONINFERIORITY_Z * float(np.sqrt(max(variance, 0.0)))
+
+
 def champion_checks(candidate: TestScores, champion: StableScores | None, accuracy_margin: float,
                     class_margin: float) -> list[GateCheck]:
-    """Challenger vs the ``stable`` champion on the same test set: overall accuracy
-    may drop by at most ``accuracy_margin``, each digit's by at most ``class_margin``."""
+    """Challenger vs the ``stable`` champion on the same test set: overall accuracy may drop by
+    at most ``accuracy_margin`` beyond the paired noise (a non-inferiority test: a retrain that is
+    only another seed's luck passes, one confidently worse by more than the margin does not); each
+    digit's by at most ``class_margin``."""
     if champion is None:
         return []
-    checks = [GateCheck(f"not worse than stable v{champion.version} (accuracy - {accuracy_margin:g})",
-                        candidate.test_accuracy, champion.test_accuracy - accuracy_margin)]
+    noise = paired_noise(candidate, champion)
+    checks = [GateCheck(f"not worse than stable v{champion.version} (accuracy - {accuracy_margin:g}"
+                        f" - {noise:.4f} paired noise)", candidate.test_accuracy,
+                        champion.test_accuracy - accuracy_margin - noise)]
     checks += [GateCheck(f"digit {digit} vs stable (class accuracy - {class_margin:g})", mine, theirs - class_margin)
                for digit, (mine, theirs) in enumerate(zip(candidate.per_class_accuracy,
                                                            champion.per_class_accuracy))]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     ArtifactFilter,
@@ -18,7 +20,7 @@ from prefect.logging.handlers import APILogHandler
 
 from flows.params import TrainingParams
 from storage.models import ModelStore
-from tasks.evaluate import champion_checks
+from tasks.evaluate import champion_checks, paired_noise
 from tasks.results import StableScores, TestScores
 from tests.conftest import S3_SECRET_KEY
 
@@ -26,13 +28,31 @@ SMOKE = {"preset": "smoke", "threshold": 0.5}
 
 
 def test_champion_checks_allow_margins_and_catch_a_class_drop() -> None:
-    champion = StableScores.model_construct(version=3, test_accuracy=0.992, per_class_accuracy=[0.99] * 10)
-    close = TestScores.model_construct(test_accuracy=0.9915, per_class_accuracy=[0.985] * 10)
+    champion = StableScores.model_construct(version=3, test_accuracy=0.992, per_class_accuracy=[0.99] * 10,
+                                            misclassified=list(range(80)))
+    close = TestScores.model_construct(test_accuracy=0.9915, per_class_accuracy=[0.985] * 10,
+                                       misclassified=list(range(85)), num_examples=10000)
     assert all(check.passed for check in champion_checks(close, champion, 0.001, 0.01))
-    dropped = TestScores.model_construct(test_accuracy=0.992, per_class_accuracy=[0.99] * 9 + [0.97])
+    dropped = TestScores.model_construct(test_accuracy=0.992, per_class_accuracy=[0.99] * 9 + [0.97],
+                                         misclassified=list(range(80)), num_examples=10000)
     failed = [c.name for c in champion_checks(dropped, champion, 0.001, 0.01) if not c.passed]
     assert failed == ["digit 9 vs stable (class accuracy - 0.01)"]
     assert champion_checks(close, None, 0.001, 0.01) == []
+
+
+def test_a_drop_within_seed_noise_passes_and_a_confident_one_is_rejected() -> None:
+    """Paired on the same 10,000 digits: another seed 18 digits worse, with 24 newly wrong and 6
+    newly right, is within the noise; 30 worse with no digit newly right is not."""
+    champion = StableScores.model_construct(version=3, test_accuracy=0.9943, per_class_accuracy=[0.99] * 10,
+                                            misclassified=list(range(57)))
+    seed = TestScores.model_construct(test_accuracy=0.9925, per_class_accuracy=[0.99] * 10, num_examples=10000,
+                                      misclassified=list(range(6, 57)) + list(range(1000, 1024)))
+    [accuracy, *_] = champion_checks(seed, champion, 0.001, 0.01)
+    assert paired_noise(seed, champion) == pytest.approx(1.645 * np.sqrt((30 / 10000 - 0.0018 ** 2) / 10000))
+    assert accuracy.passed and accuracy.name == "not worse than stable v3 (accuracy - 0.001 - 0.0009 paired noise)"
+    worse = TestScores.model_construct(test_accuracy=0.9913, per_class_accuracy=[0.99] * 10, num_examples=10000,
+                                       misclassified=list(range(57)) + list(range(1000, 1030)))
+    assert not champion_checks(worse, champion, 0.001, 0.01)[0].passed
 
 
 def flow_run_texts(flow_run_id) -> list[str]:
