@@ -337,8 +337,9 @@ def test_sliced_gate_rejects_a_candidate_worse_on_a_new_slice_though_better_on_m
         return SliceScores.model_construct(accuracy=accuracy, num_examples=examples)
 
     stable = StableScores.model_construct(version=4, test_accuracy=0.991, per_class_accuracy=[0.99] * 10,
-                                          slices={"scanner-b": sliced_as(0.97, 300)})
+                                          misclassified=list(range(90)), slices={"scanner-b": sliced_as(0.97, 300)})
     candidate = Evaluation.model_construct(test_accuracy=0.994, per_class_accuracy=[0.994] * 10,
+                                           misclassified=list(range(60)), num_examples=10000,
                                            slices={"scanner-b": sliced_as(0.93, 300), "tiny": sliced_as(0.5, 12)})
     sliced, notes = slice_checks(candidate, stable, threshold=0.9, margin=0.02, min_size=100)
     with pytest.raises(GateFailed, match=r"slice scanner-b not worse than stable v4 .* failed: 0\.9300 < 0\.9500"):
