@@ -27,7 +27,7 @@ from tasks.evaluate import (
     slice_checks,
 )
 from tasks.export import export
-from tasks.publish import check_for_changes, forced_repeat, live_check, publish, record_rejection
+from tasks.publish import check_for_changes, forced_repeat, live_check, publish, record_rejection, stable_seed
 from tasks.recipes import TrainConfig
 from tasks.report import outcome_tags, report, tag_run, verdict_line
 from tasks.results import (
@@ -100,6 +100,9 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
     if force:
         params = params.model_copy(update={"force": True})
     settings = PipelineSettings()
+    seed_given = params.seed is not None
+    if params.publish and not seed_given and (inherited := stable_seed()) is not None:
+        params = params.model_copy(update={"seed": inherited})  # unchanged data then compares equal to stable
     config = params.train_config()
     output_dir = Path(params.output_dir) if params.output_dir else settings.output_dir
     data_dir = params.data_dir or (str(settings.data_dir) if settings.data_dir else None)
@@ -116,7 +119,7 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
     lineage = run_lineage(data, params, config)
     if params.publish and params.force and (repeat := forced_repeat(lineage)) is not None:
         # the same data, code, recipe and seed as stable: training would publish the same model again
-        if params.seed is not None:
+        if seed_given:
             message = (f"skipped: forced, but seed {config.seed} on the same data, code and recipe would reproduce "
                        f"version {repeat} (stable); give another --seed, or none for a new one")
             tag_run(["skipped", "would-reproduce-stable"])

@@ -115,6 +115,21 @@ def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 
     return None
 
 
+@task(name="read-stable-seed")
+def stable_seed() -> int | None:
+    """The seed ``stable`` was trained with, which a run that names none trains with: a run on
+    unchanged data then compares equal to stable (and skips), and a new seed comes only from a
+    forced retrain, which draws one. None without a stable version or a readable seed."""
+    store = ModelStore(StoreSettings())
+    store.ensure_bucket()
+    version = store.labels().get("stable")
+    if version is None:
+        return None
+    config = store.manifest(version).get("config")
+    seed = config.get("seed") if isinstance(config, dict) else None  # read from the bucket: checked
+    return seed if type(seed) is int and 0 <= seed <= 2**31 - 1 else None
+
+
 @task(name="check-for-a-repeat")
 def forced_repeat(lineage: Lineage) -> int | None:
     """For a forced retrain: the stable version it would reproduce as it stands, or None."""
