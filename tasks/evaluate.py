@@ -141,7 +141,8 @@ NONINFERIORITY_Z = 1.645  # one-sided 95%: the candidate is rejected when confid
 def paired_noise(candidate: TestScores, champion: StableScores) -> float:
     """How far two equally good models' accuracies differ on the same test digits by chance: 1.645
     standard errors of the paired difference (only digits one model gets right and the other wrong
-    count, as McNemar's test). Two default seeds differ by 10-20 of 10,000 digits this way."""
+    count, as McNemar's test). Default seeds 0, 1 and 2 disagree pairwise on 32-37 of MNIST's
+    10,000 test digits: a noise of 0.0009-0.0010."""
     mine, theirs = set(candidate.misclassified), set(champion.misclassified)
     newly_wrong, newly_right, count = len(mine - theirs), len(theirs - mine), candidate.num_examples
     difference = (newly_wrong - newly_right) / count
