@@ -247,8 +247,8 @@ def targets(store, args: argparse.Namespace) -> list[tuple[str, list[int] | None
         raise CliError("--examples goes with a held batch's ID", exit_code=2)
     if args.source:
         return [(row["sha256"], None) for row in held_rows(store, args.source)]
-    return [(row["sha256"], by_caller(store, row["sha256"], args.caller)) for row in held_rows(store)
-            if by_caller(store, row["sha256"], args.caller)]
+    return [(row["sha256"], examples) for row in held_rows(store)
+            if (examples := by_caller(store, row["sha256"], args.caller))]
 
 
 def by_caller(store, digest: str, caller: str) -> list[int]:
