@@ -11,10 +11,13 @@ export MNIST_DATA_DIR ?= $(SHARED_MNIST)
 endif
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 export TF_CPP_MIN_LOG_LEVEL ?= 2
+# The project's Prefect database and profiles stay in the project (as the mnist command keeps them),
+# not in ~/.prefect, shared with every other Prefect project; set PREFECT_HOME to choose another.
+export PREFECT_HOME ?= $(CURDIR)/.state/prefect
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
-.PHONY: install run serve test docs chromium bench prefect deploy worker image demo-data clean
+.PHONY: install run serve test faults docs chromium bench prefect deploy worker image demo-data clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,6 +40,10 @@ test: install chromium
 	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
+# Fault injection with real processes (killed workers, full disks, store outages, races): minutes.
+faults: install
+	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
+
 # The reference pages under docs/ as a site in build/site (strict: a broken link fails).
 docs: install
 	$(BIN)/mkdocs build --strict
@@ -58,7 +65,7 @@ demo-data: install
 	-$(BIN)/mnist data add $(DEMO_DIR) --source scanner-b
 	$(BIN)/mnist train
 
-# The Prefect UI at http://127.0.0.1:4200, on SQLite in ~/.prefect.
+# The Prefect UI at http://127.0.0.1:4200, on SQLite in .state/prefect (PREFECT_HOME).
 prefect: install
 	$(BIN)/prefect server start --host 127.0.0.1 --port 4200
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 # TensorFlow's C++ start-up chatter is noise on a command line.
@@ -12,6 +13,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from cli.common import CliError  # noqa: E402  (after the environment defaults above)
+from flows.prefect_api import project_prefect_home  # noqa: E402  (no Prefect import: set before Prefect reads it)
+
+# MNIST_STATE_DIR read here, not through PipelineSettings: Prefect reads PREFECT_HOME when it is
+# first imported, which may be before any command asks for the settings.
+project_prefect_home(Path(os.environ.get("MNIST_STATE_DIR") or ".state"))
 
 
 def build_parser() -> argparse.ArgumentParser:

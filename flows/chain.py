@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from serving.stack import serving_stack
-from storage.embedded import patched_environ, store_environment
+from storage.embedded import exclusive_lock, patched_environ, store_environment
 from tasks.results import SkippedRun, TrainingResult
 
 LABEL_TIMEOUT = 30.0  # seconds for the served label to follow a published version
@@ -62,6 +62,10 @@ def run_chain(params: Any, state_dir: Path, queries: tuple[int, int] = (0, 10)
     with ExitStack() as stack:
         # the Prefect API first: the flow waits for it, while the stack needs to answer only at the live
         # check (which waits for it), so the stack starts while TensorFlow imports and the run trains
+        # one chain per state dir at a time: its stack's model directory, logs and stack.json are the
+        # state dir's; a second mnist run waits for the first rather than failing beside it
+        stack.enter_context(exclusive_lock(state_dir / "serving" / "run.lock",
+                                           waiting=f"waiting for the other mnist run in {state_dir} to finish"))
         api_ready = stack.enter_context(early_prefect_api())
         stack.enter_context(store_environment(state_dir))
         serving, ready = stack.enter_context(serving_stack(state_dir, wait=False))

@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+from storage.embedded import exclusive_lock, free_port, stop_process
+
 # What SubprocessASGIServer sets for its server: no UI, an ephemeral database lifecycle.
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
 # A server that lives for one command serves no block documents and registers no block types: skipping
@@ -97,13 +99,17 @@ def warm_up(api_url: str) -> None:
         pass
 
 
-def start_in_background(api_url: str, process: subprocess.Popen) -> Callable[[], None]:
-    """Wait for the server and warm it up in a thread; returns the wait for that (raising its error)."""
+def start_in_background(api_url: str, start: Callable[[], subprocess.Popen]) -> Callable[[], None]:
+    """Start the server, wait for it and warm it up in a thread; returns the wait for that (raising
+    its error). ``start`` runs in the thread: it may wait for another command's server to come up."""
     failure: list[Exception] = []
 
     def healthy_and_warm() -> None:
         try:
-            wait_healthy(api_url, process)
+            # A server migrates its SQLite database as it starts, and two migrating one database at once
+            # fail (duplicate column name): a second command waits for the first one's server to be up.
+            with exclusive_lock(prefect_home() / "server-start.lock"):
+                wait_healthy(api_url, start())
             warm_up(api_url)
         except Exception as error:  # said by the wait, in the thread that runs the flow
             failure.append(error)
@@ -119,18 +125,38 @@ def start_in_background(api_url: str, process: subprocess.Popen) -> Callable[[],
     return ready
 
 
+def prefect_home() -> Path:
+    """Where Prefect keeps its database and profiles: PREFECT_HOME, else Prefect's own default."""
+    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+
+
+def project_prefect_home(state_dir: Path) -> None:
+    """Keep the project's Prefect state in the project (``<state>/prefect``) unless the user has
+    chosen a home or an API: ``~/.prefect`` is shared with every other Prefect project of the user."""
+    if not (os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL")):
+        os.environ["PREFECT_HOME"] = str((state_dir / "prefect").absolute())
+
+
 @contextmanager
 def early_prefect_api() -> Iterator[Callable[[], None]]:
     """A temporary Prefect API for the block (unless one is configured); yields the wait for it."""
-    from storage.embedded import free_port, stop_process
-
     if api_configured():
         yield lambda: None
         return
-    # Spawned before importing Prefect (a second of its own): the server's start is the longer wait.
-    process = spawn_server(port := free_port())
+    # Started before importing Prefect (a second of its own): the server's start is the longer wait.
+    port, leaving = free_port(), threading.Lock()
+    started: list[subprocess.Popen] | None = []
+
+    def start() -> subprocess.Popen:
+        with leaving:  # not once the block is left: a server spawned then would outlive the command
+            if started is None:
+                raise RuntimeError("the command ended before its Prefect server started")
+            process = spawn_server(port)
+            started.append(process)
+        return process
+
     api_url = f"http://127.0.0.1:{port}/api"
-    ready = start_in_background(api_url, process)
+    ready = start_in_background(api_url, start)
     try:
         from prefect.settings import (
             PREFECT_API_URL,
@@ -150,8 +176,11 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
             yield ready
             drain_to_api()
     finally:
-        stop_process(process.pid)
-        process.wait(timeout=30)
+        with leaving:
+            spawned, started = started, None
+        for server in spawned or []:
+            stop_process(server.pid)
+            server.wait(timeout=30)
 
 
 def api_configured() -> bool:

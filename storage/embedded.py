@@ -6,6 +6,7 @@ with generated credentials, free ports and state under ``.state/seaweedfs``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -19,7 +20,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import IO, Iterator
 
 from storage.store_security import security_environment
 
@@ -40,6 +41,7 @@ class LocalStore:
     secret_key: str
     pid: int
     data_dir: str
+    temporary: bool = False  # started for commands' blocks: the last of them to leave stops it
 
     def environment(self) -> dict[str, str]:
         return {"MNIST_S3_ENDPOINT": self.endpoint, "AWS_ACCESS_KEY_ID": self.access_key,
@@ -207,18 +209,46 @@ def credentials(state_dir: Path) -> tuple[str, str]:
     return keys["access_key"], keys["secret_key"]
 
 
-def start_local_store(state_dir: Path) -> LocalStore:
-    """Start the embedded store in the background and record it in ``state_dir``."""
-    running = read_state(state_dir)
-    if running:
-        return running
+def start_local_store(state_dir: Path, temporary: bool = False) -> LocalStore:
+    """Start the embedded store in the background and record it in ``state_dir`` (or return the
+    one running there)."""
+    with exclusive_lock(store_lock(state_dir, "start")):
+        return read_state(state_dir) or launch_local_store(state_dir, temporary)
+
+
+def launch_local_store(state_dir: Path, temporary: bool) -> LocalStore:
+    """Start it, holding the start lock: two commands starting one store in one data directory
+    at once would both fail (and each make its own credentials)."""
     access_key, secret_key = credentials(state_dir)
     data_dir = state_dir / "seaweedfs" / "data"
     weed = start_weed(data_dir, access_key, secret_key)
-    store = LocalStore(weed.endpoint, access_key, secret_key, weed.process.pid, str(data_dir))
+    store = LocalStore(weed.endpoint, access_key, secret_key, weed.process.pid, str(data_dir), temporary)
     state_file(state_dir).write_text(json.dumps(asdict(store)))
     state_file(state_dir).chmod(0o600)
     return store
+
+
+def lock_file(path: Path) -> IO[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path.open("a")
+
+
+@contextmanager
+def exclusive_lock(path: Path, waiting: str | None = None) -> Iterator[None]:
+    """Hold an exclusive flock on ``path`` for the block; the kernel releases it if the process
+    dies, so a killed command never leaves it held. ``waiting``: said once if another holds it."""
+    with lock_file(path) as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if waiting:
+                print(waiting, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def store_lock(state_dir: Path, name: str) -> Path:
+    return state_dir / "seaweedfs" / f"{name}.lock"
 
 
 def stop_local_store(state_dir: Path) -> bool:
@@ -249,15 +279,31 @@ def patched_environ(values: dict[str, str]) -> Iterator[None]:
 def store_environment(state_dir: Path) -> Iterator[str | None]:
     """Make an S3 store reachable through the environment for the block: the one
     ``MNIST_S3_ENDPOINT`` names, else a running embedded store, else an embedded
-    store started for the block and stopped after it. Yields the endpoint."""
+    store started for the block. Yields the endpoint.
+
+    A store started for a block is shared with the commands that run beside it: each holds a
+    shared lock on ``users.lock`` while it uses the store, and the last to leave stops it (taken
+    and checked under the start lock, so no command joins while another decides to stop)."""
     if os.environ.get("MNIST_S3_ENDPOINT"):
         yield os.environ["MNIST_S3_ENDPOINT"]
         return
-    running = read_state(state_dir)
-    store = running or start_local_store(state_dir)
+    with lock_file(store_lock(state_dir, "users")) as users:
+        with exclusive_lock(store_lock(state_dir, "start")):
+            fcntl.flock(users, fcntl.LOCK_SH)
+            store = read_state(state_dir) or launch_local_store(state_dir, temporary=True)
+        try:
+            with patched_environ(store.environment()):
+                yield store.endpoint
+        finally:
+            with exclusive_lock(store_lock(state_dir, "start")):
+                if store.temporary and last_user(users):
+                    stop_local_store(state_dir)
+
+
+def last_user(users: IO[str]) -> bool:
+    """Whether no other command holds the store: our shared lock turns exclusive at once."""
     try:
-        with patched_environ(store.environment()):
-            yield store.endpoint
-    finally:
-        if running is None:
-            stop_local_store(state_dir)
+        fcntl.flock(users, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True

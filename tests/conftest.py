@@ -14,6 +14,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO = Path(__file__).resolve().parents[1]
+# The checkout's Prefect home, as make test sets it: the mnist commands tests start share one
+# migrated database instead of each migrating one under its test's state dir.
+os.environ.setdefault("PREFECT_HOME", str(REPO / ".state" / "prefect"))
 
 
 def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 600
