@@ -14,6 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 # The project's Prefect database and profiles stay in the project (as the mnist command keeps them),
 # not in ~/.prefect, shared with every other Prefect project; set PREFECT_HOME to choose another.
 export PREFECT_HOME ?= $(CURDIR)/.state/prefect
+$(shell mkdir -p "$(PREFECT_HOME)")  # Prefect makes its home, but not the folders above it
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 

@@ -11,6 +11,9 @@ from typing import Any
 # TensorFlow's C++ start-up chatter is noise on a command line.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# The beat the zombie-run automation expects (flows/deploy.py HEARTBEAT_SECONDS), for runs a command
+# starts against a server; a deployment's runs have it from their job variables.
+os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 
 from cli.common import CliError  # noqa: E402  (after the environment defaults above)
 from flows.prefect_api import project_prefect_home  # noqa: E402  (no Prefect import: set before Prefect reads it)

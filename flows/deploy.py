@@ -22,7 +22,8 @@ import yaml
 from prefect.automations import Automation
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.actions import WorkPoolCreate
-from prefect.events.actions import DoNothing, RunDeployment, SendNotification
+from prefect.client.schemas.objects import StateType
+from prefect.events.actions import ChangeFlowRunState, DoNothing, RunDeployment, SendNotification
 from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
@@ -33,6 +34,14 @@ TRAINING_FLOW = "mnist-training"
 FAILED_EVENTS = {"prefect.flow-run.Failed", "prefect.flow-run.Crashed", "prefect.flow-run.TimedOut",
                  "prefect.flow-run.Rejected"}
 FAILED_STATE_TYPES = ["FAILED", "CRASHED"]
+# A flow run says it lives every HEARTBEAT_SECONDS (PREFECT_FLOWS_HEARTBEAT_FREQUENCY in the
+# deployments' job variables; Prefect's floor is 30); one whose beats stop for ZOMBIE_AFTER has
+# lost its process: a killed worker, an evicted pod, a machine restart.
+HEARTBEAT_SECONDS = 30
+ZOMBIE_AFTER = timedelta(seconds=75)  # two missed beats and a half: a busy machine may be late with one
+CANCEL_WITHIN = timedelta(seconds=30)  # a worker alive ends a cancelled run in seconds; before ZOMBIE_AFTER
+FINAL_EVENTS = {"prefect.flow-run.Completed", "prefect.flow-run.Failed", "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed"}
 
 
 @cache
@@ -190,9 +199,48 @@ def who_hears(notify_block: str | None) -> str:
             "feed; name a notification block, e.g. MNIST_NOTIFY_BLOCK=slack-webhook/ops, and run make deploy again.")
 
 
-def automations(training_deployment_id: str, notify_block: str | None) -> list[Automation]:
+def our_runs(flow_names: list[str]) -> dict[str, Any]:
+    """Runs of this project's flows only: another project's runs on the same server may beat slower."""
+    return {"prefect.resource.role": "flow", "prefect.resource.name": flow_names}
+
+
+def crash_zombie_runs(flow_names: list[str]) -> Automation:
+    """Prefect's documented answer to runs whose process died ("detect zombie flows"): a run that
+    stops beating is Crashed, which ends it and frees its deployment's concurrency slot, so the
+    next scheduled run starts instead of waiting behind it for good."""
+    return Automation(
+        name="mnist: crash runs whose heartbeats stopped",
+        description=f"A flow run sent no heartbeat for {ZOMBIE_AFTER.seconds} s (its worker or process died): marked "
+                    "Crashed, which frees its concurrency slot.",
+        trigger=EventTrigger(after={"prefect.flow-run.heartbeat"},
+                             expect={"prefect.flow-run.heartbeat", *FINAL_EVENTS},
+                             match={"prefect.resource.id": "prefect.flow-run.*"}, match_related=our_runs(flow_names),
+                             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                             within=ZOMBIE_AFTER),
+        actions=[ChangeFlowRunState(state=StateType.CRASHED,
+                                    message=f"no heartbeat for {ZOMBIE_AFTER.seconds} s: its worker or process died")])
+
+
+def finish_orphaned_cancels(flow_names: list[str]) -> Automation:
+    """A run cancelled while no worker watches it stays Cancelling (the worker is what ends it):
+    after CANCEL_WITHIN it is set Cancelled."""
+    return Automation(
+        name="mnist: finish cancelling runs no worker ends",
+        description=f"A flow run still Cancelling {CANCEL_WITHIN.seconds} s after a cancel (no worker is left to end "
+                    "it): set Cancelled.",
+        trigger=EventTrigger(after={"prefect.flow-run.Cancelling"}, expect=FINAL_EVENTS,
+                             match={"prefect.resource.id": "prefect.flow-run.*"}, match_related=our_runs(flow_names),
+                             for_each={"prefect.resource.id"}, posture=Posture.Proactive, threshold=1,
+                             within=CANCEL_WITHIN),
+        actions=[ChangeFlowRunState(state=StateType.CANCELLED, force=True,
+                                    message="cancelled: no worker was left to end the run")])
+
+
+def automations(training_deployment_id: str, notify_block: str | None, flow_names: list[str]) -> list[Automation]:
     action, heard = notification_action(notify_block), who_hears(notify_block)
     return [
+        crash_zombie_runs(flow_names),
+        finish_orphaned_cancels(flow_names),
         retrain_on_new_data(training_deployment_id, int(os.environ.get("MNIST_RETRAIN_MIN_NEW", "500"))),
         retrain_on_drift(training_deployment_id),
         Automation(
@@ -233,7 +281,8 @@ def ensure_automations(config: dict[str, Any], project_dir: Path, notify_block: 
             if existing.name.startswith("mnist: "):
                 client.delete_automation(existing.id)
     created = []
-    for automation in automations(str(deployment.id), notify_block):
+    flow_names = sorted({flow_name(d["entrypoint"], project_dir) for d in config["deployments"]})
+    for automation in automations(str(deployment.id), notify_block, flow_names):
         automation.create()
         created.append(automation.name)
     return created

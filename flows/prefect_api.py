@@ -134,7 +134,9 @@ def project_prefect_home(state_dir: Path) -> None:
     """Keep the project's Prefect state in the project (``<state>/prefect``) unless the user has
     chosen a home or an API: ``~/.prefect`` is shared with every other Prefect project of the user."""
     if not (os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL")):
-        os.environ["PREFECT_HOME"] = str((state_dir / "prefect").absolute())
+        home = (state_dir / "prefect").absolute()
+        home.mkdir(parents=True, exist_ok=True)  # Prefect makes its home, but not the folders above it
+        os.environ["PREFECT_HOME"] = str(home)
 
 
 @contextmanager

@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The checkout's Prefect home, as make test sets it: the mnist commands tests start share one
 # migrated database instead of each migrating one under its test's state dir.
 os.environ.setdefault("PREFECT_HOME", str(REPO / ".state" / "prefect"))
+Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
 
 
 def run_mnist(*args: str, env: dict[str, str] | None = None, timeout: float = 600

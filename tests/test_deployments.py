@@ -129,6 +129,22 @@ def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: di
     assert drift["schedules"][0]["schedule"]["cron"] == "0 4 * * *" and drift["work_pool_name"] == "mnist-process"
 
 
+def test_runs_beat_as_often_as_the_zombie_automation_expects(deployed: dict[str, Any]) -> None:
+    """A run beating slower than the window would be crashed alive: the deployments' beat is the one
+    the automation was made for, and only this project's flows are watched."""
+    from flows.deploy import HEARTBEAT_SECONDS, ZOMBIE_AFTER
+
+    created = {a["name"]: a for a in api(deployed, "POST", "/automations/filter", json={})}
+    zombie = created["mnist: crash runs whose heartbeats stopped"]["trigger"]
+    assert zombie["posture"] == "Proactive" and zombie["within"] == ZOMBIE_AFTER.seconds
+    assert zombie["after"] == ["prefect.flow-run.heartbeat"] and "prefect.flow-run.heartbeat" in zombie["expect"]
+    assert "mnist-training" in zombie["match_related"]["prefect.resource.name"]
+    assert created["mnist: finish cancelling runs no worker ends"]["actions"][0]["state"] == "CANCELLED"
+    for name in (TRAINING, "mnist-rollback/rollback", "mnist-drift/daily"):
+        beat = deployment(deployed, name)["job_variables"]["env"]["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"]
+        assert 2 * int(beat) < ZOMBIE_AFTER.seconds and int(beat) == HEARTBEAT_SECONDS
+
+
 def wait_for_scheduled(server: dict[str, Any], deployment_id: str) -> list[dict[str, Any]]:
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

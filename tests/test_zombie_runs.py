@@ -1,0 +1,99 @@
+"""A run whose worker died is Crashed by the automation make deploy creates, and frees the slot the
+next run waits for; a cancel reaches a run no worker is left to end. Real server, worker and runs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from flows.deploy import CANCEL_WITHIN, HEARTBEAT_SECONDS, ZOMBIE_AFTER
+from storage.embedded import stop_process
+from tests.conftest import REPO, S3_ACCESS_KEY, S3_SECRET_KEY
+from tests.test_deployments import FAST_PARAMS, api, client_env, deployment, mnist_deploy, running_prefect_server
+
+pytestmark = pytest.mark.faults
+LONG_RUN = {"params": {**FAST_PARAMS["params"], "epochs": 200}}  # minutes: it is killed long before its end
+
+
+def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
+    with log.open("a") as out:
+        return subprocess.Popen([sys.executable, "-m", "cli", "worker"], cwd=REPO, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for_state(server: dict[str, Any], run_id: str, states: set[str], timeout: float) -> tuple[dict, float]:
+    started = time.monotonic()
+    while time.monotonic() - started < timeout:
+        run = api(server, "GET", f"/flow_runs/{run_id}")
+        if run["state_type"] in states:
+            return run, time.monotonic() - started
+        time.sleep(1)
+    pytest.fail(f"run {run_id} still {run['state_name']} after {timeout:.0f} s (wanted {states})")
+
+
+def beating(server: dict[str, Any], run_id: str, timeout: float = 120) -> None:
+    """Until the server has heard the run's first heartbeat: the automation's window starts there."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        events = api(server, "POST", "/events/filter", json={"filter": {
+            "event": {"name": ["prefect.flow-run.heartbeat"]},
+            "resource": {"id": [f"prefect.flow-run.{run_id}"]}}, "limit": 1})
+        if events["events"]:
+            return
+        time.sleep(1)
+    pytest.fail(f"no heartbeat from run {run_id} within {timeout:.0f} s")
+
+
+def killed(worker: subprocess.Popen) -> None:
+    """As a machine restart or an eviction ends it: SIGKILL to the worker and its runs, no clean-up."""
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait(timeout=30)
+
+
+def test_a_dead_workers_run_is_crashed_and_the_next_run_starts(tmp_path: Path, s3_server, mnist_dir: Path,
+                                                               cache_dir: Path) -> None:
+    with running_prefect_server(tmp_path / "prefect") as server:
+        mnist_deploy(server)
+        env = client_env(server, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
+                         MNIST_OUTPUT_DIR=str(tmp_path / "outputs"), MNIST_STATE_DIR=str(tmp_path / "state"),
+                         MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="zombie-runs",
+                         AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
+                         AWS_REGION="us-east-1")
+        training = deployment(server)
+        log = tmp_path / "worker.log"
+        worker = start_worker(env, log)
+        try:
+            first = api(server, "POST", f"/deployments/{training['id']}/create_flow_run", json={"parameters": LONG_RUN})
+            wait_for_state(server, first["id"], {"RUNNING"}, 180)
+            waiting = api(server, "POST", f"/deployments/{training['id']}/create_flow_run",
+                          json={"parameters": LONG_RUN})  # the next scheduled run, queued behind it
+            beating(server, first["id"])
+            killed(worker)
+            crashed, after = wait_for_state(server, first["id"], {"CRASHED"}, ZOMBIE_AFTER.seconds + 60)
+            assert "heartbeat" in crashed["state"]["message"]
+            print(f"crashed {after:.0f} s after the kill (beat {HEARTBEAT_SECONDS} s, window {ZOMBIE_AFTER.seconds} s)")
+            assert api(server, "GET", f"/flow_runs/{waiting['id']}")["state_type"] != "RUNNING"
+
+            worker = start_worker(env, log)  # the slot is free: the waiting run starts
+            _, after = wait_for_state(server, waiting["id"], {"RUNNING"}, 120)
+            print(f"the waiting run started {after:.0f} s after the new worker")
+
+            beating(server, waiting["id"])
+            killed(worker)  # and a cancel of a run whose worker is gone ends Cancelled, not Cancelling
+            api(server, "POST", f"/flow_runs/{waiting['id']}/set_state",
+                json={"state": {"type": "CANCELLING", "name": "Cancelling"}})
+            cancelled, after = wait_for_state(server, waiting["id"], {"CANCELLED", "CRASHED"},
+                                              CANCEL_WITHIN.seconds + 60)
+            assert cancelled["state_type"] == "CANCELLED", cancelled["state"]
+            print(f"cancelled {after:.0f} s after the cancel")
+        finally:
+            if worker.poll() is None:
+                stop_process(worker.pid)
+                worker.wait(timeout=60)
