@@ -364,9 +364,18 @@ class ModelStore(ObjectStore):
             self.delete_version(stored[version])
         return doomed
 
-    def gc(self, keep: int, grace_seconds: float | None = None) -> dict[str, list[int]]:
-        """Delete complete versions beyond the newest ``keep`` and leftovers of
-        interrupted publishes. Never a labelled version, nor the newest complete one."""
+    def stale_uploads(self, grace_seconds: float | None = None) -> list[dict[str, Any]]:
+        """Multipart uploads under this model begun longer than the grace period ago and never
+        finished: a publish of a file above the multipart threshold killed mid-file."""
+        grace = self.settings.gc_grace_seconds if grace_seconds is None else grace_seconds
+        now = datetime.now(timezone.utc)
+        return [u for u in self.unfinished_uploads(self.key(""))
+                if (now - u["Initiated"]).total_seconds() >= grace]
+
+    def gc(self, keep: int, grace_seconds: float | None = None) -> dict[str, list[Any]]:
+        """Delete complete versions beyond the newest ``keep``, leftovers of interrupted
+        publishes, and abort their unfinished multipart uploads. Never a labelled version,
+        nor the newest complete one."""
         if keep < 1:
             raise StoreError("gc --keep must be at least 1")
         stored = self.stored_version_dirs()
@@ -374,8 +383,10 @@ class ModelStore(ObjectStore):
         old = sorted(complete)[:-keep]
         leftovers = self.leftovers(stored, grace_seconds)
         deleted = self.delete_retired(old + sorted(leftovers), stored)
-        removed = {"removed_versions": [v for v in deleted if v in complete],
-                   "removed_leftovers": [v for v in deleted if v not in complete]}
-        if deleted:
+        aborted = sorted(u["Key"] for u in self.stale_uploads(grace_seconds) if self.abort_upload(u))
+        removed: dict[str, list[Any]] = {"removed_versions": [v for v in deleted if v in complete],
+                                         "removed_leftovers": [v for v in deleted if v not in complete],
+                                         "aborted_uploads": aborted}
+        if deleted or aborted:
             self.record({"event": "gc", **removed})
         return removed

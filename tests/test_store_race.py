@@ -112,7 +112,7 @@ def test_rollback_passes_over_a_version_gc_is_deleting(store_env, tmp_path: Path
     stable_history(store, tiny_model(tmp_path / "model"))
     store.retire([2])
     assert store.rollback() == (3, 1)
-    assert store.gc(keep=5) == {"removed_versions": [2], "removed_leftovers": []}
+    assert store.gc(keep=5) == {"removed_versions": [2], "removed_leftovers": [], "aborted_uploads": []}
     assert store.complete_versions() == [1, 3] and store.labels() == {"stable": 1}
 
 
