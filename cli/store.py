@@ -100,7 +100,8 @@ def registry_action(args: argparse.Namespace, store) -> int:
     elif action == "gc":
         removed = store.gc(args.keep, args.grace_seconds)
         print(f"removed versions {removed['removed_versions'] or 'none'}, "
-              f"leftovers {removed['removed_leftovers'] or 'none'}")
+              f"leftovers {removed['removed_leftovers'] or 'none'}, "
+              f"aborted unfinished uploads {', '.join(removed['aborted_uploads']) or 'none'}")
     return 0
 
 
@@ -142,9 +143,10 @@ def add_registry_parser(commands: argparse._SubParsersAction) -> None:
     rollback.add_argument("--label", default="stable")
     history = actions.add_parser("history", help="every publish, rejection, label move and rollback")
     history.add_argument("--json", action="store_true")
-    gc = actions.add_parser("gc", help="remove old versions and leftovers of interrupted publishes")
+    gc = actions.add_parser("gc", help="remove old versions and leftovers of interrupted publishes, abort their "
+                                       "unfinished multipart uploads")
     gc.add_argument("--keep", type=int, required=True, help="complete versions to keep (labelled ones always stay)")
     gc.add_argument("--grace-seconds", type=float, default=None,
-                    help="an unfinished publish younger than this is left alone "
+                    help="an unfinished publish (or multipart upload) younger than this is left alone "
                          "(default: MNIST_GC_GRACE_SECONDS, 3600)")
     registry.set_defaults(handler=command_registry)

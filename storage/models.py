@@ -4,13 +4,17 @@ Layout (``../shared/DESIGN.md`` §4)::
 
     <prefix>/<model>/<version>/saved_model.pb, variables/..., assets.extra/manifest.json
     <prefix>/<model>/_registry/claims/<version>     one per allocated number, never deleted
-    <prefix>/<model>/_registry/labels.json          {"stable": 3, "canary": 4}
+    <prefix>/<model>/_registry/labels.json          {"stable": 3, "canary": 4, "_retired": [1, 2]}
     <prefix>/<model>/_registry/history/<time>-<id>.json   one object per event
 
 A version is published only when its manifest exists and every file matches it;
 the manifest is written last. Version numbers are claimed with a conditional
 write (``If-None-Match: *``), so racing publishers never share one, and claims
 outlive garbage collection, so a number is never reused.
+
+Labels and gc meet in one document, ``labels.json``, changed only by compare-and-swap:
+gc retires a version there (``_retired``) before deleting any of it, and only if no label
+names it; a label move refuses a retired version. See docs/model-store.md for the interleavings.
 
 The S3 protocol itself (retries, conditional writes, manifest last) is
 ``storage.s3``'s; this module holds the model registry's rules on top of it.
@@ -40,9 +44,12 @@ from storage.s3 import (
 )
 
 __all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccessDenied", "UnsafeManifest",
-           "VerificationFailed", "VersionNotFound", "local_versions", "scan_saved_model"]
+           "VerificationFailed", "VersionNotFound", "VersionRetired", "local_versions", "scan_saved_model"]
 
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
+# In labels.json beside the labels: versions gc is deleting or has deleted, never labelled again.
+# No label can have this name (labels start with a letter).
+RETIRED = "_retired"
 
 
 class StoreSettings(S3Settings):
@@ -59,6 +66,10 @@ class NothingToRollBack(StoreError):
 
 class VersionNotFound(StoreError):
     """No complete version with that number."""
+
+
+class VersionRetired(StoreError):
+    """A label move to a version gc is deleting (or has deleted)."""
 
 
 def upload_order(relative: str) -> tuple[int, str]:
@@ -186,8 +197,9 @@ class ModelStore(ObjectStore):
             sign_directory(directory, signing_key)
         files = scan_saved_model(directory)
         self.ensure_bucket()
-        for items in self.leftovers(self.stored_version_dirs()).values():  # what an interrupted publish left
-            self.delete_version(items)
+        if leftovers := self.leftovers(self.stored_version_dirs()):  # what an interrupted publish left
+            for version in set(self.retire(sorted(leftovers))) & set(leftovers):  # retired first, as gc does
+                self.delete_version(leftovers[version])
         version = self.claim_number({"source": str(directory), "flow_run_id": metadata.get("flow_run_id")})
         entries = self.upload_verified(self.key(version), files)
         manifest = {**metadata, "model_name": self.settings.model_name, "version": version,
@@ -249,19 +261,29 @@ class ModelStore(ObjectStore):
         return rows
 
     # --- labels and history ------------------------------------------------
-    def labels(self) -> dict[str, int]:
+    def labels_document(self) -> dict[str, Any]:
+        """labels.json as stored: the labels, and the versions gc has retired (``_retired``)."""
         return self.get_json(self.key("_registry", "labels.json")) or {}
+
+    def labels(self) -> dict[str, int]:
+        return {k: v for k, v in self.labels_document().items() if k != RETIRED}
 
     def set_label(self, label: str, version: int | None, event: dict[str, Any] | None = None) -> int | None:
         """Point ``label`` at ``version`` (None removes it), with a compare-and-swap on
-        labels.json so concurrent movers never lose an update; returns the previous target."""
+        labels.json so concurrent movers never lose an update; returns the previous target.
+        VersionRetired when gc has retired ``version``: checked inside the swap, so a label
+        never lands on a version gc is deleting."""
         if not LABEL_PATTERN.match(label):
             raise StoreError(f"invalid label {label!r}: use lower-case letters, digits, '-' or '_'")
         if version is not None and version not in self.complete_versions():
             raise VersionNotFound(f"version {version} of {self.uri()} is not published")
 
-        def move(labels: dict[str, int] | None) -> dict[str, int]:
-            others = {k: v for k, v in (labels or {}).items() if k != label}
+        def move(document: dict[str, Any] | None) -> dict[str, Any]:
+            document = document or {}
+            if version is not None and version in document.get(RETIRED, []):
+                stays = f"{label} stays on {document[label]}" if label in document else f"{label} stays unset"
+                raise VersionRetired(f"version {version} is being deleted by gc; {stays}")
+            others = {k: v for k, v in document.items() if k != label}
             return others if version is None else {**others, label: version}
 
         before, _ = self.update_json(self.key("_registry", "labels.json"), move)
@@ -277,10 +299,11 @@ class ModelStore(ObjectStore):
 
     def _rollback_plan(self, label: str) -> tuple[int, int | None]:
         """The version ``label`` names now, and its ``rollback_target``, from one read of each record."""
-        current = self.labels().get(label)
+        document = self.labels_document()
+        current = document.get(label) if label != RETIRED else None
         if current is None:
             raise StoreError(f"nothing to roll back: no {label!r} label in {self.uri()}")
-        complete = set(self.complete_versions())
+        complete = set(self.complete_versions()) - set(document.get(RETIRED, []))
         earlier_targets = [e["version"] for e in self.history()
                            if e.get("event") == "label" and e.get("label") == label and e.get("version") is not None]
         candidates = [v for v in reversed(earlier_targets) if v != current and v in complete and v < current]
@@ -288,11 +311,19 @@ class ModelStore(ObjectStore):
         return current, candidates[0] if candidates else None
 
     def rollback(self, label: str = "stable", event: dict[str, Any] | None = None) -> tuple[int, int]:
-        """Point ``label`` at its ``rollback_target``; NothingToRollBack when there is none."""
-        current, target = self._rollback_plan(label)
-        if target is None:
-            raise NothingToRollBack(f"nothing to roll back to: no published version of {self.uri()} before {current}")
-        self.set_label(label, target, {"reason": "rollback", **(event or {})})
+        """Point ``label`` at its ``rollback_target``; NothingToRollBack when there is none.
+        A target gc retires meanwhile is planned again without it, as if gc had come first
+        (retirement is permanent, so this ends)."""
+        while True:
+            current, target = self._rollback_plan(label)
+            if target is None:
+                raise NothingToRollBack(f"nothing to roll back to: no published version of {self.uri()} "
+                                        f"before {current}")
+            try:
+                self.set_label(label, target, {"reason": "rollback", **(event or {})})
+                break
+            except (VersionRetired, VersionNotFound):
+                continue  # gc took it between the plan and the move
         self.record({"event": "rollback", "label": label, "version": target, "previous": current, **(event or {})})
         return current, target
 
@@ -311,21 +342,51 @@ class ModelStore(ObjectStore):
         """Manifest first: from that moment no reader takes the version for complete."""
         self.delete_keys([item["Key"] for item in sorted(items, key=lambda i: not i["Key"].endswith(MANIFEST))])
 
-    def gc(self, keep: int, grace_seconds: float | None = None) -> dict[str, list[int]]:
-        """Delete complete versions beyond the newest ``keep`` and leftovers of
-        interrupted publishes. Never a labelled version, nor the newest complete one."""
+    def retire(self, candidates: list[int]) -> list[int]:
+        """Mark for deletion, by compare-and-swap on labels.json, those ``candidates`` no label
+        names at the moment of the swap; returns every retired version (earlier ones too). Only a
+        retired version may be deleted, and no label ever moves onto one (``set_label``)."""
+        def mark(document: dict[str, Any] | None) -> dict[str, Any]:
+            document = document or {}
+            labelled = {v for k, v in document.items() if k != RETIRED}
+            retired = set(document.get(RETIRED, [])) | {v for v in candidates if v not in labelled}
+            return {**document, RETIRED: sorted(retired)}
+
+        _, after = self.update_json(self.key("_registry", "labels.json"), mark)
+        return after[RETIRED]
+
+    def delete_retired(self, candidates: list[int], stored: dict[int, list[dict[str, Any]]]) -> list[int]:
+        """Retire ``candidates``, then delete every retired version still ``stored`` (an
+        interrupted gc's too); returns the versions deleted."""
+        retired = self.retire(candidates) if candidates else sorted(self.labels_document().get(RETIRED, []))
+        doomed = sorted(v for v in retired if v in stored)
+        for version in doomed:
+            self.delete_version(stored[version])
+        return doomed
+
+    def stale_uploads(self, grace_seconds: float | None = None) -> list[dict[str, Any]]:
+        """Multipart uploads under this model begun longer than the grace period ago and never
+        finished: a publish of a file above the multipart threshold killed mid-file."""
+        grace = self.settings.gc_grace_seconds if grace_seconds is None else grace_seconds
+        now = datetime.now(timezone.utc)
+        return [u for u in self.unfinished_uploads(self.key(""))
+                if (now - u["Initiated"]).total_seconds() >= grace]
+
+    def gc(self, keep: int, grace_seconds: float | None = None) -> dict[str, list[Any]]:
+        """Delete complete versions beyond the newest ``keep``, leftovers of interrupted
+        publishes, and abort their unfinished multipart uploads. Never a labelled version,
+        nor the newest complete one."""
         if keep < 1:
             raise StoreError("gc --keep must be at least 1")
         stored = self.stored_version_dirs()
         complete = [v for v, items in stored.items() if self.has_manifest(v, items)]
-        protected = set(self.labels().values()) | set(sorted(complete)[-keep:])
-        old = sorted(v for v in complete if v not in protected)
+        old = sorted(complete)[:-keep]
         leftovers = self.leftovers(stored, grace_seconds)
-        for version in old:
-            self.delete_version(stored[version])
-        for items in leftovers.values():
-            self.delete_version(items)
-        removed = {"removed_versions": old, "removed_leftovers": sorted(leftovers)}
-        if old or leftovers:
+        deleted = self.delete_retired(old + sorted(leftovers), stored)
+        aborted = sorted(u["Key"] for u in self.stale_uploads(grace_seconds) if self.abort_upload(u))
+        removed: dict[str, list[Any]] = {"removed_versions": [v for v in deleted if v in complete],
+                                         "removed_leftovers": [v for v in deleted if v not in complete],
+                                         "aborted_uploads": aborted}
+        if deleted or aborted:
             self.record({"event": "gc", **removed})
         return removed

@@ -12,7 +12,8 @@ models or datasets; it gives them what S3 lacks and they need:
   manifest written last so a reader sees all of an item or nothing
   (``upload_verified``, ``write_manifest``), streamed in both directions with
   boto3's managed transfers, hashing as they go (``upload_file``, ``stream_verified``);
-- append-only event history, one object per event (``record``, ``history``).
+- append-only event history, one object per event (``record``, ``history``);
+- the multipart uploads a killed writer left unfinished (``unfinished_uploads``, ``abort_upload``).
 """
 
 from __future__ import annotations
@@ -230,6 +231,34 @@ class ObjectStore:
     def delete_keys(self, keys: list[str]) -> None:
         for key in keys:
             self.call(self.client.delete_object, Bucket=self.bucket, Key=key)
+
+    # --- multipart uploads nobody finished ----------------------------------
+    def unfinished_uploads(self, prefix: str) -> Iterator[dict[str, Any]]:
+        """Multipart uploads under ``prefix`` neither completed nor aborted (a writer killed
+        mid-upload leaves one; its parts take space but are in no listing of objects)."""
+        markers: dict[str, str] = {}
+        while True:
+            try:
+                page = self.call(self.client.list_multipart_uploads, Bucket=self.bucket, Prefix=prefix, **markers)
+            except botocore.exceptions.ClientError as error:
+                if error_code(error)[0] == "NoSuchBucket":
+                    return
+                raise
+            yield from page.get("Uploads", [])
+            if not page.get("IsTruncated"):
+                return
+            markers = {"KeyMarker": page["NextKeyMarker"], "UploadIdMarker": page["NextUploadIdMarker"]}
+
+    def abort_upload(self, upload: dict[str, Any]) -> bool:
+        """Abort one of ``unfinished_uploads``; False if it was finished or aborted meanwhile."""
+        try:
+            self.call(self.client.abort_multipart_upload, Bucket=self.bucket, Key=upload["Key"],
+                      UploadId=upload["UploadId"])
+            return True
+        except botocore.exceptions.ClientError as error:
+            if error_code(error)[0] == "NoSuchUpload" or is_missing(error):
+                return False
+            raise
 
     # --- conditional writes -----------------------------------------------
     def put_new(self, key: str, body: bytes, sha256_hex: str | None = None) -> bool:

@@ -57,7 +57,7 @@ def test_numbers_are_never_reused_after_gc(store: ModelStore, saved_model_dir: P
     for _ in range(3):
         publish(store, saved_model_dir)
     store.set_label("stable", 1)
-    assert store.gc(keep=1) == {"removed_versions": [2], "removed_leftovers": []}
+    assert store.gc(keep=1) == {"removed_versions": [2], "removed_leftovers": [], "aborted_uploads": []}
     assert store.complete_versions() == [1, 3]
     assert publish(store, saved_model_dir) == 4
 
@@ -71,6 +71,26 @@ def test_gc_never_removes_labelled_or_newest(store: ModelStore, saved_model_dir:
     assert store.complete_versions() == [1, 2, 4]
     with pytest.raises(StoreError, match="at least 1"):
         store.gc(keep=0)
+
+
+def test_gc_aborts_the_multipart_uploads_a_killed_publish_left(store: ModelStore, store_env) -> None:
+    """An upload begun and left (a publish killed mid-file) is aborted by `registry gc` once older
+    than the grace period; one of another model's is not this gc's to touch."""
+    store.ensure_bucket()
+    other = ModelStore(StoreSettings(model_name="mnist-other"))
+    left = {}
+    for owner in (store, other):
+        key = owner.key(7, "variables", "variables.data-00000-of-00001")
+        upload = owner.client.create_multipart_upload(Bucket=owner.bucket, Key=key)["UploadId"]
+        owner.client.upload_part(Bucket=owner.bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * 1024)
+        left[owner.settings.model_name] = key
+    assert store.gc(keep=1)["aborted_uploads"] == []  # younger than MNIST_GC_GRACE_SECONDS: maybe still running
+    gc = run_mnist("registry", "gc", "--keep", "1", "--grace-seconds", "0", env=store_env)
+    assert gc.returncode == 0, gc.stderr
+    assert gc.stdout.strip() == f"removed versions none, leftovers none, aborted unfinished uploads {left['mnist']}"
+    assert [u["Key"] for u in store.unfinished_uploads(store.key(""))] == []
+    assert [u["Key"] for u in other.unfinished_uploads(other.key(""))] == [left["mnist-other"]]
+    assert store.history()[-1]["aborted_uploads"] == [left["mnist"]]
 
 
 def test_changed_object_fails_verify_naming_the_file(store: ModelStore, saved_model_dir: Path,
