@@ -23,7 +23,7 @@ from serving.gateway.http2 import (
     frame,
     header_frames,
 )
-from serving.gateway.relay import Body, GrpcRelay, Link, Watch, grpc_message
+from serving.gateway.relay import STANDING_IN, Body, GrpcRelay, Link, Watch, grpc_message
 from storage.embedded import free_port
 
 WATCHED = "/test.Echo/Predict"
@@ -33,14 +33,14 @@ ID_HEADER = b"x-request-id"
 class Upstream:
     """A grpcio server whose methods answer with what they saw."""
 
-    def __init__(self):
+    def __init__(self, port: int = 0):
         self.seen: list[dict] = []
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler("test.Echo", {
             "Predict": grpc.unary_unary_rpc_method_handler(self.predict),
             "Slow": grpc.unary_unary_rpc_method_handler(self.slow),
         })])
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         self.server.start()
 
     def predict(self, body: bytes, context: grpc.ServicerContext) -> bytes:
@@ -151,6 +151,38 @@ def test_an_unreachable_upstream_is_unavailable_to_the_caller() -> None:
     finally:
         relay.stop()
     assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_an_upstream_restart_keeps_the_callers_connection_and_it_resumes_at_once(upstream: Upstream, relay) -> None:
+    """The model server restarting behind the gateway: calls meanwhile fail UNAVAILABLE at once on
+    the caller's own connection (not a closed one, which sends gRPC into its reconnect backoff), and
+    the first call after upstream is back succeeds within a second."""
+    port = upstream.port
+    with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel:
+        call = channel.unary_unary(WATCHED)
+        assert call(b"before", timeout=5) == b"answer:before"
+        upstream.server.stop(0).wait()
+        outage_ends = time.monotonic() + 8  # long enough for gRPC's backoff to grow past seconds
+        while time.monotonic() < outage_ends:
+            asked = time.monotonic()
+            with pytest.raises(grpc.RpcError) as down:
+                call(b"during", timeout=5)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert down.value.details() == STANDING_IN.decode(), down.value.details()  # from the kept connection
+            assert time.monotonic() - asked < 0.5
+            time.sleep(0.2)
+        again = Upstream(port)
+        try:
+            back, answer = time.monotonic(), None
+            while answer is None and time.monotonic() - back < 5:
+                try:
+                    answer = call(b"after", timeout=5)
+                except grpc.RpcError:
+                    time.sleep(0.02)
+            resumed = time.monotonic() - back
+        finally:
+            again.server.stop(0)
+    assert answer == b"answer:after" and resumed < 1.0, f"resumed {resumed:.2f} s after upstream was back"
 
 
 @pytest.mark.parametrize("malformed", [

@@ -12,6 +12,8 @@ from hpack.hpack import encode_integer
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x5, 0x9
+PING, GOAWAY, WINDOW_UPDATE = 0x6, 0x7, 0x8
+NO_ERROR, REFUSED_STREAM = 0x0, 0x7
 END_STREAM, ACK, END_HEADERS, PADDED, PRIORITY = 0x1, 0x1, 0x4, 0x8, 0x20
 SETTINGS_HEADER_TABLE_SIZE = 0x1
 FRAME_LIMIT = 16_384  # SETTINGS_MAX_FRAME_SIZE's floor: a frame this size is always allowed
@@ -24,6 +26,34 @@ def literal(name: bytes, value: bytes) -> bytes:
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + stream.to_bytes(4, "big") + payload
+
+
+def settings_ack() -> bytes:
+    return frame(SETTINGS, ACK, 0, b"")
+
+
+def ping_ack(payload: memoryview) -> bytes:
+    return frame(PING, ACK, 0, bytes(payload))
+
+
+def window_update(stream: int, increment: int) -> bytes:
+    return frame(WINDOW_UPDATE, 0, stream, increment.to_bytes(4, "big"))
+
+
+def reset(stream: int, code: int) -> bytes:
+    return frame(RST_STREAM, 0, stream, code.to_bytes(4, "big"))
+
+
+def goaway(last_stream: int, code: int = NO_ERROR) -> bytes:
+    """"Open no more streams here; those up to ``last_stream`` were seen" (RFC 9113 6.8)."""
+    return frame(GOAWAY, 0, 0, last_stream.to_bytes(4, "big") + code.to_bytes(4, "big"))
+
+
+def grpc_unavailable(stream: int, message: bytes) -> bytes:
+    """A trailers-only gRPC response with status UNAVAILABLE (14), as literals that enter no table."""
+    fields = ((b":status", b"200"), (b"content-type", b"application/grpc"), (b"grpc-status", b"14"),
+              (b"grpc-message", message))
+    return header_frames(stream, END_STREAM, b"".join(literal(name, value) for name, value in fields))
 
 
 def header_frames(stream: int, end_stream: int, block: bytes) -> bytes:

@@ -41,20 +41,32 @@ from serving.gateway.http2 import (
     END_HEADERS,
     END_STREAM,
     HEADERS,
+    PING,
     PREFACE,
     PUSH_PROMISE,
+    REFUSED_STREAM,
     RST_STREAM,
     SETTINGS,
     FrameReader,
+    frame,
+    goaway,
+    grpc_unavailable,
     header_frames,
     header_table_size,
     literal,
+    ping_ack,
+    reset,
+    settings_ack,
     unpadded,
+    window_update,
 )
 
 log = logging.getLogger("mnist.gateway")
 
 CANCELLED = 1  # grpc.StatusCode.CANCELLED's number, for a stream reset before its trailers
+UNAVAILABLE = 14
+PROBE_SECONDS = 0.2  # how often a relay standing in for a gone upstream tries to reach it again
+STANDING_IN = b"upstream unavailable: the model server is not answering (restarting?); retry"
 
 
 class Body:
@@ -154,9 +166,18 @@ class Link:
         self.exchanges: dict[int, Exchange] = {}
         self.ended: list[tuple[Exchange, int, str]] = []  # recorded once the bytes that ended them are sent
         self.closed = False
+        # what standing in for a gone upstream needs: the streams it leaves unanswered, the newest
+        # stream (for GOAWAY), whether the caller has had a server's SETTINGS yet
+        self.open_streams: set[int] = set()
+        self.last_stream = 0
+        self.heard_upstream_settings = False
+        self.standing_in = False
 
     # --- bytes in -------------------------------------------------------------------------
     def client_bytes(self, data: bytes) -> None:
+        if self.standing_in:
+            self.answer_alone(data)
+            return
         passed, frames = self.from_client.feed(data)
         out: list[bytes | memoryview] = [passed]
         for kind, flags, stream, payload, raw in frames:
@@ -164,6 +185,9 @@ class Link:
                 whole = self.header_block("client", kind, flags, stream, payload, raw)
                 if whole:
                     stream, flags, block, _ = whole
+                    if stream > self.last_stream:
+                        self.last_stream = stream
+                        self.open_streams.add(stream)
                     out.append(header_frames(stream, flags & END_STREAM, self.request_block(stream, block)))
                 continue
             self.read_passing(True, kind, flags, stream, payload)
@@ -180,6 +204,8 @@ class Link:
             if kind in (HEADERS, CONTINUATION):
                 whole = self.header_block("upstream", kind, flags, stream, payload, raw)
                 if whole:
+                    if whole[1] & END_STREAM:
+                        self.open_streams.discard(whole[0])
                     out.append(self.response_block(*whole))
                 continue
             self.read_passing(False, kind, flags, stream, payload)
@@ -194,11 +220,15 @@ class Link:
         exchange = self.exchanges.get(stream) if stream else None
         if kind == DATA and exchange:
             self.keep(exchange, exchange.request if from_client else exchange.response, unpadded(kind, flags, payload))
-        elif kind == SETTINGS and not flags & ACK and (size := header_table_size(payload)) is not None:
-            # a side's SETTINGS bind the other side's encoder, whose blocks this relay decodes
-            (self.upstream_table if from_client else self.client_table).max_allowed_table_size = size
-        elif kind == RST_STREAM and exchange:
-            self.end(stream, CANCELLED, "cancelled by the caller" if from_client else "reset by upstream")
+        elif kind == SETTINGS and not flags & ACK:
+            self.heard_upstream_settings |= not from_client
+            if (size := header_table_size(payload)) is not None:
+                # a side's SETTINGS bind the other side's encoder, whose blocks this relay decodes
+                (self.upstream_table if from_client else self.client_table).max_allowed_table_size = size
+        elif kind == RST_STREAM:
+            self.open_streams.discard(stream)
+            if exchange:
+                self.end(stream, CANCELLED, "cancelled by the caller" if from_client else "reset by upstream")
 
     # --- header blocks ----------------------------------------------------------------------
     def header_block(self, side: str, kind: int, flags: int, stream: int, payload: memoryview, raw: memoryview
@@ -287,7 +317,7 @@ class Link:
         self.client.resume_reading()
 
     def close(self) -> None:
-        """Either side gone: the other goes too (a gRPC client reconnects), calls in flight end."""
+        """The caller gone, or a side broke the protocol: both connections close, calls in flight end."""
         if self.closed:
             return
         self.closed = True
@@ -296,6 +326,62 @@ class Link:
             self.upstream.close()
         self.exchanges.clear()
         self.relay.links.discard(self)
+        self.relay.waiting.discard(self)
+
+    # --- standing in for a gone upstream -------------------------------------------------------
+    def stand_in(self, reason: str) -> None:
+        """Upstream went away (a restart, a crash) or cannot be reached: keep the caller's connection,
+        refuse the calls in flight (REFUSED_STREAM: gRPC retries them, as nothing ran) and answer new
+        ones UNAVAILABLE at once until upstream is back; then GOAWAY sends the caller to reconnect
+        at once. Closing the connection instead puts a gRPC caller in its reconnect backoff (1 s
+        growing to 120 s): seconds of failures after upstream is back."""
+        if self.closed or self.standing_in:
+            return
+        self.standing_in = True
+        upstream, self.upstream = self.upstream, None
+        if upstream is not None:
+            upstream.close()
+        self.early.clear()
+        self.blocks.pop("upstream", None)
+        out = [] if self.heard_upstream_settings else [frame(SETTINGS, 0, 0, b"")]  # a server's preface
+        out += [reset(stream, REFUSED_STREAM) for stream in sorted(self.open_streams)]
+        self.open_streams.clear()
+        for stream in list(self.exchanges):
+            self.end(stream, UNAVAILABLE, f"upstream connection lost: {reason}")
+        self.client.write(b"".join(out))
+        self.client.resume_reading()
+        self.record_ended()
+        self.relay.wait_for_upstream(self, reason)
+
+    def answer_alone(self, data: bytes) -> None:
+        """The caller's frames while upstream is gone: each new call answered UNAVAILABLE, its
+        request bytes dropped and given back to the connection's window, SETTINGS and PINGs
+        acknowledged (a caller whose keepalive PING goes unanswered closes the connection)."""
+        _, frames = self.from_client.feed(data)
+        out: list[bytes] = []
+        for kind, flags, stream, payload, raw in frames:
+            if kind in (HEADERS, CONTINUATION):
+                whole = self.header_block("client", kind, flags, stream, payload, raw)
+                if whole:
+                    self.client_table.decode(whole[2], raw=True)  # every block read: the table stays in step
+                    if whole[0] > self.last_stream:
+                        self.last_stream = whole[0]
+                        out.append(grpc_unavailable(whole[0], STANDING_IN))
+            elif kind == DATA and payload:
+                out.append(window_update(0, len(payload)))
+            elif kind == SETTINGS and not flags & ACK:
+                out.append(settings_ack())
+            elif kind == PING and not flags & ACK:
+                out.append(ping_ack(payload))
+        if out:
+            self.client.write(b"".join(out))
+
+    def send_away(self) -> None:
+        """Upstream is back: GOAWAY (no stream lost: each was answered) and close, so the caller
+        connects again at once, through a new link to the new upstream."""
+        if not self.closed:
+            self.client.write(goaway(self.last_stream))
+            self.close()
 
 
 class ClientSide(asyncio.Protocol):
@@ -342,7 +428,7 @@ class UpstreamSide(asyncio.Protocol):
             self.link.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.link.close()
+        self.link.stand_in(f"{exc}" if exc else "upstream closed the connection")
 
     def pause_writing(self) -> None:  # upstream reads slower than the caller sends
         self.link.client.pause_reading()
@@ -363,6 +449,8 @@ class GrpcRelay:
         host, _, upstream_port = upstream.rpartition(":")
         self.upstream_host, self.upstream_port = host.strip("[]"), int(upstream_port)  # [::1]:8500 too
         self.links: set[Link] = set()
+        self.waiting: set[Link] = set()  # links standing in for a gone upstream
+        self.probe: asyncio.Task | None = None
         self.thread: threading.Thread | None = None
         self.port = 0
 
@@ -380,11 +468,32 @@ class GrpcRelay:
             transport, _ = await self.loop.create_connection(lambda: UpstreamSide(link), self.upstream_host,
                                                              self.upstream_port)
         except OSError as error:
-            log.warning("upstream %s:%s unreachable, the caller's connection closed: %s", self.upstream_host,
-                        self.upstream_port, error)
-            link.close()
+            link.stand_in(f"unreachable: {error.strerror or error}")
             return
         link.upstream_connected(cast(asyncio.Transport, transport))
+
+    def wait_for_upstream(self, link: Link, reason: str) -> None:
+        """Hold ``link`` until upstream answers again (one probe for all of them, said once)."""
+        self.waiting.add(link)
+        if self.probe is None or self.probe.done():
+            log.warning("upstream %s:%s gone (%s): calls answered UNAVAILABLE until it is back", self.upstream_host,
+                        self.upstream_port, reason)
+            self.probe = self.loop.create_task(self.probe_upstream())
+
+    async def probe_upstream(self) -> None:
+        started = time.monotonic()
+        while self.waiting:
+            try:
+                _, writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
+            except OSError:
+                await asyncio.sleep(PROBE_SECONDS)
+                continue
+            writer.close()
+            waiting, self.waiting = list(self.waiting), set()
+            log.warning("upstream %s:%s back after %.1f s: %d callers sent to reconnect", self.upstream_host,
+                        self.upstream_port, time.monotonic() - started, len(waiting))
+            for link in waiting:
+                link.send_away()
 
     def in_flight(self) -> int:
         async def count() -> int:  # on the loop, which alone changes the links
