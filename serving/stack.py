@@ -220,7 +220,8 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
             "gateway", "--upstream", server, "--upstream-rest", f"127.0.0.1:{chosen['server_rest']}",
             "--port", str(chosen["gateway"]), "--rest-api-port", str(chosen["gateway_rest"]),
             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1",
-            "--feedback-tokens", str(local_feedback_tokens(root)), "--log-ledger", str(root / "gateway-ledger.json")],
+            "--feedback-tokens", str(local_feedback_tokens(root)), "--log-ledger", str(root / "gateway-ledger.json"),
+            "--log-spool", str(root / "gateway-spool")],
             root / "gateway.log"))
 
         def ready() -> None:
