@@ -75,6 +75,9 @@ def command_gateway(args: argparse.Namespace) -> int:
     from storage.live_check import live_check_key
 
     credentials = feedback_credentials(args.feedback_tokens)
+    if args.log_spool_mib < 1:
+        raise CliError(f"--log-spool-mib {args.log_spool_mib}: must be at least 1", exit_code=2)
+    spool = spool_directory(args.log_spool)
     with reachable_store(lambda: traffic_stores(LOG_RETRY_SECONDS)) as (logs, feedback):
         options = GatewayOptions(upstream=args.upstream, upstream_rest=args.upstream_rest, port=args.port,
                                  rest_port=args.rest_api_port, host=args.host, model_name=logs.settings.model_name,
@@ -83,6 +86,7 @@ def command_gateway(args: argparse.Namespace) -> int:
                                  queue_bytes=args.log_queue_mib << 20, credentials=tuple(credentials),
                                  tokens_file=Path(args.feedback_tokens) if args.feedback_tokens else None,
                                  ledger=Path(args.log_ledger) if args.log_ledger else None,
+                                 spool=spool, spool_bytes=args.log_spool_mib << 20,
                                  feedback_per_minute=args.feedback_per_minute,
                                  rest_max_body_bytes=args.rest_max_body_mib << 20,
                                  live_check_key=live_check_key(logs.settings))
@@ -98,8 +102,30 @@ def command_gateway(args: argparse.Namespace) -> int:
               f"{args.log_sample_rate:.0%} of {options.model_name}'s Predict calls to {logs.uri()}", flush=True)
         wait_for_stop()
         gateway.stop(args.drain_seconds)
-        print(f"mnist gateway: stopped; {gateway.logger.written_records} records written", flush=True)
+        waiting = gateway.logger.spool
+        left = f", {waiting.depth} batches left in the spool {waiting.directory}" if waiting and waiting.depth else ""
+        print(f"mnist gateway: stopped; {gateway.logger.written_records} records written{left}", flush=True)
     return 0
+
+
+def spool_directory(given: str | None) -> Path | None:
+    """--log-spool (or MNIST_GATEWAY_SPOOL): refused in one line when it cannot be used; "" turns the
+    spool off. Unset: ``<state dir>/gateway/log-spool``, or no spool, said so, when that cannot be made."""
+    from cli.common import pipeline_settings
+
+    if given == "":
+        return None
+    path = Path(given) if given else pipeline_settings().state_dir / "gateway" / "log-spool"
+    try:
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise PermissionError(f"{path} is not writable")
+    except OSError as error:
+        if given:
+            raise CliError(f"--log-spool {path}: cannot use it ({error})", exit_code=2) from None
+        print(f"mnist gateway: no log spool ({path}: {error}); a store outage drops logs", file=sys.stderr)
+        return None
+    return path
 
 
 def command_feedback(args: argparse.Namespace) -> int:
@@ -385,6 +411,12 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
     gateway.add_argument("--log-ledger", metavar="FILE", default=os.environ.get("MNIST_GATEWAY_LEDGER"),
                          help="keep the count of queued, unwritten logs here (every 0.5 s), so the next start reports "
                               "what a kill lost (default: MNIST_GATEWAY_LEDGER; none: not kept)")
+    gateway.add_argument("--log-spool", metavar="DIR", default=os.environ.get("MNIST_GATEWAY_SPOOL"),
+                         help="where log batches the store does not take wait on disk until it does, written "
+                              "oldest first once it is back (default: MNIST_GATEWAY_SPOOL, else "
+                              "<state dir>/gateway/log-spool; '' turns it off: an outage drops logs)")
+    gateway.add_argument("--log-spool-mib", type=int, default=1024,
+                         help="MiB the spool may hold before further batches are dropped (default 1024)")
     gateway.add_argument("--feedback-tokens", metavar="FILE", default=os.environ.get("MNIST_FEEDBACK_TOKENS"),
                          help="who may send feedback: 'NAME TOKEN [trusted]' a line (default: MNIST_FEEDBACK_TOKENS; "
                               "none: feedback is refused with 401)")

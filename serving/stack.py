@@ -86,9 +86,13 @@ def wait_for_log(process: subprocess.Popen, log_path: Path, ready_text: str, nam
         time.sleep(0.2)
 
 
-RESTART_LIMIT = 5  # restarts of one part within RESTART_WINDOW before the stack gives up on it
+# A part is restarted for as long as the stack lives, after 1, 2, 4 ... MAX_BACKOFF seconds: a part
+# that dies of something outside it (a full disk, a store outage) comes back once that passes.
+# RESTART_LIMIT restarts within RESTART_WINDOW make a crash loop, which each restart line then says;
+# a part that ran RESTART_WINDOW without dying starts again from the shortest wait.
+RESTART_LIMIT = 5
 RESTART_WINDOW = 600.0
-MAX_BACKOFF = 30.0
+MAX_BACKOFF = 60.0
 
 
 @dataclass
@@ -115,17 +119,24 @@ class Part:
             self.process.wait(timeout=30)
 
 
-def backoff(restarts_in_window: int) -> float | None:
-    """Seconds to wait before the next restart, or None once the part has restarted too often."""
-    if restarts_in_window >= RESTART_LIMIT:
-        return None
+def backoff(restarts_in_window: int) -> float:
+    """Seconds to wait before the next restart: doubling with each recent restart, capped at MAX_BACKOFF."""
     return min(MAX_BACKOFF, 2.0 ** restarts_in_window)
 
 
+def restart_line(part: Part, delay: float) -> str:
+    """What a restart says, in one line; past RESTART_LIMIT recent restarts, that the part crash-loops."""
+    recent = len(part.restarts)
+    looping = (f"; it died {recent + 1} times in {RESTART_WINDOW / 60:g} minutes: see {part.log_path}"
+               if recent >= RESTART_LIMIT else "")
+    return (f"mnist up: the {part.name} exited (code {part.process.returncode if part.process else None}); "
+            f"restarting it in {delay:g} s{looping}")
+
+
 class Supervisor:
-    """The stack's parts, each restarted with a back-off when it dies on its own (at most
-    RESTART_LIMIT times in RESTART_WINDOW seconds), and every restart said on ``say``; stopped
-    last-started first (the gateway before the server, so it writes its queued logs)."""
+    """The stack's parts, each restarted with a capped back-off whenever it dies on its own, for as
+    long as the stack lives, and every restart said on ``say``; stopped last-started first (the
+    gateway before the server, so it writes its queued logs)."""
 
     def __init__(self, say: Callable[[str], None]):
         self.parts: list[Part] = []
@@ -147,18 +158,16 @@ class Supervisor:
                 if part.name not in pending:
                     part.restarts = [t for t in part.restarts if now - t < RESTART_WINDOW]
                     delay = backoff(len(part.restarts))
-                    if delay is None:
-                        self.say(f"mnist up: the {part.name} died {RESTART_LIMIT + 1} times in "
-                                 f"{RESTART_WINDOW / 60:g} minutes; not restarting it again (see {part.log_path})")
-                        part.process = None
-                        continue
-                    self.say(f"mnist up: the {part.name} exited (code {part.process.returncode}); restarting it in "
-                             f"{delay:g} s (restart {len(part.restarts) + 1} of at most {RESTART_LIMIT})")
+                    self.say(restart_line(part, delay))
                     pending[part.name] = now + delay
                 elif now >= pending[part.name] and not self.stopping.is_set():
                     del pending[part.name]
                     part.restarts.append(now)
-                    part.start()
+                    try:
+                        part.start()
+                    except OSError as error:  # e.g. its log's disk is full: try again after the next wait
+                        self.say(f"mnist up: cannot restart the {part.name}: {error}")
+                        continue
                     self.say(f"mnist up: the {part.name} restarted (pid {part.process.pid})")
 
     def stop(self) -> None:
@@ -178,7 +187,7 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
     a training run can go on while they start); with ``supervise``, restart a part that dies
     (``Supervisor``), saying so on ``say``; stop them, the gateway first, flushing its logs, when
     the block ends."""
-    from serving.sync import sync_once
+    from serving.sync import SyncError, sync_once
     from storage.models import ModelStore, StoreSettings
 
     busy = [port for port in asdict(ports).values() if port and not port_free(port)]
@@ -189,7 +198,10 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
     store = ModelStore(StoreSettings())
     store.ensure_bucket()
     model_dir = root / store.settings.model_name
-    sync_once(store, model_dir)  # the server starts on what is already published
+    try:
+        sync_once(store, model_dir)  # the server starts on what is already published
+    except SyncError as error:  # the sync sidecar tries again, with a backoff, until it passes
+        say(f"mnist up: the first sync is incomplete ({error}); the sync sidecar keeps trying")
     server = f"127.0.0.1:{chosen['server']}"
     for name in ("serve", "sync", "gateway"):
         (root / f"{name}.log").unlink(missing_ok=True)  # each stack's logs start fresh; a restart appends
@@ -208,7 +220,8 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
             "gateway", "--upstream", server, "--upstream-rest", f"127.0.0.1:{chosen['server_rest']}",
             "--port", str(chosen["gateway"]), "--rest-api-port", str(chosen["gateway_rest"]),
             "--log-sample-rate", str(sample_rate), "--log-flush-seconds", "1",
-            "--feedback-tokens", str(local_feedback_tokens(root)), "--log-ledger", str(root / "gateway-ledger.json")],
+            "--feedback-tokens", str(local_feedback_tokens(root)), "--log-ledger", str(root / "gateway-ledger.json"),
+            "--log-spool", str(root / "gateway-spool")],
             root / "gateway.log"))
 
         def ready() -> None:

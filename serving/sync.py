@@ -5,10 +5,15 @@ moment one appears. So the sync downloads a version into a hidden staging
 directory, verifies every file against the manifest, and only then renames it
 to ``<model_base_path>/<version>``: a watcher sees a complete version or none.
 It needs only read and list permissions on the bucket.
+
+A write the model directory refuses (disk full, quota, read-only, a failing disk) is a failed
+attempt like a store outage: the staging it left is removed, ``watch`` says it in one line and
+tries again with a capped backoff, for as long as it runs, so freeing the space is all it takes.
 """
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -26,6 +31,9 @@ from storage.models import ModelStore, VerificationFailed, local_versions
 from storage.signing import verify_directory
 
 STAGING_PREFIX = ".sync-"
+MAX_RETRY_SECONDS = 60.0  # the longest wait between failed attempts of ``watch`` (unless --interval is longer)
+# errors of the local disk that make a write fail and pass once someone frees space or fixes the mount
+LOCAL_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass
@@ -39,7 +47,29 @@ class SyncResult:
 
 
 class SyncError(RuntimeError):
-    """The server did not load a synced version in time."""
+    """A sync attempt failed (the server did not load a version in time, or a local write failed)."""
+
+
+class LocalWriteError(SyncError):
+    """The model directory refused a write; nothing half-written is left behind. ``behind`` says
+    how the served config lags the registry meanwhile ("" when it does not, or is not known)."""
+
+    behind = ""
+
+
+def local_write_error(error: OSError, doing: str) -> LocalWriteError:
+    """One line: what failed ("no space left on device") and where."""
+    what = (error.strerror or type(error).__name__).lower()
+    named = [str(name) for name in (error.filename, error.filename2) if name]
+    return LocalWriteError(f"{what} {doing}" + (f" ({' -> '.join(named)})" if named else ""))
+
+
+def local_cause(error: Exception) -> OSError | None:
+    """The local disk's error behind ``error``: the store's ``open_new`` turns any OSError into an
+    UnsafeManifest refusal (raised from None, so only ``__context__`` keeps it); a full disk is no
+    unsafe manifest, and must be retried, not refused."""
+    cause = error if isinstance(error, OSError) else error.__context__
+    return cause if isinstance(cause, OSError) and cause.errno in LOCAL_WRITE_ERRNOS else None
 
 
 def wanted_versions(complete: list[int], labels: dict[str, int]) -> set[int]:
@@ -78,16 +108,21 @@ def write_atomically(path: Path, text: str) -> None:
 
 def download_version(store: ModelStore, version: int, model_base_path: Path, verify_key: Path | None = None) -> None:
     """Verified download into a staging directory (its signature checked when ``verify_key``
-    is given), then one atomic rename."""
-    staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_base_path))
+    is given), then one atomic rename. A write the disk refuses: LocalWriteError, the staging gone."""
+    staging: Path | None = None
     try:
+        staging = Path(tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{version}-", dir=model_base_path))
         store.download(version, staging)
         if verify_key is not None:
             verify_directory(staging, verify_key, f"version {version}")
         staging.rename(model_base_path / str(version))
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    except BaseException as error:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        cause = error if isinstance(error, OSError) else local_cause(error) if isinstance(error, Exception) else None
+        if cause is None:
+            raise
+        raise local_write_error(cause, f"writing version {version} into {model_base_path}") from None
 
 
 def remove_stale_staging(model_base_path: Path) -> None:
@@ -128,10 +163,27 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
 
     A label moves in two steps, as real TF Serving needs: first a config that lists the
     new version with the labels where they were, then, once the version is AVAILABLE
-    (asked of ``server`` with GetModelStatus; without one, on the next round), the move."""
+    (asked of ``server`` with GetModelStatus; without one, on the next round), the move.
+    A write the model directory refuses raises LocalWriteError."""
+    config_file = config_file or model_base_path.parent / "models.config"
+    try:
+        return sync_round(store, model_base_path, config_file, config_base_path, server, load_timeout, verify_key)
+    except OSError as error:  # making the directory, writing the config, removing an old version
+        raise local_write_error(error, f"syncing into {model_base_path}") from None
+
+
+def behind_registry(labels: dict[str, int], config_file: Path) -> str:
+    """How the labels the server was last told lag the registry's, in a few words ("" if not)."""
+    _, told = served_config(config_file)
+    lagging = sorted(label for label, version in labels.items() if told.get(label) != version)
+    return ", ".join(f"the registry says {label}={labels[label]}, the server is told "
+                     f"{label}={told.get(label, 'nothing')}" for label in lagging)
+
+
+def sync_round(store: ModelStore, model_base_path: Path, config_file: Path, config_base_path: str | None,
+               server: Target | None, load_timeout: float, verify_key: Path | None) -> SyncResult:
     model_base_path.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_base_path)
-    config_file = config_file or model_base_path.parent / "models.config"
     base_path = config_base_path or str(model_base_path.resolve())
     complete = store.complete_versions()
     labels = {k: v for k, v in store.labels().items() if v in complete}
@@ -144,6 +196,9 @@ def sync_once(store: ModelStore, model_base_path: Path, config_file: Path | None
         except VerificationFailed as refusal:  # not exposed; the other versions still sync
             result.refused[version] = str(refusal)
             continue
+        except LocalWriteError as error:
+            error.behind = behind_registry(labels, config_file)
+            raise
         result.downloaded.append(version)
     present |= set(result.downloaded)
     wanted -= set(result.refused)
@@ -173,23 +228,40 @@ def write_config(config_file: Path, model_name: str, base_path: str, versions: s
     write_atomically(config_file, model_config_text(model_name, base_path, sorted(versions), labels))
 
 
+def retry_delay(interval: float, failures: int) -> float:
+    """Seconds before the next attempt after ``failures`` failed ones in a row: ``interval``,
+    doubling, capped at MAX_RETRY_SECONDS (or ``interval``, if that is longer)."""
+    return min(max(interval, MAX_RETRY_SECONDS), interval * 2.0 ** max(failures - 1, 0))
+
+
 def watch(store: ModelStore, model_base_path: Path, interval: float, config_file: Path | None = None,
           config_base_path: str | None = None, server: Target | None = None, load_timeout: float = 300.0,
           verify_key: Path | None = None, report=print) -> None:
-    """Sync every ``interval`` seconds; transient store errors and slow loads are reported and retried."""
+    """Sync every ``interval`` seconds, for as long as it runs: a store outage, a slow load or a
+    write the disk refuses is said in one line and retried with a capped backoff (``retry_delay``).
+    Only denied access ends it: a configuration fault that no retry mends."""
     from storage.models import StoreAccessDenied, StoreError
 
+    failures = 0
     while True:
         try:
             result = sync_once(store, model_base_path, config_file, config_base_path, server, load_timeout,
                                verify_key)
-            if result.downloaded or result.removed:
-                report(f"synced: downloaded {result.downloaded}, removed {result.removed}, serving {result.kept}, "
-                       f"labels {result.labels}")
-            for reason in result.refused.values():
-                report(f"refused: {reason}")
         except StoreAccessDenied:
             raise
         except (StoreError, SyncError) as error:
-            report(f"sync incomplete, retrying in {interval:g}s: {error}")
+            failures += 1
+            delay = retry_delay(interval, failures)
+            behind = f" ({error.behind})" if isinstance(error, LocalWriteError) and error.behind else ""
+            report(f"sync incomplete: {error}; retrying in {delay:g}s{behind}")
+            time.sleep(delay)
+            continue
+        if failures:
+            report(f"sync recovered after {failures} failed attempt{'s' if failures > 1 else ''}")
+            failures = 0
+        if result.downloaded or result.removed:
+            report(f"synced: downloaded {result.downloaded}, removed {result.removed}, serving {result.kept}, "
+                   f"labels {result.labels}")
+        for reason in result.refused.values():
+            report(f"refused: {reason}")
         time.sleep(interval)

@@ -128,6 +128,33 @@ def days_back(days: int, today: date | None = None) -> list[str]:
     return [(today - timedelta(days=offset)).isoformat() for offset in range(days)]
 
 
+@dataclass(frozen=True)
+class LogBatch:
+    """One log batch as it will be stored: its day folder and name, decided once (so every write
+    of it goes to the same keys), the GZIP TFRecord payload and the index entries, in record order."""
+
+    folder: str
+    name: str
+    payload: bytes
+    records_size: int  # the TFRecord bytes before compression
+    entries: tuple[LogEntry, ...]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.payload).hexdigest()
+
+
+def prepare_batch(entries: list[LogEntry], records: list[tfrecord.Pieces]) -> LogBatch:
+    """The records, each given as its pieces, encoded, and the batch's name: the first call's
+    second, then its millisecond before 9 random hex digits, so names sort oldest first."""
+    if len(entries) != len(records) or not entries:
+        raise ValueError("a log batch needs one entry per record, and at least one")
+    payload, framed_size = tfrecord.encode_gzipped(records)  # a tenth of the bytes to send, hash, store
+    stamp = datetime.fromisoformat(entries[0].time)
+    name = f"{stamp:%H%M%S}-{stamp.microsecond // 1000:03d}{uuid.uuid4().hex[:9]}"
+    return LogBatch(stamp.date().isoformat(), name, payload, framed_size, tuple(entries))
+
+
 class PredictionLogStore(ObjectStore):
     """One model's logged predictions, in day folders of batches."""
 
@@ -138,20 +165,24 @@ class PredictionLogStore(ObjectStore):
     def write_batch(self, entries: list[LogEntry], records: list[tfrecord.Pieces]) -> str:
         """The records, each given as its pieces (checked on receipt), then their index: the batch
         exists from that write on. Returns the index's key."""
-        if len(entries) != len(records) or not entries:
-            raise ValueError("a log batch needs one entry per record, and at least one")
-        payload, framed_size = tfrecord.encode_gzipped(records)  # a tenth of the bytes to send, hash, store
-        stamp = datetime.fromisoformat(entries[0].time)
-        # the first call's second, then its millisecond before 9 random hex digits: names sort oldest first
-        name = f"{stamp:%H%M%S}-{stamp.microsecond // 1000:03d}{uuid.uuid4().hex[:9]}"
-        folder = stamp.date().isoformat()
-        digest = hashlib.sha256(payload).hexdigest()
-        self.put_new(self.key(folder, f"{name}.tfrecord.gz"), payload, digest)
-        index = {"file": {"sha256": digest, "size": len(payload), "compression": tfrecord.GZIP,
-                          "records_size": framed_size},
-                 "records": [asdict(entry) for entry in entries], "written_at": utc_now()}
-        key = self.key(folder, f"{name}.json")
-        self.write_manifest(key, index)
+        return self.write_prepared(prepare_batch(entries, records))
+
+    def write_prepared(self, batch: LogBatch) -> str:
+        """A batch whose name was decided before (``prepare_batch``), payload then index; returns
+        the index's key. Writing the same batch again is a no-op, so a writer that died between
+        this and forgetting the batch (a spool file not yet removed) duplicates nothing."""
+        payload_key = self.key(batch.folder, f"{batch.name}.tfrecord.gz")
+        if not self.put_new(payload_key, batch.payload, batch.sha256):
+            raise StoreError(f"{payload_key} already holds other records ({self.where})")
+        index = {"file": {"sha256": batch.sha256, "size": len(batch.payload), "compression": tfrecord.GZIP,
+                          "records_size": batch.records_size},
+                 "records": [asdict(entry) for entry in batch.entries], "written_at": utc_now()}
+        key = self.key(batch.folder, f"{batch.name}.json")
+        if not self.put_new(key, json.dumps(index, indent=2, sort_keys=True).encode()):  # as write_manifest
+            before = self.get_json(key)  # written before; the same batch unless the index says otherwise
+            if not (isinstance(before, dict) and before.get("file") == index["file"]
+                    and before.get("records") == index["records"]):
+                raise StoreError(f"{key} already indexes another batch ({self.where})")
         return key
 
     def batch_keys(self, days: list[str]) -> list[str]:

@@ -24,12 +24,13 @@ from tests.conftest import REPO, stopped_by_sigterm
 
 def test_make_serve_restarts_a_part_that_dies_and_says_so(store, saved_model_dir: Path, tmp_path: Path) -> None:
     """SIGKILL of the gateway: mnist up says so and restarts it on the same port, with a back-off
-    and a limit (serving.stack.backoff); the restarted gateway counts what the kill lost (its ledger)."""
+    capped at a minute and no limit (serving.stack.backoff); the restarted gateway counts what the
+    kill lost (its ledger)."""
     import psutil
 
-    from serving.stack import RESTART_LIMIT, backoff
+    from serving.stack import backoff
 
-    assert [backoff(n) for n in range(RESTART_LIMIT + 1)] == [1, 2, 4, 8, 16, None]
+    assert [backoff(n) for n in range(9)] == [1, 2, 4, 8, 16, 32, 60, 60, 60]
     publish_model(store, saved_model_dir, {"test_accuracy": 0.5, "test_loss": 1.0, "per_class_accuracy": [0.5] * 10},
                   {}, "stable")
     state = tmp_path / "state"
@@ -58,6 +59,33 @@ def test_make_serve_restarts_a_part_that_dies_and_says_so(store, saved_model_dir
         output = stopped_by_sigterm(process)
     assert process.returncode == 0 and "mnist up: stopped" in output, "".join(lines) + output
     assert not first.is_running() and "listening on" in (state / "serving" / "gateway.log").read_text()
+
+
+def test_the_supervisor_never_gives_up_on_a_part(tmp_path: Path, monkeypatch) -> None:
+    """A part that dies at once, again and again, is restarted for as long as the stack lives, each
+    restart said in one line, and past RESTART_LIMIT restarts the line says it crash-loops (a
+    stack used to stop restarting a part after RESTART_LIMIT: freeing a full disk then mended nothing)."""
+    import serving.stack
+    from serving.stack import Part, Supervisor
+
+    monkeypatch.setattr(serving.stack, "MAX_BACKOFF", 0.1)  # the waits, not the restarts, are shortened
+    monkeypatch.setattr(serving.stack, "RESTART_LIMIT", 1)
+    said: list[str] = []
+    supervisor = Supervisor(said.append)
+    supervisor.start(Part("sync sidecar", ["sync", "--no-such-flag"], tmp_path / "sync.log"))  # exits 2 at once
+    supervisor.thread.start()
+    try:
+        deadline = time.monotonic() + 30
+        while sum("restarted" in line for line in said) < 4:
+            assert time.monotonic() < deadline, said
+            time.sleep(0.1)
+    finally:
+        supervisor.stop()
+    exits = [line for line in said if "exited" in line]
+    assert all(line.startswith("mnist up: the sync sidecar exited (code 2); restarting it in 0.1 s")
+               for line in exits), said
+    assert "died 2 times in 10 minutes: see" in exits[1] and "died" not in exits[0], said
+    assert not any("not restarting" in line for line in said)
 
 
 def test_make_serve_comes_up_serves_what_is_published_and_stops_clean(store, saved_model_dir: Path, tmp_path: Path,

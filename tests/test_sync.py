@@ -250,3 +250,149 @@ def test_a_rollback_reaches_a_stock_client_that_names_no_label(store: ModelStore
         assert local_versions(base) == [1] and server.config_refusals == 0
     finally:
         server.stop(grace=1)
+
+
+class OutputLines:
+    """A started process's output, read line by line in a thread (a pipe read must never block the test)."""
+
+    def __init__(self, process: subprocess.Popen):
+        import threading
+
+        self.process, self.lines = process, []
+        self.thread = threading.Thread(target=self.read, daemon=True)
+        self.thread.start()
+
+    def read(self) -> None:
+        for line in self.process.stdout:
+            self.lines.append(line.rstrip("\n"))
+
+    def matching(self, text: str) -> list[str]:
+        return [line for line in list(self.lines) if text in line]
+
+    def __str__(self) -> str:
+        return "\n".join(self.lines)
+
+    def stop(self) -> None:
+        """SIGTERM the process; wait for it and its output."""
+        self.process.terminate()
+        self.process.wait(timeout=30)
+        self.thread.join(timeout=10)
+        self.process.stdout.close()
+
+
+def watching_sync(base: Path, store_env: dict[str, str], tmp_path: Path, interval: float) -> subprocess.Popen:
+    """``mnist sync --watch`` in a process of its own, as the stack runs it."""
+    return subprocess.Popen([sys.executable, "-m", "cli", "sync", "--model-base-path", str(base), "--watch",
+                             "--interval", str(interval)], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env={**os.environ, **store_env, "MNIST_STATE_DIR": str(tmp_path / "state")})
+
+
+def assert_failures_said_in_one_line_each(output: OutputLines, count: int, what: str) -> None:
+    """``count`` failed attempts said, one line each, with growing waits, and no traceback."""
+    failures = output.matching("sync incomplete:")
+    assert len(failures) >= count and all(what in line for line in failures), str(output)
+    waits = [float(line.rsplit("retrying in ", 1)[1].split("s", 1)[0]) for line in failures]
+    assert waits == sorted(waits) and waits[-1] > waits[0], waits  # a backoff, not a fixed beat
+    assert "Traceback" not in str(output)
+
+
+def test_a_watching_sync_retries_a_failing_local_write_until_it_passes(store: ModelStore, saved_model_dir: Path,
+                                                                       store_env: dict[str, str],
+                                                                       tmp_path: Path) -> None:
+    """A local write that fails (a file where version 2's directory must go: the rename fails as a
+    full or read-only disk's writes do) is a failed attempt: said in one line, its staging removed,
+    retried with a growing wait, and the version appears by itself once the cause is gone. The
+    one-shot sync ends on the same fault with one line and exit 1."""
+    for version in (1, 2):
+        store.publish(saved_model_dir, LINEAGE)
+        store.set_label("stable", version)
+    base = tmp_path / "models" / "mnist"
+    base.mkdir(parents=True)
+    blocker = base / "2"
+    blocker.write_text("in the way")
+    once = subprocess.run([sys.executable, "-m", "cli", "sync", "--model-base-path", str(base)], cwd=REPO,
+                          capture_output=True, text=True,
+                          env={**os.environ, **store_env, "MNIST_STATE_DIR": str(tmp_path / "state")})
+    assert once.returncode == 1 and "Traceback" not in once.stderr, once.stderr
+    assert once.stderr.strip().count("\n") == 0 and "writing version 2 into" in once.stderr, once.stderr
+    process = watching_sync(base, store_env, tmp_path, interval=0.2)
+    output = OutputLines(process)
+    try:
+        wait_until(lambda: len(output.matching("sync incomplete:")) >= 3 or process.poll() is not None, 60)
+        assert process.poll() is None, str(output)
+        assert_failures_said_in_one_line_each(output, 3, "writing version 2 into")
+        assert not list(base.glob(".sync-*")), "a failed attempt leaves no staging behind"
+        blocker.unlink()
+        wait_until(lambda: local_versions(base) == [2], 30)
+        wait_until(lambda: bool(output.matching("sync recovered after")), 10)
+        assert process.poll() is None
+    finally:
+        output.stop()
+
+
+def fill(directory: Path) -> Path:
+    """A file that takes every free byte of ``directory``'s file system."""
+    filler = directory / "filler"
+    with filler.open("wb") as sink:
+        try:
+            while True:
+                sink.write(b"\0" * 65536)
+                sink.flush()
+        except OSError:
+            pass
+    return filler
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path, saved_model_dir: Path):
+    """A real tmpfs of room for about two and a half versions of the smoke model, unmounted after."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    size = sum(f.stat().st_size for f in saved_model_dir.rglob("*") if f.is_file())
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size * 5 // 2 + (1 << 20)}", "tmpfs", str(mount)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.faults
+def test_a_full_disk_delays_a_version_until_space_is_freed(store: ModelStore, saved_model_dir: Path,
+                                                           store_env: dict[str, str], small_disk: Path,
+                                                           tmp_path: Path) -> None:
+    """The model directory on a real, full tmpfs: the watching sync says each failed attempt in one
+    line (what, where, how far the served labels lag the registry), keeps running, and syncs
+    version 2 by itself once space is freed."""
+    base = small_disk / "mnist"
+    store.publish(saved_model_dir, LINEAGE)
+    store.set_label("stable", 1)
+    sync_once(store, base)
+    sync_once(store, base)  # the label follows once its version is listed
+    store.publish(saved_model_dir, LINEAGE)
+    store.set_label("stable", 2)
+    filler = fill(small_disk)
+    once = subprocess.run([sys.executable, "-m", "cli", "sync", "--model-base-path", str(base)], cwd=REPO,
+                          capture_output=True, text=True,
+                          env={**os.environ, **store_env, "MNIST_STATE_DIR": str(tmp_path / "state")})
+    assert once.returncode == 1 and "Traceback" not in once.stderr, once.stderr
+    assert "no space left on device writing version 2" in once.stderr, once.stderr
+    process = watching_sync(base, store_env, tmp_path, interval=0.5)
+    output = OutputLines(process)
+    try:
+        wait_until(lambda: len(output.matching("sync incomplete:")) >= 4 or process.poll() is not None, 120)
+        assert process.poll() is None, str(output)
+        assert_failures_said_in_one_line_each(output, 4, "no space left on device writing version 2 into")
+        assert all("the registry says stable=2, the server is told stable=1" in line
+                   for line in output.matching("sync incomplete:")), str(output)
+        assert local_versions(base) == [1] and not list(base.glob(".sync-*"))
+        filler.unlink()
+        wait_until(lambda: 2 in local_versions(base), 70)  # within the longest wait (60 s) and a round
+        wait_until(lambda: local_versions(base) == [2] and bool(output.matching("sync recovered after")), 30)
+        assert process.poll() is None
+    finally:
+        output.stop()

@@ -4,8 +4,11 @@ The gateway hands each sampled call to ``PredictionLogger.offer``, which only pu
 queue bounded in calls and in bytes (a full queue drops the record and counts it: a store that is
 down must not grow the gateway past its memory limit). One background thread turns
 calls into TF Serving ``PredictionLog`` records and writes them in batches to the store
-(``storage/logs.py``); when the store is down a batch is dropped and counted, and the
-requests it came from were answered long before. ``close`` flushes within a deadline.
+(``storage/logs.py``). With a spool (``spool.py``), a batch the store does not take goes to local
+disk, and a drain thread writes spooled batches to the store, oldest first, with a capped backoff,
+for as long as the gateway lives; without one, or with the spool full, it is dropped and counted.
+The requests it came from were answered long before. ``close`` flushes within a deadline and
+spools what is left.
 """
 
 from __future__ import annotations
@@ -26,11 +29,13 @@ from typing import Any, Callable, Sequence
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2
-from storage.logs import MAX_LOGGED_EXAMPLES, LogEntry, PredictionLogStore
+from serving.gateway.spool import Spool, SpoolError
+from storage.logs import MAX_LOGGED_EXAMPLES, LogBatch, LogEntry, PredictionLogStore, prepare_batch
 
 log = logging.getLogger("mnist.gateway")
 LEDGER_SECONDS = 0.5  # how stale the ledger's count of unwritten calls may be
 REMEMBERED_IDS = 100_000  # ids kept in memory: where a logged one went, that an unlogged one was answered
+MAX_DRAIN_BACKOFF = 30.0  # the longest wait between two tries of a store that is down, with batches spooled
 
 
 @dataclass
@@ -62,7 +67,8 @@ class Unloggable(ValueError):
 
 
 class LoggerMetrics:
-    def __init__(self, registry: CollectorRegistry, depth: Callable[[], int], queued_bytes: Callable[[], int]):
+    def __init__(self, registry: CollectorRegistry, depth: Callable[[], int], queued_bytes: Callable[[], int],
+                 spool: Spool | None = None):
         self.queue_depth = Gauge("mnist_gateway_log_queue_depth", "Sampled calls waiting to be written.",
                                  registry=registry)
         self.queue_depth.set_function(depth)
@@ -74,6 +80,13 @@ class LoggerMetrics:
         self.written = Counter("mnist_gateway_logs_written", "PredictionLog records written to the store.",
                                registry=registry)
         self.sampled = Counter("mnist_gateway_logs_sampled", "Calls sampled for logging.", registry=registry)
+        if spool is not None:
+            spooled = Gauge("mnist_gateway_log_spool_batches", "Log batches on local disk waiting for the store.",
+                            registry=registry)
+            spooled.set_function(lambda: spool.depth)
+            spooled_bytes = Gauge("mnist_gateway_log_spool_bytes", "Bytes of log batches on local disk waiting "
+                                  "for the store.", registry=registry)
+            spooled_bytes.set_function(lambda: spool.used_bytes)
 
 
 class Ledger:
@@ -109,7 +122,8 @@ class PredictionLogger:
     def __init__(self, store: PredictionLogStore, sample_rate: float, registry: CollectorRegistry,
                  to_messages: Callable[[Call], tuple[predict_pb2.PredictRequest, predict_pb2.PredictResponse]],
                  queue_size: int = 10_000, batch_records: int = 256, flush_seconds: float = 5.0,
-                 batch_bytes: int = 32 << 20, queue_bytes: int = 256 << 20, ledger: Ledger | None = None):
+                 batch_bytes: int = 32 << 20, queue_bytes: int = 256 << 20, ledger: Ledger | None = None,
+                 spool: Spool | None = None):
         if not 0.0 <= sample_rate <= 1.0:
             raise ValueError(f"sample rate {sample_rate}: must be within 0-1")
         self.store, self.sample_rate, self.to_messages = store, sample_rate, to_messages
@@ -117,7 +131,8 @@ class PredictionLogger:
         self.queue: queue.Queue[Call] = queue.Queue(maxsize=queue_size)
         self.queue_bytes = queue_bytes  # a batch-256 call is about a megabyte: 10,000 of them would be 10 GB
         self.queued_bytes = 0
-        self.metrics = LoggerMetrics(registry, self.queue.qsize, lambda: self.queued_bytes)
+        self.spool = spool
+        self.metrics = LoggerMetrics(registry, self.queue.qsize, lambda: self.queued_bytes, spool)
         self.uploaded: OrderedDict[str, str] = OrderedDict()  # request id -> index key of its batch
         self.unsampled: OrderedDict[str, None] = OrderedDict()  # answered, not sampled
         self.written_records = 0
@@ -127,6 +142,13 @@ class PredictionLogger:
         self.thread = threading.Thread(target=self.run, name="prediction-logger", daemon=True)
         self.ledger = ledger
         self.ledger_thread = threading.Thread(target=self.keep_ledger, name="log-ledger", daemon=True)
+        self.drain_thread = threading.Thread(target=self.drain, name="log-spool-drain", daemon=True)
+        self.spooled_more = threading.Event()  # wakes the drain
+        self.outage_since: float | None = None  # monotonic time the store first failed a write, while it is down
+        self.spool_full = False  # said once each time the spool fills
+        self.in_flight: LogBatch | None = None  # the batch the writer is sending now
+        self.drained = 0  # spooled batches written since the outage began
+        self.max_drain_backoff = MAX_DRAIN_BACKOFF
 
     def start(self) -> "PredictionLogger":
         if self.ledger:
@@ -137,6 +159,11 @@ class PredictionLogger:
                             "were lost (its count at %s)", lost.get("pid"), lost["unwritten"], lost.get("time"))
             self.ledger.save(0, clean=False)
             self.ledger_thread.start()
+        if self.spool:
+            if self.spool.depth:
+                log.warning("%d prediction log batches (%d bytes) wait in the spool %s from before: writing them "
+                            "to the store", self.spool.depth, self.spool.used_bytes, self.spool.directory)
+            self.drain_thread.start()
         self.thread.start()
         return self
 
@@ -230,14 +257,14 @@ class PredictionLogger:
         metadata.timestamp_secs = int(call.time.timestamp())
         return entry, prediction_log(metadata.SerializeToString(), call.request_bytes, call.response_bytes)
 
-    def write(self, calls: list[Call]) -> None:
+    def write(self, calls: list[Call], spool_only: bool = False) -> None:
         try:
-            self.write_batch(calls)
+            self.write_batch(calls, spool_only)
         finally:
             with self.lock:
                 self.unwritten -= len(calls)
 
-    def write_batch(self, calls: list[Call]) -> None:
+    def write_batch(self, calls: list[Call], spool_only: bool = False) -> None:
         entries: list[LogEntry] = []
         records: list[Sequence[bytes]] = []
         for call in calls:
@@ -251,37 +278,143 @@ class PredictionLogger:
             records.append(record)
         if not records:
             return
-        try:
-            key = self.store.write_batch(entries, records)
-        except Exception as error:  # noqa: BLE001  the store being down costs logs, never requests
-            log.warning("dropped %d prediction logs: store unavailable: %s", len(records), str(error)[:200])
-            self.metrics.dropped.labels("store_error").inc(len(records))
+        batch = prepare_batch(entries, records)
+        if self.spool and (spool_only or self.outage_since is not None or self.spool.depth):  # the drain sends it
+            self.to_spool(batch)
             return
-        self.metrics.written.inc(len(records))
-        self.written_records += len(records)
+        self.in_flight = batch
+        try:
+            key = self.store.write_prepared(batch)
+        except Exception as error:  # noqa: BLE001  the store being down costs logs, never requests
+            if self.spool is None:
+                log.warning("dropped %d prediction logs: store unavailable: %s", len(records), str(error)[:200])
+                self.metrics.dropped.labels("store_error").inc(len(records))
+                return
+            self.outage_began(error)
+            self.to_spool(batch)
+            return
+        finally:
+            self.in_flight = None
+        self.stored(batch, key)
+
+    def stored(self, batch: LogBatch, key: str) -> None:
+        self.metrics.written.inc(len(batch.entries))
+        self.written_records += len(batch.entries)
         with self.lock:
-            for entry in entries:
+            for entry in batch.entries:
                 remember(self.uploaded, entry.request_id, key)
 
+    # --- the spool ------------------------------------------------------------------------
+    def outage_began(self, error: Exception) -> None:
+        with self.lock:
+            began, self.outage_since = self.outage_since is None, self.outage_since or time.monotonic()
+            if began:
+                self.drained = 0
+        if began and self.spool:
+            log.warning("log store unavailable: spooling prediction logs to %s until it is back: %s",
+                        self.spool.directory, str(error)[:200])
+
+    def to_spool(self, batch: LogBatch) -> None:
+        """On local disk until the drain writes it; dropped and counted only when the spool is full
+        or the disk refuses it."""
+        assert self.spool is not None
+        try:
+            spooled = self.spool.put(batch)
+        except OSError as error:
+            log.warning("dropped %d prediction logs: cannot spool them to %s: %s", len(batch.entries),
+                        self.spool.directory, error)
+            self.metrics.dropped.labels("spool_error").inc(len(batch.entries))
+            return
+        if not spooled:
+            if not self.spool_full:
+                log.warning("the log spool %s is full (%d bytes, its bound): dropping prediction logs until "
+                            "the store takes some", self.spool.directory, self.spool.used_bytes)
+            self.spool_full = True
+            self.metrics.dropped.labels("spool_full").inc(len(batch.entries))
+            return
+        self.spooled_more.set()
+
+    def drain(self) -> None:
+        """Write spooled batches to the store, oldest first, for as long as the gateway lives; a store
+        that fails is tried again after 1, 2, 4 ... MAX_DRAIN_BACKOFF seconds."""
+        delay = min(1.0, self.max_drain_backoff)
+        while not self.stopping.is_set():
+            if not self.drain_once():
+                self.stopping.wait(delay)
+                delay = min(delay * 2, self.max_drain_backoff)
+                continue
+            delay = min(1.0, self.max_drain_backoff)
+            self.spooled_more.wait(1.0)
+            self.spooled_more.clear()
+
+    def drain_once(self) -> bool:
+        """Every batch spooled now, written; False at the first the store fails."""
+        assert self.spool is not None
+        for name in self.spool.names():
+            if self.stopping.is_set():
+                return True
+            try:
+                batch = self.spool.read(name)
+            except FileNotFoundError:  # another gateway on this spool wrote it
+                self.spool.remove(name)
+                continue
+            except (SpoolError, OSError) as error:
+                log.warning("dropped a spooled log batch that does not read: %s", str(error)[:300])
+                self.metrics.dropped.labels("spool_unreadable").inc()
+                self.spool.remove(name)
+                continue
+            try:
+                key = self.store.write_prepared(batch)
+            except Exception as error:  # noqa: BLE001  a store still down: the file stays, tried again later
+                self.outage_began(error)
+                return False
+            self.spool.remove(name)  # after the write: a crash between them writes it again, to the same keys
+            self.stored(batch, key)
+            self.drained += 1
+        self.spool_full = False
+        with self.lock:
+            since, self.outage_since = self.outage_since, None if not self.spool.depth else self.outage_since
+        if since is not None and self.outage_since is None:
+            log.warning("log store back after %.0f s: %d spooled batches of prediction logs written, the spool "
+                        "is empty", time.monotonic() - since, self.drained)
+        return True
+
     def close(self, deadline_seconds: float) -> None:
-        """Write what is queued, within the deadline; what is left then is dropped and counted."""
+        """Write what is queued, within the deadline; what is left then goes to the spool (without
+        one, it is dropped and counted). Spooled batches stay for the next start."""
         self.flush_seconds = 0.05
         self.stopping.set()
+        self.spooled_more.set()
         self.thread.join(timeout=deadline_seconds)
-        left = 0
+        left: list[Call] = []
         while True:
             try:
-                self.unqueued(self.queue.get_nowait().size)
-                left += 1
+                left.append(self.queue.get_nowait())
             except queue.Empty:
                 break
-        with self.lock:
-            self.unwritten -= left
-        if left:
-            self.metrics.dropped.labels("shutdown").inc(left)
-            log.warning("dropped %d prediction logs at shutdown (deadline %gs)", left, deadline_seconds)
+            self.unqueued(left[-1].size)
+        in_flight = self.in_flight if self.thread.is_alive() else None
+        if self.spool and (left or in_flight):
+            if in_flight:  # still being sent: spooled too, the same keys, so it is written once either way
+                self.to_spool(in_flight)
+            if left:
+                self.spool_calls(left)
+            log.warning("spooled %d prediction logs at shutdown (deadline %gs) to %s",
+                        len(left) + len(in_flight.entries if in_flight else ()), deadline_seconds,
+                        self.spool.directory)
+        elif left:
+            with self.lock:
+                self.unwritten -= len(left)
+            self.metrics.dropped.labels("shutdown").inc(len(left))
+            log.warning("dropped %d prediction logs at shutdown (deadline %gs)", len(left), deadline_seconds)
+        if self.drain_thread.is_alive():
+            self.drain_thread.join(timeout=5.0)
         if self.ledger:
             self.ledger.save(0, clean=True)  # nothing left that a next start should count as lost
+
+    def spool_calls(self, calls: list[Call]) -> None:
+        for start in range(0, len(calls), self.batch_records):
+            self.write(calls[start:start + self.batch_records], spool_only=True)
 
 
 def remember(ids: OrderedDict, request_id: str, value: Any) -> None:

@@ -40,6 +40,7 @@ from mnist_client.tensors import to_tensor_proto
 from serving.gateway.callers import Authenticator, Credential, RateLimit
 from serving.gateway.prediction_logger import Call, Ledger, PredictionLogger, Unloggable, request_outline
 from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
+from serving.gateway.spool import Spool
 from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
 from serving.protocol.json_document import JsonTensorError, parse_document, read_document
 from serving.protocol.json_tensor import dtypes, read_columns, read_predict, read_rows
@@ -90,6 +91,8 @@ class GatewayOptions:
     credentials: tuple[Credential, ...] = ()  # who may send feedback; none: feedback is refused
     tokens_file: Path | None = None  # where they were read: read again when it changes
     ledger: Path | None = None  # where the count of unwritten logs is kept, for the next start to report
+    spool: Path | None = None  # where batches the store does not take wait on disk (None: they are dropped)
+    spool_bytes: int = 1 << 30
     feedback_per_minute: float = 60.0  # per caller
     # what tells a publish's live check (which takes no feedback) from traffic; None: nothing does
     live_check_key: LiveCheckKey | None = None
@@ -102,7 +105,9 @@ class Gateway:
         self.logger = PredictionLogger(logs, options.sample_rate, self.metrics.registry, self.to_messages,
                                        options.queue_size, options.batch_records, options.flush_seconds,
                                        queue_bytes=options.queue_bytes,
-                                       ledger=Ledger(options.ledger) if options.ledger else None)
+                                       ledger=Ledger(options.ledger) if options.ledger else None,
+                                       spool=Spool(options.spool, logs.uri(), options.spool_bytes)
+                                       if options.spool else None)
         limits = [("grpc.max_receive_message_length", options.max_message_bytes),
                   ("grpc.max_send_message_length", options.max_message_bytes)]
         self.channel = grpc.insecure_channel(options.upstream, options=limits)  # the REST side's metadata calls
