@@ -185,8 +185,11 @@ def sync_round(store: ModelStore, model_base_path: Path, config_file: Path, conf
     model_base_path.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_base_path)
     base_path = config_base_path or str(model_base_path.resolve())
+    # Labels first: each names a version complete when it was set, and gc retires no labelled
+    # version. A label whose version this listing lacks stays where the server has it this round
+    # (next_config), never dropped: a config without stable fails every call that asks for it.
+    labels = store.labels()
     complete = store.complete_versions()
-    labels = {k: v for k, v in store.labels().items() if v in complete}
     wanted = wanted_versions(complete, labels)
     present = set(local_versions(model_base_path))
     result = SyncResult()

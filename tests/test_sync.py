@@ -54,6 +54,23 @@ def test_sync_mirrors_wanted_versions_and_writes_labels(store: ModelStore, saved
         {"stable": 3}
 
 
+def test_a_label_on_a_version_the_listing_lacks_stays_where_the_server_has_it(store: ModelStore, saved_model_dir: Path,
+                                                                              tmp_path: Path) -> None:
+    """A label read naming a version the sync's listing does not hold as complete (published and
+    labelled between the sync's two reads): the config keeps the label where the server has it for
+    the round, never drops it (a config without stable fails every call that asks for stable)."""
+    store.publish(saved_model_dir, LINEAGE)
+    store.set_label("stable", 1)
+    base = tmp_path / "models" / "mnist"
+    sync_once(store, base)
+    assert sync_once(store, base).labels == {"stable": 1}
+    store.update_json(store.key("_registry", "labels.json"), lambda labels: {**(labels or {}), "stable": 2})
+    kept = sync_once(store, base)  # version 2 has no manifest yet: not complete in this listing
+    assert kept.labels == {"stable": 1} and local_versions(base) == [1]
+    assert dict(read_config(tmp_path / "models" / "models.config").model_config_list.config[0].version_labels) == \
+        {"stable": 1}
+
+
 def test_sync_skips_a_version_that_does_not_verify(store: ModelStore, saved_model_dir: Path, tmp_path: Path) -> None:
     from storage.models import VerificationFailed
 
