@@ -2,7 +2,7 @@
 
 Each prints its table and writes JSON (with the machine and library versions)
 to bench/results/. Run one with --only training|whole|flow|serving|gateway|gateway-memory|light-client|
-sidecar|backdoor|hostile|data|scale|transfers|make-run
+sidecar|backdoor|hostile|data|scale|transfers|faults|make-run
 (make-run only when asked for, with --before).
 """
 
@@ -20,6 +20,7 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 from bench import (  # noqa: E402
     backdoor,
     data,
+    faults,
     flow_overhead,
     gateway,
     gateway_memory,
@@ -40,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--only", choices=("training", "whole", "flow", "serving", "gateway", "gateway-memory",
                                                  "light-client", "sidecar", "backdoor", "hostile", "data", "scale",
-                                                 "transfers", "make-run"))
+                                                 "transfers", "faults", "make-run"))
     parser.add_argument("--default-seeds", type=int, default=10)
     parser.add_argument("--seed-seeds", type=int, default=3)
     parser.add_argument("--best-seeds", type=int, default=3)
@@ -86,6 +87,9 @@ def main() -> None:
     if args.only in (None, "transfers"):
         print("\n== streaming transfers: publish, verify and sync of a 1 GiB SavedModel ==")
         transfers.main()
+    if args.only in (None, "faults"):
+        print("\n== load plus faults: a killed model server, a store outage of a minute ==")
+        faults.main()
     if args.only in (None, "whole"):
         print("\n== whole commands as a person waits: train default vs seed, make run, Dask candidates ==")
         whole_runs.main()
