@@ -61,7 +61,7 @@ def command_worker(args: argparse.Namespace) -> int:
     import signal
     import subprocess
 
-    from storage.embedded import store_environment
+    from storage.embedded import descendants, process_alive, store_environment
 
     if args.grace_seconds < 0:
         raise CliError(f"--grace-seconds {args.grace_seconds:g}: must be 0 or more", exit_code=2)
@@ -76,9 +76,29 @@ def command_worker(args: argparse.Namespace) -> int:
         try:
             return worker.wait()
         except (KeyboardInterrupt, SystemExit):
+            family = descendants(worker.pid)  # its flow runs too, in sessions of their own
             stop_group(worker, signal.SIGINT, args.grace_seconds)
+            for pid in family:
+                if process_alive(pid):
+                    os.kill(pid, signal.SIGKILL)
+            end_runs_left(args.pool, family)
             print("mnist worker: stopped", flush=True)
             return 0
+
+
+def end_runs_left(pool: str, pids: set[int]) -> None:
+    """The runs the stopped worker was executing end Crashed now, in one line each, instead of
+    staying Running until the zombie automation notices their silence."""
+    from flows.prefect_api import end_runs_of
+
+    try:
+        ended = end_runs_of(pool, pids, "its worker was stopped (mnist worker) before the run ended")
+    except Exception as error:  # noqa: BLE001  the API gone too: the zombie automation still ends them
+        print(f"mnist worker: could not end its runs ({type(error).__name__}: {str(error)[:200]}); the "
+              "automation 'mnist: crash runs whose heartbeats stopped' will", flush=True)
+        return
+    for name in ended:
+        print(f"mnist worker: run {name} ended Crashed: its worker was stopped", flush=True)
 
 
 def stop_group(process, first_signal: int, grace_seconds: float) -> None:

@@ -215,3 +215,33 @@ def drain_to_api(timeout: float = 10.0) -> None:
 
     for worker in (APILogWorker, EventsWorker):
         worker.drain_all(timeout=timeout)
+
+
+def end_runs_of(pool: str, pids: set[int], reason: str) -> list[str]:
+    """Runs of ``pool`` still Running (or Cancelling) whose process was one of ``pids``, all gone now:
+    set Crashed (Cancelled for a cancel under way) with ``reason``, which frees their concurrency
+    slots now rather than when the zombie automation notices. Returns their names."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+        WorkPoolFilter,
+        WorkPoolFilterName,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Cancelled, Crashed
+
+    live = [StateType.RUNNING, StateType.PENDING, StateType.CANCELLING]
+    ended = []
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(state=FlowRunFilterState(type=FlowRunFilterStateType(any_=live))),
+            work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[pool])))
+        for run in runs:
+            pid = (run.infrastructure_pid or "").rpartition(":")[2]
+            if pid.isdigit() and int(pid) in pids:
+                final = Cancelled if run.state and run.state.type == StateType.CANCELLING else Crashed
+                client.set_flow_run_state(run.id, final(message=reason), force=True)
+                ended.append(run.name)
+    return ended

@@ -170,6 +170,26 @@ def stop_process(pid: int, timeout: float = 15.0) -> None:
         pass
 
 
+def descendants(pid: int) -> set[int]:
+    """The processes below ``pid``, from /proc (those started in sessions of their own too, which a
+    signal to its process group misses)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:  # the field after the command name, which may hold spaces and ')'
+                parent = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
 def process_alive(pid: int) -> bool:
     try:
         waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child

@@ -97,3 +97,30 @@ def test_a_dead_workers_run_is_crashed_and_the_next_run_starts(tmp_path: Path, s
             if worker.poll() is None:
                 stop_process(worker.pid)
                 worker.wait(timeout=60)
+
+
+def test_a_worker_stopped_on_purpose_ends_its_run_on_the_way_out(tmp_path: Path, s3_server, mnist_dir: Path,
+                                                                  cache_dir: Path) -> None:
+    """make worker stopped with SIGTERM (a supervisor, a deploy) mid-run: the run ends Crashed at
+    once, by its own engine, not after the heartbeat window."""
+    with running_prefect_server(tmp_path / "prefect") as server:
+        mnist_deploy(server)
+        env = client_env(server, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
+                         MNIST_OUTPUT_DIR=str(tmp_path / "outputs"), MNIST_STATE_DIR=str(tmp_path / "state"),
+                         MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="stopped-worker",
+                         AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
+                         AWS_REGION="us-east-1")
+        worker = start_worker(env, tmp_path / "worker.log")
+        try:
+            run = api(server, "POST", f"/deployments/{deployment(server)['id']}/create_flow_run",
+                      json={"parameters": LONG_RUN})
+            wait_for_state(server, run["id"], {"RUNNING"}, 180)
+            time.sleep(5)  # training under way
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
+            ended, after = wait_for_state(server, run["id"], {"CRASHED", "CANCELLED", "FAILED"}, 30)
+            print(f"{ended['state_name']} {after:.0f} s after the worker stopped")
+        finally:
+            if worker.poll() is None:
+                stop_process(worker.pid)
+                worker.wait(timeout=60)
