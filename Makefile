@@ -14,7 +14,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 
 PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
-.PHONY: install run serve test docs chromium bench prefect deploy worker image demo-data clean
+.PHONY: install run serve test faults docs chromium bench prefect deploy worker image demo-data clean
 
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,6 +36,10 @@ test: install chromium
 	$(BIN)/mypy
 	$(BIN)/mkdocs build --strict --quiet
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# Fault injection with real processes (minutes each): excluded from make test.
+faults: install
+	$(BIN)/python -m pytest -m faults $(PYTEST_ARGS)
 
 # The reference pages under docs/ as a site in build/site (strict: a broken link fails).
 docs: install
