@@ -29,6 +29,7 @@ HEADER_TIMEOUT = 10.0  # the server's default
 LINE_EVERY = 3.0
 CLOSE_SLACK = 2.0  # past the timeout: the server's timer, the loop here, a loaded machine
 STOP_WITHIN = 5.0
+OPEN_WITHIN = 60.0  # a server that takes connections one thread at a time may not take 2,000 in a minute
 
 
 def raise_open_files_limit(needed: int) -> None:
@@ -48,7 +49,10 @@ class SlowLoris:
         self.closed: dict[int, float] = {}
         self.lines: dict[int, int] = {}
         self.sockets: list[socket.socket] = []
+        deadline = time.monotonic() + OPEN_WITHIN
         for index in range(count):
+            if time.monotonic() > deadline:
+                break
             connection = socket.create_connection(("127.0.0.1", port), timeout=10)
             connection.sendall(b"POST /v1/models/mnist:predict HTTP/1.1\r\nHost: x\r\n")
             connection.setblocking(False)
@@ -122,22 +126,22 @@ def test_slow_loris_connections_are_closed_while_an_honest_client_is_answered_an
     assert "listening on" in lines[-1], "".join(lines)
     url = f"http://127.0.0.1:{rest_port}/v1/models/mnist:predict"
     body = ('{"instances": [' + str([[[0.5]] * 28] * 28) + "]}").encode()
-    slow: SlowLoris | None = None
-    stop_seconds = None
+    floods: list[SlowLoris] = []
     try:
         with httpx.Client(timeout=30) as honest:
             latencies_ms(honest, url, body, 20)  # warm
             unloaded = statistics.median(latencies_ms(honest, url, body, 200))
             slow = SlowLoris(rest_port, SLOW).start()
+            floods.append(slow)
             loaded = statistics.median(latencies_ms(honest, url, body, 200))
-            fresh = httpx.post(url, content=body, timeout=10)  # a new connection beside the 2,000
+            fresh = httpx.post(url, content=body, timeout=10).status_code  # a new connection beside them
             slow.thread.join(timeout=HEADER_TIMEOUT + 2 * LINE_EVERY + CLOSE_SLACK + 5)
         held = [slow.closed.get(index, time.monotonic()) - opened for index, opened in enumerate(slow.opened)]
-        open_after = SLOW - len(slow.closed)
-        most_lines = max(slow.lines.values())
-        slow.close()
-        # a second flood, open as SIGTERM arrives
-        slow = SlowLoris(rest_port, SLOW)
+        print(f"\n{len(slow.opened)} slow connections opened, {len(slow.closed)} closed, the longest held "
+              f"{max(held):.1f} s; honest p50 {unloaded:.2f} ms unloaded, {loaded:.2f} ms beside them; "
+              f"a new connection: {fresh}", flush=True)
+        # SIGTERM with SLOW slow connections open: the ones still open, and new ones for those closed
+        floods.append(SlowLoris(rest_port, len(slow.closed)))
         started = time.monotonic()
         os.kill(process.pid, signal.SIGTERM)
         try:
@@ -145,18 +149,28 @@ def test_slow_loris_connections_are_closed_while_an_honest_client_is_answered_an
         except subprocess.TimeoutExpired:
             pass
         stop_seconds = time.monotonic() - started
+        print(f"SIGTERM with {len(slow.opened) - len(slow.closed) + len(floods[-1].opened)} slow connections open: "
+              f"{'stopped' if process.poll() is not None else 'still running'} after {stop_seconds:.1f} s", flush=True)
     finally:
-        if slow is not None:
-            slow.close()
+        for flood in floods:
+            flood.close()
         if process.poll() is None:
             stop_process(process.pid)
             process.wait(timeout=30)
         process.stdout.close()
-    print(f"unloaded p50 {unloaded:.2f} ms, with {SLOW} slow connections {loaded:.2f} ms; slowest close "
-          f"{max(held):.1f} s; stop {stop_seconds:.2f} s")
-    assert fresh.status_code == 200, fresh.text
-    assert open_after == 0, f"{open_after} of {SLOW} slow connections still open"
-    assert most_lines >= 3  # each kept sending: a line every few seconds does not keep a connection
-    assert max(held) <= HEADER_TIMEOUT + CLOSE_SLACK, f"a slow connection was held {max(held):.1f} s"
-    assert loaded <= 2 * unloaded + 3, f"p50 {loaded:.2f} ms with {SLOW} slow connections, {unloaded:.2f} unloaded"
-    assert stop_seconds is not None and stop_seconds <= STOP_WITHIN, f"SIGTERM took {stop_seconds:.1f} s"
+    failures = []
+    if len(slow.opened) < SLOW:
+        failures.append(f"only {len(slow.opened)} of {SLOW} connections opened within {OPEN_WITHIN:g} s")
+    if len(slow.closed) < len(slow.opened):
+        failures.append(f"{len(slow.opened) - len(slow.closed)} slow connections never closed")
+    if max(held) > HEADER_TIMEOUT + CLOSE_SLACK:
+        failures.append(f"a slow connection was held {max(held):.1f} s")
+    if max(slow.lines.values()) < 3:
+        failures.append("the slow connections sent fewer than 3 header lines each")
+    if fresh != 200:
+        failures.append(f"a new connection beside them was answered {fresh}")
+    if loaded > 2 * unloaded + 3:
+        failures.append(f"honest p50 {loaded:.2f} ms beside them, {unloaded:.2f} ms unloaded")
+    if stop_seconds > STOP_WITHIN:
+        failures.append(f"SIGTERM took {stop_seconds:.1f} s")
+    assert not failures, "; ".join(failures)
