@@ -123,3 +123,33 @@ def stop_on_signals() -> Callable[[], None]:
         received.get()
 
     return wait
+
+
+def add_rest_limit_flags(parser: argparse.ArgumentParser) -> None:
+    """What a REST client may hold of a front end (``serving/protocol/http.py``: ``HttpLimits``), the
+    same flags on ``mnist serve`` and ``mnist gateway``; the thread count is each command's own."""
+    parser.add_argument("--rest-header-timeout-seconds", type=float, default=10.0,
+                        help="a request's head (line and headers) must arrive within this, from the connection's "
+                             "start or the request's first byte; then 408 and closed (default 10)")
+    parser.add_argument("--rest-body-timeout-seconds", type=float, default=60.0,
+                        help="a request's body must arrive within this after its head; then 408 and closed "
+                             "(default 60)")
+    parser.add_argument("--rest-idle-timeout-seconds", type=float, default=30.0,
+                        help="a kept-alive connection with no request is closed after this (default 30)")
+    parser.add_argument("--rest-max-connections", type=int, default=4096,
+                        help="REST connections open at once; one more is answered 503 and closed (default 4096)")
+
+
+def rest_limits(args: argparse.Namespace, threads: int):
+    """The flags of ``add_rest_limit_flags`` (and ``threads``) as HttpLimits; a bad one exits 2."""
+    from serving.protocol.http import HttpLimits
+
+    for flag in ("header", "body", "idle"):
+        if not getattr(args, f"rest_{flag}_timeout_seconds") > 0:
+            raise CliError(f"--rest-{flag}-timeout-seconds {getattr(args, f'rest_{flag}_timeout_seconds'):g}: "
+                           "must be above 0", exit_code=2)
+    for flag, count in (("--rest-max-connections", args.rest_max_connections), ("--rest-api-num-threads", threads)):
+        if count < 1:
+            raise CliError(f"{flag} {count}: must be at least 1", exit_code=2)
+    return HttpLimits(args.rest_header_timeout_seconds, args.rest_body_timeout_seconds,
+                      args.rest_idle_timeout_seconds, args.rest_max_connections, threads)

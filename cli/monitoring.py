@@ -9,7 +9,15 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cli.common import CliError, print_json, reachable_store, stop_on_signals, store_for_cli
+from cli.common import (
+    CliError,
+    add_rest_limit_flags,
+    print_json,
+    reachable_store,
+    rest_limits,
+    stop_on_signals,
+    store_for_cli,
+)
 
 if TYPE_CHECKING:
     from serving.gateway.server import Gateway
@@ -72,6 +80,7 @@ def command_gateway(args: argparse.Namespace) -> int:
         raise CliError(f"--rest-max-body-mib {args.rest_max_body_mib}: must be at least 1", exit_code=2)
     if args.feedback_per_minute <= 0:
         raise CliError(f"--feedback-per-minute {args.feedback_per_minute:g}: must be above 0", exit_code=2)
+    limits = rest_limits(args, args.rest_api_num_threads)
     from storage.live_check import live_check_key
 
     credentials = feedback_credentials(args.feedback_tokens)
@@ -89,6 +98,7 @@ def command_gateway(args: argparse.Namespace) -> int:
                                  spool=spool, spool_bytes=args.log_spool_mib << 20,
                                  feedback_per_minute=args.feedback_per_minute,
                                  rest_max_body_bytes=args.rest_max_body_mib << 20,
+                                 rest_limits=limits,
                                  live_check_key=live_check_key(logs.settings))
         try:
             gateway = Gateway(options, logs, feedback).start()
@@ -422,6 +432,10 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
                               "none: feedback is refused with 401)")
     gateway.add_argument("--rest-max-body-mib", type=int, default=16,
                          help="largest REST body, as sent and after gzip (413 past it; default 16, as mnist serve)")
+    gateway.add_argument("--rest-api-num-threads", type=int, default=4 * (os.cpu_count() or 1),
+                         help="threads answering REST calls at once (each relays one upstream); connections wait "
+                              "on an event loop, not a thread (default 4 x CPUs, as mnist serve)")
+    add_rest_limit_flags(gateway)
     gateway.add_argument("--feedback-per-minute", type=float, default=60.0,
                          help="feedback requests a minute per caller before 429 (default 60)")
     gateway.add_argument("--drain-seconds", type=float, default=10.0,

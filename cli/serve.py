@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from cli.common import CliError, stop_on_signals
+from cli.common import CliError, add_rest_limit_flags, rest_limits, stop_on_signals
 from serving.model_server.flags import (
     CPUS,
     add_foreign_flags,
@@ -36,6 +36,7 @@ def command_serve(args: argparse.Namespace) -> int:
         return print_version()
     if args.max_images_per_request < 0 or args.rest_max_body_mib < 1:
         raise CliError("--max-images-per-request must be 0 or more and --rest-max-body-mib 1 or more", exit_code=2)
+    limits = rest_limits(args, args.rest_api_num_threads)
     without_keras_at_tensorflow_import()
     from serving.model_server.inference import PredictOptions
     from serving.model_server.manager import ModelManager
@@ -66,6 +67,7 @@ def command_serve(args: argparse.Namespace) -> int:
                             channel_arguments=args.grpc_channel_arguments,
                             health_check=args.enable_grpc_healthcheck_service,
                             cors=args.rest_api_enable_cors_support,
+                            rest_limits=limits,
                             predict=PredictOptions(args.enable_serialization_as_tensor_content,
                                                    args.reject_non_finite_inputs,
                                                    args.enable_signature_method_name_check,
@@ -181,6 +183,10 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument(*tf_serving_spellings("rest_api_port"), type=int, default=0,
                        help="TF Serving's REST API (/v1/models/NAME[:predict]) on this port; 0 = off (default)")
+    serve.add_argument(*tf_serving_spellings("rest_api_num_threads"), type=int, default=4 * CPUS,
+                       help=f"threads answering REST calls at once; connections wait on an event loop, not a "
+                            f"thread (default 4 x CPUs = {4 * CPUS}, as TF Serving)")
+    add_rest_limit_flags(serve)
     serve.add_argument(*tf_serving_spellings("model_base_path"), help="the model's directory of numbered versions")
     serve.add_argument(*tf_serving_spellings("model_name"), default="mnist", help="model name (default mnist)")
     serve.add_argument(*tf_serving_spellings("model_config_file"),

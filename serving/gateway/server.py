@@ -27,7 +27,7 @@ import json
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +41,7 @@ from serving.gateway.callers import Authenticator, Credential, RateLimit
 from serving.gateway.prediction_logger import Call, Ledger, PredictionLogger, Unloggable, request_outline
 from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.gateway.spool import Spool
-from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.protocol.http import JSON, HttpLimits, HttpServer, Reply, Request, json_reply
 from serving.protocol.json_document import JsonTensorError, parse_document, read_document
 from serving.protocol.json_tensor import dtypes, read_columns, read_predict, read_rows
 from serving.protocol.monitoring import CONTENT_TYPE, PROMETHEUS_PATH, ServingMetrics, readiness
@@ -88,6 +88,7 @@ class GatewayOptions:
     flush_seconds: float = 5.0
     max_message_bytes: int = 64 << 20
     rest_max_body_bytes: int = 16 << 20  # REST bodies, as sent and inflated: the gateway parses them to log them
+    rest_limits: HttpLimits = field(default_factory=HttpLimits)  # REST timeouts, connections and threads
     credentials: tuple[Credential, ...] = ()  # who may send feedback; none: feedback is refused
     tokens_file: Path | None = None  # where they were read: read again when it changes
     ledger: Path | None = None  # where the count of unwritten logs is kept, for the next start to report
@@ -116,7 +117,7 @@ class Gateway:
                                Watch(PREDICT.encode(), REQUEST_ID.encode(), self.request_id, self.finished,
                                      options.max_message_bytes))
         self.rest = (HttpServer(options.host, options.rest_port, options.rest_max_body_bytes, self.respond,
-                                name="gateway-rest") if options.rest_port else None)
+                                name="gateway-rest", limits=options.rest_limits) if options.rest_port else None)
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
         self.rest_connections: list[http.client.HTTPConnection] = []
         self.signatures: dict[ModelPath, tuple[float, int, Any]] = {}  # model path -> (when, version, signatures)

@@ -58,7 +58,6 @@ NO_EFFECT = {
     "remove_unused_fields_from_bundle_metagraph": ForeignFlag(bool, True, "the MetaGraph is not kept"),
     "num_tflite_pools": ForeignFlag(int, CPUS, "no TensorFlow Lite"),
     "num_tflite_interpreters_per_pool": ForeignFlag(int, 1, "no TensorFlow Lite"),
-    "rest_api_num_threads": ForeignFlag(int, 4 * CPUS, "a thread per REST connection"),
     "rest_api_timeout_in_ms": ForeignFlag(int, 30000, "a REST call runs to its end"),
 }
 

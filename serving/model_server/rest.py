@@ -42,7 +42,7 @@ from serving.model_server.json_answers import classify_body, predict_body, regre
 from serving.model_server.json_examples import fill_examples_request
 from serving.model_server.manager import DEFAULT_SIGNATURE, ModelManager
 from serving.model_server.tensors import from_tensor_proto, to_tensor_proto
-from serving.protocol.http import JSON, HttpServer, Reply, Request, json_reply
+from serving.protocol.http import JSON, HttpLimits, HttpServer, Reply, Request, json_reply
 from serving.protocol.json_document import JsonTensorError, read_document
 from serving.protocol.json_tensor import dtypes, read_predict
 from serving.protocol.monitoring import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -223,7 +223,7 @@ class RestServer:
 
     def __init__(self, manager: ModelManager, host: str, port: int, max_body_bytes: int,
                  options: PredictOptions = PredictOptions(), metrics: ServingMetrics | None = None,
-                 metrics_path: str | None = None, cors: bool = False):
+                 metrics_path: str | None = None, cors: bool = False, limits: HttpLimits = HttpLimits()):
         def respond(request: Request) -> Reply:
             if metrics and request.method == "GET" and request.path == metrics_path:
                 return Reply(200, metrics.page(), METRICS_CONTENT_TYPE)
@@ -240,7 +240,7 @@ class RestServer:
                 return reply
             return Reply(reply.status, reply.body, reply.content_type, {**reply.headers, **CORS_HEADERS})
 
-        self.http = HttpServer(host, port, max_body_bytes, respond, name="rest-api")
+        self.http = HttpServer(host, port, max_body_bytes, respond, name="rest-api", limits=limits)
         self.port = self.http.port
 
     def start(self) -> "RestServer":

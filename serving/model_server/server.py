@@ -37,6 +37,7 @@ from serving.model_server.inference import (
 )
 from serving.model_server.manager import ModelManager
 from serving.model_server.model_config import ConfigRefused, read_model_config_file
+from serving.protocol.http import HttpLimits
 from serving.protocol.monitoring import ServingMetrics
 from serving.protocol.tf_serving_protos import message_class, read_text_proto
 
@@ -140,6 +141,7 @@ class ServerOptions:
     health_check: bool = False  # --enable_grpc_healthcheck_service
     rest_api_port: int = 0  # 0: no REST API, as in TF Serving
     cors: bool = False  # --rest_api_enable_cors_support
+    rest_limits: HttpLimits = field(default_factory=HttpLimits)  # timeouts, connections, --rest_api_num_threads
     predict: PredictOptions = field(default_factory=PredictOptions)
     metrics_path: str | None = None  # --monitoring_config_file's Prometheus path, on the REST port
 
@@ -197,7 +199,8 @@ class ModelServer:
 
             # JSON spends several bytes per float, so the body limit is a multiple of gRPC's
             self.rest = RestServer(manager, options.host, options.rest_api_port, options.rest_max_body_bytes,
-                                   options.predict, self.metrics, options.metrics_path, options.cors)
+                                   options.predict, self.metrics, options.metrics_path, options.cors,
+                                   options.rest_limits)
 
     def reload_config_if_changed(self) -> None:
         """Re-read models.config when it changes (the sync rewrites it), and retry a refused
