@@ -36,6 +36,7 @@ class Load:
     end time, whether it was answered, and the gateway's request id for it."""
 
     address: str
+    request: Any  # a PredictRequest: made before the threads start, so a problem with it is said at once
     calls: list[tuple[float, bool, str | None]] = field(default_factory=list)
     stopping: threading.Event = field(default_factory=threading.Event)
 
@@ -49,15 +50,11 @@ class Load:
         import grpc
         from tensorflow_serving.apis import prediction_service_pb2_grpc
 
-        from bench.serving import request_for
-
-        request = request_for(test_digits(1))
-        request.model_spec.signature_name = "serving_default"
         with grpc.insecure_channel(self.address) as channel:
             predict = prediction_service_pb2_grpc.PredictionServiceStub(channel).Predict
             while not self.stopping.is_set():
                 try:
-                    _, call = predict.with_call(request, timeout=10)
+                    _, call = predict.with_call(self.request, timeout=10)
                     request_id = dict(call.trailing_metadata() or ()).get("x-request-id")
                     self.calls.append((time.monotonic(), True, request_id))
                 except grpc.RpcError:
@@ -175,7 +172,7 @@ def logged_request_ids() -> set[str]:
 
 
 def main(outage: float = 60.0) -> dict:
-    from bench.serving import make_model
+    from bench.serving import make_model, request_for
     from serving.stack import serving_stack
     from storage.embedded import PORT_FLAGS, free_port, patched_environ, start_weed
     from storage.models import ModelStore, StoreSettings
@@ -194,7 +191,7 @@ def main(outage: float = 60.0) -> dict:
         published = store.publish(make_model(root / "model"), {"dataset": None, "metrics": {}})
         store.set_label("stable", published["version"])
         serving, _ = stack_of.enter_context(serving_stack(root / "state", supervise=True, say=lambda line: None))
-        load = Load(serving.gateway).start()
+        load = Load(serving.gateway, request_for(test_digits(1))).start()
         stack_of.callback(load.stop)
         first_answer_after(load, 0.0)
         time.sleep(5)  # steady load before the first fault

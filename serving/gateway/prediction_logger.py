@@ -35,7 +35,8 @@ from storage.logs import MAX_LOGGED_EXAMPLES, LogBatch, LogEntry, PredictionLogS
 log = logging.getLogger("mnist.gateway")
 LEDGER_SECONDS = 0.5  # how stale the ledger's count of unwritten calls may be
 REMEMBERED_IDS = 100_000  # ids kept in memory: where a logged one went, that an unlogged one was answered
-MAX_DRAIN_BACKOFF = 30.0  # the longest wait between two tries of a store that is down, with batches spooled
+MAX_DRAIN_BACKOFF = 5.0  # the longest wait between two tries of a store that is down, with batches spooled:
+# one write tried every 5 s costs nothing, and the spool empties within seconds of the store's return
 
 
 @dataclass
