@@ -76,6 +76,7 @@ def test_export_without_publish_is_servable(mnist_dir: Path, cache_dir: Path, tm
     assert trained.returncode == 0, trained.stderr[-2000:]
     assert "I0000" not in trained.stderr and "cuInit" not in trained.stderr  # TensorFlow's C++ lines held back
     assert (out / "mnist" / "1" / "saved_model.pb").is_file() and "published" not in trained.stdout
+    assert "reject" not in (trained.stdout + trained.stderr).lower()  # a passing run says nothing of rejections
     assert not (tmp_path / "state").exists()  # S3 untouched: not even the embedded store started
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "cli", "serve", "--port", str(port),
