@@ -55,6 +55,10 @@ class TrafficSettings(S3Settings):
     live_check_key: SecretStr | None = None
 
 
+class BatchConflict(StoreError):
+    """The store holds other records under a batch's name: writing it again can never succeed."""
+
+
 class LogNotFound(StoreError):
     """No logged request with that id (not sampled, not yet uploaded, unknown or too old)."""
 
@@ -173,7 +177,7 @@ class PredictionLogStore(ObjectStore):
         this and forgetting the batch (a spool file not yet removed) duplicates nothing."""
         payload_key = self.key(batch.folder, f"{batch.name}.tfrecord.gz")
         if not self.put_new(payload_key, batch.payload, batch.sha256):
-            raise StoreError(f"{payload_key} already holds other records ({self.where})")
+            raise BatchConflict(f"{payload_key} already holds other records ({self.where})")
         index = {"file": {"sha256": batch.sha256, "size": len(batch.payload), "compression": tfrecord.GZIP,
                           "records_size": batch.records_size},
                  "records": [asdict(entry) for entry in batch.entries], "written_at": utc_now()}
@@ -182,7 +186,7 @@ class PredictionLogStore(ObjectStore):
             before = self.get_json(key)  # written before; the same batch unless the index says otherwise
             if not (isinstance(before, dict) and before.get("file") == index["file"]
                     and before.get("records") == index["records"]):
-                raise StoreError(f"{key} already indexes another batch ({self.where})")
+                raise BatchConflict(f"{key} already indexes another batch ({self.where})")
         return key
 
     def batch_keys(self, days: list[str]) -> list[str]:

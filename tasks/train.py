@@ -223,8 +223,15 @@ from prefect import get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 
 
+class RunEnded(RuntimeError):
+    """The flow run was ended on the server (Crashed, Cancelled) while this process trained."""
+
+
 class PrefectProgress(keras.callbacks.Callback):
-    """Per-epoch progress to the Prefect log and a progress artifact in the UI."""
+    """Per-epoch progress to the Prefect log and a progress artifact in the UI; and, each epoch, a
+    look at the run's state on the server: a process paused past the heartbeat window (a VM
+    pause, a partition) was Crashed there and its slot given to the next run, so on waking it
+    stops instead of training beside that run."""
 
     def __init__(self, epochs: int):
         super().__init__()
@@ -238,6 +245,27 @@ class PrefectProgress(keras.callbacks.Callback):
                           if name != "learning_rate")
         self.logger.info("epoch %d/%d: %s", epoch + 1, self.epochs, shown)
         update_progress_artifact(self.artifact_id, progress=100.0 * (epoch + 1) / self.epochs)  # type: ignore[arg-type]  # called synchronously: a UUID, not a coroutine
+        ended = run_ended_on_server()
+        if ended:
+            self.model.stop_training = True
+            raise RunEnded(f"the run was ended on the server while it trained ({ended}): training stopped")
+
+
+def run_ended_on_server() -> str | None:
+    """The run's final state on the server ("Crashed: ...") if it has one, else None."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.runtime import flow_run
+
+    run_id = flow_run.get_id()
+    if not run_id:
+        return None
+    with get_client(sync_client=True) as client:
+        state = client.read_flow_run(UUID(run_id)).state
+    if state is None or not state.is_final():
+        return None
+    return f"{state.name}: {state.message}" if state.message else state.name
 
 
 def training_inputs(prepared_path: Path, config: TrainConfig) -> FitInputs:

@@ -5,6 +5,7 @@ drain writes it once the store is back, to the same keys a direct write uses, ex
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -146,6 +147,47 @@ def test_the_drain_writes_what_a_previous_gateway_left_once_and_trusts_nothing_e
     assert registry.get_sample_value("mnist_gateway_logs_dropped_total", {"reason": "spool_unreadable"}) == 1
     assert outside.read_bytes() == b"{}\n" and sorted(p.name for p in spool.directory.iterdir()) == \
         [f"{batch.folder}_000000-000aaaaaaaaa.batch"]  # the symlink alone, untouched; the scratch file gone
+
+
+def test_a_batch_the_store_can_never_take_is_dropped_not_left_to_hold_the_others(
+        store_env, tmp_path: Path) -> None:
+    """A spooled batch whose name the store already holds with other records fails the same way
+    for ever: it is dropped and counted, and the batches behind it are written; a file larger than
+    any batch is dropped without being read into memory."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.gateway.prediction_logger import PredictionLogger
+    from serving.gateway.spool import MAX_HEADER, MAX_PAYLOAD, Spool
+    from storage.logs import LogEntry, days_back, prepare_batch
+
+    logs, _ = stores()
+    now = time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime())
+    batches = [prepare_batch([LogEntry(f"{index:032x}", now, 1, "", "grpc", 1)], [[f"record {index}".encode()]])
+               for index in range(3)]
+    root = tmp_path / "spool"
+    spool = Spool(root, logs.uri(), 1 << 30)
+    for batch in batches:
+        assert spool.put(batch)
+    first = sorted(spool.names())[0]
+    taken = next(b for b in batches if first.endswith(f"_{b.name}.batch"))
+    clash = prepare_batch([LogEntry(f"{99:032x}", now, 1, "", "grpc", 1)], [[b"other records"]])
+    logs.write_prepared(dataclasses.replace(clash, folder=taken.folder, name=taken.name))
+    huge = spool.directory / f"{taken.folder}_000000-000aaaaaaaaa.batch"
+    with huge.open("wb") as sparse:  # sparse: no disk spent
+        sparse.truncate(MAX_HEADER + MAX_PAYLOAD + 2)
+    registry = CollectorRegistry()
+    logger = PredictionLogger(logs, 1.0, registry, to_messages=None, flush_seconds=0.2,
+                              spool=Spool(root, logs.uri(), 1 << 30))
+    logger.start()
+    try:
+        wait_for(lambda: logger.spool is not None and logger.spool.depth == 0)
+    finally:
+        logger.close(5.0)
+    written = {entry.request_id for key in logs.batch_keys(days_back(1)) for entry in logs.read_index(key)[1] if entry}
+    others = {b.entries[0].request_id for b in batches if b is not taken}
+    assert others <= written and taken.entries[0].request_id not in written
+    assert registry.get_sample_value("mnist_gateway_logs_dropped_total", {"reason": "spool_conflict"}) == 1
+    assert registry.get_sample_value("mnist_gateway_logs_dropped_total", {"reason": "spool_unreadable"}) == 1
 
 
 def test_a_full_spool_drops_and_counts_only_past_its_bound(store_env, tmp_path: Path) -> None:

@@ -124,3 +124,52 @@ def test_a_worker_stopped_on_purpose_ends_its_run_on_the_way_out(tmp_path: Path,
             if worker.poll() is None:
                 stop_process(worker.pid)
                 worker.wait(timeout=60)
+
+
+def flow_run_process(worker: subprocess.Popen) -> int:
+    """The flow run's own process under the worker (Prefect starts it in a session of its own)."""
+    from storage.embedded import descendants
+
+    for pid in descendants(worker.pid):
+        try:
+            if b"prefect.engine" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
+        except OSError:
+            continue
+    pytest.fail("no prefect.engine process under the worker")
+
+
+def test_a_paused_run_that_wakes_after_it_was_crashed_stops_training(tmp_path: Path, s3_server, mnist_dir: Path,
+                                                                    cache_dir: Path) -> None:
+    """A run frozen past the heartbeat window (a VM pause, a partition) is Crashed and its slot given
+    away; when it wakes it stops at its next epoch instead of training beside the next run."""
+    from storage.embedded import process_alive
+
+    with running_prefect_server(tmp_path / "prefect") as server:
+        mnist_deploy(server)
+        env = client_env(server, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
+                         MNIST_OUTPUT_DIR=str(tmp_path / "outputs"), MNIST_STATE_DIR=str(tmp_path / "state"),
+                         MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="paused-run",
+                         AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
+                         AWS_REGION="us-east-1")
+        worker = start_worker(env, tmp_path / "worker.log")
+        try:
+            run = api(server, "POST", f"/deployments/{deployment(server)['id']}/create_flow_run",
+                      json={"parameters": LONG_RUN})
+            wait_for_state(server, run["id"], {"RUNNING"}, 180)
+            beating(server, run["id"])
+            frozen = flow_run_process(worker)
+            os.kill(frozen, signal.SIGSTOP)
+            wait_for_state(server, run["id"], {"CRASHED"}, ZOMBIE_AFTER.seconds + 60)
+            os.kill(frozen, signal.SIGCONT)
+            woke = time.monotonic()
+            while process_alive(frozen) and time.monotonic() - woke < 60:
+                time.sleep(0.5)
+            assert not process_alive(frozen), "the crashed run's process trains on after waking"
+            print(f"the woken run stopped {time.monotonic() - woke:.0f} s after waking")
+            ended = api(server, "GET", f"/flow_runs/{run['id']}")  # Crashed, or Failed by the woken engine
+            assert ended["state_type"] in {"CRASHED", "FAILED"}, ended["state"]
+        finally:
+            if worker.poll() is None:
+                stop_process(worker.pid)
+                worker.wait(timeout=60)

@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2
 from serving.gateway.spool import Spool, SpoolError
-from storage.logs import MAX_LOGGED_EXAMPLES, LogBatch, LogEntry, PredictionLogStore, prepare_batch
+from storage.logs import MAX_LOGGED_EXAMPLES, BatchConflict, LogBatch, LogEntry, PredictionLogStore, prepare_batch
 
 log = logging.getLogger("mnist.gateway")
 LEDGER_SECONDS = 0.5  # how stale the ledger's count of unwritten calls may be
@@ -366,6 +366,11 @@ class PredictionLogger:
                 continue
             try:
                 key = self.store.write_prepared(batch)
+            except BatchConflict as error:  # never writable: kept, it would hold every batch behind it
+                log.warning("dropped a spooled log batch the store can never take: %s", str(error)[:300])
+                self.metrics.dropped.labels("spool_conflict").inc(len(batch.entries))
+                self.spool.remove(name)
+                continue
             except Exception as error:  # noqa: BLE001  a store still down: the file stays, tried again later
                 self.outage_began(error)
                 return False

@@ -20,12 +20,13 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
-from storage.logs import BATCH_PATTERN, DATE_PATTERN, LogBatch, LogEntry
+from storage.logs import BATCH_PATTERN, DATE_PATTERN, MAX_RECORDS_SIZE, LogBatch, LogEntry
 from storage.s3 import VerificationFailed
 
 SPOOLED = re.compile(r"^(\d{4}-\d{2}-\d{2})_(\d{6}-[0-9a-f]{12})\.batch$")
 SCRATCH = re.compile(r"^\.(\d{4}-\d{2}-\d{2})_(\d{6}-[0-9a-f]{12})\.batch\.\d+-\d+\.tmp$")
 MAX_HEADER = 64 << 20  # index entries of the largest batch a writer cuts, with room to spare
+MAX_PAYLOAD = MAX_RECORDS_SIZE  # a batch's gzip never outgrows the records it holds (bar a few bytes)
 
 
 class SpoolError(ValueError):
@@ -138,14 +139,19 @@ class Spool:
             raise SpoolError(f"{name[:80]!r} is not a spool name")
         descriptor = os.open(self.directory / name, os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(descriptor, "rb") as source:
+            if os.fstat(source.fileno()).st_size > MAX_HEADER + MAX_PAYLOAD + 1:  # never read into memory
+                raise SpoolError(f"{name}: {os.fstat(source.fileno()).st_size} bytes, more than any batch")
             line = source.readline(MAX_HEADER)
-            payload = source.read()
-        try:
-            header = json.loads(line)
-        except ValueError:
-            raise SpoolError(f"{name}: its header does not read") from None
-        if not isinstance(header, dict) or not isinstance(header.get("entries"), list):
-            raise SpoolError(f"{name}: its header is not a batch's")
+            try:
+                header = json.loads(line)
+            except ValueError:
+                raise SpoolError(f"{name}: its header does not read") from None
+            if not isinstance(header, dict) or not isinstance(header.get("entries"), list):
+                raise SpoolError(f"{name}: its header is not a batch's")
+            size = header.get("size")
+            if type(size) is not int or not 0 < size <= MAX_PAYLOAD:
+                raise SpoolError(f"{name}: its header gives no payload size a batch has")
+            payload = source.read(size + 1)
         folder, batch_name = matched.groups()
         if header.get("store") != self.store_uri:
             raise SpoolError(f"{name}: spooled for {str(header.get('store'))[:200]}, not {self.store_uri}")
