@@ -56,7 +56,10 @@ def exit_on_sigterm(signum: int, frame: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     import signal
 
+    from storage.embedded import die_with_parent
+
     signal.signal(signal.SIGTERM, exit_on_sigterm)
+    die_with_parent()  # a part of a stack: gone with the process that keeps the stack
     args = build_parser().parse_args(argv)
     if args.verbose:
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"

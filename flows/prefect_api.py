@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
-from storage.embedded import exclusive_lock, free_port, stop_process
+from storage.embedded import PARENT_VARIABLE, exclusive_lock, free_port, stop_process
 
 # What SubprocessASGIServer sets for its server: no UI, an ephemeral database lifecycle.
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -99,10 +99,14 @@ def warm_up(api_url: str) -> None:
         pass
 
 
-def start_in_background(api_url: str, start: Callable[[], subprocess.Popen]) -> Callable[[], None]:
+def start_in_background(api_url: str, start: Callable[[], subprocess.Popen], until: threading.Event
+                        ) -> Callable[[], None]:
     """Start the server, wait for it and warm it up in a thread; returns the wait for that (raising
-    its error). ``start`` runs in the thread: it may wait for another command's server to come up."""
+    its error). ``start`` runs in the thread: it may wait for another command's server to come up.
+    The thread then lives until ``until`` is set: the server dies with the thread that started it
+    (``die_with_parent``), so a killed command leaves no server behind."""
     failure: list[Exception] = []
+    done = threading.Event()
 
     def healthy_and_warm() -> None:
         try:
@@ -113,12 +117,15 @@ def start_in_background(api_url: str, start: Callable[[], subprocess.Popen]) -> 
             warm_up(api_url)
         except Exception as error:  # said by the wait, in the thread that runs the flow
             failure.append(error)
+        finally:
+            done.set()
+        until.wait()
 
     thread = threading.Thread(target=healthy_and_warm, name="prefect-api-start", daemon=True)
     thread.start()
 
     def ready() -> None:
-        thread.join()
+        done.wait()
         if failure:
             raise failure[0]
 
@@ -146,7 +153,7 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
         yield lambda: None
         return
     # Started before importing Prefect (a second of its own): the server's start is the longer wait.
-    port, leaving = free_port(), threading.Lock()
+    port, leaving, ended = free_port(), threading.Lock(), threading.Event()
     started: list[subprocess.Popen] | None = []
 
     def start() -> subprocess.Popen:
@@ -158,7 +165,7 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
         return process
 
     api_url = f"http://127.0.0.1:{port}/api"
-    ready = start_in_background(api_url, start)
+    ready = start_in_background(api_url, start, ended)
     try:
         from prefect.settings import (
             PREFECT_API_URL,
@@ -183,6 +190,7 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
         for server in spawned or []:
             stop_process(server.pid)
             server.wait(timeout=30)
+        ended.set()
 
 
 def api_configured() -> bool:
@@ -196,16 +204,23 @@ def api_configured() -> bool:
     return False  # a profile may still set one: checked once Prefect is imported
 
 
+# python -m uvicorn, after asking to die with the thread that started it (storage.embedded.die_with_parent)
+UVICORN_DYING_WITH_PARENT = ("import runpy, sys; from storage.embedded import die_with_parent; die_with_parent(); "
+                             "sys.argv[0] = 'uvicorn'; "
+                             "runpy.run_module('uvicorn', run_name='__main__', alter_sys=True)")
+
+
 def spawn_server(port: int) -> subprocess.Popen:
     spec = importlib.util.find_spec("prefect")  # found, not imported: that is seconds of this process's start
     if spec is None or not spec.submodule_search_locations:
         raise RuntimeError("prefect is not installed: the Prefect API comes with the [trainer] install")
     prefect_root = Path(spec.submodule_search_locations[0]).parent
     return subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_root), "--factory",
+        [sys.executable, "-c", UVICORN_DYING_WITH_PARENT, "--app-dir", str(prefect_root), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "error", "--lifespan", "on"],
-        env={**SERVER_DEFAULTS, **os.environ, **SERVER_ENV}, stdin=subprocess.DEVNULL, start_new_session=True)
+        env={**SERVER_DEFAULTS, **os.environ, **SERVER_ENV, PARENT_VARIABLE: str(os.getpid())},
+        stdin=subprocess.DEVNULL, start_new_session=True)
 
 
 def drain_to_api(timeout: float = 10.0) -> None:

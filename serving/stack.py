@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from storage.embedded import free_port, port_free, process_alive, stop_process
+from storage.embedded import PARENT_VARIABLE, free_port, port_free, process_alive, stop_process
 
 MONITORING_CONFIG = Path(__file__).resolve().parent / "deploy" / "monitoring.config"
 
@@ -110,7 +110,8 @@ class Part:
         with self.log_path.open("a") as log:  # a restart goes on in the same log
             self.process = subprocess.Popen([sys.executable, "-m", "cli", *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                            start_new_session=True)
+                                            start_new_session=True,
+                                            env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
         return self.process
 
     def stop(self) -> None:

@@ -170,6 +170,23 @@ def stop_process(pid: int, timeout: float = 15.0) -> None:
         pass
 
 
+PARENT_VARIABLE = "MNIST_DIE_WITH_PARENT"  # set to a pid for a child that must not outlive it
+
+
+def die_with_parent() -> None:
+    """In a child started with MNIST_DIE_WITH_PARENT=<pid>: have Linux send SIGTERM when the thread
+    that started it ends (PR_SET_PDEATHSIG), so a SIGKILLed mnist run leaves no model server, sync,
+    gateway or Prefect server behind (measured: 1 GB of orphans). Cleared for grandchildren."""
+    expected = os.environ.pop(PARENT_VARIABLE, "")
+    if not expected.isdigit() or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != int(expected):  # the parent went before the request took
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def descendants(pid: int) -> set[int]:
     """The processes below ``pid``, from /proc (those started in sessions of their own too, which a
     signal to its process group misses)."""

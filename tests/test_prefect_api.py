@@ -6,6 +6,8 @@ import os
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
@@ -76,3 +78,35 @@ def test_a_temporary_server_that_dies_is_said_by_the_wait(monkeypatch: pytest.Mo
         with pytest.raises(RuntimeError, match="exited with code 3"):
             with prefect_api.early_prefect_api() as ready:
                 ready()
+
+
+KILLED_RUN = """
+import time
+from flows.prefect_api import early_prefect_api
+with early_prefect_api() as ready:
+    ready()
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_killed_command_leaves_no_temporary_server(tmp_path) -> None:
+    from storage.embedded import descendants, process_alive
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    command = subprocess.Popen([sys.executable, "-c", KILLED_RUN], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               text=True)
+    try:
+        assert command.stdout.readline().strip() == "ready"
+        [server] = [pid for pid in descendants(command.pid)
+                    if b"uvicorn" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        command.kill()
+        command.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while process_alive(server) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not process_alive(server), "the temporary Prefect server outlived its command"
+    finally:
+        if command.poll() is None:
+            command.kill()
+        command.stdout.close()

@@ -141,3 +141,33 @@ def test_free_ports_come_from_below_the_ephemeral_range_and_are_free() -> None:
         listener.bind(("127.0.0.1", picks[0][0]))
         listener.listen()
         assert not port_free(picks[0][0])
+
+
+def test_a_killed_stack_keeper_leaves_no_part_running(store, tmp_path: Path) -> None:
+    """mnist up (or mnist run) SIGKILLed: its model server, sync and gateway, each in a session of
+    its own, go with it instead of running on as orphans."""
+    from storage.embedded import descendants, process_alive
+
+    process = subprocess.Popen([sys.executable, "-m", "cli", "up", "--port", "0", "--rest-api-port", "0"],
+                               cwd=REPO, env={**os.environ, "MNIST_STATE_DIR": str(tmp_path / "state")},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines: list[str] = []
+        while not any("export MNIST_SERVING_ADDRESS=" in line for line in lines):
+            line = process.stdout.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        parts = descendants(process.pid)
+        assert len(parts) >= 3
+        process.kill()
+        process.wait(timeout=10)
+        deadline = time.monotonic() + 20
+        while any(process_alive(pid) for pid in parts) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(process_alive(pid) for pid in parts), "parts outlived the killed stack"
+    finally:
+        for pid in descendants(process.pid) if process.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.kill()
+        process.stdout.close()
