@@ -190,6 +190,40 @@ def test_a_batch_the_store_can_never_take_is_dropped_not_left_to_hold_the_others
     assert registry.get_sample_value("mnist_gateway_logs_dropped_total", {"reason": "spool_unreadable"}) == 1
 
 
+def test_a_spool_whose_disk_is_full_sends_batches_to_a_store_that_is_back(store_env, tmp_path: Path) -> None:
+    """The spool's disk full (a small tmpfs) while the drain still waits out its backoff: a batch
+    goes to the store if it takes it, instead of being dropped."""
+    from prometheus_client import CollectorRegistry
+
+    from serving.gateway.prediction_logger import PredictionLogger
+    from serving.gateway.spool import Spool
+    from storage.logs import LogEntry, days_back, prepare_batch
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs is not permitted here")
+    try:
+        logs, _ = stores()
+        spool = Spool(disk / "spool", logs.uri(), 1 << 30)
+        with (disk / "filler").open("wb") as filler:  # the disk full
+            try:
+                filler.write(b"x" * (128 << 10))
+            except OSError:
+                pass
+        now = time.strftime("%Y-%m-%dT%H:%M:%S.000+00:00", time.gmtime())
+        batch = prepare_batch([LogEntry(f"{7:032x}", now, 1, "", "grpc", 1)], [[os.urandom(20_000)]])
+        registry = CollectorRegistry()
+        logger = PredictionLogger(logs, 1.0, registry, to_messages=None, flush_seconds=0.2, spool=spool)
+        logger.to_spool(batch)
+        written = {entry.request_id for key in logs.batch_keys(days_back(1)) for entry in logs.read_index(key)[1]
+                   if entry}
+        assert batch.entries[0].request_id in written
+        assert registry.get_sample_value("mnist_gateway_logs_dropped_total", {"reason": "spool_error"}) in (None, 0)
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
+
+
 def test_a_full_spool_drops_and_counts_only_past_its_bound(store_env, tmp_path: Path) -> None:
     from serving.gateway.spool import Spool
     from storage.logs import LogEntry, prepare_batch

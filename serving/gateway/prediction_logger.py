@@ -147,6 +147,7 @@ class PredictionLogger:
         self.spooled_more = threading.Event()  # wakes the drain
         self.outage_since: float | None = None  # monotonic time the store first failed a write, while it is down
         self.spool_full = False  # said once each time the spool fills
+        self.spool_failing = False  # said once each time its disk refuses a batch
         self.in_flight: LogBatch | None = None  # the batch the writer is sending now
         self.drained = 0  # spooled batches written since the outage began
         self.max_drain_backoff = MAX_DRAIN_BACKOFF
@@ -315,6 +316,14 @@ class PredictionLogger:
             log.warning("log store unavailable: spooling prediction logs to %s until it is back: %s",
                         self.spool.directory, str(error)[:200])
 
+    def written_directly(self, batch: LogBatch) -> bool:
+        try:
+            key = self.store.write_prepared(batch)
+        except Exception:  # noqa: BLE001  still down: the caller drops it and counts it
+            return False
+        self.stored(batch, key)
+        return True
+
     def to_spool(self, batch: LogBatch) -> None:
         """On local disk until the drain writes it; dropped and counted only when the spool is full
         or the disk refuses it."""
@@ -322,10 +331,15 @@ class PredictionLogger:
         try:
             spooled = self.spool.put(batch)
         except OSError as error:
-            log.warning("dropped %d prediction logs: cannot spool them to %s: %s", len(batch.entries),
-                        self.spool.directory, error)
+            if self.written_directly(batch):  # the store may be back while the drain waits out its backoff
+                return
+            if not self.spool_failing:
+                log.warning("cannot spool prediction logs to %s (%s): dropping them until it takes them or the "
+                            "store does", self.spool.directory, error)
+            self.spool_failing = True
             self.metrics.dropped.labels("spool_error").inc(len(batch.entries))
             return
+        self.spool_failing = False
         if not spooled:
             if not self.spool_full:
                 log.warning("the log spool %s is full (%d bytes, its bound): dropping prediction logs until "
