@@ -185,6 +185,25 @@ def test_an_upstream_restart_keeps_the_callers_connection_and_it_resumes_at_once
     assert answer == b"answer:after" and resumed < 1.0, f"resumed {resumed:.2f} s after upstream was back"
 
 
+def test_an_upstream_that_takes_the_connection_but_never_answers_is_unavailable_within_seconds() -> None:
+    """A stopped server's kernel (SIGSTOP, a frozen VM) still accepts connections: without a
+    deadline of its own the relay would let each call hang to the caller's deadline."""
+    from serving.gateway.relay import ANSWER_SECONDS
+
+    mute = socket.create_server(("127.0.0.1", 0))  # listens, accepts in the kernel, never speaks
+    watch = Watch(WATCHED.encode(), ID_HEADER, lambda given: "id", lambda *_: None)
+    relay = GrpcRelay("127.0.0.1", 0, f"127.0.0.1:{mute.getsockname()[1]}", watch).start()
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{relay.port}") as channel, pytest.raises(grpc.RpcError) as down:
+            asked = time.monotonic()
+            channel.unary_unary(WATCHED)(b"x", timeout=30)
+        waited = time.monotonic() - asked
+    finally:
+        relay.stop()
+        mute.close()
+    assert down.value.code() == grpc.StatusCode.UNAVAILABLE and waited < ANSWER_SECONDS + 2, waited
+
+
 @pytest.mark.parametrize("malformed", [
     frame(HEADERS, END_HEADERS, 1, b"\xff\xff\xff\xff\xff\xff"),  # an HPACK index past every table
     frame(CONTINUATION, END_HEADERS, 1, b"\x82"),  # a CONTINUATION with no HEADERS before it

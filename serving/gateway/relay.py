@@ -66,6 +66,7 @@ log = logging.getLogger("mnist.gateway")
 CANCELLED = 1  # grpc.StatusCode.CANCELLED's number, for a stream reset before its trailers
 UNAVAILABLE = 14
 PROBE_SECONDS = 0.2  # how often a relay standing in for a gone upstream tries to reach it again
+ANSWER_SECONDS = 3.0  # an upstream that takes a connection but sends no SETTINGS within this is not there
 STANDING_IN = b"upstream unavailable: the model server is not answering (restarting?); retry"
 
 
@@ -316,6 +317,10 @@ class Link:
             self.early.clear()
         self.client.resume_reading()
 
+    def answered_or_stand_in(self) -> None:
+        if not self.heard_upstream_settings and not self.standing_in:
+            self.stand_in(f"it took the connection but sent no HTTP/2 SETTINGS within {ANSWER_SECONDS:g} s")
+
     def close(self) -> None:
         """The caller gone, or a side broke the protocol: both connections close, calls in flight end."""
         if self.closed:
@@ -471,6 +476,9 @@ class GrpcRelay:
             link.stand_in(f"unreachable: {error.strerror or error}")
             return
         link.upstream_connected(cast(asyncio.Transport, transport))
+        # a server stopped (SIGSTOP, a frozen VM) or a listener that is not one takes the connection
+        # and never answers: calls would hang to their deadlines instead of failing at once
+        self.loop.call_later(ANSWER_SECONDS, link.answered_or_stand_in)
 
     def wait_for_upstream(self, link: Link, reason: str) -> None:
         """Hold ``link`` until upstream answers again (one probe for all of them, said once)."""
@@ -480,15 +488,29 @@ class GrpcRelay:
                         self.upstream_port, reason)
             self.probe = self.loop.create_task(self.probe_upstream())
 
+    async def upstream_answers(self) -> bool:
+        """Whether upstream speaks HTTP/2 again: its SETTINGS in answer to a client preface (a TCP
+        connect alone is taken by a stopped server's kernel too)."""
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_connection(self.upstream_host, self.upstream_port), ANSWER_SECONDS)
+        except (OSError, asyncio.TimeoutError):
+            return False
+        try:
+            writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
+            head = await asyncio.wait_for(reader.readexactly(9), ANSWER_SECONDS)
+            return head[3] == SETTINGS
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return False
+        finally:
+            writer.close()
+
     async def probe_upstream(self) -> None:
         started = time.monotonic()
         while self.waiting:
-            try:
-                _, writer = await asyncio.open_connection(self.upstream_host, self.upstream_port)
-            except OSError:
+            if not await self.upstream_answers():
                 await asyncio.sleep(PROBE_SECONDS)
                 continue
-            writer.close()
             waiting, self.waiting = list(self.waiting), set()
             log.warning("upstream %s:%s back after %.1f s: %d callers sent to reconnect", self.upstream_host,
                         self.upstream_port, time.monotonic() - started, len(waiting))
