@@ -100,10 +100,22 @@ def model_config_text(model_name: str, base_path: str, versions: list[int], labe
 
 
 def write_atomically(path: Path, text: str) -> None:
+    """Write a scratch file beside ``path`` and rename it over; a failed write (a full disk) removes
+    its scratch file, so retries leave nothing behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as handle:
-        handle.write(text)
-    os.replace(handle.name, path)
+        scratch = Path(handle.name)
+        try:
+            handle.write(text)
+            handle.flush()
+        except BaseException:
+            scratch.unlink(missing_ok=True)
+            raise
+    try:
+        os.replace(scratch, path)
+    except BaseException:
+        scratch.unlink(missing_ok=True)
+        raise
 
 
 def download_version(store: ModelStore, version: int, model_base_path: Path, verify_key: Path | None = None) -> None:
@@ -184,6 +196,8 @@ def sync_round(store: ModelStore, model_base_path: Path, config_file: Path, conf
                server: Target | None, load_timeout: float, verify_key: Path | None) -> SyncResult:
     model_base_path.mkdir(parents=True, exist_ok=True)
     remove_stale_staging(model_base_path)
+    for scratch in config_file.parent.glob(f".{config_file.name}.*"):  # a config write a kill cut short
+        scratch.unlink(missing_ok=True)
     base_path = config_base_path or str(model_base_path.resolve())
     # Labels first: each names a version complete when it was set, and gc retires no labelled
     # version. A label whose version this listing lacks stays where the server has it this round
@@ -207,7 +221,12 @@ def sync_round(store: ModelStore, model_base_path: Path, config_file: Path, conf
     wanted -= set(result.refused)
     listed_before, labelled_before = served_config(config_file)
     versions, written_labels, waiting = next_config(wanted, labels, listed_before, labelled_before, present)
-    write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
+    try:
+        write_config(config_file, store.settings.model_name, base_path, versions, written_labels)
+    except OSError as error:
+        failed = local_write_error(error, f"writing {config_file}")
+        failed.behind = behind_registry(labels, config_file)
+        raise failed from None
     if waiting and server is not None:
         states = wait_until_available(server, sorted(wanted), load_timeout)
         if any(states.get(version) != "AVAILABLE" for version in wanted):

@@ -71,6 +71,22 @@ def test_a_label_on_a_version_the_listing_lacks_stays_where_the_server_has_it(st
         {"stable": 1}
 
 
+def test_a_config_write_that_fails_leaves_no_scratch_file_and_says_what_lags(store: ModelStore,
+                                                                           saved_model_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    from serving.sync import LocalWriteError
+
+    store.publish(saved_model_dir, LINEAGE)
+    store.set_label("stable", 1)
+    base = tmp_path / "models" / "mnist"
+    refused = tmp_path / "models" / "models.config"
+    refused.mkdir(parents=True)  # the rename onto it fails, as a full disk's write does
+    with pytest.raises(LocalWriteError, match="models.config") as failed:
+        sync_once(store, base, refused)
+    assert "stable" in failed.value.behind
+    assert not [p.name for p in refused.parent.iterdir() if p.name.startswith(".models.config.")]
+
+
 def test_sync_skips_a_version_that_does_not_verify(store: ModelStore, saved_model_dir: Path, tmp_path: Path) -> None:
     from storage.models import VerificationFailed
 
