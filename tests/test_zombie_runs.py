@@ -8,8 +8,9 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 
@@ -20,6 +21,20 @@ from tests.test_deployments import FAST_PARAMS, api, client_env, deployment, mni
 
 pytestmark = pytest.mark.faults
 LONG_RUN = {"params": {**FAST_PARAMS["params"], "epochs": 200}}  # minutes: it is killed long before its end
+
+
+@contextmanager
+def deployed(tmp_path: Path, s3_server, mnist_dir: Path, cache_dir: Path, bucket: str
+             ) -> Iterator[tuple[dict[str, Any], dict[str, str]]]:
+    """A real Prefect server with make deploy's deployments and automations, and the environment a
+    worker for it runs in (real MNIST, the session's S3 store)."""
+    with running_prefect_server(tmp_path / "prefect") as server:
+        mnist_deploy(server)
+        yield server, client_env(server, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
+                                 MNIST_OUTPUT_DIR=str(tmp_path / "outputs"), MNIST_STATE_DIR=str(tmp_path / "state"),
+                                 MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET=bucket,
+                                 AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
+                                 AWS_REGION="us-east-1")
 
 
 def start_worker(env: dict[str, str], log: Path) -> subprocess.Popen:
@@ -59,13 +74,7 @@ def killed(worker: subprocess.Popen) -> None:
 
 def test_a_dead_workers_run_is_crashed_and_the_next_run_starts(tmp_path: Path, s3_server, mnist_dir: Path,
                                                                cache_dir: Path) -> None:
-    with running_prefect_server(tmp_path / "prefect") as server:
-        mnist_deploy(server)
-        env = client_env(server, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
-                         MNIST_OUTPUT_DIR=str(tmp_path / "outputs"), MNIST_STATE_DIR=str(tmp_path / "state"),
-                         MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="zombie-runs",
-                         AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
-                         AWS_REGION="us-east-1")
+    with deployed(tmp_path, s3_server, mnist_dir, cache_dir, "zombie-runs") as (server, env):
         training = deployment(server)
         log = tmp_path / "worker.log"
         worker = start_worker(env, log)
@@ -103,13 +112,7 @@ def test_a_worker_stopped_on_purpose_ends_its_run_on_the_way_out(tmp_path: Path,
                                                                   cache_dir: Path) -> None:
     """make worker stopped with SIGTERM (a supervisor, a deploy) mid-run: the run ends Crashed at
     once, by its own engine, not after the heartbeat window."""
-    with running_prefect_server(tmp_path / "prefect") as server:
-        mnist_deploy(server)
-        env = client_env(server, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
-                         MNIST_OUTPUT_DIR=str(tmp_path / "outputs"), MNIST_STATE_DIR=str(tmp_path / "state"),
-                         MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="stopped-worker",
-                         AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
-                         AWS_REGION="us-east-1")
+    with deployed(tmp_path, s3_server, mnist_dir, cache_dir, "stopped-worker") as (server, env):
         worker = start_worker(env, tmp_path / "worker.log")
         try:
             run = api(server, "POST", f"/deployments/{deployment(server)['id']}/create_flow_run",
@@ -145,13 +148,7 @@ def test_a_paused_run_that_wakes_after_it_was_crashed_stops_training(tmp_path: P
     away; when it wakes it stops at its next epoch instead of training beside the next run."""
     from storage.embedded import process_alive
 
-    with running_prefect_server(tmp_path / "prefect") as server:
-        mnist_deploy(server)
-        env = client_env(server, MNIST_DATA_DIR=str(mnist_dir), MNIST_CACHE_DIR=str(cache_dir),
-                         MNIST_OUTPUT_DIR=str(tmp_path / "outputs"), MNIST_STATE_DIR=str(tmp_path / "state"),
-                         MNIST_S3_ENDPOINT=s3_server.endpoint, MNIST_S3_BUCKET="paused-run",
-                         AWS_ACCESS_KEY_ID=S3_ACCESS_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET_KEY,
-                         AWS_REGION="us-east-1")
+    with deployed(tmp_path, s3_server, mnist_dir, cache_dir, "paused-run") as (server, env):
         worker = start_worker(env, tmp_path / "worker.log")
         try:
             run = api(server, "POST", f"/deployments/{deployment(server)['id']}/create_flow_run",
