@@ -534,8 +534,11 @@ class GrpcRelay:
         async def close_all() -> None:
             for link in list(self.links):
                 link.close()
-            for task in asyncio.all_tasks() - {asyncio.current_task()}:
-                task.cancel()  # connects still under way
+            tasks = asyncio.all_tasks() - {asyncio.current_task()}
+            for task in tasks:
+                task.cancel()  # connects and upstream probes still under way
+            if tasks:  # ended here, not garbage-collected later on a closed loop with their sockets open
+                await asyncio.wait(tasks, timeout=2)
             await asyncio.sleep(0.05)  # closed transports let their sockets go on the next turns
 
         asyncio.run_coroutine_threadsafe(close_all(), self.loop).result(timeout=5)
