@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Command groups live in their own modules and build on the shared helpers above.
     from cli.data import add_data_parser
     from cli.deploy import add_scheduling_parsers
+    from cli.gateway import add_gateway_parser
     from cli.monitoring import add_monitoring_parsers
     from cli.serving import add_serving_parsers
     from cli.store import add_registry_parser, add_storage_parser
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_registry_parser(commands)
     add_data_parser(commands)
     add_serving_parsers(commands)
+    add_gateway_parser(commands)
     add_monitoring_parsers(commands)
     add_scheduling_parsers(commands)
     return parser

@@ -153,3 +153,13 @@ def rest_limits(args: argparse.Namespace, threads: int):
             raise CliError(f"{flag} {count}: must be at least 1", exit_code=2)
     return HttpLimits(args.rest_header_timeout_seconds, args.rest_body_timeout_seconds,
                       args.rest_idle_timeout_seconds, args.rest_max_connections, threads)
+
+
+def traffic_stores(retry_seconds: float | None = None):
+    """(prediction logs, feedback) of MNIST_MODEL_NAME in the configured (or embedded) bucket."""
+    from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+
+    logs = store_for_cli(TrafficSettings, PredictionLogStore, interactive=True)
+    if retry_seconds is not None and "MNIST_RETRY_SECONDS" not in os.environ:
+        logs.settings = logs.settings.model_copy(update={"retry_seconds": retry_seconds})
+    return logs, FeedbackStore(logs.settings, logs.client)

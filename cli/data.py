@@ -325,7 +325,7 @@ QUARANTINE_ACTIONS = {"quarantine": show_quarantine, "accept": accept_quarantine
 
 def add_from_feedback(args: argparse.Namespace) -> int:
     """The feedback on logged predictions since the last time, as one batch through the normal ingest."""
-    from cli.monitoring import traffic_stores
+    from cli.common import traffic_stores
     from tasks.feedback import ingest_feedback
     from tasks.ingest import IngestError
 
