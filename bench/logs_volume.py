@@ -25,7 +25,7 @@ def synthetic_records(count: int) -> list[list[bytes]]:
     as the gateway frames them; the day repeats them."""
     from mnist_client._generated.tensorflow_serving.apis import predict_pb2
     from mnist_client.tensors import to_tensor_proto
-    from serving.gateway.prediction_logger import prediction_log
+    from serving.gateway.log_records import prediction_log
 
     digits = mnist_test_images()[:count].astype(np.float32)[..., np.newaxis] / 255.0
     rng = np.random.default_rng(0)

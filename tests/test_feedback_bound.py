@@ -261,7 +261,7 @@ def logged_digits(logs, count: int, now: datetime) -> list[tuple[str, int, objec
     """``count`` one-image calls logged in one batch, of distinct random digits: (key, position, entry)."""
     from mnist_client._generated.tensorflow_serving.apis import predict_pb2
     from mnist_client.tensors import to_tensor_proto
-    from serving.gateway.prediction_logger import prediction_log
+    from serving.gateway.log_records import prediction_log
     from storage.logs import LogEntry
 
     rng = np.random.default_rng(7)

@@ -145,7 +145,8 @@ def test_the_log_queue_holds_no_more_bytes_than_its_budget(store_env, digits: np
     request's outline (its spec and shapes), with every image counted."""
     from prometheus_client import CollectorRegistry
 
-    from serving.gateway.prediction_logger import Call, PredictionLogger, request_outline
+    from serving.gateway.log_records import Call, request_outline
+    from serving.gateway.prediction_logger import PredictionLogger
     from storage.logs import days_back
 
     request = predict_pb2.PredictRequest()

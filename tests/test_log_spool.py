@@ -86,7 +86,7 @@ def test_a_store_outage_spools_logs_and_loses_none(stoppable_store, upstream, di
     holder, restart = stoppable_store
     _, address, _ = upstream
     gateway = start_gateway(address, retry_seconds=0.5, batch_records=16, spool=tmp_path / "spool")
-    gateway.logger.max_drain_backoff = 1.0  # (30 s by default) the test waits for the drain, not its backoff
+    gateway.logger.spooled.max_drain_backoff = 1.0  # (5 s by default) the test waits for the drain, not its backoff
     load = SteadyLoad(f"127.0.0.1:{gateway.port}", digits)
     try:
         wait_for(lambda: gateway.logger.written_records > 0)
@@ -215,7 +215,7 @@ def test_a_spool_whose_disk_is_full_sends_batches_to_a_store_that_is_back(store_
         batch = prepare_batch([LogEntry(f"{7:032x}", now, 1, "", "grpc", 1)], [[os.urandom(20_000)]])
         registry = CollectorRegistry()
         logger = PredictionLogger(logs, 1.0, registry, to_messages=None, flush_seconds=0.2, spool=spool)
-        logger.to_spool(batch)
+        logger.spooled.put(batch)
         written = {entry.request_id for key in logs.batch_keys(days_back(1)) for entry in logs.read_index(key)[1]
                    if entry}
         assert batch.entries[0].request_id in written

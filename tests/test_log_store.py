@@ -16,7 +16,7 @@ import pytest
 
 from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2, prediction_log_pb2
 from mnist_client.tensors import to_tensor_proto
-from serving.gateway.prediction_logger import prediction_log
+from serving.gateway.log_records import prediction_log
 from storage import tfrecord
 from storage.logs import LogEntry, PredictionLogStore, TrafficSettings
 from storage.s3 import VerificationFailed

@@ -38,7 +38,8 @@ from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_p
 from mnist_client.client import REQUEST_ID
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.callers import Authenticator, Credential, RateLimit
-from serving.gateway.prediction_logger import Call, Ledger, PredictionLogger, Unloggable, request_outline
+from serving.gateway.log_records import Call, Unloggable, request_outline
+from serving.gateway.prediction_logger import Ledger, PredictionLogger
 from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
 from serving.gateway.spool import Spool
 from serving.protocol.http import JSON, HttpLimits, HttpServer, Reply, Request, json_reply
