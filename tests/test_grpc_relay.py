@@ -23,7 +23,8 @@ from serving.gateway.http2 import (
     frame,
     header_frames,
 )
-from serving.gateway.relay import STANDING_IN, Body, GrpcRelay, Link, Watch, grpc_message
+from serving.gateway.relay import STANDING_IN, GrpcRelay, Link
+from serving.gateway.watched_calls import Body, Watch, grpc_message
 from storage.embedded import free_port
 
 WATCHED = "/test.Echo/Predict"
@@ -191,7 +192,7 @@ def test_an_upstream_restart_keeps_the_callers_connection_and_it_resumes_at_once
 def test_an_upstream_that_takes_the_connection_but_never_answers_is_unavailable_within_seconds() -> None:
     """A stopped server's kernel (SIGSTOP, a frozen VM) still accepts connections: without a
     deadline of its own the relay would let each call hang to the caller's deadline."""
-    from serving.gateway.relay import ANSWER_SECONDS
+    from serving.gateway.upstream_probe import ANSWER_SECONDS
 
     mute = socket.create_server(("127.0.0.1", 0))  # listens, accepts in the kernel, never speaks
     watch = Watch(WATCHED.encode(), ID_HEADER, lambda given: "id", lambda *_: None)

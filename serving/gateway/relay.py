@@ -24,13 +24,10 @@ crosses the relay as one copy out (the frames joined for the socket) and one for
 from __future__ import annotations
 
 import asyncio
-import gzip
 import logging
 import threading
 import time
-import zlib
-from dataclasses import dataclass, field
-from typing import Callable, cast
+from typing import cast
 
 from hpack import Decoder
 
@@ -60,98 +57,14 @@ from serving.gateway.http2 import (
     unpadded,
     window_update,
 )
+from serving.gateway.upstream_probe import ANSWER_SECONDS, UpstreamProbe
+from serving.gateway.watched_calls import Body, Exchange, Watch
 
 log = logging.getLogger("mnist.gateway")
 
 CANCELLED = 1  # grpc.StatusCode.CANCELLED's number, for a stream reset before its trailers
 UNAVAILABLE = 14
-PROBE_SECONDS = 0.2  # how often a relay standing in for a gone upstream tries to reach it again
-ANSWER_SECONDS = 3.0  # an upstream that takes a connection but sends no SETTINGS within this is not there
 STANDING_IN = b"upstream unavailable: the model server is not answering (restarting?); retry"
-
-
-class Body:
-    """A call's body as its DATA frames brought it: views of the frames, joined once, when read."""
-
-    def __init__(self) -> None:
-        self.parts: list[memoryview] = []
-        self.size = 0
-
-    def __len__(self) -> int:
-        return self.size
-
-    def add(self, data: memoryview) -> None:
-        self.parts.append(data)
-        self.size += len(data)
-
-    def clear(self) -> None:
-        self.parts.clear()
-        self.size = 0
-
-    def head(self, count: int) -> bytes:
-        """The first ``count`` bytes (fewer if the body is shorter)."""
-        out = bytearray()
-        for part in self.parts:
-            out += part[:count - len(out)]
-            if len(out) == count:
-                break
-        return bytes(out)
-
-    def tail(self, skip: int) -> bytes:
-        """The body past its first ``skip`` bytes, in one copy."""
-        pieces = []
-        for part in self.parts:
-            pieces.append(part[skip:] if skip else part)
-            skip = max(0, skip - len(part))
-        return b"".join(pieces)
-
-
-@dataclass
-class Exchange:
-    """One watched call: its request id, the caller's own (if it sent one) and both bodies as they
-    crossed the wire."""
-    request_id: str
-    client_request_id: str | None = None
-    started: float = field(default_factory=time.perf_counter)
-    request: Body = field(default_factory=Body)
-    response: Body = field(default_factory=Body)
-    request_encoding: bytes = b"identity"
-    response_encoding: bytes = b"identity"
-    oversized: bool = False
-
-
-@dataclass(frozen=True)
-class Watch:
-    """Which calls the relay reads, and what it does with them."""
-    path: bytes  # the :path of the calls watched, e.g. b"/tensorflow.serving.PredictionService/Predict"
-    id_header: bytes  # the header that carries a call's id, both ways (b"x-request-id")
-    request_id: Callable[[str | None], str]  # the caller's id header (or None) -> the call's id
-    finished: Callable[[Exchange, int, str], None]  # (call, grpc-status, grpc-message), on the relay's loop
-    max_message_bytes: int = 64 << 20
-
-
-def grpc_message(body: Body, encoding: bytes) -> bytes | None:
-    """The one message of a unary call's body (gRPC's 5-byte length prefix), decompressed; None
-    when it is not whole or not readable."""
-    prefix = body.head(5)
-    if len(prefix) < 5:
-        return None
-    length = int.from_bytes(prefix[1:5], "big")
-    if len(body) - 5 < length:
-        return None
-    message = body.tail(5)
-    if len(message) > length:
-        message = message[:length]
-    if not prefix[0]:
-        return message
-    try:
-        if encoding == b"gzip":
-            return gzip.decompress(message)
-        if encoding == b"deflate":
-            return zlib.decompress(message)
-    except (OSError, zlib.error, EOFError):
-        pass
-    return None
 
 
 class Link:
@@ -331,7 +244,7 @@ class Link:
             self.upstream.close()
         self.exchanges.clear()
         self.relay.links.discard(self)
-        self.relay.waiting.discard(self)
+        self.relay.probe.release(self)
 
     # --- standing in for a gone upstream -------------------------------------------------------
     def stand_in(self, reason: str) -> None:
@@ -356,7 +269,7 @@ class Link:
         self.client.write(b"".join(out))
         self.client.resume_reading()
         self.record_ended()
-        self.relay.wait_for_upstream(self, reason)
+        self.relay.probe.hold(self, reason)
 
     def answer_alone(self, data: bytes) -> None:
         """The caller's frames while upstream is gone: each new call answered UNAVAILABLE, its
@@ -454,8 +367,7 @@ class GrpcRelay:
         host, _, upstream_port = upstream.rpartition(":")
         self.upstream_host, self.upstream_port = host.strip("[]"), int(upstream_port)  # [::1]:8500 too
         self.links: set[Link] = set()
-        self.waiting: set[Link] = set()  # links standing in for a gone upstream
-        self.probe: asyncio.Task | None = None
+        self.probe = UpstreamProbe(self.upstream_host, self.upstream_port)
         self.thread: threading.Thread | None = None
         self.port = 0
 
@@ -479,43 +391,6 @@ class GrpcRelay:
         # a server stopped (SIGSTOP, a frozen VM) or a listener that is not one takes the connection
         # and never answers: calls would hang to their deadlines instead of failing at once
         self.loop.call_later(ANSWER_SECONDS, link.answered_or_stand_in)
-
-    def wait_for_upstream(self, link: Link, reason: str) -> None:
-        """Hold ``link`` until upstream answers again (one probe for all of them, said once)."""
-        self.waiting.add(link)
-        if self.probe is None or self.probe.done():
-            log.warning("upstream %s:%s gone (%s): calls answered UNAVAILABLE until it is back", self.upstream_host,
-                        self.upstream_port, reason)
-            self.probe = self.loop.create_task(self.probe_upstream())
-
-    async def upstream_answers(self) -> bool:
-        """Whether upstream speaks HTTP/2 again: its SETTINGS in answer to a client preface (a TCP
-        connect alone is taken by a stopped server's kernel too)."""
-        try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.upstream_host, self.upstream_port), ANSWER_SECONDS)
-        except (OSError, asyncio.TimeoutError):
-            return False
-        try:
-            writer.write(PREFACE + frame(SETTINGS, 0, 0, b""))
-            head = await asyncio.wait_for(reader.readexactly(9), ANSWER_SECONDS)
-            return head[3] == SETTINGS
-        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError):
-            return False
-        finally:
-            writer.close()
-
-    async def probe_upstream(self) -> None:
-        started = time.monotonic()
-        while self.waiting:
-            if not await self.upstream_answers():
-                await asyncio.sleep(PROBE_SECONDS)
-                continue
-            waiting, self.waiting = list(self.waiting), set()
-            log.warning("upstream %s:%s back after %.1f s: %d callers sent to reconnect", self.upstream_host,
-                        self.upstream_port, time.monotonic() - started, len(waiting))
-            for link in waiting:
-                link.send_away()
 
     def in_flight(self) -> int:
         async def count() -> int:  # on the loop, which alone changes the links

@@ -40,8 +40,9 @@ from mnist_client.tensors import to_tensor_proto
 from serving.gateway.callers import Authenticator, Credential, RateLimit
 from serving.gateway.log_records import Call, Unloggable, request_outline
 from serving.gateway.prediction_logger import Ledger, PredictionLogger
-from serving.gateway.relay import Exchange, GrpcRelay, Watch, grpc_message
+from serving.gateway.relay import GrpcRelay
 from serving.gateway.spool import Spool
+from serving.gateway.watched_calls import Exchange, Watch, grpc_message
 from serving.protocol.http import JSON, HttpLimits, HttpServer, Reply, Request, json_reply
 from serving.protocol.json_document import JsonTensorError, parse_document, read_document
 from serving.protocol.json_tensor import dtypes, read_columns, read_predict, read_rows
