@@ -247,7 +247,6 @@ class PrefectProgress(keras.callbacks.Callback):
         update_progress_artifact(self.artifact_id, progress=100.0 * (epoch + 1) / self.epochs)  # type: ignore[arg-type]  # called synchronously: a UUID, not a coroutine
         ended = run_ended_on_server()
         if ended:
-            self.model.stop_training = True
             raise RunEnded(f"the run was ended on the server while it trained ({ended}): training stopped")
 
 
