@@ -20,10 +20,14 @@ PREFECT_LOCAL_API := http://127.0.0.1:4200/api
 
 .PHONY: install run serve test faults docs chromium bench prefect deploy worker image demo-data clean
 
+# setuptools prints an "Editable installation" notice per editable package (two here), as a
+# warning pip cannot quiet; the filter drops that notice only, every other warning still shows.
+QUIET_EDITABLE := ignore:Editable installation
+
 $(BIN)/.installed: pyproject.toml clients/python/pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e "clients/python[images]" -e ".[trainer,dev]"
+	PYTHONWARNINGS="$(QUIET_EDITABLE)" $(BIN)/python -m pip install --quiet -e "clients/python[images]" -e ".[trainer,dev]"
 	touch $@
 
 install: $(BIN)/.installed
