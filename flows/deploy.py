@@ -28,6 +28,8 @@ from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
+from tasks.run_queue import TRAINING_QUEUE
+
 TRAINING_FLOW = "mnist-training"
 # a gate rejection ends a run in the state named Rejected: COMPLETED for the engine, then FAILED
 # on the server (flows/training.py); the automation fires once, on the second
@@ -114,6 +116,25 @@ def ensure_work_pools(config: dict[str, Any]) -> list[str]:
     return created
 
 
+def ensure_training_queues(config: dict[str, Any]) -> list[str]:
+    """The work queue ``training`` of every pool a deployment sends training runs to, with a
+    concurrency limit of 1: the server hands the worker one run at a time, oldest first, and the
+    others wait as Scheduled without a submission attempt each poll. Returns the pools."""
+    pools = sorted({d["work_pool"]["name"] for d in config["deployments"]
+                    if d["work_pool"].get("work_queue_name") == TRAINING_QUEUE})
+    with get_client(sync_client=True) as client:
+        for pool in pools:
+            try:
+                queue = client.read_work_queue_by_name(TRAINING_QUEUE, work_pool_name=pool)
+            except ObjectNotFound:
+                client.create_work_queue(TRAINING_QUEUE, work_pool_name=pool, concurrency_limit=1,
+                                         description="Training runs, one at a time, in the order they were queued.")
+                continue
+            if queue.concurrency_limit != 1:
+                client.update_work_queue(queue.id, concurrency_limit=1)
+    return pools
+
+
 def keep_paused(config: dict[str, Any], project_dir: Path) -> dict[str, Any]:
     """The config with what is paused on the server marked paused, so a redeploy
     neither re-activates a paused schedule nor unpauses a paused deployment."""
@@ -164,8 +185,8 @@ def notification_action(block: str | None):
 def retrain_on_new_data(training_deployment_id: str, min_new: int) -> Automation:
     """Each ``mnist.data.added`` runs the training deployment with ``min_new_examples``: the run
     trains only once that many examples arrived since ``stable`` was trained, and skips otherwise.
-    Events that arrive together fire once (a 5-minute window), and the deployment's concurrency
-    limit with ENQUEUE runs the retrains one after another: together, a debounce."""
+    Events that arrive together fire once (a 5-minute window), and the training queue's limit of one
+    run runs the retrains one after another: together, a debounce."""
     return Automation(
         name="mnist: retrain on new data",
         description=f"A retrain once at least {min_new} new labelled examples arrived since stable "
@@ -180,7 +201,7 @@ def retrain_on_drift(training_deployment_id: str) -> Automation:
     """``mnist.drift.detected`` runs the training deployment with ``ingest_feedback``: the corrections
     collected from the drifted traffic become data first, and the run trains when that (or anything
     else) is new; retraining on unchanged data cannot follow a drift, so such a run ends skipped.
-    At most one run per 12 hours (a reactive trigger fires once per window), queued by ENQUEUE."""
+    At most one run per 12 hours (a reactive trigger fires once per window), queued in the training queue."""
     return Automation(
         name="mnist: retrain on drift",
         description="A retrain, with the feedback collected so far, when the daily drift check finds the served "
@@ -298,6 +319,7 @@ def deploy(project_dir: Path, notify_block: str | None = None, pool_type: str = 
     if deployments_for(config, pool_type)["deployments"] != config["deployments"]:
         raise ValueError(f"{prefect_file.name} holds deployments of another kind of pool than {pool_type}")
     pools = ensure_work_pools(config)
+    ensure_training_queues(config)
     deployments = run_prefect_deploy(keep_paused(config, project_dir), project_dir)
     return {"deployments": deployments, "created_work_pools": pools,
             "automations": ensure_automations(config, project_dir, notify_block)}

@@ -46,6 +46,7 @@ from tasks.results import (
     Verdict,
     slice_accuracies,
 )
+from tasks.run_queue import name_the_slot_holder
 from tasks.train import code_version, library_versions, train
 
 
@@ -94,18 +95,29 @@ def show_rejection_as_failure(flow, flow_run, state: State) -> None:
     get_run_logger().info("the run's state shows as Failed (Rejected) in the UI")
 
 
-class QuietRejectionHook(logging.Filter):
-    """Prefect logs "Running hook ..." and "Hook ... finished" for every run's completion hooks: a
-    run that published would read as if something were rejected. The hook says what it did itself."""
+def name_waiting_runs(flow, flow_run, state: State) -> None:
+    """On start: the runs queued behind this one say they wait for it (again after each epoch)."""
+    waiting = name_the_slot_holder()
+    if waiting:
+        get_run_logger().info("queued behind this run, in order: %s", ", ".join(waiting))
+
+
+class QuietHooks(logging.Filter):
+    """Prefect logs "Running hook ..." and "Hook ... finished" for every run's hooks: a run that
+    published would read as if something were rejected. The hooks say what they did themselves."""
+
+    HOOKS = ("'show_rejection_as_failure'", "'name_waiting_runs'")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "'show_rejection_as_failure'" not in record.getMessage()
+        message = record.getMessage()
+        return not any(hook in message for hook in self.HOOKS)
 
 
-logging.getLogger("prefect.flow_runs").addFilter(QuietRejectionHook())
+logging.getLogger("prefect.flow_runs").addFilter(QuietHooks())
 
 
-@flow(name="mnist-training", log_prints=True, validate_parameters=True, on_completion=[show_rejection_as_failure])
+@flow(name="mnist-training", log_prints=True, validate_parameters=True, on_running=[name_waiting_runs],
+      on_completion=[show_rejection_as_failure])
 def training_flow(params: TrainingParams = TrainingParams(), force: bool = False) -> TrainingResult | State:
     """``force``: retrain even when nothing changed since stable, a checkbox of its own in the run
     form (also ``prefect deployment run ... --param force=true``), so forcing a scheduled run does

@@ -222,6 +222,8 @@ def write_json(path: Path, payload: Any) -> Path:
 from prefect import get_run_logger, task  # noqa: E402
 from prefect.artifacts import create_progress_artifact, update_progress_artifact  # noqa: E402
 
+from tasks.run_queue import name_the_slot_holder  # noqa: E402
+
 
 class RunEnded(RuntimeError):
     """The flow run was ended on the server (Crashed, Cancelled) while this process trained."""
@@ -248,6 +250,7 @@ class PrefectProgress(keras.callbacks.Callback):
         ended = run_ended_on_server()
         if ended:
             raise RunEnded(f"the run was ended on the server while it trained ({ended}): training stopped")
+        name_the_slot_holder()  # runs queued since the last epoch say whom they wait for
 
 
 def run_ended_on_server() -> str | None:

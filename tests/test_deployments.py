@@ -105,8 +105,10 @@ def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: di
     [schedule] = training["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "Europe/Berlin"
     assert schedule["active"] is True and schedule["slug"] == "weekly-monday-0300"
-    assert training["global_concurrency_limit"]["limit"] == 1
-    assert training["concurrency_options"]["collision_strategy"] == "ENQUEUE"
+    # one run at a time through the work queue's limit, not the deployment's (which reorders the queue)
+    assert training["global_concurrency_limit"] is None and training["work_queue_name"] == "training"
+    queue = api(deployed, "GET", "/work_pools/mnist-process/queues/training")
+    assert queue["concurrency_limit"] == 1
     assert training["work_pool_name"] == "mnist-process" and "scheduled" in training["tags"]
     assert deployment(deployed, "mnist-rollback/rollback")["schedules"] == []
     assert api(deployed, "GET", "/work_pools/mnist-process")["type"] == "process"

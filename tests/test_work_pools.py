@@ -29,7 +29,8 @@ def only(pool_type: str) -> dict:
 def test_each_kind_of_pool_gets_the_same_retrain_and_nothing_is_scheduled_twice() -> None:
     process, kubernetes, docker = only("process"), only("kubernetes"), only("docker")
     for other in (kubernetes, docker):
-        assert other["schedules"] == process["schedules"] and other["concurrency_limit"] == process["concurrency_limit"]
+        assert other["schedules"] == process["schedules"]
+        assert other["work_pool"]["work_queue_name"] == process["work_pool"]["work_queue_name"] == "training"
         assert other["parameters"] == process["parameters"]
         assert other["pull"] == [{"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}]
     assert {d["work_pool"]["name"] for d in CONFIG["deployments"]} <= set(POOL_TYPES)
