@@ -113,6 +113,7 @@ def plot_accuracy_trend(rows: list[dict], path: Path) -> Path:
     axis.set_ylabel("test accuracy")
     axis.set_ylim(*trend_limits([float(value) for line in axis.get_lines()
                                  for value in np.asarray(line.get_ydata(), dtype=np.float64)]))
+    axis.yaxis.set_major_formatter(accuracy_tick)
     axis.set_xticks(versions)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
@@ -121,12 +122,18 @@ def plot_accuracy_trend(rows: list[dict], path: Path) -> Path:
 
 
 def trend_limits(values: list[float]) -> tuple[float, float]:
-    """A y range that shows the differences between versions, and never goes past 1.0."""
+    """A y range that shows the differences between versions, with room above the highest point:
+    a slice at 1.0 on the top edge would show half a marker. Ticks past 1.0 are left unlabelled."""
     known = [float(value) for value in values if value == value]  # NaN: a slice a version lacks
     if not known:
         return 0.0, 1.0
     spread = max(max(known) - min(known), 0.002)
-    return max(0.0, min(known) - spread), min(1.0, max(known) + spread)
+    return max(0.0, min(known) - spread), max(known) + (spread if max(known) + spread <= 1.0 else spread / 4)
+
+
+def accuracy_tick(value: float, _position: int) -> str:
+    """An accuracy axis's tick label; none past 1.0, which only the room above a point at 1.0 reaches."""
+    return "" if value > 1.0 + 1e-9 else f"{value:.4g}"
 
 
 def registry_markdown(rows: list[dict], history: list[dict], scratch: Path) -> str:

@@ -137,9 +137,13 @@ def test_lineage_reads_as_settings_not_python_dicts() -> None:
     assert "{" not in shown and "'" not in shown and readable({}) == "none"
 
 
-def test_the_accuracy_trend_shows_differences_and_stops_at_one() -> None:
-    from tasks.report import trend_limits
+def test_the_accuracy_trend_shows_differences_and_every_point_whole() -> None:
+    from tasks.report import accuracy_tick, trend_limits
 
     low, high = trend_limits([0.9921, 0.9934, float("nan"), 0.9928])
     assert 0.99 < low < 0.9921 and 0.9934 < high <= 1.0
-    assert trend_limits([1.0, 1.0]) == (0.998, 1.0) and trend_limits([]) == (0.0, 1.0)
+    assert trend_limits([]) == (0.0, 1.0)
+    for points in ([1.0, 1.0], [0.9921, 1.0], [0.5, 1.0]):  # a slice at 1.0 is not cut by the top edge
+        low, high = trend_limits(points)
+        assert low < min(points) and high - 1.0 >= (high - low) / 20, (points, low, high)
+    assert accuracy_tick(1.0, 0) == "1" and accuracy_tick(0.998, 0) == "0.998" and accuracy_tick(1.0005, 0) == ""
