@@ -159,8 +159,8 @@ def training_flow(params: TrainingParams = TrainingParams(), force: bool = False
     if params.publish and not params.force:
         skip = check_for_changes(lineage, params.min_new_examples)
         if skip is not None:
-            tag_run(["skipped", "compared-with-stable", "force-retrains"])
-            return Completed(message=skip, data=SkippedRun(skipped=skip, run_dir=str(run_dir)))
+            tag_run(["skipped", skip.tag])  # what happened, not what could have (force is in the message)
+            return Completed(message=skip.reason, data=SkippedRun(skipped=skip.reason, run_dir=str(run_dir)))
     if params.candidates > 1:
         from flows.candidates import train_candidates  # Dask only when asked for
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact
@@ -98,7 +98,14 @@ def same_training(manifest: dict[str, Any], lineage: Lineage) -> bool:
     return all(manifest.get(key) == ours[key] for key in CHANGE_KEYS)
 
 
-def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 0) -> str | None:
+class Skip(NamedTuple):
+    """Why a run need not train: one line for the log and report, one tag for the runs list."""
+
+    reason: str
+    tag: str
+
+
+def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 0) -> Skip | None:
     """Why this run need not train, or None: ``stable`` was trained on exactly this data, code and
     recipe, or fewer than ``min_new_examples`` new examples arrived since it was trained."""
     version = store.labels().get("stable")
@@ -106,12 +113,12 @@ def reason_to_skip(store: ModelStore, lineage: Lineage, min_new_examples: int = 
         return None
     manifest = store.manifest(version)
     if same_training(manifest, lineage):
-        return (f"skipped: nothing changed since version {version} (stable): the same data fingerprint, code "
-                f"version and training config; {HOW_TO_FORCE}")
+        return Skip(f"skipped: nothing changed since version {version} (stable): the same data fingerprint, code "
+                    f"version and training config; {HOW_TO_FORCE}", f"unchanged-since-v{version}")
     new = (lineage.dataset.examples if lineage.dataset else 0) - ((manifest.get("dataset") or {}).get("examples") or 0)
     if min_new_examples and new < min_new_examples:
-        return (f"skipped: {new} new examples since version {version}, fewer than {min_new_examples} "
-                f"(min_new_examples); {HOW_TO_FORCE}")
+        return Skip(f"skipped: {new} new examples since version {version}, fewer than {min_new_examples} "
+                    f"(min_new_examples); {HOW_TO_FORCE}", f"too-few-new-examples:{new}")
     return None
 
 
@@ -140,15 +147,15 @@ def forced_repeat(lineage: Lineage) -> int | None:
 
 
 @task(name="check-for-changes")
-def check_for_changes(lineage: Lineage, min_new_examples: int = 0) -> str | None:
-    """None when this run should train; else the one-line reason it skips (also an artifact)."""
+def check_for_changes(lineage: Lineage, min_new_examples: int = 0) -> Skip | None:
+    """None when this run should train; else why it skips (the reason also an artifact)."""
     store = ModelStore(StoreSettings())
     store.ensure_bucket()
-    reason = reason_to_skip(store, lineage, min_new_examples)
-    if reason is not None:
-        get_run_logger().info(reason)
-        create_markdown_artifact(f"# Skipped\n\n{reason}\n", key="mnist-report", description="Training run report")
-    return reason
+    skip = reason_to_skip(store, lineage, min_new_examples)
+    if skip is not None:
+        get_run_logger().info(skip.reason)
+        create_markdown_artifact(f"# Skipped\n\n{skip.reason}\n", key="mnist-report", description="Training run report")
+    return skip
 
 
 @task(name="publish", timeout_seconds=900)

@@ -295,6 +295,8 @@ def test_runs_say_their_outcome_in_tags(worker_runs: dict[str, Any]) -> None:
     assert "published:v1" in first["tags"] and "published:v2" in second["tags"]
     assert any(tag.startswith("accuracy:0.") for tag in first["tags"])
     assert "rejected" in rejected["tags"] and "skipped" in skipped["tags"]
+    # what happened and nothing that did not: no forced retrain, just stable's training unchanged
+    assert "unchanged-since-v2" in skipped["tags"] and not any("force" in tag for tag in skipped["tags"])
     assert skipped["state_name"] == "Completed" and skipped["state"]["message"].startswith("skipped: nothing changed")
 
 
