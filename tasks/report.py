@@ -131,7 +131,7 @@ def trend_limits(values: list[float]) -> tuple[float, float]:
     return max(0.0, min(known) - spread), max(known) + (spread if max(known) + spread <= 1.0 else spread / 4)
 
 
-def accuracy_tick(value: float, _position: int) -> str:
+def accuracy_tick(value: float, _position: float) -> str:
     """An accuracy axis's tick label; none past 1.0, which only the room above a point at 1.0 reaches."""
     return "" if value > 1.0 + 1e-9 else f"{value:.4g}"
 
