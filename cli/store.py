@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -115,10 +116,44 @@ def history_details(event: dict[str, Any]) -> str:
     return " ".join([*rest, run, f"test_accuracy={accuracy:.4f}" if accuracy else ""]).strip()
 
 
+def registry_view_line(store) -> str:
+    """After a label move from the command line, the Prefect UI's registry view (the mnist-registry
+    artifact, the mnist_labels Variable, the serving:<label> run tags) says it, as after a flow's:
+    one line on what was rewritten, or why it was not. The move itself stands either way."""
+    import importlib.util
+
+    from flows.prefect_api import api_status
+
+    if importlib.util.find_spec("prefect") is None:
+        return "the Prefect UI's registry view is not updated from here (Prefect is not installed)"
+    api_url = os.environ.get("PREFECT_API_URL") or pipeline_settings().local_prefect_api
+    if not api_url:
+        return "the Prefect UI's registry view shows this at the next flow run (no Prefect API is set)"
+    try:
+        answering = api_status(api_url, "GET", "/health") == 200
+    except (OSError, ValueError):
+        answering = False
+    if not answering:
+        return f"the Prefect UI's registry view shows this at the next flow run (no Prefect API answers at {api_url})"
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tasks.publish import update_registry_overview
+
+    try:
+        with temporary_settings({PREFECT_API_URL: api_url}):
+            page = update_registry_overview(store)
+    except Exception as error:  # noqa: BLE001  the label moved; the view is a courtesy, its failure one line
+        return f"the Prefect UI's registry view was not updated: {error}"
+    return f"the Prefect UI's registry view is updated: {page or api_url}"
+
+
 def command_registry(args: argparse.Namespace) -> int:
     writes = args.action in {"push", "label", "rollback", "gc"}  # these keep the full retry window
     with reachable_store(lambda: registry_store(interactive=not writes)) as store:
-        return registry_action(args, store)
+        status = registry_action(args, store)
+        if writes:
+            print(registry_view_line(store))
+        return status
 
 
 def add_registry_parser(commands: argparse._SubParsersAction) -> None:

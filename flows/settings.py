@@ -12,7 +12,8 @@ from tasks.mnist_files import beside_checkout
 
 class PipelineSettings(BaseSettings):
     """``MNIST_DATA_DIR``, ``MNIST_OUTPUT_DIR``, ``MNIST_CACHE_DIR``, ``MNIST_STATE_DIR``,
-    ``MNIST_SERVING_ADDRESS``, ``MNIST_LIVE_CHECK_TIMEOUT``, ``MNIST_DASK_SLICE_EXAMPLES``."""
+    ``MNIST_SERVING_ADDRESS``, ``MNIST_LIVE_CHECK_TIMEOUT``, ``MNIST_DASK_SLICE_EXAMPLES``,
+    ``MNIST_LOCAL_PREFECT_API``."""
 
     model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
 
@@ -26,6 +27,9 @@ class PipelineSettings(BaseSettings):
     live_check_timeout: float = 120.0  # seconds to wait for the new version to become AVAILABLE
     # test-slice examples from which a run scores them on Dask (flows/slices.py), not in its process
     dask_slice_examples: int = Field(1_000_000, ge=1)
+    # make prefect's server: where a label moved from the command line is shown (the registry view)
+    # when PREFECT_API_URL names no API; "" shows it nowhere until the next flow run
+    local_prefect_api: str = "http://127.0.0.1:4200/api"
 
 
 def live_check_address(settings: PipelineSettings) -> tuple[str | None, str]:

@@ -82,9 +82,46 @@ def update_registry_overview(store: ModelStore) -> str | None:
         text = registry_markdown(store.overview(), store.history(), Path(scratch))
     artifact = create_markdown_artifact(text, key="mnist-registry",
                                         description=f"Model registry overview: {store.uri()}")
-    Variable.set(LABELS_VARIABLE, {label: version for label, version in sorted(store.labels().items())},
+    labels = store.labels()
+    shown_before: Any = Variable.get(LABELS_VARIABLE, default={})
+    Variable.set(LABELS_VARIABLE, {label: version for label, version in sorted(labels.items())},
                  tags=["mnist", "registry"], overwrite=True)
+    mark_serving_runs(store, labels, set(shown_before) if isinstance(shown_before, dict) else set())
     return ui_link(f"artifacts/artifact/{artifact}")
+
+
+SERVING_TAG = "serving:"  # serving:stable on the run that trained the version stable names
+
+
+def mark_serving_runs(store: ModelStore, labels: dict[str, int], earlier_labels: set[str]) -> None:
+    """The runs list says which run's model serves: ``serving:<label>`` on the run that published
+    each label's version, and off every run whose version a label left."""
+    from uuid import UUID
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
+    from prefect.exceptions import ObjectNotFound
+
+    wanted: dict[UUID, set[str]] = {}
+    for label, version in labels.items():
+        try:  # the manifest is read from the bucket: its run id is checked, not trusted
+            run_id = UUID(str(store.manifest(version).get("flow_run_id")))
+        except ValueError:
+            continue  # pushed from the command line, or not by a run of this server
+        wanted.setdefault(run_id, set()).add(SERVING_TAG + label)
+    names = sorted({SERVING_TAG + label for label in {*labels, *earlier_labels}})
+    with get_client(sync_client=True) as client:
+        runs = {run.id: run for run in client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(any_=names)))} if names else {}
+        for run_id in wanted.keys() - runs.keys():
+            try:
+                runs[run_id] = client.read_flow_run(run_id)
+            except ObjectNotFound:
+                continue  # a version published through another Prefect server
+        for run in runs.values():
+            tags = [tag for tag in run.tags if not tag.startswith(SERVING_TAG)] + sorted(wanted.get(run.id, ()))
+            if tags != run.tags:
+                client.update_flow_run(run.id, tags=tags)
 
 
 # What a retrain must differ in from stable's lineage to be worth its cost.

@@ -300,10 +300,13 @@ def test_runs_say_their_outcome_in_tags(worker_runs: dict[str, Any]) -> None:
     assert skipped["state_name"] == "Completed" and skipped["state"]["message"].startswith("skipped: nothing changed")
 
 
-def test_triggered_runs_never_overlap(worker_runs: dict[str, Any]) -> None:
+def test_triggered_runs_never_overlap_and_start_in_the_order_queued(worker_runs: dict[str, Any]) -> None:
     ordered = sorted(worker_runs["runs"], key=lambda run: run["start_time"])
     for first, second in zip(ordered, ordered[1:]):
         assert first["end_time"] <= second["start_time"], (first["end_time"], second["start_time"])
+    assert [run["id"] for run in ordered] == [run["id"] for run in sorted(ordered, key=lambda run: run["created"])]
+    log = worker_runs["log"].read_text()  # a run that only waits costs no submission attempt, no line
+    assert "Aborted submission" not in log, log[-3000:]
 
 
 @pytest.mark.browser
@@ -413,3 +416,38 @@ def test_prefects_own_cli_deploys_prefect_yaml_on_a_fresh_server(tmp_path: Path)
         flows = {flow["id"]: flow["name"] for flow in api(server, "POST", "/flows/filter", json={"limit": 50})}
         assert {f"{flows[d['flow_id']]}/{d['name']}" for d in deployments} == expected
         assert {d["work_pool_name"] for d in deployments} == {"mnist-process"}
+
+
+def test_a_label_moved_from_the_command_line_shows_in_the_ui(worker_runs: dict[str, Any],
+                                                             deployed: dict[str, Any]) -> None:
+    """mnist registry rollback / label rewrite the registry artifact and move the serving:<label>
+    tag between runs at once, as a flow's move does: the UI never says a version serves that does not."""
+    first, second = worker_runs["runs"][:2]
+    env = client_env(deployed, **worker_runs["store_env"])
+
+    def registry(*args: str) -> str:
+        done = subprocess.run([sys.executable, "-m", "cli", "registry", *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        return done.stdout
+
+    def shown() -> tuple[str, list[str], list[str]]:
+        [latest] = api(deployed, "POST", "/artifacts/latest/filter",
+                       json={"artifacts": {"key": {"any_": ["mnist-registry"]}}})
+        tags = [api(deployed, "GET", f"/flow_runs/{run['id']}")["tags"] for run in (first, second)]
+        return latest["data"], tags[0], tags[1]
+
+    text, first_tags, second_tags = shown()  # as the flows left it: the second run's version serves
+    assert "serving:stable" in second_tags and "serving:stable" not in first_tags
+    try:
+        printed = registry("rollback")
+        assert "stable: 2 -> 1" in printed and "registry view is updated" in printed, printed
+        text, first_tags, second_tags = shown()
+        assert "Serving: `stable` -> version 1" in text, text[:500]
+        assert "serving:stable" in first_tags and "serving:stable" not in second_tags, (first_tags, second_tags)
+        assert "published:v1" in first_tags  # what the run did stays said
+    finally:
+        registry("label", "stable", "2")
+    text, first_tags, second_tags = shown()
+    assert "Serving: `stable` -> version 2" in text and "serving:stable" in second_tags
+    assert not any(tag.startswith("serving:") for tag in first_tags), first_tags
