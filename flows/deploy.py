@@ -137,7 +137,8 @@ def ensure_training_queues(config: dict[str, Any]) -> list[str]:
 
 def keep_paused(config: dict[str, Any], project_dir: Path) -> dict[str, Any]:
     """The config with what is paused on the server marked paused, so a redeploy
-    neither re-activates a paused schedule nor unpauses a paused deployment."""
+    neither re-activates a paused schedule nor unpauses a paused deployment; and a schedule
+    whose slug was renamed in the file replaces its old self rather than running beside it."""
     patched = copy.deepcopy(config)
     with get_client(sync_client=True) as client:
         for deployment in patched["deployments"]:
@@ -148,11 +149,36 @@ def keep_paused(config: dict[str, Any], project_dir: Path) -> dict[str, Any]:
                 continue
             if existing.paused:
                 deployment["paused"] = True
+            schedules = deployment.get("schedules") or []
+            for schedule, old_slug in renamed_schedules(schedules, existing.schedules):
+                schedule["replaces"] = old_slug
             paused_slugs = {s.slug for s in existing.schedules if s.slug and not s.active}
-            for schedule in deployment.get("schedules") or []:
-                if schedule.get("slug") in paused_slugs:
+            for schedule in schedules:
+                if schedule.get("replaces", schedule.get("slug")) in paused_slugs:
                     schedule["active"] = False
     return patched
+
+
+def renamed_schedules(configured: list[dict[str, Any]], on_server: list[Any]) -> list[tuple[dict[str, Any], str]]:
+    """Schedules of the file whose slug the server lacks, each with the slug of the server's schedule
+    it renames: the same timing under a slug the file no longer names. Prefect keeps a schedule
+    whose slug left the file, so without ``replaces`` a rename would schedule twice."""
+    named = {schedule.get("slug") for schedule in configured}
+    orphans = {server_timing(s.schedule): s.slug for s in on_server if s.slug and s.slug not in named}
+    present = {s.slug for s in on_server}
+    return [(schedule, orphans[file_timing(schedule)]) for schedule in configured
+            if schedule.get("slug") not in present and file_timing(schedule) in orphans]
+
+
+def file_timing(schedule: dict[str, Any]) -> tuple[Any, ...]:
+    cron = schedule.get("cron")
+    return cron, float(schedule["interval"]) if schedule.get("interval") else None, \
+        schedule.get("timezone") if cron else None
+
+
+def server_timing(schedule: Any) -> tuple[Any, ...]:
+    cron, interval = getattr(schedule, "cron", None), getattr(schedule, "interval", None)
+    return cron, interval.total_seconds() if interval else None, getattr(schedule, "timezone", None) if cron else None
 
 
 def run_prefect_deploy(config: dict[str, Any], project_dir: Path) -> list[str]:

@@ -104,7 +104,7 @@ def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: di
     training = deployment(deployed)
     [schedule] = training["schedules"]
     assert schedule["schedule"]["cron"] == "0 3 * * 1" and schedule["schedule"]["timezone"] == "Europe/Berlin"
-    assert schedule["active"] is True and schedule["slug"] == "weekly-monday-0300"
+    assert schedule["active"] is True and schedule["slug"] == "Mondays 03:00 Europe/Berlin (cron 0 3 * * 1)"
     # one run at a time through the work queue's limit, not the deployment's (which reorders the queue)
     assert training["global_concurrency_limit"] is None and training["work_queue_name"] == "training"
     queue = api(deployed, "GET", "/work_pools/mnist-process/queues/training")
@@ -185,6 +185,24 @@ def test_redeploy_neither_duplicates_runs_nor_resumes_a_paused_schedule(deployed
     time.sleep(5)
     assert scheduled_runs(deployed, training["id"]) == []
     api(deployed, "PATCH", f"/deployments/{training['id']}/schedules/{schedule_id}", json={"active": True})
+
+
+def test_a_schedule_renamed_in_the_file_replaces_its_old_self(deployed: dict[str, Any]) -> None:
+    """A server deployed when the weekly schedule's slug was weekly-monday-0300 (paused there): the
+    redeploy renames it (the slug is what the UI shows of a schedule, so it now says its cron), keeps
+    it paused, and schedules nothing twice."""
+    training = deployment(deployed)
+    [schedule] = training["schedules"]
+    api(deployed, "PATCH", f"/deployments/{training['id']}/schedules/{schedule['id']}",
+        json={"slug": "weekly-monday-0300", "active": False})
+    try:
+        mnist_deploy(deployed)
+        [renamed] = deployment(deployed)["schedules"]
+        assert renamed["id"] == schedule["id"] and renamed["slug"] == schedule["slug"], renamed
+        assert renamed["active"] is False
+    finally:
+        api(deployed, "PATCH", f"/deployments/{training['id']}/schedules/{schedule['id']}",
+            json={"slug": schedule["slug"], "active": True})
 
 
 REJECTED_PARAMS = {"params": {**FAST_PARAMS["params"], "threshold": 0.9999}}
