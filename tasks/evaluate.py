@@ -221,6 +221,14 @@ def short_reason(checks: list[GateCheck], shown: int = 2) -> str:
                                         if more > 0 else "")
 
 
+def checks_table(checks: list[GateCheck]) -> str:
+    """The gate's checks as aligned lines for the run's log, failing ones first."""
+    width = max((len(check.name) for check in checks), default=0)
+    return "\n".join(f"  {'FAIL' if not c.passed else 'pass'}  {c.name:<{width}}  {c.value:.4f} "
+                     f"{'<=' if c.at_most else '>='} {c.limit:.4f}"
+                     for c in sorted(checks, key=lambda check: check.passed))
+
+
 def enforce_gate(checks: list[GateCheck]) -> str:
     """Raise GateFailed naming every failed check; return the summary otherwise."""
     failed = [check.describe() for check in checks if not check.passed]
@@ -332,7 +340,13 @@ def gate(checks: list[GateCheck], skipped: list[str] | None = None) -> Verdict |
         summary, passed = enforce_gate(checks), True
     except GateFailed as rejection:
         summary, passed = f"rejected: {rejection}", False
-    (logger.info if passed else logger.warning)("gate %s", summary)
+    failed = [check for check in checks if not check.passed]
+    if passed:
+        logger.info("gate passed: all %d checks\n%s", len(checks), checks_table(checks))
+    else:
+        logger.warning("gate rejected: %d of %d checks failed\n%s", len(failed), len(checks),
+                       "\n".join(f"  {check.describe()}" for check in failed))
+        logger.info("all %d checks, failing first:\n%s", len(checks), checks_table(checks))
     not_checked = "".join(f"\n\nNot checked: {why}." for why in skipped or [])
     for why in skipped or []:
         logger.info("gate: not checked: %s", why)

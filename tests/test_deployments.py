@@ -281,7 +281,11 @@ def test_runs_through_the_worker_publish_and_live_check_on_the_stack(worker_runs
     assert store.complete_versions() == [1, 2]
     assert {store.manifest(v)["flow_run_id"] for v in (1, 2)} == {run["id"] for run in published}
     for run in published:  # make worker found make serve's stack: each run checked what it published
-        assert any("live check passed" in message for message in run_logs(deployed, run["id"])), run["name"]
+        logs = run_logs(deployed, run["id"])
+        assert any("live check passed" in message for message in logs), run["name"]
+        [gate] = [line.splitlines() for line in logs if line.startswith("gate passed:")]
+        checks = int(re.match(r"gate passed: all (\d+) checks$", gate[0])[1])  # then a row per check
+        assert checks == len(gate) - 1 and all(row.lstrip().startswith("pass ") for row in gate[1:]), gate
     assert api(deployed, "GET", "/variables/name/mnist_labels")["value"] == {"stable": 2}
 
 
@@ -300,6 +304,10 @@ def test_a_rejection_ends_rejected_in_one_line_without_a_traceback(worker_runs: 
     assert message.startswith("accuracy gate") and "0.9999" in message and "\n" not in message
     logs = run_logs(deployed, rejected["id"])
     assert logs and not [line for line in logs if "Traceback" in line or "Engine execution exited" in line]
+    # the gate reads in the log: a count, then a line per failing check (not ~18 checks in one line)
+    [said] = [line.splitlines() for line in logs if line.startswith("gate rejected:")]
+    failed = int(re.match(r"gate rejected: (\d+) of \d+ checks failed$", said[0])[1])
+    assert failed == len(said) - 1 >= 1 and all(" failed: " in line for line in said[1:]), said
     tasks = api(deployed, "POST", "/task_runs/filter", json={"task_runs": {"name": {"like_": "gate"}},
                                                              "flow_runs": {"id": {"any_": [rejected["id"]]}}})
     assert [task["state_name"] for task in tasks] == ["Rejected"]  # the gate task says what its log says
