@@ -223,10 +223,8 @@ def short_reason(checks: list[GateCheck], shown: int = 2) -> str:
 
 def checks_table(checks: list[GateCheck]) -> str:
     """The gate's checks as aligned lines for the run's log, failing ones first."""
-    width = max((len(check.name) for check in checks), default=0)
-    return "\n".join(f"  {'FAIL' if not c.passed else 'pass'}  {c.name:<{width}}  {c.value:.4f} "
-                     f"{'<=' if c.at_most else '>='} {c.limit:.4f}"
-                     for c in sorted(checks, key=lambda check: check.passed))
+    return "\n".join(f"  {'FAIL' if not c.passed else 'pass'}  {c.value:.4f} {'<=' if c.at_most else '>='} "
+                     f"{c.limit:.4f}  {c.name}" for c in sorted(checks, key=lambda check: check.passed))
 
 
 def enforce_gate(checks: list[GateCheck]) -> str:
