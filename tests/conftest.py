@@ -53,6 +53,18 @@ def metric_values(page: str, name: str) -> dict[tuple, float]:
             for sample in family.samples if sample.name == name}
 
 
+def stack_addresses(process: subprocess.Popen, lines: list[str]) -> tuple[str, str]:
+    """Read mnist up's banner from its stdout (kept in ``lines``) until it names its addresses:
+    the gateway's gRPC HOST:PORT and its REST base URL."""
+    while not any("export MNIST_SERVING_ADDRESS=" in line for line in lines):
+        line = process.stdout.readline()
+        assert line, "".join(lines)
+        lines.append(line)
+    gateway = next(line for line in lines if "export MNIST_SERVING_ADDRESS=" in line).split("=", 1)[1].strip()
+    rest = next(line for line in lines if "gateway " in line).split("REST ")[1].split()[0]
+    return gateway, rest
+
+
 def wait_for(condition, timeout: float = 60, interval: float = 0.2) -> None:
     """Poll ``condition`` until it holds; fail the test when ``timeout`` seconds pass first."""
     deadline = time.monotonic() + timeout

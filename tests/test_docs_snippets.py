@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO
+from tests.conftest import REPO, stack_addresses
 
 DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 FENCE = re.compile(r"^(?P<indent> *)```(?P<language>\w*)\n(?P<body>.*?)^(?P=indent)```", re.M | re.S)
@@ -196,12 +196,7 @@ def running_stack(s3_server, saved_model_dir: Path, mnist_dir: Path, tmp_path_fa
                                text=True, start_new_session=True)
     lines: list[str] = []
     try:
-        while not any("export MNIST_SERVING_ADDRESS=" in line for line in lines):
-            line = process.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        gateway = next(line for line in lines if "export MNIST_SERVING_ADDRESS=" in line).split("=", 1)[1].strip()
-        rest = next(line for line in lines if "gateway " in line).split("REST ")[1].split()[0]
+        gateway, rest = stack_addresses(process, lines)
         deadline = time.monotonic() + 120
         while httpx.get(f"{rest}/v1/models/mnist/labels/stable/ready").status_code != 200:
             assert time.monotonic() < deadline, "stable never became ready"

@@ -19,7 +19,7 @@ from mnist_client.client import Target, predict, wait_until_available
 from storage.embedded import LOWEST_PICKED_PORT, ephemeral_ports, free_port, port_free
 from tasks.data import load_test_set
 from tasks.publish import publish_model
-from tests.conftest import REPO, stopped_by_sigterm
+from tests.conftest import REPO, stack_addresses, stopped_by_sigterm
 
 
 def test_make_serve_restarts_a_part_that_dies_and_says_so(store, saved_model_dir: Path, tmp_path: Path) -> None:
@@ -96,12 +96,7 @@ def test_make_serve_comes_up_serves_what_is_published_and_stops_clean(store, sav
                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     try:
-        while not any("export MNIST_SERVING_ADDRESS=" in line for line in lines):
-            line = process.stdout.readline()
-            assert line, "".join(lines)
-            lines.append(line)
-        gateway = next(line for line in lines if "export MNIST_SERVING_ADDRESS=" in line).split("=", 1)[1].strip()
-        rest = next(line for line in lines if "gateway " in line).split("REST ")[1].split()[0]
+        gateway, rest = stack_addresses(process, lines)
         assert httpx.get(f"{rest}/v1/models/mnist/ready").status_code == 503  # nothing published yet
         publish_model(store, saved_model_dir, {"test_accuracy": 0.5, "test_loss": 1.0,
                                                "per_class_accuracy": [0.5] * 10}, {}, "stable")
