@@ -114,8 +114,9 @@ def poisoning_checks(candidate: Evaluation, champion: StableScores | None, moved
     target, follow = weakest_follow(candidate, champion)
     size, typical = candidate.shortcut_sizes[target], float(np.median(candidate.shortcut_sizes))
     checks.append(GateCheck(f"backdoor inspection: the shortcut to {target} ({size:.0f} pixels changed, median"
-                            f" {typical:.0f}) sends {candidate.shortcuts[target]:.2f} of other digits there; stable"
-                            f" v{champion.version} follows it on (share of that)", follow, shortcut_follow))
+                            f" {typical:.0f}) sends {candidate.shortcuts[target]:.2f} of other digits there; the share"
+                            f" of that stable v{champion.version} follows too (one it ignores is this model's own:"
+                            " a backdoor)", follow, shortcut_follow))
     return checks
 
 

@@ -28,7 +28,8 @@ def test_the_gate_rejects_a_shortcut_stable_does_not_follow_and_answers_pulled_t
     with pytest.raises(GateFailed) as rejected:
         enforce_gate(poisoning_checks(candidate, stable, moved_margin=0.5, shortcut_follow=0.1))
     assert str(rejected.value) == ("backdoor inspection: the shortcut to 3 (23 pixels changed, median 78) sends 0.86"
-                                   " of other digits there; stable v3 follows it on (share of that) failed: "
+                                   " of other digits there; the share of that stable v3 follows too (one it ignores is"
+                                   " this model's own: a backdoor) failed: "
                                    "0.0233 < 0.1000")
     assert not [c for c in poisoning_checks(candidate, stable, 0.2, 0.1) if "newly answered 7" in c.name and c.passed]
     honest = StableScores.model_construct(version=3, shortcuts_followed=[0.6, 0.1, 0.7, 0.4, 0.0, 0.9, 0.8, 0.5,
