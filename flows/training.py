@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -89,31 +90,37 @@ def show_rejection_as_failure(flow, flow_run, state: State) -> None:
     if state.name != REJECTED:
         return
     from prefect.client.orchestration import get_client
+    from prefect.logging.loggers import flow_run_logger
 
     with get_client(sync_client=True) as client:
         client.set_flow_run_state(flow_run.id, Failed(name=REJECTED, message=state.message), force=True)
-    get_run_logger().info("the run's state shows as Failed (Rejected) in the UI")
+    flow_run_logger(flow_run, flow).info("the run's state shows as Failed (Rejected) in the UI")
 
 
 def name_waiting_runs(flow, flow_run, state: State) -> None:
-    """On start: the runs queued behind this one say they wait for it (again after each epoch)."""
-    waiting = name_the_slot_holder()
+    """On start: the runs queued behind this one say they wait for it (again after each epoch).
+    A hook runs outside the run's context: its logger is the run's by its id, not get_run_logger."""
+    from prefect.logging.loggers import flow_run_logger
+
+    waiting = name_the_slot_holder(str(flow_run.id))
     if waiting:
-        get_run_logger().info("queued behind this run, in order: %s", ", ".join(waiting))
+        flow_run_logger(flow_run, flow).info("queued behind this run, in order: %s", ", ".join(waiting))
 
 
 class QuietHooks(logging.Filter):
-    """Prefect logs "Running hook ..." and "Hook ... finished" for every run's hooks: a run that
-    published would read as if something were rejected. The hooks say what they did themselves."""
+    """Prefect logs "Running hook ..." and "Hook ... finished running successfully" for every run's
+    hooks: a run that published would read as if something were rejected. The hooks say what they
+    did themselves; an error in one still shows."""
 
-    HOOKS = ("'show_rejection_as_failure'", "'name_waiting_runs'")
+    ROUTINE = re.compile(r"^(Running hook|Hook) '(show_rejection_as_failure|name_waiting_runs)'"
+                         r"( in response to entering state| finished running successfully)")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(hook in message for hook in self.HOOKS)
+        return not self.ROUTINE.match(record.getMessage())
 
 
-logging.getLogger("prefect.flow_runs").addFilter(QuietHooks())
+for engine_logger in ("prefect.flow_runs", "prefect.engine"):  # before the run's logger exists, the engine's
+    logging.getLogger(engine_logger).addFilter(QuietHooks())
 
 
 @flow(name="mnist-training", log_prints=True, validate_parameters=True, on_running=[name_waiting_runs],

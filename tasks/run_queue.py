@@ -20,9 +20,10 @@ def waiting_message(holder_name: str, holder_deployment: str) -> str:
             "queue's one slot; it starts when that run ends, runs queued before it first")
 
 
-def name_the_slot_holder() -> list[str]:
-    """Mark every run waiting in this run's work queue with this run's name. Returns the names of
-    the runs marked now (those already marked are left alone, so their state history stays short)."""
+def name_the_slot_holder(run_id: str | None = None) -> list[str]:
+    """Mark every run waiting in this run's work queue (``run_id``, else the current run's) with
+    this run's name. Returns the names of the runs marked now (those already marked are left
+    alone, so their state history stays short)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         FlowRunFilter,
@@ -35,7 +36,7 @@ def name_the_slot_holder() -> list[str]:
     from prefect.runtime import flow_run
     from prefect.states import Scheduled
 
-    run_id = flow_run.get_id()
+    run_id = run_id or flow_run.get_id()
     if not run_id:
         return []
     marked = []

@@ -109,7 +109,8 @@ def test_deploy_registers_schedule_concurrency_pool_and_automations(deployed: di
     assert training["global_concurrency_limit"] is None and training["work_queue_name"] == "training"
     queue = api(deployed, "GET", "/work_pools/mnist-process/queues/training")
     assert queue["concurrency_limit"] == 1
-    assert training["work_pool_name"] == "mnist-process" and "scheduled" in training["tags"]
+    assert training["work_pool_name"] == "mnist-process" and "training" in training["tags"]
+    assert "scheduled" not in training["tags"]  # a run by hand is not scheduled; Prefect tags its own auto-scheduled
     assert deployment(deployed, "mnist-rollback/rollback")["schedules"] == []
     assert api(deployed, "GET", "/work_pools/mnist-process")["type"] == "process"
     created = {a["name"]: a for a in api(deployed, "POST", "/automations/filter", json={})}
@@ -343,6 +344,16 @@ def test_triggered_runs_never_overlap_and_start_in_the_order_queued(worker_runs:
     assert [run["id"] for run in ordered] == [run["id"] for run in sorted(ordered, key=lambda run: run["created"])]
     log = worker_runs["log"].read_text()  # a run that only waits costs no submission attempt, no line
     assert "Aborted submission" not in log, log[-3000:]
+    # the hooks say what they did, without Prefect's routine lines about them, and never fail
+    assert "while running hook" not in log and "Running hook '" not in log, log[-3000:]
+
+
+def test_the_first_run_names_the_runs_queued_behind_it(worker_runs: dict[str, Any], deployed: dict[str, Any]) -> None:
+    first = worker_runs["runs"][0]
+    said = [line for line in run_logs(deployed, first["id"]) if line.startswith("queued behind this run, in order:")]
+    assert said and said[0].count(",") == 1, said  # the two triggered with it
+    rejected = worker_runs["runs"][2]
+    assert "the run's state shows as Failed (Rejected) in the UI" in run_logs(deployed, rejected["id"])
 
 
 @pytest.mark.browser

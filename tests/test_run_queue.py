@@ -75,3 +75,4 @@ def test_queued_runs_start_in_order_and_say_what_they_wait_for(tmp_path: Path, s
             worker.wait(timeout=60)
         printed = log.read_text()
         assert "Aborted submission" not in printed, printed[-3000:]
+        assert "while running hook" not in printed, printed[-3000:]  # the naming hook never fails
