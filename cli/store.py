@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -155,8 +156,8 @@ def command_registry(args: argparse.Namespace) -> int:
     writes = args.action in {"push", "label", "rollback", "gc"}  # these keep the full retry window
     with reachable_store(lambda: registry_store(interactive=not writes)) as store:
         status = registry_action(args, store)
-        if writes:
-            print(registry_view_line(store))
+        if writes:  # a side note, on stderr: stdout stays the command's own answer for scripts
+            print(registry_view_line(store), file=sys.stderr)
         return status
 
 

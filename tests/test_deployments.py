@@ -476,7 +476,7 @@ def test_a_label_moved_from_the_command_line_shows_in_the_ui(worker_runs: dict[s
         done = subprocess.run([sys.executable, "-m", "cli", "registry", *args], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        return done.stdout
+        return done.stdout + done.stderr  # the registry view's line is a side note, on stderr
 
     def shown() -> tuple[str, list[str], list[str]]:
         [latest] = api(deployed, "POST", "/artifacts/latest/filter",
