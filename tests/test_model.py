@@ -72,3 +72,20 @@ def test_default_preset_keeps_the_reference_architecture() -> None:
     default = PRESETS["default"]
     assert build_model(default.model).count_params() == 225_034
     assert default.precision == "auto" and default.schedule == "one_cycle"
+
+
+@pytest.mark.parametrize("onednn, native_bf16, expected", [
+    (None, True, "mixed_bfloat16"), ("1", True, "mixed_bfloat16"), ("0", True, "float32"),
+    ("false", True, "float32"), (None, False, "float32")])
+def test_auto_precision_takes_bfloat16_only_where_it_runs_fast(monkeypatch: pytest.MonkeyPatch, onednn: str | None,
+                                                               native_bf16: bool, expected: str) -> None:
+    """bfloat16 needs the CPU's own bf16 instructions and TensorFlow's oneDNN kernels: with oneDNN
+    forced off (TF_ENABLE_ONEDNN_OPTS=0) it is emulated: an epoch took twenty times as long as with it."""
+    import tasks.train as train
+
+    monkeypatch.setattr(train, "cpu_has_native_bfloat16", lambda: native_bf16)
+    if onednn is None:
+        monkeypatch.delenv("TF_ENABLE_ONEDNN_OPTS", raising=False)
+    else:
+        monkeypatch.setenv("TF_ENABLE_ONEDNN_OPTS", onednn)
+    assert train.training_dtype(PRESETS["default"]) == expected
