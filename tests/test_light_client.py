@@ -9,8 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent import futures
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 
@@ -247,3 +249,43 @@ def test_waiting_for_a_label_follows_the_config_that_names_it(saved_model_dir: P
     finally:
         server.stop(grace=0)
 
+
+
+class Unavailable:
+    """A PredictionService that counts its calls and answers each UNAVAILABLE after ``pause`` s."""
+
+    def __init__(self, pause: float):
+        from mnist_client._generated.tensorflow_serving.apis import prediction_service_pb2_grpc
+
+        self.pause, self.calls = pause, 0
+        servicer = type("Servicer", (prediction_service_pb2_grpc.PredictionServiceServicer,),
+                        {"GetModelMetadata": self.answer, "Predict": self.answer})
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        prediction_service_pb2_grpc.add_PredictionServiceServicer_to_server(servicer(), self.server)
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.server.start()
+
+    def answer(self, request, context):
+        self.calls += 1
+        time.sleep(self.pause)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "restarting")
+
+
+@pytest.mark.parametrize("pause", [0.0, 0.1])
+def test_a_call_is_tried_at_most_five_times_within_its_one_deadline(pause: float) -> None:
+    # One retry layer (the channel's policy), one deadline for all of a call's tries: a loop of our
+    # own around the policy used to make 4 x 4 = 16 tries, each with a fresh deadline.
+    from mnist_client import predict
+    from mnist_client.client import MAX_ATTEMPTS, ServingError
+
+    server = Unavailable(pause)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ServingError) as refused:
+            predict(np.zeros((1, 28, 28, 1), np.float32), address=f"127.0.0.1:{server.port}", timeout=1.0)
+        took = time.monotonic() - started
+    finally:
+        server.server.stop(0)
+    assert 2 <= server.calls <= MAX_ATTEMPTS == 5, server.calls
+    assert took < 1.0 + 0.5, f"a 1 s call took {took:.1f} s"
+    assert "unavailable" in str(refused.value) or "within 1s" in str(refused.value), refused.value

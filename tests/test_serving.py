@@ -110,7 +110,7 @@ def test_version_switch_under_steady_load_fails_no_request(model_base: Path, sav
     stop = threading.Event()
 
     def load() -> None:
-        target = Target(address, retries=0, timeout=10)
+        target = Target(address, timeout=10)
         with grpc.insecure_channel(address) as channel:
             deadline = time.monotonic() + 60
             while not stop.is_set() and time.monotonic() < deadline:
