@@ -220,3 +220,36 @@ def test_a_config_file_that_does_not_parse_stops_the_start_in_tf_servings_words(
     line = next(line for line in result.stderr.splitlines() if line.startswith("mnist serve:"))
     assert "Error parsing text-format tensorflow.serving.ModelServerConfig: 5:5" in line
     assert f"Invalid protobuf file: '{bad}'" in line
+
+
+def test_a_reload_during_a_poll_loads_a_new_version_once(saved_model_dir: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The poll thread and a config reload (HandleReloadConfigRequest, or the config file's poll) both
+    follow the disk: run at once, each used to load the same new version, and one load was lost."""
+    import threading
+
+    from serving.model_server import manager as manager_module
+    from serving.model_server.manager import ModelManager
+
+    base = tmp_path / "m"
+    shutil.copytree(saved_model_dir, base / "1")
+    config = single_model_config("mnist", base.resolve())
+    manager = ModelManager(config)
+    loads: list[int] = []
+    real_load = manager_module.load_version
+
+    def slow_load(path, version, *args):
+        loads.append(version)
+        time.sleep(0.5)  # a load takes a while: wide enough for the two to meet
+        return real_load(path, version, *args)
+
+    monkeypatch.setattr(manager_module, "load_version", slow_load)
+    shutil.copytree(saved_model_dir, base / "2")
+    both = [threading.Thread(target=manager.poll), threading.Thread(target=manager.apply_config, args=(config,))]
+    for thread in both:
+        thread.start()
+    for thread in both:
+        thread.join(60)
+    assert loads == [2], loads
+    assert sorted(manager.models["mnist"].versions) == [2]
+    assert manager.version_states("mnist")[2].state == manager_module.State.AVAILABLE

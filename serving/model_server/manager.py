@@ -207,7 +207,8 @@ class ModelManager:
 
     def __init__(self, config: model_server_config_pb2.ModelServerConfig,
                  allow_version_labels_for_unavailable_models: bool = False, loading: LoadOptions = LoadOptions()):
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # what requests read: held for switches, never for a load
+        self.polling = threading.Lock()  # one poll or config switch at a time: the poll thread and a reload
         self.loading = loading
         self.answering_now = 0  # Predict calls received and not yet answered
         self.batch_metrics = BatchingMetrics() if loading.batching else None  # TF Serving's, with batching on
@@ -240,18 +241,19 @@ class ModelManager:
     def apply_config(self, config: model_server_config_pb2.ModelServerConfig) -> None:
         """Validate the whole config, then switch to it and load what it asks for."""
         validate_model_config_list(config)
-        with self.lock:
-            labels = self.checked_labels(config)
-            current = self.models
-            self.models = {c.name: ServedModel(c, current[c.name].versions if c.name in current else {})
-                           for c in config.model_config_list.config}
-            self.labels = labels
-            for name in set(current) - set(self.models):
-                for version in current[name].versions:
-                    self.set_state(name, version, VersionStatus(State.END))
-                self.forget_failures(name, set())
-                log.info("unloaded model %s (no longer in the config)", name)
-        self.poll()
+        with self.polling:  # a poll under way would load into the models this replaces
+            with self.lock:
+                labels = self.checked_labels(config)
+                current = self.models
+                self.models = {c.name: ServedModel(c, current[c.name].versions if c.name in current else {})
+                               for c in config.model_config_list.config}
+                self.labels = labels
+                for name in set(current) - set(self.models):
+                    for version in current[name].versions:
+                        self.set_state(name, version, VersionStatus(State.END))
+                    self.forget_failures(name, set())
+                    log.info("unloaded model %s (no longer in the config)", name)
+            self.follow_disk()
 
     # --- versions -------------------------------------------------------------
     def set_state(self, name: str, version: int, status: VersionStatus) -> None:
@@ -293,8 +295,14 @@ class ModelManager:
                 self.set_state(name, key[1], VersionStatus(State.END, grpc.StatusCode.UNKNOWN, failed.message))
 
     def poll(self) -> None:
-        """Load what the policy wants and is not loaded, then drop what it no longer wants.
-        Loading first means a request always finds a servable version during a switch."""
+        """Load what the policy wants and is not loaded, then drop what it no longer wants, one poll
+        at a time: two at once would each load the same new version."""
+        with self.polling:
+            self.follow_disk()
+
+    def follow_disk(self) -> None:
+        """``poll``'s work, under ``polling``. Loading first means a request always finds a servable
+        version during a switch."""
         for name, model in list(self.models.items()):
             self.note_base_path(name, Path(model.config.base_path))
             directories = version_directories(Path(model.config.base_path))
