@@ -25,6 +25,7 @@ from mnist_client._generated.tensorflow_serving.apis import predict_pb2, predict
 from mnist_client.client import ServingError, Target, predict_call
 from mnist_client.tensors import to_tensor_proto
 from serving.model_server.model_config import single_model_config
+from serving.protocol.http import HttpLimits
 from storage.embedded import free_port, start_weed
 from tests.conftest import REPO, metric_values, start_model_server
 from tests.gateway_cases import (  # noqa: F401  fixtures, used by name
@@ -368,3 +369,47 @@ def test_live_check_traffic_stays_out_of_drift_and_feedback(store_env, upstream,
     assert feedback[1].status_code == 200
     summaries = served_traffic(logged(gateway.logs), FirstLiveChecks(key))  # what the drift flow reads of the window
     assert list(summaries) == [served.version] and int(summaries[served.version].arrays()["count"]) == 3 + 5
+
+
+def test_the_rest_side_keeps_one_connection_upstream_per_thread_across_upstream_restarts(store_env) -> None:
+    """A restart upstream closes the kept connection: the gateway opens another in its place, and
+    lets the old one go (it used to keep every one it ever opened, to close them at its stop)."""
+    import socket
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    accepted: list[socket.socket] = []
+
+    class Models(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the model server's REST side
+
+        def do_GET(self) -> None:  # noqa: N802  http.server's spelling
+            accepted.append(self.connection)
+            body = b'{"model_version_status": []}'
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_args) -> None:
+            pass
+
+    port = free_port()
+    gateway = start_gateway(f"127.0.0.1:{free_port()}", f"127.0.0.1:{port}", rest_limits=HttpLimits(threads=1))
+    try:
+        for _restart in range(6):
+            upstream = ThreadingHTTPServer(("127.0.0.1", port), Models)
+            serving = threading.Thread(target=upstream.serve_forever, daemon=True)
+            serving.start()
+            try:
+                answer = httpx.get(f"http://127.0.0.1:{gateway.rest.port}/v1/models/mnist", timeout=10)
+                assert answer.status_code == 200, answer.text
+            finally:
+                upstream.shutdown()
+                upstream.server_close()
+                for connection in accepted:  # what a stopped server's end of a connection does
+                    connection.shutdown(socket.SHUT_RDWR)
+                accepted.clear()
+        assert len(gateway.rest_connections) == 1
+    finally:
+        gateway.stop(drain_seconds=1)

@@ -121,7 +121,8 @@ class Gateway:
         self.rest = (HttpServer(options.host, options.rest_port, options.rest_max_body_bytes, self.respond,
                                 name="gateway-rest", limits=options.rest_limits) if options.rest_port else None)
         self.local = threading.local()  # one keep-alive connection to upstream REST per thread
-        self.rest_connections: list[http.client.HTTPConnection] = []
+        self.rest_connections: set[http.client.HTTPConnection] = set()  # the threads' kept ones, to close at stop
+        self.rest_connections_lock = threading.Lock()
         self.signatures: dict[ModelPath, tuple[float, int, Any]] = {}  # model path -> (when, version, signatures)
         self.authenticator = Authenticator(list(options.credentials), options.tokens_file)
         self.feedback_rate = RateLimit(options.feedback_per_minute)
@@ -142,8 +143,9 @@ class Gateway:
         """Stop taking calls, let those in flight finish, then flush the log queue within the deadline."""
         if self.rest:
             self.rest.stop()
-        for connection in self.rest_connections:
-            connection.close()
+        with self.rest_connections_lock:
+            for connection in self.rest_connections:
+                connection.close()
         self.relay.stop(grace=2.0)
         self.logger.close(drain_seconds)
         self.channel.close()
@@ -199,13 +201,18 @@ class Gateway:
         return self.forward_rest(request)
 
     def rest_connection(self, fresh: bool) -> http.client.HTTPConnection:
+        """This thread's kept connection upstream; ``fresh``: a new one in place of the old, which is
+        let go (kept, every reconnect would grow the set the stop closes)."""
         connection = getattr(self.local, "connection", None)
         if connection is None or fresh:
-            if connection is not None:
-                connection.close()
             host, _, port = str(self.options.upstream_rest).rpartition(":")
-            connection = self.local.connection = http.client.HTTPConnection(host, int(port), timeout=60)
-            self.rest_connections.append(connection)
+            replacement = self.local.connection = http.client.HTTPConnection(host, int(port), timeout=60)
+            with self.rest_connections_lock:
+                if connection is not None:
+                    connection.close()
+                    self.rest_connections.discard(connection)
+                self.rest_connections.add(replacement)
+            connection = replacement
         return connection
 
     def forward_rest(self, request: Request, extra: dict[str, str] | None = None) -> Reply:
