@@ -22,6 +22,7 @@ from serving.gateway.http2 import (
     FrameReader,
     frame,
     header_frames,
+    literal,
 )
 from serving.gateway.relay import STANDING_IN, GrpcRelay, Link
 from serving.gateway.watched_calls import Body, Watch, grpc_message
@@ -306,3 +307,13 @@ def test_bytes_read_before_upstream_answers_the_connect_reach_it_first() -> None
     link.upstream_connected(upstream)
     link.client_bytes(settings)
     assert bytes(upstream.written) == PREFACE + settings + settings and caller.reading
+
+
+@pytest.mark.parametrize("length", [0, 1, 126, 127, 128, 255, 16_383, 16_384, 1 << 20])
+def test_a_literal_of_any_length_reads_back_with_hpacks_own_decoder(length: int) -> None:
+    from hpack import Decoder
+
+    name, value = b"x-" + b"n" * (length % 300), b"v" * length  # both short and long names
+    decoder = Decoder()
+    decoder.max_header_list_size = 2 << 20
+    assert decoder.decode(literal(name, value), raw=True) == [(name, value)]

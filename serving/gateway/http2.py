@@ -8,8 +8,6 @@ frame cost more CPU than the rest of the relay (``serving/gateway/relay.py``).
 
 from __future__ import annotations
 
-from hpack.hpack import encode_integer
-
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, HEADERS, RST_STREAM, SETTINGS, PUSH_PROMISE, CONTINUATION = 0x0, 0x1, 0x3, 0x4, 0x5, 0x9
 PING, GOAWAY, WINDOW_UPDATE = 0x6, 0x7, 0x8
@@ -19,9 +17,23 @@ SETTINGS_HEADER_TABLE_SIZE = 0x1
 FRAME_LIMIT = 16_384  # SETTINGS_MAX_FRAME_SIZE's floor: a frame this size is always allowed
 
 
+def string_length(length: int) -> bytes:
+    """A string literal's length, Huffman bit clear, as a 7-bit prefix integer (RFC 7541 5.1, 5.2).
+    Ours because hpack's is private (``hpack.hpack.encode_integer``), and its public ``Encoder``
+    would keep table state and cost more per call than the relay's whole header rewrite."""
+    if length < 127:
+        return bytes((length,))
+    rest, tail = length - 127, bytearray((127,))
+    while rest >= 128:
+        tail.append(rest % 128 + 128)
+        rest //= 128
+    tail.append(rest)
+    return bytes(tail)
+
+
 def literal(name: bytes, value: bytes) -> bytes:
     """A header field as "Literal Header Field without Indexing, New Name" (RFC 7541 6.2.2)."""
-    return b"\x00" + encode_integer(len(name), 7) + name + encode_integer(len(value), 7) + value
+    return b"\x00" + string_length(len(name)) + name + string_length(len(value)) + value
 
 
 def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
