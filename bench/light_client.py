@@ -24,7 +24,7 @@ LATENCY = '''
 import json, random, sys, time
 from mnist_client import Target
 from mnist_client.client import open_channel, image_tensor
-from mnist_client._generated.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+from mnist_client.protos import predict_pb2, prediction_service_pb2_grpc
 target = Target(sys.argv[1])
 random.seed(1)
 images = [[[[random.random()] for _ in range(28)] for _ in range(28)]]  # no numpy in this venv

@@ -23,7 +23,7 @@ BATCH = 256  # records per log object, as the gateway writes them
 def synthetic_records(count: int) -> list[list[bytes]]:
     """``count`` distinct logged calls (one digit each, with the model's kind of answer), framed
     as the gateway frames them; the day repeats them."""
-    from mnist_client._generated.tensorflow_serving.apis import predict_pb2
+    from mnist_client.protos import predict_pb2
     from mnist_client.tensors import to_tensor_proto
     from serving.gateway.log_records import prediction_log
 

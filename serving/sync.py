@@ -23,9 +23,10 @@ from pathlib import Path
 
 from google.protobuf import text_format
 
-# the client's generated copy of TF Serving's config proto: the sidecar installs without TensorFlow
-from mnist_client._generated.tensorflow_serving.config import model_server_config_pb2
 from mnist_client.client import Target, wait_until_available
+
+# the client's generated copy of TF Serving's config proto: the sidecar installs without TensorFlow
+from mnist_client.protos import model_server_config_pb2
 from serving.protocol.tf_serving_protos import read_text_proto
 from storage.models import ModelStore, VerificationFailed, local_versions
 from storage.signing import verify_directory

@@ -55,7 +55,7 @@ def disagreements(store: Any, target: Target) -> list[str]:
 
 def failed_load(target: Target, version: int) -> str:
     """The error GetModelStatus reports for a version that ended, if it failed to load."""
-    from mnist_client._generated.tensorflow_serving.apis import get_model_status_pb2, model_service_pb2_grpc
+    from mnist_client.protos import get_model_status_pb2, model_service_pb2_grpc
 
     request = get_model_status_pb2.GetModelStatusRequest()
     request.model_spec.name = target.model_name

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from mnist_client._generated.tensorflow_serving.apis import prediction_log_pb2
 from mnist_client.images import InputError, as_digit_batch
+from mnist_client.protos import prediction_log_pb2
 from mnist_client.tensors import from_tensor_proto
 
 INK_LEVEL = 51  # uint8: what counts as ink (0.2 of full scale, as the client's crop)

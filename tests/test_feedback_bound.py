@@ -259,7 +259,7 @@ def test_colluders_never_place_more_than_the_bound_in_a_window(scenario: Scenari
 # --- through the real store ----------------------------------------------------------------
 def logged_digits(logs, count: int, now: datetime) -> list[tuple[str, int, object]]:
     """``count`` one-image calls logged in one batch, of distinct random digits: (key, position, entry)."""
-    from mnist_client._generated.tensorflow_serving.apis import predict_pb2
+    from mnist_client.protos import predict_pb2
     from mnist_client.tensors import to_tensor_proto
     from serving.gateway.log_records import prediction_log
     from storage.logs import LogEntry

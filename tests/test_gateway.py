@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from mnist_client._generated.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from mnist_client.client import ServingError, Target, predict_call
+from mnist_client.protos import predict_pb2, prediction_service_pb2_grpc
 from mnist_client.tensors import to_tensor_proto
 from serving.model_server.model_config import single_model_config
 from serving.protocol.http import HttpLimits

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 
-from mnist_client._generated.tensorflow.core.framework import types_pb2
+from mnist_client.protos import types_pb2
 from serving.model_server.json_answers import classify_body, predict_body, regress_body
 from serving.model_server.json_examples import fill_examples_request
 from serving.protocol.json_document import JsonTensorError, read_document
@@ -151,7 +151,7 @@ def test_a_large_batch_is_read_at_numpy_speed() -> None:
 
 def test_examples_for_classify_and_regress() -> None:
     """ClassifyRegressRequestTest RequestWithContextAndSignature and JsonErrors."""
-    from mnist_client._generated.tensorflow_serving.apis import classification_pb2
+    from mnist_client.protos import classification_pb2
 
     request = classification_pb2.ClassificationRequest()
     fill_examples_request({"context": {"query": "pizza", "user_id": [1, 2]},

@@ -125,6 +125,14 @@ def test_imports_point_down_the_layers_and_processes_stay_apart() -> None:
     assert wrong_arrows(import_graph()) == []
 
 
+def test_only_the_client_reads_its_generated_stubs_the_rest_use_mnist_client_protos() -> None:
+    outside = [path for package in PACKAGES + ("bench", "tests") for path in (REPO / package).rglob("*.py")]
+    reaching_in = [f"{path.relative_to(REPO)}:{number}" for path in outside
+                   for number, line in enumerate(path.read_text().splitlines(), 1)
+                   if line.lstrip().startswith(("from mnist_client._generated", "import mnist_client._generated"))]
+    assert reaching_in == [], "import from mnist_client.protos instead"
+
+
 def test_the_graph_checks_see_a_circle_an_upward_arrow_and_a_crossing() -> None:
     """The two checks above can fail, on a graph with each defect the layout once had."""
     edges = {"storage.models": {"storage.signing"}, "storage.signing": {"storage.models"},

@@ -43,9 +43,9 @@ def test_importing_the_client_imports_no_tensorflow() -> None:
 def test_messages_round_trip_byte_for_byte_with_tensorflow_serving_api() -> None:
     from tensorflow_serving.apis import get_model_metadata_pb2, get_model_status_pb2, predict_pb2
 
-    from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2 as light_metadata
-    from mnist_client._generated.tensorflow_serving.apis import get_model_status_pb2 as light_status
-    from mnist_client._generated.tensorflow_serving.apis import predict_pb2 as light_predict
+    from mnist_client.protos import get_model_metadata_pb2 as light_metadata
+    from mnist_client.protos import get_model_status_pb2 as light_status
+    from mnist_client.protos import predict_pb2 as light_predict
     from mnist_client.tensors import to_tensor_proto
 
     request = light_predict.PredictRequest()
@@ -255,7 +255,7 @@ class Unavailable:
     """A PredictionService that counts its calls and answers each UNAVAILABLE after ``pause`` s."""
 
     def __init__(self, pause: float):
-        from mnist_client._generated.tensorflow_serving.apis import prediction_service_pb2_grpc
+        from mnist_client.protos import prediction_service_pb2_grpc
 
         self.pause, self.calls = pause, 0
         servicer = type("Servicer", (prediction_service_pb2_grpc.PredictionServiceServicer,),

@@ -15,7 +15,7 @@ import pytest
 from prefect.logging import disable_run_logger
 
 from flows.drift import collect_traffic
-from mnist_client._generated.tensorflow_serving.apis import predict_pb2
+from mnist_client.protos import predict_pb2
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.log_records import prediction_log
 from storage.logs import FeedbackStore, LogEntry, PredictionLogStore, TrafficSettings

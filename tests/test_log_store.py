@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2, prediction_log_pb2
+from mnist_client.protos import logging_pb2, predict_pb2, prediction_log_pb2
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.log_records import prediction_log
 from storage import tfrecord

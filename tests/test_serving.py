@@ -419,7 +419,7 @@ def test_a_gzip_bomb_and_too_many_images_are_refused_before_the_work(model_base:
     import grpc
     import httpx
 
-    from mnist_client._generated.tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
+    from mnist_client.protos import predict_pb2, prediction_service_pb2_grpc
     from mnist_client.tensors import to_tensor_proto
 
     rest_port = free_port()

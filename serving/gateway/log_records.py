@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Callable
 
-from mnist_client._generated.tensorflow_serving.apis import logging_pb2, predict_pb2
+from mnist_client.protos import logging_pb2, predict_pb2
 from storage.logs import MAX_LOGGED_EXAMPLES, LogEntry
 
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from mnist_client._generated.tensorflow_serving.apis import predict_pb2
+from mnist_client.protos import predict_pb2
 from serving.gateway.log_records import Call, log_record
 from serving.gateway.spool import Spool
 from serving.gateway.spooled_writes import SpooledWrites

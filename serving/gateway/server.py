@@ -34,8 +34,8 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from mnist_client._generated.tensorflow_serving.apis import get_model_metadata_pb2, model_pb2, predict_pb2
 from mnist_client.client import REQUEST_ID
+from mnist_client.protos import get_model_metadata_pb2, model_pb2, predict_pb2
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.callers import Authenticator, Credential, RateLimit
 from serving.gateway.log_records import Call, Unloggable, request_outline

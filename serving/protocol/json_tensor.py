@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from mnist_client._generated.tensorflow.core.framework import types_pb2
+from mnist_client.protos import types_pb2
 from mnist_client.tensors import MAX_RANK, TYPED_FIELDS
 from serving.protocol.json_document import (
     JsonTensorError,
