@@ -1,1 +1,2 @@
-"""Prefect flows and the ``mnist`` command line."""
+"""Prefect flows (the tasks wired together), their parameters and settings, and their deployments.
+The ``mnist`` command line is ``cli``."""

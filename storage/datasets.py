@@ -1,6 +1,6 @@
 """The dataset registry on S3: immutable batches of labelled digits and numbered versions.
 
-Layout (``../shared/DESIGN.md`` §4), beside the model store in the same bucket::
+Layout (``docs/feedback-loop.md``, "Growing data"), beside the model store in the same bucket::
 
     <prefix>/datasets/<name>/batches/<sha256>/examples.bin     images uint8 [N,28,28], then labels, then splits
     <prefix>/datasets/<name>/batches/<sha256>/manifest.json    written last: count, histogram, source, report

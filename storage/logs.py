@@ -1,6 +1,6 @@
 """Served traffic in the bucket: logged predictions and the feedback on them.
 
-Layout (``../shared/DESIGN.md`` §4), beside the model and dataset stores::
+Layout (``docs/feedback-loop.md``, "The served traffic feeds back"), beside the model and dataset stores::
 
     <prefix>/logs/<model>/<YYYY-MM-DD>/<HHMMSS>-<ms><id>.tfrecord.gz  TF Serving PredictionLog records (TFRecord,
                                                                       GZIP compression type)

@@ -1,6 +1,6 @@
 """The model registry on S3: TF Serving's layout plus a manifest per version.
 
-Layout (``../shared/DESIGN.md`` §4)::
+Layout (``docs/model-store.md``, "The model store")::
 
     <prefix>/<model>/<version>/saved_model.pb, variables/..., assets.extra/manifest.json
     <prefix>/<model>/_registry/claims/<version>     one per allocated number, never deleted

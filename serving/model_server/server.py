@@ -37,6 +37,7 @@ from serving.model_server.inference import (
 )
 from serving.model_server.manager import ModelManager
 from serving.model_server.model_config import ConfigRefused, read_model_config_file
+from serving.model_server.rest import RestServer
 from serving.protocol.http import HttpLimits
 from serving.protocol.monitoring import ServingMetrics
 from serving.protocol.tf_serving_protos import message_class, read_text_proto
@@ -195,8 +196,6 @@ class ModelServer:
             log.error("server_options.http_port cannot be same as grpc_port. Please use a different port for "
                       "HTTP/REST API. Skipped exporting HTTP/REST API.")
         elif options.rest_api_port:
-            from serving.model_server.rest import RestServer  # here: rest.py builds on this module
-
             # JSON spends several bytes per float, so the body limit is a multiple of gRPC's
             self.rest = RestServer(manager, options.host, options.rest_api_port, options.rest_max_body_bytes,
                                    options.predict, self.metrics, options.metrics_path, options.cors,
