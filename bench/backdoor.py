@@ -317,12 +317,12 @@ def genuine_corrections(store: Store, scratch: Path, model_base: Path, count: in
     wrong: what the loop admits, and what waits for an operator."""
     import keras
 
+    from storage.settings import PipelineSettings
     from tasks.data import load_mnist_idx
-    from tasks.mnist_files import default_mnist_dir
     from tasks.synthetic import write_source
 
     store.restore_clean()
-    train, _, _ = load_mnist_idx(default_mnist_dir())
+    train, _, _ = load_mnist_idx(PipelineSettings().data_dir)
     folder = scratch / "corrections"
     write_source(train.images[-6000:], train.labels[-6000:], folder, seed=5)
     from mnist_client.images import read_inputs
@@ -342,11 +342,11 @@ def genuine_corrections(store: Store, scratch: Path, model_base: Path, count: in
 
 
 def main(seeds: int = 3) -> dict:
+    from storage.settings import PipelineSettings
     from tasks.data import load_mnist_idx
-    from tasks.mnist_files import default_mnist_dir
     from tasks.synthetic import write_source
 
-    train, test, _ = load_mnist_idx(default_mnist_dir())
+    train, test, _ = load_mnist_idx(PipelineSettings().data_dir)
     result: dict = {"attacks": [], "seeds": [], "honest_source": None, "cost": None}
     with tempfile.TemporaryDirectory() as scratch_name:
         scratch = Path(scratch_name)

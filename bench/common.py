@@ -96,8 +96,8 @@ STORE_VARIABLES = ("MNIST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_
 def scratch_store(root: Path) -> Iterator[dict[str, str]]:
     """An embedded S3 store under ``root`` for one benchmark, stopped after the block; yields the
     environment a whole `mnist` command runs in against it (outputs and cache under ``root`` too)."""
-    from flows.settings import PipelineSettings
     from storage.embedded import start_weed
+    from storage.settings import PipelineSettings
 
     weed = start_weed(root / "s3", "bench", "bench-secret-key")
     try:

@@ -53,7 +53,7 @@ def extra_examples(train_images: np.ndarray, train_labels: np.ndarray, count: in
 
 
 def main() -> dict:
-    from flows.settings import PipelineSettings
+    from storage.settings import PipelineSettings
     from tasks.data import load_mnist_idx
     from tasks.synthetic import write_source
 

@@ -162,7 +162,7 @@ def store_outage(restart_store: Callable[[], None], stop_store: Callable[[], Non
 
 def logged_request_ids() -> set[str]:
     from storage.logs import PredictionLogStore, day_folders, hours_ago
-    from storage.models import StoreSettings
+    from storage.settings import StoreSettings
 
     logs = PredictionLogStore(StoreSettings())
     found = set()
@@ -174,8 +174,9 @@ def logged_request_ids() -> set[str]:
 def main(outage: float = 60.0) -> dict:
     from bench.serving import make_model, request_for
     from serving.stack import serving_stack
-    from storage.embedded import PORT_FLAGS, free_port, patched_environ, start_weed
-    from storage.models import ModelStore, StoreSettings
+    from storage.embedded import PORT_FLAGS, free_port, start_weed
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings, patched_environ
 
     with tempfile.TemporaryDirectory() as scratch, ExitStack() as stack_of:
         root = Path(scratch)

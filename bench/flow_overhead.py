@@ -28,7 +28,8 @@ def task_durations(flow_run_id) -> dict[str, float]:
 def main() -> dict:
     from flows.params import TrainingParams
     from flows.training import training_flow
-    from storage.embedded import patched_environ, start_weed
+    from storage.embedded import start_weed
+    from storage.settings import patched_environ
 
     with tempfile.TemporaryDirectory() as scratch:
         weed = start_weed(Path(scratch) / "s3", "bench", "bench-secret-key")

@@ -65,7 +65,8 @@ def run_drift(checkout: Path, env: dict[str, str]) -> tuple[float, float, str]:
 
 
 def main(before: Path | None = None) -> dict:
-    from storage.logs import PredictionLogStore, TrafficSettings
+    from storage.logs import PredictionLogStore
+    from storage.settings import TrafficSettings
 
     repo = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory() as scratch, scratch_store(Path(scratch)) as env:

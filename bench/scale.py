@@ -83,8 +83,8 @@ def newest_training(outputs: Path) -> dict:
 
 
 def main(before: Path | None = None) -> dict:
-    from flows.settings import PipelineSettings
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
+    from storage.settings import DatasetSettings, PipelineSettings
     from tasks.data import load_mnist_idx
 
     train, _, _ = load_mnist_idx(PipelineSettings().data_dir)

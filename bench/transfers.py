@@ -20,7 +20,8 @@ GIB = 1 << 30
 MEASURE = '''
 import json, sys, time
 from pathlib import Path
-from storage.models import ModelStore, StoreSettings
+from storage.models import ModelStore
+from storage.settings import StoreSettings
 from serving.sync import sync_once
 
 def status(field):

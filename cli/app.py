@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
 # TensorFlow's C++ start-up chatter is noise on a command line.
@@ -17,10 +16,11 @@ os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 
 from cli.common import CliError  # noqa: E402  (after the environment defaults above)
 from flows.prefect_api import project_prefect_home  # noqa: E402  (no Prefect import: set before Prefect reads it)
+from storage.settings import StateSettings  # noqa: E402
 
 # MNIST_STATE_DIR read here, not through PipelineSettings: Prefect reads PREFECT_HOME when it is
 # first imported, which may be before any command asks for the settings.
-project_prefect_home(Path(os.environ.get("MNIST_STATE_DIR") or ".state"))
+project_prefect_home(StateSettings().state_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:

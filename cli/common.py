@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, get_args
 
 from pydantic import BaseModel, ValidationError
+
+from storage.settings import ServingSettings, retry_seconds_set
 
 
 class CliError(Exception):
@@ -55,9 +56,17 @@ def given_flags(args: argparse.Namespace, model: type[BaseModel]) -> dict[str, A
 
 
 def pipeline_settings():
-    from flows.settings import PipelineSettings
+    from storage.settings import PipelineSettings
 
     return PipelineSettings()
+
+
+def default_server() -> str:
+    """``--server``'s default: MNIST_SERVING_ADDRESS, else TF Serving's usual gRPC port here."""
+    try:
+        return ServingSettings().serving_address or "localhost:8500"
+    except ValidationError as error:
+        raise CliError(validation_message(error), exit_code=2) from None
 
 
 # An interactive read answers or fails within this, unless MNIST_RETRY_SECONDS says otherwise;
@@ -71,7 +80,7 @@ def store_for_cli(settings_class: type, store_class: type, interactive: bool = T
         settings = settings_class()
     except ValidationError as error:
         raise CliError(validation_message(error), exit_code=2) from None
-    if interactive and "MNIST_RETRY_SECONDS" not in os.environ:
+    if interactive and not retry_seconds_set():
         settings = settings.model_copy(update={"retry_seconds": min(settings.retry_seconds,
                                                                     INTERACTIVE_RETRY_SECONDS)})
     store = store_class(settings)
@@ -80,7 +89,8 @@ def store_for_cli(settings_class: type, store_class: type, interactive: bool = T
 
 
 def registry_store(interactive: bool = True):
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
 
     return store_for_cli(StoreSettings, ModelStore, interactive)
 
@@ -157,9 +167,10 @@ def rest_limits(args: argparse.Namespace, threads: int):
 
 def traffic_stores(retry_seconds: float | None = None):
     """(prediction logs, feedback) of MNIST_MODEL_NAME in the configured (or embedded) bucket."""
-    from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+    from storage.logs import FeedbackStore, PredictionLogStore
+    from storage.settings import TrafficSettings
 
     logs = store_for_cli(TrafficSettings, PredictionLogStore, interactive=True)
-    if retry_seconds is not None and "MNIST_RETRY_SECONDS" not in os.environ:
+    if retry_seconds is not None and not retry_seconds_set():
         logs.settings = logs.settings.model_copy(update={"retry_seconds": retry_seconds})
     return logs, FeedbackStore(logs.settings, logs.client)

@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from cli.common import CliError, pipeline_settings, print_json, reachable_store, registry_store, store_for_cli
+from storage.settings import prefect_api_url
 from tasks.results import Ingested
 
 
 def dataset_store(interactive: bool = True):
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
+    from storage.settings import DatasetSettings
 
     return store_for_cli(DatasetSettings, DatasetStore, interactive)
 
@@ -157,7 +158,7 @@ def compact_latest(store, pack_examples: int | None, as_json: bool) -> int:
 def report_added(result: Ingested, source: str, json_document: dict[str, Any] | None) -> int:
     """What was added; ``json_document``: print it instead (``--json``)."""
     batch, version = result.batch, result.version
-    if os.environ.get("PREFECT_API_URL"):  # a server's automations may retrain on it
+    if prefect_api_url():  # a server's automations may retrain on it
         from flows.ingest import data_added_event
 
         data_added_event(result, source)

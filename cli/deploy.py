@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cli.common import CliError, pipeline_settings
+from storage.settings import AutomationSettings, prefect_api_url
 
 
 def wait_for_configured_api(seconds: float) -> None:
@@ -15,7 +16,7 @@ def wait_for_configured_api(seconds: float) -> None:
     ``make prefect`` meets a server still starting."""
     from flows.prefect_api import ApiUnreachable, wait_for_api
 
-    api_url = os.environ.get("PREFECT_API_URL")
+    api_url = prefect_api_url()
     if not api_url:
         return
     if seconds < 0:
@@ -32,7 +33,7 @@ def command_deploy(args: argparse.Namespace) -> int:
     project = Path(__file__).resolve().parents[1]
     wait_for_configured_api(args.wait)
     try:
-        result = deploy(project, os.environ.get("MNIST_NOTIFY_BLOCK"), args.pool_type)
+        result = deploy(project, AutomationSettings().notify_block, args.pool_type)
     except MissingExtra as error:
         raise CliError(str(error), exit_code=2) from None
     except Exception as error:  # noqa: BLE001  the API's own message is the useful one

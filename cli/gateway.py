@@ -16,6 +16,7 @@ from cli.common import (
     stop_on_signals,
     traffic_stores,
 )
+from storage.settings import GatewaySettings
 
 if TYPE_CHECKING:
     from serving.gateway.server import Gateway
@@ -126,6 +127,7 @@ def spool_directory(given: str | None) -> Path | None:
 
 
 def add_gateway_parser(commands: argparse._SubParsersAction) -> None:
+    files = GatewaySettings()
     gateway = commands.add_parser(
         "gateway", help="the logging gateway in front of TF Serving: request ids, sampled logs, feedback, metrics",
         description="A sidecar in front of TF Serving (gRPC and REST): passes every call through, gives each "
@@ -148,16 +150,16 @@ def add_gateway_parser(commands: argparse._SubParsersAction) -> None:
     gateway.add_argument("--log-queue-mib", type=int, default=256,
                          help="MiB of messages waiting to be written before new ones are dropped: keep it well "
                               "under the gateway's memory limit (default 256)")
-    gateway.add_argument("--log-ledger", metavar="FILE", default=os.environ.get("MNIST_GATEWAY_LEDGER"),
+    gateway.add_argument("--log-ledger", metavar="FILE", default=files.gateway_ledger,
                          help="keep the count of queued, unwritten logs here (every 0.5 s), so the next start reports "
                               "what a kill lost (default: MNIST_GATEWAY_LEDGER; none: not kept)")
-    gateway.add_argument("--log-spool", metavar="DIR", default=os.environ.get("MNIST_GATEWAY_SPOOL"),
+    gateway.add_argument("--log-spool", metavar="DIR", default=files.gateway_spool,
                          help="where log batches the store does not take wait on disk until it does, written "
                               "oldest first once it is back (default: MNIST_GATEWAY_SPOOL, else "
                               "<state dir>/gateway/log-spool; '' turns it off: an outage drops logs)")
     gateway.add_argument("--log-spool-mib", type=int, default=1024,
                          help="MiB the spool may hold before further batches are dropped (default 1024)")
-    gateway.add_argument("--feedback-tokens", metavar="FILE", default=os.environ.get("MNIST_FEEDBACK_TOKENS"),
+    gateway.add_argument("--feedback-tokens", metavar="FILE", default=files.feedback_tokens,
                          help="who may send feedback: 'NAME TOKEN [trusted]' a line (default: MNIST_FEEDBACK_TOKENS; "
                               "none: feedback is refused with 401)")
     gateway.add_argument("--rest-max-body-mib", type=int, default=16,

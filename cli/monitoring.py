@@ -4,11 +4,11 @@ back, corrected and compared (the gateway that logs it is ``cli/gateway.py``).""
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-from cli.common import CliError, print_json, reachable_store, traffic_stores
+from cli.common import CliError, default_server, print_json, reachable_store, traffic_stores
+from storage.settings import prefect_api_url
 
 MAX_LOG_HOURS = 24 * 366
 
@@ -260,7 +260,7 @@ def command_check(args: argparse.Namespace) -> int:
     with reachable_store() as store:
         target = Target(args.server, store.settings.model_name, timeout=args.timeout)
         problems = check_serving(store, target, args.grace_seconds)
-        if problems and os.environ.get("PREFECT_API_URL"):  # automations may act on it
+        if problems and prefect_api_url():  # automations may act on it
             mismatch_event(store, args.server, problems)
         labels = store.labels()
     if problems:
@@ -317,7 +317,7 @@ def add_monitoring_parsers(commands: argparse._SubParsersAction) -> None:
                     "the registry's labels and newest published version. A disagreement that lasts the grace "
                     "period (a version that failed to load, a label the server does not know) exits 1, naming it, "
                     "and emits mnist.serving.mismatch when PREFECT_API_URL is set.")
-    check.add_argument("--server", default=os.environ.get("MNIST_SERVING_ADDRESS", "localhost:8500"),
+    check.add_argument("--server", default=default_server(),
                        help="HOST:PORT (default: MNIST_SERVING_ADDRESS or localhost:8500)")
     check.add_argument("--grace-seconds", type=float, default=120.0,
                        help="how long a disagreement may last before it counts (default 120: a sync round and a load)")

@@ -10,14 +10,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from cli.common import CliError, pipeline_settings, print_json, reachable_store, stop_on_signals
+from cli.common import CliError, default_server, pipeline_settings, print_json, reachable_store, stop_on_signals
 from cli.serve import add_serve_parser
+from storage.settings import environment_values
 
 
 def command_sync(args: argparse.Namespace) -> int:
     from mnist_client.client import Target
     from serving.sync import SyncError, sync_once, watch
-    from storage.signing import SigningSettings
+    from storage.settings import SigningSettings
 
     base = Path(args.model_base_path)
     config_file = Path(args.model_config_file) if args.model_config_file else None
@@ -204,9 +205,9 @@ def print_stack(stack, endpoint: str | None) -> None:
           f"{Path(stack.logs) / 'feedback-tokens'} (add untrusted callers there)")
     print("use it from another shell with:")
     print(f"  export MNIST_SERVING_ADDRESS={stack.gateway}")
-    for name in ("MNIST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION"):
-        if os.environ.get(name):
-            print(f"  export {name}={os.environ[name]}")
+    for name, value in environment_values(("MNIST_S3_ENDPOINT", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                                           "AWS_REGION")).items():
+        print(f"  export {name}={value}")
     print("then: mnist predict --mnist-test 0:5, mnist check --server " + stack.server +
           ", or train (make worker and mnist train live-check what they publish here). Ctrl-C stops it.",
           flush=True)
@@ -244,7 +245,7 @@ def add_serving_parsers(commands: argparse._SubParsersAction) -> None:
     predict = commands.add_parser("predict", help="classify digits through a gRPC server",
                                   description="Query TF Serving (or mnist serve) over gRPC.")
     predict.add_argument("files", nargs="*", metavar="FILES", help="PNG/JPEG images or .npy arrays")
-    predict.add_argument("--server", default=os.environ.get("MNIST_SERVING_ADDRESS", "localhost:8500"),
+    predict.add_argument("--server", default=default_server(),
                          help="HOST:PORT (default: MNIST_SERVING_ADDRESS or localhost:8500)")
     predict.add_argument("--model-name", default="mnist")
     choice = predict.add_mutually_exclusive_group()

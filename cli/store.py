@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 from cli.common import CliError, pipeline_settings, print_json, reachable_store, registry_store
+from storage.settings import prefect_api_url
 
 
 def command_storage(args: argparse.Namespace) -> int:
@@ -63,7 +63,8 @@ def registry_action(args: argparse.Namespace, store) -> int:
     elif action == "show":
         print_json(store.manifest(args.version))
     elif action == "verify":
-        from storage.signing import SigningSettings, verify_stored_version
+        from storage.settings import SigningSettings
+        from storage.signing import verify_stored_version
 
         verify_key = SigningSettings().verify_key
         try:
@@ -128,7 +129,7 @@ def registry_view_line(store) -> str:
 
     if importlib.util.find_spec("prefect") is None:
         return "the Prefect UI's registry view is not updated from here (Prefect is not installed)"
-    api_url = os.environ.get("PREFECT_API_URL") or pipeline_settings().local_prefect_api
+    api_url = prefect_api_url() or pipeline_settings().local_prefect_api
     if not api_url:
         return "the Prefect UI's registry view shows this at the next flow run (no Prefect API is set)"
     try:

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from cli.common import CliError, add_model_flags, given_flags, pipeline_settings, validation_message
+from storage.settings import data_dir_set
 from tasks.results import SkippedRun, TrainingResult
 
 
@@ -53,7 +53,7 @@ def training_params(args: argparse.Namespace):
     values = given_flags(args, TrainingParams)
     if args.output:
         values["output_dir"] = args.output
-    data_dir = values.get("data_dir") or os.environ.get("MNIST_DATA_DIR")
+    data_dir = values.get("data_dir") or data_dir_set()
     if data_dir and not Path(data_dir).is_dir():
         flag = "--data-dir" if values.get("data_dir") else "MNIST_DATA_DIR"
         raise CliError(f"{flag} {data_dir}: no such folder (it should hold the four MNIST IDX files)", exit_code=2)

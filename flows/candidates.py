@@ -13,6 +13,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
+from storage.settings import PipelineSettings
 from tasks.recipes import TrainConfig
 from tasks.results import Candidate, TrainedModel
 from tasks.train import train
@@ -21,7 +22,7 @@ from tasks.train import train
 def dask_runner(count: int):
     from prefect_dask import DaskTaskRunner
 
-    address = os.environ.get("MNIST_DASK_ADDRESS")
+    address = PipelineSettings().dask_address
     if address:
         return DaskTaskRunner(address=address)
     cores = os.cpu_count() or 1

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from serving.stack import serving_stack
-from storage.embedded import exclusive_lock, patched_environ, store_environment
+from storage.embedded import exclusive_lock, store_environment
+from storage.settings import patched_environ
 from tasks.results import SkippedRun, TrainingResult
 
 LABEL_TIMEOUT = 30.0  # seconds for the served label to follow a published version
@@ -25,7 +26,7 @@ def run_training(params: Any, api_ready: Callable[[], None] | None = None) -> Tr
     run. ``api_ready``: the wait for a Prefect API the caller started (else one is started here, if
     none is set). The flow's modules import TensorFlow, so they are imported while the API starts."""
     from flows.prefect_api import early_prefect_api
-    from flows.settings import PipelineSettings
+    from storage.settings import PipelineSettings
 
     api = nullcontext(api_ready) if api_ready else early_prefect_api()
     with api as api_ready:
@@ -54,9 +55,8 @@ def run_chain(params: Any, state_dir: Path, queries: tuple[int, int] = (0, 10)
     so of stopping it (the gateway's last logs, the store, the Prefect API). ``queries``: the
     MNIST test digits [start, stop) to ask about."""
     from flows.prefect_api import early_prefect_api
-    from flows.settings import PipelineSettings
     from mnist_client.client import ServingError, Target, predict, wait_for_label
-    from storage.models import StoreSettings
+    from storage.settings import PipelineSettings, StoreSettings
     from tasks.data import mnist_test_digits
 
     with ExitStack() as stack:

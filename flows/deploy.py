@@ -28,6 +28,7 @@ from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
+from storage.settings import AutomationSettings
 from tasks.run_queue import TRAINING_QUEUE
 
 TRAINING_FLOW = "mnist-training"
@@ -288,7 +289,7 @@ def automations(training_deployment_id: str, notify_block: str | None, flow_name
     return [
         crash_zombie_runs(flow_names),
         finish_orphaned_cancels(flow_names),
-        retrain_on_new_data(training_deployment_id, int(os.environ.get("MNIST_RETRAIN_MIN_NEW", "500"))),
+        retrain_on_new_data(training_deployment_id, AutomationSettings().retrain_min_new),
         retrain_on_drift(training_deployment_id),
         Automation(
             name="mnist: training run failed",

@@ -16,7 +16,7 @@ from prefect.events import emit_event
 from prefect.states import Completed, State
 
 from flows.params import DriftParams
-from flows.settings import PipelineSettings
+from storage.settings import PipelineSettings
 from tasks.results import DriftRun, DriftVerdict
 
 
@@ -25,7 +25,8 @@ def collect_traffic(window_hours: float, run_dir: str) -> dict[int, str]:
     """The window's logged traffic, summarised per version that answered as it is read (counts,
     and a bounded sample of per-image statistics: ``tasks.drift.TrafficSummary``), one .npz each."""
     from storage.live_check import FirstLiveChecks, key_note, live_check_key
-    from storage.logs import PredictionLogStore, TrafficSettings
+    from storage.logs import PredictionLogStore
+    from storage.settings import TrafficSettings
     from tasks.drift import served_traffic
 
     since = datetime.now(timezone.utc) - timedelta(hours=window_hours)
@@ -47,7 +48,8 @@ def version_reference(version: int) -> dict[str, Any] | None:
     """The reference statistics published with a version (verified against its manifest), or None."""
     import json
 
-    from storage.models import ModelStore, StoreSettings, check_entry
+    from storage.models import ModelStore, check_entry
+    from storage.settings import StoreSettings
     from tasks.drift import REFERENCE_FILE, checked_reference
 
     store = ModelStore(StoreSettings())
@@ -79,7 +81,8 @@ def compare_traffic(version: int, traffic_path: str, reference: dict[str, Any], 
 
 
 def drift_event(version: int, result: DriftVerdict, window_hours: float) -> None:
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
     from tasks.publish import model_resource
 
     scores = {name: {"statistic": round(score.statistic, 4), "p_value": score.p_value}

@@ -11,7 +11,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.events import emit_event
 from prefect.states import Failed, State
 
-from flows.settings import PipelineSettings
+from storage.settings import PipelineSettings
 from tasks.results import BatchAdded, Ingested
 
 
@@ -29,7 +29,8 @@ def ingest_report(result: Ingested, source_path: str) -> str:
     """A markdown artifact: counts, warnings, the label histogram and a grid of sample digits."""
     import tempfile
 
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
+    from storage.settings import DatasetSettings
     from tasks.report import embedded_png, plot_samples
 
     batch, version = result.batch, result.version
@@ -53,9 +54,10 @@ def ingest_report(result: Ingested, source_path: str) -> str:
 @task(name="ingest-feedback", timeout_seconds=1800)
 def feedback_batch(data_dir: str | None) -> str:
     """The feedback collected since the last time, as a dataset batch; the one-line outcome."""
-    from storage.datasets import DatasetSettings, DatasetStore
-    from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
-    from storage.models import ModelStore, StoreSettings
+    from storage.datasets import DatasetStore
+    from storage.logs import FeedbackStore, PredictionLogStore
+    from storage.models import ModelStore
+    from storage.settings import DatasetSettings, StoreSettings, TrafficSettings
     from tasks.data import load_mnist
     from tasks.feedback import ingest_feedback
     from tasks.ingest import mnist_reference
@@ -89,7 +91,8 @@ def feedback_batch(data_dir: str | None) -> str:
 @flow(name="mnist-data-ingest", log_prints=True)
 def ingest_flow(source_path: str, source: str) -> BatchAdded | State:
     """Ingest a folder of 0-9 sub-folders, a CSV of path,label or an .npz as source ``source``."""
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
+    from storage.settings import DatasetSettings
     from tasks.data import load_mnist_idx
     from tasks.ingest import IngestError, ingest, mnist_reference
 

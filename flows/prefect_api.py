@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 from urllib.parse import urlsplit
 
+from storage import settings
 from storage.embedded import PARENT_VARIABLE, exclusive_lock, free_port, stop_process
 
 # What SubprocessASGIServer sets for its server: no UI, an ephemeral database lifecycle.
@@ -134,13 +135,13 @@ def start_in_background(api_url: str, start: Callable[[], subprocess.Popen], unt
 
 def prefect_home() -> Path:
     """Where Prefect keeps its database and profiles: PREFECT_HOME, else Prefect's own default."""
-    return Path(os.environ.get("PREFECT_HOME") or Path.home() / ".prefect").expanduser()
+    return settings.prefect_home() or (Path.home() / ".prefect")
 
 
 def project_prefect_home(state_dir: Path) -> None:
     """Keep the project's Prefect state in the project (``<state>/prefect``) unless the user has
     chosen a home or an API: ``~/.prefect`` is shared with every other Prefect project of the user."""
-    if not (os.environ.get("PREFECT_HOME") or os.environ.get("PREFECT_API_URL")):
+    if not settings.prefect_home_or_api_chosen():
         home = (state_dir / "prefect").absolute()
         home.mkdir(parents=True, exist_ok=True)  # Prefect makes its home, but not the folders above it
         os.environ["PREFECT_HOME"] = str(home)
@@ -195,7 +196,7 @@ def early_prefect_api() -> Iterator[Callable[[], None]]:
 
 def api_configured() -> bool:
     """Whether an API is set, as far as can be told without importing Prefect (a second of its own)."""
-    if os.environ.get("PREFECT_API_URL"):
+    if settings.prefect_api_url():
         return True
     if "prefect.settings" in sys.modules:  # already imported (a test harness, a nested run): asking is free
         from prefect.settings import PREFECT_API_URL
@@ -219,7 +220,7 @@ def spawn_server(port: int) -> subprocess.Popen:
         [sys.executable, "-c", UVICORN_DYING_WITH_PARENT, "--app-dir", str(prefect_root), "--factory",
          "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
          "--log-level", "error", "--lifespan", "on"],
-        env={**SERVER_DEFAULTS, **os.environ, **SERVER_ENV, PARENT_VARIABLE: str(os.getpid())},
+        env={**SERVER_DEFAULTS, **settings.child_environment({**SERVER_ENV, PARENT_VARIABLE: str(os.getpid())})},
         stdin=subprocess.DEVNULL, start_new_session=True)
 
 

@@ -9,7 +9,8 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 from prefect.states import Completed, Failed, State
 
-from flows.settings import PipelineSettings, live_check_address
+from serving.stack import live_check_address
+from storage.settings import PipelineSettings
 
 
 def mismatch_event(store, address: str, problems: list[str]) -> None:
@@ -23,7 +24,8 @@ def mismatch_event(store, address: str, problems: list[str]) -> None:
 def serving_check_flow(grace_seconds: float = 120.0) -> State:
     from mnist_client.client import Target
     from serving.truth import check_serving
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
 
     settings = PipelineSettings()
     address, where = live_check_address(settings)

@@ -14,8 +14,8 @@ from prefect.states import Completed, Failed, State
 
 from flows.ingest import feedback_batch
 from flows.params import TrainingParams
-from flows.settings import PipelineSettings, live_check_address
-from storage.models import StoreSettings
+from serving.stack import live_check_address
+from storage.settings import PipelineSettings, StoreSettings
 from tasks.data import prepare_data
 from tasks.evaluate import (
     REJECTED,

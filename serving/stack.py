@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from storage.embedded import PARENT_VARIABLE, free_port, port_free, process_alive, stop_process
+from storage.settings import PipelineSettings, child_environment
 
 MONITORING_CONFIG = Path(__file__).resolve().parent / "deploy" / "monitoring.config"
 
@@ -74,6 +75,18 @@ def running_stack(state_dir: Path) -> Stack | None:
         return None
     return stack if process_alive(stack.pid) else None
 
+def live_check_address(settings: PipelineSettings) -> tuple[str | None, str]:
+    """Where a run live-checks what it publishes, and why there: MNIST_SERVING_ADDRESS, else the
+    gateway of a running ``mnist up`` stack (``make serve``); else None and the reason to say."""
+    if settings.serving_address:
+        return settings.serving_address, "MNIST_SERVING_ADDRESS"
+    stack = running_stack(settings.state_dir)
+    if stack:
+        return stack.gateway, f"the serving stack of {settings.state_dir} (mnist up)"
+    return None, ("live check skipped: no server to check (MNIST_SERVING_ADDRESS is not set and no mnist up / "
+                  "make serve stack runs), so the published version is not known to serve")
+
+
 
 def wait_for_log(process: subprocess.Popen, log_path: Path, ready_text: str, name: str,
                  timeout: float = 180.0) -> None:
@@ -111,7 +124,7 @@ class Part:
             self.process = subprocess.Popen([sys.executable, "-m", "cli", *self.args], stdout=log,
                                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                             start_new_session=True,
-                                            env={**os.environ, PARENT_VARIABLE: str(os.getpid())})
+                                            env=child_environment({PARENT_VARIABLE: str(os.getpid())}))
         return self.process
 
     def stop(self) -> None:
@@ -189,7 +202,8 @@ def serving_stack(state_dir: Path, ports: StackPorts = StackPorts(), sample_rate
     (``Supervisor``), saying so on ``say``; stop them, the gateway first, flushing its logs, when
     the block ends."""
     from serving.sync import SyncError, sync_once
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
 
     busy = [port for port in asdict(ports).values() if port and not port_free(port)]
     if busy:

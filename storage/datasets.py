@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
-from pydantic import Field
 
-from storage.s3 import LocalFile, ObjectStore, S3Settings, StoreError, VerificationFailed, utc_now
+from storage.s3 import LocalFile, ObjectStore, StoreError, VerificationFailed, utc_now
+from storage.settings import DatasetSettings
 
 PAYLOAD = "examples.bin"
 PACK = "pack.bin.z"
@@ -51,10 +51,6 @@ QUARANTINE = "quarantine"
 SPLITS = ("train", "validation", "test")
 SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}$")
 SOURCE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-
-
-class DatasetSettings(S3Settings):
-    dataset_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
 
 
 class DatasetNotFound(StoreError):

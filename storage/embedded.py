@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from storage.settings import S3Settings, child_environment, patched_environ, take_variable
 from storage.store_security import security_environment
 
 # Every listener weed mini opens: each gets an explicit free port, because weed
@@ -139,8 +140,8 @@ def start_weed(data_dir: Path, access_key: str, secret_key: str, s3_config: Path
                *(f"-{flag}={port}" for flag, port in ports.items())]
     if s3_config:
         command.append(f"-s3.config={s3_config}")
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
-           **security_environment(security_dir(data_dir))}
+    env = child_environment({"AWS_ACCESS_KEY_ID": access_key, "AWS_SECRET_ACCESS_KEY": secret_key,
+                             **security_environment(security_dir(data_dir))})
     with (data_dir / "weed.log").open("ab") as log:  # the child keeps its own descriptor
         process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
@@ -177,7 +178,7 @@ def die_with_parent() -> None:
     """In a child started with MNIST_DIE_WITH_PARENT=<pid>: have Linux send SIGTERM when the thread
     that started it ends (PR_SET_PDEATHSIG), so a SIGKILLed mnist run leaves no model server, sync,
     gateway or Prefect server behind (measured: 1 GB of orphans). Cleared for grandchildren."""
-    expected = os.environ.pop(PARENT_VARIABLE, "")
+    expected = take_variable(PARENT_VARIABLE)
     if not expected.isdigit() or not sys.platform.startswith("linux"):
         return
     import ctypes
@@ -299,20 +300,6 @@ def stop_local_store(state_dir: Path) -> bool:
 
 
 @contextmanager
-def patched_environ(values: dict[str, str]) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextmanager
 def store_environment(state_dir: Path) -> Iterator[str | None]:
     """Make an S3 store reachable through the environment for the block: the one
     ``MNIST_S3_ENDPOINT`` names, else a running embedded store, else an embedded
@@ -321,8 +308,9 @@ def store_environment(state_dir: Path) -> Iterator[str | None]:
     A store started for a block is shared with the commands that run beside it: each holds a
     shared lock on ``users.lock`` while it uses the store, and the last to leave stops it (taken
     and checked under the start lock, so no command joins while another decides to stop)."""
-    if os.environ.get("MNIST_S3_ENDPOINT"):
-        yield os.environ["MNIST_S3_ENDPOINT"]
+    endpoint = S3Settings().s3_endpoint
+    if endpoint:
+        yield endpoint
         return
     with lock_file(store_lock(state_dir, "users")) as users:
         with exclusive_lock(store_lock(state_dir, "start")):

@@ -30,8 +30,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 
-from storage.logs import LogEntry, TrafficSettings
+from storage.logs import LogEntry
 from storage.s3 import long_lived_secret
+from storage.settings import TrafficSettings
 
 PREFIX = "live-check-"
 KEY_CONTEXT = b"mnist live-check key v1"

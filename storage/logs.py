@@ -29,10 +29,9 @@ from dataclasses import asdict, dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Iterator, TypeGuard
 
-from pydantic import Field, SecretStr
-
 from storage import tfrecord
-from storage.s3 import ObjectStore, S3Settings, StoreError, VerificationFailed, utc_now
+from storage.s3 import ObjectStore, StoreError, VerificationFailed, utc_now
+from storage.settings import TrafficSettings
 
 log = logging.getLogger("mnist.logs")
 REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -46,13 +45,6 @@ MAX_FEEDBACK_INDEX = MAX_LOGGED_EXAMPLES
 # What a reader inflates one log batch to, at most: writers cut batches at 32 MiB, after at most one
 # more call of a 64 MiB request and its answer (the gateway's message limit).
 MAX_RECORDS_SIZE = 256 << 20
-
-
-class TrafficSettings(S3Settings):
-    model_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    # MNIST_LIVE_CHECK_KEY: what a publish's live check is signed with, in place of the key derived
-    # from the store's S3 secret (``storage/live_check.py``). Checked there: an error here would show it.
-    live_check_key: SecretStr | None = None
 
 
 class BatchConflict(StoreError):

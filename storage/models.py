@@ -29,35 +29,25 @@ from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import Field
-
 from storage.layout import MANIFEST, SIGNATURE
 from storage.s3 import (
     LocalFile,
     ObjectStore,
-    S3Settings,
     StoreAccessDenied,
     StoreError,
     VerificationFailed,
     file_sha256,
     utc_now,
 )
+from storage.settings import StoreSettings
 
-__all__ = ["MANIFEST", "ModelStore", "StoreSettings", "StoreError", "StoreAccessDenied", "UnsafeManifest",
+__all__ = ["MANIFEST", "ModelStore", "StoreError", "StoreAccessDenied", "UnsafeManifest",
            "VerificationFailed", "VersionNotFound", "VersionRetired", "local_versions", "scan_saved_model"]
 
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # In labels.json beside the labels: versions gc is deleting or has deleted, never labelled again.
 # No label can have this name (labels start with a letter).
 RETIRED = "_retired"
-
-
-class StoreSettings(S3Settings):
-    """The model registry's settings: the bucket's, plus which model and how long a
-    publish may take before its leftovers are collected."""
-
-    model_name: str = Field("mnist", pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
-    gc_grace_seconds: float = Field(3600.0, ge=0, description="an unfinished publish older than this is a leftover")
 
 
 class NothingToRollBack(StoreError):

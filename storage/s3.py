@@ -33,8 +33,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from storage.settings import S3Settings
 
 TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
                    "RequestTimeTooSkewed"}
@@ -45,18 +45,6 @@ CHUNK_BYTES = 1 << 20
 # Multipart above 64 MiB, 8 MiB parts, 4 at a time: at most about 32 MiB of a file in memory.
 TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=8 << 20, max_concurrency=4,
                           use_threads=True)
-
-
-class S3Settings(BaseSettings):
-    """Where the bucket is. Credentials come the standard boto3 way
-    (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE / AWS_REGION), never from here."""
-
-    model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
-
-    s3_endpoint: str | None = None  # unset: AWS S3 itself (or the embedded store, from the CLI)
-    s3_bucket: str = Field("mnist-models", min_length=3, max_length=63)
-    s3_prefix: str = "models"
-    retry_seconds: float = Field(60.0, ge=0, le=3600, description="give up on transient errors after this")
 
 
 class StoreError(RuntimeError):

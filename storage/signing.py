@@ -13,19 +13,8 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from pydantic_settings import BaseSettings, SettingsConfigDict
-
 from storage.layout import MANIFEST, SIGNATURE  # the manifest is written after signing: not signed
 from storage.s3 import VerificationFailed
-
-
-class SigningSettings(BaseSettings):
-    """``MNIST_SIGNING_KEY`` (publishers) and ``MNIST_VERIFY_KEY`` (the sync and verify): file paths."""
-
-    model_config = SettingsConfigDict(env_prefix="MNIST_", extra="ignore")
-
-    signing_key: Path | None = None
-    verify_key: Path | None = None
 
 
 class SignatureRefused(VerificationFailed):

@@ -16,6 +16,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from storage.settings import S3Settings
+
 # SHA-256 of the uncompressed canonical files. Checking the uncompressed bytes
 # lets a user bring either the .gz files or the raw ones.
 MNIST_SHA256: dict[str, str] = {
@@ -294,7 +296,8 @@ def prepare_data(data_dir: str | None, cache_dir: str, validation_size: int, spl
         get_run_logger().info("training on MNIST alone (no dataset version in the store)")
         return TrainingData(path=str(path), fingerprint=fingerprint)
     combined = combined_fingerprint(fingerprint, dataset, new_data_weight)
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
+    from storage.settings import DatasetSettings
 
     plan, fetched = plan_dataset(path, dataset, DatasetStore(DatasetSettings()), Path(cache_dir), new_data_weight,
                                  Path(cache_dir) / f"mnist-{combined[:16]}.plan.json")
@@ -307,11 +310,12 @@ def prepare_data(data_dir: str | None, cache_dir: str, validation_size: int, spl
 
 def dataset_to_use(version: int | None) -> dict | None:
     """The dataset version asked for, else the latest; None without a store or any version."""
-    if not os.environ.get("MNIST_S3_ENDPOINT"):
+    if not S3Settings().s3_endpoint:
         if version is not None:
             raise DataError(f"dataset version {version} asked for, but no store is set (MNIST_S3_ENDPOINT)")
         return None
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
+    from storage.settings import DatasetSettings
 
     store = DatasetStore(DatasetSettings())
     return store.version(version) if version is not None else store.latest()

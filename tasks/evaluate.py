@@ -296,7 +296,8 @@ def evaluate_stable(prepared_path: str, triggers_path: str) -> StableScores | No
     not inspected) on it; None when nothing is stable yet."""
     import tempfile
 
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
     from tasks.backdoor import MEASURE_ON, Triggers, sent_to_digit
     from tasks.data import load_test_set
     from tasks.export import saved_model_predictor

@@ -10,8 +10,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact
 from prefect.events import emit_event
 
 from storage.live_check import LiveCheckKey, key_note, live_check_key
-from storage.logs import TrafficSettings
-from storage.models import ModelStore, NothingToRollBack, StoreSettings
+from storage.models import ModelStore, NothingToRollBack
+from storage.settings import StoreSettings, TrafficSettings
 from tasks.results import Evaluation, LabelMoved, Lineage, LiveCheck, PublishedVersion, slice_accuracies
 
 METRIC_KEYS = ("test_accuracy", "test_loss", "per_class_accuracy")
@@ -39,7 +39,7 @@ def publish_model(store: ModelStore, saved_model: Path, metrics: dict[str, Any],
                   label: str) -> PublishedVersion:
     """Publish, record and label a version. ``metrics`` and ``lineage`` as its manifest keeps them
     (JSON: ``metric_summary`` and ``Lineage.as_manifest`` for a training run's; never credentials)."""
-    from storage.signing import SigningSettings
+    from storage.settings import SigningSettings
 
     manifest = store.publish(saved_model, {"metrics": metrics, **lineage}, SigningSettings().signing_key)
     store.record({"event": "published", "version": manifest["version"], **run_of(lineage),

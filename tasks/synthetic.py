@@ -43,15 +43,15 @@ def write_source(images: np.ndarray, labels: np.ndarray, out_dir: Path, seed: in
 
 
 def main() -> None:
+    from storage.settings import PipelineSettings
     from tasks.data import MNIST_SHA256, read_split
-    from tasks.mnist_files import default_mnist_dir
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--count", type=int, default=3000)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    data_dir = default_mnist_dir()
+    data_dir = PipelineSettings().data_dir
     if data_dir is None:
         raise SystemExit("set MNIST_DATA_DIR to the MNIST files")
     train, _ = read_split(data_dir, "train", MNIST_SHA256)

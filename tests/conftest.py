@@ -190,7 +190,8 @@ def store_env(s3_server, monkeypatch: pytest.MonkeyPatch, request: pytest.Fixtur
 
 @pytest.fixture()
 def store(store_env):
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
 
     return ModelStore(StoreSettings())
 
@@ -206,7 +207,8 @@ def saved_model_dir(smoke_model, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def trusted_stable(store_env, saved_model_dir: Path) -> int:
     """The smoke model published as ``stable``, trained on MNIST alone: what the data screen
     checks new examples against (tasks/screen.py)."""
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
 
     store = ModelStore(StoreSettings())
     version = store.publish(saved_model_dir, {"dataset": None, "metrics": {}})["version"]

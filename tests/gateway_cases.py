@@ -14,7 +14,8 @@ from serving.gateway.callers import Caller, Credential
 from serving.gateway.server import Gateway, GatewayOptions
 from serving.model_server.model_config import single_model_config
 from storage.embedded import free_port
-from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+from storage.logs import FeedbackStore, PredictionLogStore
+from storage.settings import TrafficSettings
 from tasks.data import load_test_set
 from tests.conftest import start_model_server
 from tests.conftest import wait_for as conftest_wait_for

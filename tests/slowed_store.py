@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from serving.sync import sync_once
-from storage.models import ModelStore, StoreSettings
+from storage.models import ModelStore
+from storage.settings import StoreSettings
 
 
 def report_and_slow(store, method: str, delay: float) -> None:
@@ -35,14 +36,16 @@ if __name__ == "__main__":
     if action == "ingest":
         import numpy as np
 
-        from storage.datasets import DatasetSettings, DatasetStore
+        from storage.datasets import DatasetStore
+        from storage.settings import DatasetSettings
         from tasks.ingest import Reference, ingest
 
         datasets = DatasetStore(DatasetSettings())
         report_and_slow(datasets, "put_object", 0.2)
         ingest(datasets, path, "killed", Reference(np.full(10, 0.1), 0.16, 300.0, {}))
     elif action == "compact":
-        from storage.datasets import DatasetSettings, DatasetStore
+        from storage.datasets import DatasetStore
+        from storage.settings import DatasetSettings
 
         datasets = DatasetStore(DatasetSettings())
         report_and_slow(datasets, "put_object", 0.2)

@@ -105,7 +105,8 @@ def test_run_chain_publishes_serves_and_answers_over_grpc(prefect_api, pipeline_
     assert all(a["version"] == 1 for a in answers)
     assert len({a["request_id"] for a in answers}) == 1 and [a["index"] for a in answers] == [0, 1, 2, 3, 4]
     assert (tmp_path / "state" / "serving" / "mnist" / "1" / "saved_model.pb").is_file()
-    from storage.logs import PredictionLogStore, TrafficSettings, days_back
+    from storage.logs import PredictionLogStore, days_back
+    from storage.settings import TrafficSettings
 
     logs = PredictionLogStore(TrafficSettings())
     logged = [entry for key in logs.batch_keys(days_back(1)) for entry, _ in logs.read_batch(key)]

@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.datasets import DatasetSettings, DatasetStore, example_hashes, split_of
+from storage.datasets import DatasetStore, example_hashes, split_of
 from storage.s3 import StoreError
+from storage.settings import DatasetSettings
 from tasks.ingest import IngestError, Reference, ingest, mnist_reference
 from tests.conftest import REPO, run_mnist
 
@@ -356,7 +357,8 @@ def test_retrain_skips_when_nothing_changed_and_runs_when_data_did(prefect_api, 
                                                                     mnist_raw, reference, tmp_path: Path) -> None:
     from flows.params import TrainingParams
     from flows.training import training_flow
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
 
     params = TrainingParams(preset="smoke", threshold=0.5, slice_threshold=0.0, min_slice_size=1)
     first = training_flow(params, return_state=True)

@@ -281,7 +281,7 @@ def test_runs_through_the_worker_publish_and_live_check_on_the_stack(worker_runs
         worker_runs["log"].read_text()[-3000:]
     for name, value in worker_runs["store_env"].items():
         monkeypatch.setenv(name, value)
-    from storage.models import StoreSettings
+    from storage.settings import StoreSettings
 
     store = ModelStore(StoreSettings())
     assert store.complete_versions() == [1, 2]

@@ -132,7 +132,8 @@ def test_a_callers_request_id_never_addresses_someone_elses_call(store_env, upst
 
 def test_untrusted_labels_wait_in_quarantine_until_callers_agree_or_an_operator_accepts(
         store_env, upstream, digits: np.ndarray, mnist_dir: Path, trusted_stable: int) -> None:
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
+    from storage.settings import DatasetSettings
     from tasks.ingest import to_uint8
 
     _, address, _ = upstream

@@ -280,7 +280,8 @@ def logged_digits(logs, count: int, now: datetime) -> list[tuple[str, int, objec
 
 
 def traffic():
-    from storage.logs import FeedbackStore, PredictionLogStore, TrafficSettings
+    from storage.logs import FeedbackStore, PredictionLogStore
+    from storage.settings import TrafficSettings
 
     logs = PredictionLogStore(TrafficSettings())
     logs.ensure_bucket()
@@ -291,8 +292,9 @@ def test_the_window_budget_survives_successive_ingests_through_the_store(store_e
     """Three tokens, agreeing in pairs on 30 images, get floor(3*5/2) = 7 labels into training in
     the first ingest and none in the next two, within the same window (the budget read back from
     the ``_ingested`` records); an operator's label goes in regardless; a window later, 7 more."""
-    from storage.datasets import DatasetSettings, DatasetStore
+    from storage.datasets import DatasetStore
     from storage.feedback import record_feedback
+    from storage.settings import DatasetSettings
     from tasks.feedback import ingest_feedback
     from tasks.ingest import Reference
 

@@ -346,7 +346,7 @@ def test_live_check_traffic_stays_out_of_drift_and_feedback(store_env, upstream,
     """Only the id a publish signs (``storage/live_check.py``) keeps a call out of drift and
     feedback; a caller's own ``live-check-`` id is served traffic."""
     from storage.live_check import FirstLiveChecks, live_check_key
-    from storage.logs import TrafficSettings
+    from storage.settings import TrafficSettings
     from tasks.drift import served_traffic
 
     _, address, _ = upstream

@@ -18,7 +18,8 @@ from flows.drift import collect_traffic
 from mnist_client.protos import predict_pb2
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.log_records import prediction_log
-from storage.logs import FeedbackStore, LogEntry, PredictionLogStore, TrafficSettings
+from storage.logs import FeedbackStore, LogEntry, PredictionLogStore
+from storage.settings import TrafficSettings
 
 Call = tuple[str, int, int]  # (client request id, version that answered, images)
 

@@ -18,8 +18,9 @@ from mnist_client.protos import logging_pb2, predict_pb2, prediction_log_pb2
 from mnist_client.tensors import to_tensor_proto
 from serving.gateway.log_records import prediction_log
 from storage import tfrecord
-from storage.logs import LogEntry, PredictionLogStore, TrafficSettings
+from storage.logs import LogEntry, PredictionLogStore
 from storage.s3 import VerificationFailed
+from storage.settings import TrafficSettings
 from tasks.data import load_test_set
 from tests.conftest import run_mnist
 

@@ -93,8 +93,9 @@ def test_a_backdoor_taught_through_labelled_data_is_rejected_and_would_have_publ
     inspection off publishes."""
     from flows.params import TrainingParams
     from flows.training import training_flow
-    from storage.datasets import DatasetSettings, DatasetStore
-    from storage.models import ModelStore, StoreSettings
+    from storage.datasets import DatasetStore
+    from storage.models import ModelStore
+    from storage.settings import DatasetSettings, StoreSettings
     from tasks.data import load_mnist_idx
     from tasks.ingest import ingest, mnist_reference
 

@@ -19,10 +19,10 @@ from storage.models import (
     ModelStore,
     StoreAccessDenied,
     StoreError,
-    StoreSettings,
     VerificationFailed,
     VersionNotFound,
 )
+from storage.settings import StoreSettings
 from tests.conftest import REPO, S3_SECRET_KEY, run_mnist
 
 LINEAGE = {"flow_run_id": "run-1", "data_fingerprint": "abc"}

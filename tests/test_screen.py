@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.datasets import DatasetSettings, DatasetStore
+from storage.datasets import DatasetStore
+from storage.settings import DatasetSettings
 from tests.conftest import run_mnist
 from tests.gateway_cases import digits, upstream  # noqa: F401  fixtures, used by name
 from tests.test_datasets import mnist_raw  # noqa: F401  (the module-scoped MNIST arrays)
@@ -105,7 +106,8 @@ def test_an_honest_source_trains_and_what_is_flagged_is_listed_with_its_reason(
 
 def test_without_a_trusted_model_everything_waits_until_one_screens_it(
         mnist_raw, mnist_dir: Path, store_env, saved_model_dir: Path, tmp_path: Path) -> None:
-    from storage.models import ModelStore, StoreSettings
+    from storage.models import ModelStore
+    from storage.settings import StoreSettings
 
     train = mnist_raw[0]
     np.savez(tmp_path / "early.npz", x=np.roll(train.images[6000:6100], 1, axis=1), y=train.labels[6000:6100])

@@ -11,7 +11,8 @@ from typing import Any, Callable
 
 import pytest
 
-from storage.models import ModelStore, StoreError, StoreSettings, VersionRetired
+from storage.models import ModelStore, StoreError, VersionRetired
+from storage.settings import StoreSettings
 from tests.conftest import run_mnist
 
 

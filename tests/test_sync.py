@@ -17,7 +17,8 @@ from tensorflow_serving.config import model_server_config_pb2
 
 from serving.sync import local_versions, sync_once
 from storage.embedded import start_weed
-from storage.models import MANIFEST, ModelStore, StoreSettings
+from storage.models import MANIFEST, ModelStore
+from storage.settings import StoreSettings
 from tests.conftest import REPO
 
 LINEAGE = {"flow_run_id": "sync-test"}
