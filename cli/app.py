@@ -16,6 +16,7 @@ os.environ.setdefault("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30")
 
 from cli.common import CliError  # noqa: E402  (after the environment defaults above)
 from flows.prefect_api import project_prefect_home  # noqa: E402  (no Prefect import: set before Prefect reads it)
+from storage.errors import MnistError  # noqa: E402
 from storage.settings import StateSettings  # noqa: E402
 
 # MNIST_STATE_DIR read here, not through PipelineSettings: Prefect reads PREFECT_HOME when it is
@@ -71,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         hold_back_native_logs()
     try:
         return args.handler(args)
-    except CliError as error:
+    except MnistError as error:  # the family's message is one line; a CliError says its exit code
         print(f"mnist {args.command}: {error}", file=sys.stderr)
-        return error.exit_code
+        return error.exit_code if isinstance(error, CliError) else 1
     except KeyboardInterrupt:
         print(f"mnist {args.command}: interrupted", file=sys.stderr)
         return 130

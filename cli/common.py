@@ -11,11 +11,14 @@ from typing import Any, Callable, Iterator, get_args
 
 from pydantic import BaseModel, ValidationError
 
+from storage.errors import MnistError
 from storage.settings import ServingSettings, retry_seconds_set
 
 
-class CliError(Exception):
+class CliError(MnistError):
     """A problem to report in one line, with a non-zero exit code."""
+
+    status = "INVALID_ARGUMENT"
 
     def __init__(self, message: str, exit_code: int = 1):
         super().__init__(message)

@@ -11,13 +11,14 @@ from typing import Any, Callable, Iterator
 
 from serving.stack import serving_stack
 from storage.embedded import exclusive_lock, store_environment
+from storage.errors import MnistError
 from storage.settings import patched_environ
 from tasks.results import SkippedRun, TrainingResult
 
 LABEL_TIMEOUT = 30.0  # seconds for the served label to follow a published version
 
 
-class TrainingRunFailed(Exception):
+class TrainingRunFailed(MnistError):
     """A training run that failed or that its gate rejected: the state's name and message."""
 
 

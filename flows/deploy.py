@@ -28,6 +28,7 @@ from prefect.events.schemas.automations import EventTrigger, Posture
 from prefect.exceptions import ObjectNotFound
 from prefect.flows import load_flow_from_entrypoint
 
+from storage.errors import MnistError
 from storage.settings import AutomationSettings
 from tasks.run_queue import TRAINING_QUEUE
 
@@ -61,7 +62,7 @@ EXTRAS = {"kubernetes": "prefect_kubernetes.worker:KubernetesWorker", "docker": 
 S3_SECRET = "mnist-s3"  # the Kubernetes Secret the training jobs read their S3 identity from
 
 
-class MissingExtra(RuntimeError):
+class MissingExtra(MnistError, RuntimeError):
     """The worker package of a pool type is not installed."""
 
 

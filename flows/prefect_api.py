@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 from storage import settings
 from storage.embedded import PARENT_VARIABLE, exclusive_lock, free_port, stop_process
+from storage.errors import MnistError
 
 # What SubprocessASGIServer sets for its server: no UI, an ephemeral database lifecycle.
 SERVER_ENV = {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
@@ -62,8 +63,10 @@ def wait_healthy(api_url: str, process: subprocess.Popen, timeout: float = START
     raise RuntimeError(f"the temporary Prefect server did not answer within {timeout:.0f}s")
 
 
-class ApiUnreachable(RuntimeError):
+class ApiUnreachable(MnistError, RuntimeError):
     """The configured Prefect API did not answer within the wait."""
+
+    status = "UNAVAILABLE"
 
 
 def wait_for_api(api_url: str, timeout: float, say: Callable[[str], None] = print) -> None:

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from storage.embedded import PARENT_VARIABLE, free_port, port_free, process_alive, stop_process
+from storage.errors import MnistError
 from storage.settings import PipelineSettings, child_environment
 
 MONITORING_CONFIG = Path(__file__).resolve().parent / "deploy" / "monitoring.config"
 
 
-class StackError(RuntimeError):
+class StackError(MnistError, RuntimeError):
     """A part of the stack did not start."""
 
 

@@ -28,6 +28,7 @@ from mnist_client.client import Target, wait_until_available
 # the client's generated copy of TF Serving's config proto: the sidecar installs without TensorFlow
 from mnist_client.protos import model_server_config_pb2
 from serving.protocol.tf_serving_protos import read_text_proto
+from storage.errors import MnistError
 from storage.models import ModelStore, VerificationFailed, local_versions
 from storage.signing import verify_directory
 
@@ -47,7 +48,7 @@ class SyncResult:
     refused: dict[int, str] = field(default_factory=dict)  # version -> why it was not exposed
 
 
-class SyncError(RuntimeError):
+class SyncError(MnistError, RuntimeError):
     """A sync attempt failed (the server did not load a version in time, or a local write failed)."""
 
 

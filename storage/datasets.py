@@ -56,6 +56,8 @@ SOURCE_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 class DatasetNotFound(StoreError):
     """No such dataset version or batch."""
 
+    status = "NOT_FOUND"
+
 
 @dataclass(frozen=True)
 class Examples:

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import IO, Iterator
 
+from storage.errors import MnistError
 from storage.settings import S3Settings, child_environment, patched_environ, take_variable
 from storage.store_security import security_environment
 
@@ -31,8 +32,10 @@ PORT_FLAGS = ("master.port", "master.port.grpc", "volume.port", "volume.port.grp
               "filer.port.grpc", "s3.port", "s3.port.grpc", "admin.port", "admin.port.grpc")
 
 
-class LocalStoreError(RuntimeError):
+class LocalStoreError(MnistError, RuntimeError):
     """The embedded S3 server could not be started or reached."""
+
+    status = "UNAVAILABLE"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from storage.errors import MnistError
 from storage.live_check import LiveCheckKey
 from storage.logs import (
     MAX_FEEDBACK_INDEX,
@@ -23,12 +24,13 @@ FEEDBACK_HOURS = 30 * 24  # how far back a request id is looked up
 Located = tuple[str, int, LogEntry]  # (index key of the log batch, position in it, its entry)
 
 
-class FeedbackError(ValueError):
+class FeedbackError(MnistError, ValueError):
     """Feedback refused, with the HTTP status it maps to (400 bad input, 404 no such logged request)."""
 
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
+    status = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, http: int = 400):
+        super().__init__(message, status="NOT_FOUND" if http == 404 else None, http=http)
 
 
 DIGITS = "0123456789"
@@ -76,9 +78,9 @@ def record_feedback(logs: PredictionLogStore, feedback: FeedbackStore, request_i
     try:
         key, position, entry = (locate and locate(request_id)) or logs.find(request_id, FEEDBACK_HOURS)
     except LogNotFound as error:
-        raise FeedbackError(str(error), status=404) from None
+        raise FeedbackError(str(error), http=404) from None
     if live_check_key is not None and live_check_key.marks(entry):
-        raise FeedbackError(f"request {request_id} was a publish's live check, not served traffic", status=404)
+        raise FeedbackError(f"request {request_id} was a publish's live check, not served traffic", http=404)
     if position_in_request >= entry.examples:
         raise FeedbackError(f"request {request_id} has {entry.examples} image(s); index {position_in_request} "
                             "is out of range")

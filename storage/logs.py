@@ -50,9 +50,13 @@ MAX_RECORDS_SIZE = 256 << 20
 class BatchConflict(StoreError):
     """The store holds other records under a batch's name: writing it again can never succeed."""
 
+    status = "ALREADY_EXISTS"
+
 
 class LogNotFound(StoreError):
     """No logged request with that id (not sampled, not yet uploaded, unknown or too old)."""
+
+    status = "NOT_FOUND"
 
 
 @dataclass(frozen=True)

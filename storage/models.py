@@ -53,13 +53,19 @@ RETIRED = "_retired"
 class NothingToRollBack(StoreError):
     """A label with no earlier version to move back to."""
 
+    status = "FAILED_PRECONDITION"
+
 
 class VersionNotFound(StoreError):
     """No complete version with that number."""
 
+    status = "NOT_FOUND"
+
 
 class VersionRetired(StoreError):
     """A label move to a version gc is deleting (or has deleted)."""
+
+    status = "FAILED_PRECONDITION"
 
 
 def upload_order(relative: str) -> tuple[int, str]:

@@ -34,6 +34,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
+from storage.errors import MnistError
 from storage.settings import S3Settings
 
 TRANSIENT_CODES = {"InternalError", "ServiceUnavailable", "SlowDown", "RequestTimeout", "Throttling",
@@ -47,16 +48,22 @@ TRANSFER = TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=8 <<
                           use_threads=True)
 
 
-class StoreError(RuntimeError):
+class StoreError(MnistError, RuntimeError):
     """The store refused or failed an operation; the message names endpoint and bucket."""
+
+    status = "UNAVAILABLE"
 
 
 class StoreAccessDenied(StoreError):
     """Wrong credentials or missing permission: never retried."""
 
+    status = "PERMISSION_DENIED"
+
 
 class VerificationFailed(StoreError):
     """A stored file does not match the manifest."""
+
+    status = "DATA_LOSS"
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ from typing import Iterable, Iterator, Sequence
 import google_crc32c
 from isal import isal_zlib
 
+from storage.errors import MnistError
+
 GZIP = "GZIP"  # TensorFlow's name for the compression type
 MASK_DELTA = 0xA282EAD8
 GZIP_WBITS = 31  # zlib's way of asking for a gzip header and trailer
@@ -28,7 +30,7 @@ GZIP_WBITS = 31  # zlib's way of asking for a gzip header and trailer
 Pieces = Sequence[bytes]  # one record: the concatenation of these
 
 
-class TFRecordError(ValueError):
+class TFRecordError(MnistError, ValueError):
     """Bytes that are not a well-formed TFRecord file."""
 
 

@@ -16,6 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from storage.errors import MnistError
 from storage.settings import S3Settings
 
 # SHA-256 of the uncompressed canonical files. Checking the uncompressed bytes
@@ -31,8 +32,10 @@ LABELS_MAGIC = 0x00000801
 NUM_CLASSES = 10
 IMAGE_SHAPE = (28, 28, 1)
 
-class DataError(ValueError):
+class DataError(MnistError, ValueError):
     """The MNIST files are missing, corrupt or inconsistent."""
+
+    status = "INVALID_ARGUMENT"
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
 
+from storage.errors import MnistError
 from tasks.digits import ink_statistics
 from tasks.results import DriftScore, DriftVerdict
 
@@ -128,8 +129,10 @@ INPUT_FEATURES = ("ink_fraction", "intensity", "box_height", "box_width")
 MAX_REFERENCE_VALUES = 100_000  # a reference read from the bucket is refused beyond this
 
 
-class ReferenceError(ValueError):
+class DriftReferenceError(MnistError, ValueError):
     """A version's reference statistics are missing or malformed."""
+
+    status = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)
@@ -169,7 +172,7 @@ def checked_reference(raw: Any) -> dict[str, Any]:
             and all(values(raw["inputs"].get(name)) for name in INPUT_FEATURES)
             and values(raw.get("confidence")) and values(raw.get("predicted_class"))
             and len(raw["predicted_class"]) == 10):
-        raise ReferenceError("reference statistics are malformed")
+        raise DriftReferenceError("reference statistics are malformed")
     return raw
 
 

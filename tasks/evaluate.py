@@ -8,12 +8,15 @@ from typing import Any, Callable, Iterable
 import keras
 import numpy as np
 
+from storage.errors import MnistError
 from tasks.data import NUM_CLASSES
 from tasks.results import Evaluation, FailedCheck, SliceScores, StableScores, TestScores, Verdict
 
 
-class GateFailed(Exception):
+class GateFailed(MnistError):
     """The candidate model did not meet the gate; nothing may be exported or published."""
+
+    status = "FAILED_PRECONDITION"
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int = NUM_CLASSES) -> np.ndarray:

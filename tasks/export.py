@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from storage.errors import MnistError
 from storage.models import local_versions
 from tasks.model import INPUT_NAME
 
@@ -23,7 +24,7 @@ FEATURES_OUTPUT = "features"
 ROUND_TRIP_TOLERANCE = 1e-5
 
 
-class ExportError(RuntimeError):
+class ExportError(MnistError, RuntimeError):
     """The exported SavedModel does not reproduce the Keras model."""
 
 

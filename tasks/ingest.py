@@ -18,6 +18,7 @@ import numpy as np
 
 from mnist_client.images import InputError, as_digit_batch, prepare_digit, read_image
 from storage.datasets import QUARANTINE, SOURCE_PATTERN, DatasetStore, Examples, example_hashes, split_of
+from storage.errors import MnistError
 from storage.s3 import StoreError
 from tasks.digits import ink_statistics
 from tasks.results import Ingested, ValidationReport
@@ -28,8 +29,10 @@ NEAR_EMPTY_INK = 0.01  # fraction of ink pixels below which a digit is near-empt
 MAX_LISTED = 10  # problems named in a one-line error; the report keeps all
 
 
-class IngestError(ValueError):
+class IngestError(MnistError, ValueError):
     """The batch is refused; nothing was written. The message names files and reasons."""
+
+    status = "INVALID_ARGUMENT"
 
 
 class HeldForReview(IngestError):

@@ -38,6 +38,8 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from storage.errors import MnistError
+
 Predictor = Callable[[np.ndarray], np.ndarray]
 
 TRUSTED_QUANTILE = 0.002   # flag labels less plausible than all but 0.2% of trusted test digits
@@ -182,8 +184,10 @@ def screen(images: np.ndarray, labels: np.ndarray, calibrations: list[Calibratio
 
 
 # --- the trusted models, from the model store ------------------------------------------
-class NoTrustedModel(RuntimeError):
+class NoTrustedModel(MnistError, RuntimeError):
     """Nothing to screen against: no version is published yet."""
+
+    status = "FAILED_PRECONDITION"
 
 
 def trusted_versions(store) -> list[tuple[str, int]]:

@@ -25,13 +25,15 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from storage.errors import MnistError
+
 RECORD_BYTES = 1 + 28 * 28  # label, then pixels: one example
 SPLITS = ("train", "validation", "test")
 PLAN_SUFFIX = ".plan.json"
 CHUNK = 4096  # examples per read when a slice is evaluated: about 3 MB uint8, 13 MB as model input
 
 
-class CacheError(RuntimeError):
+class CacheError(MnistError, RuntimeError):
     """A cached batch does not match its index (a file was changed or cut after it was written)."""
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from storage.errors import MnistError
 from storage.settings import onednn_enabled
 from tasks.data import NUM_CLASSES, PreparedData
 from tasks.model import build_model, save_model
@@ -226,8 +227,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from tasks.run_queue import name_the_slot_holder  # noqa: E402
 
 
-class RunEnded(RuntimeError):
+class RunEnded(MnistError, RuntimeError):
     """The flow run was ended on the server (Crashed, Cancelled) while this process trained."""
+
+    status = "ABORTED"
 
 
 class PrefectProgress(keras.callbacks.Callback):

@@ -20,12 +20,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from storage.errors import MnistError
+
 NAME_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 MIN_TOKEN_CHARS = 24  # secrets.token_urlsafe(18) and up: not guessable within any rate limit
 
 
-class CallerFileError(ValueError):
+class CallerFileError(MnistError, ValueError):
     """A token file that cannot be used, said in one line."""
+
+    status = "INVALID_ARGUMENT"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from typing import Any, Callable
 
 from mnist_client.protos import logging_pb2, predict_pb2
+from storage.errors import MnistError
 from storage.logs import MAX_LOGGED_EXAMPLES, LogEntry
 
 
@@ -35,8 +36,10 @@ class Call:
                 + len(rest.get("response") or b""))
 
 
-class Unloggable(ValueError):
+class Unloggable(MnistError, ValueError):
     """A call that cannot be written as a PredictionLog (e.g. a REST body of another shape)."""
+
+    status = "INVALID_ARGUMENT"
 
 
 def log_record(call: Call, sample_rate: float,

@@ -56,6 +56,7 @@ from serving.protocol.rest_paths import (
     fill_spec,
     model_path,
 )
+from storage.errors import STATUS_OF_HTTP
 from storage.feedback import FeedbackError, Located, record_feedback
 from storage.live_check import LiveCheckKey
 from storage.logs import FeedbackStore, PredictionLogStore, new_request_id, valid_request_id
@@ -69,8 +70,6 @@ STATUS_NAMES = {code.value[0]: code.name for code in grpc.StatusCode}
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "te", "upgrade",
                "proxy-connection", REQUEST_ID}
 REPLY_SETS = HOP_HEADERS | {"content-type", "date", "server"}  # what the gateway's own reply sets
-HTTP_CODES = {200: "OK", 400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ABORTED", 429: "RESOURCE_EXHAUSTED",
-              499: "CANCELLED", 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 MAX_FEEDBACK_BODY = 4096  # {"request_id", "label", "index"}: far less; more is not feedback
 SIGNATURE_TTL = 1.0  # seconds a resolved (version, signatures) is reused for REST metrics and logs
 
@@ -240,7 +239,7 @@ class Gateway:
         reply = self.forward_rest(request, {"X-Request-Id": request_id})
         version = self.resolved_version(model) if reply.status == 200 else None
         self.metrics.observe(model.name, version, model.label or "", "predict", "REST",
-                             HTTP_CODES.get(reply.status, "UNKNOWN"), time.perf_counter() - start)
+                             STATUS_OF_HTTP.get(reply.status, "UNKNOWN"), time.perf_counter() - start)
         if reply.status == 200:
             self.maybe_log(model.name, Call(request_id, "rest", rest={"model": model, "request": request.body,
                                                                        "response": reply.body},
@@ -331,10 +330,10 @@ class Gateway:
                                    live_check_key=self.options.live_check_key)
         except FeedbackError as error:
             message = str(error)
-            if error.status == 404 and isinstance(request_id, str) and self.logger.was_unsampled(request_id):
+            if error.http_status == 404 and isinstance(request_id, str) and self.logger.was_unsampled(request_id):
                 message = (f"request {request_id} was answered but not sampled for logging "
                            f"(--log-sample-rate {self.options.sample_rate:g}): there is no image to learn from")
-            return json_reply(error.status, {"error": message})
+            return json_reply(error.http_status, {"error": message})
         except StoreError as error:
             return json_reply(503, {"error": f"the store is unavailable, feedback not recorded: {error}"})
         return json_reply(200, item)

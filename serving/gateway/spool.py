@@ -20,6 +20,7 @@ import threading
 from dataclasses import asdict
 from pathlib import Path
 
+from storage.errors import MnistError
 from storage.logs import BATCH_PATTERN, DATE_PATTERN, MAX_RECORDS_SIZE, LogBatch, LogEntry
 from storage.s3 import VerificationFailed
 
@@ -29,7 +30,7 @@ MAX_HEADER = 64 << 20  # index entries of the largest batch a writer cuts, with 
 MAX_PAYLOAD = MAX_RECORDS_SIZE  # a batch's gzip never outgrows the records it holds (bar a few bytes)
 
 
-class SpoolError(ValueError):
+class SpoolError(MnistError, ValueError):
     """A spooled file that does not read as the batch its name says (removed, and counted)."""
 
 

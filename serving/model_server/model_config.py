@@ -10,15 +10,16 @@ import grpc
 from tensorflow_serving.config import model_server_config_pb2
 
 from serving.protocol.tf_serving_protos import read_text_proto
+from storage.errors import MnistError
 
 SUPPORTED_PLATFORM = "tensorflow"
 
 
-class ConfigRefused(ValueError):
+class ConfigRefused(MnistError, ValueError):
     """A config TF Serving would refuse, with the status code it answers."""
 
     def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
+        super().__init__(message, status=code.name)
         self.code = code
 
 

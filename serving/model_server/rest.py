@@ -56,15 +56,9 @@ from serving.protocol.rest_paths import (
     fill_spec,
     model_path,
 )
+from storage.errors import http_status
 
 T = TypeVar("T")
-HTTP_STATUS = {grpc.StatusCode.OK: 200, grpc.StatusCode.CANCELLED: 499, grpc.StatusCode.INVALID_ARGUMENT: 400,
-               grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.NOT_FOUND: 404,
-               grpc.StatusCode.ALREADY_EXISTS: 409, grpc.StatusCode.PERMISSION_DENIED: 403,
-               grpc.StatusCode.RESOURCE_EXHAUSTED: 429, grpc.StatusCode.FAILED_PRECONDITION: 400,
-               grpc.StatusCode.ABORTED: 409, grpc.StatusCode.OUT_OF_RANGE: 400, grpc.StatusCode.UNIMPLEMENTED: 501,
-               grpc.StatusCode.UNAVAILABLE: 503, grpc.StatusCode.UNAUTHENTICATED: 401}
-
 
 def path_of(match: re.Match) -> ModelPath:
     try:
@@ -181,7 +175,7 @@ def handle(manager: ModelManager, method: str, path: str, body: bytes,
         answer, version = dispatch(manager, method, path, body, options)
         status = 200
     except RequestError as error:
-        code, status, answer = error.code, HTTP_STATUS.get(error.code, 500), json.dumps({"error": str(error)})
+        code, status, answer = error.code, error.http_status, json.dumps({"error": str(error)})
     match = PREDICTION_ROUTE.match(path) if method == "POST" else None
     if metrics and match:
         try:
@@ -204,7 +198,7 @@ def preflight(request: Request) -> Reply:
     header holds an http(s) origin, FAILED_PRECONDITION otherwise; no body either way."""
     if re.search(r"https?://", request.headers.get("origin", "")):
         return Reply(200, b"")
-    return Reply(HTTP_STATUS[grpc.StatusCode.FAILED_PRECONDITION], b"")
+    return Reply(http_status("FAILED_PRECONDITION"), b"")
 
 
 def ready(manager: ModelManager, match: re.Match) -> tuple[int, dict[str, Any]]:

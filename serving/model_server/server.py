@@ -25,7 +25,7 @@ from typing import Callable, Iterator
 import grpc
 from tensorflow_serving.apis import model_management_pb2, model_service_pb2_grpc, prediction_service_pb2_grpc
 
-from serving.model_server.errors import RequestError
+from serving.model_server.errors import grpc_code
 from serving.model_server.inference import (
     PredictOptions,
     classify,
@@ -41,6 +41,7 @@ from serving.model_server.rest import RestServer
 from serving.protocol.http import HttpLimits
 from serving.protocol.monitoring import ServingMetrics
 from serving.protocol.tf_serving_protos import message_class, read_text_proto
+from storage.errors import MnistError
 
 log = logging.getLogger("mnist.serve")
 
@@ -74,7 +75,7 @@ class PredictionService(prediction_service_pb2_grpc.PredictionServiceServicer):
             version = response.model_spec.version.value
             return response
         except Exception as error:  # noqa: BLE001  becomes the call's status, see abort()
-            code = error.code if isinstance(error, RequestError) else grpc.StatusCode.INTERNAL
+            code = grpc_code(error) if isinstance(error, MnistError) else grpc.StatusCode.INTERNAL
             abort(context, error)
         finally:
             spec = request.model_spec
@@ -96,15 +97,15 @@ class ModelService(model_service_pb2_grpc.ModelServiceServicer):
             self.manager.apply_config(request.config)
         except ConfigRefused as refusal:
             log.error("ReloadConfig failed: %s", refusal)
-            context.abort(refusal.code, str(refusal))
+            context.abort(grpc_code(refusal), str(refusal))
         return model_management_pb2.ReloadConfigResponse()
 
 
 def abort(context: grpc.ServicerContext, error: Exception) -> None:
-    """End the call with the error's status: RequestError's own code, INTERNAL for anything
-    else (a bug must fail one request, not the server). Raises, as ``context.abort`` does."""
-    if isinstance(error, RequestError):
-        context.abort(error.code, str(error))
+    """End the call with the error's status: the family's own (``storage/errors.py``), INTERNAL for
+    anything else (a bug must fail one request, not the server). Raises, as ``context.abort`` does."""
+    if isinstance(error, MnistError):
+        context.abort(grpc_code(error), str(error))
     log.error("request failed: %s: %s", type(error).__name__, error)  # one line, no traceback, as TF Serving
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {error}")
 

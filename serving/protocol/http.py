@@ -34,6 +34,8 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from storage.errors import MnistError
+
 log = logging.getLogger("mnist.http")
 JSON = "application/json"
 GZIP_MAX_BYTES = 100 << 20  # net_http's ZLib::kMaxUncompressedBytes
@@ -84,15 +86,16 @@ def json_reply(status: int, payload: Any, headers: dict[str, str] | None = None)
     return Reply(status, json.dumps(payload).encode(), JSON, headers or {})
 
 
-class BodyError(Exception):
+class BodyError(MnistError):
     """A request body that cannot be taken, with the HTTP status that says why."""
 
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
+    status = "INVALID_ARGUMENT"
+
+    def __init__(self, http: int, message: str):
+        super().__init__(message, http=http)
 
 
-class Disconnected(Exception):
+class Disconnected(MnistError):
     """The client left (or was cut off) before its body was in."""
 
 
@@ -276,7 +279,7 @@ class HttpServer:
         except Disconnected:
             return
         except BodyError as error:  # the unread body would be taken for the next request
-            await self.send(send, json_reply(error.status, {"error": str(error)}), close=True)
+            await self.send(send, json_reply(error.http_status, {"error": str(error)}), close=True)
             return
         path, _, query = scope["raw_path"].decode("latin-1").partition("?")
         request = Request(scope["method"], path, scope["query_string"].decode("latin-1"), headers, body)
@@ -312,7 +315,7 @@ class HttpServer:
                 headers = {name: value for name, value in headers.items() if name != "content-encoding"}
                 request = Request(request.method, request.path, request.query, headers, body)
         except BodyError as error:
-            return json_reply(error.status, {"error": str(error)})
+            return json_reply(error.http_status, {"error": str(error)})
         try:
             return self.respond(request)
         except Exception:  # noqa: BLE001

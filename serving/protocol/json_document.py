@@ -12,14 +12,16 @@ import math
 import re
 from typing import Any
 
+from storage.errors import MnistError
+
 DEBUG_BYTES = 256  # kMaxJsonDebugStringBytes
 
 
-class JsonTensorError(ValueError):
+class JsonTensorError(MnistError, ValueError):
     """A body json_tensor.cc refuses, with its message and status (INVALID_ARGUMENT unless said)."""
 
     def __init__(self, message: str, code: str = "INVALID_ARGUMENT"):
-        super().__init__(message)
+        super().__init__(message, status=code)
         self.code = code
 
 

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import unquote
 
+from storage.errors import MnistError
+
 SPEC = r"/v1/models/(?P<name>[^/:]+)(?:/versions/(?P<version>\d+)|/labels/(?P<label>[^/:]+))?"
 # kPredictionApiGegex and kModelStatusApiRegex
 PREDICTION_ROUTE = re.compile(rf"(?i)^{SPEC}:(?P<method>classify|regress|predict)$")
@@ -22,8 +24,10 @@ FEEDBACK_ROUTE = re.compile(r"^/v1/models/(?P<name>[^/:]+)/feedback$")
 INT64_LIMIT = 2**63
 
 
-class PathError(ValueError):
+class PathError(MnistError, ValueError):
     """A path TF Serving refuses with INVALID_ARGUMENT."""
+
+    status = "INVALID_ARGUMENT"
 
 
 @dataclass(frozen=True)
