@@ -17,8 +17,8 @@ GATE = 0.99
 
 def one_run(data, preset: str, seed: int) -> dict[str, float]:
     """Seconds from an untrained model to a finished one, and its test accuracy."""
-    from tasks.evaluate import evaluate_model
     from tasks.recipes import PRESETS
+    from tasks.scoring import evaluate_model
     from tasks.train import train_model
 
     config = PRESETS[preset].model_copy(update={"seed": seed})

@@ -32,7 +32,7 @@ def run_training(params: Any, api_ready: Callable[[], None] | None = None) -> Tr
     api = nullcontext(api_ready) if api_ready else early_prefect_api()
     with api as api_ready:
         from flows.training import training_flow
-        from tasks.evaluate import REJECTED
+        from tasks.gate import REJECTED
 
         api_ready()
         if params.publish:

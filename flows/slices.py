@@ -20,8 +20,8 @@ from tasks.results import SliceScores
 def score_shards(model_path: str, shards: list[tuple[str, str]]) -> dict[str, list[list[int]]]:
     """The confusion matrix of each source over one group of (source, test record file)."""
     from tasks.data import to_model_input
-    from tasks.evaluate import confusion_by_source
     from tasks.model import load_saved_model
+    from tasks.scoring import confusion_by_source
     from tasks.shards import read_records
 
     model = load_saved_model(model_path)
@@ -38,7 +38,7 @@ def shard_groups(shards: list[tuple[str, str]], groups: int) -> list[list[tuple[
 
 @flow(name="mnist-slice-scoring", log_prints=True)
 def slice_scoring_flow(model_path: str, prepared_path: str, groups: int) -> dict[str, SliceScores]:
-    from tasks.evaluate import scores_of
+    from tasks.scoring import scores_of
     from tasks.shards import read_plan
 
     plan = read_plan(Path(prepared_path))

@@ -17,18 +17,8 @@ from flows.params import TrainingParams
 from serving.stack import live_check_address
 from storage.settings import PipelineSettings, StoreSettings
 from tasks.data import prepare_data
-from tasks.evaluate import (
-    REJECTED,
-    accuracy_gate,
-    champion_checks,
-    evaluate,
-    evaluate_stable,
-    gate,
-    poisoning_checks,
-    skipped_checks,
-    slice_checks,
-)
 from tasks.export import export
+from tasks.gate import REJECTED, accuracy_gate, champion_checks, gate, poisoning_checks, skipped_checks, slice_checks
 from tasks.publish import check_for_changes, forced_repeat, live_check, publish, record_rejection, stable_seed
 from tasks.recipes import TrainConfig
 from tasks.report import outcome_tags, report, tag_run, verdict_line
@@ -48,6 +38,7 @@ from tasks.results import (
     slice_accuracies,
 )
 from tasks.run_queue import name_the_slot_holder
+from tasks.scoring import evaluate, evaluate_stable
 from tasks.train import code_version, library_versions, train
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from flows.params import TrainingParams
 from tasks.data import load_test_set
-from tasks.evaluate import evaluate_model
+from tasks.scoring import evaluate_model
 
 FAST = {"preset": "smoke", "threshold": 0.5, "publish": False}
 

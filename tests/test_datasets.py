@@ -331,7 +331,7 @@ def test_weighted_sampling_gives_new_examples_their_share(tmp_path: Path) -> Non
 
 
 def test_sliced_gate_rejects_a_candidate_worse_on_a_new_slice_though_better_on_mnist() -> None:
-    from tasks.evaluate import GateFailed, accuracy_gate, champion_checks, enforce_gate, slice_checks
+    from tasks.gate import GateFailed, accuracy_gate, champion_checks, enforce_gate, slice_checks
     from tasks.results import Evaluation, SliceScores, StableScores
 
     def sliced_as(accuracy: float, examples: int) -> SliceScores:  # the two fields the slice checks read
@@ -427,8 +427,8 @@ def test_slices_that_outgrow_one_process_are_scored_on_dask(prefect_api, pipelin
     cluster, a group of cached shards per worker; the scores are those of scoring them in process."""
     from flows.params import TrainingParams
     from flows.training import training_flow
-    from tasks.evaluate import slice_scores
     from tasks.model import load_saved_model
+    from tasks.scoring import slice_scores
     from tests.test_candidates import child_flow_names
 
     for index in range(3):  # three batches: three test shards across two workers

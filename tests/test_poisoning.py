@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks.backdoor import FOLLOW_ABOVE, MEASURE_ON, OPTIMISE_ON, Triggers, reverse_engineer, sent_to_digit
-from tasks.evaluate import GateFailed, enforce_gate, moved_to_digit, poisoning_checks, weakest_follow
+from tasks.gate import GateFailed, enforce_gate, moved_to_digit, poisoning_checks, weakest_follow
 from tasks.results import Evaluation, StableScores
 
 

@@ -20,7 +20,7 @@ from prefect.logging.handlers import APILogHandler
 
 from flows.params import TrainingParams
 from storage.models import ModelStore
-from tasks.evaluate import champion_checks, paired_noise
+from tasks.gate import champion_checks, paired_noise
 from tasks.results import StableScores, TestScores
 from tests.conftest import S3_SECRET_KEY
 

@@ -11,11 +11,12 @@ import tensorflow as tf
 
 from flows.params import TrainingParams
 from tasks.data import load_test_set
-from tasks.evaluate import GateCheck, GateFailed, accuracy_gate, enforce_gate, metrics_from_probabilities
 from tasks.export import ExportError, export_saved_model, saved_model_predict, verify_round_trip
+from tasks.gate import GateCheck, GateFailed, accuracy_gate, enforce_gate
 from tasks.model import build_model
 from tasks.recipes import ModelConfig
 from tasks.results import TestScores
+from tasks.scoring import metrics_from_probabilities
 from tests.conftest import run_mnist
 
 REPO = Path(__file__).resolve().parents[1]
