@@ -10,15 +10,8 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.states import Completed, State
 
-from storage.errors import MnistError
 from tasks.data import NUM_CLASSES
 from tasks.results import Evaluation, FailedCheck, StableScores, TestScores, Verdict
-
-
-class GateFailed(MnistError):
-    """The candidate model did not meet the gate; nothing may be exported or published."""
-
-    status = "FAILED_PRECONDITION"
 
 
 @dataclass(frozen=True)
@@ -177,15 +170,30 @@ def checks_table(checks: list[GateCheck]) -> str:
                      f"{c.limit:.4f}  {c.name}" for c in sorted(checks, key=lambda check: check.passed))
 
 
-def enforce_gate(checks: list[GateCheck]) -> str:
-    """Raise GateFailed naming every failed check; return the summary otherwise."""
-    failed = [check.describe() for check in checks if not check.passed]
-    if failed:
-        raise GateFailed("; ".join(failed))
-    return "; ".join(check.describe() for check in checks)
+def judge(checks: list[GateCheck], skipped: list[str] | None = None) -> Verdict:
+    """The verdict the checks add up to: passed when every check passed; every check described, the
+    failing ones with their figures; ``skipped``, what was not checked and why."""
+    failed = [check for check in checks if not check.passed]
+    summary = ("; ".join(check.describe() for check in checks) if not failed
+               else "rejected: " + "; ".join(check.describe() for check in failed))
+    return Verdict(passed=not failed, summary=summary, reason=short_reason(checks),
+                   checks=[check.describe() for check in checks], skipped=list(skipped or []),
+                   failed=[FailedCheck(check=c.name, value=c.value, limit=c.limit, at_most=c.at_most) for c in failed])
 
 
 REJECTED = "Rejected"  # the state name of a gate task and a training run whose candidate was rejected
+
+
+def verdict_state(verdict: Verdict) -> Verdict | State:
+    """How a verdict shows in Prefect, for the gate task and the training run alike: a pass is the
+    verdict itself, a rejection its ``rejection_state``."""
+    return verdict if verdict.passed else rejection_state(verdict)
+
+
+def rejection_state(verdict: Verdict) -> State:
+    """A rejection is an expected outcome, not a crash: a COMPLETED-type state named ``Rejected``
+    with the short reason as its message (the UI's runs list shows it), holding the verdict."""
+    return Completed(name=REJECTED, message=verdict.reason, data=verdict)
 
 
 @task(name="gate")
@@ -197,34 +205,31 @@ def gate(checks: list[GateCheck], skipped: list[str] | None = None) -> Verdict |
     (of type COMPLETED) holding the verdict, and logs a warning, so its state and its log say
     the same; the flow then ends ``Rejected`` with the one-line reason, without a traceback.
     """
-    logger = get_run_logger()
-    try:
-        summary, passed = enforce_gate(checks), True
-    except GateFailed as rejection:
-        summary, passed = f"rejected: {rejection}", False
-    failed = [check for check in checks if not check.passed]
-    if passed:
-        logger.info("gate passed: all %d checks\n%s", len(checks), checks_table(checks))
-    else:
-        logger.warning("gate rejected: %d of %d checks failed\n%s", len(failed), len(checks),
-                       "\n".join(f"  {check.describe()}" for check in failed))
-        logger.info("all %d checks, failing first:\n%s", len(checks), checks_table(checks))
-    not_checked = "".join(f"\n\nNot checked: {why}." for why in skipped or [])
-    for why in skipped or []:
-        logger.info("gate: not checked: %s", why)
+    verdict = judge(checks, skipped)
+    log_verdict(verdict, checks)
     failing_first = sorted(checks, key=lambda check: check.passed)
     table = "\n".join(f"| {c.name} | {c.value:.4f} | {c.limit:.4f} | {'pass' if c.passed else 'FAIL'} |"
                       for c in failing_first)
     create_table_artifact([{"check": c.name, "value": round(c.value, 5), "limit": round(c.limit, 5),
                             "verdict": "pass" if c.passed else "FAIL"} for c in failing_first],
                           key="mnist-gate-checks", description="Gate checks, including the comparison with stable")
+    not_checked = "".join(f"\n\nNot checked: {why}." for why in verdict.skipped)
     create_markdown_artifact(
-        f"# Gate: {'passed' if passed else 'rejected'}\n\n{summary if passed else short_reason(checks)}"
-        f"{not_checked}\n\n"
+        f"# Gate: {'passed' if verdict.passed else 'rejected'}\n\n"
+        f"{verdict.summary if verdict.passed else verdict.reason}{not_checked}\n\n"
         f"| check | value | limit | verdict |\n|---|---|---|---|\n{table}\n",
         key="mnist-gate", description="Gate verdict")
-    verdict = Verdict(passed=passed, summary=summary, reason=short_reason(checks),
-                      checks=[c.describe() for c in checks], skipped=list(skipped or []),
-                      failed=[FailedCheck(check=c.name, value=c.value, limit=c.limit, at_most=c.at_most)
-                              for c in checks if not c.passed])
-    return verdict if passed else Completed(name=REJECTED, message=verdict.reason, data=verdict)
+    return verdict_state(verdict)
+
+
+def log_verdict(verdict: Verdict, checks: list[GateCheck]) -> None:
+    """A pass: a table of every check. A rejection: a warning with each failing check, then the table."""
+    logger = get_run_logger()
+    if verdict.passed:
+        logger.info("gate passed: all %d checks\n%s", len(checks), checks_table(checks))
+    else:
+        logger.warning("gate rejected: %d of %d checks failed\n%s", len(verdict.failed), len(checks),
+                       "\n".join(f"  {check.describe()}" for check in checks if not check.passed))
+        logger.info("all %d checks, failing first:\n%s", len(checks), checks_table(checks))
+    for why in verdict.skipped:
+        logger.info("gate: not checked: %s", why)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -331,7 +332,7 @@ def test_weighted_sampling_gives_new_examples_their_share(tmp_path: Path) -> Non
 
 
 def test_sliced_gate_rejects_a_candidate_worse_on_a_new_slice_though_better_on_mnist() -> None:
-    from tasks.gate import GateFailed, accuracy_gate, champion_checks, enforce_gate, slice_checks
+    from tasks.gate import accuracy_gate, champion_checks, judge, slice_checks
     from tasks.results import Evaluation, SliceScores, StableScores
 
     def sliced_as(accuracy: float, examples: int) -> SliceScores:  # the two fields the slice checks read
@@ -343,8 +344,9 @@ def test_sliced_gate_rejects_a_candidate_worse_on_a_new_slice_though_better_on_m
                                            misclassified=list(range(60)), num_examples=10000,
                                            slices={"scanner-b": sliced_as(0.93, 300), "tiny": sliced_as(0.5, 12)})
     sliced, notes = slice_checks(candidate, stable, threshold=0.9, margin=0.02, min_size=100)
-    with pytest.raises(GateFailed, match=r"slice scanner-b not worse than stable v4 .* failed: 0\.9300 < 0\.9500"):
-        enforce_gate([accuracy_gate(candidate, 0.99), *champion_checks(candidate, stable, 0.001, 0.01), *sliced])
+    verdict = judge([accuracy_gate(candidate, 0.99), *champion_checks(candidate, stable, 0.001, 0.01), *sliced])
+    assert not verdict.passed
+    assert re.search(r"slice scanner-b not worse than stable v4 .* failed: 0\.9300 < 0\.9500", verdict.summary)
     assert notes == ["slice tiny: 12 test examples < 100, reported, not gated"]
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from tasks.backdoor import FOLLOW_ABOVE, MEASURE_ON, OPTIMISE_ON, Triggers, reverse_engineer, sent_to_digit
-from tasks.gate import GateFailed, enforce_gate, moved_to_digit, poisoning_checks, weakest_follow
+from tasks.gate import judge, moved_to_digit, poisoning_checks, weakest_follow
 from tasks.results import Evaluation, StableScores
 
 
@@ -25,18 +25,17 @@ def test_the_gate_rejects_a_shortcut_stable_does_not_follow_and_answers_pulled_t
                                            predictions=[0, 7, 7, 7, 7, 3, 5], misclassified=[1, 3, 4])
     assert moved_to_digit(candidate, stable) == pytest.approx([0, 0, 0, 0, 0, 0, 0, 2 / 7, 0, 0])
     assert weakest_follow(candidate, stable) == (3, pytest.approx(0.02 / 0.86))
-    with pytest.raises(GateFailed) as rejected:
-        enforce_gate(poisoning_checks(candidate, stable, moved_margin=0.5, shortcut_follow=0.1))
-    assert str(rejected.value) == ("backdoor inspection: the shortcut to 3 (23 pixels changed, median 78) sends 0.86"
-                                   " of other digits there; the share of that stable v3 follows too (one it ignores is"
-                                   " this model's own: a backdoor) failed: "
-                                   "0.0233 < 0.1000")
+    rejected = judge(poisoning_checks(candidate, stable, moved_margin=0.5, shortcut_follow=0.1))
+    assert not rejected.passed
+    assert rejected.summary == ("rejected: backdoor inspection: the shortcut to 3 (23 pixels changed, median 78) "
+                                "sends 0.86 of other digits there; the share of that stable v3 follows too (one it "
+                                "ignores is this model's own: a backdoor) failed: 0.0233 < 0.1000")
     assert not [c for c in poisoning_checks(candidate, stable, 0.2, 0.1) if "newly answered 7" in c.name and c.passed]
     honest = StableScores.model_construct(version=3, shortcuts_followed=[0.6, 0.1, 0.7, 0.4, 0.0, 0.9, 0.8, 0.5,
                                                                          0.7, 0.9], misclassified=[1, 2])
     # 1 is not compared (its change is larger than the median), nor 4 (the candidate hardly follows it)
     assert weakest_follow(candidate, honest) == (3, pytest.approx(0.4 / 0.86))
-    assert enforce_gate(poisoning_checks(candidate, honest, 0.5, 0.1))
+    assert judge(poisoning_checks(candidate, honest, 0.5, 0.1)).passed
     assert shortcuts[4] < FOLLOW_ABOVE and sizes[1] > np.median(sizes)
     assert poisoning_checks(candidate, None, 0.01, 0.1) == []  # nothing stable to compare with yet
 

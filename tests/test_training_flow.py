@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import tensorflow as tf
 from flows.params import TrainingParams
 from tasks.data import load_test_set
 from tasks.export import ExportError, export_saved_model, saved_model_predict, verify_round_trip
-from tasks.gate import GateCheck, GateFailed, accuracy_gate, enforce_gate
+from tasks.gate import GateCheck, accuracy_gate, judge
 from tasks.model import build_model
 from tasks.recipes import ModelConfig
 from tasks.results import TestScores
@@ -23,13 +24,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_gate_passes_at_and_above_the_threshold() -> None:
-    assert "passed" in enforce_gate([accuracy_gate(TestScores.model_construct(test_accuracy=0.99), 0.99)])
+    verdict = judge([accuracy_gate(TestScores.model_construct(test_accuracy=0.99), 0.99)])
+    assert verdict.passed and "passed" in verdict.summary
 
 
 def test_gate_refusal_names_the_metric_value_and_threshold() -> None:
-    with pytest.raises(GateFailed, match=r"accuracy gate .* failed: 0\.9871 < 0\.9990"):
-        enforce_gate([accuracy_gate(TestScores.model_construct(test_accuracy=0.9871), 0.999),
-                      GateCheck("other", 1.0, 0.5)])
+    verdict = judge([accuracy_gate(TestScores.model_construct(test_accuracy=0.9871), 0.999),
+                     GateCheck("other", 1.0, 0.5)])
+    assert not verdict.passed
+    assert re.search(r"accuracy gate .* failed: 0\.9871 < 0\.9990", verdict.summary)
 
 
 def test_metrics_count_per_class_and_misclassified() -> None:
