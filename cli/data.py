@@ -6,7 +6,7 @@ import argparse
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cli.common import CliError, pipeline_settings, print_json, reachable_store, registry_store, store_for_cli
 from storage.settings import prefect_api_url
@@ -74,62 +74,79 @@ def diff_versions(store, older: int, newer: int) -> dict[str, Any]:
             "added_examples": sum(manifests[d]["count"] for d in added)}
 
 
-def command_data(args: argparse.Namespace) -> int:
+def data_add(args: argparse.Namespace) -> int:
+    from storage.datasets import SOURCE_PATTERN
     from tasks.ingest import IngestError, ingest
 
-    if args.action == "add" and args.from_feedback:
+    if args.from_feedback:
         return add_from_feedback(args)
-    if args.action == "add":
-        from storage.datasets import SOURCE_PATTERN
+    if not args.path or not args.source:
+        raise CliError("give PATH and --source NAME (or --from-feedback)", exit_code=2)
+    if not Path(args.path).exists():
+        raise CliError(f"{args.path}: no such file or folder (give a folder of 0-9 sub-folders, a .csv or "
+                       "a .npz)", exit_code=2)
+    if not SOURCE_PATTERN.match(args.source):
+        raise CliError(f"--source {args.source!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)",
+                       exit_code=2)
+    with screened_ingest() as (store, reference, calibrations):
+        try:
+            result = ingest(store, Path(args.path), args.source, reference,
+                            allow_outside=args.allow_paths_outside, screen_with=calibrations)
+        except IngestError as error:
+            raise CliError(str(error)) from None
+    return report_added(result, args.source, result.model_dump(mode="json") if args.json else None)
 
-        if not args.path or not args.source:
-            raise CliError("give PATH and --source NAME (or --from-feedback)", exit_code=2)
-        if not Path(args.path).exists():
-            raise CliError(f"{args.path}: no such file or folder (give a folder of 0-9 sub-folders, a .csv or "
-                           "a .npz)", exit_code=2)
-        if not SOURCE_PATTERN.match(args.source):
-            raise CliError(f"--source {args.source!r}: use lower-case letters, digits, '.', '_' or '-' (max 63)",
-                           exit_code=2)
-        with screened_ingest() as (store, reference, calibrations):
-            try:
-                result = ingest(store, Path(args.path), args.source, reference,
-                                allow_outside=args.allow_paths_outside, screen_with=calibrations)
-            except IngestError as error:
-                raise CliError(str(error)) from None
-        return report_added(result, args.source, result.model_dump(mode="json") if args.json else None)
+
+def data_list(args: argparse.Namespace, store) -> None:
+    rows = version_rows(store)
+    if args.json:
+        print_json(rows)
+        return
+    if not rows:
+        print(f"no dataset versions in {store.uri()}: only the MNIST base (mnist data add adds one)")
+        return
+    print(f"{'version':>7}  {'examples':>8}  {'created':<29}  sources (train/validation/test)")
+    for row in rows:
+        sources = ", ".join(f"{name} {c['train']}/{c['validation']}/{c['test']}"
+                            for name, c in sorted(row["sources"].items()))
+        print(f"{row['version']:>7}  {row['examples']:>8}  {row['created_at']:<29}  {sources}")
+
+
+def data_show(args: argparse.Namespace, store) -> None:
+    version = store.version(args.version)
+    details = [store.batch_manifest(digest) for digest in version["batches"]]
+    # feedback batches say what the quarantine policy took: trusted, agreed, held back
+    feedback = {d["sha256"][:12]: d["feedback"] for d in details if isinstance(d.get("feedback"), dict)}
+    print_json({**version, "batch_details": details} if args.json
+               else {**version, **({"feedback_batches": feedback} if feedback else {})})
+
+
+def data_diff(args: argparse.Namespace, store) -> None:
+    difference = diff_versions(store, args.older, args.newer)
+    if args.json:
+        print_json(difference)
+        return
+    print(f"dataset version {args.older} -> {args.newer}: +{difference['added_examples']} examples")
+    for sign, key in (("+", "added_batches"), ("-", "removed_batches")):
+        for batch in difference[key]:
+            print(f"  {sign} batch {batch['sha256'][:12]}  {batch['source']:<20} {batch['count']:>6}")
+
+
+def data_compact(args: argparse.Namespace, store) -> None:
+    compact_latest(store, args.pack_examples, args.json)
+
+
+STORE_ACTIONS: dict[str, Callable[[argparse.Namespace, Any], None]] = {
+    "compact": data_compact, "list": data_list, "show": data_show, "diff": data_diff}
+
+
+def command_data(args: argparse.Namespace) -> int:
+    if args.action == "add":
+        return data_add(args)
     if args.action in QUARANTINE_ACTIONS:
         return QUARANTINE_ACTIONS[args.action](args)
     with reachable_store(dataset_store) as store:
-        if args.action == "compact":
-            return compact_latest(store, args.pack_examples, args.json)
-        if args.action == "list":
-            rows = version_rows(store)
-            if args.json:
-                print_json(rows)
-            elif not rows:
-                print(f"no dataset versions in {store.uri()}: only the MNIST base (mnist data add adds one)")
-            else:
-                print(f"{'version':>7}  {'examples':>8}  {'created':<29}  sources (train/validation/test)")
-                for row in rows:
-                    sources = ", ".join(f"{name} {c['train']}/{c['validation']}/{c['test']}"
-                                        for name, c in sorted(row["sources"].items()))
-                    print(f"{row['version']:>7}  {row['examples']:>8}  {row['created_at']:<29}  {sources}")
-        elif args.action == "show":
-            version = store.version(args.version)
-            details = [store.batch_manifest(digest) for digest in version["batches"]]
-            # feedback batches say what the quarantine policy took: trusted, agreed, held back
-            feedback = {d["sha256"][:12]: d["feedback"] for d in details if isinstance(d.get("feedback"), dict)}
-            print_json({**version, "batch_details": details} if args.json
-                       else {**version, **({"feedback_batches": feedback} if feedback else {})})
-        elif args.action == "diff":
-            difference = diff_versions(store, args.older, args.newer)
-            if args.json:
-                print_json(difference)
-            else:
-                print(f"dataset version {args.older} -> {args.newer}: +{difference['added_examples']} examples")
-                for sign, key in (("+", "added_batches"), ("-", "removed_batches")):
-                    for batch in difference[key]:
-                        print(f"  {sign} batch {batch['sha256'][:12]}  {batch['source']:<20} {batch['count']:>6}")
+        STORE_ACTIONS[args.action](args, store)
     return 0
 
 

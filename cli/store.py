@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from cli.common import CliError, pipeline_settings, print_json, reachable_store, registry_store
 from storage.settings import prefect_api_url
@@ -43,69 +43,91 @@ def add_storage_parser(commands: argparse._SubParsersAction) -> None:
     storage.set_defaults(handler=command_storage)
 
 
+def registry_list(args: argparse.Namespace, store) -> None:
+    rows = store.overview()
+    if args.json:
+        print_json(rows)
+        return
+    if not rows:
+        print(f"no published versions in {store.uri()}")
+        return
+    print(f"{'version':>7}  {'accuracy':<8}  {'signed':<6}  {'published':<29}  labels")
+    for row in rows:
+        accuracy = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
+        print(f"{row['version']:>7}  {accuracy:<8}  {'yes' if row['signed'] else 'no':<6}  "
+              f"{row['published_at']:<29}  {','.join(row['labels'])}")
+
+
+def registry_show(args: argparse.Namespace, store) -> None:
+    print_json(store.manifest(args.version))
+
+
+def registry_verify(args: argparse.Namespace, store) -> None:
+    from storage.models import VerificationFailed
+    from storage.settings import SigningSettings
+    from storage.signing import verify_stored_version
+
+    verify_key = SigningSettings().verify_key
+    try:
+        manifest = store.verify(args.version)
+        if verify_key is not None:
+            verify_stored_version(store, args.version, verify_key)
+    except VerificationFailed as error:
+        if args.json:
+            print_json({"version": args.version, "verified": False, "problem": str(error)})
+        raise CliError(str(error)) from None
+    if args.json:
+        print_json({"version": args.version, "verified": True, "files": sorted(manifest["files"])})
+    else:
+        signed = ", signature verified with MNIST_VERIFY_KEY" if verify_key is not None else ""
+        print(f"version {args.version}: {len(manifest['files'])} files match the manifest{signed}")
+
+
+def registry_push(args: argparse.Namespace, store) -> None:
+    from tasks.publish import publish_model
+
+    published = publish_model(store, Path(args.path), {"test_accuracy": None, "test_loss": None,
+                                                       "per_class_accuracy": None},
+                              {"source": str(args.path), "pushed_by": "mnist registry push"}, args.label)
+    print(f"published {published.uri} (version {published.version}, label {published.label})")
+
+
+def registry_label(args: argparse.Namespace, store) -> None:
+    previous = store.set_label(args.name, args.version, {"actor": "mnist registry label"})
+    print(f"{args.name}: {previous if previous is not None else '-'} -> {args.version}")
+
+
+def registry_rollback(args: argparse.Namespace, store) -> None:
+    previous, current = store.rollback(args.label, {"actor": "mnist registry rollback"})
+    print(f"{args.label}: {previous} -> {current}")
+
+
+def registry_history(args: argparse.Namespace, store) -> None:
+    events = store.history()
+    if args.json:
+        print_json(events)
+        return
+    if events:
+        print(f"{'time':<29}  {'event':<9} details (run: the flow run's name as the Prefect UI shows it, and id)")
+    for event in events:
+        print(f"{event['time']:<29}  {event['event']:<9} {history_details(event)}")
+
+
+def registry_gc(args: argparse.Namespace, store) -> None:
+    removed = store.gc(args.keep, args.grace_seconds)
+    print(f"removed versions {removed['removed_versions'] or 'none'}, "
+          f"leftovers {removed['removed_leftovers'] or 'none'}, "
+          f"aborted unfinished uploads {', '.join(removed['aborted_uploads']) or 'none'}")
+
+
+REGISTRY_ACTIONS: dict[str, Callable[[argparse.Namespace, Any], None]] = {
+    "list": registry_list, "show": registry_show, "verify": registry_verify, "push": registry_push,
+    "label": registry_label, "rollback": registry_rollback, "history": registry_history, "gc": registry_gc}
+
+
 def registry_action(args: argparse.Namespace, store) -> int:
     """One registry subcommand against a reachable store."""
-    from storage.models import VerificationFailed
-
-    action = args.action
-    if action == "list":
-        rows = store.overview()
-        if args.json:
-            print_json(rows)
-        elif not rows:
-            print(f"no published versions in {store.uri()}")
-        else:
-            print(f"{'version':>7}  {'accuracy':<8}  {'signed':<6}  {'published':<29}  labels")
-        for row in [] if args.json else rows:
-            accuracy = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
-            print(f"{row['version']:>7}  {accuracy:<8}  {'yes' if row['signed'] else 'no':<6}  "
-                  f"{row['published_at']:<29}  {','.join(row['labels'])}")
-    elif action == "show":
-        print_json(store.manifest(args.version))
-    elif action == "verify":
-        from storage.settings import SigningSettings
-        from storage.signing import verify_stored_version
-
-        verify_key = SigningSettings().verify_key
-        try:
-            manifest = store.verify(args.version)
-            if verify_key is not None:
-                verify_stored_version(store, args.version, verify_key)
-        except VerificationFailed as error:
-            if args.json:
-                print_json({"version": args.version, "verified": False, "problem": str(error)})
-            raise CliError(str(error)) from None
-        if args.json:
-            print_json({"version": args.version, "verified": True, "files": sorted(manifest["files"])})
-        else:
-            signed = ", signature verified with MNIST_VERIFY_KEY" if verify_key is not None else ""
-            print(f"version {args.version}: {len(manifest['files'])} files match the manifest{signed}")
-    elif action == "push":
-        from tasks.publish import publish_model
-
-        published = publish_model(store, Path(args.path), {"test_accuracy": None, "test_loss": None,
-                                                           "per_class_accuracy": None},
-                                  {"source": str(args.path), "pushed_by": "mnist registry push"}, args.label)
-        print(f"published {published.uri} (version {published.version}, label {published.label})")
-    elif action == "label":
-        previous = store.set_label(args.name, args.version, {"actor": "mnist registry label"})
-        print(f"{args.name}: {previous if previous is not None else '-'} -> {args.version}")
-    elif action == "rollback":
-        previous, current = store.rollback(args.label, {"actor": "mnist registry rollback"})
-        print(f"{args.label}: {previous} -> {current}")
-    elif action == "history":
-        events = store.history()
-        if args.json:
-            print_json(events)
-        elif events:
-            print(f"{'time':<29}  {'event':<9} details (run: the flow run's name as the Prefect UI shows it, and id)")
-        for event in [] if args.json else events:
-            print(f"{event['time']:<29}  {event['event']:<9} {history_details(event)}")
-    elif action == "gc":
-        removed = store.gc(args.keep, args.grace_seconds)
-        print(f"removed versions {removed['removed_versions'] or 'none'}, "
-              f"leftovers {removed['removed_leftovers'] or 'none'}, "
-              f"aborted unfinished uploads {', '.join(removed['aborted_uploads']) or 'none'}")
+    REGISTRY_ACTIONS[args.action](args, store)
     return 0
 
 
