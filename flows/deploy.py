@@ -85,7 +85,7 @@ def base_job_template(pool_type: str) -> dict[str, Any] | None:
         job_spec = template["job_configuration"]["job_manifest"]["spec"]
         pod_spec = job_spec["template"]["spec"]
         # prefect-kubernetes 0.8 puts these Job fields in the pod spec, which the Kubernetes API
-        # schema does not allow there (tests/test_work_pools.py): they belong to the Job
+        # schema does not allow there (tests/flows/test_work_pools.py): they belong to the Job
         for field in ("completions", "parallelism"):
             if field in pod_spec:
                 job_spec[field] = pod_spec.pop(field)

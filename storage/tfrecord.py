@@ -2,7 +2,7 @@
 
 Each record is ``uint64 length | uint32 masked crc32c(length) | data | uint32 masked crc32c(data)``,
 little-endian, as ``tensorflow/core/lib/io/record_writer.cc`` writes it; ``tf.data.TFRecordDataset``
-reads what this writes (tests/test_gateway.py checks it). The CRC is google-crc32c's.
+reads what this writes (tests/serving/gateway/test_gateway.py checks it). The CRC is google-crc32c's.
 
 A file may be compressed whole, as TensorFlow's ``GZIP`` compression type writes it
 (``TFRecordDataset(path, compression_type="GZIP")`` reads it back).

@@ -204,3 +204,13 @@ def test_the_readme_is_short_and_its_folder_map_matches_the_tree() -> None:
     packages = {path.parent.relative_to(REPO).as_posix() + "/" for path in REPO.glob("*/__init__.py")}
     packages |= {path.parent.relative_to(REPO).as_posix() + "/" for path in REPO.glob("serving/*/__init__.py")}
     assert packages - {"tests/", "serving/"} <= set(named), sorted(packages - set(named))  # serving/: by its parts
+
+
+def test_the_test_tree_mirrors_the_packages() -> None:
+    """tests/<package path>/test_*.py beside what they test (as MLServer's tests); only the checks
+    of the whole project (layout, install, docs) sit at the top."""
+    tests = REPO / "tests"
+    misplaced = [path.relative_to(tests).as_posix() for path in tests.rglob("test_*.py")
+                 if not (REPO / path.parent.relative_to(tests)).is_dir() or path.parent == tests
+                 and path.name not in ("test_layout.py", "test_install.py", "test_docs_snippets.py")]
+    assert misplaced == []

@@ -10,7 +10,7 @@ stubs, which are then moved under ``mnist_client._generated`` and given a descri
 of their own, so they import without TensorFlow and live beside it in one process.
 
 Committed rather than built at install time: installing the client then needs neither
-grpcio-tools nor TensorFlow, and tests/test_light_client.py checks that the committed
+grpcio-tools nor TensorFlow, and tests/clients/test_light_client.py checks that the committed
 files are what this script generates.
 """
 

@@ -431,7 +431,7 @@ def test_slices_that_outgrow_one_process_are_scored_on_dask(prefect_api, pipelin
     from flows.training import training_flow
     from tasks.model import load_saved_model
     from tasks.scoring import slice_scores
-    from tests.test_candidates import child_flow_names
+    from tests.flows.test_candidates import child_flow_names
 
     for index in range(3):  # three batches: three test shards across two workers
         np.savez(tmp_path / f"{index}.npz", **new_digits(mnist_raw, 7000 + 200 * index, 7200 + 200 * index))

@@ -13,7 +13,7 @@ from storage.datasets import DatasetStore
 from storage.settings import DatasetSettings
 from tests.conftest import run_mnist
 from tests.gateway_cases import digits, upstream  # noqa: F401  fixtures, used by name
-from tests.test_datasets import mnist_raw  # noqa: F401  (the module-scoped MNIST arrays)
+from tests.tasks.test_datasets import mnist_raw  # noqa: F401  (the module-scoped MNIST arrays)
 
 COUNT = 200
 

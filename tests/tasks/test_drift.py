@@ -21,7 +21,7 @@ from tasks.export import export_saved_model
 from tasks.publish import publish_model
 from tasks.results import DriftRun
 from tests.conftest import prefect_events, start_model_server
-from tests.test_gateway import start_gateway, wait_for
+from tests.serving.gateway.test_gateway import start_gateway, wait_for
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """The logging gateway in front of the local server, over real loopback gRPC and HTTP, with a real
 SeaweedFS: request ids, PredictionLog records TensorFlow reads, a store outage that fails no request,
-a flush on SIGTERM, a kill's lost logs counted, metrics and readiness. Feedback: tests/test_feedback.py."""
+a flush on SIGTERM, a kill's lost logs counted, metrics and readiness. Feedback: test_feedback.py."""
 
 from __future__ import annotations
 

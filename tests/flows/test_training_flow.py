@@ -20,7 +20,7 @@ from tasks.results import TestScores
 from tasks.scoring import metrics_from_probabilities
 from tests.conftest import run_mnist
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_gate_passes_at_and_above_the_threshold() -> None:

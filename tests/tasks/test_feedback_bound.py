@@ -28,7 +28,7 @@ from tasks.feedback import (
 )
 
 START = datetime(2026, 12, 6, tzinfo=timezone.utc)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def vote(request: int, caller: str, label: int = 1, trusted: bool = False) -> dict:

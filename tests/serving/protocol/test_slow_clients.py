@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from storage.embedded import free_port, stop_process
-from tests.test_serve_command import serve_in_process_group
+from tests.serving.model_server.test_serve_command import serve_in_process_group
 
 pytestmark = pytest.mark.faults
 

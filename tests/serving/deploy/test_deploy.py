@@ -12,7 +12,7 @@ from mnist_client.client import IMAGES_PER_CALL
 from serving.protocol.tf_serving_protos import message_class
 from serving.sync import model_config_text
 
-DEPLOY = Path(__file__).resolve().parents[1] / "serving" / "deploy"
+DEPLOY = Path(__file__).resolve().parents[3] / "serving" / "deploy"
 
 
 def test_models_config_parses_with_the_real_proto_and_labels_served_versions() -> None:

@@ -144,7 +144,7 @@ def test_untrusted_labels_wait_in_quarantine_until_callers_agree_or_an_operator_
         ids = [predict_call(shifted[i:i + 1], Target(f"127.0.0.1:{gateway.port}")).request_id for i in range(5)]
         wait_for(lambda: gateway.logger.written_records == 5)
         # MNIST's test digits 7 2 1 0 4: every label the policy takes is one the trusted model can
-        # believe (agreement never admits a label the data screen contradicts: tests/test_screen.py)
+        # believe (agreement never admits a label the data screen contradicts: tests/tasks/test_screen.py)
         votes = [(0, APP_A, 0),                   # one untrusted caller: waits
                  (1, APP_A, 2), (1, APP_B, 2),    # two untrusted callers agree: trains, never tests
                  (2, APP_A, 0), (2, APP_B, 3),    # they disagree: waits

@@ -17,7 +17,7 @@ import pytest
 from flows.deploy import CANCEL_WITHIN, HEARTBEAT_SECONDS, ZOMBIE_AFTER
 from storage.embedded import stop_process
 from tests.conftest import REPO, S3_ACCESS_KEY, S3_SECRET_KEY
-from tests.test_deployments import FAST_PARAMS, api, client_env, deployment, mnist_deploy, running_prefect_server
+from tests.flows.test_deployments import FAST_PARAMS, api, client_env, deployment, mnist_deploy, running_prefect_server
 
 pytestmark = pytest.mark.faults
 LONG_RUN = {"params": {**FAST_PARAMS["params"], "epochs": 200}}  # minutes: it is killed long before its end

@@ -11,8 +11,8 @@ import pytest
 
 from storage.embedded import stop_process
 from tasks.run_queue import WAITING
-from tests.test_deployments import api, deployment
-from tests.test_zombie_runs import LONG_RUN, deployed, start_worker, wait_for_state
+from tests.flows.test_deployments import api, deployment
+from tests.flows.test_zombie_runs import LONG_RUN, deployed, start_worker, wait_for_state
 
 pytestmark = pytest.mark.faults
 

@@ -14,7 +14,7 @@ import yaml
 
 from flows.deploy import POOL_TYPES, PREFECT_FILES, S3_SECRET, base_job_template, deployments_for
 from tests.conftest import REPO
-from tests.test_kubernetes import KUBERNETES_VERSION
+from tests.serving.deploy.test_kubernetes import KUBERNETES_VERSION
 
 CONFIGS = {kind: yaml.safe_load((REPO / name).read_text()) for kind, name in PREFECT_FILES.items()}
 CONFIG = {**CONFIGS["process"], "deployments": [d for config in CONFIGS.values() for d in config["deployments"]]}
