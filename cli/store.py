@@ -46,16 +46,16 @@ def add_storage_parser(commands: argparse._SubParsersAction) -> None:
 def registry_list(args: argparse.Namespace, store) -> None:
     rows = store.overview()
     if args.json:
-        print_json(rows)
+        print_json([row.model_dump() for row in rows])
         return
     if not rows:
         print(f"no published versions in {store.uri()}")
         return
     print(f"{'version':>7}  {'accuracy':<8}  {'signed':<6}  {'published':<29}  labels")
     for row in rows:
-        accuracy = "-" if row["test_accuracy"] is None else f"{row['test_accuracy']:.4f}"
-        print(f"{row['version']:>7}  {accuracy:<8}  {'yes' if row['signed'] else 'no':<6}  "
-              f"{row['published_at']:<29}  {','.join(row['labels'])}")
+        accuracy = "-" if row.test_accuracy is None else f"{row.test_accuracy:.4f}"
+        print(f"{row.version:>7}  {accuracy:<8}  {'yes' if row.signed else 'no':<6}  "
+              f"{row.published_at or '-':<29}  {','.join(row.labels)}")
 
 
 def registry_show(args: argparse.Namespace, store) -> None:

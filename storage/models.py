@@ -23,11 +23,14 @@ The S3 protocol itself (retries, conditional writes, manifest last) is
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
 from typing import Any
+
+from pydantic import BaseModel, ConfigDict
 
 from storage.layout import MANIFEST, SIGNATURE
 from storage.s3 import (
@@ -42,12 +45,48 @@ from storage.s3 import (
 from storage.settings import StoreSettings
 
 __all__ = ["MANIFEST", "ModelStore", "StoreError", "StoreAccessDenied", "UnsafeManifest",
-           "VerificationFailed", "VersionNotFound", "VersionRetired", "local_versions", "scan_saved_model"]
+           "VerificationFailed", "VersionNotFound", "VersionRetired", "VersionRow", "local_versions",
+           "scan_saved_model"]
 
 LABEL_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 # In labels.json beside the labels: versions gc is deleting or has deleted, never labelled again.
 # No label can have this name (labels start with a letter).
 RETIRED = "_retired"
+
+
+class VersionRow(BaseModel):
+    """One published version as ``mnist registry list`` and the registry artifact show it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int
+    test_accuracy: float | None
+    signed: bool
+    slices: dict[str, float]  # accuracy per new source's test slice
+    dataset_version: int | None
+    labels: list[str]
+    published_at: str | None
+    uri: str | None
+
+
+def number(value: Any) -> float | None:
+    """A figure read from the bucket, or None when it is not one (a crafted manifest shows as none)."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if is_number else None
+
+
+def version_row(version: int, manifest: dict[str, Any], labels: list[str]) -> VersionRow:
+    """The row of a manifest from the bucket: each value of the type the row says, or none."""
+    metrics, dataset = (part if isinstance(part := manifest.get(key), dict) else {} for key in ("metrics", "dataset"))
+    slices = part if isinstance(part := metrics.get("slices"), dict) else {}
+    dataset_version = dataset.get("version")
+    text = {key: value if isinstance(value := manifest.get(key), str) else None for key in ("published_at", "uri")}
+    return VersionRow(version=version, test_accuracy=number(metrics.get("test_accuracy")),
+                      signed=SIGNATURE in (manifest.get("files") or {}),
+                      slices={str(name): figure for name, value in slices.items()
+                              if (figure := number(value)) is not None},
+                      dataset_version=dataset_version if type(dataset_version) is int else None,
+                      labels=labels, **text)
 
 
 class NothingToRollBack(StoreError):
@@ -239,22 +278,13 @@ class ModelStore(ObjectStore):
             sink.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
         return manifest
 
-    def overview(self) -> list[dict[str, Any]]:
+    def overview(self) -> list[VersionRow]:
         """Every published version with its accuracy (MNIST and per slice), dataset version, labels and time."""
         labels_by_version: dict[int, list[str]] = {}
         for label, version in self.labels().items():
             labels_by_version.setdefault(version, []).append(label)
-        rows = []
-        for version in self.complete_versions():
-            manifest = self.manifest(version)
-            metrics = manifest.get("metrics") or {}
-            rows.append({"version": version, "test_accuracy": metrics.get("test_accuracy"),
-                         "signed": SIGNATURE in (manifest.get("files") or {}),
-                         "slices": metrics.get("slices") or {},
-                         "dataset_version": (manifest.get("dataset") or {}).get("version"),
-                         "labels": sorted(labels_by_version.get(version, [])),
-                         "published_at": manifest.get("published_at"), "uri": manifest.get("uri")})
-        return rows
+        return [version_row(version, self.manifest(version), sorted(labels_by_version.get(version, [])))
+                for version in self.complete_versions()]
 
     # --- labels and history ------------------------------------------------
     def labels_document(self) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 import numpy as np
 
@@ -36,6 +36,10 @@ from storage.s3 import VerificationFailed
 from tasks.digits import logged_digits
 from tasks.results import FeedbackIngested, PolicySummary
 from tasks.screen import Calibration, screen
+
+if TYPE_CHECKING:  # tasks.ingest is read when feedback is ingested, not when it is only sorted
+    from storage.datasets import DatasetStore
+    from tasks.ingest import Reference
 
 T = TypeVar("T")
 
@@ -299,11 +303,19 @@ def pending_decision(feedback: FeedbackStore, policy: FeedbackPolicy = FeedbackP
                   admitted_in_window(records, policy, now or datetime.now(timezone.utc)))
 
 
-def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
-                      ) -> tuple[list[str], list[np.ndarray], list[int], list[dict[str, Any]], list[str], list[bool]]:
-    """(names, float digits [28,28,1], labels, the feedback used, problems, corrected): the logged
-    image of every feedback item, read once per log batch. ``corrected``: per item used, whether
-    its label differs from what the model answered."""
+class FeedbackExamples(NamedTuple):
+    """The logged images feedback labels, with what could not be used and why."""
+
+    names: list[str]  # feedback:<request id>#<index>
+    images: list[np.ndarray]  # float digits [28,28,1]
+    labels: list[int]
+    used: list[dict[str, Any]]  # the feedback items the images came from
+    problems: list[str]  # one line per item left out
+    corrected: list[bool]  # per item used: its label differs from what the model answered
+
+
+def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]) -> FeedbackExamples:
+    """The logged image of every feedback item, read once per log batch."""
     by_batch: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for item in items:
         by_batch[str(item.get("log"))].append(item)
@@ -337,7 +349,7 @@ def feedback_examples(logs: PredictionLogStore, items: list[dict[str, Any]]
             images.append(digits[index])
             labels.append(label)
             used.append(item)
-    return names, images, labels, used, problems, corrected
+    return FeedbackExamples(names, images, labels, used, problems, corrected)
 
 
 def kept_within_share(items: list[Item], share: float) -> list[bool]:
@@ -377,7 +389,7 @@ def screened_out(datasets: Any, names: list[str], images: list[np.ndarray], labe
     return [i not in held_positions for i in range(len(used))], [{**item, "basis": "held"} for item in held_items]
 
 
-def ingest_feedback(datasets: Any, logs: PredictionLogStore, feedback: FeedbackStore, reference: Any,
+def ingest_feedback(datasets: DatasetStore, logs: PredictionLogStore, feedback: FeedbackStore, reference: Reference,
                     source: str = "feedback", policy: FeedbackPolicy = FeedbackPolicy(),
                     now: datetime | None = None, screen_with: list[Calibration] | None = None
                     ) -> FeedbackIngested | None:

@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # never open a window, even where a display exists
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from storage.models import VersionRow
 from tasks.results import (  # noqa: E402
     Candidate,
     Evaluation,
@@ -101,14 +102,14 @@ def plot_samples(images: np.ndarray, labels: np.ndarray, path: Path, limit: int 
     return save_figure(figure, path)
 
 
-def plot_accuracy_trend(rows: list[dict], path: Path) -> Path:
+def plot_accuracy_trend(rows: list[VersionRow], path: Path) -> Path:
     """Test accuracy per published version: MNIST's test set and each new source's slice."""
     figure, axis = plt.subplots(figsize=(7, 3.2))
-    versions = [row["version"] for row in rows]
-    axis.plot(versions, [row["test_accuracy"] if row["test_accuracy"] is not None else np.nan for row in rows],
+    versions = [row.version for row in rows]
+    axis.plot(versions, [row.test_accuracy if row.test_accuracy is not None else np.nan for row in rows],
               marker="o", label="MNIST test")
-    for source in sorted({name for row in rows for name in row["slices"]}):
-        axis.plot(versions, [row["slices"].get(source, np.nan) for row in rows], marker="s", label=source)
+    for source in sorted({name for row in rows for name in row.slices}):
+        axis.plot(versions, [row.slices.get(source, np.nan) for row in rows], marker="s", label=source)
     axis.set_xlabel("version")
     axis.set_ylabel("test accuracy")
     axis.set_ylim(*trend_limits([float(value) for line in axis.get_lines()
@@ -136,20 +137,20 @@ def accuracy_tick(value: float, _position: float) -> str:
     return "" if value > 1.0 + 1e-9 else f"{value:.4g}"
 
 
-def registry_markdown(rows: list[dict], history: list[dict], scratch: Path) -> str:
+def registry_markdown(rows: list[VersionRow], history: list[dict], scratch: Path) -> str:
     """The registry overview: every version, its labels, data and accuracy, the trend, the last events."""
-    sources = sorted({name for row in rows for name in row["slices"]})
+    sources = sorted({name for row in rows for name in row.slices})
     shown = lambda value: "-" if value is None else f"{value:.4f}"  # noqa: E731
     lines = ["# Model registry", ""]
-    serving = {label: row["version"] for row in rows for label in row["labels"]}
+    serving = {label: row.version for row in rows for label in row.labels}
     lines += [("Serving: " + ", ".join(f"`{label}` -> version {v}" for label, v in sorted(serving.items())))
               if serving else "No label points at a version yet.", ""]
     lines += ["| version | labels | dataset version | MNIST test | " + " | ".join(sources) + (" |" if sources else "")
               + " published |", "|---" * (5 + len(sources)) + "|"]
     for row in reversed(rows):
-        cells = [str(row["version"]), ", ".join(row["labels"]) or "-", shown_int(row["dataset_version"]),
-                 shown(row["test_accuracy"]), *[shown(row["slices"].get(s)) for s in sources],
-                 str(row["published_at"])]
+        cells = [str(row.version), ", ".join(row.labels) or "-", shown_int(row.dataset_version),
+                 shown(row.test_accuracy), *[shown(row.slices.get(s)) for s in sources],
+                 str(row.published_at)]
         lines.append("| " + " | ".join(cells) + " |")
     if rows:
         lines += ["", f"![accuracy per version]({embedded_png(plot_accuracy_trend(rows, scratch / 'trend.png'))})"]

@@ -136,7 +136,7 @@ def test_signed_publish_verified_sync_and_every_refusal(store: ModelStore, store
     for version in (1, 2, 3, 4):
         store.set_label(f"v{version}", version)
     assert SIGNATURE in store.manifest(1)["files"] and SIGNATURE not in store.manifest(2)["files"]
-    assert [row["signed"] for row in store.overview()] == [True, False, True, True]
+    assert [row.signed for row in store.overview()] == [True, False, True, True]
 
     base = tmp_path / "serving" / "mnist"
     result = sync_once(store, base, verify_key=ours_public)
@@ -156,3 +156,14 @@ def test_signed_publish_verified_sync_and_every_refusal(store: ModelStore, store
     everything = json.dumps([store.manifest(v) for v in (1, 2, 3, 4)]) + json.dumps(store.history())
     for key_file in (ours_private, ours_public, theirs_private):
         assert str(key_file) not in everything and key_file.read_text().splitlines()[1] not in everything
+
+
+def test_a_crafted_manifests_figures_show_as_none_in_the_registry_list() -> None:
+    from storage.models import version_row
+
+    crafted = {"metrics": {"test_accuracy": "0.99; rm -rf", "slices": {"scan": True, "fax": 0.97, "x": float("nan")}},
+               "dataset": {"version": "7"}, "published_at": ["not", "text"], "uri": "s3://b/m/3", "files": []}
+    row = version_row(3, crafted, ["stable"])
+    assert (row.test_accuracy, row.slices, row.dataset_version, row.published_at, row.uri, row.signed) == \
+        (None, {"fax": 0.97}, None, None, "s3://b/m/3", False)
+    assert version_row(4, {"metrics": "nonsense", "dataset": 5}, []).test_accuracy is None
