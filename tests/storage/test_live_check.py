@@ -106,7 +106,7 @@ def test_feedback_is_refused_only_for_a_signed_live_check(store_env) -> None:
     key = live_check_key(TrafficSettings())
     with pytest.raises(FeedbackError, match="publish's live check") as refused:
         record_feedback(logs, feedback, "call-0", 7, live_check_key=key)
-    assert refused.value.status == 404
+    assert refused.value.http_status == 404
     for request_id in ("call-1", "call-2"):  # a caller's prefix; a signed id of a version that did not answer
         assert record_feedback(logs, feedback, request_id, 7, live_check_key=key)["request_id"] == request_id
     assert len(feedback.all()) == 2
