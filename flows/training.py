@@ -149,11 +149,16 @@ def settled_params(params: TrainingParams, force: bool) -> tuple[TrainingParams,
     return params, seed_given
 
 
+def mnist_dir(params: TrainingParams, settings: PipelineSettings) -> str | None:
+    """The run's MNIST folder: its parameter, else MNIST_DATA_DIR's (or the one beside the checkout)."""
+    return params.data_dir or (str(settings.data_dir) if settings.data_dir else None)
+
+
 def prepared(params: TrainingParams, settings: PipelineSettings, use_store: bool) -> tuple[TrainConfig, TrainingData]:
     config = params.train_config()
-    data_dir = params.data_dir or (str(settings.data_dir) if settings.data_dir else None)
-    return config, prepare_data(data_dir, str(settings.cache_dir), config.validation_size, config.seed,
-                                config.train_limit, params.dataset_version, params.new_data_weight, use_store=use_store)
+    return config, prepare_data(mnist_dir(params, settings), str(settings.cache_dir), config.validation_size,
+                                config.seed, config.train_limit, params.dataset_version, params.new_data_weight,
+                                use_store=use_store)
 
 
 def plan_run(params: TrainingParams, settings: PipelineSettings) -> RunPlan:
@@ -161,7 +166,7 @@ def plan_run(params: TrainingParams, settings: PipelineSettings) -> RunPlan:
     run_dir = new_run_dir(output_dir)
     feedback = None
     if params.ingest_feedback and params.publish:  # corrections of served answers become data before it is read
-        feedback = feedback_batch(params.data_dir or (str(settings.data_dir) if settings.data_dir else None))
+        feedback = feedback_batch(mnist_dir(params, settings))
     # A run that publishes reads the dataset store it publishes beside; one that does not stays
     # off the store (a local experiment) unless a dataset version is asked for.
     config, data = prepared(params, settings, use_store=params.publish or params.dataset_version is not None)
